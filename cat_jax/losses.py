@@ -1,0 +1,194 @@
+"""Token-level losses: cross-entropy, distillation and the cascade-aware loss (CAT).
+
+All functions take logits `[batch, length, vocab]` (any float dtype; they are upcast to float32
+inside), integer `targets [batch, length]` and float `weights [batch, length]` (0 on padding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASKS = ("small_or_large", "large", "small", "none")
+NORMALIZERS = ("weights", "mask")
+_MASKS_WITHOUT_TEACHER = ("small", "none")
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token cross-entropy -log softmax(logits)[target], in float32.
+
+    logits: [batch, length, vocab]; targets: [batch, length] int -> [batch, length] float32.
+    """
+    logits = logits.astype(jnp.float32)
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    target_logit = jnp.sum(logits * one_hot, axis=-1)
+    return log_normalizer - target_logit
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Weighted cross-entropy.
+
+    logits: [batch, length, vocab]; targets, weights: [batch, length].
+    Returns (sum_t weights_t * CE_t as a float32 scalar, per-token CE [batch, length] float32).
+    """
+    per_token = token_cross_entropy(logits, targets)
+    return jnp.sum(per_token * weights.astype(jnp.float32)), per_token
+
+
+def token_kl_divergence(
+    teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+    """Per-token KL(softmax(teacher / T) || softmax(student / T)), in float32.
+
+    Computed from log-softmaxes; vocabulary entries where the teacher's probability is exactly 0
+    contribute 0 (no NaN from 0 * log 0).
+    teacher_logits, student_logits: [batch, length, vocab] -> [batch, length] float32.
+    """
+    log_p_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    p_teacher = jnp.exp(log_p_teacher)
+    terms = jnp.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)
+    return jnp.sum(terms, axis=-1)
+
+
+def _validate(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array | None,
+    targets: jax.Array,
+    weights: jax.Array,
+    alpha: float,
+    temperature: float,
+    mask: str,
+    normalizer: str,
+) -> None:
+    """Raises ValueError naming the bad option or shape and the allowed values."""
+    if mask not in MASKS:
+        raise ValueError(f"Unknown mask {mask!r}; allowed values: {', '.join(MASKS)}.")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(
+            f"Unknown normalizer {normalizer!r}; allowed values: {', '.join(NORMALIZERS)}."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if teacher_logits is None:
+        if mask not in _MASKS_WITHOUT_TEACHER:
+            raise ValueError(
+                f"mask={mask!r} needs teacher_logits (it uses the large model's argmax); "
+                f"pass teacher_logits or use mask='none' or 'small'."
+            )
+        if alpha != 1.0:
+            raise ValueError(
+                f"alpha={alpha} < 1 needs teacher_logits (the distillation term); "
+                f"pass teacher_logits or set alpha=1."
+            )
+    if student_logits.ndim != 3:
+        raise ValueError(
+            f"student_logits must be [batch, length, vocab], got shape {student_logits.shape}."
+        )
+    if targets.shape != student_logits.shape[:2] or weights.shape != targets.shape:
+        raise ValueError(
+            f"targets {targets.shape} and weights {weights.shape} must both equal the "
+            f"[batch, length] of student_logits {student_logits.shape}."
+        )
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}.")
+    if teacher_logits is not None:
+        if teacher_logits.shape[-1] != student_logits.shape[-1]:
+            raise ValueError(
+                f"Vocabulary sizes differ: student {student_logits.shape[-1]}, "
+                f"teacher {teacher_logits.shape[-1]}; both models must share one vocabulary."
+            )
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits shape {teacher_logits.shape} differs from student_logits "
+                f"shape {student_logits.shape}."
+            )
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator, or 0 where denominator is 0 (gradient-safe)."""
+    return numerator / jnp.where(denominator > 0, denominator, 1.0)
+
+
+def cascade_aware_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array | None,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    mask: str = "small_or_large",
+    normalizer: str = "weights",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cascade-aware loss (CAT) of a small student against a frozen large teacher.
+
+        c_S(t) = 1[argmax student_t = y_t]      c_L(t) = 1[argmax teacher_t = y_t]
+        m_t    = stop_gradient(w_t * I_t),  I_t = max(c_S, c_L) | c_L | c_S | 1
+                                            for mask = small_or_large | large | small | none
+        l_t    = alpha * CE(y_t, softmax(student_t))
+                 + (1 - alpha) * T^2 * KL(softmax(teacher_t / T) || softmax(student_t / T))
+        L      = sum_t m_t l_t / sum_t w_t          (normalizer="weights")
+               = sum_t m_t l_t / sum_t m_t          (normalizer="mask")
+    Zero denominators give L = 0. mask="none", alpha=1 is plain cross-entropy; mask="none",
+    alpha<1 is standard distillation. The teacher logits are constants (stop_gradient); its
+    softmax is computed only when alpha < 1.
+
+    student_logits: [batch, length, vocab]; teacher_logits: [batch, length, vocab] or None
+    (allowed only when mask is "none" or "small" and alpha == 1); targets: [batch, length] int;
+    weights: [batch, length] float, 0 on padding.
+    Returns (scalar float32 loss, metrics) where metrics holds float32 scalars: loss,
+    mask_fraction (sum m / sum w), student_accuracy, ce (weighted mean CE, unmasked), num_tokens
+    (sum w), plus teacher_accuracy when a teacher is given and kd (weighted mean KL, unmasked)
+    when alpha < 1.
+    """
+    alpha = float(alpha)
+    temperature = float(temperature)
+    _validate(
+        student_logits, teacher_logits, targets, weights, alpha, temperature, mask, normalizer
+    )
+    weights = weights.astype(jnp.float32)
+    num_tokens = jnp.sum(weights)
+
+    student_correct = (jnp.argmax(student_logits, axis=-1) == targets).astype(jnp.float32)
+    metrics = {
+        "num_tokens": num_tokens,
+        "student_accuracy": _safe_divide(jnp.sum(weights * student_correct), num_tokens),
+    }
+    if teacher_logits is not None:
+        teacher_logits = jax.lax.stop_gradient(teacher_logits)
+        teacher_correct = (jnp.argmax(teacher_logits, axis=-1) == targets).astype(jnp.float32)
+        metrics["teacher_accuracy"] = _safe_divide(jnp.sum(weights * teacher_correct), num_tokens)
+
+    if mask == "small_or_large":
+        indicator = jnp.maximum(student_correct, teacher_correct)
+    elif mask == "large":
+        indicator = teacher_correct
+    elif mask == "small":
+        indicator = student_correct
+    else:
+        indicator = jnp.ones_like(weights)
+    token_mask = jax.lax.stop_gradient(weights * indicator)
+    mask_count = jnp.sum(token_mask)
+
+    ce = token_cross_entropy(student_logits, targets)
+    metrics["ce"] = _safe_divide(jnp.sum(weights * ce), num_tokens)
+    if alpha == 1.0:
+        per_token = ce
+    else:
+        kd = token_kl_divergence(teacher_logits, student_logits, temperature)
+        metrics["kd"] = _safe_divide(jnp.sum(weights * kd), num_tokens)
+        per_token = (1.0 - alpha) * temperature**2 * kd
+        if alpha > 0.0:
+            per_token = per_token + alpha * ce
+
+    denominator = num_tokens if normalizer == "weights" else mask_count
+    loss = _safe_divide(jnp.sum(token_mask * per_token), denominator)
+    metrics["loss"] = loss
+    metrics["mask_fraction"] = _safe_divide(mask_count, num_tokens)
+    return loss, metrics
