@@ -1,0 +1,125 @@
+"""Threshold sweep of a deferral score: quality against relative FLOPs of the cascade.
+
+Cost (DESIGN.md section 1): relative FLOPs = (sum_i F_S(i) + sum_{i deferred} F_L(i)) / sum_i F_L(i).
+Quality: the mean of the large model's per-example quality on deferred examples and the small
+model's on kept ones, or a corpus metric (BLEU) recomputed on the mixed list of predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cat_jax.cascade.records import ModelOutputs, check_aligned
+
+# corpus_metric(predictions [N], targets [N]) -> one corpus-level score, e.g. sacrebleu BLEU.
+CorpusMetric = Callable[[Sequence[str], Sequence[Any]], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    """One operating point: examples with score < threshold are deferred (threshold may be +inf)."""
+
+    threshold: float
+    deferral_rate: float
+    relative_flops: float
+    quality: float
+
+
+class CurveKey(NamedTuple):
+    """Names one curve: a task, a small model's display name and a deferral rule label."""
+
+    task: str
+    small_model: str
+    rule: str
+
+
+class OperatingPoint(NamedTuple):
+    """A model run alone: its FLOPs relative to the large model and its quality."""
+
+    relative_flops: float
+    quality: float
+
+
+def _quality(
+    predictions: Sequence[str], per_example: np.ndarray, targets: Sequence[Any], metric: CorpusMetric | None
+) -> float:
+    """The mean of per_example [N], or metric(predictions, targets) when a corpus metric is given."""
+    return float(per_example.mean()) if metric is None else float(metric(list(predictions), list(targets)))
+
+
+def _thresholds(scores: np.ndarray, num_thresholds: int | None) -> np.ndarray:
+    """Sorted thresholds [P]: the first defers nothing, the last (+inf) defers everything."""
+    ordered = np.sort(scores)
+    if num_thresholds is None:
+        return np.append(np.unique(ordered), np.inf)
+    if num_thresholds < 2:
+        raise ValueError(f"num_thresholds must be >= 2 (rate 0 and rate 1); got {num_thresholds}.")
+    ranks = np.round(np.linspace(0, len(scores), num_thresholds)).astype(np.int64)
+    padded = np.append(ordered, np.inf)
+    return np.unique(padded[ranks])
+
+
+def sweep(
+    scores: np.ndarray,
+    small: ModelOutputs,
+    large: ModelOutputs,
+    *,
+    extra_small_flops: np.ndarray | None = None,
+    corpus_metric: CorpusMetric | None = None,
+    num_thresholds: int | None = None,
+) -> list[CurvePoint]:
+    """Curve of a deferral score [N] over aligned small/large records, by increasing deferral rate.
+
+    Every distinct score is a threshold (tied examples are deferred together), or, with
+    num_thresholds, thresholds at evenly spaced deferral rates snapped to tie groups; rate 0 and
+    rate 1 are always included. extra_small_flops [N]: FLOPs of other small models the rule ran
+    (agreement), paid on every example.
+    """
+    check_aligned(small, large)
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(small)
+    if n == 0:
+        raise ValueError("sweep needs at least one example.")
+    if scores.shape != (n,) or np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError(f"scores must be [N] = ({n},) without NaN or +inf; got shape {scores.shape}.")
+    small_cost = small.flops.sum()
+    if extra_small_flops is not None:
+        extra = np.asarray(extra_small_flops, dtype=np.float64)
+        if extra.shape != (n,):
+            raise ValueError(f"extra_small_flops must be [N] = ({n},); got {extra.shape}.")
+        small_cost += extra.sum()
+    large_total = large.flops.sum()
+    points = []
+    for threshold in _thresholds(scores, num_thresholds):
+        deferred = scores < threshold
+        mixed = [l if d else s for d, s, l in zip(deferred, small.predictions, large.predictions)]
+        per_example = np.where(deferred, large.quality, small.quality)
+        quality = _quality(mixed, per_example, small.targets, corpus_metric)
+        points.append(
+            CurvePoint(
+                threshold=float(threshold),
+                deferral_rate=float(deferred.mean()),
+                relative_flops=float((small_cost + large.flops[deferred].sum()) / large_total),
+                quality=quality,
+            )
+        )
+    return points
+
+
+def standalone_points(
+    small: ModelOutputs, large: ModelOutputs, *, corpus_metric: CorpusMetric | None = None
+) -> tuple[OperatingPoint, OperatingPoint]:
+    """(small model alone, large model alone): relative FLOPs sum F_S / sum F_L and 1, and their quality."""
+    check_aligned(small, large)
+    large_total = large.flops.sum()
+    return (
+        OperatingPoint(
+            float(small.flops.sum() / large_total),
+            _quality(small.predictions, small.quality, small.targets, corpus_metric),
+        ),
+        OperatingPoint(1.0, _quality(large.predictions, large.quality, large.targets, corpus_metric)),
+    )

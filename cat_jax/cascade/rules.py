@@ -1,0 +1,160 @@
+"""Deferral scores: one float per example, LOWER = MORE LIKELY TO DEFER to the large model.
+
+Token-level scores read the small model's generated tokens; an example with no generated token
+counts as fully confident (log-prob 0, entropy 0, margin 1) so it is deferred last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from cat_jax.cascade.posthoc import PostHocConfig, post_hoc_scores
+from cat_jax.cascade.records import ModelOutputs, check_aligned
+
+
+def _per_example(
+    seqs: Sequence[np.ndarray], reduce: Callable[[np.ndarray], float], empty: float
+) -> np.ndarray:
+    """Applies `reduce` to each of N token arrays [T_i] -> [N]; `empty` where T_i = 0."""
+    return np.array([reduce(s) if s.size else empty for s in seqs], dtype=np.float64)
+
+
+def chow_sum(logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    """Sequence log-probability sum_t s_t [N]; favours short outputs."""
+    return _per_example(logprobs, np.sum, 0.0)
+
+
+def chow_average(logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    """Length-normalised log-probability mean_t s_t [N]."""
+    return _per_example(logprobs, np.mean, 0.0)
+
+
+def chow_quantile(logprobs: Sequence[np.ndarray], q: float) -> np.ndarray:
+    """q-quantile of the token log-probs [N], numpy's linear interpolation; q = 0: least confident token."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"chow_quantile needs 0 <= q <= 1; got q = {q}.")
+    return _per_example(logprobs, lambda s: np.quantile(s, q), 0.0)
+
+
+def entropy_mean(entropies: Sequence[np.ndarray]) -> np.ndarray:
+    """Negated mean per-token entropy [N]."""
+    return -_per_example(entropies, np.mean, 0.0)
+
+
+def entropy_max(entropies: Sequence[np.ndarray]) -> np.ndarray:
+    """Negated largest per-token entropy [N]."""
+    return -_per_example(entropies, np.max, 0.0)
+
+
+def margin_min(margins: Sequence[np.ndarray]) -> np.ndarray:
+    """Smallest top-1 minus top-2 probability margin over the tokens [N]."""
+    return _per_example(margins, np.min, 1.0)
+
+
+def oracle(small_quality: np.ndarray, large_quality: np.ndarray) -> np.ndarray:
+    """quality_S - quality_L [N]: negative exactly where the large model is better, so those go first."""
+    return np.asarray(small_quality, dtype=np.float64) - np.asarray(large_quality, dtype=np.float64)
+
+
+def random_scores(num_examples: int, seed: int) -> np.ndarray:
+    """Uniform [0, 1) scores [N] from numpy's default generator seeded with `seed`."""
+    return np.random.default_rng(seed).random(num_examples)
+
+
+def agreement(primary: ModelOutputs, others: Sequence[ModelOutputs]) -> np.ndarray:
+    """Fraction of the other small models whose prediction equals the primary's [N].
+
+    With M others the fraction is k / M; ties are broken by the primary's Chow-Average by adding
+    exp(chow_average) / (2M), which lies in (0, 1/(2M)] and so never crosses to the next k / M.
+    """
+    if not others:
+        raise ValueError("rule 'agreement' needs at least one other small model in `others`.")
+    check_aligned(primary, *others)
+    agree = np.mean(
+        [[p == o for p, o in zip(primary.predictions, other.predictions)] for other in others], axis=0
+    )
+    return agree + np.exp(chow_average(primary.logprobs)) / (2 * len(others))
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleInputs:
+    """Everything a rule may read: aligned small/large test records and the rule options."""
+
+    small: ModelOutputs
+    large: ModelOutputs
+    quantile: float
+    seed: int
+    others: tuple[ModelOutputs, ...]
+    validation: tuple[ModelOutputs, ModelOutputs] | None
+    posthoc_config: PostHocConfig
+
+
+def _margin_min(r: RuleInputs) -> np.ndarray:
+    if r.small.margins is None:
+        raise ValueError("rule 'margin_min' needs per-token margins; the small model's records have none.")
+    return margin_min(r.small.margins)
+
+
+def _post_hoc(r: RuleInputs) -> np.ndarray:
+    if r.validation is None:
+        raise ValueError(
+            "rule 'post_hoc' needs validation=(small_val, large_val) records to fit on; "
+            "decode the validation split with both models."
+        )
+    small_val, large_val = r.validation
+    return post_hoc_scores(small_val, large_val, r.small, r.posthoc_config)
+
+
+RULES: dict[str, Callable[[RuleInputs], np.ndarray]] = {
+    "chow_sum": lambda r: chow_sum(r.small.logprobs),
+    "chow_average": lambda r: chow_average(r.small.logprobs),
+    "chow_quantile": lambda r: chow_quantile(r.small.logprobs, r.quantile),
+    "entropy_mean": lambda r: entropy_mean(r.small.entropies),
+    "entropy_max": lambda r: entropy_max(r.small.entropies),
+    "margin_min": _margin_min,
+    "post_hoc": _post_hoc,
+    "agreement": lambda r: agreement(r.small, r.others),
+    "oracle": lambda r: oracle(r.small.quality, r.large.quality),
+    "random": lambda r: random_scores(len(r.small), r.seed),
+}
+
+# Rules that run the `others` small models on every example, so the cascade pays for them.
+RUNS_OTHER_SMALL_MODELS = frozenset({"agreement"})
+
+
+def _check_known(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown deferral rule {rule!r}; known rules: {', '.join(sorted(RULES))}.")
+
+
+def compute_scores(
+    rule: str,
+    small: ModelOutputs,
+    large: ModelOutputs,
+    *,
+    quantile: float = 0.0,
+    seed: int = 0,
+    others: Sequence[ModelOutputs] = (),
+    validation: tuple[ModelOutputs, ModelOutputs] | None = None,
+    posthoc_config: PostHocConfig = PostHocConfig(),
+) -> np.ndarray:
+    """Deferral scores [N] of rule `rule` on aligned test records; lower = defer first.
+
+    quantile: for chow_quantile. seed: for random. others: the other small models for agreement.
+    validation: (small, large) validation records for post_hoc.
+    """
+    _check_known(rule)
+    check_aligned(small, large)
+    inputs = RuleInputs(small, large, quantile, seed, tuple(others), validation, posthoc_config)
+    return RULES[rule](inputs)
+
+
+def extra_small_flops(rule: str, others: Sequence[ModelOutputs]) -> np.ndarray | None:
+    """Per-example FLOPs [N] of the other small models that `rule` runs, or None if it runs none."""
+    _check_known(rule)
+    if rule not in RUNS_OTHER_SMALL_MODELS or not others:
+        return None
+    return np.sum([o.flops for o in others], axis=0)
