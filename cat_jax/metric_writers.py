@@ -1,0 +1,87 @@
+"""Metrics to JSON lines and TensorBoard event files.
+
+`MetricWriter(directory, name)` writes each call of `write_scalars` as one line of
+`<directory>/<name>_metrics.jsonl` (`{"step": k, "<metric>": v, ...}`, appended across
+restarts) and as scalars in TensorBoard event files under `<directory>/tensorboard/<name>`.
+Only one process should write: pass `enabled=jax.process_index() == 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from tensorboardX import summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
+
+
+def _to_float(name: str, value: Any) -> float:
+    """A Python float from a Python, numpy or jax scalar (a one-element array is accepted)."""
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"Metric {name!r} must be a scalar, got shape {array.shape}.")
+    return float(array.reshape(()))
+
+
+class MetricWriter:
+    """Scalars to `<directory>/<name>_metrics.jsonl` and `<directory>/tensorboard/<name>`."""
+
+    def __init__(self, directory: str, name: str = "train", enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl_path = os.path.join(directory, f"{name}_metrics.jsonl")
+        self.tensorboard_dir = os.path.join(directory, "tensorboard", name)
+        if not enabled:
+            return
+        os.makedirs(self.tensorboard_dir, exist_ok=True)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        # The synchronous events writer (SummaryWriter queues events in a thread, so its
+        # flush() does not guarantee they are on disk). The unique suffix matters: files are
+        # named by the second, and a writer reopened within the same second would otherwise
+        # overwrite the earlier file.
+        self._events = EventsWriter(
+            os.path.join(self.tensorboard_dir, "events"), f".{uuid.uuid4().hex[:12]}"
+        )
+
+    def _write_event(self, step: int, event_summary: Any) -> None:
+        self._events.write_event(
+            event_pb2.Event(wall_time=time.time(), step=step, summary=event_summary)
+        )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Write `scalars` at `step`: one JSON line and one TensorBoard scalar per metric."""
+        if not self.enabled:
+            return
+        step = int(step)
+        values = {name: _to_float(name, value) for name, value in scalars.items()}
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            self._write_event(step, summary.scalar(name, value))
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """Write `text` under `tag` to TensorBoard's text tab (e.g. the operative gin config)."""
+        if self.enabled:
+            self._write_event(int(step), summary.text(tag, text))
+
+    def flush(self) -> None:
+        """Push written TensorBoard events to disk (JSON lines are flushed on every write)."""
+        if self.enabled:
+            self._events.flush()
+
+    def close(self) -> None:
+        """Flush and close both files."""
+        if self.enabled:
+            self._events.close()
+            self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All objects of a JSON lines file, in order (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

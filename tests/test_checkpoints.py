@@ -1,0 +1,315 @@
+"""Tests for cat_jax.checkpoints: roundtrip, retention, killed saves, params-only, errors, sharding."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cat_jax.checkpoints import Checkpointer, CheckpointError, restore_params
+
+
+@flax.struct.dataclass
+class State:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def _params(seed: int, emb_rows: int = 6) -> dict:
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {
+        "dense": {"kernel": jax.random.normal(k1, (4, 3)), "bias": jax.random.normal(k2, (3,))},
+        "emb": jax.random.normal(k3, (emb_rows, 4)),
+    }
+
+
+def _state(seed: int, step: int = 7) -> State:
+    """A state whose every leaf depends on `seed` (`seed % 4 + 1` Adam updates)."""
+    params = _params(seed)
+    tx = optax.adam(0.1)
+    opt_state = tx.init(params)
+    for _ in range(seed % 4 + 1):
+        grads = jax.tree.map(lambda p: p * (seed + 2.0), params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return State(
+        step=jnp.int32(step),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.random.key_data(jax.random.PRNGKey(seed + 100)),
+    )
+
+
+def _assert_trees_bitwise_equal(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _assert_every_leaf_differs(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert not np.array_equal(np.asarray(x), np.asarray(y))
+
+
+META = {"model": {"emb_dim": 4, "vocab_size": 6}, "teacher": None, "gin_hash": "abc123"}
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_roundtrip_bitwise(tmp_path: Path, async_save: bool) -> None:
+    saved = _state(seed=0, step=7)
+    ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=3, async_save=async_save)
+    assert ckpt.save(7, saved, META)
+    ckpt.wait()
+    template = _state(seed=1, step=0)
+    _assert_every_leaf_differs(template, saved)
+
+    restored, meta = ckpt.restore(template)
+    ckpt.close()
+    assert isinstance(restored, State)
+    assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)
+    _assert_trees_bitwise_equal(restored, saved)
+    assert int(restored.step) == 7
+    assert meta == {**META, "step": 7}
+
+
+def test_interval_max_to_keep_and_latest_step(tmp_path: Path) -> None:
+    ckpt = Checkpointer(str(tmp_path), save_interval_steps=2, max_to_keep=2)
+    assert ckpt.latest_step() is None
+    saved_at = [s for s in range(8) if ckpt.save(s, _state(seed=s, step=s), {"s": s})]
+    assert saved_at == [0, 2, 4, 6]
+    assert ckpt.all_steps() == [4, 6]
+    assert ckpt.latest_step() == 6
+    assert ckpt.should_save(8) and not ckpt.should_save(9)
+    assert ckpt.save(7, _state(seed=7, step=7), {"s": 7}, force=True)
+    assert ckpt.all_steps() == [6, 7]
+    assert not ckpt.save(7, _state(seed=8, step=7), {"s": 8}, force=True)  # already saved
+    assert ckpt.read_metadata() == {"s": 7, "step": 7}
+    assert ckpt.read_metadata(step=6) == {"s": 6, "step": 6}
+    restored, _ = ckpt.restore(_state(seed=99), step=6)
+    _assert_trees_bitwise_equal(restored, _state(seed=6, step=6))
+    ckpt.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["6", "7"]
+
+
+_KILLED_SAVE_CHILD = """
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+import orbax.checkpoint as ocp
+from cat_jax.checkpoints import Checkpointer
+
+directory, kill_point = sys.argv[1:]
+ckpt = Checkpointer(directory, save_interval_steps=1, max_to_keep=None)
+small = {"params": {"w": jnp.full((4,), 1.0)}, "step": jnp.int32(1)}
+assert ckpt.save(1, small, {"run": "a"})
+
+def block(*args, **kwargs):
+    print("BLOCKED", flush=True)
+    time.sleep(120)
+
+if kill_point == "before_data":  # items are being written
+    ocp.JsonCheckpointHandler.save = block
+    ocp.JsonCheckpointHandler.async_save = block
+else:  # all data written, the rename of the temporary directories not done
+    ocp.CompositeCheckpointHandler.finalize = block
+big = {"params": {"w": jnp.full((4,), 2.0), "big": jax.random.normal(jax.random.PRNGKey(0), (1024, 1024))}, "step": jnp.int32(2)}
+ckpt.save(2, big, {"run": "a"})
+"""
+
+
+@pytest.mark.parametrize("kill_point", ["before_data", "before_rename"])
+def test_killed_save_is_ignored_and_saving_resumes(tmp_path: Path, kill_point: str) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(_KILLED_SAVE_CHILD)
+    ckpt_dir = tmp_path / "ckpt"
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(ckpt_dir), kill_point],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    try:
+        assert child.stdout.readline().strip() == "BLOCKED"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    leftover = ckpt_dir / "2.orbax-checkpoint-tmp"
+    assert leftover.is_dir(), sorted(p.name for p in ckpt_dir.iterdir())
+    written = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file())
+    assert (written > 1_000_000) == (kill_point == "before_rename"), written  # the 4 MiB array
+    assert not (ckpt_dir / "2").exists()
+
+    # A read-only restore sees only the finished step 1 while the leftover is still there.
+    params, meta = restore_params(str(ckpt_dir), {"w": jnp.zeros((4,))})
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.full((4,), 1.0, np.float32))
+    assert meta == {"run": "a", "step": 1}
+
+    ckpt = Checkpointer(str(ckpt_dir), save_interval_steps=1, max_to_keep=None)
+    assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
+    template = {"params": {"w": jnp.zeros((4,))}, "step": jnp.int32(0)}
+    restored, meta = ckpt.restore(template)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.full((4,), 1.0))
+    assert int(restored["step"]) == 1 and meta == {"run": "a", "step": 1}
+
+    new = {"params": {"w": jnp.full((4,), 3.0)}, "step": jnp.int32(2)}
+    assert ckpt.save(2, new, {"run": "b"})
+    assert ckpt.all_steps() == [1, 2]
+    restored, meta = ckpt.restore(template)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.full((4,), 3.0))
+    assert int(restored["step"]) == 2 and meta == {"run": "b", "step": 2}
+    ckpt.close()
+    assert not [p for p in ckpt_dir.iterdir() if "orbax-checkpoint-tmp" in p.name]
+
+
+def test_restore_params_only_with_bfloat16(tmp_path: Path) -> None:
+    ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=None)
+    ckpt.save(3, _state(seed=3, step=3), {"at": 3})
+    ckpt.save(5, _state(seed=5, step=5), {"at": 5})
+    ckpt.close()
+    template = _params(seed=42)
+    _assert_every_leaf_differs(template, _state(seed=5).params)
+
+    params, meta = restore_params(str(tmp_path), template)
+    assert set(params) == {"dense", "emb"} and meta == {"at": 5, "step": 5}
+    _assert_trees_bitwise_equal(params, _state(seed=5).params)
+
+    params3, meta3 = restore_params(str(tmp_path), template, step=3)
+    _assert_trees_bitwise_equal(params3, _state(seed=3).params)
+    assert meta3 == {"at": 3, "step": 3}
+
+    bf16 = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16), template)
+    params_bf16, _ = restore_params(str(tmp_path), bf16)
+    expected = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _state(seed=5).params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params_bf16))
+    _assert_trees_bitwise_equal(params_bf16, expected)
+
+
+def test_error_missing_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(CheckpointError, match=f"{missing} does not exist"):
+        restore_params(str(missing), _params(0))
+
+
+def test_error_no_finished_checkpoint(tmp_path: Path) -> None:
+    ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=None)
+    with pytest.raises(CheckpointError, match=f"{tmp_path} holds no finished checkpoint"):
+        ckpt.restore(_state(0))
+    with pytest.raises(CheckpointError, match="holds no finished checkpoint"):
+        restore_params(str(tmp_path), _params(0))
+
+
+def test_error_missing_step_lists_available(tmp_path: Path) -> None:
+    ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=None)
+    ckpt.save(2, _state(2), {})
+    ckpt.save(4, _state(4), {})
+    with pytest.raises(CheckpointError, match=r"no step 3; available steps: \[2, 4\]"):
+        ckpt.restore(_state(0), step=3)
+    with pytest.raises(CheckpointError, match=r"no step 9; available steps: \[2, 4\]"):
+        restore_params(str(tmp_path), _params(0), step=9)
+
+
+def test_error_shape_and_key_mismatch(tmp_path: Path) -> None:
+    ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=None)
+    ckpt.save(1, _state(1), {})
+    wide = _params(0, emb_rows=7)
+    wrong = _state(0).replace(params=wide)
+    with pytest.raises(CheckpointError, match=r"'params/emb': checkpoint \(6, 4\), template \(7, 4\)"):
+        ckpt.restore(wrong)
+    with pytest.raises(CheckpointError, match=r"'params/emb': checkpoint \(6, 4\), template \(7, 4\)"):
+        restore_params(str(tmp_path), wide)
+    extra = {**_params(0), "head": jnp.zeros((2,))}
+    with pytest.raises(CheckpointError, match="no entry 'params/head'"):
+        restore_params(str(tmp_path), extra)
+    fewer = {"dense": _params(0)["dense"]}
+    with pytest.raises(CheckpointError, match="has entry 'params/emb'"):
+        restore_params(str(tmp_path), fewer)
+    no_opt = {"step": jnp.int32(0), "params": _params(0), "rng": jnp.zeros((2,), jnp.uint32)}
+    with pytest.raises(CheckpointError, match="has entry 'opt_state/0/count'"):
+        ckpt.restore(no_opt)
+
+
+def test_error_unwritable_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match=f"{blocker / 'ckpt'} cannot be created or written"):
+        Checkpointer(str(blocker / "ckpt"), save_interval_steps=1, max_to_keep=None)
+
+
+def test_error_metadata_not_json(tmp_path: Path) -> None:
+    ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=None)
+    with pytest.raises(CheckpointError, match="not JSON"):
+        ckpt.save(1, _state(1), {"bad": object()})
+    assert ckpt.all_steps() == []
+
+
+_SHARDED_CHILD = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from cat_jax.checkpoints import Checkpointer, restore_params
+
+assert jax.device_count() == 8
+directory = sys.argv[1]
+devices = np.array(jax.devices())
+mesh24 = Mesh(devices.reshape(2, 4), ("data", "model"))
+mesh42 = Mesh(devices.reshape(4, 2), ("data", "model"))
+value = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
+w = jax.device_put(value, NamedSharding(mesh24, P("data", "model")))
+assert w.addressable_shards[0].data.shape == (4, 4)
+state = {"params": {"w": w}, "step": jnp.int32(5)}
+ckpt = Checkpointer(directory, save_interval_steps=1, max_to_keep=None)
+assert ckpt.save(5, state, {})
+
+target = NamedSharding(mesh42, P("data", "model"))
+replicated = NamedSharding(mesh42, P())
+template = {
+    "params": {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=target)},
+    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+}
+restored, _ = ckpt.restore(template)
+r = restored["params"]["w"]
+assert r.sharding == target, r.sharding
+assert {s.data.shape for s in r.addressable_shards} == {(2, 8)}
+np.testing.assert_array_equal(np.asarray(r), value)
+assert int(restored["step"]) == 5
+
+params, _ = restore_params(directory, {"w": jax.ShapeDtypeStruct((8, 16), jnp.bfloat16, sharding=replicated)})
+p = params["w"]
+assert p.sharding == replicated and p.dtype == jnp.bfloat16
+assert {s.data.shape for s in p.addressable_shards} == {(8, 16)}
+np.testing.assert_array_equal(np.asarray(p.astype(jnp.float32)), value)
+print("SHARDED_OK")
+"""
+
+
+def test_sharded_save_restores_onto_other_mesh(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(_SHARDED_CHILD))
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SHARDED_OK" in result.stdout
