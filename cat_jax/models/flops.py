@@ -1,0 +1,34 @@
+"""Analytic forward-pass FLOPs of the T5 encoder-decoder (2 FLOPs per multiply-add)."""
+
+from __future__ import annotations
+
+from cat_jax.models.config import T5Config
+
+
+def forward_flops(config: T5Config, input_length: int, target_length: int) -> float:
+    """FLOPs of one example's teacher-forced forward pass (matmuls only).
+
+    With d = emb_dim, a = num_heads * head_dim, f = mlp_dim, V = vocab_size, Li = input_length,
+    Lt = target_length, Le / Ld = encoder / decoder layers:
+
+        encoder = Le * Li * (8*d*a + 6*d*f + 4*Li*a)
+                  (q, k, v, out projections; wi_0, wi_1, wo; scores and weighted values)
+        decoder = Ld * (Lt * (12*d*a + 6*d*f + 4*Lt*a + 4*Li*a) + 4*Li*d*a)
+                  (self-attention as above; cross-attention q and out projections per target
+                  token, scores and values against Li keys, and the k/v projections of the
+                  Li encoder outputs; MLP)
+        head    = 2 * Lt * d * V
+        total   = encoder + decoder + head
+
+    Embedding lookups, norms, softmax and activations are not counted.
+    """
+    if config.vocab_size is None:
+        raise ValueError("forward_flops needs T5Config.vocab_size; set it from the vocabulary.")
+    d, f, v = config.emb_dim, config.mlp_dim, config.vocab_size
+    a = config.num_heads * config.head_dim
+    li, lt = input_length, target_length
+    encoder = config.num_encoder_layers * li * (8 * d * a + 6 * d * f + 4 * li * a)
+    decoder = config.num_decoder_layers * (
+        lt * (12 * d * a + 6 * d * f + 4 * lt * a + 4 * li * a) + 4 * li * d * a)
+    head = 2 * lt * d * v
+    return float(encoder + decoder + head)

@@ -1,0 +1,162 @@
+"""T5 v1.1 encoder-decoder: pre-norm layers, relative position bias, untied LM head.
+
+Parameter tree (under "params"): `token_embedder/embedding` (shared by encoder and decoder
+inputs), `encoder/{relpos_bias, layers_i, encoder_norm}`, `decoder/{relpos_bias, layers_i,
+decoder_norm, logits_dense}`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cat_jax.models.config import T5Config
+from cat_jax.models.layers import (Dense, Embed, MlpBlock, MultiHeadAttention,
+                                   RelativePositionBias, RMSNorm)
+
+EMBED_AXES = ("batch", "length", "embed")
+
+
+def _relpos(config: T5Config, bidirectional: bool) -> RelativePositionBias:
+    return RelativePositionBias(config.num_heads, config.relative_attention_num_buckets,
+                                config.relative_attention_max_distance, bidirectional,
+                                name="relpos_bias")
+
+
+def _attention(config: T5Config, name: str, cross: bool = False) -> MultiHeadAttention:
+    return MultiHeadAttention(config.num_heads, config.head_dim, cross_attention=cross,
+                              dropout_rate=config.dropout_rate, dtype=config.compute_dtype,
+                              name=name)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention (bidirectional relative bias) and gated MLP, each residual."""
+
+    config: T5Config
+    relpos: RelativePositionBias
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, enable_dropout: bool) -> jax.Array:
+        """x: [batch, length, embed], mask: [batch, length] bool -> [batch, length, embed]."""
+        cfg, dtype = self.config, self.config.compute_dtype
+        dropout = nn.Dropout(cfg.dropout_rate)
+        h = RMSNorm(dtype, name="pre_attention_norm")(x)
+        h = _attention(cfg, "attention")(h, h, kv_mask=mask, relpos=self.relpos,
+                                         enable_dropout=enable_dropout)
+        x = x + dropout(h, deterministic=not enable_dropout)
+        h = RMSNorm(dtype, name="pre_mlp_norm")(x)
+        h = MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dtype, name="mlp")(h, enable_dropout)
+        x = x + dropout(h, deterministic=not enable_dropout)
+        return nn.with_logical_constraint(x, EMBED_AXES)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, cross-attention over the encoder, gated MLP."""
+
+    config: T5Config
+    relpos: RelativePositionBias
+
+    @nn.compact
+    def __call__(self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array,
+                 enable_dropout: bool, decode: bool) -> jax.Array:
+        """x: [b, Lt, embed], encoded: [b, Li, embed], encoder_mask: [b, Li] -> [b, Lt, embed]."""
+        cfg, dtype = self.config, self.config.compute_dtype
+        dropout = nn.Dropout(cfg.dropout_rate)
+        h = RMSNorm(dtype, name="pre_self_attention_norm")(x)
+        h = _attention(cfg, "self_attention")(h, h, causal=True, relpos=self.relpos,
+                                              enable_dropout=enable_dropout, decode=decode)
+        x = x + dropout(h, deterministic=not enable_dropout)
+        h = RMSNorm(dtype, name="pre_cross_attention_norm")(x)
+        h = _attention(cfg, "encoder_decoder_attention", cross=True)(
+            h, encoded, kv_mask=encoder_mask, enable_dropout=enable_dropout, decode=decode)
+        x = x + dropout(h, deterministic=not enable_dropout)
+        h = RMSNorm(dtype, name="pre_mlp_norm")(x)
+        h = MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dtype, name="mlp")(h, enable_dropout)
+        x = x + dropout(h, deterministic=not enable_dropout)
+        return nn.with_logical_constraint(x, EMBED_AXES)
+
+
+class Encoder(nn.Module):
+    """Embedding, `num_encoder_layers` layers sharing one relative-bias table, final norm."""
+
+    config: T5Config
+    embedder: Embed
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, enable_dropout: bool) -> jax.Array:
+        """tokens: [batch, Li] int (0 = padding) -> [batch, Li, embed]."""
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        relpos = _relpos(cfg, bidirectional=True)
+        mask = tokens > 0
+        x = dropout(self.embedder(tokens), deterministic=not enable_dropout)
+        x = nn.with_logical_constraint(x, EMBED_AXES)
+        for i in range(cfg.num_encoder_layers):
+            x = EncoderLayer(cfg, relpos, name=f"layers_{i}")(x, mask, enable_dropout)
+        x = RMSNorm(cfg.compute_dtype, name="encoder_norm")(x)
+        return dropout(x, deterministic=not enable_dropout)
+
+
+class Decoder(nn.Module):
+    """Embedding, `num_decoder_layers` layers sharing one causal relative-bias table, final
+    norm and the untied LM head."""
+
+    config: T5Config
+    embedder: Embed
+
+    @nn.compact
+    def __call__(self, encoded: jax.Array, encoder_mask: jax.Array, tokens: jax.Array,
+                 enable_dropout: bool, decode: bool) -> tuple[jax.Array, jax.Array]:
+        """tokens: [b, Lt] -> (logits [b, Lt, vocab] in compute dtype, hidden [b, Lt, embed])."""
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        relpos = _relpos(cfg, bidirectional=False)
+        x = dropout(self.embedder(tokens), deterministic=not enable_dropout)
+        x = nn.with_logical_constraint(x, EMBED_AXES)
+        for i in range(cfg.num_decoder_layers):
+            x = DecoderLayer(cfg, relpos, name=f"layers_{i}")(x, encoded, encoder_mask,
+                                                              enable_dropout, decode)
+        hidden = RMSNorm(cfg.compute_dtype, name="decoder_norm")(x)
+        x = dropout(hidden, deterministic=not enable_dropout)
+        logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype,
+                       name="logits_dense")(x)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), hidden
+
+
+class Transformer(nn.Module):
+    """T5 v1.1 encoder-decoder. Token id 0 is padding (and the decoder's BOS)."""
+
+    config: T5Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg.vocab_size is None:
+            raise ValueError("T5Config.vocab_size is None: set it from the task's vocabulary "
+                             "with config.replace(vocab_size=vocabulary.vocab_size).")
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.compute_dtype)
+        self.encoder = Encoder(cfg, self.token_embedder)
+        self.decoder = Decoder(cfg, self.token_embedder)
+
+    def encode(self, encoder_input_tokens: jax.Array, enable_dropout: bool = False) -> jax.Array:
+        """encoder_input_tokens: [b, Li] int -> encoded [b, Li, embed] in compute dtype."""
+        return self.encoder(encoder_input_tokens, enable_dropout)
+
+    def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
+               decoder_input_tokens: jax.Array, enable_dropout: bool = False,
+               decode: bool = False, return_hidden: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """decoder_input_tokens: [b, Lt] -> logits [b, Lt, vocab] (or (logits, hidden [b, Lt, embed])).
+
+        With `decode=True` the "cache" collection must be mutable; the first such call (given the
+        full-length decoder input) creates the cache, each later call consumes one token [b, 1].
+        """
+        logits, hidden = self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens,
+                                      enable_dropout, decode)
+        return (logits, hidden) if return_hidden else logits
+
+    def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
+                 enable_dropout: bool = False) -> jax.Array:
+        """Teacher-forced logits [b, Lt, vocab] in compute dtype."""
+        encoded = self.encode(encoder_input_tokens, enable_dropout)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout)

@@ -1,0 +1,148 @@
+"""Greedy decoding with the key/value cache, checked against teacher-forced forward passes."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from cat_jax.decoding import DecodeOutput, greedy_decode, score_tokens, shift_right
+from cat_jax.models import T5Config, Transformer
+
+CONFIG = T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+                  num_encoder_layers=2, num_decoder_layers=2)
+ENC = jnp.array([[5, 9, 12, 7, 1, 0], [3, 4, 1, 0, 0, 0], [30, 31, 32, 33, 34, 1]], jnp.int32)
+MAX_LEN = 7
+EOS = 1
+# Row 0 ends after 4 tokens, row 1 after 2, row 2 is longer than MAX_LEN (never reaches EOS).
+TARGETS = jnp.array([[8, 9, 10, 1, 0, 0, 0, 0, 0], [20, 1, 0, 0, 0, 0, 0, 0, 0],
+                     [30, 31, 32, 33, 34, 35, 36, 37, 1]], jnp.int32)
+
+
+def make_params(seed: int = 0, eos_bias: float = 0.0):
+    """Random tiny params; `eos_bias` is added to the EOS logit of the first decoding step."""
+    model = Transformer(CONFIG)
+    variables = model.init({"params": jax.random.key(seed)}, ENC, jnp.zeros((3, MAX_LEN), int))
+    params = nn.unbox(variables)["params"]
+    hidden = model.apply({"params": params}, ENC, jnp.zeros((3, 1), int), method=(
+        lambda m, e, d: m.decode(m.encode(e), e, d, return_hidden=True)[1]))[:, 0]
+    direction = jnp.mean(hidden, axis=0)  # hidden . direction / |direction|^2 is about 1
+    kernel = params["decoder"]["logits_dense"]["kernel"]
+    kernel = kernel.at[:, EOS].add(eos_bias * direction / jnp.sum(direction ** 2))
+    params["decoder"]["logits_dense"]["kernel"] = kernel
+    return model, params
+
+
+def train_params(steps: int = 40, head_scale: float = 0.4):
+    """Tiny params that have memorised ENC -> TARGETS (teacher-forced adam on one batch).
+
+    The LM head is then scaled by `head_scale`: the argmax (hence greedy output) is unchanged
+    while the distributions become far from one-hot, so log-probs and entropies are non-trivial.
+    """
+    model, params = make_params(seed=0)
+    optimizer = optax.adam(1e-2)
+    weights = (TARGETS > 0).astype(jnp.float32)
+
+    def loss_fn(p):
+        logits = model.apply({"params": p}, ENC, shift_right(TARGETS))
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, TARGETS)
+        return jnp.sum(ce * weights) / jnp.sum(weights)
+
+    @jax.jit
+    def step(p, opt_state):
+        grads = jax.grad(loss_fn)(p)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    for _ in range(steps):
+        params, opt_state = step(params, opt_state)
+    assert float(loss_fn(params)) < 0.05
+    params["decoder"]["logits_dense"]["kernel"] *= head_scale
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def decoded():
+    model, params = train_params()
+    out = jax.jit(functools.partial(greedy_decode, model, max_decode_length=MAX_LEN,
+                                    eos_id=EOS))(params, ENC)
+    return model, params, out
+
+
+def test_output_types_and_shapes(decoded):
+    _, _, out = decoded
+    assert isinstance(out, DecodeOutput)
+    assert out.tokens.shape == (3, MAX_LEN) and out.tokens.dtype == jnp.int32
+    assert out.logprobs.dtype == jnp.float32 and out.entropies.shape == (3, MAX_LEN)
+    assert out.lengths.shape == (3,) and out.lengths.dtype == jnp.int32
+    assert out.mean_hidden.shape == (3, CONFIG.emb_dim)
+    assert len(jax.tree_util.tree_leaves(out)) == 5  # a registered pytree
+
+
+def test_decodes_memorised_targets_with_eos_handling(decoded):
+    _, _, out = decoded
+    np.testing.assert_array_equal(out.tokens, [[8, 9, 10, 1, 0, 0, 0], [20, 1, 0, 0, 0, 0, 0],
+                                               [30, 31, 32, 33, 34, 35, 36]])
+    np.testing.assert_array_equal(out.lengths, [4, 2, 7])
+    mask = np.asarray(out.tokens) > 0
+    assert (np.asarray(out.logprobs)[~mask] == 0).all()
+    assert (np.asarray(out.entropies)[~mask] == 0).all()
+
+
+def test_logprobs_equal_teacher_forced_scores(decoded):
+    model, params, out = decoded
+    scored = score_tokens(model, params, ENC, out.tokens)
+    np.testing.assert_allclose(out.logprobs, scored, atol=1e-4)
+    assert (np.asarray(out.logprobs)[np.asarray(out.tokens) > 0] < -0.1).all()
+
+
+def test_greedy_tokens_are_argmax_and_entropies_match(decoded):
+    model, params, out = decoded
+    logits, hidden = model.apply({"params": params}, ENC, shift_right(out.tokens), method=(
+        lambda m, e, d: m.decode(m.encode(e), e, d, return_hidden=True)))
+    logits = np.asarray(logits, np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    entropy = -(probs * np.log(probs)).sum(-1)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for b, length in enumerate(lengths):
+        np.testing.assert_array_equal(tokens[b, :length], logits[b, :length, 1:].argmax(-1) + 1)
+        np.testing.assert_allclose(out.entropies[b, :length], entropy[b, :length], atol=1e-4)
+        np.testing.assert_allclose(out.mean_hidden[b], np.asarray(hidden)[b, :length].mean(0),
+                                   atol=1e-5)
+        top2 = np.sort(probs[b, :length], axis=-1)[:, -2:]
+        np.testing.assert_allclose(out.margins[b, :length], top2[:, 1] - top2[:, 0], atol=1e-5)
+        assert (np.asarray(out.margins)[b, length:] == 0).all()
+    assert (np.asarray(out.entropies) >= 0).all()
+    assert np.asarray(out.entropies)[tokens > 0].min() > 0.5
+
+
+def test_eager_equals_jit_and_all_rows_can_stop_at_once():
+    model, params = make_params(seed=1, eos_bias=50.0)  # EOS is the first argmax
+    eager = greedy_decode(model, params, ENC, MAX_LEN)
+    np.testing.assert_array_equal(eager.tokens[:, 0], EOS)
+    np.testing.assert_array_equal(eager.lengths, [1, 1, 1])
+    assert (np.asarray(eager.tokens)[:, 1:] == 0).all()
+    model, params = make_params(seed=2)
+    eager = greedy_decode(model, params, ENC, MAX_LEN)
+    jitted = jax.jit(greedy_decode, static_argnums=(0, 3))(model, params, ENC, MAX_LEN)
+    np.testing.assert_array_equal(eager.tokens, jitted.tokens)
+    np.testing.assert_allclose(eager.logprobs, jitted.logprobs, atol=1e-5)
+
+
+def test_score_tokens_masks_padding_and_uses_shifted_inputs():
+    model, params = make_params(seed=3)
+    targets = jnp.array([[7, 8, 1, 0], [9, 1, 0, 0], [10, 11, 12, 1]], jnp.int32)
+    scores = np.asarray(score_tokens(model, params, ENC, targets))
+    assert (scores[np.asarray(targets) == 0] == 0).all()
+    logits = model.apply({"params": params}, ENC,
+                         jnp.array([[0, 7, 8, 1], [0, 9, 1, 0], [0, 10, 11, 12]], jnp.int32))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    np.testing.assert_allclose(scores[2, 3], logp[2, 3, 1], atol=1e-6)
+    np.testing.assert_allclose(scores[0, 1], logp[0, 1, 8], atol=1e-6)
