@@ -1,0 +1,158 @@
+"""Metric functions: seqio metric_fns (`fn(targets, predictions) -> {name: value}`) and the
+per-example scores cascades mix.
+
+Conventions: text is compared after collapsing whitespace; corpus-level numbers are percentages
+(0-100, like sacrebleu's BLEU); per-example scores are 1.0 / 0.0. A target is either one reference
+string or a sequence of acceptable references (`exact_match_any`, `phoneme_error_rate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import sacrebleu
+
+Target = str | Sequence[str]
+PerExampleFn = Callable[[Sequence[Target], Sequence[str]], list[float]]
+CorpusFn = Callable[[Sequence[Target], Sequence[str]], float]
+
+
+def normalize(text: str | bytes) -> str:
+    """Decodes bytes and collapses runs of whitespace to one space."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    return " ".join(text.split())
+
+
+def _alternatives(target: Target | bytes) -> list[str]:
+    if isinstance(target, (str, bytes)):
+        return [normalize(target)]
+    return [normalize(t) for t in target]
+
+
+def _check(targets: Sequence[Target], predictions: Sequence[str]) -> None:
+    if len(targets) != len(predictions):
+        raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions.")
+    if not targets:
+        raise ValueError("A metric needs at least one example; got none.")
+
+
+def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref_item in enumerate(reference, start=1):
+        current = [i]
+        for j, hyp_item in enumerate(hypothesis, start=1):
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_item != hyp_item))
+            )
+        previous = current
+    return previous[-1]
+
+
+def exact_match_scores(targets: Sequence[str], predictions: Sequence[str]) -> list[float]:
+    """Per example: 1.0 where the prediction equals the single reference."""
+    _check(targets, predictions)
+    return [float(normalize(t) == normalize(p)) for t, p in zip(targets, predictions)]
+
+
+def exact_match_any_scores(targets: Sequence[Target], predictions: Sequence[str]) -> list[float]:
+    """Per example: 1.0 where the prediction equals any of the acceptable references."""
+    _check(targets, predictions)
+    return [float(normalize(p) in _alternatives(t)) for t, p in zip(targets, predictions)]
+
+
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Percentage of predictions equal to their reference."""
+    scores = exact_match_scores(targets, predictions)
+    return {"exact_match": 100.0 * sum(scores) / len(scores)}
+
+
+def exact_match_any(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str, float]:
+    """Percentage of predictions equal to one of their acceptable references."""
+    scores = exact_match_any_scores(targets, predictions)
+    return {"exact_match": 100.0 * sum(scores) / len(scores)}
+
+
+def accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Percentage of predicted labels equal to the reference label."""
+    scores = exact_match_scores(targets, predictions)
+    return {"accuracy": 100.0 * sum(scores) / len(scores)}
+
+
+def phoneme_errors(target: Target, prediction: str) -> tuple[int, int]:
+    """(edits, reference length) against the closest alternative (fewest edits, first on ties)."""
+    hypothesis = normalize(prediction).split()
+    best = None
+    for alternative in _alternatives(target):
+        reference = alternative.split()
+        candidate = (edit_distance(reference, hypothesis), len(reference))
+        if best is None or candidate[0] < best[0]:
+            best = candidate
+    assert best is not None, "a target needs at least one alternative"
+    return best
+
+
+def phoneme_error_rate(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str, float]:
+    """Corpus phoneme error rate in percent: sum of edits / sum of reference lengths."""
+    _check(targets, predictions)
+    errors = [phoneme_errors(t, p) for t, p in zip(targets, predictions)]
+    total_length = sum(length for _, length in errors)
+    if total_length == 0:
+        raise ValueError("phoneme_error_rate: every reference is empty.")
+    return {"phoneme_error_rate": 100.0 * sum(edits for edits, _ in errors) / total_length}
+
+
+def corpus_bleu(targets: Sequence[str], predictions: Sequence[str]) -> float:
+    """sacrebleu's corpus BLEU (0-100) with one reference per example."""
+    _check(targets, predictions)
+    refs = [normalize(t) for t in targets]
+    return float(sacrebleu.corpus_bleu([normalize(p) for p in predictions], [refs]).score)
+
+
+def bleu(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """seqio metric_fn wrapper of `corpus_bleu`."""
+    return {"bleu": corpus_bleu(targets, predictions)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Quality:
+    """How a cascade measures a task: per-example scores, and a corpus metric where the task has one.
+
+    `score` is the task's headline quality: the corpus metric when set (e.g. BLEU on the mixed list
+    of hypotheses), else 100 x the mean per-example score.
+    """
+
+    per_example: PerExampleFn
+    corpus: CorpusFn | None = None
+
+    def score(self, targets: Sequence[Target], predictions: Sequence[str]) -> float:
+        if self.corpus is not None:
+            return self.corpus(targets, predictions)
+        scores = self.per_example(targets, predictions)
+        return 100.0 * sum(scores) / len(scores)
+
+
+_QUALITY: dict[str, Quality] = {}
+
+
+def register_quality(task_name: str, per_example: PerExampleFn, corpus: CorpusFn | None = None) -> None:
+    """Declares how cascades score `task_name` (call it next to the seqio registration)."""
+    _QUALITY[task_name] = Quality(per_example=per_example, corpus=corpus)
+
+
+def get_quality(task_name: str) -> Quality:
+    """The registered Quality of a task; a clear error names the registered tasks."""
+    if task_name not in _QUALITY:
+        known = ", ".join(sorted(_QUALITY)) or "none (import tasks first)"
+        raise ValueError(
+            f"No cascade quality registered for task {task_name!r}; registered: {known}. "
+            "Call cat_jax.metrics.register_quality() where the task is registered."
+        )
+    return _QUALITY[task_name]
+
+
+def per_example_quality(task_name: str) -> PerExampleFn:
+    """The per-example quality function (1.0 / 0.0 scores) of a registered task."""
+    return get_quality(task_name).per_example

@@ -1,0 +1,70 @@
+"""Metric functions against hand-computed values."""
+
+import pytest
+import sacrebleu
+
+from cat_jax import metrics
+
+
+def test_edit_distance():
+    assert metrics.edit_distance("kitten", "sitting") == 3
+    assert metrics.edit_distance(["a", "b"], []) == 2
+    assert metrics.edit_distance([], ["x"]) == 1
+    assert metrics.edit_distance(["HH", "AH0"], ["HH", "AH0"]) == 0
+
+
+def test_exact_match_normalises_whitespace():
+    assert metrics.exact_match(["a b", "c", "d"], [" a  b ", "c", "e"]) == {"exact_match": pytest.approx(200 / 3)}
+    assert metrics.exact_match_scores(["x", "y"], ["x", "z"]) == [1.0, 0.0]
+
+
+def test_exact_match_any_accepts_every_alternative():
+    targets = [["HH AH0 L OW1", "HH EH0 L OW1"], ["K AE1 T"], "D AO1 G"]
+    predictions = ["HH EH0 L OW1", "K AE1 D", "D AO1 G"]
+    assert metrics.exact_match_any_scores(targets, predictions) == [1.0, 0.0, 1.0]
+    assert metrics.exact_match_any(targets, predictions)["exact_match"] == pytest.approx(200 / 3)
+
+
+def test_accuracy():
+    assert metrics.accuracy(["2", "3", "1", "1"], ["2", "2", "1", "1"]) == {"accuracy": 75.0}
+
+
+def test_phoneme_error_rate_uses_closest_alternative_and_corpus_sums():
+    # Example 1: closest alternative is the second (0 edits, length 4) rather than the first (1 edit).
+    # Example 2: "K AE1 T" vs "K AE1" -> 1 deletion over 3 phonemes.
+    targets = [["HH AH0 L OW1", "HH EH0 L OW1"], ["K AE1 T"]]
+    predictions = ["HH EH0 L OW1", "K AE1"]
+    assert metrics.phoneme_errors(targets[0], predictions[0]) == (0, 4)
+    assert metrics.phoneme_errors(targets[1], predictions[1]) == (1, 3)
+    assert metrics.phoneme_error_rate(targets, predictions) == {"phoneme_error_rate": pytest.approx(100 / 7)}
+    # Corpus-level: (2 + 0) / (2 + 4), not the mean of per-example rates (0.5 + 0) / 2.
+    per = metrics.phoneme_error_rate([["A B"], ["C D E F"]], ["X Y", "C D E F"])
+    assert per["phoneme_error_rate"] == pytest.approx(100 * 2 / 6)
+
+
+def test_bleu_equals_sacrebleu():
+    targets = ["vingt et un", "cent deux", "mille trois cent quatre"]
+    predictions = ["vingt et un", "cent trois", "mille trois cents quatre"]
+    expected = sacrebleu.corpus_bleu(predictions, [targets]).score
+    assert metrics.bleu(targets, predictions) == {"bleu": pytest.approx(expected)}
+    assert 0.0 < expected < 100.0
+    assert metrics.corpus_bleu(targets, targets) == pytest.approx(100.0)
+
+
+def test_length_mismatch_and_empty_are_errors():
+    with pytest.raises(ValueError, match="2 targets but 1 predictions"):
+        metrics.exact_match(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.accuracy([], [])
+
+
+def test_quality_registry():
+    metrics.register_quality("test_bleu_task", metrics.exact_match_scores, metrics.corpus_bleu)
+    metrics.register_quality("test_em_task", metrics.exact_match_scores)
+    targets, predictions = ["a b c d", "e f g h"], ["a b c d", "e f g x"]
+    bleu_quality = metrics.get_quality("test_bleu_task")
+    assert bleu_quality.score(targets, predictions) == pytest.approx(metrics.corpus_bleu(targets, predictions))
+    assert metrics.get_quality("test_em_task").score(targets, predictions) == 50.0
+    assert metrics.per_example_quality("test_em_task")(targets, predictions) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="test_em_task"):
+        metrics.get_quality("no_such_task")
