@@ -1,0 +1,85 @@
+"""Peak memory of a compiled CAT train step against a CE step, from XLA's memory analysis.
+
+    python benchmarks/cat_step_memory.py --student=small --teacher=base --batch=32 \
+        --inputs=512 --targets=128 [--dtype=bfloat16]
+
+Nothing is allocated: both steps are lowered and compiled from abstract shapes on the local
+backend (CPU here, GPU/TPU where available), and XLA's per-device argument / output / temporary
+bytes are printed as one JSON line per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from cat_jax import gin_utils, partitioning
+from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params
+from cat_jax.models import T5Config
+from cat_jax.optimizers import make_optimizer
+from cat_jax.train_state import state_shardings
+from cat_jax.trainer import compile_train_step, make_train_step
+
+VOCAB = 32128
+
+
+def model_config(size: str, dtype: str) -> T5Config:
+    gin.clear_config()
+    gin_utils.parse_gin([f"gin_configs/models/{size}.gin"], [])
+    return T5Config().replace(vocab_size=VOCAB, dtype=dtype)
+
+
+def measure(student: T5Config, teacher: T5Config | None, loss: LossOptions, batch: int,
+            li: int, lt: int) -> dict:
+    mesh = partitioning.make_mesh()
+    rules = partitioning.logical_axis_rules()
+    model = EncoderDecoderModel(student, loss)
+    tx, schedule = make_optimizer(1000)
+    abstract, shardings = state_shardings(model, tx, mesh, rules, li, lt)
+    shapes = {"encoder_input_tokens": jax.ShapeDtypeStruct((batch, li), jnp.int32),
+              "decoder_input_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
+              "decoder_target_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
+              "decoder_loss_weights": jax.ShapeDtypeStruct((batch, lt), jnp.float32)}
+    teacher_fn = t_abstract = t_shardings = None
+    if teacher is not None:
+        t_model = EncoderDecoderModel(teacher)
+        t_params, t_specs = unboxed_abstract_params(t_model, li, lt)
+        t_abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher.compute_dtype), t_params)
+        t_shardings = partitioning.tree_shardings(mesh, t_specs, rules)
+        teacher_fn = t_model.logits
+    step = make_train_step(model, tx, schedule, teacher_fn)
+    start = time.perf_counter()
+    compiled = compile_train_step(step, abstract, shardings, shapes, partitioning.batch_sharding(mesh, rules),
+                                  t_abstract, t_shardings, mesh)
+    return {"compile_seconds": round(time.perf_counter() - start, 1), **compiled.memory}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", default="small")
+    p.add_argument("--teacher", default="base")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--inputs", type=int, default=512)
+    p.add_argument("--targets", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    a = p.parse_args()
+    student = model_config(a.student, a.dtype)
+    teacher = model_config(a.teacher, "bfloat16")
+    common = {"student": a.student, "batch": a.batch, "inputs": a.inputs, "targets": a.targets,
+              "dtype": a.dtype, "backend": jax.default_backend()}
+    for name, t, loss in (("ce", None, LossOptions()),
+                          ("cat", teacher, LossOptions(mask="small_or_large")),
+                          ("cat_distill", teacher, LossOptions(mask="small_or_large", alpha=0.5))):
+        row = measure(student, t, loss, a.batch, a.inputs, a.targets)
+        row["peak_bytes"] = row.get("argument_size_in_bytes", 0) + row.get("output_size_in_bytes", 0) \
+            + row.get("temp_size_in_bytes", 0) - row.get("alias_size_in_bytes", 0)
+        print(json.dumps({"step": name, "teacher": a.teacher if t else None, **common, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

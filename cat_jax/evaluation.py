@@ -1,0 +1,101 @@
+"""Batched greedy prediction over a split, and the tasks' seqio metrics on the predictions.
+
+Used by the trainer's periodic evaluation and by the eval, infer and cascade_eval binaries. Each
+process feeds its own rows of every batch; the decoded outputs are gathered on every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import defaultdict
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from cat_jax import data as data_lib
+from cat_jax import partitioning
+from cat_jax.decoding import greedy_decode
+from cat_jax.encoder_decoder import EncoderDecoderModel
+
+
+@dataclasses.dataclass
+class Predictions:
+    """Greedy outputs for every example of an ExampleArrays, in its order."""
+    tokens: np.ndarray        # [N, T] int32, 0 after EOS
+    logprobs: np.ndarray      # [N, T] float32, 0 after EOS
+    entropies: np.ndarray     # [N, T] float32, 0 after EOS
+    lengths: np.ndarray       # [N] int32, generated tokens including EOS
+    mean_hidden: np.ndarray   # [N, emb] float32
+    margins: np.ndarray       # [N, T] float32, top-1 minus top-2 probability, 0 after EOS
+    texts: list[str]          # detokenized predictions
+
+
+def _process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n, p = jax.process_count(), jax.process_index()
+    return {k: np.array_split(v, n)[p] for k, v in batch.items()}
+
+
+def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays, vocab,
+            batch_size: int, mesh: Mesh, rules, max_decode_length: int) -> Predictions:
+    """Greedy-decode every example (jit-compiled, key/value cache, batch split over the mesh)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards or batch_size % jax.process_count():
+        raise ValueError(f"Eval batch size {batch_size} must be divisible by the {shards} data shards "
+                         f"and {jax.process_count()} processes; pick a multiple of {shards * jax.process_count()}.")
+    sharding = partitioning.batch_sharding(mesh, rules)
+    decode = jax.jit(functools.partial(greedy_decode, model.module,
+                                       max_decode_length=max_decode_length, eos_id=vocab.eos_id))
+    parts: dict[str, list[np.ndarray]] = defaultdict(list)
+    for batch, real in data_lib.eval_batches(arrays, batch_size):
+        enc = partitioning.global_batch(_process_rows({"e": batch["encoder_input_tokens"]}), sharding)["e"]
+        out = decode(params, enc)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            out = multihost_utils.process_allgather(out, tiled=True)
+        out = jax.device_get(out)
+        for name in ("tokens", "logprobs", "entropies", "lengths", "mean_hidden", "margins"):
+            parts[name].append(np.asarray(getattr(out, name))[real])
+    merged = {k: np.concatenate(v) for k, v in parts.items()}
+    texts = [detokenize(vocab, row) for row in merged["tokens"]]
+    return Predictions(texts=texts, **merged)
+
+
+def detokenize(vocab, tokens: np.ndarray) -> str:
+    ids = [int(t) for t in tokens]
+    if vocab.eos_id in ids:
+        ids = ids[: ids.index(vocab.eos_id)]
+    return vocab.decode([t for t in ids if t != 0])
+
+
+def task_metrics(arrays: data_lib.ExampleArrays, texts: list[str]) -> dict[str, dict[str, float]]:
+    """Each task's seqio predict metrics on its own examples' postprocessed predictions."""
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, name in enumerate(arrays.task_names):
+        by_task[name].append(i)
+    results = {}
+    for name, rows in sorted(by_task.items()):
+        task = data_lib.get_task_or_mixture(name)
+        targets, preds = [], []
+        for i in rows:
+            example = arrays.example(i)
+            targets.append(task.postprocess_fn(arrays.targets_text[i], example=example, is_target=True))
+            preds.append(task.postprocess_fn(texts[i], example=example, is_target=False))
+        metrics: dict[str, float] = {}
+        for fn in task.predict_metric_fns:
+            metrics.update({k: float(v) for k, v in fn(targets, preds).items()})
+        results[name] = metrics
+    return results
+
+
+def evaluate(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays, vocab,
+             batch_size: int, mesh: Mesh, rules, max_decode_length: int) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from greedy predictions on `arrays`."""
+    preds = predict(model, params, arrays, vocab, batch_size, mesh, rules, max_decode_length)
+    return task_metrics(arrays, preds.texts)
+
+
+def flatten(metrics: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{task}/{name}": value for task, m in metrics.items() for name, value in m.items()}

@@ -1,0 +1,102 @@
+"""A trained model restored for use without training: the CAT teacher, eval, infer, cascades.
+
+Its parameters live apart from any train state: restored once (parameters only) from a checkpoint
+written by `cat_jax.train`, optionally cast (the CAT teacher is bfloat16 by default), placed in
+shards by the same logical axis rules as everything else, and never saved. Its configuration comes
+from its own MODEL_DIR's `run_info.json`, so a checkpoint is self-describing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from cat_jax import model_dir as model_dir_lib
+from cat_jax import partitioning
+from cat_jax.checkpoints import CheckpointError, restore_params
+from cat_jax.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+from cat_jax.errors import TeacherMismatchError
+from cat_jax.models import T5Config
+
+
+class FrozenModel:
+    """A restored model: its config, its sharded parameters and a logits function."""
+
+    def __init__(self, model_dir: str, step: int, config: T5Config, params: Any,
+                 param_shardings: Any, info: dict[str, Any]):
+        self.model_dir, self.step, self.config, self.info = model_dir, step, config, info
+        self.params, self.param_shardings = params, param_shardings
+        self.model = EncoderDecoderModel(config)
+
+    def logits_fn(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        """Teacher-forced logits [batch, length, vocab] in the model's compute dtype."""
+        return self.model.logits(params, batch)
+
+    @property
+    def abstract_params(self) -> Any:
+        return jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
+
+    def bytes_per_device(self) -> int:
+        return partitioning.per_device_bytes(self.params)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model_dir": self.model_dir, "step": self.step, "model_config": self.config.to_dict()}
+
+
+def read_model_info(model_dir: str) -> dict[str, Any]:
+    info = model_dir_lib.read_run_info(model_dir)
+    if info is None:
+        raise CheckpointError(
+            f"{model_dir!r} has no {model_dir_lib.RUN_INFO}: it does not exist or was not written by "
+            f"cat_jax.train. Point it at the MODEL_DIR of a cat_jax training run.")
+    return info
+
+
+def load_frozen_model(model_dir: str, *, mesh: Mesh, rules, step: int | None = None,
+                      dtype: str | None = None) -> FrozenModel:
+    """Restore a model's parameters (latest step unless given) into shards, cast to `dtype`."""
+    info = read_model_info(model_dir)
+    config = T5Config.from_dict(info["model_config"])
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    abstract, specs = unboxed_abstract_params(EncoderDecoderModel(config), 8, 8)
+    shardings = partitioning.tree_shardings(mesh, specs, rules)
+    param_dtype = jnp.dtype(dtype) if dtype is not None else None
+    template = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, param_dtype or a.dtype, sharding=s), abstract, shardings)
+    params, meta = restore_params(model_dir, template, step=step)
+    step = int(meta["step"])
+    return FrozenModel(model_dir, step, config, params, shardings, info)
+
+
+def check_vocabulary(model_dir: str, info: dict[str, Any], config: T5Config, vocab,
+                     role: str = "teacher") -> None:
+    """Refuse a checkpoint (by its run_info) whose vocabulary differs from `vocab` / `config`."""
+    theirs = info["vocabulary"]
+    ours = model_dir_lib.vocab_info(vocab)
+    if theirs != ours:
+        raise TeacherMismatchError(
+            f"The {role} in {model_dir} was trained with vocabulary {theirs}, but this run "
+            f"uses {ours}. Both models of a cascade must share one vocabulary: train the large "
+            f"model on a task with the same vocabulary.")
+    if info["model_config"]["vocab_size"] != config.vocab_size:
+        raise TeacherMismatchError(
+            f"The {role}'s vocab_size {info['model_config']['vocab_size']} differs from "
+            f"{config.vocab_size}; leave T5Config.vocab_size unset in both runs so the trainer pads "
+            f"it the same way.")
+
+
+def check_config(model_dir: str, info: dict[str, Any], expected: T5Config) -> None:
+    """Refuse a checkpoint written for a different model config than the one gin names."""
+    written = info["model_config"]
+    diffs = model_dir_lib.config_differences(
+        written, expected.replace(vocab_size=written["vocab_size"], dtype=written["dtype"]).to_dict())
+    if diffs:
+        raise TeacherMismatchError(
+            f"The checkpoint in {model_dir} was written for a different model config than "
+            f"the one configured:\n  " + "\n  ".join(diffs)
+            + "\nPoint the directory at the right run or fix the configured model.")

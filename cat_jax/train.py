@@ -1,0 +1,29 @@
+"""Train a model: `python -m cat_jax.train --gin_file=gin_configs/runs/train_large.gin
+--gin.MODEL_DIR=/tmp/cat_jax/large --gin.TRAIN_STEPS=2000`.
+
+See `cat_jax.training.train` for the restore order and every gin parameter.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+
+from cat_jax import evaluation, gin_utils, runtime
+from cat_jax.training import train
+
+
+def main(rest: list[str]) -> int:
+    gin_utils.parse_args(rest)
+    runtime.initialize()
+    result = train()
+    if jax.process_index() == 0:
+        print(json.dumps({"final_step": result.final_step, "model_dir": result.model_dir,
+                          "train": result.train_metrics,
+                          "eval": evaluation.flatten(result.eval_metrics)}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    gin_utils.run(main, description=__doc__)

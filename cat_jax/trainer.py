@@ -1,0 +1,156 @@
+"""The jitted train step and the training loop.
+
+The step is pure, `(state, batch, teacher_params) -> (state, metrics)`, with its RNG from
+`fold_in(key, step)`, the state donated and every input/output sharding explicit. It is compiled
+ahead of time; compile seconds and memory are logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from cat_jax import partitioning
+from cat_jax.encoder_decoder import EncoderDecoderModel
+from cat_jax.errors import NonFiniteLossError
+from cat_jax.train_state import TrainState
+
+log = logging.getLogger("cat_jax")
+
+TeacherFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
+
+
+def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, teacher_logits_fn: TeacherFn | None = None):
+    """The pure step function; the teacher (if any) runs outside the differentiated function."""
+
+    def step_fn(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        teacher_logits = None
+        if teacher_logits_fn is not None:
+            teacher_logits = jax.lax.stop_gradient(teacher_logits_fn(teacher_params, batch))
+        (loss, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+            state.params, batch, rng, teacher_logits)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       learning_rate=schedule(state.step))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step_fn
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    fn: Callable
+    compile_seconds: float
+    memory: dict[str, int]
+
+
+def compile_train_step(step_fn, abstract_state: TrainState, state_shardings: TrainState,
+                       batch_shapes: dict[str, jax.ShapeDtypeStruct], batch_sharding: NamedSharding,
+                       teacher_abstract: Any, teacher_shardings: Any, mesh: Mesh) -> CompiledStep:
+    """Compile the step ahead of time for these shapes and shardings; report seconds and memory."""
+    jitted = jax.jit(step_fn,
+                     in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+                     out_shardings=(state_shardings, partitioning.replicated(mesh)),
+                     donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = jitted.lower(abstract_state, batch_shapes, teacher_abstract).compile()
+    seconds = time.perf_counter() - start
+    memory = {}
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                     "alias_size_in_bytes", "generated_code_size_in_bytes"):
+            memory[name] = int(getattr(analysis, name, 0) or 0)
+    return CompiledStep(compiled, seconds, memory)
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a request to save and stop at the next step boundary.
+
+    With several processes, process 0's flag is broadcast so that every host stops at the same
+    step (a host that stopped alone would hang the others in the next collective).
+    """
+
+    def __init__(self):
+        self._requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self._requested = True
+
+    def should_stop(self) -> bool:
+        flag = self._requested
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flag = bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+        return flag
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(metrics: dict[str, Any], step: int, last_good_checkpoint: int | None,
+                 model_dir: str) -> None:
+    """Raise NonFiniteLossError naming the step and the checkpoint a restart would use."""
+    loss = float(metrics["loss"])
+    if np.isfinite(loss) and np.isfinite(float(metrics["grad_norm"])):
+        return
+    keep = (f"the last good checkpoint is step {last_good_checkpoint} in {model_dir}"
+            if last_good_checkpoint is not None else "no checkpoint was written")
+    raise NonFiniteLossError(
+        f"Non-finite loss ({loss}) at step {step}; stopped without saving this state, {keep}. "
+        f"Lower the learning rate, enable gradient clipping (make_optimizer.clip_norm), or use "
+        f"float32 compute (T5Config.dtype='float32'), then restart with the same command.")
+
+
+class ProgressMeter:
+    """Steps/s, tokens/s, ETA and (given a peak) model FLOPs utilisation between log lines."""
+
+    def __init__(self, start_step: int, total_steps: int, tokens_per_step: int,
+                 flops_per_step: float, peak_flops: float | None):
+        self.total = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.peak = peak_flops
+        self._step, self._time = start_step, time.perf_counter()
+
+    def update(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        rate = (step - self._step) / max(now - self._time, 1e-9)
+        self._step, self._time = step, now
+        out = {"steps_per_sec": rate, "tokens_per_sec": rate * self.tokens_per_step,
+               "eta_seconds": (self.total - step) / rate if rate > 0 else float("inf")}
+        if self.peak:
+            out["mfu"] = rate * self.flops_per_step / self.peak
+        return out
+
+
+def format_duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+
+
+def batch_shapes(features: dict[str, np.ndarray], global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct((global_batch_size,) + v.shape[1:], v.dtype)
+            for k, v in features.items()}

@@ -1,0 +1,149 @@
+"""Cascade-aware training end to end: a tiny large model, then a CAT student against it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cat_jax.metric_writers import read_jsonl
+from conftest import run_module, train_args
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("teacher") / "large"
+    run_module("cat_jax.train", train_args("train_large.gin", model_dir, 3,
+                                           "--gin_file=gin_configs/models/tiny.gin"))
+    return model_dir
+
+
+def _checkpoint_files(model_dir):
+    out = {}
+    for root, _, files in os.walk(model_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, model_dir)] = f.read()
+    return out
+
+
+def test_cat_student_end_to_end(teacher_dir, tmp_path):
+    before = _checkpoint_files(teacher_dir)
+    student = tmp_path / "cat"
+    proc = run_module("cat_jax.train", train_args(
+        "train_small_cat.gin", student, 3, "--gin_file=gin_configs/models/tiny.gin",
+        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'"))
+    assert f"Teacher: step 3 of {teacher_dir}, bfloat16 parameters" in proc.stderr
+    assert "'teacher':" in proc.stderr          # per-device bytes of the teacher are printed
+    rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
+    assert len(rows) == 3
+    for r in rows:
+        assert 0.0 <= r["train/mask_fraction"] <= 1.0
+        assert "train/teacher_accuracy" in r and "train/student_accuracy" in r
+    info = json.load(open(os.path.join(student, "run_info.json")))
+    assert info["teacher"]["model_dir"] == str(teacher_dir) and info["teacher"]["step"] == 3
+    assert info["loss_options"]["mask"] == "small_or_large"
+    assert _checkpoint_files(teacher_dir) == before    # the teacher is never written back
+
+
+def test_cat_distill_student_end_to_end(teacher_dir, tmp_path):
+    student = tmp_path / "cat_distill"
+    run_module("cat_jax.train", train_args(
+        "train_small_cat_distill.gin", student, 2, "--gin_file=gin_configs/models/tiny.gin",
+        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'"))
+    rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
+    assert all("train/kd" in r and r["train/kd"] >= 0 for r in rows)
+
+
+def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):
+    from cat_jax import partitioning
+    from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions
+    from cat_jax.frozen_model import load_frozen_model
+    from cat_jax.optimizers import make_optimizer
+    from cat_jax.train_state import init_train_state, state_shardings
+    from cat_jax.trainer import make_train_step
+
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    rules = partitioning.logical_axis_rules()
+    teacher = load_frozen_model(str(teacher_dir), mesh=mesh, rules=rules, dtype="bfloat16")
+    snapshot = jax.tree_util.tree_map(np.array, teacher.params)
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree_util.tree_leaves(snapshot))
+    student_cfg = teacher.config.replace(dtype="float32")
+    # No mask: random targets are wrong for both models, and the CAT mask would drop every token.
+    model = EncoderDecoderModel(student_cfg, LossOptions(mask="none", alpha=0.5))
+    tx, schedule = make_optimizer(10)
+    _, shardings = state_shardings(model, tx, mesh, rules, 8, 8)
+    state = init_train_state(model, tx, 1, shardings, 8, 8)
+    start = jax.tree_util.tree_map(np.array, state.params)
+    rng = np.random.default_rng(0)
+    tgt = rng.integers(3, 200, (4, 8)).astype(np.int32)
+    batch = {"encoder_input_tokens": rng.integers(3, 200, (4, 8)).astype(np.int32),
+             "decoder_target_tokens": tgt,
+             "decoder_input_tokens": np.concatenate([np.zeros((4, 1), np.int32), tgt[:, :-1]], 1),
+             "decoder_loss_weights": np.ones((4, 8), np.float32)}
+    step = jax.jit(make_train_step(model, tx, schedule, teacher.logits_fn), donate_argnums=(0,))
+    for _ in range(3):
+        state, metrics = step(state, batch, teacher.params)
+    assert float(metrics["kd"]) > 0
+    for a, b in zip(jax.tree_util.tree_leaves(snapshot), jax.tree_util.tree_leaves(teacher.params)):
+        assert a.tobytes() == np.asarray(b).tobytes()
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in
+               zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(state.params))]
+    assert all(changed)
+
+
+def test_cat_without_teacher_is_refused(tmp_path):
+    proc = run_module("cat_jax.train", train_args(
+        "train_small_cat.gin", tmp_path / "s", 2, "--gin.TEACHER_MODEL_DIR=None"), check=False)
+    assert proc.returncode == 2
+    assert "needs a frozen large model" in proc.stderr and "TEACHER_MODEL_DIR" in proc.stderr
+
+
+def test_missing_teacher_checkpoint_is_refused(tmp_path):
+    proc = run_module("cat_jax.train", train_args(
+        "train_small_cat.gin", tmp_path / "s", 2, f"--gin.TEACHER_MODEL_DIR='{tmp_path / 'nope'}'"),
+        check=False)
+    assert proc.returncode == 2
+    assert str(tmp_path / "nope") in proc.stderr and "run_info.json" in proc.stderr
+
+
+def _copy_teacher(teacher_dir, dst, edit):
+    import shutil
+    shutil.copytree(teacher_dir, dst)
+    info = json.load(open(dst / "run_info.json"))
+    edit(info)
+    json.dump(info, open(dst / "run_info.json", "w"))
+    return dst
+
+
+def test_teacher_with_a_different_vocabulary_is_refused(teacher_dir, tmp_path):
+    other = _copy_teacher(teacher_dir, tmp_path / "spm_teacher", lambda i: i["vocabulary"].update(
+        {"class": "SentencePieceVocabulary", "size": 32100}))
+    proc = run_module("cat_jax.train", train_args(
+        "train_small_cat.gin", tmp_path / "s", 2, "--gin_file=gin_configs/models/tiny.gin",
+        f"--gin.TEACHER_MODEL_DIR='{other}'"), check=False)
+    assert proc.returncode == 2
+    assert "must share one vocabulary" in proc.stderr and "SentencePieceVocabulary" in proc.stderr
+
+
+def test_teacher_vocab_size_mismatch_is_refused(teacher_dir, tmp_path):
+    other = _copy_teacher(teacher_dir, tmp_path / "big_vocab", lambda i: i["model_config"].update(vocab_size=512))
+    proc = run_module("cat_jax.train", train_args(
+        "train_small_cat.gin", tmp_path / "s", 2, "--gin_file=gin_configs/models/tiny.gin",
+        f"--gin.TEACHER_MODEL_DIR='{other}'"), check=False)
+    assert proc.returncode == 2
+    assert "vocab_size 512 differs" in proc.stderr
+
+
+def test_teacher_written_for_another_config_is_refused(teacher_dir, tmp_path):
+    proc = run_module("cat_jax.train", train_args(
+        "train_small_cat.gin", tmp_path / "s", 2, "--gin_file=gin_configs/models/tiny.gin",
+        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'",
+        "--gin.train.teacher_model_config=@teacher/T5Config()", "--gin.teacher/T5Config.emb_dim=128"),
+        check=False)
+    assert proc.returncode == 2
+    assert "different model config" in proc.stderr and "emb_dim" in proc.stderr
