@@ -1,0 +1,256 @@
+"""`python -m cat_jax.cascade_eval` end to end on tiny checkpoints, and its configuration errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from cat_jax import data, metrics
+from cat_jax.cascade.pipeline import (LARGE, Decoded, analyse, load_split, plan_rules, run_cascade_eval,
+                                      to_records)
+from cat_jax.checkpoints import CheckpointError
+from cat_jax.errors import TeacherMismatchError
+from cat_jax.evaluation import Predictions
+from cat_jax.gin_utils import ConfigError
+from cat_jax.inference import InferenceConfig
+from cat_jax.models import T5Config, forward_flops
+from conftest import DATA_CACHE, run_module, train_args
+
+MIXTURE = "offline_mix"
+TASKS = ("cmudict_g2p", "cmudict_syllables", "num2words_fr", "num2words_de")
+BLEU_TASKS = ("num2words_fr", "num2words_de")
+PER_TASK = 8
+SMALL = ("ce", "ce2")
+PNG = b"\x89PNG\r\n\x1a\n"
+LABELS = {"chow_sum", "chow_average", "chow_quantile_0", "chow_quantile_0.1", "chow_quantile_0.25",
+          "chow_quantile_0.5", "entropy_mean", "entropy_max", "margin_min", "post_hoc", "agreement", "oracle",
+          "random"}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cascade_models")
+    dirs = {"large": root / "large", "ce": root / "ce", "ce2": root / "ce2"}
+    for name, run_file, steps in (("large", "train_large.gin", 3), ("ce", "train_small_ce.gin", 2),
+                                  ("ce2", "train_small_ce.gin", 3)):
+        run_module("cat_jax.train",
+                   train_args(run_file, dirs[name], steps, "--gin_file=gin_configs/models/tiny.gin"))
+    return dirs
+
+
+def _eval_args(model_dirs, output_dir, *extra: str) -> list[str]:
+    smalls = {name: str(model_dirs[name]) for name in SMALL}
+    return ["--gin_file=gin_configs/runs/cascade_eval.gin", "--gin_file=gin_configs/models/tiny.gin",
+            f"--gin.load_split.cache_dir='{DATA_CACHE}'", f"--gin.LARGE_MODEL_DIR='{model_dirs['large']}'",
+            f"--gin.SMALL_MODEL_DIRS={smalls!r}", f"--gin.OUTPUT_DIR='{output_dir}'",
+            f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'", f"--gin.MAX_EXAMPLES={PER_TASK}",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=8",
+            "--gin.run_cascade_eval.num_thresholds=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def outputs(model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cascade_out")
+    proc = run_module("cat_jax.cascade_eval", _eval_args(model_dirs, out))
+    return out, proc
+
+
+def _read_examples(out) -> dict[str, list[dict]]:
+    by_model = defaultdict(list)
+    for line in (out / "examples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_model[row["model"]].append(row)
+    return by_model
+
+
+def test_examples_jsonl_has_every_model_and_example(outputs):
+    out, proc = outputs
+    rows = _read_examples(out)
+    assert list(rows) == ["large", *SMALL]
+    fields = {"model", "id", "task", "input", "target", "prediction", "token_logprobs", "token_entropies",
+              "token_margins", "quality", "flops"}
+    for model_rows in rows.values():
+        assert len(model_rows) == PER_TASK * len(TASKS)
+        assert sorted({r["task"] for r in model_rows}) == sorted(TASKS)
+        for r in model_rows:
+            assert set(r) == fields
+            assert r["quality"] in (0.0, 1.0) and r["flops"] > 0
+            assert 1 <= len(r["token_logprobs"]) <= 8
+            assert len(r["token_logprobs"]) == len(r["token_entropies"]) == len(r["token_margins"])
+            assert all(0 <= m <= 1 for m in r["token_margins"])
+            assert all(lp <= 0 for lp in r["token_logprobs"]) and all(h >= 0 for h in r["token_entropies"])
+    assert [r["id"] for r in rows["ce"]] == [r["id"] for r in rows["large"]]
+    assert f"wrote 15 files to {out}" in proc.stdout
+    assert "Decoded 32 test examples with model 'ce2'" in proc.stderr
+
+
+def test_flops_count_actual_input_and_decoded_lengths(outputs, model_dirs):
+    out, _ = outputs
+    vocab = data.get_vocabulary_of(MIXTURE)
+    info = json.loads((model_dirs["ce"] / "run_info.json").read_text())
+    config = T5Config.from_dict(info["model_config"])
+    rows = _read_examples(out)["ce"]
+    for r in rows:
+        input_length = min(len(vocab.encode(r["input"])) + 1, 32)      # EOS included, capped at Li
+        assert r["flops"] == forward_flops(config, input_length, len(r["token_logprobs"]))
+    assert len({r["flops"] for r in rows}) > 1
+
+
+def _sum(rows, field):
+    return sum(r[field] for r in rows)
+
+
+def _expected_endpoints(rows, group, small, others=()):
+    """(quality at rate 0, rel. FLOPs at rate 0, quality at rate 1, rel. FLOPs at rate 1) by hand."""
+    pick = {m: [r for r in rows[m] if group in (r["task"], MIXTURE)] for m in rows}
+    large_flops = _sum(pick["large"], "flops")
+    small_flops = sum(_sum(pick[m], "flops") for m in (small, *others))
+    if group in BLEU_TASKS:
+        def quality(m):
+            return metrics.corpus_bleu([r["target"] for r in pick[m]], [r["prediction"] for r in pick[m]])
+    else:
+        def quality(m):
+            return _sum(pick[m], "quality") / len(pick[m])
+    return quality(small), small_flops / large_flops, quality("large"), 1 + small_flops / large_flops
+
+
+def _read_curves(out) -> dict[tuple[str, str, str], list[dict]]:
+    records = json.loads((out / "curves.json").read_text())
+    return {(c["task"], c["small_model"], c["rule"]): c["points"] for c in records}
+
+
+def test_curve_endpoints_match_the_examples(outputs):
+    out, _ = outputs
+    rows = _read_examples(out)
+    curves = _read_curves(out)
+    assert set(curves) == {(g, s, r) for g in (*TASKS, MIXTURE) for s in SMALL for r in LABELS}
+    checked = 0
+    for (group, small, rule), points in curves.items():
+        others = tuple(s for s in SMALL if s != small) if rule == "agreement" else ()
+        q0, f0, q1, f1 = _expected_endpoints(rows, group, small, others)
+        first, last = points[0], points[-1]
+        assert first["deferral_rate"] == 0.0 and last["deferral_rate"] == 1.0 and last["threshold"] is None
+        assert first["quality"] == pytest.approx(q0, abs=1e-9)
+        assert last["quality"] == pytest.approx(q1, abs=1e-9)
+        assert first["relative_flops"] == pytest.approx(f0, rel=1e-9)
+        assert last["relative_flops"] == pytest.approx(f1, rel=1e-9)
+        assert 2 <= len(points) <= 5                        # num_thresholds=5
+        rates = [p["deferral_rate"] for p in points]
+        assert rates == sorted(rates)
+        checked += 1
+    assert checked == 5 * 2 * len(LABELS)
+    with open(out / "curves.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == sum(len(p) for p in curves.values())
+    assert set(csv_rows[0]) == {"task", "small_model", "rule", "threshold", "deferral_rate", "relative_flops",
+                                "quality"}
+
+
+def test_summaries_and_plots(outputs):
+    out, _ = outputs
+    records = json.loads((out / "summary.json").read_text())
+    assert len(records) == 5 * 2 * len(LABELS)
+    curves = _read_curves(out)
+    for r in records:
+        points = curves[(r["task"], r["small_model"], r["rule"])]
+        assert r["small_only"] == points[0]["quality"] and r["large_only"] == points[-1]["quality"]
+        assert r["best_quality"] == max(p["quality"] for p in points)
+        assert r["relative_flops_to_match_large"] <= points[-1]["relative_flops"]
+    md = (out / "summary.md").read_text()
+    for group in (*TASKS, MIXTURE):
+        assert f"## {group}\n" in md
+    assert "| ce | chow_average |" in md
+    for group in (*TASKS, MIXTURE):
+        for name in (f"{group}__by_model__chow_average.png", f"{group}__by_rule__ce.png"):
+            assert (out / name).read_bytes().startswith(PNG), name
+    assert len(list(out.glob("*.png"))) == 2 * 5
+
+
+def test_unknown_rule_exits_with_the_known_rules(tmp_path):
+    proc = run_module("cat_jax.cascade_eval", _eval_args(
+        {name: tmp_path / "absent" for name in ("large", *SMALL)}, tmp_path / "out",
+        "--gin.run_cascade_eval.rules=['chow_average', 'chow_avg']"), check=False)
+    assert proc.returncode == 2
+    assert "unknown deferral rules ['chow_avg']" in proc.stderr and "chow_quantile" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _run(tmp_path, **kwargs):
+    args = dict(large_model_dir=str(tmp_path / "large"), small_model_dirs={"ce": str(tmp_path / "ce")},
+                dataset=InferenceConfig("cmudict_syllables", {"inputs": 32, "targets": 8}),
+                output_dir=str(tmp_path / "out"))
+    return run_cascade_eval(**{**args, **kwargs})
+
+
+def _write_run_info(model_dir, vocabulary, vocab_size):
+    model_dir.mkdir()
+    (model_dir / "run_info.json").write_text(json.dumps(
+        {"vocabulary": vocabulary, "model_config": {"vocab_size": vocab_size}}))
+
+
+def test_configuration_errors_before_decoding(tmp_path):
+    with pytest.raises(ConfigError, match="small_model_dirs=.* must name one or more"):
+        _run(tmp_path, small_model_dirs={})
+    with pytest.raises(ConfigError, match=r"plot_rule='chow_quantile'.*chow_quantile_0\.1"):
+        _run(tmp_path, plot_rule="chow_quantile")
+    with pytest.raises(ConfigError, match="quantiles"):
+        _run(tmp_path, quantiles=[0.5, 2.0])
+    with pytest.raises(CheckpointError, match="large"):
+        _run(tmp_path)
+    _write_run_info(tmp_path / "large", {"class": "ByteVocabulary", "size": 259}, 384)
+    _write_run_info(tmp_path / "ce", {"class": "ByteVocabulary", "size": 300}, 384)
+    with pytest.raises(TeacherMismatchError, match="small model 'ce'.*share one vocabulary"):
+        _run(tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def _fake_decoded(split, texts, seed):
+    """Decoded outputs with the given prediction texts, 2 tokens each and 1000 FLOPs per input token."""
+    n = len(texts)
+    rng = np.random.default_rng(seed)
+    logprobs = np.zeros((n, 4), np.float32)
+    logprobs[:, :2] = -rng.random((n, 2))
+    preds = Predictions(tokens=np.ones((n, 4), np.int32), logprobs=logprobs, entropies=-logprobs,
+                        margins=-logprobs, lengths=np.full(n, 2, np.int32),
+                        mean_hidden=rng.normal(size=(n, 3)).astype(np.float32), texts=list(texts))
+    return Decoded(preds, 1000.0 * split.arrays.input_lengths.astype(float))
+
+
+def test_records_and_curves_on_known_predictions():
+    """Large always right, small right on even rows only; same FLOPs for both (F_S / F_L = 1)."""
+    dataset = InferenceConfig(MIXTURE, {"inputs": 32, "targets": 8}, max_examples=4)
+    split = load_split(dataset, "validation")
+    targets = [str(t) for t in split.arrays.targets_text]
+    small_texts = [t if i % 2 == 0 else f"{t} extra" for i, t in enumerate(targets)]
+    decoded = {LARGE: _fake_decoded(split, targets, 0), "ce": _fake_decoded(split, small_texts, 1)}
+    records = {name: to_records(split, out) for name, out in decoded.items()}
+    assert records[LARGE].quality.tolist() == [1.0] * 16
+    assert records["ce"].quality.tolist() == [1.0, 0.0] * 8
+    analysis = analyse(split, records, plan_rules(["oracle", "chow_average"], [], 1), mixture_name=MIXTURE,
+                       validation=None, num_thresholds=None, seed=0)
+    for group in (*TASKS, MIXTURE):
+        rows = [i for i, t in enumerate(split.arrays.task_names) if group in (t, MIXTURE)]
+        oracle = analysis.curves[(group, "ce", "oracle")]
+        if group in BLEU_TASKS:
+            refs = [targets[i] for i in rows]
+            small_q = metrics.corpus_bleu(refs, [small_texts[i] for i in rows])
+            assert oracle[0].quality == pytest.approx(small_q)
+            # sacrebleu gives 0 to perfect one-word German hypotheses: no 4-grams to match.
+            assert oracle[-1].quality == pytest.approx(metrics.corpus_bleu(refs, refs))
+            if group == "num2words_fr":
+                assert 0 < small_q < 100 and oracle[-1].quality == pytest.approx(100.0)
+        else:
+            assert oracle[0].quality == 0.5 and oracle[-1].quality == 1.0
+        assert [p.deferral_rate for p in oracle] == [0.0, 0.5, 1.0]    # scores -1 (odd rows) then 0
+        if group != "num2words_de":
+            assert oracle[1].quality == pytest.approx(oracle[-1].quality)
+        flops = split.arrays.input_lengths[rows].astype(float)
+        odd = flops[[r % 2 == 1 for r in rows]].sum()               # the rows the oracle defers
+        assert oracle[1].relative_flops == pytest.approx(1.0 + odd / flops.sum())
+        assert analysis.standalone[(group, "ce")][0].relative_flops == pytest.approx(1.0)
+    assert analysis.metric_names["num2words_fr"].startswith("BLEU")
+    assert analysis.metric_names[MIXTURE] == "mean per-example quality"
