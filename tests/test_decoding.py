@@ -82,7 +82,7 @@ def test_output_types_and_shapes(decoded):
     assert out.logprobs.dtype == jnp.float32 and out.entropies.shape == (3, MAX_LEN)
     assert out.lengths.shape == (3,) and out.lengths.dtype == jnp.int32
     assert out.mean_hidden.shape == (3, CONFIG.emb_dim)
-    assert len(jax.tree_util.tree_leaves(out)) == 5  # a registered pytree
+    assert len(jax.tree_util.tree_leaves(out)) == 6  # a registered pytree
 
 
 def test_decodes_memorised_targets_with_eos_handling(decoded):
