@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The CAT experiment on offline_mix: a large model, then small students trained with CE,
+# distillation, CAT and CAT-distill against it (two seeds each), then cascade evaluation of every
+# student under every deferral rule on the test split.
+#
+#   launch/experiments/offline_cascade.sh --scale gpu --out /tmp/cat_jax/offline_cascade   # one H100/H200
+#   launch/experiments/offline_cascade.sh --scale cpu --out runs/offline_cascade           # 2 CPU cores
+#   add --dry-run to print the commands without running them.
+#
+# gpu: base-shaped large model, small-shaped students, bfloat16, batch 128; meant to fit 30 minutes
+#      on one H100 (not yet measured: no GPU was lent to the session that wrote it; see docs/RESULTS.md).
+# cpu: demo_large / demo_small shapes, float32, batch 32, few steps: a smoke-scale run of the same
+#      pipeline, whose numbers say little about CAT.
+# Results: <out>/seed<k>/cascade/{summary.md,curves.csv,*.png}; compare seeds with
+#   python -m cat_jax.cascade.compare <out>/seed*/cascade   (prints AUC mean and spread per student)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+scale=gpu; out=""; dry=0; seeds="0 1"
+usage() { sed -n '2,17p' "$0" >&2; exit 2; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --scale) scale="$2"; shift 2;;
+    --out) out="$2"; shift 2;;
+    --seeds) seeds="$2"; shift 2;;
+    --dry-run) dry=1; shift;;
+    *) usage;;
+  esac
+done
+[[ -n "$out" ]] || usage
+case "$scale" in
+  gpu) large=base; small=small; steps_large=6000; steps_small=4000; batch=128; dtype=bfloat16
+       lengths="{'inputs': 32, 'targets': 128}"; examples=None;;
+  cpu) large=demo_large; small=demo_small; steps_large=300; steps_small=300; batch=32; dtype=float32
+       lengths="{'inputs': 32, 'targets': 128}"; examples=64;;
+  *) usage;;
+esac
+py="${PYTHON:-$root/.venv/bin/python}"
+run() {
+  printf '%q ' "$@"; echo
+  if [[ $dry -eq 0 ]]; then (cd "$root" && "$@"); fi
+}
+common=(--gin.MIXTURE_OR_TASK_NAME=offline_mix "--gin.TASK_FEATURE_LENGTHS=$lengths"
+        "--gin.T5Config.dtype='$dtype'" --gin.load_split.cache_dir="$out/data_cache")
+for seed in $seeds; do
+  dir="$out/seed$seed"
+  run "$py" -m cat_jax.train --gin_file=gin_configs/runs/train_large.gin --gin_file="gin_configs/models/$large.gin" \
+    --gin.MODEL_DIR="$dir/large" --gin.TRAIN_STEPS=$steps_large --gin.BATCH_SIZE=$batch --gin.SEED=$seed "${common[@]}"
+  smalls="{"
+  for student in ce distill cat cat_distill; do
+    teacher=(); [[ $student == ce ]] || teacher=(--gin.TEACHER_MODEL_DIR="$dir/large")
+    run "$py" -m cat_jax.train --gin_file="gin_configs/runs/train_small_$student.gin" \
+      --gin_file="gin_configs/models/$small.gin" --gin.MODEL_DIR="$dir/small_$student" \
+      --gin.TRAIN_STEPS=$steps_small --gin.BATCH_SIZE=$batch --gin.SEED=$seed "${teacher[@]}" "${common[@]}"
+    smalls+="'$student': '$dir/small_$student', "
+  done
+  smalls="${smalls%, }}"
+  run "$py" -m cat_jax.cascade_eval --gin_file=gin_configs/runs/cascade_eval.gin \
+    --gin.LARGE_MODEL_DIR="$dir/large" "--gin.SMALL_MODEL_DIRS=$smalls" --gin.OUTPUT_DIR="$dir/cascade" \
+    --gin.MAX_EXAMPLES=$examples "${common[@]}"
+done
