@@ -16,6 +16,7 @@
 # line, and runs nothing.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$root/launch/quoting.sh"
 
 usage() {
   cat >&2 <<'EOF'
@@ -34,15 +35,6 @@ EOF
 }
 die_usage() { echo "gpu.sh: $*" >&2; usage; }
 
-# Quote one word for a POSIX shell: plain words stay as they are; others go in single quotes,
-# or in double quotes when they hold single quotes but nothing a double-quoted string expands.
-q() {
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"
-  elif [[ "$1" != *"'"* ]]; then printf "'%s'" "$1"
-  elif [[ "$1" != *[\$\`\"\\!]* ]]; then printf '"%s"' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-qa() { local out="" w; for w in "$@"; do out+="${out:+ }$(q "$w")"; done; printf '%s' "$out"; }
 
 gpus="" mem_fraction="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}" install=0 python="" dry=0
 coordinator="" num_processes="" process_id=""

@@ -5,6 +5,7 @@
 # --dry-run prints every command, one per line, and runs nothing.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$root/launch/quoting.sh"
 
 usage() {
   cat >&2 <<'EOF'
@@ -16,15 +17,6 @@ EOF
 }
 die_usage() { echo "local.sh: $*" >&2; usage; }
 
-# Quote one word for a POSIX shell: plain words stay as they are; others go in single quotes,
-# or in double quotes when they hold single quotes but nothing a double-quoted string expands.
-q() {
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"
-  elif [[ "$1" != *"'"* ]]; then printf "'%s'" "$1"
-  elif [[ "$1" != *[\$\`\"\\!]* ]]; then printf '"%s"' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-qa() { local out="" w; for w in "$@"; do out+="${out:+ }$(q "$w")"; done; printf '%s' "$out"; }
 
 dry=0
 envs=()

@@ -15,6 +15,7 @@
 # Interrupting step 5 leaves the job running; follow it again with --follow-only.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$root/launch/quoting.sh"
 
 usage() {
   cat >&2 <<'EOF'
@@ -41,16 +42,6 @@ EOF
 }
 die_usage() { echo "tpu_vm.sh: $*" >&2; usage; }
 
-# Quote one word for a POSIX shell: plain words stay as they are; others go in single quotes,
-# or in double quotes when they hold single quotes but nothing a double-quoted string expands.
-q() {
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"
-  elif [[ "$1" != *"'"* ]]; then printf "'%s'" "$1"
-  elif [[ "$1" != *[\$\`\"\\!]* ]]; then printf '"%s"' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-# Quote every argument and join them with spaces.
-qa() { local out="" w; for w in "$@"; do out+="${out:+ }$(q "$w")"; done; printf '%s' "$out"; }
 # A whole remote command as one double-quoted word (readable: its own quotes stay as they are).
 dq() { local s="${1//\\/\\\\}"; s="${s//\"/\\\"}"; s="${s//\$/\\\$}"; s="${s//\`/\\\`}"; printf '"%s"' "$s"; }
 
