@@ -156,3 +156,107 @@ def get_quality(task_name: str) -> Quality:
 def per_example_quality(task_name: str) -> PerExampleFn:
     """The per-example quality function (1.0 / 0.0 scores) of a registered task."""
     return get_quality(task_name).per_example
+
+
+# --- SuperGLUE metrics (classification F1, MultiRC, ReCoRD) ---------------------------------------
+#
+# Simplifications against the official SuperGLUE scorer, documented here once:
+# - Labels are compared as strings (whitespace-collapsed); a prediction outside the label set is
+#   simply wrong (T5 maps it to class -1, which has the same effect on accuracy and F1).
+# - `macro_f1` averages over the labels seen in the targets or the predictions (sklearn's default
+#   for average="macro"); CB's official scorer averages over its three classes, which differs only
+#   when a class is absent from both.
+# - ReCoRD is scored as SQuAD is (lowercase, punctuation and articles removed; max over the gold
+#   answers), with one example per query rather than T5's one example per gold answer.
+
+_ARTICLES = frozenset(("a", "an", "the"))
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # string.punctuation
+
+
+def squad_normalize(text: str | bytes) -> str:
+    """SQuAD's answer normalisation: lowercase, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in normalize(text).lower() if ch not in _PUNCTUATION)
+    return " ".join(word for word in text.split() if word not in _ARTICLES)
+
+
+def token_f1(reference: str, prediction: str) -> float:
+    """SQuAD token-overlap F1 (0-1) between two answers after `squad_normalize`."""
+    import collections  # pylint: disable=import-outside-toplevel
+
+    ref, hyp = squad_normalize(reference).split(), squad_normalize(prediction).split()
+    if not ref or not hyp:
+        return float(ref == hyp)
+    common = sum((collections.Counter(ref) & collections.Counter(hyp)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(hyp), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _label(target: object) -> str:
+    """The label of a target that is a string or a {"value": label, ...} mapping (MultiRC)."""
+    if isinstance(target, dict):
+        return normalize(target["value"])
+    return normalize(target)  # type: ignore[arg-type]
+
+
+def label_match_scores(targets: Sequence[object], predictions: Sequence[str]) -> list[float]:
+    """Per example: 1.0 where the predicted label equals the target's (str or {"value": ...})."""
+    _check(targets, predictions)  # type: ignore[arg-type]
+    return [float(_label(t) == normalize(p)) for t, p in zip(targets, predictions)]
+
+
+def macro_f1(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Unweighted mean over labels of the per-label F1, in percent (CB's second metric)."""
+    _check(targets, predictions)
+    gold = [_label(t) for t in targets]
+    pred = [normalize(p) for p in predictions]
+    f1s = []
+    for label in sorted(set(gold) | set(pred)):
+        tp = sum(g == label and p == label for g, p in zip(gold, pred))
+        fp = sum(g != label and p == label for g, p in zip(gold, pred))
+        fn = sum(g == label and p != label for g, p in zip(gold, pred))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"macro_f1": 100.0 * sum(f1s) / len(f1s)}
+
+
+def multirc(targets: Sequence[object], predictions: Sequence[str],
+            positive: str = "True") -> dict[str, float]:
+    """MultiRC's metrics in percent.
+
+    Targets are {"group": question key, "value": "True"/"False"} (a plain label string is its own
+    group). `exact_match`: share of questions whose every answer option is labelled right; `f1a`:
+    binary F1 of the `positive` label over all answer options.
+    """
+    _check(targets, predictions)  # type: ignore[arg-type]
+    groups: dict[str, list[bool]] = {}
+    tp = fp = fn = 0
+    for i, (target, prediction) in enumerate(zip(targets, predictions)):
+        gold, pred = _label(target), normalize(prediction)
+        key = str(target["group"]) if isinstance(target, dict) else f"#{i}"
+        groups.setdefault(key, []).append(gold == pred)
+        tp += gold == positive and pred == positive
+        fp += gold != positive and pred == positive
+        fn += gold == positive and pred != positive
+    f1a = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    exact = sum(all(v) for v in groups.values()) / len(groups)
+    return {"exact_match": 100.0 * exact, "f1a": 100.0 * f1a}
+
+
+def _answer_list(target: Target | bytes) -> list[str]:
+    answers = _alternatives(target)
+    return answers or [""]
+
+
+def squad_exact_match_scores(targets: Sequence[Target], predictions: Sequence[str]) -> list[float]:
+    """Per example: 1.0 where the prediction equals one of the gold answers after `squad_normalize`."""
+    _check(targets, predictions)
+    return [float(max(squad_normalize(a) == squad_normalize(p) for a in _answer_list(t)))
+            for t, p in zip(targets, predictions)]
+
+
+def squad(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str, float]:
+    """SQuAD-style exact match and token F1 (max over gold answers), in percent (ReCoRD's metrics)."""
+    em = squad_exact_match_scores(targets, predictions)
+    f1 = [max(token_f1(a, p) for a in _answer_list(t)) for t, p in zip(targets, predictions)]
+    return {"exact_match": 100.0 * sum(em) / len(em), "f1": 100.0 * sum(f1) / len(f1)}

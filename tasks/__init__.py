@@ -10,7 +10,7 @@ import importlib
 
 import seqio
 
-MODULES = ("tasks.offline",)
+MODULES = ("tasks.offline", "tasks.superglue", "tasks.wmt", "tasks.flan")
 
 
 def _registered_names() -> set[str]:
