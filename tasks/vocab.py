@@ -11,7 +11,6 @@ their output features hold `VOCABULARY`, a `LazyVocabulary` that calls `get_voca
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterable, Sequence
 
 import gin
@@ -30,7 +29,7 @@ def _build(kind: str, sentencepiece_model_path: str | None) -> seqio.Vocabulary:
             "get_vocabulary(kind='sentencepiece') needs a model file: add "
             "--gin.get_vocabulary.sentencepiece_model_path='/path/to/spm.model'."
         )
-    if not os.path.exists(sentencepiece_model_path):
+    if not tf.io.gfile.exists(sentencepiece_model_path):  # local paths and gs:// alike
         raise FileNotFoundError(
             f"SentencePiece model {sentencepiece_model_path!r} does not exist; fix "
             "get_vocabulary.sentencepiece_model_path."
