@@ -1,0 +1,95 @@
+"""Smoke test of the throughput benchmarks: both scripts run end to end on CPU at toy scale
+and print JSON lines with the documented fields (the numbers themselves mean nothing here).
+
+The two scripts run concurrently, on 1+1-layer model files written for the test (compiling a
+train step dominates the run time, and it grows with the layer count), with XLA's backend
+optimisation off: the whole test takes well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from conftest import REPO, SUBPROCESS_ENV
+
+MODEL_GIN = """import cat_jax.models
+T5Config.emb_dim = {emb}
+T5Config.num_heads = 2
+T5Config.head_dim = 8
+T5Config.mlp_dim = {mlp}
+T5Config.num_encoder_layers = 1
+T5Config.num_decoder_layers = 1
+T5Config.dropout_rate = 0.0
+"""
+
+TRAIN_FIELDS = {"benchmark", "impl", "size", "batch", "inputs", "targets", "dtype", "step",
+                "teacher", "step_ms", "tokens_per_s", "mfu", "peak_tflops", "device", "params",
+                "model_tflops_per_step", "compile_s"}
+CAT_FIELDS = {"ce_step_ms", "teacher_forward_ms", "teacher_share", "cat_budget_ms",
+              "cat_within_target", "cat_overhead_over_teacher_forward"}
+DECODE_FIELDS = {"benchmark", "impl", "size", "batch", "inputs", "max_decode_length", "dtype",
+                 "decode_ms", "tokens_per_s", "generated_tokens", "device", "compile_s"}
+
+
+def _start(script: str, args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, **SUBPROCESS_ENV, XLA_FLAGS="--xla_backend_optimization_level=0")
+    return subprocess.Popen([sys.executable, f"benchmarks/{script}", *args, "--no-hf"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(proc: subprocess.Popen, timeout: float) -> list[dict]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-6000:]}"
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert rows, f"no JSON lines\nstderr:\n{err[-3000:]}"
+    return rows
+
+
+def test_train_and_decode_throughput_smoke(tmp_path):
+    student, teacher = tmp_path / "student.gin", tmp_path / "teacher.gin"
+    student.write_text(MODEL_GIN.format(emb=16, mlp=32))
+    teacher.write_text(MODEL_GIN.format(emb=32, mlp=64))
+    start = time.perf_counter()
+    train = _start("train_throughput.py", [
+        f"--sizes={student}", f"--teachers={teacher},{student}", "--batch=2", "--inputs=8",
+        "--targets=4", "--steps=2", "--warmup=1", "--vocab=64", "--peak-matmul-size=128"])
+    decode = _start("decode_throughput.py", [
+        f"--sizes={student}", "--batches=1,2", "--inputs=8", "--max-decode-length=3",
+        "--repeats=2", "--warmup=1", "--vocab=64"])
+    train_rows, decode_rows = _rows(train, 170), _rows(decode, 170)
+    elapsed = time.perf_counter() - start
+
+    peak = [r for r in train_rows if r["benchmark"] == "peak_matmul"]
+    assert len(peak) == 1 and peak[0]["peak_tflops"] > 0 and peak[0]["matmul_size"] == 128
+    steps = {r["step"]: r for r in train_rows if r["benchmark"] == "train_throughput"}
+    # CE, the teacher's forward and CAT; the student is no teacher of itself.
+    assert set(steps) == {"ce", "teacher_forward", "cat"}, train_rows
+    assert len([r for r in train_rows if r.get("step") == "cat"]) == 1
+    for row in steps.values():
+        assert TRAIN_FIELDS <= set(row), TRAIN_FIELDS - set(row)
+        assert row["impl"] == "ours" and row["device"].startswith("cpu")
+        assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] >= 0
+        assert row["timed_steps"] == 2 and row["peak_tflops"] == peak[0]["peak_tflops"]
+    ce, cat, fwd = steps["ce"], steps["cat"], steps["teacher_forward"]
+    assert ce["batch"] == 2 and ce["inputs"] == 8 and ce["targets"] == 4 and ce["dtype"] == "bfloat16"
+    assert ce["tokens_per_s"] == round(2 * 12 / (ce["step_ms"] / 1e3), 1)
+    assert CAT_FIELDS <= set(cat), CAT_FIELDS - set(cat)
+    assert cat["teacher"] == str(teacher) and cat["ce_step_ms"] == ce["step_ms"]
+    assert cat["teacher_forward_ms"] == fwd["step_ms"] and fwd["params"] > ce["params"]
+    assert cat["teacher_share"] == round(fwd["step_ms"] / cat["step_ms"], 4)
+    assert cat["cat_within_target"] == (cat["step_ms"] <= ce["step_ms"] + 1.1 * fwd["step_ms"])
+    # The CAT step's model FLOPs add the teacher's forward to 3x the student's forward.
+    assert cat["model_tflops_per_step"] > ce["model_tflops_per_step"]
+
+    decoded = {r["batch"]: r for r in decode_rows if r["benchmark"] == "decode_throughput"}
+    assert set(decoded) == {1, 2}, decode_rows
+    for batch, row in decoded.items():
+        assert DECODE_FIELDS <= set(row), DECODE_FIELDS - set(row)
+        assert row["impl"] == "ours" and row["max_decode_length"] == 3
+        assert row["generated_tokens"] == 3 * batch  # EOS disabled: fixed-length decoding
+        assert row["tokens_per_s"] > 0 and row["decode_ms"] > 0
+    print(f"benchmarks smoke test: {elapsed:.1f}s")
