@@ -12,27 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-import gin
 import jax
 import jax.numpy as jnp
 
-from cat_jax import gin_utils, partitioning
-from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params
-from cat_jax.models import T5Config
-from cat_jax.optimizers import make_optimizer
-from cat_jax.train_state import state_shardings
-from cat_jax.trainer import compile_train_step, make_train_step
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VOCAB = 32128
-
-
-def model_config(size: str, dtype: str) -> T5Config:
-    gin.clear_config()
-    gin_utils.parse_gin([f"gin_configs/models/{size}.gin"], [])
-    return T5Config().replace(vocab_size=VOCAB, dtype=dtype)
-
+from benchmarks.common import model_config  # noqa: E402
+from cat_jax import partitioning  # noqa: E402
+from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params  # noqa: E402
+from cat_jax.models import T5Config  # noqa: E402
+from cat_jax.optimizers import make_optimizer  # noqa: E402
+from cat_jax.train_state import state_shardings  # noqa: E402
+from cat_jax.trainer import compile_train_step, make_train_step  # noqa: E402
 
 def measure(student: T5Config, teacher: T5Config | None, loss: LossOptions, batch: int,
             li: int, lt: int) -> dict:
