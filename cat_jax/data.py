@@ -1,8 +1,13 @@
 """seqio task or mixture -> fixed-shape numpy arrays -> deterministic batches.
 
-Only `get_task_or_mixture`, `mixture_rates` and `load_split` touch seqio / TensorFlow, and they import
-them when called: `ExampleArrays` (with its .npz export), `TrainBatches` and `eval_batches` are plain
-numpy, so a host without TensorFlow trains from a saved .npz.
+Only `get_task_or_mixture`, `mixture_rates`, `get_vocabulary_of` and `load_split` touch seqio /
+TensorFlow, and they import them when called: `ExampleArrays` (with its .npz export), `TrainBatches`
+and `eval_batches` are plain numpy.
+
+The gin switch `data_source.exported_dir='/path'` makes those four read the files that
+`python -m cat_jax.export_task` wrote there instead (`cat_jax.exported`): the arrays, the
+vocabulary, the mixture rates and the tasks' metrics, all without importing TensorFlow or seqio, with
+the same arrays and therefore the same batches as the live pipeline.
 """
 
 from __future__ import annotations
@@ -87,10 +92,17 @@ class ExampleArrays:
             **{f: np.concatenate([getattr(p, f) for p in parts]) for f in TEXT_FIELDS + LENGTH_FIELDS},
         )
 
-    def save(self, path: str) -> None:
-        """Writes one .npz (atomically: a temporary file renamed into place)."""
+    def save(self, path: str, extra: Mapping[str, np.ndarray] | None = None) -> None:
+        """Writes one .npz (atomically: a temporary file renamed into place).
+
+        `extra` arrays are stored beside the fields under their own names (`load` ignores them).
+        """
         arrays = {f"feature/{k}": v for k, v in self.features.items()}
         arrays.update({f: getattr(self, f) for f in TEXT_FIELDS + LENGTH_FIELDS})
+        clash = set(extra or {}) & set(arrays)
+        if clash:
+            raise ValueError(f"extra arrays {sorted(clash)} clash with ExampleArrays fields.")
+        arrays.update(extra or {})
         tmp = f"{path}.tmp.{os.getpid()}.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -103,16 +115,84 @@ class ExampleArrays:
             return cls(features=features, **{f: data[f] for f in TEXT_FIELDS + LENGTH_FIELDS})
 
 
+@gin.configurable
+def data_source(exported_dir: str | None = None) -> str | None:
+    """Where examples come from: None (default) = the live seqio pipeline; a directory = the files
+    `python -m cat_jax.export_task` wrote there (`--gin.data_source.exported_dir=/path`).
+
+    It switches every task look-up together (arrays, vocabulary, mixture rates, metrics), which is
+    why it is its own configurable rather than a parameter of `load_split`.
+    """
+    return exported_dir
+
+
+def exported_dir() -> str | None:
+    """The configured export directory, or None for live seqio."""
+    path = data_source()
+    return os.path.abspath(os.path.expanduser(path)) if path else None
+
+
+@gin.configurable
+def export_split(mixture_or_task_name: str = gin.REQUIRED, split: Any = gin.REQUIRED,
+                 task_feature_lengths: Mapping[str, int] = gin.REQUIRED, export_dir: str = gin.REQUIRED,
+                 max_examples: int | None = None) -> list[dict[str, Any]]:
+    """The job of `python -m cat_jax.export_task`: each split (a name or a list) of the task or
+    mixture, through the live seqio pipeline, into `export_dir` (see `cat_jax.exported`).
+
+    `max_examples` caps each task like `DatasetConfig.max_examples`; runs on the export may ask for
+    that cap or a smaller one (the first examples of each task, as seqio gives them).
+    """
+    from cat_jax import exported  # pylint: disable=import-outside-toplevel
+
+    return exported.export_splits(mixture_or_task_name, split, task_feature_lengths, export_dir,
+                                  max_examples)
+
+
+def _exported_registry() -> Any:
+    from cat_jax import exported  # pylint: disable=import-outside-toplevel
+
+    path = exported_dir()
+    return None if path is None else exported.registry(path)
+
+
+def _import_seqio() -> Any:
+    """seqio (and with it TensorFlow), or an error that names the TensorFlow-free way."""
+    try:
+        import seqio  # pylint: disable=import-outside-toplevel
+        import tensorflow  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401
+    except ImportError as e:
+        from cat_jax.gin_utils import ConfigError  # pylint: disable=import-outside-toplevel
+        raise ConfigError(
+            f"The live seqio pipeline needs seqio and TensorFlow, which cannot be imported here ({e}). "
+            "On a host without them, read exported files instead: export the splits where seqio is "
+            "installed with `python -m cat_jax.export_task --gin_file=gin_configs/runs/export_task.gin "
+            "--gin.MIXTURE_OR_TASK_NAME=... --gin.SPLIT=... --gin.TASK_FEATURE_LENGTHS=... "
+            "--gin.EXPORT_DIR=DIR`, then add --gin.data_source.exported_dir=DIR.") from e
+    return seqio
+
+
 def _registered_names() -> list[str]:
-    import seqio  # pylint: disable=import-outside-toplevel
+    seqio = _import_seqio()
 
     importlib.import_module("tasks")
     return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
 
 
 def get_task_or_mixture(name: str) -> Any:
-    """The registered seqio Task or Mixture; an unknown name lists close matches."""
-    import seqio  # pylint: disable=import-outside-toplevel
+    """The registered seqio Task or Mixture; an unknown name lists close matches.
+
+    With `data_source.exported_dir`, the exported stand-in (`cat_jax.exported.ExportedTask` /
+    `ExportedMixture`: name, tasks, get_rate, postprocess_fn, predict_metric_fns).
+    """
+    registry = _exported_registry()
+    if registry is not None:
+        return registry.get(name)
+    return get_seqio_task_or_mixture(name)
+
+
+def get_seqio_task_or_mixture(name: str) -> Any:
+    """The registered seqio Task or Mixture, whatever `data_source` says."""
+    seqio = _import_seqio()
 
     names = _registered_names()
     if name not in names:
@@ -131,6 +211,12 @@ def _leaf_tasks(name: str) -> list[Any]:
     return list(provider.tasks) if hasattr(provider, "tasks") else [provider]
 
 
+def _leaf_seqio_tasks(name: str) -> list[Any]:
+    """The live seqio tasks of a name, whatever `data_source` says."""
+    provider = get_seqio_task_or_mixture(name)
+    return list(provider.tasks) if hasattr(provider, "tasks") else [provider]
+
+
 def mixture_rates(name: str) -> dict[str, float] | None:
     """{task: rate} of a mixture (for TrainBatches), None for a single task."""
     provider = get_task_or_mixture(name)
@@ -140,9 +226,20 @@ def mixture_rates(name: str) -> dict[str, float] | None:
 
 
 def get_vocabulary_of(name: str) -> Any:
-    """The targets vocabulary of a task or mixture (its tasks must all share it)."""
+    """The targets vocabulary of a task or mixture (its tasks must all share it).
+
+    With `data_source.exported_dir`, the TensorFlow-free vocabulary its export describes.
+    """
+    registry = _exported_registry()
+    if registry is not None:
+        return registry.vocabulary(name)
+    return seqio_vocabulary_of(name)
+
+
+def seqio_vocabulary_of(name: str) -> Any:
+    """`get_vocabulary_of` through seqio, whatever `data_source` says."""
     vocabs = {id(t.output_features["targets"].vocabulary): t.output_features["targets"].vocabulary
-              for t in _leaf_tasks(name)}
+              for t in _leaf_seqio_tasks(name)}
     if len(vocabs) != 1:
         raise ValueError(f"The tasks of {name!r} use {len(vocabs)} different vocabularies; cat_jax "
                          f"needs one vocabulary per model.")
@@ -253,10 +350,27 @@ def load_split(
     logged) before truncation. `max_examples` caps each task. With `cache_dir`, the arrays are
     saved there keyed by name, split, lengths, cap and vocabularies, and reused; delete the
     directory after changing a task's data.
+
+    With `data_source.exported_dir`, the split is read from `<exported_dir>/<name>.<split>.npz`
+    (no TensorFlow, no seqio; `cache_dir` is not used); a missing file, or one exported with other
+    lengths or a smaller cap, is refused with the export command that fixes it.
     """
     if set(task_feature_lengths) != {"inputs", "targets"}:
         raise ValueError(f"task_feature_lengths needs exactly 'inputs' and 'targets'; got {dict(task_feature_lengths)}.")
-    tasks = _leaf_tasks(mixture_or_task_name)
+    registry = _exported_registry()
+    if registry is not None:
+        arrays = registry.load_split(mixture_or_task_name, split, task_feature_lengths, max_examples)
+        _warn_truncation(mixture_or_task_name, split, arrays, task_feature_lengths)
+        return arrays
+    return load_live_split(mixture_or_task_name, split, task_feature_lengths, max_examples, cache_dir)
+
+
+def load_live_split(mixture_or_task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+                    max_examples: int | None = None, cache_dir: str | None = None) -> ExampleArrays:
+    """`load_split` through seqio, whatever `data_source` says (the export job reads this)."""
+    if set(task_feature_lengths) != {"inputs", "targets"}:
+        raise ValueError(f"task_feature_lengths needs exactly 'inputs' and 'targets'; got {dict(task_feature_lengths)}.")
+    tasks = _leaf_seqio_tasks(mixture_or_task_name)
     path = None
     if cache_dir is not None:
         path = _cache_path(cache_dir, mixture_or_task_name, split, task_feature_lengths, max_examples, tasks)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import logging
 import os
 import sys
@@ -74,13 +75,29 @@ def _resolve_gin_file(path: str) -> str:
         + ", ".join(sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin_configs").rglob("*.gin"))))
 
 
+# Configurables registered by `tasks/` (which needs seqio): where seqio cannot be imported, the run
+# files' `import tasks` is skipped and bindings of these are ignored (data then comes from
+# `data_source.exported_dir`, whose manifest fixes the vocabulary).
+SEQIO_ONLY_CONFIGURABLES = ("get_vocabulary",)
+
+
+def _importable(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
     """Parse gin files and bindings; any gin error becomes a ConfigError naming file and fix."""
     for base in SEARCH_PATHS:
         gin.add_config_file_search_path(str(base))
     resolved = [_resolve_gin_file(f) for f in files]
+    skip = False if _importable("seqio") and _importable("tensorflow") else list(SEQIO_ONLY_CONFIGURABLES)
     try:
-        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=finalize)
+        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=finalize, skip_unknown=skip)
     except (ValueError, KeyError, SyntaxError, ImportError, TypeError) as e:
         raise ConfigError(
             f"Invalid gin configuration ({type(e).__name__}): {e}\n"

@@ -14,6 +14,7 @@ import os
 import uuid
 from typing import Any
 
+from cat_jax import vocabularies
 from cat_jax.errors import ModelDirError
 from cat_jax.models import T5Config
 
@@ -36,16 +37,13 @@ def prepare(model_dir: str) -> None:
 
 
 def vocab_info(vocab) -> dict[str, Any]:
-    """What identifies a vocabulary: its class, size and (for SentencePiece) model file."""
-    info = {"class": type(vocab).__name__, "size": int(vocab.vocab_size)}
-    inner = getattr(vocab, "resolved", None)
-    if callable(inner):
-        vocab = inner()
-        info = {"class": type(vocab).__name__, "size": int(vocab.vocab_size)}
-    path = getattr(vocab, "sentencepiece_model_file", None)
-    if path:
-        info["sentencepiece_model_file"] = str(path)
-    return info
+    """What identifies a vocabulary: its class, size and (SentencePiece) the SHA-256 of its model.
+
+    The same for seqio's vocabulary of a live run and the TensorFlow-free one rebuilt from an
+    export (`cat_jax.vocabularies`), so a checkpoint trained either way serves the other. The
+    SentencePiece model is identified by content, not path: the export holds a copy.
+    """
+    return vocabularies.identity(vocab)
 
 
 def with_vocab_size(config: T5Config, vocab) -> T5Config:
@@ -64,8 +62,16 @@ def run_info(config: T5Config, vocab, loss_options, dataset, teacher) -> dict[st
         "vocabulary": vocab_info(vocab),
         "loss_options": dataclasses.asdict(loss_options),
         "dataset": dataclasses.asdict(dataset),
+        "data_source": _data_source(),
         "teacher": teacher.describe() if teacher is not None else None,
     }
+
+
+def _data_source() -> str:
+    """'seqio' or 'exported:<dir>' (provenance only; not compared on resume)."""
+    from cat_jax import data  # pylint: disable=import-outside-toplevel
+    exported = data.exported_dir()
+    return f"exported:{exported}" if exported else "seqio"
 
 
 def read_run_info(model_dir: str) -> dict[str, Any] | None:

@@ -15,7 +15,8 @@ RUN_FILES = sorted(p for p in (GIN_DIR / "runs").glob("*.gin") if not p.stem.end
 MODEL_FILES = sorted((GIN_DIR / "models").glob("*.gin"))
 REQUIRED = {"MODEL_DIR": "'/tmp/x'", "TRAIN_STEPS": "10", "TEACHER_MODEL_DIR": "'/tmp/t'",
             "CHECKPOINT_DIR": "'/tmp/c'", "OUTPUT_FILE": "'/tmp/o.jsonl'", "OUTPUT_DIR": "'/tmp/o'",
-            "LARGE_MODEL_DIR": "'/tmp/l'", "SMALL_MODEL_DIRS": "{'ce': '/tmp/s'}"}
+            "LARGE_MODEL_DIR": "'/tmp/l'", "SMALL_MODEL_DIRS": "{'ce': '/tmp/s'}",
+            "EXPORT_DIR": "'/tmp/e'"}
 
 
 @pytest.fixture(autouse=True)
