@@ -24,6 +24,10 @@ VOCAB_MULTIPLE = 128
 
 def prepare(model_dir: str) -> None:
     """Create MODEL_DIR and prove it is writable, or raise ModelDirError naming it."""
+    if "://" in model_dir:
+        raise ModelDirError(
+            f"MODEL_DIR {model_dir!r} is a URL; cat_jax writes its run files with POSIX I/O. Mount the "
+            f"bucket (e.g. gcsfuse) or use a shared file system, and pass its local path.")
     probe = os.path.join(model_dir, f".write_test_{uuid.uuid4().hex}")
     try:
         os.makedirs(model_dir, exist_ok=True)

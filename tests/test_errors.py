@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_module, train_args
+from conftest import REPO, run_module, train_args
 
 
 def test_unknown_task_lists_close_matches(tmp_path):
@@ -41,6 +41,13 @@ def test_unwritable_model_dir(tmp_path):
     proc = run_module("cat_jax.train", train_args("train_small_ce.gin", blocker / "m", 2), check=False)
     assert proc.returncode == 2
     assert "cannot be written" in proc.stderr and str(blocker / "m") in proc.stderr
+
+
+def test_url_model_dir_is_refused(tmp_path):
+    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", "gs://bucket/run", 2), check=False)
+    assert proc.returncode == 2
+    assert "gs://bucket/run" in proc.stderr and "gcsfuse" in proc.stderr
+    assert not (REPO / "gs:").exists()   # nothing created relative to the working directory
 
 
 def test_eval_of_missing_checkpoint(tmp_path):
