@@ -10,6 +10,11 @@ A save is written into `<step>.orbax-checkpoint-tmp*` and renamed when complete,
 killed half-way leaves only a temporary directory; every read here ignores it and the next
 save works. Restores check the template's structure and shapes against the checkpoint first
 and fail with `CheckpointError` naming the first mismatching key path.
+
+With several processes (`jax.distributed`), every process calls save and restore with the same
+arguments: each writes and reads only the shards its devices hold, process 0 writes the metadata
+and finalizes the step directory. A checkpoint does not record the mesh: one written by N
+processes restores on M processes or on a different mesh, into the shardings of the template.
 """
 
 from __future__ import annotations
@@ -138,11 +143,13 @@ class Checkpointer:
     ):
         self.directory = str(directory)
         _ensure_writable(self.directory)
+        self.save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
+            multiprocessing_options=_multiprocessing_options(),
         )
         self._manager = ocp.CheckpointManager(
             epath.Path(self.directory), options=options, item_handlers=_item_handlers()
@@ -157,7 +164,14 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        """True when `step` is on the save interval and newer than the latest checkpoint."""
+        """True when `step` is on the save interval and newer than the latest checkpoint.
+
+        (orbax alone would also say True for the first step of a fresh directory, an off-interval
+        save that costs every host a cooperative write; the interval is checked here too.)
+        """
+        interval = self.save_interval_steps
+        if interval and step % interval:
+            return False
         return self._manager.should_save(step)
 
     def save(self, step: int, state: PyTree, metadata: dict, force: bool = False) -> bool:
@@ -211,8 +225,19 @@ class Checkpointer:
         self._manager.close()
 
 
+def _multiprocessing_options() -> ocp.options.MultiprocessingOptions:
+    """Every process writes its own shards of the arrays; process 0 (the primary host) alone
+    creates and renames the step directories, writes the metadata and deletes old steps, after
+    barriers that every process joins (so all processes must call save/restore together)."""
+    return ocp.options.MultiprocessingOptions(primary_host=0)
+
+
 def _ensure_writable(directory: str) -> None:
-    """Create `directory` and prove a file can be written there, or raise CheckpointError."""
+    """Create `directory` and prove a file can be written there, or raise CheckpointError.
+
+    Every process checks (each writes its own shards); the probe's name is unique per process and
+    `mkdir(exist_ok=True)` tolerates the other processes creating the directory at the same time.
+    """
     path = epath.Path(directory)
     probe = path / f".write_probe_{jax.process_index()}_{os.getpid()}"
     try:
@@ -241,7 +266,8 @@ def restore_params(
             f"Checkpoint directory {directory} does not exist. Pass the model directory of "
             "a finished training run."
         )
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, multiprocessing_options=_multiprocessing_options())
     with ocp.CheckpointManager(
         epath.Path(directory), options=options, item_handlers=_item_handlers()
     ) as manager:

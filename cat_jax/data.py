@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -103,7 +104,7 @@ class ExampleArrays:
         if clash:
             raise ValueError(f"extra arrays {sorted(clash)} clash with ExampleArrays fields.")
         arrays.update(extra or {})
-        tmp = f"{path}.tmp.{os.getpid()}.npz"
+        tmp = f"{path}.tmp.{uuid.uuid4().hex}.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 

@@ -33,24 +33,31 @@ class Predictions:
     texts: list[str]          # detokenized predictions
 
 
-def _process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    n, p = jax.process_count(), jax.process_index()
-    return {k: np.array_split(v, n)[p] for k, v in batch.items()}
+def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
+    """Block `index` of `count` equal blocks of rows: this process's share of a global batch."""
+    return {k: np.split(v, count)[index] for k, v in batch.items()}
 
 
 def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays, vocab,
             batch_size: int, mesh: Mesh, rules, max_decode_length: int) -> Predictions:
-    """Greedy-decode every example (jit-compiled, key/value cache, batch split over the mesh)."""
+    """Greedy-decode every example (jit-compiled, key/value cache, batch split over the mesh).
+
+    Every process calls this with the same arguments (the same `arrays`, in the same order); each
+    feeds only its block of rows of each batch and every process gets all predictions back.
+    """
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards or batch_size % jax.process_count():
         raise ValueError(f"Eval batch size {batch_size} must be divisible by the {shards} data shards "
-                         f"and {jax.process_count()} processes; pick a multiple of {shards * jax.process_count()}.")
+                         f"and {jax.process_count()} processes; pick a multiple of "
+                         f"{np.lcm(shards, jax.process_count())}.")
     sharding = partitioning.batch_sharding(mesh, rules)
+    index, count = partitioning.process_batch_slice(sharding, batch_size)
     decode = jax.jit(functools.partial(greedy_decode, model.module,
                                        max_decode_length=max_decode_length, eos_id=vocab.eos_id))
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
     for batch, real in data_lib.eval_batches(arrays, batch_size):
-        enc = partitioning.global_batch(_process_rows({"e": batch["encoder_input_tokens"]}), sharding)["e"]
+        local = _process_rows({"e": batch["encoder_input_tokens"]}, index, count)
+        enc = partitioning.global_batch(local, sharding, batch_size)["e"]
         out = decode(params, enc)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

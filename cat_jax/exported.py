@@ -36,6 +36,7 @@ import importlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -168,7 +169,7 @@ def _postprocessed_targets(arrays: data_lib.ExampleArrays, tasks: Mapping[str, A
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}.tmp.{uuid.uuid4().hex}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")

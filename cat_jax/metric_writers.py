@@ -3,7 +3,8 @@
 `MetricWriter(directory, name)` writes each call of `write_scalars` as one line of
 `<directory>/<name>_metrics.jsonl` (`{"step": k, "<metric>": v, ...}`, appended across
 restarts) and as scalars in TensorBoard event files under `<directory>/tensorboard/<name>`.
-Only one process should write: pass `enabled=jax.process_index() == 0`.
+Only one process writes: by default (`enabled=None`) the writer is enabled on process 0 and
+is a no-op on the others, so a multi-host job writes each step once; pass `enabled` to override.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ def _to_float(name: str, value: Any) -> float:
 class MetricWriter:
     """Scalars to `<directory>/<name>_metrics.jsonl` and `<directory>/tensorboard/<name>`."""
 
-    def __init__(self, directory: str, name: str = "train", enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, directory: str, name: str = "train", enabled: bool | None = None):
+        if enabled is None:
+            import jax
+            enabled = jax.process_index() == 0
+        self.enabled = bool(enabled)
         self.jsonl_path = os.path.join(directory, f"{name}_metrics.jsonl")
         self.tensorboard_dir = os.path.join(directory, "tensorboard", name)
         if not enabled:

@@ -87,8 +87,12 @@ def read_run_info(model_dir: str) -> dict[str, Any] | None:
 
 
 def write_run_info(model_dir: str, info: dict[str, Any]) -> None:
-    with open(os.path.join(model_dir, RUN_INFO), "w") as f:
+    """Written atomically: other processes may be reading it in `check_compatible`."""
+    path = os.path.join(model_dir, RUN_INFO)
+    tmp = f"{path}.tmp.{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
         json.dump(info, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ in order and skips a mesh axis already used in the same spec, which is how `embe
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -101,9 +102,72 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
     return logical_sharding(mesh, ("batch", "length"), rules)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows of a batch (every process passes its own rows)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def process_batch_slice(sharding: NamedSharding, global_batch_size: int) -> tuple[int, int]:
+    """`(index, count)`: this process feeds block `index` of `count` equal, consecutive blocks of
+    rows of every global batch laid out by `sharding` (T5X's "data shard" of a host).
+
+    `count` is the number of distinct row blocks the processes hold: `process_count()` when the
+    batch axes (`data`, `fsdp`) are split evenly over the processes, fewer when processes share
+    rows (e.g. a `model` axis that spans processes: those processes feed the same rows). Pass the
+    pair to `TrainBatches.batch(step, index, count)` and `global_batch`. Raises ValueError when a
+    process's devices hold rows that are not one consecutive block (a mesh whose devices are not
+    ordered by process; `make_mesh` orders them).
+    """
+    return _process_batch_slice(sharding, global_batch_size, jax.process_index())
+
+
+@functools.lru_cache(maxsize=64)
+def _process_batch_slice(sharding: NamedSharding, global_batch_size: int,
+                         process_index: int) -> tuple[int, int]:
+    shape = (global_batch_size,) + (1,) * max(len(sharding.spec) - 1, 0)
+    blocks: dict[int, set[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        rows = index[0]
+        start, stop, _ = rows.indices(global_batch_size)
+        blocks.setdefault(device.process_index, set()).add((start, stop))
+    spans = {}
+    for process, ranges in blocks.items():
+        ordered = sorted(ranges)
+        start, stop = ordered[0][0], ordered[-1][1]
+        covered = sum(b - a for a, b in ordered)
+        if covered != stop - start or any(a < prev for (_, prev), (a, _) in zip(ordered, ordered[1:])):
+            raise ValueError(
+                f"Process {process} holds rows {ordered} of each batch of {global_batch_size}, which "
+                f"are not one consecutive block; build the mesh with devices ordered by process "
+                f"(partitioning.make_mesh does).")
+        spans[process] = (start, stop)
+    sizes = {b - a for a, b in spans.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"Processes hold unequal numbers of rows of each batch: {spans}.")
+    size = sizes.pop()
+    start, stop = spans[process_index]
+    if start % size:
+        raise ValueError(f"Process {process_index} holds rows [{start}, {stop}), not aligned "
+                         f"to blocks of {size}: {spans}.")
+    return start // size, global_batch_size // size
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding,
+                 global_batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows of a batch (every process passes its own rows).
+
+    A process passes block `index` of `count` of the global batch, as `process_batch_slice` says
+    (with one process: the whole batch). `global_batch_size`, when given, is checked against the
+    local rows; without it the global size is inferred from the local rows and the sharding.
+    """
+    out = {}
+    for k, v in local_batch.items():
+        shape = None
+        if global_batch_size is not None:
+            index, count = process_batch_slice(sharding, global_batch_size)
+            if v.shape[0] * count != global_batch_size:
+                raise ValueError(
+                    f"Feature {k!r}: this process passed {v.shape[0]} rows, but a global batch of "
+                    f"{global_batch_size} over this mesh needs {global_batch_size // count} rows from "
+                    f"each process (block {index} of {count}).")
+            shape = (global_batch_size,) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
 
 
 def per_device_bytes(tree: Any) -> int:

@@ -4,6 +4,12 @@
 VM slice JAX finds its peers itself (gin `initialize.auto = True` is set by the TPU launcher); on GPU
 hosts or SLURM the coordinator address, process count and id come from gin or from the
 environment variables `CAT_JAX_COORDINATOR`, `CAT_JAX_NUM_PROCESSES`, `CAT_JAX_PROCESS_ID`.
+`CAT_JAX_CPU_COLLECTIVES=gloo` (or gin `initialize.cpu_collectives`) lets several CPU-only processes
+run collectives (the multi-process tests).
+
+Every process runs the same program; only process 0 writes the model directory's metadata and
+metric files and logs at INFO level. The other processes log warnings and errors, each line
+tagged with its process (`[p3/8]`), so that a failure on one host can be told apart.
 """
 
 from __future__ import annotations
@@ -15,36 +21,96 @@ import sys
 import gin
 import jax
 
+_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def is_lead() -> bool:
+    """True on process 0, the one process that writes shared files (metrics, run_info, configs)."""
+    return jax.process_index() == 0
+
 
 def setup_logging() -> None:
-    """INFO logs on stderr for process 0; warnings only on the other processes."""
-    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
+    """INFO logs on stderr for process 0; warnings only on the other processes.
+
+    With several processes the non-lead processes tag every line with `[p<index>/<count>]`;
+    process 0's lines keep the single-process format (`HH:MM:SS LEVEL message`).
+    """
+    index, count = jax.process_index(), jax.process_count()
+    level = logging.INFO if index == 0 else logging.WARNING
+    fmt = _FORMAT if index == 0 else f"%(asctime)s [p{index}/{count}] %(levelname)s %(message)s"
     logger = logging.getLogger("cat_jax")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
+        logger.addHandler(logging.StreamHandler(sys.stderr))
+    for handler in logger.handlers:
+        handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
     logger.setLevel(level)
     logger.propagate = False
+    if index != 0:
+        # orbax and absl log every checkpoint step at INFO/WARNING on every host; one copy is enough.
+        logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        from cat_jax.gin_utils import ConfigError
+        raise ConfigError(f"Environment variable {name}={value!r} must be an integer.") from None
 
 
 @gin.configurable
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, auto: bool = False,
                cpu_collectives: str | None = None) -> None:
-    """Join the multi-process runtime when configured, then set up logging."""
+    """Join the multi-process runtime when configured, then set up logging.
+
+    Gin parameters win over the `CAT_JAX_*` environment variables. A second call (e.g. a binary
+    that calls another's main) does not initialize again.
+    """
     env = os.environ
-    coordinator_address = coordinator_address or env.get("CAT_JAX_COORDINATOR")
-    if num_processes is None and "CAT_JAX_NUM_PROCESSES" in env:
-        num_processes = int(env["CAT_JAX_NUM_PROCESSES"])
-    if process_id is None and "CAT_JAX_PROCESS_ID" in env:
-        process_id = int(env["CAT_JAX_PROCESS_ID"])
-    if cpu_collectives or env.get("CAT_JAX_CPU_COLLECTIVES"):
-        jax.config.update("jax_cpu_collectives_implementation",
-                          cpu_collectives or env["CAT_JAX_CPU_COLLECTIVES"])
-    if auto:
-        jax.distributed.initialize()
-    elif coordinator_address:
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+    coordinator_address = coordinator_address or env.get("CAT_JAX_COORDINATOR") or None
+    if num_processes is None:
+        num_processes = _env_int("CAT_JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("CAT_JAX_PROCESS_ID")
+    cpu_collectives = cpu_collectives or env.get("CAT_JAX_CPU_COLLECTIVES") or None
+    if not _initialized():
+        if cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        if auto:
+            jax.distributed.initialize()
+        elif coordinator_address:
+            if num_processes is None or process_id is None:
+                from cat_jax.gin_utils import ConfigError
+                raise ConfigError(
+                    f"Coordinator {coordinator_address} given without the process count and id; set "
+                    f"CAT_JAX_NUM_PROCESSES and CAT_JAX_PROCESS_ID (or gin initialize.num_processes "
+                    f"and initialize.process_id) on every process.")
+            if not 0 <= process_id < num_processes:
+                from cat_jax.gin_utils import ConfigError
+                raise ConfigError(f"Process id {process_id} is outside [0, {num_processes}).")
+            jax.distributed.initialize(coordinator_address=coordinator_address,
+                                       num_processes=num_processes, process_id=process_id)
     setup_logging()
+    if jax.process_count() > 1:
+        logging.getLogger("cat_jax").info(
+            "Runtime: %d processes, %d devices (%d local to each process).",
+            jax.process_count(), jax.device_count(), jax.local_device_count())
+
+
+def _initialized() -> bool:
+    try:
+        from jax._src import distributed
+        return distributed.global_state.client is not None
+    except (ImportError, AttributeError):
+        return False
+
+
+def sync(name: str) -> None:
+    """Wait until every process has reached the barrier `name` (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

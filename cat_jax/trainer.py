@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,26 +78,48 @@ def compile_train_step(step_fn, abstract_state: TrainState, state_shardings: Tra
     return CompiledStep(compiled, seconds, memory)
 
 
+@gin.configurable
 class PreemptionWatcher:
     """Turns SIGTERM into a request to save and stop at the next step boundary.
 
-    With several processes, process 0's flag is broadcast so that every host stops at the same
-    step (a host that stopped alone would hang the others in the next collective).
+    With several processes every host must stop at the same step (a host that stopped alone would
+    hang the others in the next collective), so the flags are combined across processes (any host
+    that got the signal stops them all). That exchange is a blocking collective, so it runs only on
+    every `check_every_steps`-th call of `should_stop` (gin `PreemptionWatcher.check_every_steps`):
+    all processes call it once per step, so they exchange at the same steps and agree. The calls
+    in between answer False. With one process every call looks at the flag (no cost).
     """
 
-    def __init__(self):
+    def __init__(self, check_every_steps: int = 10):
+        if check_every_steps < 1:
+            raise ValueError(f"check_every_steps must be >= 1; got {check_every_steps}.")
+        self.check_every_steps = check_every_steps
+        self._calls = 0
         self._requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self._requested = True
 
-    def should_stop(self) -> bool:
-        flag = self._requested
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            flag = bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
-        return flag
+    @property
+    def requested(self) -> bool:
+        """Whether this process got the signal (not yet agreed with the other processes)."""
+        return self._requested
+
+    def should_stop(self, force_sync: bool = False) -> bool:
+        """True when the run must stop after this step; the same answer on every process.
+
+        `force_sync=True` exchanges the flags now whatever the call count (every process must
+        pass it at the same call).
+        """
+        self._calls += 1
+        if jax.process_count() == 1:
+            return self._requested
+        if not force_sync and self._calls % self.check_every_steps:
+            return False
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.asarray(self._requested, dtype=np.int32))
+        return bool(np.any(flags))
 
     def close(self):
         signal.signal(signal.SIGTERM, self._previous)

@@ -118,6 +118,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         eval_arrays = data_lib.load_split(train_dataset.mixture_or_task_name, eval_split, lengths,
                                           max_examples=eval_max_examples)
     b_sharding = partitioning.batch_sharding(mesh, rules)
+    rows = partitioning.process_batch_slice(b_sharding, train_dataset.batch_size)
     step_fn = make_train_step(model, tx, schedule, teacher.logits_fn if teacher else None)
     compiled = compile_train_step(
         step_fn, abstract, shardings, batch_shapes(arrays.features, train_dataset.batch_size),
@@ -140,8 +141,9 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     try:
         step = start_step
         while step < train_steps:
-            local = batches.batch(step, jax.process_index(), jax.process_count())
-            state, metrics = compiled.fn(state, partitioning.global_batch(local, b_sharding), teacher_params)
+            local = batches.batch(step, *rows)
+            batch = partitioning.global_batch(local, b_sharding, train_dataset.batch_size)
+            state, metrics = compiled.fn(state, batch, teacher_params)
             step += 1
             at_end = step == train_steps
             preempted = watcher.should_stop()
