@@ -2,13 +2,13 @@
 
 Stages (each skipped when its output already exists, so a re-run reuses finished work):
   1. train a large model with cross-entropy,
-  2. train a small model with cross-entropy, and one with cascade-aware training against (1),
-  3. evaluate every model on the test split,
+  2. train three small models against it: cross-entropy, distillation, cascade-aware (CAT),
+  3. evaluate every model on the test split with the task's metrics,
   4. evaluate the cascades (large behind each small model) under every deferral rule: curves of
-     quality against relative FLOPs, summary tables and PNG plots in `runs/demo/cascade/`.
-Everything lands under `runs/demo/` (override with CAT_JAX_DEMO_DIR); the commands are printed
-before they run and written to `runs/demo/commands.sh`. CAT_JAX_DEMO_STEPS (default 300) sets the
-training steps of every model; CAT_JAX_DEMO_TASK the task.
+     quality against relative FLOPs, summary tables and PNG plots in `runs/demo/cascade/`,
+  5. write `runs/demo/report.md`: the summary table, which small model and rule win, the commands.
+CAT_JAX_DEMO_DIR (default runs/demo), CAT_JAX_DEMO_TASK (cmudict_g2p), CAT_JAX_DEMO_STEPS (400)
+and CAT_JAX_DEMO_EXAMPLES (512 test examples) change where, on what and how long it runs.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ import time
 
 DEMO_DIR = os.environ.get("CAT_JAX_DEMO_DIR", os.path.join("runs", "demo"))
 TASK = os.environ.get("CAT_JAX_DEMO_TASK", "cmudict_g2p")
+STEPS = int(os.environ.get("CAT_JAX_DEMO_STEPS", 400))
+EVAL_EXAMPLES = int(os.environ.get("CAT_JAX_DEMO_EXAMPLES", 512))
 LENGTHS = "{'inputs': 32, 'targets': 64}"
-STEPS = int(os.environ.get("CAT_JAX_DEMO_STEPS", 300))
-EVAL_EXAMPLES = 512
 CACHE = os.path.join(DEMO_DIR, "data_cache")
-
+STUDENTS = (("ce", "train_small_ce.gin"), ("distill", "train_small_distill.gin"),
+            ("cat", "train_small_cat.gin"))
+REPORT_RULES = ("chow_average", "chow_quantile_0", "entropy_mean", "post_hoc", "oracle", "random")
 COMMON = [f"--gin.MIXTURE_OR_TASK_NAME={TASK}", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
-          "--gin.BATCH_SIZE=32"]
+          f"--gin.load_split.cache_dir={CACHE}"]
 
 
 def _quote(arg: str) -> str:
@@ -38,66 +40,120 @@ def _quote(arg: str) -> str:
     return f'"{arg}"'
 
 
-def _run(stage: str, args: list[str], log: list[str]) -> None:
-    cmd = [sys.executable, "-m"] + args
-    printable = " ".join(_quote(a) for a in ["python", "-m"] + args)
-    log.append(printable)
-    print(f"\n=== {stage} ===\n$ {printable}", flush=True)
-    start = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"=== {stage}: done in {time.time() - start:.0f}s ===", flush=True)
+class Stages:
+    """Runs the stages in order, numbered, timed, and remembers their command lines."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.commands = total, 0, []
+        self.start = time.time()
+
+    def run(self, name: str, args: list[str], skip_if: str | None = None) -> None:
+        self.done += 1
+        printable = " ".join(_quote(a) for a in ["python", "-m"] + args)
+        self.commands.append(printable)
+        head = f"[{self.done}/{self.total}] {name}"
+        if skip_if and os.path.exists(skip_if):
+            print(f"\n=== {head}: already done ({skip_if}) ===", flush=True)
+            return
+        print(f"\n=== {head} (elapsed {time.time() - self.start:.0f}s) ===\n$ {printable}", flush=True)
+        started = time.time()
+        subprocess.run([sys.executable, "-m"] + args, check=True)
+        print(f"=== {head}: done in {time.time() - started:.0f}s ===", flush=True)
 
 
-def _train(name: str, run_file: str, log: list[str], extra: list[str] = ()) -> str:
+def _train(stages: Stages, name: str, run_file: str, extra: list[str] = ()) -> str:
     model_dir = os.path.join(DEMO_DIR, name)
-    _run(f"train {name}", ["cat_jax.train", f"--gin_file=gin_configs/runs/{run_file}",
-                           f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={STEPS}",
-                           "--gin.train.eval_period=0", f"--gin.load_split.cache_dir={CACHE}", *COMMON, *extra], log)
+    stages.run(f"train {name}", ["cat_jax.train", f"--gin_file=gin_configs/runs/{run_file}",
+                                 f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={STEPS}",
+                                 "--gin.BATCH_SIZE=32", "--gin.train.eval_period=0", *COMMON, *extra])
     return model_dir
 
 
-def _evaluate(model_dir: str, log: list[str]) -> dict:
+def _evaluate(stages: Stages, name: str, model_dir: str) -> dict:
     out = os.path.join(model_dir, "eval")
-    _run(f"evaluate {os.path.basename(model_dir)}",
-         ["cat_jax.eval", "--gin_file=gin_configs/runs/eval.gin", f"--gin.CHECKPOINT_DIR={model_dir}",
-          "--gin.SPLIT=test", f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", f"--gin.OUTPUT_DIR={out}",
-          *COMMON], log)
-    newest = max((os.path.join(out, f) for f in os.listdir(out) if f.startswith("metrics_test")),
-                 key=os.path.getmtime)
-    with open(newest) as f:
+    result = os.path.join(out, f"metrics_test_step{STEPS}.json")
+    stages.run(f"evaluate {name}", [
+        "cat_jax.eval", "--gin_file=gin_configs/runs/eval.gin", f"--gin.CHECKPOINT_DIR={model_dir}",
+        "--gin.SPLIT=test", f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", f"--gin.OUTPUT_DIR={out}", *COMMON],
+        skip_if=result)
+    with open(result) as f:
         return json.load(f)
 
 
-def _cascade(large: str, smalls: dict[str, str], log: list[str]) -> str:
+def _cascade(stages: Stages, large: str, smalls: dict[str, str]) -> str:
     out = os.path.join(DEMO_DIR, "cascade")
-    _run("cascade evaluation", ["cat_jax.cascade_eval", "--gin_file=gin_configs/runs/cascade_eval.gin",
-                                f"--gin.LARGE_MODEL_DIR={large}", f"--gin.SMALL_MODEL_DIRS={smalls!r}",
-                                f"--gin.OUTPUT_DIR={out}", f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}",
-                                f"--gin.load_split.cache_dir={CACHE}", *COMMON], log)
+    stages.run("cascade evaluation (every deferral rule)", [
+        "cat_jax.cascade_eval", "--gin_file=gin_configs/runs/cascade_eval.gin",
+        f"--gin.LARGE_MODEL_DIR={large}", f"--gin.SMALL_MODEL_DIRS={smalls!r}", f"--gin.OUTPUT_DIR={out}",
+        f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", *COMMON], skip_if=os.path.join(out, "summary.json"))
     return out
+
+
+def _fmt(value) -> str:
+    return "never" if value is None else f"{value:.3f}"
+
+
+def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands: list[str]) -> str:
+    """report.md: model metrics, the cascade table for a few rules, the winners, the commands."""
+    with open(os.path.join(cascade_dir, "summary.json")) as f:
+        rows = [r for r in json.load(f) if r["task"] == TASK]
+    best = max(rows, key=lambda r: (r["auc"], -(r["relative_flops_to_match_large"] or 9e9)))
+    matching = [r for r in rows if r["relative_flops_to_match_large"] is not None and r["rule"] != "oracle"]
+    cheapest = min(matching, key=lambda r: r["relative_flops_to_match_large"]) if matching else None
+    lines = [f"# cat_jax demo: {TASK}", "",
+             f"A large model and three small ones (CE, distillation, CAT) trained {STEPS} steps each on "
+             f"CPU, evaluated on {EVAL_EXAMPLES} test examples.", "", "## Models", "",
+             "| model | step | " + " | ".join(next(iter(results.values()))["metrics"][TASK]) + " |",
+             "|---|---|" + "---|" * len(next(iter(results.values()))["metrics"][TASK])]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['step']} | " + " | ".join(f"{v:.4f}" for v in r["metrics"][TASK].values()) + " |")
+    lines += ["", "## Cascades", "",
+              "Quality is word accuracy (0-1); relative FLOPs are the cascade's over the large model's; "
+              "AUC is the area under quality against deferral rate (higher is better).", "",
+              "| small model | rule | small-only | large-only | AUC | rel. FLOPs to match large | best quality @ rel. FLOPs |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["rule"] in REPORT_RULES:
+            lines.append(f"| {r['small_model']} | {r['rule']} | {r['small_only']:.3f} | {r['large_only']:.3f} | "
+                         f"{r['auc']:.4f} | {_fmt(r['relative_flops_to_match_large'])} | "
+                         f"{r['best_quality']:.3f} @ {r['best_relative_flops']:.3f} |")
+    lines += ["", "## Verdict", "",
+              f"- Highest AUC: small model **{best['small_model']}** with rule **{best['rule']}** "
+              f"(AUC {best['auc']:.4f}).",
+              (f"- Cheapest cascade that matches the large model (oracle excluded): **{cheapest['small_model']}** + "
+               f"**{cheapest['rule']}** at {cheapest['relative_flops_to_match_large']:.3f} x the large model's FLOPs."
+               if cheapest else "- No non-oracle cascade reaches the large model's quality on this run."),
+              "", "All rules and tasks: `cascade/summary.md`, `cascade/curves.csv`; plots:", ""]
+    lines += [f"![{p}](cascade/{p})" for p in sorted(os.listdir(cascade_dir)) if p.endswith(".png")]
+    lines += ["", "## Commands", "", "```bash", *commands, "```", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return best["small_model"] + "/" + best["rule"]
 
 
 def main() -> None:
     os.makedirs(DEMO_DIR, exist_ok=True)
-    log: list[str] = []
-    large = _train("large", "train_large.gin", log)
-    small_ce = _train("small_ce", "train_small_ce.gin", log)
-    small_cat = _train("small_cat", "train_small_cat.gin", log, [f"--gin.TEACHER_MODEL_DIR={large}"])
-    results = {name: _evaluate(d, log) for name, d in
-               (("large", large), ("small_ce", small_ce), ("small_cat", small_cat))}
-    cascade = _cascade(large, {"ce": small_ce, "cat": small_cat}, log)
+    stages = Stages(total=2 + 2 * len(STUDENTS) + 1)
+    large = _train(stages, "large", "train_large.gin")
+    smalls = {name: _train(stages, f"small_{name}", run_file,
+                           [f"--gin.TEACHER_MODEL_DIR={large}"] if name != "ce" else [])
+              for name, run_file in STUDENTS}
+    results = {"large": _evaluate(stages, "large", large)}
+    results.update({f"small_{n}": _evaluate(stages, f"small_{n}", d) for n, d in smalls.items()})
+    cascade = _cascade(stages, large, smalls)
+    report = os.path.join(DEMO_DIR, "report.md")
+    winner = write_report(report, cascade, results, stages.commands)
     with open(os.path.join(DEMO_DIR, "commands.sh"), "w") as f:
-        f.write("#!/usr/bin/env bash\nset -e\n" + "\n".join(log) + "\n")
-    with open(os.path.join(DEMO_DIR, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        f.write("#!/usr/bin/env bash\nset -e\n" + "\n".join(stages.commands) + "\n")
     print(f"\nTest-split metrics ({TASK}, {EVAL_EXAMPLES} examples):")
     for name, r in results.items():
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in r["metrics"][TASK].items())
-        print(f"  {name:10s} step {r['step']:5d}  {metrics}")
-    print(f"\nCheckpoints and TensorBoard/JSONL metrics: {os.path.abspath(DEMO_DIR)}/<model>/")
-    print(f"Results: {os.path.abspath(os.path.join(DEMO_DIR, 'results.json'))}")
-    print(f"Cascade curves, summary and plots: {os.path.abspath(cascade)}/ (summary.md, *.png)")
-    print(f"Commands: {os.path.abspath(os.path.join(DEMO_DIR, 'commands.sh'))}")
+        print(f"  {name:14s} step {r['step']:5d}  {metrics}")
+    print(f"\nBest cascade by AUC: {winner}. Done in {time.time() - stages.start:.0f}s.")
+    print(f"Report:      {os.path.abspath(report)}")
+    print(f"Plots/data:  {os.path.abspath(cascade)}/ (summary.md, curves.csv, *.png)")
+    print(f"Checkpoints and TensorBoard/JSONL metrics: {os.path.abspath(DEMO_DIR)}/<model>/")
+    print(f"Commands:    {os.path.abspath(os.path.join(DEMO_DIR, 'commands.sh'))}")
 
 
 if __name__ == "__main__":
