@@ -69,13 +69,33 @@ def resolve_mesh_shape(mesh_shape: Sequence[tuple[str, int]], num_devices: int) 
 
 @gin.configurable
 def make_mesh(mesh_shape: Sequence[tuple[str, int]] = (("data", -1), ("fsdp", 1), ("model", 1)),
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over (data, fsdp, model) from (axis, size) pairs; one size may be -1."""
+              devices: Sequence[jax.Device] | None = None,
+              dcn_mesh_shape: Sequence[tuple[str, int]] | None = None) -> Mesh:
+    """A Mesh over (data, fsdp, model) from (axis, size) pairs; one size may be -1.
+
+    Multi-slice (several TPU slices, or several hosts joined by the data-centre network): give
+    `dcn_mesh_shape`, the split of each axis ACROSS slices (e.g. [('data', 2)]); `mesh_shape` is then
+    the shape WITHIN one slice, and each axis of the mesh is the product of the two.
+    """
     devices = list(jax.devices() if devices is None else devices)
+    from jax.experimental import mesh_utils
+    if dcn_mesh_shape is not None:
+        dcn_sizes = [s for _, s in dcn_mesh_shape]
+        if any(s < 1 for s in dcn_sizes):
+            raise ValueError(f"dcn_mesh_shape {dcn_mesh_shape} needs explicit positive sizes.")
+        dcn = resolve_mesh_shape(dcn_mesh_shape, math.prod(dcn_sizes))
+        granules = math.prod(dcn.values())
+        if len(devices) % granules:
+            raise ValueError(f"dcn_mesh_shape {dcn_mesh_shape} needs the {len(devices)} devices to split "
+                             f"into {granules} equal slices.")
+        ici = resolve_mesh_shape(mesh_shape, len(devices) // granules)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES), devices=devices,
+            process_is_granule=not hasattr(devices[0], "slice_index"))
+        return Mesh(grid, MESH_AXES)
     sizes = resolve_mesh_shape(mesh_shape, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
-        from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(shape)
