@@ -44,7 +44,7 @@ def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation
             state.params, batch, rng, teacher_logits)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
                        learning_rate=schedule(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
