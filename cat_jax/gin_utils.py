@@ -90,10 +90,25 @@ def _importable(module: str) -> bool:
         return False
 
 
+def _search_repository_first() -> None:
+    """Look up `include`d files in gin_configs/ and the repository before the working directory.
+
+    gin tries the working directory first, and for a relative path it also asks its Python-package
+    reader, which crashes (TypeError) when the path's first folder is a namespace package there,
+    e.g. a `runs/` or `models/` directory in the working directory. gin has no public way to order
+    its search paths, so ours are put in front of its list.
+    """
+    prefixes = getattr(gin.config, "_LOCATION_PREFIXES", None)
+    for base in reversed(SEARCH_PATHS):
+        if prefixes is None:
+            gin.add_config_file_search_path(str(base))
+        elif str(base) not in prefixes:
+            prefixes.insert(0, str(base))
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
     """Parse gin files and bindings; any gin error becomes a ConfigError naming file and fix."""
-    for base in SEARCH_PATHS:
-        gin.add_config_file_search_path(str(base))
+    _search_repository_first()
     resolved = [_resolve_gin_file(f) for f in files]
     skip = False if _importable("seqio") and _importable("tensorflow") else list(SEQIO_ONLY_CONFIGURABLES)
     try:

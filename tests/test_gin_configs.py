@@ -57,3 +57,14 @@ def test_override_values_are_quoted_when_not_literals():
         ["--gin_file=a.gin", "--gin.MODEL_DIR=/tmp/run", "--gin.STEPS=3", "--gin.X='q'", "--gin.R=@f()", "-v"])
     assert files == ["a.gin"] and rest == ["-v"]
     assert bindings == ["MODEL_DIR = '/tmp/run'", "STEPS = 3", "X = 'q'", "R = @f()"]
+
+
+def test_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_path, monkeypatch):
+    """A `runs/` folder in the cwd (a namespace package to Python) must not break `include`."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gin_utils.parse_gin([str(GIN_DIR / "runs" / "train_large.gin")],
+                        [f"{k} = {v}" for k, v in REQUIRED.items()])
+    assert gin.query_parameter("train.train_steps") is not None
