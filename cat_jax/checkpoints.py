@@ -141,7 +141,7 @@ class Checkpointer:
         max_to_keep: int | None,
         async_save: bool = False,
     ):
-        self.directory = str(directory)
+        self.directory = os.path.abspath(directory)  # orbax needs absolute paths
         _ensure_writable(self.directory)
         self.save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(
@@ -260,7 +260,7 @@ def restore_params(
     shape, dtype (e.g. bfloat16 to cast a frozen teacher) and sharding; the optimizer
     state is neither needed nor read.
     """
-    directory = str(directory)
+    directory = os.path.abspath(directory)
     if not epath.Path(directory).is_dir():
         raise CheckpointError(
             f"Checkpoint directory {directory} does not exist. Pass the model directory of "

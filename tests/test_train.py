@@ -62,6 +62,15 @@ def test_end_to_end_writes_checkpoints_metrics_and_config(uninterrupted):
     assert "Compiled the train step" in log
 
 
+def test_relative_model_dir_trains_and_resumes(tmp_path):
+    relative = os.path.relpath(tmp_path / "rel", REPO)
+    args = train_args("train_small_ce.gin", relative, 2, "--gin.train.checkpoint_period=1")
+    run_module("cat_jax.train", args + ["--gin.train.max_steps_per_run=1"])
+    proc = run_module("cat_jax.train", args)
+    assert "resuming from this run's checkpoint at step 1" in proc.stderr
+    assert _final_params(tmp_path / "rel")[0] == 2
+
+
 def test_finished_run_exits_zero_and_says_so(uninterrupted):
     model_dir, _ = uninterrupted
     proc = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 8))
