@@ -7,7 +7,7 @@ Stages (each skipped when its output already exists, so a re-run reuses finished
   4. evaluate the cascades (large behind each small model) under every deferral rule: curves of
      quality against relative FLOPs, summary tables and PNG plots in `runs/demo/cascade/`,
   5. write `runs/demo/report.md`: the summary table, which small model and rule win, the commands.
-CAT_JAX_DEMO_DIR (default runs/demo), CAT_JAX_DEMO_TASK (cmudict_g2p), CAT_JAX_DEMO_STEPS (400)
+CAT_JAX_DEMO_DIR (default runs/demo), CAT_JAX_DEMO_TASK (cmudict_syllables), CAT_JAX_DEMO_STEPS (400)
 and CAT_JAX_DEMO_EXAMPLES (512 test examples) change where, on what and how long it runs.
 """
 
@@ -21,10 +21,12 @@ import sys
 import time
 
 DEMO_DIR = os.environ.get("CAT_JAX_DEMO_DIR", os.path.join("runs", "demo"))
-TASK = os.environ.get("CAT_JAX_DEMO_TASK", "cmudict_g2p")
+TASK = os.environ.get("CAT_JAX_DEMO_TASK", "cmudict_syllables")
 STEPS = int(os.environ.get("CAT_JAX_DEMO_STEPS", 400))
 EVAL_EXAMPLES = int(os.environ.get("CAT_JAX_DEMO_EXAMPLES", 512))
-LENGTHS = "{'inputs': 32, 'targets': 64}"
+TASK_LENGTHS = {"cmudict_g2p": "{'inputs': 32, 'targets': 64}",
+                "cmudict_syllables": "{'inputs': 32, 'targets': 4}"}
+LENGTHS = TASK_LENGTHS.get(TASK, "{'inputs': 32, 'targets': 128}")
 CACHE = os.path.join(DEMO_DIR, "data_cache")
 STUDENTS = (("ce", "train_small_ce.gin"), ("distill", "train_small_distill.gin"),
             ("cat", "train_small_cat.gin"))
@@ -108,7 +110,7 @@ def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands
     for name, r in results.items():
         lines.append(f"| {name} | {r['step']} | " + " | ".join(f"{v:.4f}" for v in r["metrics"][TASK].values()) + " |")
     lines += ["", "## Cascades", "",
-              "Quality is word accuracy (0-1); relative FLOPs are the cascade's over the large model's; "
+              "Quality is the task's per-example score (0-1); relative FLOPs are the cascade's over the large model's; "
               "AUC is the area under quality against deferral rate (higher is better).", "",
               "| small model | rule | small-only | large-only | AUC | rel. FLOPs to match large | best quality @ rel. FLOPs |",
               "|---|---|---|---|---|---|---|"]
