@@ -11,13 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import time
 from typing import Any
 
 import gin
 import jax
-import numpy as np
 
 from cat_jax import data as data_lib
 from cat_jax import evaluation, gin_utils, model_dir as model_dir_lib, partitioning

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-from cat_jax.checkpoints import restore_params
 from cat_jax.metric_writers import read_jsonl
 from conftest import REPO, SUBPROCESS_ENV, run_module, train_args
 

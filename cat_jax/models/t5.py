@@ -8,7 +8,6 @@ decoder_norm, logits_dense}`.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from cat_jax.models.config import T5Config
