@@ -16,7 +16,7 @@
 # line, and runs nothing.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-source "$root/launch/quoting.sh"
+source "$root/launch/lib.sh"
 
 usage() {
   cat >&2 <<'EOF'
@@ -65,8 +65,7 @@ while [[ $# -gt 0 ]]; do
     *) break ;;
   esac
 done
-[[ $# -ge 1 ]] || die_usage "MODULE is required (e.g. cat_jax.train)"
-[[ "$1" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die_usage "MODULE must be a Python module name, got '$1'"
+check_module "$@"
 module="$1"; shift
 if [[ -n "$coordinator$num_processes$process_id" ]]; then
   [[ -n "$coordinator" && -n "$num_processes" && -n "$process_id" ]] \

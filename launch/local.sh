@@ -5,7 +5,7 @@
 # --dry-run prints every command, one per line, and runs nothing.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-source "$root/launch/quoting.sh"
+source "$root/launch/lib.sh"
 
 usage() {
   cat >&2 <<'EOF'
@@ -32,8 +32,7 @@ while [[ $# -gt 0 ]]; do
     *) break ;;
   esac
 done
-[[ $# -ge 1 ]] || die_usage "MODULE is required (e.g. cat_jax.train)"
-[[ "$1" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die_usage "MODULE must be a Python module name, got '$1'"
+check_module "$@"
 module="$1"; shift
 
 python="$root/.venv/bin/python"

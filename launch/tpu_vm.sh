@@ -15,7 +15,7 @@
 # Interrupting step 5 leaves the job running; follow it again with --follow-only.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-source "$root/launch/quoting.sh"
+source "$root/launch/lib.sh"
 
 usage() {
   cat >&2 <<'EOF'
@@ -82,8 +82,7 @@ done
 if [[ $follow_only -eq 1 ]]; then
   [[ -n "$log" ]] || die_usage "--follow-only needs --log (the path printed when the job started)"
 else
-  [[ $# -ge 1 ]] || die_usage "MODULE is required (e.g. cat_jax.train)"
-  [[ "$1" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die_usage "MODULE must be a Python module name, got '$1'"
+  check_module "$@"
   module="$1"; shift
   [[ -n "$log" ]] || log="logs/${module##*.}-$(date +%Y%m%d-%H%M%S).log"
 fi
