@@ -37,7 +37,7 @@ MODEL_FEATURES = (
 TEXT_FIELDS = ("ids", "task_names", "inputs_text", "targets_text", "extras")
 LENGTH_FIELDS = ("input_lengths", "target_lengths")
 _META_FEATURES = {"id": "ids", "inputs_pretokenized": "inputs_text", "targets_pretokenized": "targets_text"}
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3  # 3: offline tasks in hash order (caches of 2 hold the old order)
 _LOAD_BATCH = 1024
 
 

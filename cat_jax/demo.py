@@ -23,7 +23,7 @@ import time
 DEMO_DIR = os.environ.get("CAT_JAX_DEMO_DIR", os.path.join("runs", "demo"))
 TASK = os.environ.get("CAT_JAX_DEMO_TASK", "cmudict_syllables")
 STEPS = int(os.environ.get("CAT_JAX_DEMO_STEPS", 400))
-LARGE_STEPS = 2 * STEPS
+LARGE_STEPS = 4 * STEPS  # train_large.gin's learning rate is a third of the students': more steps
 EVAL_EXAMPLES = int(os.environ.get("CAT_JAX_DEMO_EXAMPLES", 512))
 TASK_LENGTHS = {"cmudict_g2p": "{'inputs': 32, 'targets': 64}",
                 "cmudict_syllables": "{'inputs': 32, 'targets': 4}"}
@@ -137,9 +137,7 @@ def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands
 def main() -> None:
     os.makedirs(DEMO_DIR, exist_ok=True)
     stages = Stages(total=2 + 2 * len(STUDENTS) + 1)
-    # The large model gets twice the steps at a gentler learning rate (measured on cmudict_syllables:
-    # 400 steps at 3e-3 left it behind the small CE model; 800 at 1e-3 puts it ahead).
-    large = _train(stages, "large", "train_large.gin", ["--gin.LEARNING_RATE=1e-3"], steps=LARGE_STEPS)
+    large = _train(stages, "large", "train_large.gin", steps=LARGE_STEPS)
     smalls = {name: _train(stages, f"small_{name}", run_file,
                            [f"--gin.TEACHER_MODEL_DIR={large}"] if name != "ce" else [])
               for name, run_file in STUDENTS}

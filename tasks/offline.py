@@ -6,7 +6,8 @@
 - `offline_mix`: the four, mixed in proportion to their training-set sizes.
 
 The split of an example is decided by a hash of its key (the word or the number), so it is the same
-on every run and host, and a word sits in the same split of both CMUdict tasks.
+on every run and host, and a word sits in the same split of both CMUdict tasks. Within a split the
+examples are in the order of that hash: any prefix (MAX_EXAMPLES) is a uniform sample.
 
 Registering your own task (a data source, preprocessors, metrics)::
 
@@ -62,9 +63,13 @@ _WORD = re.compile(r"^[a-z]+(?:'[a-z]+)*$")
 Examples = dict[str, list[dict[str, str]]]
 
 
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
 def split_of(key: str) -> str:
     """train / validation / test (80/10/10) from the SHA-256 of the key: stable everywhere."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
+    bucket = _key_hash(key) % 100
     if bucket < SPLIT_PERCENT["train"]:
         return "train"
     if bucket < SPLIT_PERCENT["train"] + SPLIT_PERCENT["validation"]:
@@ -73,9 +78,11 @@ def split_of(key: str) -> str:
 
 
 def _by_split(rows: list[tuple[str, dict[str, str]]]) -> Examples:
-    """Groups (key, example) rows by split, each split sorted by key."""
+    """Groups (key, example) rows by split, each split in a fixed pseudo-random order (by the key's
+    hash, ties by key), so its first N examples (MAX_EXAMPLES) are a uniform sample, not the words
+    starting with "a" or the smallest numbers."""
     out: Examples = {split: [] for split in SPLITS}
-    for key, example in sorted(rows, key=lambda row: row[0]):
+    for key, example in sorted(rows, key=lambda row: (_key_hash(row[0]) // 100, row[0])):
         out[split_of(key)].append(example)
     return out
 

@@ -139,10 +139,11 @@ def test_vocabulary_is_byte_by_default_and_errors_are_clear():
 
 
 def test_gin_switches_the_tasks_vocabulary(tmp_path):
-    lines = ["phonemes: hello", "HH AH0 L OW1", "french: 21", "vingt et un", "syllables: world"] * 20
+    lines = ["phonemes: hello", "HH AH0 L OW1", "french: 21", "vingt et un", "syllables: world",
+             "abcdefghijklmnopqrstuvwxyz-0123456789"] * 20  # every character of the French numbers
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=40, pad_id=0, eos_id=1, unk_id=2,
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=60, pad_id=0, eos_id=1, unk_id=2,
         bos_id=-1, hard_vocab_limit=False, minloglevel=2)
     path = tmp_path / "tiny.model"
     path.write_bytes(model.getvalue())
