@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The CAT experiment on offline_mix: a large model, then small students trained with CE,
 # distillation, CAT and CAT-distill against it (two seeds each), then cascade evaluation of every
-# student under every deferral rule on the test split.
+# student under every deferral rule on the test split. Layout: <out>/large, <out>/seed<k>/small_*,
+# <out>/seed<k>/cascade.
 #
 #   launch/experiments/offline_cascade.sh --scale gpu --out /tmp/cat_jax/offline_cascade   # one H100/H200
 #   launch/experiments/offline_cascade.sh --scale cpu --out runs/offline_cascade           # 2 CPU cores
 #   add --dry-run to print the commands without running them.
 #
-# gpu: base-shaped large model, small-shaped students, bfloat16, batch 128; meant to fit 30 minutes
-#      on one H100 (not yet measured: no GPU was lent to the session that wrote it; see docs/RESULTS.md).
-# cpu: demo_large / demo_small shapes, float32, batch 32, few steps: a smoke-scale run of the same
-#      pipeline, whose numbers say little about CAT.
+# gpu: base-shaped large model (4000 steps), small-shaped students (2000 steps), bfloat16, batch 128;
+#      sized for 30 minutes on one H100 from a FLOP estimate, not a measurement (docs/RESULTS.md).
+# cpu: demo_large / demo_small shapes, float32, batch 32, 600 / 300 steps, 128 test examples per
+#      task: the same pipeline at smoke scale (~35 minutes for two seeds on 2 cores); its numbers
+#      say little about CAT (docs/RESULTS.md has one such run).
 # Results: <out>/seed<k>/cascade/{summary.md,curves.csv,*.png}; compare seeds with
 #   python -m cat_jax.cascade.compare <out>/seed*/cascade   (prints AUC mean and spread per student)
 set -euo pipefail
@@ -28,10 +30,10 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$out" ]] || usage
 case "$scale" in
-  gpu) large=base; small=small; steps_large=6000; steps_small=4000; batch=128; dtype=bfloat16
+  gpu) large=base; small=small; steps_large=4000; steps_small=2000; batch=128; dtype=bfloat16
        lengths="{'inputs': 32, 'targets': 128}"; examples=None;;
-  cpu) large=demo_large; small=demo_small; steps_large=300; steps_small=300; batch=32; dtype=float32
-       lengths="{'inputs': 32, 'targets': 128}"; examples=64;;
+  cpu) large=demo_large; small=demo_small; steps_large=600; steps_small=300; batch=32; dtype=float32
+       lengths="{'inputs': 32, 'targets': 128}"; examples=128;;
   *) usage;;
 esac
 py="${PYTHON:-$root/.venv/bin/python}"
@@ -41,13 +43,18 @@ run() {
 }
 common=(--gin.MIXTURE_OR_TASK_NAME=offline_mix "--gin.TASK_FEATURE_LENGTHS=$lengths"
         "--gin.T5Config.dtype='$dtype'" --gin.load_split.cache_dir="$out/data_cache")
-for seed in $seeds; do
+# One large model (seed = the first seed); the students and their cascades once per seed, so the
+# spread over seeds is the students' (initialisation and data order) against a fixed large model.
+read -r -a seed_list <<< "$seeds"
+[[ ${#seed_list[@]} -gt 0 ]] || usage
+run "$py" -m cat_jax.train --gin_file=gin_configs/runs/train_large.gin --gin_file="gin_configs/models/$large.gin" \
+  --gin.MODEL_DIR="$out/large" --gin.TRAIN_STEPS=$steps_large --gin.BATCH_SIZE=$batch --gin.SEED="${seed_list[0]}" \
+  "${common[@]}"
+for seed in "${seed_list[@]}"; do
   dir="$out/seed$seed"
-  run "$py" -m cat_jax.train --gin_file=gin_configs/runs/train_large.gin --gin_file="gin_configs/models/$large.gin" \
-    --gin.MODEL_DIR="$dir/large" --gin.TRAIN_STEPS=$steps_large --gin.BATCH_SIZE=$batch --gin.SEED=$seed "${common[@]}"
   smalls="{"
   for student in ce distill cat cat_distill; do
-    teacher=(); [[ $student == ce ]] || teacher=(--gin.TEACHER_MODEL_DIR="$dir/large")
+    teacher=(); [[ $student == ce ]] || teacher=(--gin.TEACHER_MODEL_DIR="$out/large")
     run "$py" -m cat_jax.train --gin_file="gin_configs/runs/train_small_$student.gin" \
       --gin_file="gin_configs/models/$small.gin" --gin.MODEL_DIR="$dir/small_$student" \
       --gin.TRAIN_STEPS=$steps_small --gin.BATCH_SIZE=$batch --gin.SEED=$seed "${teacher[@]}" "${common[@]}"
@@ -55,6 +62,6 @@ for seed in $seeds; do
   done
   smalls="${smalls%, }}"
   run "$py" -m cat_jax.cascade_eval --gin_file=gin_configs/runs/cascade_eval.gin \
-    --gin.LARGE_MODEL_DIR="$dir/large" "--gin.SMALL_MODEL_DIRS=$smalls" --gin.OUTPUT_DIR="$dir/cascade" \
+    --gin.LARGE_MODEL_DIR="$out/large" "--gin.SMALL_MODEL_DIRS=$smalls" --gin.OUTPUT_DIR="$dir/cascade" \
     --gin.MAX_EXAMPLES=$examples "${common[@]}"
 done
