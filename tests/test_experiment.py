@@ -43,7 +43,7 @@ def test_cpu_scale_trains_large_then_four_students_then_evaluates_per_seed(tmp_p
             assert student.get("--gin.TEACHER_MODEL_DIR") == (None if name == "ce" else large["--gin.MODEL_DIR"])
         assert ast.literal_eval(cascade["--gin.SMALL_MODEL_DIRS"]) == {
             n: f"{tmp_path}/seed{seed}/small_{n}" for n in names}
-        assert cascade["--gin.MAX_EXAMPLES"] == "128"
+        assert cascade["--gin.MAX_EXAMPLES"] == "128"  # per task
         assert cascade["--gin.LARGE_MODEL_DIR"] == large["--gin.MODEL_DIR"]
         for command in [large, *group]:
             assert ast.literal_eval(command["--gin.TASK_FEATURE_LENGTHS"]) == {"inputs": 32, "targets": 128}

@@ -8,8 +8,9 @@
 #   launch/experiments/offline_cascade.sh --scale cpu --out runs/offline_cascade           # 2 CPU cores
 #   add --dry-run to print the commands without running them.
 #
-# gpu: base-shaped large model (4000 steps), small-shaped students (2000 steps), bfloat16, batch 128;
-#      sized for 30 minutes on one H100 from a FLOP estimate, not a measurement (docs/RESULTS.md).
+# gpu: base-shaped large model (4000 steps), small-shaped students (2000 steps), bfloat16, batch 128,
+#      2000 test examples per task: sized for 30 minutes on one H100 from a FLOP estimate, not yet
+#      measured (docs/RESULTS.md).
 # cpu: demo_large / demo_small shapes, float32, batch 32, 600 / 300 steps, 128 test examples per
 #      task: the same pipeline at smoke scale (~35 minutes for two seeds on 2 cores); its numbers
 #      say little about CAT (docs/RESULTS.md has one such run).
@@ -18,7 +19,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 scale=gpu; out=""; dry=0; seeds="0 1"
-usage() { sed -n '2,17p' "$0" >&2; exit 2; }
+usage() { sed -n '2,18p' "$0" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --scale) scale="$2"; shift 2;;
@@ -31,7 +32,7 @@ done
 [[ -n "$out" ]] || usage
 case "$scale" in
   gpu) large=base; small=small; steps_large=4000; steps_small=2000; batch=128; dtype=bfloat16
-       lengths="{'inputs': 32, 'targets': 128}"; examples=None;;
+       lengths="{'inputs': 32, 'targets': 128}"; examples=2000;;
   cpu) large=demo_large; small=demo_small; steps_large=600; steps_small=300; batch=32; dtype=float32
        lengths="{'inputs': 32, 'targets': 128}"; examples=128;;
   *) usage;;
