@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
+import numpy as np
 import sacrebleu
 
 Target = str | Sequence[str]
@@ -104,11 +106,60 @@ def phoneme_error_rate(targets: Sequence[Target], predictions: Sequence[str]) ->
     return {"phoneme_error_rate": 100.0 * sum(edits for edits, _ in errors) / total_length}
 
 
+class AdditiveForm(NamedTuple):
+    """A corpus metric written as a function of per-example statistics summed over the corpus.
+
+    statistics(targets, predictions) -> [N, K]; from_statistics(summed [K]) -> the corpus score.
+    A cascade sweep computes the statistics once per model and re-scores each mixed corpus from a
+    sum, instead of re-running the metric on N strings at every threshold.
+    """
+
+    statistics: Callable[[Sequence[Target], Sequence[str]], np.ndarray]
+    from_statistics: Callable[[np.ndarray], float]
+
+
+_ADDITIVE: dict[CorpusFn, AdditiveForm] = {}
+
+
+def register_additive_form(corpus: CorpusFn, statistics: Callable[[Sequence[Target], Sequence[str]], np.ndarray],
+                           from_statistics: Callable[[np.ndarray], float]) -> None:
+    """Declares that `corpus(t, p) == from_statistics(statistics(t, p).sum(axis=0))`."""
+    _ADDITIVE[corpus] = AdditiveForm(statistics, from_statistics)
+
+
+def additive_form(corpus: CorpusFn | None) -> AdditiveForm | None:
+    """The registered AdditiveForm of a corpus metric, or None."""
+    return _ADDITIVE.get(corpus) if corpus is not None else None
+
+
+_BLEU = sacrebleu.metrics.BLEU()  # sacrebleu.corpus_bleu's defaults: 13a tokenizer, exp smoothing, 4-grams
+_BLEU_STATS = 2 + 2 * _BLEU.max_ngram_order
+
+
 def corpus_bleu(targets: Sequence[str], predictions: Sequence[str]) -> float:
     """sacrebleu's corpus BLEU (0-100) with one reference per example."""
+    return bleu_from_statistics(bleu_statistics(targets, predictions).sum(axis=0))
+
+
+def bleu_statistics(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+    """[N, 10] int64 sacrebleu statistics per example: hypothesis length, reference length, then
+    matching and total n-grams for n = 1..4."""
     _check(targets, predictions)
-    refs = [normalize(t) for t in targets]
-    return float(sacrebleu.corpus_bleu([normalize(p) for p in predictions], [refs]).score)
+    # sacrebleu has no public per-sentence statistics; tests check the sums against sacrebleu.corpus_bleu.
+    stats = _BLEU._extract_corpus_statistics([normalize(p) for p in predictions], [[normalize(t) for t in targets]])
+    return np.asarray(stats, dtype=np.int64).reshape(len(predictions), _BLEU_STATS)
+
+
+def bleu_from_statistics(summed: np.ndarray) -> float:
+    """Corpus BLEU (0-100) from `bleu_statistics` summed over the examples."""
+    order = _BLEU.max_ngram_order
+    s = [int(v) for v in summed]
+    return float(sacrebleu.metrics.BLEU.compute_bleu(
+        correct=s[2:2 + order], total=s[2 + order:], sys_len=s[0], ref_len=s[1],
+        smooth_method=_BLEU.smooth_method, max_ngram_order=order).score)
+
+
+register_additive_form(corpus_bleu, bleu_statistics, bleu_from_statistics)
 
 
 def bleu(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:

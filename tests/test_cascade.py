@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import sacrebleu
 
+from cat_jax import metrics
 from cat_jax.cascade import curves, plots, posthoc, records, rules, summary
 from cat_jax.cascade.curves import CurveKey, CurvePoint, OperatingPoint
 
@@ -144,7 +145,8 @@ def bleu(hypotheses, references):
     return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
 
 
-def test_corpus_bleu_recomputed_on_mixed_hypotheses():
+@pytest.mark.parametrize("additive", [False, True], ids=["any_corpus_metric", "from_summed_statistics"])
+def test_corpus_bleu_recomputed_on_mixed_hypotheses(additive):
     refs = [
         "the cat sat on the mat near the door",
         "a quick brown fox jumps over the lazy dog",
@@ -169,13 +171,15 @@ def test_corpus_bleu_recomputed_on_mixed_hypotheses():
         return records.ModelOutputs(ids, hyps, refs, [[-0.5]] * 4, [[0.1]] * 4, np.zeros(4), np.ones(4))
 
     small, large = outputs(small_h), outputs(large_h)
-    points = curves.sweep(np.array([0.3, 0.1, 0.4, 0.2]), small, large, corpus_metric=bleu)
-    assert points[0].quality == bleu(small_h, refs) and points[-1].quality == bleu(large_h, refs)
+    metric = metrics.corpus_bleu if additive else (lambda targets, hypotheses: bleu(hypotheses, targets))
+    points = curves.sweep(np.array([0.3, 0.1, 0.4, 0.2]), small, large, corpus_metric=metric)
+    assert points[0].quality == pytest.approx(bleu(small_h, refs), abs=1e-9)
+    assert points[-1].quality == pytest.approx(bleu(large_h, refs), abs=1e-9)
     mixed = [small_h[0], large_h[1], small_h[2], large_h[3]]  # scores 0.1 and 0.2 deferred
-    assert points[2].deferral_rate == 0.5 and points[2].quality == bleu(mixed, refs)
+    assert points[2].deferral_rate == 0.5 and points[2].quality == pytest.approx(bleu(mixed, refs), abs=1e-9)
     assert 0 < bleu(small_h, refs) < bleu(mixed, refs) < bleu(large_h, refs)
-    small_pt, large_pt = curves.standalone_points(small, large, corpus_metric=bleu)
-    assert small_pt == (1.0, bleu(small_h, refs)) and large_pt == (1.0, bleu(large_h, refs))
+    small_pt, large_pt = curves.standalone_points(small, large, corpus_metric=metric)
+    assert small_pt == pytest.approx((1.0, bleu(small_h, refs))) and large_pt == pytest.approx((1.0, bleu(large_h, refs)))
 
 
 def synthetic(rng, n):

@@ -1,5 +1,6 @@
 """Metric functions against hand-computed values."""
 
+import numpy as np
 import pytest
 import sacrebleu
 
@@ -49,6 +50,23 @@ def test_bleu_equals_sacrebleu():
     assert metrics.bleu(targets, predictions) == {"bleu": pytest.approx(expected)}
     assert 0.0 < expected < 100.0
     assert metrics.corpus_bleu(targets, targets) == pytest.approx(100.0)
+
+
+def test_bleu_from_summed_statistics_equals_sacrebleu_on_any_mix():
+    rng = np.random.default_rng(0)
+    words = "un deux trois quatre cinq six sept huit neuf dix cent mille et".split()
+    targets = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(40)]
+    noisy = [" ".join(w for w in t.split() if rng.random() > 0.3) + " un" for t in targets]
+    other = [t if rng.random() > 0.5 else "  cent   deux " for t in targets]
+    noisy_stats, other_stats = (metrics.bleu_statistics(targets, p) for p in (noisy, other))
+    assert noisy_stats.shape == (40, 10)
+    for _ in range(5):
+        pick = rng.random(40) < 0.5
+        mixed = [o if k else n for k, n, o in zip(pick, noisy, other)]
+        expected = sacrebleu.corpus_bleu([" ".join(m.split()) for m in mixed], [targets]).score
+        summed = np.where(pick[:, None], other_stats, noisy_stats).sum(axis=0)
+        assert metrics.bleu_from_statistics(summed) == pytest.approx(expected, abs=1e-9)
+        assert metrics.corpus_bleu(targets, mixed) == pytest.approx(expected, abs=1e-9)
 
 
 def test_length_mismatch_and_empty_are_errors():

@@ -14,9 +14,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cat_jax.cascade.records import ModelOutputs, check_aligned
+from cat_jax.metrics import additive_form
 
-# corpus_metric(predictions [N], targets [N]) -> one corpus-level score, e.g. sacrebleu BLEU.
-CorpusMetric = Callable[[Sequence[str], Sequence[Any]], float]
+# corpus_metric(targets [N], predictions [N]) -> one corpus-level score, e.g. sacrebleu BLEU. One with
+# a registered metrics.AdditiveForm (corpus_bleu has one) is re-scored from summed per-example statistics.
+CorpusMetric = Callable[[Sequence[Any], Sequence[str]], float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,7 @@ def _quality(
     predictions: Sequence[str], per_example: np.ndarray, targets: Sequence[Any], metric: CorpusMetric | None
 ) -> float:
     """The mean of per_example [N], or metric(predictions, targets) when a corpus metric is given."""
-    return float(per_example.mean()) if metric is None else float(metric(list(predictions), list(targets)))
+    return float(per_example.mean()) if metric is None else float(metric(list(targets), list(predictions)))
 
 
 def _thresholds(scores: np.ndarray, num_thresholds: int | None) -> np.ndarray:
@@ -93,12 +95,19 @@ def sweep(
             raise ValueError(f"extra_small_flops must be [N] = ({n},); got {extra.shape}.")
         small_cost += extra.sum()
     large_total = large.flops.sum()
+    additive = additive_form(corpus_metric)
+    if additive is not None:
+        small_stats = additive.statistics(list(small.targets), list(small.predictions))
+        large_stats = additive.statistics(list(large.targets), list(large.predictions))
     points = []
     for threshold in _thresholds(scores, num_thresholds):
         deferred = scores < threshold
-        mixed = [l if d else s for d, s, l in zip(deferred, small.predictions, large.predictions)]
-        per_example = np.where(deferred, large.quality, small.quality)
-        quality = _quality(mixed, per_example, small.targets, corpus_metric)
+        if additive is not None:
+            quality = additive.from_statistics(np.where(deferred[:, None], large_stats, small_stats).sum(axis=0))
+        else:
+            mixed = [l if d else s for d, s, l in zip(deferred, small.predictions, large.predictions)]
+            per_example = np.where(deferred, large.quality, small.quality)
+            quality = _quality(mixed, per_example, small.targets, corpus_metric)
         points.append(
             CurvePoint(
                 threshold=float(threshold),

@@ -193,11 +193,9 @@ def curve_groups(split: Split, mixture_name: str) -> dict[str, np.ndarray]:
 
 
 def _corpus_metric(group: str, tasks: Sequence[str]) -> curves_lib.CorpusMetric | None:
-    """The task's corpus metric as sweep wants it, (predictions, targets) -> score; None if per-example."""
-    corpus = metrics.get_quality(group).corpus if group in tasks else None
-    if corpus is None:
-        return None
-    return lambda predictions, targets: corpus(targets, predictions)
+    """The task's corpus metric, (targets, predictions) -> score; None if per-example (and for the
+    pooled mixture)."""
+    return metrics.get_quality(group).corpus if group in tasks else None
 
 
 def analyse(test: Split, records: Mapping[str, ModelOutputs], plan: Sequence[RuleSpec], *,
@@ -208,7 +206,8 @@ def analyse(test: Split, records: Mapping[str, ModelOutputs], plan: Sequence[Rul
     val_groups = None if validation is None else curve_groups(validation[0], mixture_name)
     small_names = [n for n in records if n != LARGE]
     curves, standalone, metric_names = {}, {}, {}
-    for group, rows in groups.items():
+    for index, (group, rows) in enumerate(groups.items(), start=1):
+        started = time.time()
         metric = _corpus_metric(group, list(test.task_rows))
         metric_names[group] = "mean per-example quality" if metric is None else "BLEU (sacrebleu)"
         thresholds = num_thresholds if metric is None else (num_thresholds or CORPUS_THRESHOLDS)
@@ -227,6 +226,8 @@ def analyse(test: Split, records: Mapping[str, ModelOutputs], plan: Sequence[Rul
                 curves[curves_lib.CurveKey(group, name, spec.label)] = curves_lib.sweep(
                     scores, small, large, extra_small_flops=rules_lib.extra_small_flops(spec.rule, others),
                     corpus_metric=metric, num_thresholds=thresholds)
+        log.info("[%d/%d] swept %d rules x %d small models on %s (%d examples) in %.1f s", index,
+                 len(groups), len(plan), len(smalls), group, len(rows), time.time() - started)
     return Analysis(curves, standalone, metric_names)
 
 
