@@ -69,7 +69,8 @@ def _train(stages: Stages, name: str, run_file: str, extra: list[str] = (), step
     model_dir = os.path.join(DEMO_DIR, name)
     stages.run(f"train {name}", ["cat_jax.train", f"--gin_file=gin_configs/runs/{run_file}",
                                  f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}",
-                                 "--gin.BATCH_SIZE=32", "--gin.train.eval_period=0", *COMMON, *extra])
+                                 "--gin.BATCH_SIZE=32", "--gin.train.eval_period=0", *COMMON, *extra],
+               skip_if=os.path.join(model_dir, str(steps)))  # orbax's directory of the final step
     return model_dir
 
 
