@@ -49,7 +49,7 @@ class OperatingPoint(NamedTuple):
 def _quality(
     predictions: Sequence[str], per_example: np.ndarray, targets: Sequence[Any], metric: CorpusMetric | None
 ) -> float:
-    """The mean of per_example [N], or metric(predictions, targets) when a corpus metric is given."""
+    """The mean of per_example [N], or metric(targets, predictions) when a corpus metric is given."""
     return float(per_example.mean()) if metric is None else float(metric(list(targets), list(predictions)))
 
 
