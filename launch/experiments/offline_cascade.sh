@@ -12,7 +12,7 @@
 #      2000 test examples per task: sized for 30 minutes on one H100 from a FLOP estimate, not yet
 #      measured (docs/RESULTS.md).
 # cpu: demo_large / demo_small shapes, float32, batch 32, 600 / 300 steps, 128 test examples per
-#      task: the same pipeline at smoke scale (~35 minutes for two seeds on 2 cores); its numbers
+#      task: the same pipeline at smoke scale (~42 minutes for two seeds on 2 cores); its numbers
 #      say little about CAT (docs/RESULTS.md has one such run).
 # Results: <out>/seed<k>/cascade/{summary.md,curves.csv,*.png}; compare seeds with
 #   python -m cat_jax.cascade.compare <out>/seed*/cascade   (prints AUC mean and spread per student)
