@@ -27,14 +27,12 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cat_jax.errors import CheckpointError
+
 PyTree = Any
 
 _STATE = "state"
 _METADATA = "metadata"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory, step or structure that cannot be used; the message names the fix."""
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:

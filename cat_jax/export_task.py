@@ -6,7 +6,7 @@
 Writes `<EXPORT_DIR>/<name>.<split>.npz` (the examples as `load_split` builds them) and
 `<name>.<split>.json` (lengths, vocabulary, mixture rates, metrics). Then train, evaluate or infer
 anywhere, TensorFlow or not, with `--gin.data_source.exported_dir=<EXPORT_DIR>` and the same
-name, split(s) and lengths. See `cat_jax.exported`.
+name, split(s) and lengths. See `cat_jax.data.exported`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from cat_jax import gin_utils, runtime
-from cat_jax.data import export_split
+from cat_jax.data.export import export_split
 
 
 def main(rest: list[str]) -> int:

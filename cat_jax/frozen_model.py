@@ -16,9 +16,9 @@ from jax.sharding import Mesh
 
 from cat_jax import model_dir as model_dir_lib
 from cat_jax import partitioning
-from cat_jax.checkpoints import CheckpointError, restore_params
+from cat_jax.checkpoints import restore_params
 from cat_jax.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
-from cat_jax.errors import TeacherMismatchError
+from cat_jax.errors import CheckpointError, TeacherMismatchError
 from cat_jax.models import T5Config
 
 

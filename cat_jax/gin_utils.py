@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import gin
+
+from cat_jax.errors import FRIENDLY, ConfigError, NonFiniteLossError, Terminated
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PATHS = (REPO_ROOT / "gin_configs", REPO_ROOT)
 
 # gin logs every search-path miss of an `include` as an error, even when a later path matches.
 logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found"))
-
-
-class ConfigError(ValueError):
-    """A command line or gin configuration that cannot work; the message names the fix."""
 
 
 def _override_value(value: str) -> str:
@@ -107,7 +107,11 @@ def _search_repository_first() -> None:
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
-    """Parse gin files and bindings; any gin error becomes a ConfigError naming file and fix."""
+    """Parse gin files and bindings; any gin error becomes a ConfigError naming file and fix.
+
+    A `--gin.NAME=value` binding of a macro that no parsed gin file uses is an error too (a typo
+    such as LEARNIG_RATE would otherwise train at the default), naming the closest used macros.
+    """
     _search_repository_first()
     resolved = [_resolve_gin_file(f) for f in files]
     skip = False if _importable("seqio") and _importable("tensorflow") else list(SEQIO_ONLY_CONFIGURABLES)
@@ -115,10 +119,57 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *, finalize: bool =
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=finalize, skip_unknown=skip)
     except (ValueError, KeyError, SyntaxError, ImportError, TypeError) as e:
         raise ConfigError(
-            f"Invalid gin configuration ({type(e).__name__}): {e}\n"
+            f"Invalid gin configuration ({type(e).__name__}): {_strip_gin_context(str(e))}\n"
             f"Gin files: {resolved or 'none'}; overrides: {list(bindings) or 'none'}. Check the "
             f"spelling of the configurable and parameter names, and that string values are quoted."
         ) from e
+    _check_macros_used(bindings, resolved)
+
+
+def _strip_gin_context(message: str) -> str:
+    """A gin error message without the "In call to configurable ..." lines gin appends."""
+    return "\n".join(line for line in message.splitlines()
+                     if not line.strip().startswith("In call to configurable")).rstrip()
+
+
+def _macro_references(value: Any, found: set[str]) -> None:
+    """Adds to `found` every macro name `value` (a bound gin value, maybe nested) refers to."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        if value.configurable.name == "macro":
+            found.add(value.scoped_selector.split("/")[0])
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            _macro_references(v, found)
+    elif isinstance(value, (list, tuple, set)):
+        for v in value:
+            _macro_references(v, found)
+
+
+def used_macros() -> set[str]:
+    """The macros that some binding of the parsed configuration refers to (`%NAME`)."""
+    found: set[str] = set()
+    for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
+        for value in params.values():
+            _macro_references(value, found)
+    return found
+
+
+def _check_macros_used(bindings: Sequence[str], files: Sequence[str]) -> None:
+    bound = [b.split("=", 1)[0].strip() for b in bindings if "=" in b]
+    macros = [name for name in bound if name and "." not in name and "/" not in name]
+    if not macros:
+        return
+    used = used_macros()
+    unknown = [m for m in macros if m not in used]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(used), n=3, cutoff=0.5)
+            hints.append(f"--gin.{name}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(
+            f"{'; '.join(hints)}: no gin file uses this macro, so the binding would change nothing. "
+            f"Macros the gin files {list(files) or '(none)'} use: {', '.join(sorted(used)) or 'none'}. "
+            "Fix the spelling, or bind a configurable's parameter instead (--gin.configurable.param=...).")
 
 
 def write_config(model_dir: str, name: str = "config.gin") -> str:
@@ -137,13 +188,16 @@ def write_operative_config(model_dir: str) -> str:
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None,
-        description: str = "") -> None:
-    """Run an entry point: parse `--gin_*` flags, call `main(rest)`, turn known errors into exit 2.
+        description: str = "", sigterm_exit_code: int = 143) -> None:
+    """Run an entry point: parse `--gin_*` flags, call `main(rest)`, turn known errors into exits.
 
     Errors that name their fix (bad config, unknown task, missing checkpoint) are printed without a
-    traceback and exit with status 2; a non-finite loss exits with status 3.
+    traceback and exit with status 2; a non-finite loss or update exits with status 3. SIGTERM
+    outside a phase that handles it (the training loop saves and stops) prints what was running
+    and what is on disk, and exits with `sigterm_exit_code` (the trainer passes 0: its state on disk
+    is always resumable).
     """
-    from cat_jax.errors import NonFiniteLossError, friendly_errors
+    from cat_jax import runtime  # pylint: disable=import-outside-toplevel
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -151,15 +205,19 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         print("\nFlags: --gin_file=FILE (repeatable), --gin.NAME=VALUE (repeatable).")
         sys.exit(0)
     files, bindings, rest = split_gin_args(argv)
+    runtime.install_sigterm_handler()
     try:
         parse_gin(files, bindings)
         code = main(rest)
     except NonFiniteLossError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(3)
-    except friendly_errors() as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+    except FRIENDLY as e:
+        print(f"ERROR: {_strip_gin_context(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print(f"Stopped by SIGTERM {runtime.termination_report()}", file=sys.stderr)
+        sys.exit(sigterm_exit_code)
     sys.exit(code or 0)
 
 

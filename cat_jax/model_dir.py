@@ -74,8 +74,7 @@ def run_info(config: T5Config, vocab, loss_options, dataset, teacher) -> dict[st
 def _data_source() -> str:
     """'seqio' or 'exported:<dir>' (provenance only; not compared on resume)."""
     from cat_jax import data  # pylint: disable=import-outside-toplevel
-    exported = data.exported_dir()
-    return f"exported:{exported}" if exported else "seqio"
+    return data.data_source().describe()
 
 
 def read_run_info(model_dir: str) -> dict[str, Any] | None:

@@ -14,12 +14,17 @@ tagged with its process (`[p3/8]`), so that a failure on one host can be told ap
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 
 import gin
 import jax
+
+from cat_jax.errors import ConfigError, Terminated
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -57,7 +62,6 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        from cat_jax.gin_utils import ConfigError
         raise ConfigError(f"Environment variable {name}={value!r} must be an integer.") from None
 
 
@@ -77,20 +81,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if process_id is None:
         process_id = _env_int("CAT_JAX_PROCESS_ID")
     cpu_collectives = cpu_collectives or env.get("CAT_JAX_CPU_COLLECTIVES") or None
-    if not _initialized():
+    if not jax.distributed.is_initialized():
         if cpu_collectives:
             jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         if auto:
             jax.distributed.initialize()
         elif coordinator_address:
             if num_processes is None or process_id is None:
-                from cat_jax.gin_utils import ConfigError
                 raise ConfigError(
                     f"Coordinator {coordinator_address} given without the process count and id; set "
                     f"CAT_JAX_NUM_PROCESSES and CAT_JAX_PROCESS_ID (or gin initialize.num_processes "
                     f"and initialize.process_id) on every process.")
             if not 0 <= process_id < num_processes:
-                from cat_jax.gin_utils import ConfigError
                 raise ConfigError(f"Process id {process_id} is outside [0, {num_processes}).")
             jax.distributed.initialize(coordinator_address=coordinator_address,
                                        num_processes=num_processes, process_id=process_id)
@@ -101,16 +103,48 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             jax.process_count(), jax.device_count(), jax.local_device_count())
 
 
-def _initialized() -> bool:
-    try:
-        from jax._src import distributed
-        return distributed.global_state.client is not None
-    except (ImportError, AttributeError):
-        return False
-
-
 def sync(name: str) -> None:
     """Wait until every process has reached the barrier `name` (no-op with one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+# What the process is doing and what is safely on disk, for the message SIGTERM prints.
+_STATUS = {"doing": "during start-up", "on_disk": "Nothing was written."}
+
+
+def _raise_terminated(signum, frame) -> None:  # pylint: disable=unused-argument
+    raise Terminated()
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM raises `Terminated` (caught by `gin_utils.run`, which reports `termination_report`).
+
+    Phases that must finish what they do first (the training loop: save, then stop) install their
+    own handler for their duration (`trainer.PreemptionWatcher`).
+    """
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+@contextlib.contextmanager
+def phase(doing: str, on_disk: str | None = None) -> Iterator[None]:
+    """Within the block, a SIGTERM report says "while <doing>" (and `on_disk`, when given)."""
+    previous = dict(_STATUS)
+    _STATUS["doing"] = f"while {doing}"
+    if on_disk is not None:
+        _STATUS["on_disk"] = on_disk
+    try:
+        yield
+    finally:
+        _STATUS.update(previous)
+
+
+def set_on_disk(text: str) -> None:
+    """What a SIGTERM report says is saved from now on (e.g. "The latest checkpoint is step 200")."""
+    _STATUS["on_disk"] = text
+
+
+def termination_report() -> str:
+    """"while <phase>. <what is on disk>" for the message printed after SIGTERM."""
+    return f"{_STATUS['doing']}. {_STATUS['on_disk']}"

@@ -19,6 +19,7 @@ import jax
 from cat_jax import data as data_lib
 from cat_jax import evaluation, gin_utils, model_dir as model_dir_lib, partitioning
 from cat_jax.checkpoints import Checkpointer, restore_params
+from cat_jax.errors import ConfigError
 from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions
 from cat_jax.metric_writers import MetricWriter
 from cat_jax.models import T5Config, forward_flops
@@ -84,7 +85,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                                model_config, vocab, mesh, rules)
         log.info("Teacher: step %d of %s, %s parameters", teacher.step, teacher_model_dir, teacher_dtype)
     elif loss_options.needs_teacher:
-        raise gin_utils.ConfigError(
+        raise ConfigError(
             f"The loss {loss_options} needs a frozen large model, but no teacher is configured. "
             f"Set --gin.TEACHER_MODEL_DIR=<the large model's MODEL_DIR>.")
     run_info = model_dir_lib.run_info(model_config, vocab, loss_options, train_dataset, teacher)

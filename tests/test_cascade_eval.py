@@ -12,10 +12,10 @@ import pytest
 from cat_jax import data, metrics
 from cat_jax.cascade.pipeline import (LARGE, Decoded, analyse, load_split, plan_rules, run_cascade_eval,
                                       to_records)
-from cat_jax.checkpoints import CheckpointError
+from cat_jax.errors import CheckpointError
 from cat_jax.errors import TeacherMismatchError
 from cat_jax.evaluation import Predictions
-from cat_jax.gin_utils import ConfigError
+from cat_jax.errors import ConfigError
 from cat_jax.inference import InferenceConfig
 from cat_jax.models import T5Config, forward_flops
 from conftest import DATA_CACHE, run_module, train_args

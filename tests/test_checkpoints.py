@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from cat_jax.checkpoints import Checkpointer, CheckpointError, restore_params
+from cat_jax.checkpoints import Checkpointer, restore_params
+from cat_jax.errors import CheckpointError
 
 
 @flax.struct.dataclass

@@ -16,8 +16,9 @@ import gin
 import numpy as np
 import pytest
 
-from cat_jax import data, evaluation, exported, model_dir, vocabularies
-from cat_jax.errors import UnknownTaskError
+from cat_jax import data, evaluation, model_dir, vocabularies
+from cat_jax.data import export as data_export
+from cat_jax.errors import ExportedDataError, UnknownTaskError
 from conftest import REPO, SUBPROCESS_ENV, TINY_TASK, run_module, train_args
 
 LENGTHS = {"inputs": 32, "targets": 8}          # TINY_ARGS' lengths
@@ -106,7 +107,7 @@ def task_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mix_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("exported_mix")
-    data.export_split("offline_mix", ["train", "validation"], MIX_LENGTHS, str(out), max_examples=MIX_CAP)
+    data_export.export_split("offline_mix", ["train", "validation"], MIX_LENGTHS, str(out), max_examples=MIX_CAP)
     return out
 
 
@@ -195,7 +196,7 @@ def test_sentencepiece_export_matches_seqio(tmp_path):
                 gin.bind_parameter(k, v)
         live_vocab = data.get_vocabulary_of("num2words_fr")
         live = data.load_split("num2words_fr", "validation", MIX_LENGTHS, max_examples=8)
-        data.export_split("num2words_fr", "validation", MIX_LENGTHS, str(out), max_examples=8)
+        data_export.export_split("num2words_fr", "validation", MIX_LENGTHS, str(out), max_examples=8)
     finally:
         with gin.unlock_config():
             gin.bind_parameter("get_vocabulary.kind", "byte")
@@ -223,11 +224,11 @@ def test_sentencepiece_export_matches_seqio(tmp_path):
 
 def test_errors_name_the_file_and_the_export_command(task_dir, tmp_path):
     with exported_source(task_dir):
-        with pytest.raises(exported.ExportedDataError) as missing:
+        with pytest.raises(ExportedDataError) as missing:
             data.load_split(TINY_TASK, "test", LENGTHS)
-        with pytest.raises(exported.ExportedDataError) as lengths:
+        with pytest.raises(ExportedDataError) as lengths:
             data.load_split(TINY_TASK, "train", {"inputs": 64, "targets": 8}, max_examples=TRAIN_CAP)
-        with pytest.raises(exported.ExportedDataError) as cap:
+        with pytest.raises(ExportedDataError) as cap:
             data.load_split(TINY_TASK, "train", LENGTHS)  # every example, but the export has 256
         with pytest.raises(UnknownTaskError, match="not exported"):
             data.get_task_or_mixture("offline_mix")
@@ -236,7 +237,7 @@ def test_errors_name_the_file_and_the_export_command(task_dir, tmp_path):
     assert "{'inputs': 32, 'targets': 8}" in str(lengths.value) and "{'inputs': 64, 'targets': 8}" in str(lengths.value)
     assert "max_examples=256" in str(cap.value) and "python -m cat_jax.export_task" in str(cap.value)
     with exported_source(tmp_path / "nowhere"):
-        with pytest.raises(exported.ExportedDataError, match="not a directory"):
+        with pytest.raises(ExportedDataError, match="not a directory"):
             data.load_split(TINY_TASK, "train", LENGTHS)
 
 

@@ -296,7 +296,8 @@ def test_restore_into_another_structure_names_the_mismatch(runs):
     """The checkpoint layer's own check (the one behind a restore without run_info.json): a
     2-process checkpoint restored into a template of another model raises CheckpointError."""
     from cat_jax import partitioning
-    from cat_jax.checkpoints import CheckpointError, restore_params
+    from cat_jax.checkpoints import restore_params
+    from cat_jax.errors import CheckpointError
     from cat_jax.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
     from cat_jax.models import T5Config
     model_dir = runs[2][0]

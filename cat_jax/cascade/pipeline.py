@@ -27,9 +27,8 @@ from cat_jax.cascade import curves as curves_lib
 from cat_jax.cascade import plots, summary
 from cat_jax.cascade import rules as rules_lib
 from cat_jax.cascade.records import ModelOutputs
-from cat_jax.errors import TeacherMismatchError
+from cat_jax.errors import ConfigError, TeacherMismatchError
 from cat_jax.frozen_model import check_vocabulary, load_frozen_model, read_model_info
-from cat_jax.gin_utils import ConfigError
 from cat_jax.inference import InferenceConfig
 from cat_jax.models import forward_flops
 

@@ -1,20 +1,21 @@
 """Exported splits: a task's examples as plain files, read back without TensorFlow or seqio.
 
-`python -m cat_jax.export_task` (the gin job is `cat_jax.data.export_split`; no gin configurable
+`python -m cat_jax.export_task` (the gin job `cat_jax.data.export.export_split`; no gin configurable
 lives here, so this module can be imported after gin's config is locked) writes, for each (name, split),
 into EXPORT_DIR:
 
   <name>.<split>.npz    the split's `ExampleArrays` exactly as `load_split` builds them through seqio
                         (features, ids, task names, pretokenized texts, lengths, extras), plus
                         `postprocessed_targets`: each target after its task's postprocess_fn (JSON);
-  <name>.<split>.json   the manifest: lengths, cap, example counts, the vocabulary (class, size,
+  <name>.<split>.json   the manifest: lengths, cap (an export with MAX_EXAMPLES holds the uniform
+                        sample `cat_jax.data.arrays.sample_per_task` takes), example counts, the vocabulary (class, size,
                         eos/pad/unk ids; SentencePiece: the model file and its SHA-256), the
                         mixture rates, and per task the postprocess_fn, metric fns and cascade
                         quality functions as importable names (`module:qualname`);
   sentencepiece.<sha16>.model   a SentencePiece vocabulary's serialized model (if any).
 
 With `--gin.data_source.exported_dir=EXPORT_DIR`, `cat_jax.data` serves every task look-up from
-these files (`registry(dir)`): `load_split` reads the .npz, `get_vocabulary_of` rebuilds the
+these files (`ExportedSource`): `load_split` reads the .npz, `get_vocabulary_of` rebuilds the
 vocabulary with `cat_jax.vocabularies`, `mixture_rates` reads the manifest, and
 `get_task_or_mixture` returns an `ExportedTask` whose `postprocess_fn` / `predict_metric_fns` the
 evaluation calls as it calls seqio's.
@@ -36,25 +37,20 @@ import importlib
 import json
 import logging
 import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from cat_jax import data as data_lib
 from cat_jax import metrics, vocabularies
-from cat_jax.errors import UnknownTaskError
-from cat_jax.gin_utils import ConfigError
+from cat_jax.data.arrays import ExampleArrays
+from cat_jax.data.source import DataSource
+from cat_jax.errors import ExportedDataError, UnknownTaskError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "cat_jax.exported_split/1"
+FORMAT = "cat_jax.exported_split/2"  # 2: MAX_EXAMPLES keeps a uniform sample (1: the first examples)
 POSTPROCESSED_TARGETS = "postprocessed_targets"
-
-
-class ExportedDataError(ConfigError):
-    """An exported split that is missing or does not match the run; the message has the command."""
 
 
 def npz_path(directory: str, name: str, split: str) -> str:
@@ -109,119 +105,11 @@ def _try_resolve(name: str | None) -> tuple[Any, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _describe_fn(fn: Any) -> str:
+def describe_fn(fn: Any) -> str:
     """A readable name for a function (for messages), importable or not."""
     inner = getattr(fn, "func", fn)  # functools.partial
     name = f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', type(inner).__name__)}"
     return name if inner is fn else f"partial({name})"
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, (tuple, set, frozenset)):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-# ---------------------------------------------------------------------------------------------
-# Export (needs seqio and TensorFlow).
-
-def _task_info(task: Any) -> dict[str, Any]:
-    post = getattr(task, "postprocess_fn", None)
-    if hasattr(task, "_postprocess_fn"):  # seqio.Task: `postprocess_fn` is a method around this one
-        post = task._postprocess_fn  # pylint: disable=protected-access
-    fns = list(getattr(task, "predict_metric_fns", None) or getattr(task, "metric_fns", []))
-    info: dict[str, Any] = {
-        "splits": list(task.splits),
-        "postprocess_fn": qualified_name(post) if post is not None else None,
-        "has_postprocess_fn": post is not None,
-        "postprocess_fn_repr": _describe_fn(post),
-        "metric_fns": [qualified_name(fn) for fn in fns],
-        "metric_fn_reprs": [_describe_fn(fn) for fn in fns],
-        "quality": None,
-    }
-    try:
-        quality = metrics.get_quality(task.name)
-    except ValueError:
-        quality = None
-    if quality is not None:
-        info["quality"] = {"per_example": qualified_name(quality.per_example),
-                           "corpus": qualified_name(quality.corpus) if quality.corpus else None}
-    return info
-
-
-def _postprocessed_targets(arrays: data_lib.ExampleArrays, tasks: Mapping[str, Any]) -> np.ndarray:
-    out = []
-    for i, name in enumerate(arrays.task_names.tolist()):
-        post = getattr(tasks[name], "postprocess_fn", None)
-        target = str(arrays.targets_text[i])
-        value = post(target, example=arrays.example(i), is_target=True) if post is not None else target
-        try:
-            out.append(json.dumps(value, default=_json_default))
-        except (TypeError, ValueError):
-            out.append("null")  # read back as "not stored": normalised text is used instead
-    return np.array(out, dtype=str)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{uuid.uuid4().hex}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def export_one(name: str, split: str, task_feature_lengths: Mapping[str, int], export_dir: str,
-               max_examples: int | None = None) -> dict[str, Any]:
-    """Export one split of a task or mixture through the live seqio pipeline; returns the manifest."""
-    lengths = {k: int(v) for k, v in dict(task_feature_lengths).items()}
-    export_dir = os.path.abspath(os.path.expanduser(export_dir))
-    provider = data_lib.get_seqio_task_or_mixture(name)
-    leaf = list(provider.tasks) if hasattr(provider, "tasks") else [provider]
-    tasks = {t.name: t for t in leaf}
-    arrays = data_lib.load_live_split(name, split, lengths, max_examples=max_examples)
-    vocab = data_lib.seqio_vocabulary_of(name)
-    os.makedirs(export_dir, exist_ok=True)
-    rates = ({t.name: float(provider.get_rate(t)) for t in provider.tasks}
-             if hasattr(provider, "tasks") else None)
-    order = list(dict.fromkeys(arrays.task_names.tolist()))
-    manifest = {
-        "format": FORMAT,
-        "name": name,
-        "split": split,
-        "kind": "mixture" if rates is not None else "task",
-        "task_feature_lengths": lengths,
-        "max_examples": max_examples,
-        "num_examples": len(arrays),
-        "num_examples_per_task": {t: int(np.sum(arrays.task_names == t)) for t in order},
-        "truncated": {"inputs": arrays.num_truncated_inputs, "targets": arrays.num_truncated_targets},
-        "vocabulary": vocabularies.describe(vocab, export_dir),
-        "rates": rates,
-        "task_order": [t.name for t in leaf],
-        "tasks": {t.name: _task_info(t) for t in leaf},
-        "arrays": os.path.basename(npz_path(export_dir, name, split)),
-        "export_command": export_command(name, split, lengths, export_dir, max_examples),
-    }
-    arrays.save(npz_path(export_dir, name, split),
-                extra={POSTPROCESSED_TARGETS: _postprocessed_targets(arrays, tasks)})
-    _write_json(manifest_path(export_dir, name, split), manifest)
-    log.info("Exported %s/%s: %d examples to %s", name, split, len(arrays), npz_path(export_dir, name, split))
-    return manifest
-
-
-def export_splits(mixture_or_task_name: str, split: str | Sequence[str],
-                  task_feature_lengths: Mapping[str, int], export_dir: str,
-                  max_examples: int | None = None) -> list[dict[str, Any]]:
-    """Each split (one name or a list) of the task or mixture into `export_dir`: the manifests."""
-    splits = [split] if isinstance(split, str) else list(split)
-    return [export_one(mixture_or_task_name, s, task_feature_lengths, export_dir, max_examples)
-            for s in splits]
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading (plain numpy + json; no TensorFlow, no seqio).
@@ -336,20 +224,28 @@ class ExportedMixture:
         return float(self.rates[getattr(task, "name", task)])
 
 
-class Registry:
+class ExportedSource(DataSource):
     """Every manifest of an export directory: names -> tasks / mixtures, vocabularies, splits."""
+
+    kind = "exported"
 
     def __init__(self, directory: str):
         self.directory = directory
         self.manifests: dict[tuple[str, str], dict[str, Any]] = {}
+        self.outdated: list[str] = []
         for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.json"))):
             try:
                 with open(path) as f:
                     manifest = json.load(f)
             except (OSError, ValueError):
                 continue
-            if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+            if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(
+                    "cat_jax.exported_split/"):
+                continue
+            if manifest["format"] == FORMAT:
                 self.manifests[(manifest["name"], manifest["split"])] = manifest
+            else:
+                self.outdated.append(os.path.basename(path))
         self.tasks: dict[str, ExportedTask] = {}
         self.providers: dict[str, ExportedTask | ExportedMixture] = {}
         self._vocab_desc: dict[str, dict[str, Any]] = {}
@@ -393,16 +289,21 @@ class Registry:
                 f"The exports of {name!r} in {self.directory} disagree on the vocabulary ({old} vs "
                 f"{desc}); export every split again with the same vocabulary.")
 
+    def describe(self) -> str:
+        return f"exported:{self.directory}"
+
     def _unknown(self, name: str) -> UnknownTaskError:
         names = sorted(self.providers)
+        outdated = (f" ({', '.join(self.outdated)} were written by an older cat_jax, format "
+                    f"{FORMAT} is needed: export them again.)" if self.outdated else "")
         return UnknownTaskError(
             f"{name!r} is not exported in {self.directory} (data_source.exported_dir); it holds "
-            f"{names or 'no exports'}. Export it where seqio is installed with: python -m "
+            f"{names or 'no exports'}.{outdated} Export it where seqio is installed with: python -m "
             f"cat_jax.export_task --gin_file=gin_configs/runs/export_task.gin --gin.MIXTURE_OR_TASK_NAME={name} "
             f"--gin.SPLIT=<split(s)> --gin.TASK_FEATURE_LENGTHS=<lengths> --gin.EXPORT_DIR={self.directory}, "
             "or drop data_source.exported_dir to use seqio.")
 
-    def get(self, name: str) -> ExportedTask | ExportedMixture:
+    def provider(self, name: str) -> ExportedTask | ExportedMixture:
         if name not in self.providers:
             raise self._unknown(name)
         return self.providers[name]
@@ -412,8 +313,11 @@ class Registry:
             raise self._unknown(name)
         return _vocabulary(self.directory, json.dumps(self._vocab_desc[name], sort_keys=True))
 
-    def load_split(self, name: str, split: str, task_feature_lengths: Mapping[str, int],
-                   max_examples: int | None = None) -> data_lib.ExampleArrays:
+    def load_split(self, name: str, split: str, lengths: Mapping[str, int],
+                   max_examples: int | None = None, cache_dir: str | None = None) -> ExampleArrays:
+        """The stored examples (a capped export: checked to hold `max_examples` per task)."""
+        del cache_dir
+        task_feature_lengths = lengths
         lengths = {k: int(v) for k, v in dict(task_feature_lengths).items()}
         npz = npz_path(self.directory, name, split)
         command = export_command(name, split, lengths, self.directory, max_examples)
@@ -436,7 +340,7 @@ class Registry:
                     f"{max_examples if max_examples is not None else 'every example'} (tasks {cut} "
                     f"may have more). Export it again with that cap:\n  {command}")
         log.info("Loading %s/%s from exported %s", name, split, npz)
-        arrays = data_lib.ExampleArrays.load(npz)
+        arrays = ExampleArrays.load(npz)
         with np.load(npz, allow_pickle=False) as stored:
             post = stored[POSTPROCESSED_TARGETS] if POSTPROCESSED_TARGETS in stored.files else None
         shapes = (arrays.features["encoder_input_tokens"].shape[1], arrays.features["decoder_target_tokens"].shape[1])
@@ -445,8 +349,6 @@ class Registry:
                                     f"it again:\n  {command}")
         if post is not None:
             self._add_targets(arrays.ids, arrays.task_names, post)
-        if max_examples is not None and (cap is None or max_examples < cap):
-            arrays = _first_per_task(arrays, max_examples)
         return arrays
 
 
@@ -454,22 +356,16 @@ def vocabularies_key(desc: Mapping[str, Any]) -> tuple:
     return tuple(desc.get(k) for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256"))
 
 
-def _first_per_task(arrays: data_lib.ExampleArrays, cap: int) -> data_lib.ExampleArrays:
-    """The first `cap` examples of each task, in order (what seqio's `take(cap)` per task gives)."""
-    rows = [np.flatnonzero(arrays.task_names == t)[:cap] for t in dict.fromkeys(arrays.task_names.tolist())]
-    return arrays.take(np.concatenate(rows))
-
-
 @functools.lru_cache(maxsize=None)
 def _vocabulary(directory: str, desc_json: str) -> Any:
     return vocabularies.from_description(json.loads(desc_json), directory)
 
 
-_REGISTRIES: dict[tuple[str, tuple], Registry] = {}
+_REGISTRIES: dict[tuple[str, tuple], ExportedSource] = {}
 
 
-def registry(directory: str) -> Registry:
-    """The registry of an export directory (rebuilt when a manifest is added or rewritten)."""
+def registry(directory: str) -> ExportedSource:
+    """The source of an export directory (rebuilt when a manifest is added or rewritten)."""
     directory = os.path.abspath(os.path.expanduser(directory))
     if not os.path.isdir(directory):
         raise ExportedDataError(
@@ -482,5 +378,5 @@ def registry(directory: str) -> Registry:
     if key not in _REGISTRIES:
         for old in [k for k in _REGISTRIES if k[0] == directory]:
             del _REGISTRIES[old]
-        _REGISTRIES[key] = Registry(directory)
+        _REGISTRIES[key] = ExportedSource(directory)
     return _REGISTRIES[key]

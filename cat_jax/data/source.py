@@ -1,0 +1,90 @@
+"""One data-source interface, and the gin switch that picks the source of a run.
+
+A `DataSource` answers every question the trainer, the evaluation and the cascades ask of their
+data: a task or mixture by name (an object with seqio's `name`, `tasks`, `get_rate`, `splits`,
+`postprocess_fn`, `predict_metric_fns`), its vocabulary, its mixture rates and a split as
+`ExampleArrays`. Two sources exist: the live seqio pipeline (`SeqioSource`, the default) and the
+files `python -m cat_jax.export_task` wrote (`ExportedSource`, no TensorFlow or seqio needed),
+selected together by `--gin.data_source.exported_dir=DIR`, so one run never mixes them.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import gin
+
+from cat_jax.data.arrays import ExampleArrays
+
+
+class DataSource(abc.ABC):
+    """Where a run's tasks, vocabularies and examples come from."""
+
+    kind: str = ""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Provenance for run_info.json: "seqio" or "exported:<dir>"."""
+
+    @abc.abstractmethod
+    def provider(self, name: str) -> Any:
+        """The task or mixture `name`; UnknownTaskError (with close matches) when there is none."""
+
+    @abc.abstractmethod
+    def vocabulary(self, name: str) -> Any:
+        """The targets vocabulary of a task or mixture (its tasks must all share it)."""
+
+    @abc.abstractmethod
+    def load_split(self, name: str, split: str, lengths: Mapping[str, int],
+                   max_examples: int | None = None, cache_dir: str | None = None) -> ExampleArrays:
+        """Every example of `split` this source holds, each sub-task of a mixture in turn.
+
+        `max_examples` is applied by the caller (`cat_jax.data.load_split`, a uniform sample per
+        task); a source whose data was capped checks here that it holds enough.
+        """
+
+    def leaf_tasks(self, name: str) -> list[Any]:
+        """The tasks of a mixture, or [the task]."""
+        provider = self.provider(name)
+        return list(provider.tasks) if hasattr(provider, "tasks") else [provider]
+
+    def mixture_rates(self, name: str) -> dict[str, float] | None:
+        """{task: rate} of a mixture, None for a single task."""
+        provider = self.provider(name)
+        if not hasattr(provider, "tasks"):
+            return None
+        return {task.name: float(provider.get_rate(task)) for task in provider.tasks}
+
+
+@functools.lru_cache(maxsize=None)
+def _seqio_source() -> DataSource:
+    from cat_jax.data.seqio_source import SeqioSource  # pylint: disable=import-outside-toplevel
+    return SeqioSource()
+
+
+def exported_source(directory: str) -> DataSource:
+    """The export in `directory` (rebuilt when one of its manifests changes)."""
+    from cat_jax.data.exported import registry  # pylint: disable=import-outside-toplevel
+    return registry(directory)
+
+
+def seqio_source() -> DataSource:
+    """The live seqio pipeline, whatever `data_source` says (the export job reads it)."""
+    return _seqio_source()
+
+
+@gin.configurable
+def data_source(exported_dir: str | None = None) -> DataSource:
+    """The source of every task look-up of this run: the live seqio pipeline (default), or with
+    `--gin.data_source.exported_dir=/path` the files `python -m cat_jax.export_task` wrote there.
+
+    It switches every look-up together (arrays, vocabulary, mixture rates, metrics), which is why it
+    is its own configurable rather than a parameter of `load_split`.
+    """
+    if exported_dir:
+        return exported_source(os.path.abspath(os.path.expanduser(exported_dir)))
+    return _seqio_source()
