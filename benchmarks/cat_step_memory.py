@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import model_config  # noqa: E402
 from cat_jax import partitioning  # noqa: E402
-from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params  # noqa: E402
+from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params  # noqa: E402
 from cat_jax.models import T5Config  # noqa: E402
 from cat_jax.optimizers import make_optimizer  # noqa: E402
 from cat_jax.train_state import state_shardings  # noqa: E402

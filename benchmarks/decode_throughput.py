@@ -100,7 +100,7 @@ def run_ours(a: argparse.Namespace) -> None:
 
     from cat_jax import partitioning
     from cat_jax.decoding import greedy_decode
-    from cat_jax.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+    from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
 
     device = common.jax_device_name()
     mesh = partitioning.make_mesh()

@@ -121,7 +121,7 @@ def run_ours(a: argparse.Namespace) -> None:
     from flax import linen as nn
 
     from cat_jax import partitioning
-    from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params
+    from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params
     from cat_jax.models import forward_flops
     from cat_jax.optimizers import make_optimizer
     from cat_jax.train_state import init_train_state, state_shardings

@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -221,6 +222,34 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
         self._manager.close()
+
+
+def _host_array_registry() -> Any:
+    """orbax's type handlers, except that numpy arrays are written without a defensive copy, so
+    memory-mapped arrays stream from disk to disk (orbax copies every host array by default)."""
+    pairs = [(ty, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False) if ty is np.ndarray
+              else ocp.type_handlers.get_type_handler(ty))
+             for ty in ocp.type_handlers.supported_types()]
+    return ocp.type_handlers.create_type_handler_registry(*pairs)
+
+
+def save_host_state(directory: str, step: int, state: PyTree, metadata: dict) -> None:
+    """Write `state` (a pytree of numpy arrays, e.g. memory-mapped) as step `step` of a checkpoint
+    directory in `Checkpointer`'s layout, without copying the arrays into memory (one process).
+
+    `cat_jax.import_checkpoint` writes `{"params": ...}` this way, so an imported model larger than
+    host memory streams to disk; `restore_params` and `load_frozen_model` read it like any other.
+    """
+    directory = os.path.abspath(directory)
+    handlers = {_STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_host_array_registry(),
+                                                    use_ocdbt=False),
+                _METADATA: ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(multiprocessing_options=_multiprocessing_options())
+    with ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers) as manager:
+        manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(state),
+                                                      _METADATA: ocp.args.JsonSave({**metadata, "step": step})}),
+                     force=True)
+        manager.wait_until_finished()
 
 
 def _multiprocessing_options() -> ocp.options.MultiprocessingOptions:

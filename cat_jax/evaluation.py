@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from cat_jax import data as data_lib
 from cat_jax import partitioning
 from cat_jax.decoding import greedy_decode
-from cat_jax.encoder_decoder import EncoderDecoderModel
+from cat_jax.models.encoder_decoder import EncoderDecoderModel
 
 
 @dataclasses.dataclass

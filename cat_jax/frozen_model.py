@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from cat_jax import model_dir as model_dir_lib
 from cat_jax import partitioning
 from cat_jax.checkpoints import restore_params
-from cat_jax.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
 from cat_jax.errors import CheckpointError, TeacherMismatchError
 from cat_jax.models import T5Config
 
@@ -81,22 +81,26 @@ def check_vocabulary(model_dir: str, info: dict[str, Any], config: T5Config, voc
     if theirs != ours:
         raise TeacherMismatchError(
             f"The {role} in {model_dir} was trained with vocabulary {theirs}, but this run "
-            f"uses {ours}. Both models of a cascade must share one vocabulary: train the large "
-            f"model on a task with the same vocabulary.")
+            f"uses {ours}. Both models of a cascade (and a model and its task) must share one "
+            f"vocabulary: tokenize the task with that model's vocabulary "
+            f"(--gin.get_vocabulary.from_model_dir={model_dir}), or train the models on tasks with "
+            f"the same vocabulary.")
     if info["model_config"]["vocab_size"] != config.vocab_size:
         raise TeacherMismatchError(
             f"The {role}'s vocab_size {info['model_config']['vocab_size']} differs from "
-            f"{config.vocab_size}; leave T5Config.vocab_size unset in both runs so the trainer pads "
-            f"it the same way.")
+            f"{config.vocab_size}. Use the same T5Config.vocab_size in both runs: unset (the trainer "
+            f"pads the vocabulary to a multiple of 128) or the one a pretrained model's gin file sets.")
 
 
-def check_config(model_dir: str, info: dict[str, Any], expected: T5Config) -> None:
-    """Refuse a checkpoint written for a different model config than the one gin names."""
-    written = info["model_config"]
+def check_config(model_dir: str, info: dict[str, Any], expected: T5Config, role: str = "checkpoint") -> None:
+    """Refuse a checkpoint written for a different model config than the one gin names (the
+    vocab_size and compute dtype are not compared)."""
+    written = T5Config.from_dict(info["model_config"]).to_dict()
     diffs = model_dir_lib.config_differences(
         written, expected.replace(vocab_size=written["vocab_size"], dtype=written["dtype"]).to_dict())
     if diffs:
         raise TeacherMismatchError(
-            f"The checkpoint in {model_dir} was written for a different model config than "
+            f"The {role} in {model_dir} was written for a different model config than "
             f"the one configured:\n  " + "\n  ".join(diffs)
-            + "\nPoint the directory at the right run or fix the configured model.")
+            + "\nPoint the directory at the right run or fix the configured model (e.g. the "
+            "gin_configs/models/ file of that checkpoint).")

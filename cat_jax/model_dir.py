@@ -20,6 +20,7 @@ from cat_jax.models import T5Config
 
 RUN_INFO = "run_info.json"
 VOCAB_MULTIPLE = 128
+SENTENCEPIECE_FILE = "spiece.model"  # the name the Hugging Face Hub uses
 
 
 def prepare(model_dir: str) -> None:
@@ -48,6 +49,71 @@ def vocab_info(vocab) -> dict[str, Any]:
     SentencePiece model is identified by content, not path: the export holds a copy.
     """
     return vocabularies.identity(vocab)
+
+
+def _read_bytes(path: str) -> bytes:
+    """A file's bytes: local paths directly, others (gs://) through tf.io.gfile where available."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read()
+
+
+def vocabulary_files(vocab) -> tuple[dict[str, Any], bytes | None]:
+    """(run_info's `vocabulary_files` record, the SentencePiece model bytes to store or None).
+
+    The record is {"kind": "byte"} or {"kind": "sentencepiece", "file": "spiece.model",
+    "extra_ids": N}: the model file as its author shipped it plus seqio's extra-id count, so that
+    `(file, extra_ids)` rebuilds the same vocabulary (identity included) with seqio or without.
+    """
+    vocab = vocabularies.resolve(vocab)
+    kind = vocabularies.identity(vocab)["class"]
+    if kind == "ByteVocabulary":
+        return {"kind": "byte", "extra_ids": int(vocab.extra_ids or 0)}, None
+    if kind != "SentencePieceVocabulary":
+        raise ModelDirError(f"Vocabulary {type(vocab).__name__} cannot be stored in a MODEL_DIR: cat_jax "
+                            "stores ByteVocabulary and SentencePieceVocabulary.")
+    extra = (vocab.added_extra_ids if isinstance(vocab, vocabularies.SentencePieceVocabulary)
+             else int(vocab.extra_ids or 0))
+    source = getattr(vocab, "sentencepiece_model_file", None)
+    model = _read_bytes(source) if source else None
+    if model is None or vocabularies.identity_of_model(vocabularies.add_extra_ids(model, extra)) != \
+            vocabularies.identity(vocab):
+        model, extra = vocabularies.sentencepiece_model_bytes(vocab), 0  # normalizer overrides etc.
+    return {"kind": "sentencepiece", "file": SENTENCEPIECE_FILE, "extra_ids": extra}, model
+
+
+def write_vocabulary(model_dir: str, vocab) -> dict[str, Any]:
+    """Stores the vocabulary's files in MODEL_DIR (a SentencePiece model: `spiece.model`); returns
+    the record for run_info.json."""
+    record, model = vocabulary_files(vocab)
+    if model is not None:
+        path = os.path.join(model_dir, record["file"])
+        tmp = f"{path}.tmp.{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(model)
+        os.replace(tmp, path)
+    return record
+
+
+def model_vocabulary(model_dir: str, info: dict[str, Any] | None = None):
+    """The TensorFlow-free vocabulary stored in a MODEL_DIR (`cat_jax.vocabularies`)."""
+    info = read_run_info(model_dir) if info is None else info
+    record = (info or {}).get("vocabulary_files")
+    if record is None:
+        kind = ((info or {}).get("vocabulary") or {}).get("class")
+        if kind == "ByteVocabulary":
+            return vocabularies.ByteVocabulary()
+        raise ModelDirError(
+            f"{model_dir} records no vocabulary files (it was written before cat_jax stored them, or is "
+            f"not a MODEL_DIR); give the vocabulary explicitly (get_vocabulary.kind / "
+            f"sentencepiece_model_path).")
+    if record["kind"] == "byte":
+        return vocabularies.ByteVocabulary(extra_ids=record.get("extra_ids", 0))
+    return vocabularies.SentencePieceVocabulary(os.path.join(model_dir, record["file"]),
+                                                extra_ids=record.get("extra_ids", 0))
 
 
 def with_vocab_size(config: T5Config, vocab) -> T5Config:
@@ -105,7 +171,7 @@ def check_compatible(model_dir: str, info: dict[str, Any]) -> None:
     old = read_run_info(model_dir)
     if old is None:
         return
-    diffs = config_differences(old["model_config"], info["model_config"])
+    diffs = config_differences(T5Config.from_dict(old["model_config"]).to_dict(), info["model_config"])
     diffs += [f"vocabulary: {d}" for d in config_differences(old["vocabulary"], info["vocabulary"])]
     if diffs:
         raise ModelDirError(

@@ -17,7 +17,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
 from cat_jax import partitioning
-from cat_jax.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
 
 
 @flax.struct.dataclass

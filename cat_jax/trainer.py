@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from cat_jax import partitioning
-from cat_jax.encoder_decoder import EncoderDecoderModel
+from cat_jax.models.encoder_decoder import EncoderDecoderModel
 from cat_jax.errors import NonFiniteLossError
 from cat_jax.train_state import TrainState
 

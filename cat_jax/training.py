@@ -20,7 +20,7 @@ from cat_jax import data as data_lib
 from cat_jax import evaluation, gin_utils, model_dir as model_dir_lib, partitioning
 from cat_jax.checkpoints import Checkpointer, restore_params
 from cat_jax.errors import ConfigError
-from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions
+from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
 from cat_jax.metric_writers import MetricWriter
 from cat_jax.models import T5Config, forward_flops
 from cat_jax.optimizers import make_optimizer
@@ -88,9 +88,12 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         raise ConfigError(
             f"The loss {loss_options} needs a frozen large model, but no teacher is configured. "
             f"Set --gin.TEACHER_MODEL_DIR=<the large model's MODEL_DIR>.")
+    if initial_checkpoint_dir:
+        check_initial_checkpoint(initial_checkpoint_dir, model_config, vocab)
     run_info = model_dir_lib.run_info(model_config, vocab, loss_options, train_dataset, teacher)
     model_dir_lib.check_compatible(model_dir, run_info)
     if lead:
+        run_info["vocabulary_files"] = model_dir_lib.write_vocabulary(model_dir, vocab)
         model_dir_lib.write_run_info(model_dir, run_info)
         gin_utils.write_config(model_dir)
 
@@ -181,6 +184,18 @@ def load_teacher(model_dir: str, step: int | None, dtype: str, expected_config: 
         check_config(model_dir, info, expected_config)
     check_vocabulary(model_dir, info, student_config, vocab)
     return load_frozen_model(model_dir, mesh=mesh, rules=rules, step=step, dtype=dtype)
+
+
+def check_initial_checkpoint(directory: str, model_config: T5Config, vocab) -> None:
+    """Refuse an init-from checkpoint of another architecture or vocabulary, before any compute.
+
+    The compute dtype and dropout rate may differ (fine-tuning often changes them).
+    """
+    info = read_model_info(directory)
+    written = T5Config.from_dict(info["model_config"])
+    check_config(directory, info, model_config.replace(dropout_rate=written.dropout_rate),
+                 role="initial checkpoint (train.initial_checkpoint_dir)")
+    check_vocabulary(directory, info, model_config, vocab, role="initial checkpoint")
 
 
 def _restore_or_init(ckpt: Checkpointer, model, tx, seed, abstract, shardings,

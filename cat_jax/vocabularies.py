@@ -102,27 +102,49 @@ class ByteVocabulary(_Base):
         return f"cat_jax.vocabularies.ByteVocabulary(extra_ids={self._extra_ids})"
 
 
+def add_extra_ids(model: bytes, extra_ids: int) -> bytes:
+    """The serialized SentencePiece model with `extra_ids` sentinel pieces appended as seqio adds
+    them: "▁<extra_id_{i}>", USER_DEFINED, score 0, in reverse order (extra_id_0 is the last id)."""
+    if not extra_ids:
+        return model
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    for i in reversed(range(extra_ids)):
+        proto.pieces.add(piece=f"\u2581<extra_id_{i}>", score=0.0,
+                         type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    return proto.SerializeToString()
+
+
 class SentencePieceVocabulary(_Base):
     """seqio.SentencePieceVocabulary through the `sentencepiece` package alone.
 
-    `sentencepiece_model_file` must hold the serialized model seqio's tokenizer ran (its extra ids
-    and normalizer overrides already applied), which is what `describe` exports; vocab_size is its
-    piece count, as in seqio.
+    `sentencepiece_model_file` is a SentencePiece model; `extra_ids` sentinels are added to it as
+    seqio adds them (`add_extra_ids`), so `(file, extra_ids)` tokenizes and hashes exactly like
+    `seqio.SentencePieceVocabulary(file, extra_ids)`. An export holds the model with its extra ids
+    (and normalizer overrides) already applied, read back with extra_ids=0. vocab_size is the piece
+    count, as in seqio.
     """
 
-    def __init__(self, sentencepiece_model_file: str):
+    def __init__(self, sentencepiece_model_file: str, extra_ids: int = 0):
         import sentencepiece  # pylint: disable=import-outside-toplevel
 
         super().__init__(extra_ids=0)
         self._path = str(sentencepiece_model_file)
+        self._added_extra_ids = int(extra_ids or 0)
         with open(self._path, "rb") as f:
-            self._model = f.read()
+            self._model = add_extra_ids(f.read(), self._added_extra_ids)
         self.tokenizer = sentencepiece.SentencePieceProcessor()
         self.tokenizer.LoadFromSerializedProto(self._model)
 
     @property
     def sentencepiece_model_file(self) -> str:
         return self._path
+
+    @property
+    def added_extra_ids(self) -> int:
+        """The extra ids added to the model file's pieces (seqio's `extra_ids` argument)."""
+        return self._added_extra_ids
 
     @property
     def sp_model(self) -> bytes:
@@ -189,6 +211,16 @@ def identity(vocab: Any) -> dict[str, Any]:
     if kind == "SentencePieceVocabulary":
         info["sentencepiece_sha256"] = hashlib.sha256(sentencepiece_model_bytes(vocab)).hexdigest()
     return info
+
+
+def identity_of_model(model: bytes) -> dict[str, Any]:
+    """`identity` of the SentencePiece vocabulary whose serialized model is `model`."""
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+
+    tokenizer = sentencepiece.SentencePieceProcessor()
+    tokenizer.LoadFromSerializedProto(model)
+    return {"class": "SentencePieceVocabulary", "size": int(tokenizer.GetPieceSize()),
+            "sentencepiece_sha256": hashlib.sha256(model).hexdigest()}
 
 
 def describe(vocab: Any, directory: str | None = None) -> dict[str, Any]:

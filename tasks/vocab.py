@@ -2,7 +2,10 @@
 
 `get_vocabulary()` returns seqio's ByteVocabulary by default, or a SentencePieceVocabulary with
 `--gin.get_vocabulary.kind='sentencepiece'` and
-`--gin.get_vocabulary.sentencepiece_model_path='/path/spm.model'`.
+`--gin.get_vocabulary.sentencepiece_model_path='/path/spm.model'` (plus
+`--gin.get_vocabulary.extra_ids=100` for T5's sentinel ids), or the vocabulary a MODEL_DIR stores
+(an imported Hugging Face / T5X checkpoint, or any cat_jax run) with
+`--gin.get_vocabulary.from_model_dir=/path/to/model_dir`.
 
 Tasks are registered when `tasks` is imported, which may happen before gin bindings are parsed, so
 their output features hold `VOCABULARY`, a `LazyVocabulary` that calls `get_vocabulary()` on each use.
@@ -11,40 +14,65 @@ their output features hold `VOCABULARY`, a `LazyVocabulary` that calls `get_voca
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable, Sequence
 
 import gin
 import seqio
 import tensorflow as tf
 
+from cat_jax.errors import ConfigError
+
 KINDS = ("byte", "sentencepiece")
 
 
 @functools.lru_cache(maxsize=None)
-def _build(kind: str, sentencepiece_model_path: str | None) -> seqio.Vocabulary:
+def _build(kind: str, sentencepiece_model_path: str | None, extra_ids: int) -> seqio.Vocabulary:
     if kind == "byte":
-        return seqio.ByteVocabulary()
+        return seqio.ByteVocabulary(extra_ids=extra_ids)
     if not sentencepiece_model_path:
-        raise ValueError(
+        raise ConfigError(
             "get_vocabulary(kind='sentencepiece') needs a model file: add "
             "--gin.get_vocabulary.sentencepiece_model_path='/path/to/spm.model'."
         )
     if not tf.io.gfile.exists(sentencepiece_model_path):  # local paths and gs:// alike
-        raise FileNotFoundError(
+        raise ConfigError(
             f"SentencePiece model {sentencepiece_model_path!r} does not exist; fix "
             "get_vocabulary.sentencepiece_model_path."
         )
-    return seqio.SentencePieceVocabulary(sentencepiece_model_path)
+    return seqio.SentencePieceVocabulary(sentencepiece_model_path, extra_ids=extra_ids)
+
+
+def _from_model_dir(model_dir: str) -> tuple[str, str | None, int]:
+    from cat_jax import model_dir as model_dir_lib  # pylint: disable=import-outside-toplevel
+
+    info = model_dir_lib.read_run_info(model_dir)
+    record = (info or {}).get("vocabulary_files")
+    if record is None:
+        raise ConfigError(
+            f"get_vocabulary.from_model_dir={model_dir!r}: it holds no {model_dir_lib.RUN_INFO} with "
+            "vocabulary files. Point it at a MODEL_DIR written by cat_jax.train or "
+            "cat_jax.import_checkpoint.")
+    if record["kind"] == "byte":
+        return "byte", None, int(record.get("extra_ids", 0))
+    return "sentencepiece", os.path.join(model_dir, record["file"]), int(record.get("extra_ids", 0))
 
 
 @gin.configurable
 def get_vocabulary(
-    kind: str = "byte", sentencepiece_model_path: str | None = None
+    kind: str = "byte", sentencepiece_model_path: str | None = None, extra_ids: int = 0,
+    from_model_dir: str | None = None,
 ) -> seqio.Vocabulary:
-    """Returns the configured vocabulary (one shared instance per configuration)."""
+    """Returns the configured vocabulary (one shared instance per configuration).
+
+    `from_model_dir` takes the kind, model file and extra ids a MODEL_DIR stores (and wins over
+    the other parameters).
+    """
+    if from_model_dir:
+        kind, sentencepiece_model_path, extra_ids = _from_model_dir(os.path.abspath(from_model_dir))
     if kind not in KINDS:
-        raise ValueError(f"get_vocabulary: unknown kind {kind!r}; choose one of {KINDS}.")
-    return _build(kind, sentencepiece_model_path)
+        raise ConfigError(f"get_vocabulary: unknown kind {kind!r}; choose one of {KINDS}.")
+    return _build(kind, sentencepiece_model_path, int(extra_ids))
 
 
 class LazyVocabulary(seqio.Vocabulary):

@@ -61,7 +61,7 @@ def test_cat_distill_student_end_to_end(teacher_dir, tmp_path):
 
 def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):
     from cat_jax import partitioning
-    from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions
+    from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
     from cat_jax.frozen_model import load_frozen_model
     from cat_jax.optimizers import make_optimizer
     from cat_jax.train_state import init_train_state, state_shardings

@@ -193,7 +193,10 @@ def _jaxpr_matmul_flops(config: T5Config, input_length: int, target_length: int)
 
 @pytest.mark.parametrize("config", [TINY, T5Config(
     vocab_size=512, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
-    num_encoder_layers=8, num_decoder_layers=8)], ids=["tiny", "small"])
+    num_encoder_layers=8, num_decoder_layers=8), T5Config(
+    vocab_size=64, emb_dim=32, num_heads=3, head_dim=8, mlp_dim=48, num_encoder_layers=2,
+    num_decoder_layers=3, mlp_activation="relu", logits_via_embedding=True)],
+    ids=["tiny", "small", "v1_0_relu_tied"])
 def test_forward_flops_matches_xla(config):
     analytic = forward_flops(config, 16, 8)
     assert analytic == pytest.approx(_jaxpr_matmul_flops(config, 16, 8), rel=1e-9)

@@ -298,7 +298,7 @@ def test_restore_into_another_structure_names_the_mismatch(runs):
     from cat_jax import partitioning
     from cat_jax.checkpoints import restore_params
     from cat_jax.errors import CheckpointError
-    from cat_jax.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+    from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
     from cat_jax.models import T5Config
     model_dir = runs[2][0]
     info = json.loads((model_dir / "run_info.json").read_text())

@@ -17,7 +17,7 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import linen as nn
 from cat_jax import partitioning
-from cat_jax.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params
+from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params
 from cat_jax.models import T5Config
 from cat_jax.optimizers import make_optimizer
 from cat_jax.train_state import state_shardings, init_train_state

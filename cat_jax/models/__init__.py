@@ -1,7 +1,15 @@
-"""T5 v1.1 encoder-decoder (Flax linen, logical axes), its config and analytic FLOPs."""
+"""T5-family encoder-decoders (Flax linen, logical axes), their config, FLOPs and model contract.
+
+    config.py           T5Config (shapes, MLP activation, tied logits, layer-norm epsilon)
+    layers.py, t5.py    the network
+    flops.py            analytic forward FLOPs
+    encoder_decoder.py  the model contract the trainer and the cascade code call: init, logits, loss
+    convert/            Hugging Face and T5X checkpoints in, Hugging Face out
+"""
 
 from cat_jax.models.config import T5Config
+from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
 from cat_jax.models.flops import forward_flops
 from cat_jax.models.t5 import Transformer
 
-__all__ = ["T5Config", "Transformer", "forward_flops"]
+__all__ = ["EncoderDecoderModel", "LossOptions", "T5Config", "Transformer", "forward_flops"]

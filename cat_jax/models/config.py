@@ -1,4 +1,8 @@
-"""`T5Config`: the architecture of a T5 v1.1-style encoder-decoder, bound from gin model files."""
+"""`T5Config`: the architecture of a T5-family encoder-decoder, bound from gin model files.
+
+One config covers T5 v1.0 (`mlp_activation='relu'`, `logits_via_embedding=True`), T5 v1.1 /
+Flan-T5 / mT5 (`'gated-gelu'`, an untied LM head) and `'gated-silu'` variants.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,22 @@ import gin
 import jax.numpy as jnp
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# relu: wo(relu(wi x)) (T5 v1.0); gated-*: wo(act(wi_0 x) * wi_1 x) with GELU (tanh approximation,
+# Hugging Face's "gelu_new") or SiLU.
+MLP_ACTIVATIONS = ("relu", "gated-gelu", "gated-silu")
 
 
 @gin.configurable("T5Config")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class T5Config:
-    """Shapes of a T5 v1.1 encoder-decoder.
+    """Shapes of a T5-family encoder-decoder.
 
     `vocab_size` is left to the trainer, which fills it from the task's vocabulary
-    (`config.replace(vocab_size=...)`); model gin files never set it. `dtype` is the compute
-    dtype; parameters are always float32.
+    (`config.replace(vocab_size=...)`) unless a model file of a pretrained checkpoint fixes it.
+    `dtype` is the compute dtype; parameters are always float32. `mlp_activation` is one of
+    MLP_ACTIVATIONS; `logits_via_embedding` ties the LM head to the token embedding (the logits
+    are `(x * emb_dim**-0.5) @ embedding.T`, as in T5 v1.0); `layer_norm_epsilon` is the RMSNorm
+    epsilon. The encoder and decoder layer counts are independent.
     """
 
     vocab_size: int | None = None
@@ -32,6 +42,9 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     dtype: str = "float32"
+    mlp_activation: str = "gated-gelu"
+    logits_via_embedding: bool = False
+    layer_norm_epsilon: float = 1e-6
 
     def __post_init__(self) -> None:
         positive = ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
@@ -54,9 +67,23 @@ class T5Config:
             raise ValueError(
                 f"T5Config.relative_attention_max_distance ({self.relative_attention_max_distance})"
                 f" must exceed relative_attention_num_buckets // 2 ({buckets // 2}).")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"T5Config.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
+                             f"{self.mlp_activation!r}.")
+        if not isinstance(self.logits_via_embedding, bool):
+            raise ValueError(f"T5Config.logits_via_embedding must be True or False, got "
+                             f"{self.logits_via_embedding!r}.")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1):
+            raise ValueError(f"T5Config.layer_norm_epsilon must be a float in (0, 1), got "
+                             f"{self.layer_norm_epsilon!r}.")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"T5Config.dtype must be one of {COMPUTE_DTYPES}, got "
                              f"{self.dtype!r}.")
+
+    @property
+    def gated_mlp(self) -> bool:
+        """True for the gated MLPs (wi_0, wi_1, wo); False for relu (wi, wo)."""
+        return self.mlp_activation.startswith("gated-")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -73,7 +100,8 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> T5Config:
-        """Inverse of `to_dict`; unknown keys are an error."""
+        """Inverse of `to_dict`; unknown keys are an error, missing ones take their defaults (a
+        run_info.json written before a field existed describes a model with the default)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

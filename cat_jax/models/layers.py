@@ -60,33 +60,49 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding table [vocab, embed], initialised N(0, 1) as in T5."""
+    """Token embedding table [vocab, embed], initialised N(0, 1) as in T5; `attend` is the tied LM
+    head (x @ table.T)."""
 
     num_embeddings: int
     features: int
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self) -> None:
+        self.embedding = logical_param(self, "embedding", nn.initializers.normal(1.0),
+                                       (self.num_embeddings, self.features), ("vocab", "embed"))
+
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens: [batch, length] int -> [batch, length, embed]."""
-        table = logical_param(self, "embedding", nn.initializers.normal(1.0),
-                              (self.num_embeddings, self.features), ("vocab", "embed"))
-        return jnp.take(table, tokens, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x: [batch, length, embed] -> logits [batch, length, vocab] against the table."""
+        return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+_ACTIVATIONS = {"relu": jax.nn.relu, "gated-gelu": lambda x: nn.gelu(x, approximate=True),
+                "gated-silu": jax.nn.silu}
 
 
 class MlpBlock(nn.Module):
-    """Gated-GELU feed-forward: wo(gelu(wi_0 x) * wi_1 x)."""
+    """T5 feed-forward: relu `wo(relu(wi x))`, or gated `wo(act(wi_0 x) * wi_1 x)` with act GELU
+    (tanh approximation) or SiLU (`activation`: one of T5Config's MLP_ACTIVATIONS)."""
 
     mlp_dim: int
+    activation: str = "gated-gelu"
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, enable_dropout: bool = False) -> jax.Array:
         """x: [batch, length, embed] -> [batch, length, embed]."""
-        gate = Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi_0")(x)
-        linear = Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi_1")(x)
-        h = nn.gelu(gate, approximate=True) * linear
+        act = _ACTIVATIONS[self.activation]
+        if self.activation.startswith("gated-"):
+            gate = Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi_0")(x)
+            linear = Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi_1")(x)
+            h = act(gate) * linear
+        else:
+            h = act(Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi")(x))
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=not enable_dropout)
         return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="wo")(h)

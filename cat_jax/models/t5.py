@@ -1,8 +1,12 @@
-"""T5 v1.1 encoder-decoder: pre-norm layers, relative position bias, untied LM head.
+"""T5-family encoder-decoder: pre-norm layers, relative position bias shared by each stack's
+layers, an untied LM head (v1.1) or logits through the token embedding (v1.0).
 
 Parameter tree (under "params"): `token_embedder/embedding` (shared by encoder and decoder
 inputs), `encoder/{relpos_bias, layers_i, encoder_norm}`, `decoder/{relpos_bias, layers_i,
-decoder_norm, logits_dense}`.
+decoder_norm, logits_dense}` (no `logits_dense` with `logits_via_embedding`). Layer i of the
+encoder holds `pre_attention_norm, attention/{query,key,value,out}, pre_mlp_norm, mlp`; of the
+decoder `pre_self_attention_norm, self_attention, pre_cross_attention_norm,
+encoder_decoder_attention, pre_mlp_norm, mlp`; `mlp` holds `wi_0, wi_1, wo` (gated) or `wi, wo`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ def _relpos(config: T5Config, bidirectional: bool) -> RelativePositionBias:
                                 name="relpos_bias")
 
 
+def _norm(config: T5Config, name: str) -> RMSNorm:
+    return RMSNorm(config.compute_dtype, config.layer_norm_epsilon, name=name)
+
+
+def _mlp(config: T5Config) -> MlpBlock:
+    return MlpBlock(config.mlp_dim, config.mlp_activation, config.dropout_rate, config.compute_dtype,
+                    name="mlp")
+
+
 def _attention(config: T5Config, name: str, cross: bool = False) -> MultiHeadAttention:
     return MultiHeadAttention(config.num_heads, config.head_dim, cross_attention=cross,
                               dropout_rate=config.dropout_rate, dtype=config.compute_dtype,
@@ -38,14 +51,14 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, enable_dropout: bool) -> jax.Array:
         """x: [batch, length, embed], mask: [batch, length] bool -> [batch, length, embed]."""
-        cfg, dtype = self.config, self.config.compute_dtype
+        cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
-        h = RMSNorm(dtype, name="pre_attention_norm")(x)
+        h = _norm(cfg, name="pre_attention_norm")(x)
         h = _attention(cfg, "attention")(h, h, kv_mask=mask, relpos=self.relpos,
                                          enable_dropout=enable_dropout)
         x = x + dropout(h, deterministic=not enable_dropout)
-        h = RMSNorm(dtype, name="pre_mlp_norm")(x)
-        h = MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dtype, name="mlp")(h, enable_dropout)
+        h = _norm(cfg, name="pre_mlp_norm")(x)
+        h = _mlp(cfg)(h, enable_dropout)
         x = x + dropout(h, deterministic=not enable_dropout)
         return nn.with_logical_constraint(x, EMBED_AXES)
 
@@ -60,18 +73,18 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array,
                  enable_dropout: bool, decode: bool) -> jax.Array:
         """x: [b, Lt, embed], encoded: [b, Li, embed], encoder_mask: [b, Li] -> [b, Lt, embed]."""
-        cfg, dtype = self.config, self.config.compute_dtype
+        cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
-        h = RMSNorm(dtype, name="pre_self_attention_norm")(x)
+        h = _norm(cfg, name="pre_self_attention_norm")(x)
         h = _attention(cfg, "self_attention")(h, h, causal=True, relpos=self.relpos,
                                               enable_dropout=enable_dropout, decode=decode)
         x = x + dropout(h, deterministic=not enable_dropout)
-        h = RMSNorm(dtype, name="pre_cross_attention_norm")(x)
+        h = _norm(cfg, name="pre_cross_attention_norm")(x)
         h = _attention(cfg, "encoder_decoder_attention", cross=True)(
             h, encoded, kv_mask=encoder_mask, enable_dropout=enable_dropout, decode=decode)
         x = x + dropout(h, deterministic=not enable_dropout)
-        h = RMSNorm(dtype, name="pre_mlp_norm")(x)
-        h = MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dtype, name="mlp")(h, enable_dropout)
+        h = _norm(cfg, name="pre_mlp_norm")(x)
+        h = _mlp(cfg)(h, enable_dropout)
         x = x + dropout(h, deterministic=not enable_dropout)
         return nn.with_logical_constraint(x, EMBED_AXES)
 
@@ -93,13 +106,13 @@ class Encoder(nn.Module):
         x = nn.with_logical_constraint(x, EMBED_AXES)
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, relpos, name=f"layers_{i}")(x, mask, enable_dropout)
-        x = RMSNorm(cfg.compute_dtype, name="encoder_norm")(x)
+        x = _norm(cfg, name="encoder_norm")(x)
         return dropout(x, deterministic=not enable_dropout)
 
 
 class Decoder(nn.Module):
     """Embedding, `num_decoder_layers` layers sharing one causal relative-bias table, final
-    norm and the untied LM head."""
+    norm and the LM head (untied, or the token embedding with `logits_via_embedding`)."""
 
     config: T5Config
     embedder: Embed
@@ -116,15 +129,18 @@ class Decoder(nn.Module):
         for i in range(cfg.num_decoder_layers):
             x = DecoderLayer(cfg, relpos, name=f"layers_{i}")(x, encoded, encoder_mask,
                                                               enable_dropout, decode)
-        hidden = RMSNorm(cfg.compute_dtype, name="decoder_norm")(x)
+        hidden = _norm(cfg, name="decoder_norm")(x)
         x = dropout(hidden, deterministic=not enable_dropout)
-        logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype,
-                       name="logits_dense")(x)
+        if cfg.logits_via_embedding:
+            logits = self.embedder.attend(x * cfg.emb_dim**-0.5)
+        else:
+            logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype,
+                           name="logits_dense")(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), hidden
 
 
 class Transformer(nn.Module):
-    """T5 v1.1 encoder-decoder. Token id 0 is padding (and the decoder's BOS)."""
+    """T5-family encoder-decoder. Token id 0 is padding (and the decoder's BOS)."""
 
     config: T5Config
 

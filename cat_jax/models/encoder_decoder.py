@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cat_jax.losses import cascade_aware_loss
-from cat_jax.models import T5Config, Transformer
+from cat_jax.models.config import T5Config
+from cat_jax.models.t5 import Transformer
 
 Batch = dict[str, jax.Array]
 
