@@ -16,7 +16,7 @@ MODEL_FILES = sorted((GIN_DIR / "models").glob("*.gin"))
 REQUIRED = {"MODEL_DIR": "'/tmp/x'", "TRAIN_STEPS": "10", "TEACHER_MODEL_DIR": "'/tmp/t'",
             "CHECKPOINT_DIR": "'/tmp/c'", "OUTPUT_FILE": "'/tmp/o.jsonl'", "OUTPUT_DIR": "'/tmp/o'",
             "LARGE_MODEL_DIR": "'/tmp/l'", "SMALL_MODEL_DIRS": "{'ce': '/tmp/s'}",
-            "EXPORT_DIR": "'/tmp/e'"}
+            "EXPORT_DIR": "'/tmp/e'", "SOURCE": "'/tmp/src'", "INITIAL_CHECKPOINT_DIR": "'/tmp/i'"}
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +29,15 @@ def clean_gin():
 @pytest.mark.parametrize("path", RUN_FILES, ids=lambda p: p.name)
 def test_run_file_parses_and_builds(path: Path):
     text = path.read_text()
-    gin_utils.parse_gin([str(path)], [], finalize=False)
+    fn = {"eval": "run_eval", "infer": "run_infer", "cascade_eval": "run_cascade_eval"}.get(path.stem, "train")
+    files = [str(path)]
+    if fn == "train" and "include 'models/" not in text:  # a run file that takes the model file after it
+        files.append(str(GIN_DIR / "models" / "flan_t5_small.gin"))
+    gin_utils.parse_gin(files, [], finalize=False)
     used = gin_utils.used_macros()
     gin.clear_config()
     bindings = [f"{k} = {v}" for k, v in REQUIRED.items() if k in used]
-    gin_utils.parse_gin([str(path)], bindings)
-    fn = {"eval": "run_eval", "infer": "run_infer", "cascade_eval": "run_cascade_eval"}.get(path.stem, "train")
+    gin_utils.parse_gin(files, bindings)
     for name in ("dataset", "train_dataset", "model_config", "loss_options"):
         try:
             value = gin.query_parameter(f"{fn}.{name}")
@@ -47,12 +50,48 @@ def test_run_file_parses_and_builds(path: Path):
     assert "REQUIRED macros" in text
 
 
+def _parameter_counts(config) -> tuple[int, int]:
+    """(all parameters, those outside the vocabulary tables) of a config with a vocab_size."""
+    import numpy as np
+
+    from cat_jax.models import EncoderDecoderModel
+    from cat_jax.models.convert.tree import flatten
+    from cat_jax.models.encoder_decoder import unboxed_abstract_params
+
+    abstract, _ = unboxed_abstract_params(EncoderDecoderModel(config), 8, 8)
+    sizes = {k: int(np.prod(v.shape)) for k, v in flatten(abstract).items()}
+    vocab = sizes.get("token_embedder/embedding", 0) + sizes.get("decoder/logits_dense/kernel", 0)
+    return sum(sizes.values()), sum(sizes.values()) - vocab
+
+
+def _stated(number: str, unit: str) -> tuple[float, float]:
+    """A header's count and the rounding it was written with."""
+    value = float(number.replace(",", ""))
+    scale = {"": 1, "M": 1e6, "B": 1e9}[unit]
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return value * scale, 0.5 * scale * 10**-decimals
+
+
 @pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)
-def test_model_file_builds_a_config(path: Path):
+def test_model_file_builds_the_config_its_header_describes(path: Path):
+    """Every model file parses, and the parameter count its header states is the model's."""
+    import re
+
     from cat_jax.models import T5Config
     gin_utils.parse_gin([str(path)], [])
     config = T5Config()
-    assert config.emb_dim > 0 and config.num_heads > 0 and config.vocab_size is None
+    text = path.read_text()
+    match = re.search(r"Parameters: ([\d,.]+)(M|B)?(,| without the vocabulary tables)", text)
+    if config.vocab_size is None:  # sized from the task's vocabulary: the byte vocabulary's 259 -> 384
+        config = config.replace(vocab_size=384)
+        assert "vocab_size is not set here" in text or "byte vocabulary" in text
+    if match is None:
+        assert "demo" in path.name  # the demo files state an approximate size in words
+        return
+    total, without_vocab = _parameter_counts(config)
+    stated, rounding = _stated(match.group(1), match.group(2) or "")
+    got = without_vocab if "without" in match.group(3) else total
+    assert abs(got - stated) <= rounding, (got, stated)
 
 
 def test_override_values_are_quoted_when_not_literals():
