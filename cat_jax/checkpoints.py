@@ -20,7 +20,9 @@ processes restores on M processes or on a different mesh, into the shardings of 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -28,7 +30,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cat_jax import integrity, runtime
 from cat_jax.errors import CheckpointError
+
+log = logging.getLogger("cat_jax")
+
+# orbax logs these at WARNING on every read-only open (each teacher, eval or cascade model load).
+_READ_ONLY_NOISE = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+logging.getLogger("absl").addFilter(lambda r: not r.getMessage().startswith(_READ_ONLY_NOISE))
 
 PyTree = Any
 
@@ -116,46 +125,49 @@ def _pick_step(manager: ocp.CheckpointManager, directory: str, step: int | None)
     return step
 
 
-def _read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
-    restored = manager.restore(step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))
-    return dict(restored[_METADATA])
-
-
 def _saved_tree(manager: ocp.CheckpointManager, step: int) -> PyTree:
     return manager.item_metadata(step)[_STATE].tree
 
 
 class Checkpointer:
     """Saves and restores `(state, metadata)` every `save_interval_steps`, keeping the last
-    `max_to_keep` (None keeps all).
+    `max_to_keep` verified steps (None keeps all). Saves are synchronous.
 
-    Saves are synchronous unless `async_save=True`; with async saves call `wait()` before
-    reading the checkpoint or exiting (`close()` waits too).
+    Every finished save is recorded by its checksums (`cat_jax.integrity`); `restore_latest_good`
+    verifies steps newest first, moves damaged ones aside and falls back to the previous one.
+    Old steps are deleted only after the new step's record is written, so the newest verified
+    step is never the one deleted.
     """
 
-    def __init__(
-        self,
-        directory: str,
-        save_interval_steps: int,
-        max_to_keep: int | None,
-        async_save: bool = False,
-    ):
+    def __init__(self, directory: str, save_interval_steps: int, max_to_keep: int | None):
         self.directory = os.path.abspath(directory)  # orbax needs absolute paths
         _ensure_writable(self.directory)
         self.save_interval_steps = save_interval_steps
-        options = ocp.CheckpointManagerOptions(
+        self.max_to_keep = max_to_keep
+        self._options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
+            max_to_keep=None,  # rotation is ours: after the new step is verified
+            enable_async_checkpointing=False,
             cleanup_tmp_directories=True,
             multiprocessing_options=_multiprocessing_options(),
         )
-        self._manager = ocp.CheckpointManager(
-            epath.Path(self.directory), options=options, item_handlers=_item_handlers()
-        )
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(epath.Path(self.directory), options=self._options,
+                                     item_handlers=_item_handlers())
+
+    @staticmethod
+    def latest_in(directory: str) -> int | None:
+        """The newest finished step in `directory` without opening (or creating) anything: orbax
+        renames a step's temporary directory to the bare step number only when it is complete."""
+        if not os.path.isdir(directory):
+            return None
+        steps = [int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+        return max(steps) if steps else None
 
     def latest_step(self) -> int | None:
-        """The newest finished step, or None."""
+        """The newest finished step (verified or not), or None."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
@@ -177,7 +189,8 @@ class Checkpointer:
         """Save `state` and `metadata` at `step` if due (always if `force`); True if saved.
 
         The saved metadata gets `"step": step` added, so every reader learns the step it got.
-        A step that is already saved is left as it is (returns False).
+        A step that is already saved is left as it is (returns False). The lead process then
+        records the step's checksums and deletes the steps beyond `max_to_keep`.
         """
         metadata = {**metadata, "step": int(step)}
         try:
@@ -192,36 +205,121 @@ class Checkpointer:
         args = ocp.args.Composite(
             **{_STATE: ocp.args.PyTreeSave(state), _METADATA: ocp.args.JsonSave(metadata)}
         )
-        return bool(self._manager.save(step, args=args, force=force))
+        saved = bool(self._manager.save(step, args=args, force=force))
+        self._manager.wait_until_finished()
+        if saved and runtime.is_lead():
+            seconds = integrity.write_record(self.directory, step)
+            if seconds > 10:
+                log.info("Checksummed step %d in %.1f s", step, seconds)
+            self._rotate(keep_step=step)
+        return saved
+
+    def _rotate(self, keep_step: int) -> None:
+        if self.max_to_keep is None:
+            return
+        steps = [s for s in self.all_steps() if s != keep_step]
+        excess = len(steps) + 1 - self.max_to_keep
+        for old in steps[:max(excess, 0)]:
+            shutil.rmtree(integrity.step_dir(self.directory, old), ignore_errors=True)
+            integrity.remove_record(self.directory, old)
+        if excess > 0:
+            self._manager.reload()
 
     def restore(self, state_template: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
         """Restore `(state, metadata)` at `step` (default: latest) into `state_template`'s
-        structure, dtypes and shardings (leaves: jax arrays or jax.ShapeDtypeStruct)."""
+        structure, dtypes and shardings (leaves: jax arrays or jax.ShapeDtypeStruct); a step
+        whose files do not match their checksums is refused by name."""
         step = _pick_step(self._manager, self.directory, step)
-        where = f"{self.directory} step {step}"
-        _check_structure(state_template, _saved_tree(self._manager, step), where)
-        args = ocp.args.Composite(
-            **{
-                _STATE: ocp.args.PyTreeRestore(
-                    item=state_template, restore_args=_restore_args(state_template)
-                ),
-                _METADATA: ocp.args.JsonRestore(),
-            }
-        )
-        restored = self._manager.restore(step, args=args)
-        return restored[_STATE], dict(restored[_METADATA])
+        _refuse_damaged(self.directory, step)
+        return _restore(self._manager, self.directory, step, state_template)
 
-    def read_metadata(self, step: int | None = None) -> dict:
-        """The JSON metadata saved at `step` (default: latest)."""
-        return _read_metadata(self._manager, _pick_step(self._manager, self.directory, step))
+    def restore_latest_good(self, state_template: PyTree) -> tuple[PyTree, dict, int] | None:
+        """(state, metadata, step) of the newest step that verifies and restores, or None when the
+        directory holds no step at all.
 
-    def wait(self) -> None:
-        """Block until an asynchronous save has finished."""
-        self._manager.wait_until_finished()
+        Damaged steps (checksums, or an unverified step that fails to restore) are logged as
+        errors and moved to `damaged_checkpoints/`; with steps on disk but none good, or damaged
+        steps moved aside earlier and none left, CheckpointError: a run never starts from scratch
+        over checkpoints it could not read.
+        """
+        moved = []
+        while True:
+            steps = self.all_steps()
+            if not steps:
+                if moved or integrity.quarantined(self.directory):
+                    raise CheckpointError(
+                        f"No usable checkpoint is left in {self.directory}: the damaged steps "
+                        f"{integrity.quarantined(self.directory)} are in "
+                        f"{os.path.join(self.directory, integrity.DAMAGED_DIR)}. Nothing was started "
+                        "from scratch. Restore the files from a copy, or move that directory away "
+                        "(and the MODEL_DIR's checkpoints with it) to start a new run.")
+                return None
+            step = steps[-1]
+            found = _agreed_problems(self.directory, step)
+            if not found:
+                try:
+                    state, meta = _restore(self._manager, self.directory, step, state_template)
+                except CheckpointError:
+                    raise
+                except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore errors
+                    if found is not None:
+                        raise CheckpointError(f"Checkpoint {self.directory} step {step} verifies "
+                                              f"but cannot be restored: {e}") from e
+                    found = [f"it has no checksum record and does not restore ({type(e).__name__}: {e})"]
+                else:
+                    if found is None and runtime.is_lead():
+                        log.warning("Checkpoint step %d in %s has no checksum record (saved before "
+                                    "records existed, or killed right after the save); it restored, "
+                                    "recording it now.", step, self.directory)
+                        integrity.write_record(self.directory, step)
+                    if moved:
+                        log.error("Restored step %d after moving the damaged steps %s aside.", step, moved)
+                    return state, meta, step
+            if runtime.is_lead():
+                where = integrity.quarantine(self.directory, step)
+                log.error("CHECKPOINT DAMAGED: step %d in %s: %s. Moved it to %s; trying the "
+                          "previous step.", step, self.directory, "; ".join(found), where)
+            runtime.sync(f"cat_jax_quarantine_{step}")
+            moved.append(step)
+            self._manager = self._open()
 
     def close(self) -> None:
-        """Wait for pending saves and release the manager."""
+        """Release the manager."""
         self._manager.close()
+
+
+def _agreed_problems(directory: str, step: int) -> list[str] | None:
+    """`integrity.problems` as the lead process finds them, the same verdict on every process."""
+    if jax.process_count() == 1:
+        return integrity.problems(directory, step)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    lead = runtime.is_lead()
+    found = integrity.problems(directory, step) if lead else None
+    verdict = (2 if found is None else int(bool(found))) if lead else 0
+    verdict = int(multihost_utils.broadcast_one_to_all(np.int32(verdict)))
+    if lead:
+        return found
+    return {0: [], 1: ["its files do not match their checksums (the lead process logs which)"], 2: None}[verdict]
+
+
+def _refuse_damaged(directory: str, step: int) -> None:
+    found = integrity.problems(directory, step)
+    if found:
+        raise CheckpointError(
+            f"Checkpoint {directory} step {step} is damaged: {'; '.join(found)}. Use another step "
+            f"(finished steps: {sorted(int(n) for n in os.listdir(directory) if n.isdigit())}), or restore "
+            "the files from a copy.")
+
+
+def _restore(manager: ocp.CheckpointManager, directory: str, step: int, template: PyTree) -> tuple[PyTree, dict]:
+    where = f"{directory} step {step}"
+    _check_structure(template, _saved_tree(manager, step), where)
+    args = ocp.args.Composite(
+        **{_STATE: ocp.args.PyTreeRestore(item=template, restore_args=_restore_args(template)),
+           _METADATA: ocp.args.JsonRestore()})
+    restored = manager.restore(step, args=args)
+    return restored[_STATE], dict(restored[_METADATA])
 
 
 def _host_array_registry() -> Any:
@@ -250,6 +348,7 @@ def save_host_state(directory: str, step: int, state: PyTree, metadata: dict) ->
                                                       _METADATA: ocp.args.JsonSave({**metadata, "step": step})}),
                      force=True)
         manager.wait_until_finished()
+    integrity.write_record(directory, step)
 
 
 def _multiprocessing_options() -> ocp.options.MultiprocessingOptions:
@@ -299,6 +398,7 @@ def restore_params(
         epath.Path(directory), options=options, item_handlers=_item_handlers()
     ) as manager:
         step = _pick_step(manager, directory, step)
+        _refuse_damaged(directory, step)
         where = f"{directory} step {step}"
         saved = _saved_tree(manager, step)
         if "params" not in saved:

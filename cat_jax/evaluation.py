@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from cat_jax import data as data_lib
 from cat_jax import partitioning
 from cat_jax.decoding import greedy_decode
+from cat_jax.errors import ConfigError
 from cat_jax.models.encoder_decoder import EncoderDecoderModel
 
 
@@ -47,13 +48,12 @@ def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArr
     """
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards or batch_size % jax.process_count():
-        raise ValueError(f"Eval batch size {batch_size} must be divisible by the {shards} data shards "
+        raise ConfigError(f"Eval batch size {batch_size} must be divisible by the {shards} data shards "
                          f"and {jax.process_count()} processes; pick a multiple of "
                          f"{np.lcm(shards, jax.process_count())}.")
     sharding = partitioning.batch_sharding(mesh, rules)
     index, count = partitioning.process_batch_slice(sharding, batch_size)
-    decode = jax.jit(functools.partial(greedy_decode, model.module,
-                                       max_decode_length=max_decode_length, eos_id=vocab.eos_id))
+    decode = _jitted_decoder(model.module, max_decode_length, vocab.eos_id)
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
     for batch, real in data_lib.eval_batches(arrays, batch_size):
         local = _process_rows({"e": batch["encoder_input_tokens"]}, index, count)
@@ -68,6 +68,13 @@ def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArr
     merged = {k: np.concatenate(v) for k, v in parts.items()}
     texts = [detokenize(vocab, row) for row in merged["tokens"]]
     return Predictions(texts=texts, **merged)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_decoder(module: Any, max_decode_length: int, eos_id: int) -> Any:
+    """One jitted greedy decoder per (network, length, EOS): periodic evaluation compiles once."""
+    return jax.jit(functools.partial(greedy_decode, module, max_decode_length=max_decode_length,
+                                     eos_id=eos_id))
 
 
 def detokenize(vocab, tokens: np.ndarray) -> str:

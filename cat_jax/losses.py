@@ -26,18 +26,6 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return log_normalizer - target_logit
 
 
-def cross_entropy(
-    logits: jax.Array, targets: jax.Array, weights: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Weighted cross-entropy.
-
-    logits: [batch, length, vocab]; targets, weights: [batch, length].
-    Returns (sum_t weights_t * CE_t as a float32 scalar, per-token CE [batch, length] float32).
-    """
-    per_token = token_cross_entropy(logits, targets)
-    return jnp.sum(per_token * weights.astype(jnp.float32)), per_token
-
-
 def token_kl_divergence(
     teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0
 ) -> jax.Array:

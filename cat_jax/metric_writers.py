@@ -33,16 +33,22 @@ def _to_float(name: str, value: Any) -> float:
 class MetricWriter:
     """Scalars to `<directory>/<name>_metrics.jsonl` and `<directory>/tensorboard/<name>`."""
 
-    def __init__(self, directory: str, name: str = "train", enabled: bool | None = None):
+    def __init__(self, directory: str, name: str = "train", enabled: bool | None = None,
+                 resume_step: int | None = None):
+        """`resume_step`: the run continues after that step (restored from its checkpoint), so the
+        metrics logged after it by the interrupted run are dropped from the JSON lines (they are
+        replayed) and TensorBoard is told to purge them (a SessionLog START at the next step)."""
         if enabled is None:
-            import jax
-            enabled = jax.process_index() == 0
+            from cat_jax import runtime  # pylint: disable=import-outside-toplevel
+            enabled = runtime.is_lead()
         self.enabled = bool(enabled)
         self.jsonl_path = os.path.join(directory, f"{name}_metrics.jsonl")
         self.tensorboard_dir = os.path.join(directory, "tensorboard", name)
         if not enabled:
             return
         os.makedirs(self.tensorboard_dir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.jsonl_path):
+            _drop_after(self.jsonl_path, resume_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         # The synchronous events writer (SummaryWriter queues events in a thread, so its
         # flush() does not guarantee they are on disk). The unique suffix matters: files are
@@ -51,6 +57,10 @@ class MetricWriter:
         self._events = EventsWriter(
             os.path.join(self.tensorboard_dir, "events"), f".{uuid.uuid4().hex[:12]}"
         )
+        if resume_step is not None:
+            self._events.write_event(event_pb2.Event(
+                wall_time=time.time(), step=int(resume_step) + 1,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def _write_event(self, step: int, event_summary: Any) -> None:
         self._events.write_event(
@@ -83,6 +93,16 @@ class MetricWriter:
         if self.enabled:
             self._events.close()
             self._jsonl.close()
+
+
+def _drop_after(path: str, step: int) -> None:
+    """Rewrite a metrics JSON lines file without the lines of steps after `step` (atomically)."""
+    kept = [line for line in open(path, encoding="utf-8")
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = f"{path}.tmp.{uuid.uuid4().hex}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

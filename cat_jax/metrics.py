@@ -204,11 +204,6 @@ def get_quality(task_name: str) -> Quality:
     return _QUALITY[task_name]
 
 
-def per_example_quality(task_name: str) -> PerExampleFn:
-    """The per-example quality function (1.0 / 0.0 scores) of a registered task."""
-    return get_quality(task_name).per_example
-
-
 # --- SuperGLUE metrics (classification F1, MultiRC, ReCoRD) ---------------------------------------
 #
 # Simplifications against the official SuperGLUE scorer, documented here once:

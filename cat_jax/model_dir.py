@@ -1,16 +1,22 @@
 """MODEL_DIR bookkeeping: writability, the run's identity (`run_info.json`) and its checks.
 
-`run_info.json` records the model config, the vocabulary, the loss and the teacher a run was
-trained against. Resuming into a MODEL_DIR written for a different model is refused with the
-differences and the fix; a teacher is rebuilt from its own MODEL_DIR's `run_info.json`.
+`run_info.json` records what defines a run's trajectory: the model config and vocabulary (which a
+checkpoint cannot change), the data (task or mixture, lengths, batch size, split, data seed, cap),
+the run's seed, the loss and its options, the optimizer and schedule, and the teacher's identity
+(directory, step, config, dtype). Resuming with a different model or vocabulary is refused;
+resuming with any other difference is refused with the list of differences and the fix, unless
+`train.allow_config_change=True`, which is logged and appended to run_info's `history`. A teacher
+or an evaluated model is rebuilt from its own MODEL_DIR's `run_info.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import time
 import uuid
 from typing import Any
 
@@ -18,13 +24,19 @@ from cat_jax import vocabularies
 from cat_jax.errors import ModelDirError
 from cat_jax.models import T5Config
 
+log = logging.getLogger("cat_jax")
+
 RUN_INFO = "run_info.json"
+# run_info fields that decide a run's future besides the model and vocabulary.
+TRAJECTORY = ("dataset", "seed", "loss_options", "optimizer", "teacher")
 VOCAB_MULTIPLE = 128
 SENTENCEPIECE_FILE = "spiece.model"  # the name the Hugging Face Hub uses
 
 
-def prepare(model_dir: str) -> None:
-    """Create MODEL_DIR and prove it is writable, or raise ModelDirError naming it."""
+def prepare(model_dir: str) -> bool:
+    """Create MODEL_DIR and prove it is writable, or raise ModelDirError naming it; returns whether
+    it was created now (so a start-up that fails can remove it again: `remove_if_empty`)."""
+    created = not os.path.exists(model_dir)
     if "://" in model_dir:
         raise ModelDirError(
             f"MODEL_DIR {model_dir!r} is a URL; cat_jax writes its run files with POSIX I/O. Mount the "
@@ -39,6 +51,15 @@ def prepare(model_dir: str) -> None:
         raise ModelDirError(
             f"MODEL_DIR {model_dir!r} cannot be written ({e.strerror or e}). Choose a directory you "
             f"can write, e.g. --gin.MODEL_DIR=/tmp/cat_jax/run1.") from e
+    return created
+
+
+def remove_if_empty(model_dir: str) -> None:
+    """Remove a MODEL_DIR this process created when nothing was written into it."""
+    try:
+        os.rmdir(model_dir)
+    except OSError:
+        pass
 
 
 def vocab_info(vocab) -> dict[str, Any]:
@@ -126,15 +147,21 @@ def with_vocab_size(config: T5Config, vocab) -> T5Config:
     return config if config.vocab_size is not None else config.replace(vocab_size=padded)
 
 
-def run_info(config: T5Config, vocab, loss_options, dataset, teacher) -> dict[str, Any]:
-    return {
+def run_info(config: T5Config, vocab, loss_options, dataset, teacher, *, seed: int,
+             optimizer: dict[str, Any], train_steps: int) -> dict[str, Any]:
+    """The run's identity (see the module docstring); JSON-normalised."""
+    info = {
         "model_config": config.to_dict(),
         "vocabulary": vocab_info(vocab),
         "loss_options": dataclasses.asdict(loss_options),
         "dataset": dataclasses.asdict(dataset),
-        "data_source": _data_source(),
+        "seed": int(seed),
+        "optimizer": optimizer,
         "teacher": teacher.describe() if teacher is not None else None,
+        "train_steps": int(train_steps),
+        "data_source": _data_source(),
     }
+    return json.loads(json.dumps(info, default=str))
 
 
 def _data_source() -> str:
@@ -160,20 +187,56 @@ def write_run_info(model_dir: str, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} (in MODEL_DIR) vs {new.get(k)!r} (now)"
-            for k in keys if old.get(k) != new.get(k)]
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """"key: old (in MODEL_DIR) vs new (now)" for every key whose values differ (nested dicts
+    compared key by key)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} (in MODEL_DIR) vs {b!r} (now)")
+    return out
 
 
-def check_compatible(model_dir: str, info: dict[str, Any]) -> None:
-    """Refuse to resume a MODEL_DIR whose model config or vocabulary differs from this run's."""
+def check_resume(model_dir: str, info: dict[str, Any], *, allow_change: bool) -> dict[str, Any]:
+    """The run_info to write when resuming MODEL_DIR with `info`; refuses what cannot or must not
+    change silently (see the module docstring). Call only when MODEL_DIR holds a checkpoint."""
     old = read_run_info(model_dir)
     if old is None:
-        return
-    diffs = config_differences(T5Config.from_dict(old["model_config"]).to_dict(), info["model_config"])
-    diffs += [f"vocabulary: {d}" for d in config_differences(old["vocabulary"], info["vocabulary"])]
-    if diffs:
+        return info
+    if old.get("imported_from") and old.get("dataset") is None:
         raise ModelDirError(
-            f"MODEL_DIR {model_dir} holds a run of a different model:\n  " + "\n  ".join(diffs)
+            f"MODEL_DIR {model_dir} holds a model imported from {old['imported_from'].get('source')}, not a "
+            f"training run. Fine-tune it into a new MODEL_DIR with --gin.train.initial_checkpoint_dir={model_dir}.")
+    fixed = config_differences(T5Config.from_dict(old["model_config"]).to_dict(), info["model_config"])
+    fixed += [f"vocabulary: {d}" for d in config_differences(old["vocabulary"], info["vocabulary"])]
+    if fixed:
+        raise ModelDirError(
+            f"MODEL_DIR {model_dir} holds a run of a different model:\n  " + "\n  ".join(fixed)
             + "\nUse a new MODEL_DIR for this configuration, or restore the old one's settings.")
+    changes = []
+    for key in TRAJECTORY:
+        if key in old and old[key] != info[key]:
+            a, b = old[key], info[key]
+            changes += (config_differences(a, b, f"{key}.") if isinstance(a, dict) and isinstance(b, dict)
+                        else [f"{key}: {a!r} (in MODEL_DIR) vs {b!r} (now)"])
+    if changes and not allow_change:
+        raise ModelDirError(
+            f"MODEL_DIR {model_dir} holds a run trained with other settings; resuming it with these "
+            f"would silently change its data stream, loss or optimizer:\n  " + "\n  ".join(changes)
+            + f"\nResume with the recorded settings ({os.path.join(model_dir, 'config.gin')} holds the "
+            "command's configuration), use a new MODEL_DIR, or pass --gin.train.allow_config_change=True "
+            "to continue with the new settings (recorded in run_info.json's history).")
+    history = list(old.get("history", []))
+    if old.get("train_steps") not in (None, info["train_steps"]):
+        log.info("TRAIN_STEPS is %d (the run was started with %s): the learning-rate schedule now spans "
+                 "the new count.", info["train_steps"], old["train_steps"])
+        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "train_steps": [old["train_steps"], info["train_steps"]]})
+    if changes:
+        log.warning("train.allow_config_change=True: resuming %s with changed settings:\n  %s",
+                    model_dir, "\n  ".join(changes))
+        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "allowed_changes": changes})
+    return {**info, "history": history} if history else info

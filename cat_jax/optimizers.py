@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import gin
 import optax
 
@@ -47,3 +49,19 @@ def make_optimizer(total_steps: int, *, name: str = "adamw", weight_decay: float
         opt = optax.adafactor(schedule, weight_decay_rate=weight_decay or None)
     chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     return optax.chain(*chain, opt), schedule
+
+
+def _effective(fn, exclude: tuple[str, ...]) -> dict:
+    """A gin-configurable function's keyword defaults with this configuration's bindings applied."""
+    params = inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
+    values = {name: p.default for name, p in params.items()
+              if p.default is not inspect.Parameter.empty and name not in exclude}
+    values.update({k: v for k, v in gin.get_bindings(fn).items() if k not in exclude})
+    return dict(sorted(values.items()))
+
+
+def settings() -> dict:
+    """The optimizer and schedule settings in force (run_info.json records them; a resume that
+    changes them is refused unless allowed). TRAIN_STEPS is not part of them."""
+    return {"optimizer": _effective(make_optimizer, ("total_steps",)),
+            "schedule": _effective(learning_rate_schedule, ("total_steps",))}

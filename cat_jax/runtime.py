@@ -136,8 +136,12 @@ def phase(doing: str, on_disk: str | None = None) -> Iterator[None]:
         _STATUS["on_disk"] = on_disk
     try:
         yield
-    finally:
+    except Terminated:
+        raise  # the report names this phase
+    except BaseException:
         _STATUS.update(previous)
+        raise
+    _STATUS.update(previous)
 
 
 def set_on_disk(text: str) -> None:

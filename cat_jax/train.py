@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 
-import jax
-
 from cat_jax import evaluation, gin_utils, runtime
 from cat_jax.training import train
 
@@ -18,7 +16,7 @@ def main(rest: list[str]) -> int:
     gin_utils.parse_args(rest)
     runtime.initialize()
     result = train()
-    if jax.process_index() == 0:
+    if runtime.is_lead():
         print(json.dumps({"final_step": result.final_step, "model_dir": result.model_dir,
                           "train": result.train_metrics,
                           "eval": evaluation.flatten(result.eval_metrics)}, default=float))
@@ -26,4 +24,4 @@ def main(rest: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    gin_utils.run(main, description=__doc__)
+    gin_utils.run(main, description=__doc__, sigterm_exit_code=0)

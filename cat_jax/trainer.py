@@ -16,6 +16,7 @@ from typing import Any
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -44,10 +45,18 @@ def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
-                       learning_rate=schedule(state.step))
+                       learning_rate=schedule(state.step),
+                       state_finite=all_finite((params, opt_state, loss)))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step_fn
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when no floating-point leaf of `tree` holds a NaN or an infinity: one fused reduction."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 @dataclasses.dataclass
@@ -125,15 +134,23 @@ class PreemptionWatcher:
 
 
 def check_finite(metrics: dict[str, Any], step: int, last_good_checkpoint: int | None,
-                 model_dir: str) -> None:
-    """Raise NonFiniteLossError naming the step and the checkpoint a restart would use."""
+                 model_dir: str, checked_every: int = 1) -> None:
+    """Raise NonFiniteLossError when the loss or the updated state (parameters, optimizer state)
+    of step `step` is NaN or infinite, naming the step and the checkpoint a restart would use.
+
+    The state check is the step's own fused reduction (`state_finite`), so it covers an update
+    that overflows the parameters although the loss it was computed from was finite.
+    """
     loss = float(metrics["loss"])
-    if np.isfinite(loss) and np.isfinite(float(metrics["grad_norm"])):
+    if bool(metrics["state_finite"]) and np.isfinite(loss) and np.isfinite(float(metrics["grad_norm"])):
         return
     keep = (f"the last good checkpoint is step {last_good_checkpoint} in {model_dir}"
             if last_good_checkpoint is not None else "no checkpoint was written")
+    what = "loss" if not np.isfinite(loss) else "update (parameters or optimizer state)"
+    when = f"at step {step}" if checked_every == 1 else (
+        f"at step {step} (or up to {checked_every - 1} steps before: checked every {checked_every})")
     raise NonFiniteLossError(
-        f"Non-finite loss ({loss}) at step {step}; stopped without saving this state, {keep}. "
+        f"Non-finite {what} {when} (loss {loss}); stopped without saving this state, {keep}. "
         f"Lower the learning rate, enable gradient clipping (make_optimizer.clip_norm), or use "
         f"float32 compute (T5Config.dtype='float32'), then restart with the same command.")
 

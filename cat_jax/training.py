@@ -1,9 +1,15 @@
-"""The training job behind `python -m cat_jax.train`: restore or init, then the step loop.
+"""The training job behind `python -m cat_jax.train`: check, restore or init, then the step loop.
 
-Restore order, said in the log: this run's latest checkpoint in MODEL_DIR, else the parameters of
-`train.initial_checkpoint_dir` (parameters only, fresh optimizer), else scratch. A MODEL_DIR whose
-checkpoint already reached TRAIN_STEPS exits 0 at once; one written for a different model config is
-refused with both configs' differences.
+Start-up, in order, each said in the log:
+  1. every check that needs no compute: the vocabulary and model config, the teacher, the initial
+     checkpoint, and (when MODEL_DIR holds a checkpoint) that this command continues the run the
+     directory holds (`model_dir.check_resume`). A failed start leaves no empty MODEL_DIR behind.
+  2. a run whose newest checkpoint reached TRAIN_STEPS exits 0, writing nothing.
+  3. run_info.json and config.gin are written; the restore order: this run's newest checkpoint
+     that verifies (damaged ones are moved aside, the previous one used), else the parameters of
+     `train.initial_checkpoint_dir` (fresh optimizer), else scratch.
+  4. data, compilation, then the loop: a step's loss and updated state are checked finite before
+     the state is logged as good or saved; SIGTERM saves the current step and stops.
 """
 
 from __future__ import annotations
@@ -11,24 +17,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Any
 
 import gin
 import jax
 
 from cat_jax import data as data_lib
-from cat_jax import evaluation, gin_utils, model_dir as model_dir_lib, partitioning
+from cat_jax import evaluation, gin_utils, model_dir as model_dir_lib, optimizers, partitioning, runtime
 from cat_jax.checkpoints import Checkpointer, restore_params
 from cat_jax.errors import ConfigError
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
-from cat_jax.metric_writers import MetricWriter
-from cat_jax.models import T5Config, forward_flops
-from cat_jax.optimizers import make_optimizer
 from cat_jax.frozen_model import (FrozenModel, check_config, check_vocabulary, load_frozen_model,
                                   read_model_info)
+from cat_jax.metric_writers import MetricWriter
+from cat_jax.models import T5Config, forward_flops
+from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
 from cat_jax.train_state import abstract_with_shardings, init_train_state, state_shardings
-from cat_jax.trainer import (PreemptionWatcher, ProgressMeter, check_finite, compile_train_step,
-                             format_duration, make_train_step, scalar_metrics, batch_shapes)
+from cat_jax.trainer import (PreemptionWatcher, ProgressMeter, batch_shapes, check_finite,
+                             compile_train_step, format_duration, make_train_step, scalar_metrics)
 
 log = logging.getLogger("cat_jax")
 
@@ -53,6 +59,19 @@ class TrainResult:
     eval_metrics: dict[str, Any]
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything resolved before anything is written."""
+    model_dir: str
+    model_config: T5Config
+    vocab: Any
+    teacher: FrozenModel | None
+    info: dict[str, Any]
+    latest: int | None
+    mesh: Any
+    rules: Any
+
+
 @gin.configurable(denylist=["mesh"])
 def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           model_config: T5Config = gin.REQUIRED, train_dataset: DatasetConfig = gin.REQUIRED,
@@ -63,19 +82,70 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           eval_period: int = 0, eval_max_examples: int | None = 256, eval_batch_size: int = 64,
           checkpoint_period: int = 100, keep_checkpoints: int = 3, log_every_steps: int = 10,
           seed: int = 0, peak_flops_per_device: float | None = None,
-          max_steps_per_run: int | None = None,
+          max_steps_per_run: int | None = None, allow_config_change: bool = False,
           mesh: Any = None) -> TrainResult:
     """Train `model_config` on `train_dataset` for `train_steps` steps into `model_dir`.
 
     `max_steps_per_run` stops this invocation after that many steps with a checkpoint (for jobs
-    that run in fixed time slots); the same command continues the run.
+    that run in fixed time slots); the same command continues the run. `allow_config_change`
+    lets a resume change the data, seed, loss, optimizer or teacher (logged, recorded in
+    run_info.json's history); without it such a resume is refused with the differences.
     """
-    lead = jax.process_index() == 0
-    model_dir_lib.prepare(model_dir)
-    lengths = dict(train_dataset.task_feature_lengths)
+    created = model_dir_lib.prepare(model_dir)
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    try:
+        with runtime.phase("checking the configuration"):
+            run = _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, seed,
+                           teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config,
+                           initial_checkpoint_dir, allow_config_change, mesh)
+    except BaseException:
+        if created:
+            model_dir_lib.remove_if_empty(model_dir)
+        raise
+    if run.latest is not None and run.latest >= train_steps:
+        log.info("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to do (nothing was "
+                 "written). Raise TRAIN_STEPS to train further, or use a new MODEL_DIR.",
+                 model_dir, run.latest, train_steps)
+        return TrainResult(run.latest, model_dir, {}, {})
+    if runtime.is_lead():
+        run.info["vocabulary_files"] = model_dir_lib.write_vocabulary(model_dir, run.vocab)
+        model_dir_lib.write_run_info(model_dir, run.info)
+        gin_utils.write_config(model_dir)
+    runtime.sync("cat_jax_run_info_written")
+
+    li, lt = train_dataset.task_feature_lengths["inputs"], train_dataset.task_feature_lengths["targets"]
+    model = EncoderDecoderModel(run.model_config, loss_options)
+    tx, schedule = optimizers.make_optimizer(train_steps)
+    abstract, shardings = state_shardings(model, tx, run.mesh, run.rules, li, lt)
+    ckpt = Checkpointer(model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints)
+    with runtime.phase("restoring the checkpoint", _on_disk(model_dir, run.latest)):
+        state, start_step = _restore_or_init(ckpt, model, tx, seed, abstract, shardings,
+                                             initial_checkpoint_dir, li, lt, model_dir)
+    _log_state_bytes(state, run.teacher)
+    runtime.set_on_disk(_on_disk(model_dir, start_step if start_step else ckpt.latest_step()))
+    try:
+        with runtime.phase("loading the data and compiling the train step"):
+            loop = _Loop(run, model, tx, schedule, train_dataset, train_steps, state, start_step, ckpt,
+                         eval_split if eval_period else None, eval_max_examples, eval_batch_size,
+                         abstract, shardings, peak_flops_per_device)
+        step, metrics, eval_metrics = loop.run(log_every_steps, eval_period, max_steps_per_run)
+    finally:
+        ckpt.close()
+    if runtime.is_lead():
+        gin_utils.write_operative_config(model_dir)
+    return TrainResult(step, model_dir, scalar_metrics(metrics) if metrics else {}, eval_metrics)
+
+
+def _on_disk(model_dir: str, step: int | None) -> str:
+    return (f"The latest checkpoint in {model_dir} is step {step}; the same command resumes."
+            if step else f"No checkpoint of this run is in {model_dir} yet; the same command starts it.")
+
+
+def _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, seed, teacher_model_dir,
+             teacher_step, teacher_dtype, teacher_model_config, initial_checkpoint_dir,
+             allow_config_change, mesh) -> Run:
     vocab = data_lib.get_vocabulary_of(train_dataset.mixture_or_task_name)
     model_config = model_dir_lib.with_vocab_size(model_config, vocab)
-    li, lt = lengths["inputs"], lengths["targets"]
     mesh = mesh or partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     log.info("Mesh: %s", partitioning.describe_mesh(mesh))
@@ -90,95 +160,98 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
             f"Set --gin.TEACHER_MODEL_DIR=<the large model's MODEL_DIR>.")
     if initial_checkpoint_dir:
         check_initial_checkpoint(initial_checkpoint_dir, model_config, vocab)
-    run_info = model_dir_lib.run_info(model_config, vocab, loss_options, train_dataset, teacher)
-    model_dir_lib.check_compatible(model_dir, run_info)
-    if lead:
-        run_info["vocabulary_files"] = model_dir_lib.write_vocabulary(model_dir, vocab)
-        model_dir_lib.write_run_info(model_dir, run_info)
-        gin_utils.write_config(model_dir)
+    info = model_dir_lib.run_info(model_config, vocab, loss_options, train_dataset, teacher, seed=seed,
+                                  optimizer=optimizers.settings(), train_steps=train_steps)
+    latest = Checkpointer.latest_in(model_dir)
+    if latest is not None:
+        info = model_dir_lib.check_resume(model_dir, info, allow_change=allow_config_change)
+    return Run(model_dir, model_config, vocab, teacher, info, latest, mesh, rules)
 
-    model = EncoderDecoderModel(model_config, loss_options)
-    tx, schedule = make_optimizer(train_steps)
-    abstract, shardings = state_shardings(model, tx, mesh, rules, li, lt)
 
-    ckpt = Checkpointer(model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints)
-    state, start_step = _restore_or_init(ckpt, model, tx, seed, abstract, shardings,
-                                         initial_checkpoint_dir, li, lt, model_dir)
-    _log_state_bytes(state, teacher)
-    if start_step >= train_steps:
-        log.info("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to do. Raise "
-                 "TRAIN_STEPS to train further, or use a new MODEL_DIR.", model_dir, start_step, train_steps)
-        return TrainResult(start_step, model_dir, {}, {})
+class _Loop:
+    """The data, the compiled step and the metric writer of one invocation, and its step loop."""
 
-    arrays = data_lib.load_split(train_dataset.mixture_or_task_name, train_dataset.split, lengths,
-                                 max_examples=train_dataset.max_examples)
-    batches = data_lib.TrainBatches(arrays, train_dataset.batch_size, seed=train_dataset.seed,
-                                    rates=data_lib.mixture_rates(train_dataset.mixture_or_task_name))
-    eval_arrays = None
-    if eval_split and eval_period:
-        eval_arrays = data_lib.load_split(train_dataset.mixture_or_task_name, eval_split, lengths,
-                                          max_examples=eval_max_examples)
-    b_sharding = partitioning.batch_sharding(mesh, rules)
-    rows = partitioning.process_batch_slice(b_sharding, train_dataset.batch_size)
-    step_fn = make_train_step(model, tx, schedule, teacher.logits_fn if teacher else None)
-    compiled = compile_train_step(
-        step_fn, abstract, shardings, batch_shapes(arrays.features, train_dataset.batch_size),
-        b_sharding, teacher.abstract_params if teacher else None,
-        teacher.param_shardings if teacher else None, mesh)
-    log.info("Compiled the train step in %.1fs; memory per device: %s", compiled.compile_seconds,
-             {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()})
-    teacher_params = teacher.params if teacher else None
+    def __init__(self, run: Run, model, tx, schedule, dataset: DatasetConfig, train_steps: int, state,
+                 start_step: int, ckpt: Checkpointer, eval_split: str | None, eval_max_examples,
+                 eval_batch_size: int, abstract, shardings, peak_flops_per_device):
+        self.run_, self.model, self.dataset, self.train_steps = run, model, dataset, train_steps
+        self.state, self.start_step, self.ckpt = state, start_step, ckpt
+        self.eval_batch_size = eval_batch_size
+        lengths = dict(dataset.task_feature_lengths)
+        arrays = data_lib.load_split(dataset.mixture_or_task_name, dataset.split, lengths,
+                                     max_examples=dataset.max_examples)
+        self.batches = data_lib.TrainBatches(arrays, dataset.batch_size, seed=dataset.seed,
+                                             rates=data_lib.mixture_rates(dataset.mixture_or_task_name))
+        self.eval_arrays = None
+        if eval_split:
+            self.eval_arrays = data_lib.load_split(dataset.mixture_or_task_name, eval_split, lengths,
+                                                   max_examples=eval_max_examples)
+        self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
+        self.rows = partitioning.process_batch_slice(self.b_sharding, dataset.batch_size)
+        teacher = run.teacher
+        step_fn = make_train_step(model, tx, schedule, teacher.logits_fn if teacher else None)
+        self.compiled = compile_train_step(
+            step_fn, abstract, shardings, batch_shapes(arrays.features, dataset.batch_size),
+            self.b_sharding, teacher.abstract_params if teacher else None,
+            teacher.param_shardings if teacher else None, run.mesh)
+        log.info("Compiled the train step in %.1fs; memory per device: %s", self.compiled.compile_seconds,
+                 {k: f"{v / 2**20:.1f} MiB" for k, v in self.compiled.memory.items()})
+        li, lt = lengths["inputs"], lengths["targets"]
+        flops = 3 * dataset.batch_size * forward_flops(run.model_config, li, lt)
+        if teacher:
+            flops += dataset.batch_size * forward_flops(teacher.config, li, lt)
+        peak = peak_flops_per_device * jax.device_count() if peak_flops_per_device else None
+        self.meter = ProgressMeter(start_step, train_steps, dataset.batch_size * (li + lt), flops, peak)
 
-    writer = MetricWriter(model_dir, enabled=lead)
-    flops = 3 * train_dataset.batch_size * forward_flops(model_config, li, lt)
-    if teacher:
-        flops += train_dataset.batch_size * forward_flops(teacher.config, li, lt)
-    peak = peak_flops_per_device * jax.device_count() if peak_flops_per_device else None
-    meter = ProgressMeter(start_step, train_steps, train_dataset.batch_size * (li + lt), flops, peak)
-    watcher = PreemptionWatcher()
-    last_saved = ckpt.latest_step()
-    metrics: dict[str, Any] = {}
-    eval_metrics: dict[str, Any] = {}
-    try:
-        step = start_step
-        while step < train_steps:
-            local = batches.batch(step, *rows)
-            batch = partitioning.global_batch(local, b_sharding, train_dataset.batch_size)
-            state, metrics = compiled.fn(state, batch, teacher_params)
-            step += 1
-            at_end = step == train_steps
-            preempted = watcher.should_stop()
-            stop = preempted or (max_steps_per_run is not None and step - start_step >= max_steps_per_run)
-            if step % log_every_steps == 0 or at_end or stop:
-                check_finite(metrics, step, last_saved, model_dir)
-                _log_progress(writer, step, train_steps, scalar_metrics(metrics), meter.update(step))
-            if ckpt.should_save(step) or at_end or stop:
-                check_finite(metrics, step, last_saved, model_dir)
-                ckpt.save(step, state, run_info, force=True)
-                last_saved = step
-            if eval_arrays is not None and (step % eval_period == 0 or at_end):
-                eval_metrics = evaluation.evaluate(model, state.params, eval_arrays, vocab,
-                                                   eval_batch_size, mesh, rules, lt)
-                writer.write_scalars(step, evaluation.flatten(eval_metrics, prefix="eval/"))
-                log.info("eval @ %d: %s", step, json.dumps(evaluation.flatten(eval_metrics), sort_keys=True))
-            if stop:
-                log.info("%s: saved step %d in %s; the same command resumes.",
-                         "Preemption signal" if preempted else "max_steps_per_run reached", step, model_dir)
-                break
-    finally:
-        watcher.close()
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-    if lead:
-        gin_utils.write_operative_config(model_dir)
-    return TrainResult(step, model_dir, scalar_metrics(metrics) if metrics else {}, eval_metrics)
+    def run(self, log_every: int, eval_period: int,
+            max_steps_per_run: int | None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        run, ckpt, dataset = self.run_, self.ckpt, self.dataset
+        writer = MetricWriter(run.model_dir, enabled=runtime.is_lead(),
+                              resume_step=self.start_step if self.start_step else None)
+        teacher_params = run.teacher.params if run.teacher else None
+        watcher = PreemptionWatcher()
+        last_saved = ckpt.latest_step()
+        metrics: dict[str, Any] = {}
+        eval_metrics: dict[str, Any] = {}
+        step, state = self.start_step, self.state
+        try:
+            while step < self.train_steps:
+                local = self.batches.batch(step, *self.rows)
+                batch = partitioning.global_batch(local, self.b_sharding, dataset.batch_size)
+                state, metrics = self.compiled.fn(state, batch, teacher_params)
+                step += 1
+                at_end = step == self.train_steps
+                preempted = watcher.should_stop()
+                stop = preempted or (max_steps_per_run is not None and step - self.start_step >= max_steps_per_run)
+                if step % log_every == 0 or at_end or stop:
+                    check_finite(metrics, step, last_saved, run.model_dir, checked_every=log_every)
+                    _log_progress(writer, step, self.train_steps, scalar_metrics(metrics), self.meter.update(step))
+                if ckpt.should_save(step) or at_end or stop:
+                    check_finite(metrics, step, last_saved, run.model_dir)
+                    ckpt.save(step, state, run.info, force=True)
+                    last_saved = step
+                    runtime.set_on_disk(_on_disk(run.model_dir, step))
+                if self.eval_arrays is not None and (step % eval_period == 0 or at_end):
+                    eval_metrics = evaluation.evaluate(self.model, state.params, self.eval_arrays, run.vocab,
+                                                       self.eval_batch_size, run.mesh, run.rules,
+                                                       dataset.task_feature_lengths["targets"])
+                    writer.write_scalars(step, evaluation.flatten(eval_metrics, prefix="eval/"))
+                    log.info("eval @ %d: %s", step, json.dumps(evaluation.flatten(eval_metrics), sort_keys=True))
+                if stop:
+                    log.info("%s: saved step %d in %s; the same command resumes.",
+                             "Preemption signal" if preempted else "max_steps_per_run reached", step,
+                             run.model_dir)
+                    break
+        finally:
+            watcher.close()
+            writer.close()
+        return step, metrics, eval_metrics
 
 
 def load_teacher(model_dir: str, step: int | None, dtype: str, expected_config: T5Config | None,
                  student_config: T5Config, vocab, mesh, rules) -> FrozenModel:
-    """The frozen large model, checked against the student's vocabulary and the configured model
-    before its parameters are restored."""
+    """The frozen teacher (larger or smaller than the student), checked against the student's
+    vocabulary and the configured model before its parameters are restored."""
     info = read_model_info(model_dir)
     if expected_config is not None:
         check_config(model_dir, info, expected_config)
@@ -200,11 +273,11 @@ def check_initial_checkpoint(directory: str, model_config: T5Config, vocab) -> N
 
 def _restore_or_init(ckpt: Checkpointer, model, tx, seed, abstract, shardings,
                      initial_checkpoint_dir, li, lt, model_dir):
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, _ = ckpt.restore(abstract_with_shardings(abstract, shardings), step=latest)
-        log.info("Restore: resuming from this run's checkpoint at step %d in %s.", latest, model_dir)
-        return state, latest
+    restored = ckpt.restore_latest_good(abstract_with_shardings(abstract, shardings))
+    if restored is not None:
+        state, _, step = restored
+        log.info("Restore: resuming from this run's checkpoint at step %d in %s.", step, model_dir)
+        return state, step
     if initial_checkpoint_dir:
         template = abstract_with_shardings(abstract.params, shardings.params)
         params, meta = restore_params(initial_checkpoint_dir, template)

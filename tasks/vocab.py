@@ -58,6 +58,20 @@ def _from_model_dir(model_dir: str) -> tuple[str, str | None, int]:
     return "sentencepiece", os.path.join(model_dir, record["file"]), int(record.get("extra_ids", 0))
 
 
+_DEFAULT_MODEL_DIR: list[str] = []
+
+
+def default_to_model_dir(model_dir: str) -> None:
+    """Make `get_vocabulary()` return `model_dir`'s vocabulary when gin binds none of its parameters
+    (eval, infer and cascade_eval default to the vocabulary of the model they restore)."""
+    if gin.get_bindings(get_vocabulary):
+        return
+    from cat_jax import model_dir as model_dir_lib  # pylint: disable=import-outside-toplevel
+
+    if (model_dir_lib.read_run_info(model_dir) or {}).get("vocabulary_files"):
+        _DEFAULT_MODEL_DIR[:] = [os.path.abspath(model_dir)]
+
+
 @gin.configurable
 def get_vocabulary(
     kind: str = "byte", sentencepiece_model_path: str | None = None, extra_ids: int = 0,
@@ -68,6 +82,7 @@ def get_vocabulary(
     `from_model_dir` takes the kind, model file and extra ids a MODEL_DIR stores (and wins over
     the other parameters).
     """
+    from_model_dir = from_model_dir or (_DEFAULT_MODEL_DIR[0] if _DEFAULT_MODEL_DIR else None)
     if from_model_dir:
         kind, sentencepiece_model_path, extra_ids = _from_model_dir(os.path.abspath(from_model_dir))
     if kind not in KINDS:

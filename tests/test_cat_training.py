@@ -16,8 +16,10 @@ from conftest import run_module, train_args
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("teacher") / "large"
-    run_module("cat_jax.train", train_args("train_large.gin", model_dir, 3,
-                                           "--gin_file=gin_configs/models/tiny.gin"))
+    # 40 steps: enough to predict some target tokens (the EOS after the syllable count), so the CAT
+    # mask keeps some tokens and drops others.
+    run_module("cat_jax.train", train_args("train_large.gin", model_dir, 40,
+                                           "--gin_file=gin_configs/models/tiny.gin", "--gin.LEARNING_RATE=1e-2"))
     return model_dir
 
 
@@ -31,23 +33,78 @@ def _checkpoint_files(model_dir):
     return out
 
 
-def test_cat_student_end_to_end(teacher_dir, tmp_path):
+def _first_step_reference(teacher_dir):
+    """NumPy's mask fraction and KL(teacher || student) of step 1 of a tiny student run: the
+    student's initial parameters (seed 0) and the bfloat16 teacher on the run's first batch."""
+    from cat_jax import data, partitioning
+    from cat_jax.frozen_model import load_frozen_model
+    from cat_jax.models.encoder_decoder import EncoderDecoderModel
+    from cat_jax.models import T5Config
+    from cat_jax.optimizers import make_optimizer
+    from cat_jax.train_state import init_train_state, state_shardings
+    from conftest import DATA_CACHE, TINY_TASK
+    import gin
+    from cat_jax import gin_utils
+
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    rules = partitioning.logical_axis_rules()
+    teacher = load_frozen_model(str(teacher_dir), mesh=mesh, rules=rules, dtype="bfloat16")
+    gin.clear_config()
+    gin_utils.parse_gin(["gin_configs/models/tiny.gin"], [])
+    config = T5Config().replace(vocab_size=teacher.config.vocab_size)
+    gin.clear_config()
+    model = EncoderDecoderModel(config)
+    tx, _ = make_optimizer(3)
+    _, shardings = state_shardings(model, tx, mesh, rules, 32, 8)
+    student_params = init_train_state(model, tx, 0, shardings, 32, 8).params
+    arrays = data.load_split(TINY_TASK, "train", {"inputs": 32, "targets": 8}, max_examples=256,
+                             cache_dir=DATA_CACHE)
+    batch = data.TrainBatches(arrays, 8, seed=0).batch(0)
+    student = np.asarray(model.logits(student_params, batch), np.float64)
+    large = np.asarray(teacher.logits_fn(teacher.params, batch).astype(np.float32), np.float64)
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    correct = (student.argmax(-1) == targets) | (large.argmax(-1) == targets)
+    mask_fraction = float((weights * correct).sum() / weights.sum())
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(large), log_softmax(student)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return mask_fraction, float((weights * kl).sum() / weights.sum())
+
+
+@pytest.fixture(scope="module")
+def ce_student(tmp_path_factory):
+    """A CE student trained on the same batches as the CAT students (the contrast)."""
+    model_dir = tmp_path_factory.mktemp("ce") / "ce"
+    run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 3, "--gin_file=gin_configs/models/tiny.gin"))
+    return model_dir
+
+
+def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
+    from test_train import _final_state
     before = _checkpoint_files(teacher_dir)
     student = tmp_path / "cat"
     proc = run_module("cat_jax.train", train_args(
         "train_small_cat.gin", student, 3, "--gin_file=gin_configs/models/tiny.gin",
         f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'"))
-    assert f"Teacher: step 3 of {teacher_dir}, bfloat16 parameters" in proc.stderr
+    assert f"Teacher: step 40 of {teacher_dir}, bfloat16 parameters" in proc.stderr
     assert "'teacher':" in proc.stderr          # per-device bytes of the teacher are printed
     rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
-    assert len(rows) == 3
-    for r in rows:
-        assert 0.0 <= r["train/mask_fraction"] <= 1.0
-        assert "train/teacher_accuracy" in r and "train/student_accuracy" in r
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    mask_fraction, _ = _first_step_reference(teacher_dir)
+    assert 0.0 < mask_fraction < 1.0  # the mask drops some tokens and keeps some
+    assert rows[0]["train/mask_fraction"] == pytest.approx(mask_fraction, abs=1e-6)
     info = json.load(open(os.path.join(student, "run_info.json")))
-    assert info["teacher"]["model_dir"] == str(teacher_dir) and info["teacher"]["step"] == 3
+    assert info["teacher"]["model_dir"] == str(teacher_dir) and info["teacher"]["step"] == 40
     assert info["loss_options"]["mask"] == "small_or_large"
     assert _checkpoint_files(teacher_dir) == before    # the teacher is never written back
+    # The teacher mattered: the CAT student is not the CE student trained on the same batches.
+    cat_params = jax.tree_util.tree_leaves(_final_state(student)[1]["params"])
+    ce_params = jax.tree_util.tree_leaves(_final_state(ce_student)[1]["params"])
+    assert any(not np.array_equal(a, b) for a, b in zip(cat_params, ce_params))
 
 
 def test_cat_distill_student_end_to_end(teacher_dir, tmp_path):
@@ -56,7 +113,11 @@ def test_cat_distill_student_end_to_end(teacher_dir, tmp_path):
         "train_small_cat_distill.gin", student, 2, "--gin_file=gin_configs/models/tiny.gin",
         f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'"))
     rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
-    assert all("train/kd" in r and r["train/kd"] >= 0 for r in rows)
+    mask_fraction, kd = _first_step_reference(teacher_dir)
+    assert kd > 0.1
+    # The bfloat16 teacher's logits are summed in another order inside the jitted step: 2e-3.
+    assert rows[0]["train/kd"] == pytest.approx(kd, rel=2e-3)
+    assert rows[0]["train/mask_fraction"] == pytest.approx(mask_fraction, abs=1e-6)
 
 
 def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):

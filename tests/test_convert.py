@@ -288,8 +288,8 @@ def test_imported_models_fine_tune_cat_train_and_cascade(tmp_path):
     for name, target in (("t5_v1_1", large_hub), ("t5_v1_0", small_hub)):
         importer.import_checkpoint(source=str(FIXTURES / name), model_dir=str(target))
     vocab = [f"--gin.get_vocabulary.from_model_dir={large_hub}"]
-    large_gin = _model_gin(tmp_path / "large.gin", importer.config_of(str(large_hub)))
-    small_gin = _model_gin(tmp_path / "small.gin", importer.config_of(str(small_hub)))
+    large_gin = _model_gin(tmp_path / "large.gin", exporter.read_params(str(large_hub))[0])
+    small_gin = _model_gin(tmp_path / "small.gin", exporter.read_params(str(small_hub))[0])
     large, small = tmp_path / "large", tmp_path / "small_cat"
     proc = run_module("cat_jax.train", train_args("train_large.gin", large, 20, f"--gin_file={large_gin}",
                                                   f"--gin.train.initial_checkpoint_dir={large_hub}", *vocab))

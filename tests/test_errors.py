@@ -6,11 +6,28 @@ from __future__ import annotations
 from conftest import REPO, run_module, train_args
 
 
-def test_unknown_task_lists_close_matches(tmp_path):
+def test_unknown_task_lists_close_matches_and_leaves_no_model_dir(tmp_path):
     proc = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "m", 2,
                                                   "--gin.MIXTURE_OR_TASK_NAME='cmudict_g2q'"), check=False)
     assert proc.returncode == 2
     assert "cmudict_g2q" in proc.stderr and "cmudict_g2p" in proc.stderr
+    assert "Traceback" not in proc.stderr and "In call to configurable" not in proc.stderr
+    assert not (tmp_path / "m").exists()  # a failed start leaves no empty MODEL_DIR behind
+
+
+def test_misspelled_macro_is_refused_with_the_closest_names(tmp_path):
+    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "m", 2,
+                                                  "--gin.LEARNIG_RATE=1e6"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--gin.LEARNIG_RATE (did you mean LEARNING_RATE?)" in proc.stderr
+    assert "no gin file uses this macro" in proc.stderr and not (tmp_path / "m").exists()
+
+
+def test_missing_split_is_a_named_error(tmp_path):
+    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "m", 2,
+                                                  "--gin.DatasetConfig.split='dev'"), check=False)
+    assert proc.returncode == 2
+    assert "has no split 'dev'; it has ['train', 'validation', 'test']" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -64,24 +81,24 @@ def test_infer_of_missing_checkpoint(tmp_path):
     assert str(tmp_path / "nothing") in proc.stderr
 
 
-def test_nan_loss_stops_nonzero_and_keeps_last_good_checkpoint(tmp_path):
-    model_dir = tmp_path / "m"
-    run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 2,
-                                           "--gin.train.checkpoint_period=2"))
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_ce.gin", model_dir, 20, "--gin.train.checkpoint_period=1",
-        "--gin.LEARNING_RATE=1e38",
-        "--gin.learning_rate_schedule.warmup_steps=0", "--gin.learning_rate_schedule.decay='constant'"),
-        check=False)
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "Non-finite loss" in proc.stderr and "last good checkpoint is step" in proc.stderr
-    bad_step = int(proc.stderr.split("Non-finite loss")[1].split("at step ")[1].split(";")[0])
-    from test_train import _final_params
+def test_overflowing_update_stops_with_exit_3_and_the_newest_checkpoint_stays_finite(tmp_path):
+    """At learning rate 1e39 the loss of step 1 is finite but the update overflows the parameters:
+    the state check inside the step stops the run before that state is saved."""
     import numpy as np
     import jax
-    step, params = _final_params(model_dir)
-    assert step < bad_step
-    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+    from test_train import _final_state
+    model_dir = tmp_path / "m"
+    run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 2, "--gin.train.checkpoint_period=2"))
+    proc = run_module("cat_jax.train", train_args(
+        "train_small_ce.gin", model_dir, 20, "--gin.train.checkpoint_period=1", "--gin.LEARNING_RATE=1e39",
+        "--gin.learning_rate_schedule.warmup_steps=0", "--gin.learning_rate_schedule.decay='constant'",
+        "--gin.train.allow_config_change=True"), check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Non-finite update (parameters or optimizer state) at step 3" in proc.stderr
+    assert "the last good checkpoint is step 2" in proc.stderr
+    step, state = _final_state(model_dir)
+    assert step == 2
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state) if x.dtype.kind == "f")
 
 
 def test_changed_model_config_is_refused_with_differences(tmp_path):
@@ -91,3 +108,51 @@ def test_changed_model_config_is_refused_with_differences(tmp_path):
                                                   "--gin.T5Config.mlp_dim=128"), check=False)
     assert proc.returncode == 2
     assert "mlp_dim" in proc.stderr and "new MODEL_DIR" in proc.stderr
+
+
+def test_resume_with_other_settings_is_refused_unless_allowed(tmp_path):
+    """A CE MODEL_DIR resumed with the CAT run file and a teacher, or another batch size and seed,
+    would silently change the run: refused with the differences; allowed on request and recorded."""
+    import json
+    teacher, model_dir = tmp_path / "teacher", tmp_path / "m"
+    run_module("cat_jax.train", train_args("train_small_ce.gin", teacher, 1))
+    run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 1))
+    info_before = (model_dir / "run_info.json").read_text()
+    cat = run_module("cat_jax.train", train_args("train_small_cat.gin", model_dir, 2,
+                                                 f"--gin.TEACHER_MODEL_DIR={teacher}"), check=False)
+    assert cat.returncode == 2, cat.stderr[-2000:]
+    assert "loss_options.mask: 'none' (in MODEL_DIR) vs 'small_or_large' (now)" in cat.stderr
+    assert "teacher: None (in MODEL_DIR)" in cat.stderr and "allow_config_change" in cat.stderr
+    batch = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 2, "--gin.BATCH_SIZE=16",
+                                                   "--gin.SEED=3"), check=False)
+    assert batch.returncode == 2
+    assert "dataset.batch_size: 8 (in MODEL_DIR) vs 16 (now)" in batch.stderr and "seed: 0" in batch.stderr
+    assert (model_dir / "run_info.json").read_text() == info_before  # nothing rewritten
+    allowed = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 2, "--gin.BATCH_SIZE=16",
+                                                     "--gin.train.allow_config_change=True"))
+    assert "resuming" in allowed.stderr and "allow_config_change=True" in allowed.stderr
+    info = json.loads((model_dir / "run_info.json").read_text())
+    assert info["dataset"]["batch_size"] == 16
+    assert info["history"][-1]["allowed_changes"] == ["dataset.batch_size: 8 (in MODEL_DIR) vs 16 (now)"]
+
+
+def test_sigterm_during_start_up_exits_cleanly_and_says_what_is_saved(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from conftest import SUBPROCESS_ENV
+    model_dir = tmp_path / "m"
+    run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 1))
+    env = dict(os.environ, **SUBPROCESS_ENV)
+    proc = subprocess.Popen([sys.executable, "-m", "cat_jax.train",
+                             *train_args("train_small_ce.gin", model_dir, 5)], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if "Per-device bytes" in line:  # restored; the data and the compilation come next
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, rest[-3000:]
+    assert "Stopped by SIGTERM while loading the data and compiling the train step." in rest
+    assert f"The latest checkpoint in {model_dir} is step 1; the same command resumes." in rest

@@ -83,6 +83,6 @@ def test_quality_registry():
     bleu_quality = metrics.get_quality("test_bleu_task")
     assert bleu_quality.score(targets, predictions) == pytest.approx(metrics.corpus_bleu(targets, predictions))
     assert metrics.get_quality("test_em_task").score(targets, predictions) == 50.0
-    assert metrics.per_example_quality("test_em_task")(targets, predictions) == [1.0, 0.0]
+    assert metrics.get_quality("test_em_task").per_example(targets, predictions) == [1.0, 0.0]
     with pytest.raises(ValueError, match="test_em_task"):
         metrics.get_quality("no_such_task")

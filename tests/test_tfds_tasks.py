@@ -106,13 +106,13 @@ def test_superglue_postprocessing_and_metrics_end_to_end(mocked):
     assert all(t["group"] == ex["id"].rsplit("-a", 1)[0] for t, ex in zip(targets, examples))
     preds = [ex["targets_pretokenized"] for ex in examples]
     assert multirc.metric_fns[0](targets, preds)["exact_match"] == 100.0
-    assert metrics.per_example_quality("superglue_multirc")(targets, preds) == [1.0] * len(preds)
+    assert metrics.get_quality("superglue_multirc").per_example(targets, preds) == [1.0] * len(preds)
     # ReCoRD: every gold answer is accepted.
     record = seqio.get_mixture_or_task("superglue_record")
     ex = _examples("superglue_record", "validation")[0]
     gold = record.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
     assert len(gold) > 1
-    assert metrics.per_example_quality("superglue_record")([gold], [gold[-1]]) == [1.0]
+    assert metrics.get_quality("superglue_record").per_example([gold], [gold[-1]]) == [1.0]
     assert record.metric_fns[0]([gold], [gold[-1]]) == {"exact_match": 100.0, "f1": 100.0}
 
 

@@ -25,11 +25,28 @@ def _final_params(model_dir, step=None):
     return frozen.step, jax.tree_util.tree_map(np.asarray, frozen.params)
 
 
-def _assert_trees_equal(a, b, atol=0.0):
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+def _final_state(model_dir) -> tuple[int, dict]:
+    """(step, the whole saved train state: params, optimizer state, step, rng) of the newest
+    checkpoint, as numpy, read without a template."""
+    import orbax.checkpoint as ocp
+    from cat_jax.checkpoints import Checkpointer
+    step = Checkpointer.latest_in(str(model_dir))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.restore(os.path.join(model_dir, str(step), "state"))
+    return step, jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _assert_trees_equal(a, b):
+    """Bitwise: same structure, dtypes and bytes."""
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), path
+
+
+def _dir_snapshot(path) -> dict:
+    return {os.path.relpath(os.path.join(r, f), path): os.stat(os.path.join(r, f)).st_mtime_ns
+            for r, _, files in os.walk(path) for f in files}
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +87,14 @@ def test_relative_model_dir_trains_and_resumes(tmp_path):
     assert _final_params(tmp_path / "rel")[0] == 2
 
 
-def test_finished_run_exits_zero_and_says_so(uninterrupted):
+def test_finished_run_exits_zero_says_so_and_writes_nothing(uninterrupted):
     model_dir, _ = uninterrupted
-    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 8))
+    before = _dir_snapshot(model_dir)
+    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 8, "--gin.train.checkpoint_period=4",
+                                                  "--gin.train.eval_period=8"))
     assert "nothing to do" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["final_step"] == 8
+    assert _dir_snapshot(model_dir) == before
 
 
 def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
@@ -86,37 +106,64 @@ def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert "max_steps_per_run reached: saved step 3" in first.stderr
     second = run_module("cat_jax.train", args)
     assert "resuming from this run's checkpoint at step 3" in second.stderr
-    _, ref = _final_params(ref_dir)
-    step, resumed = _final_params(model_dir)
+    _, ref = _final_state(ref_dir)
+    step, resumed = _final_state(model_dir)
     assert step == 8
-    _assert_trees_equal(ref, resumed, atol=1e-6)
+    _assert_trees_equal(ref, resumed)
 
 
-def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path):
-    """Kill -9 during the run (checkpoint every step, so likely mid-save), restart, compare."""
-    steps = 12
-    args = train_args("train_small_ce.gin", tmp_path / "killed", steps, "--gin.train.checkpoint_period=1",
-                      "--gin.train.keep_checkpoints=2")
+def _kill_when(args, condition) -> None:
+    """Start the tiny run, SIGKILL it as soon as `condition(lines so far)` holds (polled every
+    millisecond, stderr read in a thread), and wait for it."""
+    import threading
     env = dict(os.environ, **SUBPROCESS_ENV)
     proc = subprocess.Popen([sys.executable, "-m", "cat_jax.train", *args], cwd=REPO, env=env,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    killed_at = None
-    for line in proc.stderr:
-        parts = line.split()
-        if parts[1:3] == ["INFO", "step"] and parts[3].startswith("5/"):
-            time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            killed_at = line
-            break
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    while proc.poll() is None and not condition(lines):
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=600)
-    assert killed_at is not None, "the run finished before it could be killed"
-    run_module("cat_jax.train", args)
-    ref = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "ref", steps,
-                                                 "--gin.train.checkpoint_period=100"))
-    assert ref.returncode == 0
-    _, a = _final_params(tmp_path / "killed")
-    _, b = _final_params(tmp_path / "ref")
-    _assert_trees_equal(a, b, atol=1e-6)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def _saving(model_dir):
+    """True once an orbax save of step >= 3 is in progress (its temporary directory exists)."""
+    def check(_lines):
+        names = os.listdir(model_dir) if os.path.isdir(model_dir) else []
+        return any(".orbax-checkpoint-tmp" in n and int(n.split(".")[0]) >= 3 for n in names)
+    return check
+
+
+@pytest.fixture(scope="module")
+def reference_12(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("ref12") / "model"
+    run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=100"))
+    return _final_state(model_dir)[1]
+
+
+@pytest.mark.parametrize("moment", ["random", "during_a_save"])
+def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, reference_12, moment):
+    """kill -9 at a random step boundary, or aimed at a save in progress (its temporary directory
+    exists), restart with the same command: the whole final state equals an uninterrupted run's,
+    bit for bit, and the metrics hold each step once."""
+    model_dir = tmp_path / "killed"
+    args = train_args("train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=1",
+                      "--gin.train.keep_checkpoints=2")
+    if moment == "random":
+        kill_step = int(np.random.default_rng().integers(3, 10))
+        _kill_when(args, lambda lines: any(f" step {kill_step}/12 " in line for line in lines[-3:]))
+    else:
+        _kill_when(args, _saving(str(model_dir)))
+    resumed = run_module("cat_jax.train", args)
+    assert "resuming from this run's checkpoint at step" in resumed.stderr
+    step, state = _final_state(model_dir)
+    assert step == 12
+    _assert_trees_equal(state, reference_12)
+    steps = [r["step"] for r in read_jsonl(os.path.join(model_dir, "train_metrics.jsonl")) if "train/loss" in r]
+    assert steps == list(range(1, 13))
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -145,3 +192,12 @@ def test_init_from_checkpoint_is_params_only_and_logged(uninterrupted, tmp_path)
     _, init = _final_params(ref_dir)
     _, after = _final_params(tmp_path / "ft")
     _assert_trees_equal(init, after)   # learning rate 0: the restored parameters, unchanged
+
+
+def test_eval_defaults_to_the_task_and_lengths_the_model_was_trained_on(uninterrupted):
+    model_dir, _ = uninterrupted
+    proc = run_module("cat_jax.eval", ["--gin_file=gin_configs/runs/eval.gin", f"--gin.CHECKPOINT_DIR={model_dir}",
+                                       "--gin.MAX_EXAMPLES=8", "--gin.BATCH_SIZE=8"])
+    assert "'mixture_or_task_name': 'cmudict_syllables'" in proc.stderr and "run_info.json" in proc.stderr
+    result = json.loads(proc.stdout)
+    assert list(result["metrics"]) == ["cmudict_syllables"] and result["num_examples"] == 8

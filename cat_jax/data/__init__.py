@@ -11,14 +11,15 @@
 Only the seqio source touches seqio or TensorFlow, and only when asked for data.
 """
 
-from cat_jax.data.arrays import LENGTH_FIELDS, MODEL_FEATURES, TEXT_FIELDS, ExampleArrays, sample_per_task
+from cat_jax.data.arrays import (LENGTH_FIELDS, MODEL_FEATURES, SAMPLE_SEED, TEXT_FIELDS, ExampleArrays,
+                                 sample_per_task)
 from cat_jax.data.batches import TrainBatches, eval_batches
-from cat_jax.data.loading import (SAMPLE_SEED, get_task_or_mixture, get_vocabulary_of, load_split,
+from cat_jax.data.loading import (get_task_or_mixture, get_vocabulary_of, load_split,
                                   load_split_from, mixture_rates)
-from cat_jax.data.source import DataSource, data_source, seqio_source
+from cat_jax.data.source import DataSource, data_source, live_source
 
 __all__ = [
     "DataSource", "ExampleArrays", "LENGTH_FIELDS", "MODEL_FEATURES", "SAMPLE_SEED", "TEXT_FIELDS",
     "TrainBatches", "data_source", "eval_batches", "get_task_or_mixture", "get_vocabulary_of",
-    "load_split", "load_split_from", "mixture_rates", "sample_per_task", "seqio_source",
+    "live_source", "load_split", "load_split_from", "mixture_rates", "sample_per_task",
 ]

@@ -23,6 +23,9 @@ MODEL_FEATURES = (
 )
 TEXT_FIELDS = ("ids", "task_names", "inputs_text", "targets_text", "extras")
 LENGTH_FIELDS = ("input_lengths", "target_lengths")
+# MAX_EXAMPLES keeps the examples with the smallest hash of (SAMPLE_SEED, task, id): a uniform
+# sample of each task, the same for every source, host and storage order.
+SAMPLE_SEED = 0
 
 
 @dataclasses.dataclass
@@ -112,7 +115,17 @@ def sample_keys(task_names: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarra
                      for t, i in zip(task_names.tolist(), ids.tolist())], dtype=np.uint64)
 
 
-def sample_per_task(arrays: ExampleArrays, max_examples: int, seed: int = 0) -> ExampleArrays:
+def sampled_ids(task: str, ids: Sequence[str], max_examples: int, seed: int = SAMPLE_SEED) -> set[str]:
+    """The ids `sample_per_task` keeps among one task's `ids` (a source can filter by them before
+    the expensive preprocessing)."""
+    ids = np.asarray(list(ids), dtype=str)
+    if len(ids) <= max_examples:
+        return set(ids.tolist())
+    keys = sample_keys(np.full(len(ids), task), ids, seed)
+    return set(ids[np.argsort(keys, kind="stable")[:max_examples]].tolist())
+
+
+def sample_per_task(arrays: ExampleArrays, max_examples: int, seed: int = SAMPLE_SEED) -> ExampleArrays:
     """A uniform sample of at most `max_examples` examples of each task, in the original order.
 
     The examples with the smallest `sample_keys` are kept: a hash of (seed, task, id), so the sample

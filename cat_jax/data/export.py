@@ -15,10 +15,11 @@ import numpy as np
 
 from cat_jax import metrics, vocabularies
 from cat_jax.data.arrays import ExampleArrays
-from cat_jax.data.loading import SAMPLE_SEED, load_split_from
+from cat_jax.data.arrays import SAMPLE_SEED
+from cat_jax.data.loading import load_split_from
 from cat_jax.data.exported import (FORMAT, POSTPROCESSED_TARGETS, export_command, manifest_path,
                                    describe_fn, npz_path, qualified_name)
-from cat_jax.data.source import seqio_source
+from cat_jax.data.source import live_source
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def export_one(name: str, split: str, task_feature_lengths: Mapping[str, int], e
     """Export one split of a task or mixture through the live seqio pipeline; returns the manifest."""
     lengths = {k: int(v) for k, v in dict(task_feature_lengths).items()}
     export_dir = os.path.abspath(os.path.expanduser(export_dir))
-    source = seqio_source()
+    source = live_source()
     provider = source.provider(name)
     leaf = source.leaf_tasks(name)
     tasks = {t.name: t for t in leaf}

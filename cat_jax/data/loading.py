@@ -8,17 +8,12 @@ from collections.abc import Mapping
 import gin
 import numpy as np
 
-from cat_jax.data.arrays import ExampleArrays, sample_per_task
+from cat_jax.data.arrays import SAMPLE_SEED, ExampleArrays, sample_per_task
 from cat_jax.data.seqio_source import AUTO
 from cat_jax.data.source import DataSource, data_source
 from cat_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-# MAX_EXAMPLES keeps the examples with the smallest hash of (SAMPLE_SEED, task, id): a uniform
-# sample of each task, the same for every source, host and storage order.
-SAMPLE_SEED = 0
-
 
 def _warn_truncation(name: str, split: str, arrays: ExampleArrays, lengths: Mapping[str, int]) -> None:
     truncated = {"inputs": arrays.num_truncated_inputs, "targets": arrays.num_truncated_targets}

@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from cat_jax import vocabularies
-from cat_jax.data.arrays import MODEL_FEATURES, ExampleArrays
+from cat_jax.data.arrays import MODEL_FEATURES, ExampleArrays, sampled_ids
 from cat_jax.data.source import DataSource
 from cat_jax.errors import ConfigError, UnknownTaskError
 
 log = logging.getLogger(__name__)
 
 _META_FEATURES = {"id": "ids", "inputs_pretokenized": "inputs_text", "targets_pretokenized": "targets_text"}
-_CACHE_FORMAT = 4  # 4: whole splits (MAX_EXAMPLES samples after loading), keyed by task fingerprints
+_CACHE_FORMAT = 4  # 4: MAX_EXAMPLES a uniform sample; keyed by task fingerprints
 _LOAD_BATCH = 1024
 AUTO = "auto"
 
@@ -103,6 +103,11 @@ class SeqioSource(DataSource):
     def describe(self) -> str:
         return "seqio"
 
+    def default_vocabulary_from(self, model_dir: str) -> None:
+        import_seqio()
+        from tasks import vocab  # pylint: disable=import-outside-toplevel
+        vocab.default_to_model_dir(model_dir)
+
     def names(self) -> list[str]:
         seqio = import_seqio()
         importlib.import_module("tasks")
@@ -128,8 +133,9 @@ class SeqioSource(DataSource):
 
     def load_split(self, name: str, split: str, lengths: Mapping[str, int],
                    max_examples: int | None = None, cache_dir: str | None = AUTO) -> ExampleArrays:
-        """Every example of the split (`max_examples` is applied by the caller, by sampling)."""
-        del max_examples
+        """The split's examples; with `max_examples`, a task whose source gives ids is filtered to
+        the sampled ids before preprocessing (the caller's `sample_per_task` then keeps exactly
+        those), any other task is preprocessed whole."""
         tasks = self.leaf_tasks(name)
         for task in tasks:
             if split not in task.splits:
@@ -137,21 +143,21 @@ class SeqioSource(DataSource):
                     f"Task {task.name!r} has no split {split!r}; it has {list(task.splits)}. Choose one "
                     f"of those (SPLIT / train.eval_split / run_cascade_eval.validation_split), or add the "
                     f"split to the task's source.")
-        path = self._cache_path(cache_dir, name, split, lengths, tasks)
+        path = self._cache_path(cache_dir, name, split, lengths, tasks, max_examples)
         if path is not None and os.path.exists(path):
             log.info("Loading %s/%s from the tokenized cache %s (set load_split.cache_dir=None to "
                      "re-tokenize).", name, split, path)
             return ExampleArrays.load(path)
         log.info("Tokenizing %s/%s through seqio%s.", name, split,
                  f" (cached in {os.path.dirname(path)})" if path else "")
-        arrays = ExampleArrays.concatenate([_load_task(task, split, lengths) for task in tasks])
+        arrays = ExampleArrays.concatenate([_load_task(task, split, lengths, max_examples) for task in tasks])
         if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             arrays.save(path)
         return arrays
 
     def _cache_path(self, cache_dir: str | None, name: str, split: str, lengths: Mapping[str, int],
-                    tasks: Sequence[Any]) -> str | None:
+                    tasks: Sequence[Any], max_examples: int | None) -> str | None:
         if cache_dir is None:
             return None
         fingerprints = {t.name: task_fingerprint(t) for t in tasks}
@@ -161,6 +167,7 @@ class SeqioSource(DataSource):
             cache_dir = default_cache_dir()
         key = json.dumps({
             "format": _CACHE_FORMAT, "name": name, "split": split, "lengths": dict(sorted(lengths.items())),
+            "max_examples": max_examples,
             "tasks": fingerprints,
             "vocabularies": {t.name: {f: _vocabulary_key(v.vocabulary) for f, v in t.output_features.items()}
                              for t in tasks},
@@ -173,15 +180,40 @@ def _vocabulary_key(vocabulary: Any) -> str:
     return json.dumps(vocabularies.identity(vocabulary), sort_keys=True)
 
 
-def _load_task(task: Any, split: str, lengths: Mapping[str, int]) -> ExampleArrays:
+def _examples(task: Any, split: str, max_examples: int | None) -> Any:
+    """The task's preprocessed, untrimmed examples (seqio's Task.get_dataset without trimming or
+    shuffling). With `max_examples` and ids in the source, the source is read once in large
+    batches and only the sampled ids are preprocessed (a source whose examples do not batch is
+    preprocessed whole, and sampled afterwards)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    source = task.source.get_dataset(split=split, shuffle=False)
+    whole = lambda: task.get_dataset(sequence_length=None, split=split, shuffle=False,  # noqa: E731
+                                     use_cached=False, num_epochs=1, trim_output_features=False)
+    if max_examples is None or "id" not in source.element_spec:
+        return whole()
+    try:
+        batches = list(source.batch(_LOAD_BATCH * 8).as_numpy_iterator())
+    except (tf.errors.InvalidArgumentError, ValueError, TypeError):
+        return whole()
+    if not batches:
+        return whole()
+    joined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    ids = np.array([i.decode("utf-8") for i in joined["id"]], dtype=str)
+    keep = np.isin(ids, sorted(sampled_ids(task.name, ids, max_examples)))
+    ds = tf.data.Dataset.from_tensor_slices({k: v[keep] for k, v in joined.items()})
+    ds = task.preprocess_precache(ds)
+    return task.preprocess_postcache(ds, sequence_length=None)
+
+
+def _load_task(task: Any, split: str, lengths: Mapping[str, int], max_examples: int | None) -> ExampleArrays:
     """One task's split: untrimmed seqio examples, trimmed here (EOS kept), then converted."""
     seqio = import_seqio()
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     eos = {k: task.output_features[k].vocabulary.eos_id if task.output_features[k].add_eos else None
            for k in ("inputs", "targets")}
-    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False,
-                          num_epochs=1, trim_output_features=False)
+    ds = _examples(task, split, max_examples)
     missing = [k for k in _META_FEATURES if k not in ds.element_spec]
     if missing:
         raise ConfigError(f"Task {task.name!r} lacks the features {missing} that cat_jax needs "

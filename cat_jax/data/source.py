@@ -47,6 +47,10 @@ class DataSource(abc.ABC):
         task); a source whose data was capped checks here that it holds enough.
         """
 
+    def default_vocabulary_from(self, model_dir: str) -> None:
+        """Tokenize with the vocabulary `model_dir` stores unless the configuration names one (a
+        source whose data is already tokenized ignores this)."""
+
     def leaf_tasks(self, name: str) -> list[Any]:
         """The tasks of a mixture, or [the task]."""
         provider = self.provider(name)
@@ -72,7 +76,7 @@ def exported_source(directory: str) -> DataSource:
     return registry(directory)
 
 
-def seqio_source() -> DataSource:
+def live_source() -> DataSource:
     """The live seqio pipeline, whatever `data_source` says (the export job reads it)."""
     return _seqio_source()
 

@@ -33,7 +33,6 @@ from cat_jax import model_dir as model_dir_lib
 from cat_jax import vocabularies
 from cat_jax.checkpoints import save_host_state
 from cat_jax.errors import ConversionError, ModelDirError
-from cat_jax.models.config import T5Config
 from cat_jax.models.convert import hf, t5x
 from cat_jax.models.convert.tree import unflatten
 
@@ -179,11 +178,3 @@ def import_checkpoint(*, source: str = gin.REQUIRED, model_dir: str = gin.REQUIR
         raise
     log.info("Imported %d tensors into %s in %.1f s", total, model_dir, time.perf_counter() - started)
     return info
-
-
-def config_of(model_dir: str) -> T5Config:
-    """The T5Config recorded in a MODEL_DIR."""
-    info = model_dir_lib.read_run_info(model_dir)
-    if info is None:
-        raise ConversionError(f"{model_dir} has no {model_dir_lib.RUN_INFO}: not a cat_jax MODEL_DIR.")
-    return T5Config.from_dict(info["model_config"])

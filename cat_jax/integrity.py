@@ -1,0 +1,112 @@
+"""Checksums of finished checkpoint steps, their verification, and moving damaged steps aside.
+
+After a step is saved, the lead process records the size and SHA-256 of every file under
+`<directory>/<step>/` in `<directory>/checkpoint_integrity/<step>.json`. Before a step is
+restored its files are checked against that record: a missing file (a removed `_METADATA`,
+manifest, `state/` or `metadata/`), a truncated one or a single flipped bit is reported by name.
+A damaged step of a training run is moved to `<directory>/damaged_checkpoints/<step>` (nothing is
+deleted) and the previous step is tried. A step without a record (written before records
+existed, or by a process killed between finishing the save and writing the record) is
+"unverified": it is used if it restores, and recorded then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+
+INTEGRITY_DIR = "checkpoint_integrity"
+DAMAGED_DIR = "damaged_checkpoints"
+_CHUNK = 1 << 22
+
+
+def step_dir(directory: str, step: int) -> str:
+    """orbax's directory of a step (its default naming: the step number)."""
+    return os.path.join(directory, str(int(step)))
+
+
+def record_path(directory: str, step: int) -> str:
+    return os.path.join(directory, INTEGRITY_DIR, f"{int(step)}.json")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(path: str) -> dict[str, list]:
+    """{relative path: [size in bytes, sha256]} of every file under `path`."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = [os.path.getsize(full), _sha256(full)]
+    return dict(sorted(out.items()))
+
+
+def write_record(directory: str, step: int) -> float:
+    """Record the checksums of a finished step (atomically); returns the seconds it took."""
+    started = time.perf_counter()
+    record = {"step": int(step), "files": file_digests(step_dir(directory, step))}
+    path = record_path(directory, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+    return time.perf_counter() - started
+
+
+def problems(directory: str, step: int) -> list[str] | None:
+    """What is wrong with a step's files ([] if nothing), or None when it has no record."""
+    path = record_path(directory, step)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            recorded = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return [f"its checksum record {path} is unreadable ({e})"]
+    base = step_dir(directory, step)
+    found = []
+    for rel, (size, digest) in recorded.items():
+        full = os.path.join(base, rel)
+        if not os.path.exists(full):
+            found.append(f"{rel} is missing")
+        elif os.path.getsize(full) != size:
+            found.append(f"{rel} has {os.path.getsize(full)} bytes, {size} were written")
+        elif _sha256(full) != digest:
+            found.append(f"{rel} does not match its checksum (its contents changed after the save)")
+    return found
+
+
+def remove_record(directory: str, step: int) -> None:
+    try:
+        os.remove(record_path(directory, step))
+    except FileNotFoundError:
+        pass
+
+
+def quarantine(directory: str, step: int) -> str:
+    """Move a damaged step (and its record) to `<directory>/damaged_checkpoints/`; returns where."""
+    target_dir = os.path.join(directory, DAMAGED_DIR)
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f"{int(step)}.{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(step_dir(directory, step), target)
+    record = record_path(directory, step)
+    if os.path.exists(record):
+        shutil.move(record, os.path.join(target, "checksums.json"))
+    return target
+
+
+def quarantined(directory: str) -> list[str]:
+    """The damaged steps moved aside so far (their directory names)."""
+    path = os.path.join(directory, DAMAGED_DIR)
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
