@@ -17,9 +17,10 @@ Registering your own task (a data source, preprocessors, metrics)::
     from tasks.vocab import VOCABULARY
 
     def my_source(split, shuffle_files):
-        rows = {"train": [("2+2", "4")], "validation": [("3+3", "6")]}[split]
+        rows = {"train": [("2+2", "4"), ("1+2", "3"), ("4+4", "8")], "validation": [("3+3", "6")],
+                "test": [("2+5", "7"), ("1+1", "2")]}[split]
         return tf.data.Dataset.from_tensor_slices({
-            "id": [f"sums:{i}" for i in range(len(rows))],
+            "id": [f"sums:{split}:{i}" for i in range(len(rows))],  # unique across splits
             "inputs": [q for q, _ in rows],
             "targets": [a for _, a in rows],
         })
@@ -27,7 +28,7 @@ Registering your own task (a data source, preprocessors, metrics)::
     features = {name: seqio.Feature(VOCABULARY, add_eos=True) for name in ("inputs", "targets")}
     seqio.TaskRegistry.add(
         "sums",
-        source=seqio.FunctionDataSource(my_source, splits=("train", "validation")),
+        source=seqio.FunctionDataSource(my_source, splits=("train", "validation", "test")),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
         output_features=features,
         metric_fns=[metrics.exact_match],

@@ -38,14 +38,25 @@ def test_run_file_parses_and_builds(path: Path):
     gin.clear_config()
     bindings = [f"{k} = {v}" for k, v in REQUIRED.items() if k in used]
     gin_utils.parse_gin(files, bindings)
+    built = {}
     for name in ("dataset", "train_dataset", "model_config", "loss_options"):
         try:
             value = gin.query_parameter(f"{fn}.{name}")
         except ValueError:
             continue
-        assert value is not None
-        built = value.scoped_configurable_fn() if hasattr(value, "scoped_configurable_fn") else value
-        assert built is not None
+        built[name] = value.scoped_configurable_fn()
+    expected = {"train": {"train_dataset": "DatasetConfig", "model_config": "T5Config", "loss_options": "LossOptions"},
+                "run_eval": {"dataset": "InferenceConfig"}, "run_infer": {"dataset": "InferenceConfig"},
+                "run_cascade_eval": {"dataset": "InferenceConfig"}}.get(fn, {})
+    if path.stem.startswith(("train", "finetune", "eval", "infer", "cascade_eval")):
+        assert {k: type(v).__name__ for k, v in built.items()} == expected
+    if "loss_options" in built:  # the loss the file says it trains with
+        import re
+        mask = re.search(r"LossOptions.mask = '(\w+)'", text).group(1)
+        alpha = float(re.search(r"LossOptions.alpha = ([\d.]+)", text).group(1))
+        assert (built["loss_options"].mask, built["loss_options"].alpha) == (mask, alpha)
+    if "train_dataset" in built:
+        assert built["train_dataset"].mixture_or_task_name == "offline_mix" and built["train_dataset"].batch_size == 64
     assert text.startswith("#"), f"{path.name} needs a header comment with its command"
     assert "REQUIRED macros" in text
 

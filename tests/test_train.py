@@ -201,3 +201,28 @@ def test_eval_defaults_to_the_task_and_lengths_the_model_was_trained_on(uninterr
     assert "'mixture_or_task_name': 'cmudict_syllables'" in proc.stderr and "run_info.json" in proc.stderr
     result = json.loads(proc.stdout)
     assert list(result["metrics"]) == ["cmudict_syllables"] and result["num_examples"] == 8
+
+
+def test_damaged_newest_checkpoint_falls_back_and_the_run_ends_as_if_uninterrupted(tmp_path, reference_12):
+    """A flipped bit in the newest step: the trainer names it, moves it aside, resumes from the
+    previous step and ends bit-identical to an uninterrupted run. With no good step left it stops
+    (exit 2) rather than start from scratch over the existing run."""
+    model_dir = tmp_path / "m"
+    args = train_args("train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=4")
+    run_module("cat_jax.train", args + ["--gin.train.max_steps_per_run=8"])
+    data = max((model_dir / "8" / "state").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    proc = run_module("cat_jax.train", args)
+    assert "CHECKPOINT DAMAGED: step 8" in proc.stderr and "does not match its checksum" in proc.stderr
+    assert "resuming from this run's checkpoint at step 4" in proc.stderr
+    assert [p.name.split(".")[0] for p in (model_dir / "damaged_checkpoints").iterdir()] == ["8"]
+    _assert_trees_equal(_final_state(model_dir)[1], reference_12)
+    for step in (4, 8, 12):
+        if (model_dir / str(step)).exists():
+            (model_dir / str(step) / "state" / "_METADATA").unlink()
+    stopped = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 16,
+                                                     "--gin.train.checkpoint_period=4"), check=False)
+    assert stopped.returncode == 2 and "No usable checkpoint is left" in stopped.stderr
+    assert "starting from scratch" not in stopped.stderr
