@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m cat_jax.demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf runs/demo

@@ -50,7 +50,7 @@ def measure(student: T5Config, teacher: T5Config | None, loss: LossOptions, batc
     step = make_train_step(model, tx, schedule, teacher_fn)
     start = time.perf_counter()
     compiled = compile_train_step(step, abstract, shardings, shapes, partitioning.batch_sharding(mesh, rules),
-                                  t_abstract, t_shardings, mesh)
+                                  t_abstract, t_shardings, mesh, rules)
     return {"compile_seconds": round(time.perf_counter() - start, 1), **compiled.memory}
 
 

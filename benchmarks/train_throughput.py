@@ -170,7 +170,7 @@ def run_ours(a: argparse.Namespace) -> None:
             t_fn = t_model.logits
         step = make_train_step(model, tx, schedule, t_fn)
         compiled = compile_train_step(step, abstract, shardings, shapes, b_sharding,
-                                      t_abstract, t_shardings, mesh)
+                                      t_abstract, t_shardings, mesh, rules)
         if initial.get("config") != config:  # one fresh state per student, copied for each run
             initial.clear()
             initial.update(config=config, state=init_train_state(model, tx, 0, shardings, li, lt))

@@ -43,10 +43,15 @@ PyTree = Any
 
 _STATE = "state"
 _METADATA = "metadata"
+_DATA = "data"  # a streamed run's data-iterator state (grain's checkpoint handler)
 
 
-def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
-    return {_STATE: ocp.PyTreeCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()}
+def _item_handlers(with_data: bool = False) -> dict[str, ocp.CheckpointHandler]:
+    handlers = {_STATE: ocp.PyTreeCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()}
+    if with_data:
+        from cat_jax.data.streaming import iterator_handler  # pylint: disable=import-outside-toplevel
+        handlers[_DATA] = iterator_handler()
+    return handlers
 
 
 def _key_name(key: Any) -> str:
@@ -136,14 +141,17 @@ class Checkpointer:
     Every finished save is recorded by its checksums (`cat_jax.integrity`); `restore_latest_good`
     verifies steps newest first, moves damaged ones aside and falls back to the previous one.
     Old steps are deleted only after the new step's record is written, so the newest verified
-    step is never the one deleted.
+    step is never the one deleted. With `data_iterator` (a grain iterator), every step also holds
+    the iterator's state (item "data"), saved and restored with the train state.
     """
 
-    def __init__(self, directory: str, save_interval_steps: int, max_to_keep: int | None):
+    def __init__(self, directory: str, save_interval_steps: int, max_to_keep: int | None,
+                 data_iterator: Any = None):
         self.directory = os.path.abspath(directory)  # orbax needs absolute paths
         _ensure_writable(self.directory)
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep
+        self.data_iterator = data_iterator
         self._options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             max_to_keep=None,  # rotation is ours: after the new step is verified
@@ -155,7 +163,7 @@ class Checkpointer:
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(epath.Path(self.directory), options=self._options,
-                                     item_handlers=_item_handlers())
+                                     item_handlers=_item_handlers(self.data_iterator is not None))
 
     @staticmethod
     def latest_in(directory: str) -> int | None:
@@ -202,10 +210,11 @@ class Checkpointer:
             ) from e
         if step in self._manager.all_steps():
             return False
-        args = ocp.args.Composite(
-            **{_STATE: ocp.args.PyTreeSave(state), _METADATA: ocp.args.JsonSave(metadata)}
-        )
-        saved = bool(self._manager.save(step, args=args, force=force))
+        items = {_STATE: ocp.args.PyTreeSave(state), _METADATA: ocp.args.JsonSave(metadata)}
+        if self.data_iterator is not None:
+            from cat_jax.data.streaming import iterator_save  # pylint: disable=import-outside-toplevel
+            items[_DATA] = iterator_save(self.data_iterator)
+        saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
         self._manager.wait_until_finished()
         if saved and runtime.is_lead():
             seconds = integrity.write_record(self.directory, step)
@@ -231,7 +240,7 @@ class Checkpointer:
         whose files do not match their checksums is refused by name."""
         step = _pick_step(self._manager, self.directory, step)
         _refuse_damaged(self.directory, step)
-        return _restore(self._manager, self.directory, step, state_template)
+        return _restore(self._manager, self.directory, step, state_template, self.data_iterator)
 
     def restore_latest_good(self, state_template: PyTree) -> tuple[PyTree, dict, int] | None:
         """(state, metadata, step) of the newest step that verifies and restores, or None when the
@@ -258,7 +267,8 @@ class Checkpointer:
             found = _agreed_problems(self.directory, step)
             if not found:
                 try:
-                    state, meta = _restore(self._manager, self.directory, step, state_template)
+                    state, meta = _restore(self._manager, self.directory, step, state_template,
+                                           self.data_iterator)
                 except CheckpointError:
                     raise
                 except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore errors
@@ -312,13 +322,21 @@ def _refuse_damaged(directory: str, step: int) -> None:
             "the files from a copy.")
 
 
-def _restore(manager: ocp.CheckpointManager, directory: str, step: int, template: PyTree) -> tuple[PyTree, dict]:
+def _restore(manager: ocp.CheckpointManager, directory: str, step: int, template: PyTree,
+             data_iterator: Any = None) -> tuple[PyTree, dict]:
     where = f"{directory} step {step}"
     _check_structure(template, _saved_tree(manager, step), where)
-    args = ocp.args.Composite(
-        **{_STATE: ocp.args.PyTreeRestore(item=template, restore_args=_restore_args(template)),
-           _METADATA: ocp.args.JsonRestore()})
-    restored = manager.restore(step, args=args)
+    items = {_STATE: ocp.args.PyTreeRestore(item=template, restore_args=_restore_args(template)),
+             _METADATA: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+        if not os.path.isdir(os.path.join(integrity.step_dir(directory, step), _DATA)):
+            raise CheckpointError(
+                f"Checkpoint {where} holds no data-iterator state: it was written by a run that read its "
+                "data in memory, and this run streams it (data_source.streaming_dir). Resume with the same "
+                "data source, or start a new MODEL_DIR.")
+        from cat_jax.data.streaming import iterator_restore  # pylint: disable=import-outside-toplevel
+        items[_DATA] = iterator_restore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored[_STATE], dict(restored[_METADATA])
 
 

@@ -41,7 +41,8 @@ def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[
 
 def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays, vocab,
             batch_size: int, mesh: Mesh, rules, max_decode_length: int) -> Predictions:
-    """Greedy-decode every example (jit-compiled, key/value cache, batch split over the mesh).
+    """Greedy-decode every example (jit-compiled, key/value cache, batch split over the mesh, the
+    activations constrained by `rules`).
 
     Every process calls this with the same arguments (the same `arrays`, in the same order); each
     feeds only its block of rows of each batch and every process gets all predictions back.
@@ -58,7 +59,8 @@ def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArr
     for batch, real in data_lib.eval_batches(arrays, batch_size):
         local = _process_rows({"e": batch["encoder_input_tokens"]}, index, count)
         enc = partitioning.global_batch(local, sharding, batch_size)["e"]
-        out = decode(params, enc)
+        with partitioning.activation_sharding(mesh, rules):
+            out = decode(params, enc)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             out = multihost_utils.process_allgather(out, tiled=True)

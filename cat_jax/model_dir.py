@@ -2,7 +2,7 @@
 
 `run_info.json` records what defines a run's trajectory: the model config and vocabulary (which a
 checkpoint cannot change), the data (task or mixture, lengths, batch size, split, data seed, cap),
-the run's seed, the loss and its options, the optimizer and schedule, and the teacher's identity
+the data order (in memory or streamed), the run's seed, the loss and its options, the optimizer and schedule, and the teacher's identity
 (directory, step, config, dtype). Resuming with a different model or vocabulary is refused;
 resuming with any other difference is refused with the list of differences and the fix, unless
 `train.allow_config_change=True`, which is logged and appended to run_info's `history`. A teacher
@@ -28,7 +28,7 @@ log = logging.getLogger("cat_jax")
 
 RUN_INFO = "run_info.json"
 # run_info fields that decide a run's future besides the model and vocabulary.
-TRAJECTORY = ("dataset", "seed", "loss_options", "optimizer", "teacher")
+TRAJECTORY = ("dataset", "data_order", "seed", "loss_options", "optimizer", "teacher")
 VOCAB_MULTIPLE = 128
 SENTENCEPIECE_FILE = "spiece.model"  # the name the Hugging Face Hub uses
 
@@ -160,6 +160,8 @@ def run_info(config: T5Config, vocab, loss_options, dataset, teacher, *, seed: i
         "teacher": teacher.describe() if teacher is not None else None,
         "train_steps": int(train_steps),
         "data_source": _data_source(),
+        # batches in memory (seqio or exported: the same) or streamed: two different orders
+        "data_order": "streamed" if _data_source().startswith("streaming:") else "in_memory",
     }
     return json.loads(json.dumps(info, default=str))
 

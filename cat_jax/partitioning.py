@@ -4,13 +4,20 @@ Parameters and activations carry logical axis names (`batch`, `embed`, `mlp`, ..
 below say which mesh axis (`data`, `fsdp`, `model`) each one is split over. Flax resolves the rules
 in order and skips a mesh axis already used in the same spec, which is how `embed` is split over
 `fsdp` for parameters but stays whole for activations whose `batch` already took `fsdp`.
+
+Parameters are placed by the rules when they are created or restored. Activations are
+constrained only where code is traced inside `activation_sharding(mesh, rules)` (the train step,
+the teacher inside it, evaluation and decoding): there the models' `with_logical_constraint`
+annotations become sharding constraints, so e.g. the logits the CAT loss reads are split over
+(batch -> data/fsdp, vocab -> model); outside it they are no-ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import gin
@@ -19,7 +26,11 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cat_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "model")
+# Every logical axis name the models' parameters and activations use.
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "joined_kv", "vocab", "relpos_buckets")
 
 LogicalRules = Sequence[tuple[str, Any]]
 
@@ -39,8 +50,28 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 @gin.configurable
 def logical_axis_rules(rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES) -> tuple:
-    """The logical-to-mesh axis rules in force (a gin list of (logical, mesh) pairs)."""
-    return tuple((name, tuple(m) if isinstance(m, list) else m) for name, m in rules)
+    """The logical-to-mesh axis rules in force (a gin list of (logical, mesh) pairs).
+
+    A logical name the models do not use, or a mesh axis the mesh does not have, is an error (an
+    unknown name would otherwise leave that dimension silently replicated).
+    """
+    out = tuple((name, tuple(m) if isinstance(m, list) else m) for name, m in rules)
+    bad_logical = sorted({name for name, _ in out if name not in LOGICAL_AXES})
+    targets = {a for _, m in out for a in (m if isinstance(m, tuple) else (m,)) if a is not None}
+    bad_mesh = sorted(targets - set(MESH_AXES))
+    if bad_logical or bad_mesh:
+        raise ConfigError(
+            f"partitioning.logical_axis_rules: unknown logical axes {bad_logical} / mesh axes {bad_mesh}. "
+            f"The logical axes are {LOGICAL_AXES}; the mesh axes are {MESH_AXES} (or None).")
+    return out
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
+    """Within the block, code traced by jit constrains the models' annotated activations to the
+    shardings `rules` gives on `mesh` (the mesh context and flax's logical axis rules)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[tuple[str, int]], num_devices: int) -> dict[str, int]:

@@ -68,14 +68,16 @@ class CompiledStep:
 
 def compile_train_step(step_fn, abstract_state: TrainState, state_shardings: TrainState,
                        batch_shapes: dict[str, jax.ShapeDtypeStruct], batch_sharding: NamedSharding,
-                       teacher_abstract: Any, teacher_shardings: Any, mesh: Mesh) -> CompiledStep:
-    """Compile the step ahead of time for these shapes and shardings; report seconds and memory."""
+                       teacher_abstract: Any, teacher_shardings: Any, mesh: Mesh, rules) -> CompiledStep:
+    """Compile the step ahead of time for these shapes and shardings, its activations (the
+    student's and the teacher's) constrained by `rules`; report seconds and memory."""
     jitted = jax.jit(step_fn,
                      in_shardings=(state_shardings, batch_sharding, teacher_shardings),
                      out_shardings=(state_shardings, partitioning.replicated(mesh)),
                      donate_argnums=(0,))
     start = time.perf_counter()
-    compiled = jitted.lower(abstract_state, batch_shapes, teacher_abstract).compile()
+    with partitioning.activation_sharding(mesh, rules):
+        compiled = jitted.lower(abstract_state, batch_shapes, teacher_abstract).compile()
     seconds = time.perf_counter() - start
     memory = {}
     analysis = compiled.memory_analysis()
@@ -190,6 +192,10 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
 
 
-def batch_shapes(features: dict[str, np.ndarray], global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct((global_batch_size,) + v.shape[1:], v.dtype)
-            for k, v in features.items()}
+def batch_shapes(lengths: dict[str, int], global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The abstract global batch of the model's features at TASK_FEATURE_LENGTHS."""
+    li, lt = lengths["inputs"], lengths["targets"]
+    return {"encoder_input_tokens": jax.ShapeDtypeStruct((global_batch_size, li), np.int32),
+            "decoder_input_tokens": jax.ShapeDtypeStruct((global_batch_size, lt), np.int32),
+            "decoder_target_tokens": jax.ShapeDtypeStruct((global_batch_size, lt), np.int32),
+            "decoder_loss_weights": jax.ShapeDtypeStruct((global_batch_size, lt), np.float32)}

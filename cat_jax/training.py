@@ -117,15 +117,19 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     model = EncoderDecoderModel(run.model_config, loss_options)
     tx, schedule = optimizers.make_optimizer(train_steps)
     abstract, shardings = state_shardings(model, tx, run.mesh, run.rules, li, lt)
-    ckpt = Checkpointer(model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints)
-    with runtime.phase("restoring the checkpoint", _on_disk(model_dir, run.latest)):
+    runtime.set_on_disk(_on_disk(model_dir, run.latest))
+    with runtime.phase("loading the data"):
+        data = _train_data(train_dataset, run)
+    ckpt = Checkpointer(model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints,
+                        data_iterator=data.iterator)
+    with runtime.phase("restoring the checkpoint"):
         state, start_step = _restore_or_init(ckpt, model, tx, seed, abstract, shardings,
                                              initial_checkpoint_dir, li, lt, model_dir)
-    _log_state_bytes(state, run.teacher)
-    runtime.set_on_disk(_on_disk(model_dir, start_step if start_step else ckpt.latest_step()))
+    runtime.set_on_disk(_on_disk(model_dir, start_step or ckpt.latest_step()))
     try:
-        with runtime.phase("loading the data and compiling the train step"):
-            loop = _Loop(run, model, tx, schedule, train_dataset, train_steps, state, start_step, ckpt,
+        with runtime.phase("compiling the train step"):
+            _log_state_bytes(state, run.teacher)
+            loop = _Loop(run, model, tx, schedule, train_dataset, train_steps, state, start_step, ckpt, data,
                          eval_split if eval_period else None, eval_max_examples, eval_batch_size,
                          abstract, shardings, peak_flops_per_device)
         step, metrics, eval_metrics = loop.run(log_every_steps, eval_period, max_steps_per_run)
@@ -139,6 +143,16 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
 def _on_disk(model_dir: str, step: int | None) -> str:
     return (f"The latest checkpoint in {model_dir} is step {step}; the same command resumes."
             if step else f"No checkpoint of this run is in {model_dir} yet; the same command starts it.")
+
+
+def _train_data(dataset: DatasetConfig, run: Run) -> Any:
+    """The run's training batches from the configured source (in memory, or streamed), logged."""
+    source = data_lib.data_source()
+    rows = partitioning.process_batch_slice(partitioning.batch_sharding(run.mesh, run.rules), dataset.batch_size)
+    log.info("Data: %s/%s from %s (%s).", dataset.mixture_or_task_name, dataset.split, source.describe(),
+             "streamed by grain from ArrayRecord shards" if source.kind == "streaming" else "held in memory")
+    return source.train_batches(dataset.mixture_or_task_name, dataset.split, dict(dataset.task_feature_lengths),
+                                dataset.batch_size, dataset.seed, dataset.max_examples, rows)
 
 
 def _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, seed, teacher_model_dir,
@@ -172,28 +186,23 @@ class _Loop:
     """The data, the compiled step and the metric writer of one invocation, and its step loop."""
 
     def __init__(self, run: Run, model, tx, schedule, dataset: DatasetConfig, train_steps: int, state,
-                 start_step: int, ckpt: Checkpointer, eval_split: str | None, eval_max_examples,
+                 start_step: int, ckpt: Checkpointer, data, eval_split: str | None, eval_max_examples,
                  eval_batch_size: int, abstract, shardings, peak_flops_per_device):
         self.run_, self.model, self.dataset, self.train_steps = run, model, dataset, train_steps
-        self.state, self.start_step, self.ckpt = state, start_step, ckpt
+        self.state, self.start_step, self.ckpt, self.data = state, start_step, ckpt, data
         self.eval_batch_size = eval_batch_size
         lengths = dict(dataset.task_feature_lengths)
-        arrays = data_lib.load_split(dataset.mixture_or_task_name, dataset.split, lengths,
-                                     max_examples=dataset.max_examples)
-        self.batches = data_lib.TrainBatches(arrays, dataset.batch_size, seed=dataset.seed,
-                                             rates=data_lib.mixture_rates(dataset.mixture_or_task_name))
         self.eval_arrays = None
         if eval_split:
             self.eval_arrays = data_lib.load_split(dataset.mixture_or_task_name, eval_split, lengths,
                                                    max_examples=eval_max_examples)
         self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
-        self.rows = partitioning.process_batch_slice(self.b_sharding, dataset.batch_size)
         teacher = run.teacher
         step_fn = make_train_step(model, tx, schedule, teacher.logits_fn if teacher else None)
         self.compiled = compile_train_step(
-            step_fn, abstract, shardings, batch_shapes(arrays.features, dataset.batch_size),
+            step_fn, abstract, shardings, batch_shapes(lengths, dataset.batch_size),
             self.b_sharding, teacher.abstract_params if teacher else None,
-            teacher.param_shardings if teacher else None, run.mesh)
+            teacher.param_shardings if teacher else None, run.mesh, run.rules)
         log.info("Compiled the train step in %.1fs; memory per device: %s", self.compiled.compile_seconds,
                  {k: f"{v / 2**20:.1f} MiB" for k, v in self.compiled.memory.items()})
         li, lt = lengths["inputs"], lengths["targets"]
@@ -216,7 +225,7 @@ class _Loop:
         step, state = self.start_step, self.state
         try:
             while step < self.train_steps:
-                local = self.batches.batch(step, *self.rows)
+                local = self.data.batch(step)
                 batch = partitioning.global_batch(local, self.b_sharding, dataset.batch_size)
                 state, metrics = self.compiled.fn(state, batch, teacher_params)
                 step += 1

@@ -10,7 +10,7 @@ import importlib
 
 import seqio
 
-MODULES = ("tasks.offline", "tasks.superglue", "tasks.wmt", "tasks.flan")
+MODULES = ("tasks.offline", "tasks.superglue", "tasks.wmt", "tasks.flan", "tasks.synthetic")
 
 
 def _registered_names() -> set[str]:

@@ -149,10 +149,10 @@ def test_sigterm_during_start_up_exits_cleanly_and_says_what_is_saved(tmp_path):
                              *train_args("train_small_ce.gin", model_dir, 5)], cwd=REPO, env=env,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
-        if "Per-device bytes" in line:  # restored; the data and the compilation come next
+        if "Per-device bytes" in line:  # restored and the data loaded; logged as the compilation starts
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, rest[-3000:]
-    assert "Stopped by SIGTERM while loading the data and compiling the train step." in rest
+    assert "Stopped by SIGTERM while compiling the train step." in rest
     assert f"The latest checkpoint in {model_dir} is step 1; the same command resumes." in rest

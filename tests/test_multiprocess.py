@@ -15,7 +15,8 @@ step moves parameters by ~1e-3, one learning-rate step).
 
 The runs are shared through module fixtures to keep the whole module at a few minutes on 2 cores:
 a 1-process and a 2-process CE run of 4 steps (checkpoints at 2 and 4), each one's step-2
-checkpoint resumed by the other process count, and a CAT student (1 and 2 processes) against the
+checkpoint resumed by the other process count, the same with streamed data (1 and 2 processes,
+the 2-process step 2 resumed on 1), and a CAT student (1 and 2 processes) against the
 1-process CE run as its tiny teacher.
 """
 
@@ -36,7 +37,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, SUBPROCESS_ENV, train_args
+from conftest import REPO, SUBPROCESS_ENV, TINY_TASK, train_args
 
 DEVICES = 8
 MESH = "--gin.make_mesh.mesh_shape=[('data', 4), ('fsdp', 1), ('model', 2)]"
@@ -195,9 +196,22 @@ def runs(tmp_path_factory):
         args = train_args("train_small_ce.gin", root / f"ce_{n}p", STEPS, *CE_ARGS,
                           f"--gin.train.eval_period={eval_period}")
         jobs.append(Job(n, args, out["logs"], f"ce_{n}p"))
-    for n, procs in zip((1, 2), _run_together(*jobs)):
-        out[n] = (root / f"ce_{n}p", procs)
+    # The same CE run reading its data streamed (ArrayRecord shards through grain), 1 and 2 processes.
+    from cat_jax.data.stream_export import export_streaming_one
+    import tasks  # noqa: F401  (registers the task to export)
+    export_streaming_one(TINY_TASK, "train", str(root / "stream"), max_examples=256, examples_per_shard=100)
+    for n in (1, 2):
+        jobs.append(Job(n, train_args("train_small_ce.gin", root / f"stream_{n}p", STEPS, *CE_ARGS,
+                                      *_streaming_args(root)), out["logs"], f"stream_{n}p"))
+    names = [1, 2, "stream_1p", "stream_2p"]
+    for name, procs in zip(names, _run_together(*jobs)):
+        out[name] = (root / (f"ce_{name}p" if isinstance(name, int) else name), procs)
     return out
+
+
+def _streaming_args(root: Path) -> tuple[str, ...]:
+    return ("--gin.train.eval_period=0", "--gin.DatasetConfig.max_examples=None",
+            f"--gin.data_source.streaming_dir='{root / 'stream'}'")
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +227,9 @@ def later_runs(runs):
         out[name] = model_dir
         jobs[name] = Job(reader, train_args("train_small_ce.gin", model_dir, STEPS, *CE_ARGS,
                                             "--gin.train.eval_period=0"), logs, name)
+    out["stream_2to1"] = _copy_at_step(runs["stream_2p"][0], root / "stream_2to1", 2)
+    jobs["stream_2to1"] = Job(1, train_args("train_small_ce.gin", out["stream_2to1"], STEPS, *CE_ARGS,
+                                            *_streaming_args(root)), logs, "stream_2to1")
     out["mismatch"] = _copy_at_step(runs[1][0], root / "mismatch", 2)
     jobs["mismatch"] = Job(2, train_args("train_small_ce.gin", out["mismatch"], STEPS, *CE_ARGS,
                                          "--gin.train.eval_period=0", "--gin.T5Config.mlp_dim=48"),
@@ -280,6 +297,22 @@ def test_checkpoint_of_n_processes_resumes_on_m(runs, later_runs, writer, reader
     _assert_params_close(model_dir, runs[writer][0], STEPS)
     assert [r["step"] for r in _train_rows(model_dir)] == list(range(1, STEPS + 1))
     assert [s for t, s in _events(model_dir / "tensorboard" / "train") if t == "train/loss"] == [3, 4]
+
+
+def test_streamed_data_two_processes_like_one_and_resumed_on_one(runs, later_runs):
+    """Streamed through grain, each of 2 processes reads its half of every global batch; a
+    2-process checkpoint (each process's iterator state in it) resumes on 1 process on the same
+    stream: all three end equal."""
+    (one, p1), (two, p2) = runs["stream_1p"], runs["stream_2p"]
+    resumed, pr = later_runs["stream_2to1"]
+    assert "streamed by grain from ArrayRecord shards" in p2[0].stderr
+    assert sorted(p.name for p in (two / "2" / "data").iterdir()) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert "resuming from this run's checkpoint at step 2" in pr[0].stderr
+    _assert_params_close(one, two, STEPS)
+    _assert_params_close(resumed, one, STEPS)
+    l1, l2, lr = ([r["train/loss"] for r in _train_rows(d)] for d in (one, two, resumed))
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    np.testing.assert_allclose(lr, l2, rtol=1e-5)
 
 
 def test_different_model_config_is_refused_on_every_process(later_runs):

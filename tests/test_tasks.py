@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import tasks
 from cat_jax import metrics
+from cat_jax.errors import ConfigError
 from tasks import offline, vocab
 from tasks.__main__ import catalogue
 
@@ -132,7 +133,7 @@ def test_vocabulary_is_byte_by_default_and_errors_are_clear():
     assert vocab.VOCABULARY.encode("hi") == [107, 108]
     with pytest.raises(ValueError, match="sentencepiece_model_path"):
         vocab.get_vocabulary(kind="sentencepiece")
-    with pytest.raises(FileNotFoundError, match="/no/such.model"):
+    with pytest.raises(ConfigError, match="/no/such.model"):
         vocab.get_vocabulary(kind="sentencepiece", sentencepiece_model_path="/no/such.model")
     with pytest.raises(ValueError, match="unknown kind"):
         vocab.get_vocabulary(kind="bpe")

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 import tasks
 from cat_jax import data as data_lib
 from cat_jax import metrics
+from cat_jax.data.arrays import sampled_ids
 from tasks import flan, superglue, wmt
 from tasks.vocab import VOCABULARY
 
@@ -225,8 +226,11 @@ def test_wmt22_from_fixture_directory(wmt22_dir):
     assert [ex["targets_pretokenized"] for ex in examples] == references
     assert seqio.get_mixture_or_task("wmt22_de_en").num_input_examples("validation") == 3
     # The same through cat_jax.data, the way train/eval read it.
+    # MAX_EXAMPLES=4 is the uniform sample of 4 ids (cat_jax.data.sampled_ids), kept in source order.
     arrays = data_lib.load_split("wmt22_de_en", "test", {"inputs": 128, "targets": 64}, max_examples=4)
-    assert arrays.ids.tolist() == [f"wmt22_de_en:test:{i}" for i in range(4)]
+    all_ids = [ex["id"] for ex in examples]
+    sample = sampled_ids("wmt22_de_en", all_ids, 4)
+    assert len(sample) == 4 and arrays.ids.tolist() == [i for i in all_ids if i in sample]
 
 
 def test_wmt22_bleu_through_sacrebleu(wmt22_dir):

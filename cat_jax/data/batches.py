@@ -105,6 +105,22 @@ class TrainBatches:
         return {k: v[rows] for k, v in self.arrays.features.items()}
 
 
+class InMemoryBatches:
+    """The training batches of an in-memory split: `batch(step)` is this process's block of rows of
+    the global batch of `step` (`TrainBatches`); no data iterator to checkpoint."""
+
+    iterator = None
+
+    def __init__(self, arrays: ExampleArrays, global_batch_size: int, seed: int,
+                 rates: Mapping[str, float] | None, rows: tuple[int, int]):
+        self.batches = TrainBatches(arrays, global_batch_size, seed=seed, rates=rates)
+        self.rows = rows
+        self.features = arrays.features
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        return self.batches.batch(step, *self.rows)
+
+
 def eval_batches(arrays: ExampleArrays, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
     """Every example once, in order; the last batch is padded with zero rows. Yields (batch, real-row mask)."""
     if batch_size <= 0:

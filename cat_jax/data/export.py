@@ -20,11 +20,12 @@ from cat_jax.data.loading import load_split_from
 from cat_jax.data.exported import (FORMAT, POSTPROCESSED_TARGETS, export_command, manifest_path,
                                    describe_fn, npz_path, qualified_name)
 from cat_jax.data.source import live_source
+from cat_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -36,7 +37,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _task_info(task: Any) -> dict[str, Any]:
+def task_info(task: Any) -> dict[str, Any]:
     post = getattr(task, "postprocess_fn", None)
     if hasattr(task, "_postprocess_fn"):  # seqio.Task: `postprocess_fn` is a method around this one
         post = task._postprocess_fn  # pylint: disable=protected-access
@@ -67,13 +68,13 @@ def _postprocessed_targets(arrays: ExampleArrays, tasks: Mapping[str, Any]) -> n
         target = str(arrays.targets_text[i])
         value = post(target, example=arrays.example(i), is_target=True) if post is not None else target
         try:
-            out.append(json.dumps(value, default=_json_default))
+            out.append(json.dumps(value, default=json_default))
         except (TypeError, ValueError):
             out.append("null")  # read back as "not stored": normalised text is used instead
     return np.array(out, dtype=str)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp.{uuid.uuid4().hex}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -110,13 +111,13 @@ def export_one(name: str, split: str, task_feature_lengths: Mapping[str, int], e
         "vocabulary": vocabularies.describe(vocab, export_dir),
         "rates": rates,
         "task_order": [t.name for t in leaf],
-        "tasks": {t.name: _task_info(t) for t in leaf},
+        "tasks": {t.name: task_info(t) for t in leaf},
         "arrays": os.path.basename(npz_path(export_dir, name, split)),
         "export_command": export_command(name, split, lengths, export_dir, max_examples),
     }
     arrays.save(npz_path(export_dir, name, split),
                 extra={POSTPROCESSED_TARGETS: _postprocessed_targets(arrays, tasks)})
-    _write_json(manifest_path(export_dir, name, split), manifest)
+    write_json(manifest_path(export_dir, name, split), manifest)
     log.info("Exported %s/%s: %d examples to %s", name, split, len(arrays), npz_path(export_dir, name, split))
     return manifest
 
@@ -130,14 +131,29 @@ def export_splits(mixture_or_task_name: str, split: str | Sequence[str],
             for s in splits]
 
 
+FORMATS = ("npz", "array_record")
+
+
 @gin.configurable
 def export_split(mixture_or_task_name: str = gin.REQUIRED, split: Any = gin.REQUIRED,
                  task_feature_lengths: Mapping[str, int] = gin.REQUIRED, export_dir: str = gin.REQUIRED,
-                 max_examples: int | None = None) -> list[dict[str, Any]]:
+                 max_examples: int | None = None, format: str = "npz",  # pylint: disable=redefined-builtin
+                 examples_per_shard: int = 100_000) -> list[dict[str, Any]]:
     """The job of `python -m cat_jax.export_task`: each split (a name or a list) of the task or
-    mixture, through the live seqio pipeline, into `export_dir` (see `cat_jax.data.exported`).
+    mixture, through the live seqio pipeline, into `export_dir`.
 
-    `max_examples` keeps a uniform sample of that many examples per task (as MAX_EXAMPLES does in
-    every run); runs on the export may ask for that many or fewer.
+    `format='npz'` (default) writes the in-memory export `cat_jax.data.exported` reads, trimmed to
+    `task_feature_lengths`; `format='array_record'` streams the split into sharded ArrayRecord
+    files (`cat_jax.data.stream_export`, `examples_per_shard` records per shard, resumable) for
+    `--gin.data_source.streaming_dir`, untrimmed (the lengths are chosen when reading, so
+    `task_feature_lengths` is not used). `max_examples` keeps a uniform sample of that many
+    examples per task (as MAX_EXAMPLES does in every run).
     """
-    return export_splits(mixture_or_task_name, split, task_feature_lengths, export_dir, max_examples)
+    splits = [split] if isinstance(split, str) else list(split)
+    if format == "npz":
+        return export_splits(mixture_or_task_name, splits, task_feature_lengths, export_dir, max_examples)
+    if format == "array_record":
+        from cat_jax.data.stream_export import export_streaming_one  # pylint: disable=import-outside-toplevel
+        return [export_streaming_one(mixture_or_task_name, s, export_dir, max_examples, examples_per_shard)
+                for s in splits]
+    raise ConfigError(f"export_split.format={format!r}: choose one of {FORMATS}.")

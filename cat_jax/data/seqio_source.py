@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _META_FEATURES = {"id": "ids", "inputs_pretokenized": "inputs_text", "targets_pretokenized": "targets_text"}
 _CACHE_FORMAT = 4  # 4: MAX_EXAMPLES a uniform sample; keyed by task fingerprints
 _LOAD_BATCH = 1024
+_STREAM_BATCH = 256
 AUTO = "auto"
 
 
@@ -169,6 +170,7 @@ class SeqioSource(DataSource):
             "format": _CACHE_FORMAT, "name": name, "split": split, "lengths": dict(sorted(lengths.items())),
             "max_examples": max_examples,
             "tasks": fingerprints,
+            "sizes": {t.name: _size(t, split) for t in tasks},
             "vocabularies": {t.name: {f: _vocabulary_key(v.vocabulary) for f, v in t.output_features.items()}
                              for t in tasks},
         }, sort_keys=True)
@@ -206,6 +208,46 @@ def _examples(task: Any, split: str, max_examples: int | None) -> Any:
     return task.preprocess_postcache(ds, sequence_length=None)
 
 
+def _size(task: Any, split: str) -> int | None:
+    """The number of examples the task's source reports for the split, or None if it cannot say."""
+    try:
+        return task.source.num_input_examples(split)
+    except Exception:  # pylint: disable=broad-except  # sources that do not know
+        return None
+
+
+def _extra_keys(task: Any, ds: Any) -> list[str]:
+    """The task's other scalar string features (kept as `extras`); an error if a needed one is missing."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    missing = [k for k in _META_FEATURES if k not in ds.element_spec]
+    if missing:
+        raise ConfigError(f"Task {task.name!r} lacks the features {missing} that cat_jax needs "
+                          "(see docs/ARCHITECTURE.md, Data contract).")
+    return sorted(k for k, v in ds.element_spec.items()
+                  if v.dtype == tf.string and v.shape.rank == 0 and k not in _META_FEATURES)
+
+
+def examples_with_metadata(task: Any, split: str, max_examples: int | None = None,
+                           skip: int = 0) -> Iterator[dict[str, Any]]:
+    """The task's preprocessed examples one by one, untrimmed, from example `skip` on: `id`,
+    `inputs` / `targets` (int32 token ids, EOS included), `inputs_text` / `targets_text` and
+    `extras` (the other string features, as JSON), streamed from tf.data (for streaming exports)."""
+    ds = _examples(task, split, max_examples)
+    extra_keys = _extra_keys(task, ds)
+    keys = ("id", "inputs_pretokenized", "targets_pretokenized", *extra_keys)
+    ds = ds.map(lambda ex: {k: ex[k] for k in ("inputs", "targets", *keys)})
+    for batch in ds.skip(skip).ragged_batch(_STREAM_BATCH).prefetch(2).as_numpy_iterator():
+        # numpy gives a ragged batch as an object array of rows, or 2-D when the rows are equally long
+        tokens = {k: [np.asarray(row, np.int32) for row in batch[k]] for k in ("inputs", "targets")}
+        strings = {k: [v.decode("utf-8") for v in batch[k]] for k in keys}
+        for i, ident in enumerate(strings["id"]):
+            yield {"id": ident, "inputs": tokens["inputs"][i], "targets": tokens["targets"][i],
+                   "inputs_text": strings["inputs_pretokenized"][i],
+                   "targets_text": strings["targets_pretokenized"][i],
+                   "extras": json.dumps({k: strings[k][i] for k in extra_keys})}
+
+
 def _load_task(task: Any, split: str, lengths: Mapping[str, int], max_examples: int | None) -> ExampleArrays:
     """One task's split: untrimmed seqio examples, trimmed here (EOS kept), then converted."""
     seqio = import_seqio()
@@ -214,12 +256,7 @@ def _load_task(task: Any, split: str, lengths: Mapping[str, int], max_examples: 
     eos = {k: task.output_features[k].vocabulary.eos_id if task.output_features[k].add_eos else None
            for k in ("inputs", "targets")}
     ds = _examples(task, split, max_examples)
-    missing = [k for k in _META_FEATURES if k not in ds.element_spec]
-    if missing:
-        raise ConfigError(f"Task {task.name!r} lacks the features {missing} that cat_jax needs "
-                          "(see docs/ARCHITECTURE.md, Data contract).")
-    extra_keys = sorted(k for k, v in ds.element_spec.items()
-                        if v.dtype == tf.string and v.shape.rank == 0 and k not in _META_FEATURES)
+    extra_keys = _extra_keys(task, ds)
 
     def trim(tokens: tf.Tensor, length: int, eos_id: int | None) -> tf.Tensor:
         # Like seqio's append_eos_after_trim: a truncated sequence still ends in EOS.

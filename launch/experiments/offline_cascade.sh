@@ -16,6 +16,12 @@
 #      say little about CAT (docs/RESULTS.md has one such run).
 # Results: <out>/seed<k>/cascade/{summary.md,curves.csv,*.png}; compare seeds with
 #   python -m cat_jax.cascade.compare <out>/seed*/cascade   (prints AUC mean and spread per student)
+# At scale (a TPU VM with the data in a bucket): export the splits once for streaming, onto the
+#   mounted bucket (ArrayRecord reads local or mounted paths, e.g. gcsfuse at /mnt/bucket):
+#     python -m cat_jax.export_task --gin_file=gin_configs/runs/export_task.gin \
+#       --gin.export_split.format="'array_record'" --gin.MIXTURE_OR_TASK_NAME=<task or mixture> \
+#       --gin.SPLIT="['train', 'validation', 'test']" --gin.EXPORT_DIR=/mnt/bucket/stream
+#   then give every train / eval / cascade_eval command --gin.data_source.streaming_dir=/mnt/bucket/stream.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 scale=gpu; out=""; dry=0; seeds="0 1"

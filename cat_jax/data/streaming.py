@@ -1,0 +1,338 @@
+"""Streaming data: a split stored as sharded ArrayRecord files and read by grain, never whole.
+
+Layout written by `python -m cat_jax.export_task --gin.export_split.format='array_record'`
+(`cat_jax.data.export.export_streaming`), per (name, split):
+
+    <dir>/<name>.<split>/manifest.json        tasks, rates, counts, shards, vocabulary, metrics
+    <dir>/<name>.<split>/<task>/shard-NNNNN.array_record   one msgpack record per example: id,
+        the untruncated token ids of inputs and targets (EOS included), the pretokenized texts,
+        the task's other string features and its postprocessed target
+
+With `--gin.data_source.streaming_dir=<dir>` every task look-up reads these (`StreamingSource`):
+training batches stream through grain, evaluation splits are read into memory (they are small).
+
+The training stream (`StreamingBatches`), for a global batch size B over P processes:
+  - each task's records in a seeded permutation per epoch (grain's index shuffle: O(1) memory,
+    a different permutation every epoch), repeated without end;
+  - a mixture interleaves its tasks by their rates (grain's deterministic `mix`);
+  - global batch k is positions [k*B, (k+1)*B) of that sequence; process p reads rows
+    [k*B + p*B/P, k*B + (p+1)*B/P) only, then trims / pads them to TASK_FEATURE_LENGTHS exactly as
+    seqio's EncDecFeatureConverter does for the in-memory path (unpacked).
+The iterator's state, saved in the orbax checkpoint by grain's checkpoint handler, is the index of
+the next global batch: the same number on every process, so a run resumes on exactly the stream
+an uninterrupted one sees, on the same or on a different number of processes (each process then
+reads its rows of that batch). `IteratorHandler` adds that cross-count restore to grain's handler.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cat_jax import vocabularies
+from cat_jax.data.arrays import MODEL_FEATURES, ExampleArrays
+from cat_jax.data.exported import ExportedMixture, ExportedTask, vocabularies_key
+from cat_jax.data.source import DataSource
+from cat_jax.errors import CheckpointError, ConfigError, ExportedDataError, UnknownTaskError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cat_jax.streaming_split/1"
+MANIFEST = "manifest.json"
+SHARD = "shard-{:05d}.array_record"
+READ_THREADS = 8
+PREFETCH_BATCHES = 16
+
+
+def split_dir(directory: str, name: str, split: str) -> str:
+    return os.path.join(directory, f"{name}.{split}")
+
+
+def encode_record(example: Mapping[str, Any]) -> bytes:
+    """One example as the bytes of a record (msgpack; token ids as int32 little-endian)."""
+    import msgpack  # pylint: disable=import-outside-toplevel
+
+    return msgpack.packb({
+        "id": example["id"], "inputs": np.asarray(example["inputs"], "<i4").tobytes(),
+        "targets": np.asarray(example["targets"], "<i4").tobytes(),
+        "inputs_text": example["inputs_text"], "targets_text": example["targets_text"],
+        "extras": example["extras"], "post": example["post"]})
+
+
+def decode_record(raw: bytes) -> dict[str, Any]:
+    import msgpack  # pylint: disable=import-outside-toplevel
+
+    record = msgpack.unpackb(raw)
+    record["inputs"] = np.frombuffer(record["inputs"], "<i4")
+    record["targets"] = np.frombuffer(record["targets"], "<i4")
+    return record
+
+
+def _fit(tokens: np.ndarray, length: int, eos_id: int | None) -> tuple[np.ndarray, int]:
+    """(tokens trimmed to `length` (a cut sequence still ends in EOS, as seqio's
+    append_eos_after_trim) and zero-padded, the untrimmed count)."""
+    out = np.zeros(length, np.int32)
+    n = len(tokens)
+    if n > length:
+        kept = tokens[:length].copy()
+        if eos_id is not None:
+            kept[-1] = eos_id
+        out[:] = kept
+    else:
+        out[:n] = tokens
+    return out, n
+
+
+def model_features(records: Sequence[Mapping[str, Any]], lengths: Mapping[str, int],
+                   eos: Sequence[Mapping[str, int | None]]) -> dict[str, np.ndarray]:
+    """MODEL_FEATURES [N, L] of decoded records (`eos[i]`: record i's task's EOS ids, None where the
+    task adds none), as seqio's unpacked EncDecFeatureConverter builds them: padded inputs; targets;
+    targets shifted right with a 0 (BOS); weights 1 on target tokens."""
+    inputs = np.stack([_fit(r["inputs"], lengths["inputs"], e["inputs"])[0] for r, e in zip(records, eos)])
+    targets = np.stack([_fit(r["targets"], lengths["targets"], e["targets"])[0] for r, e in zip(records, eos)])
+    decoder_inputs = np.concatenate([np.zeros((len(records), 1), np.int32), targets[:, :-1]], axis=1)
+    return {"encoder_input_tokens": inputs, "decoder_input_tokens": decoder_inputs,
+            "decoder_target_tokens": targets, "decoder_loss_weights": (targets > 0).astype(np.float32)}
+
+
+class StreamingSource(DataSource):
+    """The streaming exports in a directory: names -> tasks / mixtures, vocabularies, batches."""
+
+    kind = "streaming"
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.manifests: dict[tuple[str, str], dict[str, Any]] = {}
+        for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*", MANIFEST))):
+            with open(path) as f:
+                manifest = json.load(f)
+            if manifest.get("format") == FORMAT:
+                self.manifests[(manifest["name"], manifest["split"])] = manifest
+        self.tasks: dict[str, ExportedTask] = {}
+        self.providers: dict[str, Any] = {}
+        self._vocab: dict[str, dict[str, Any]] = {}
+        for (name, _), manifest in sorted(self.manifests.items()):
+            for task in manifest["task_order"]:
+                self.tasks.setdefault(task, ExportedTask(task, manifest["tasks"][task]))
+                self._set_vocabulary(task, manifest)
+            self._set_vocabulary(name, manifest)
+            if manifest["rates"] is not None:
+                self.providers[name] = ExportedMixture(name, [self.tasks[t] for t in manifest["task_order"]],
+                                                       manifest["rates"])
+        for task_name, task in self.tasks.items():
+            self.providers.setdefault(task_name, task)
+            _ = task.quality  # registered for cascade evaluation
+
+    def _set_vocabulary(self, name: str, manifest: Mapping[str, Any]) -> None:
+        old = self._vocab.setdefault(name, manifest["vocabulary"])
+        if vocabularies_key(old) != vocabularies_key(manifest["vocabulary"]):
+            raise ExportedDataError(f"The streaming exports of {name!r} in {self.directory} disagree on the "
+                                    "vocabulary; export every split again with the same vocabulary.")
+
+    def describe(self) -> str:
+        return f"streaming:{self.directory}"
+
+    def _unknown(self, name: str, split: str | None = None) -> Exception:
+        what = f"{name}/{split}" if split else repr(name)
+        held = sorted(f"{n}/{s}" for n, s in self.manifests)
+        return UnknownTaskError(
+            f"{what} is not exported for streaming in {self.directory} (data_source.streaming_dir); it "
+            f"holds {held or 'nothing'}. Export it where seqio is installed with: python -m cat_jax.export_task "
+            f"--gin_file=gin_configs/runs/export_task.gin --gin.export_split.format='array_record' "
+            f"--gin.MIXTURE_OR_TASK_NAME={name} --gin.SPLIT={split or '<split>'} --gin.EXPORT_DIR={self.directory}")
+
+    def provider(self, name: str) -> Any:
+        if name not in self.providers:
+            raise self._unknown(name)
+        return self.providers[name]
+
+    def vocabulary(self, name: str) -> Any:
+        if name not in self._vocab:
+            raise self._unknown(name)
+        return _vocabulary(self.directory, json.dumps(self._vocab[name], sort_keys=True))
+
+    def manifest(self, name: str, split: str) -> Mapping[str, Any]:
+        manifest = self.manifests.get((name, split))
+        if manifest is None:
+            raise self._unknown(name, split)
+        return manifest
+
+    def shard_paths(self, name: str, split: str, task: str) -> list[str]:
+        base = split_dir(self.directory, name, split)
+        return [os.path.join(base, task, f) for f in self.manifest(name, split)["shards"][task]]
+
+    def load_split(self, name: str, split: str, lengths: Mapping[str, int],
+                   max_examples: int | None = None, cache_dir: str | None = None) -> ExampleArrays:
+        """Every example of the split in memory (for evaluation splits; training streams)."""
+        del max_examples, cache_dir  # the caller samples
+        from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
+
+        manifest = self.manifest(name, split)
+        parts = []
+        for task in manifest["task_order"]:
+            records = []
+            for path in self.shard_paths(name, split, task):
+                reader = ArrayRecordReader(path)
+                records += [decode_record(r) for r in reader.read_all()]
+                reader.close()
+            if not records:
+                continue
+            self.tasks[task].add_targets(np.array([r["id"] for r in records]),
+                                         np.array([r["post"] for r in records]))
+            features = model_features(records, lengths, [manifest["eos"][task]] * len(records))
+            parts.append(ExampleArrays(
+                features=features, ids=np.array([r["id"] for r in records], dtype=str),
+                task_names=np.full(len(records), task), inputs_text=np.array([r["inputs_text"] for r in records], dtype=str),
+                targets_text=np.array([r["targets_text"] for r in records], dtype=str),
+                input_lengths=np.array([len(r["inputs"]) for r in records], np.int32),
+                target_lengths=np.array([len(r["targets"]) for r in records], np.int32),
+                extras=np.array([r["extras"] for r in records], dtype=str)))
+        if not parts:
+            raise ExportedDataError(f"{split_dir(self.directory, name, split)} holds no examples.")
+        return ExampleArrays.concatenate(parts)
+
+    def train_batches(self, name: str, split: str, lengths: Mapping[str, int], batch_size: int, seed: int,
+                      max_examples: int | None, rows: tuple[int, int]) -> StreamingBatches:
+        if max_examples is not None:
+            raise ConfigError(
+                "DatasetConfig.max_examples cannot cap a streamed training split (the sample would need "
+                "every id); export the capped split instead (--gin.MAX_EXAMPLES=... of export_task) or "
+                "train in memory.")
+        manifest = self.manifest(name, split)
+        paths = {task: self.shard_paths(name, split, task) for task in manifest["task_order"]}
+        return StreamingBatches(paths, manifest["num_examples_per_task"], manifest["rates"], lengths,
+                                manifest["eos"], batch_size, seed, rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _vocabulary(directory: str, desc_json: str) -> Any:
+    return vocabularies.from_description(json.loads(desc_json), directory)
+
+
+class StreamingBatches:
+    """Training batches streamed from ArrayRecord shards (see the module docstring).
+
+    `batch(step)` returns this process's rows of global batch `step`, read ahead by grain's
+    threads; `iterator` is the grain iterator whose state the checkpoint holds.
+    """
+
+    def __init__(self, paths: Mapping[str, Sequence[str]], counts: Mapping[str, int],
+                 rates: Mapping[str, float] | None, lengths: Mapping[str, int],
+                 eos: Mapping[str, Mapping[str, int | None]],
+                 global_batch_size: int, seed: int, rows: tuple[int, int]):
+        import grain  # pylint: disable=import-outside-toplevel
+
+        index, count = rows
+        if global_batch_size % count:
+            raise ConfigError(f"BATCH_SIZE {global_batch_size} is not divisible into {count} row blocks.")
+        self.tasks = list(paths)
+        self.sources = [grain.sources.ArrayRecordDataSource(list(paths[t])) for t in self.tasks]
+        for task, source in zip(self.tasks, self.sources):
+            if len(source) != counts[task]:
+                raise ExportedDataError(f"The shards of {task} hold {len(source)} records, the manifest says "
+                                        f"{counts[task]}: export the split again.")
+        streams = [grain.MapDataset.range(len(src)).shuffle(seed=_task_seed(seed, i)).repeat()
+                   .map(functools.partial(_tagged, i)) for i, src in enumerate(self.sources)]
+        if len(streams) == 1:
+            self.order = streams[0]
+        else:
+            weights = [float((rates or {}).get(t, 0.0)) for t in self.tasks]
+            self.order = grain.MapDataset.mix(streams, weights=weights)
+        self.lengths, self.eos = dict(lengths), [eos[t] for t in self.tasks]
+        self.global_batch_size, self.rows = global_batch_size, (index, count)
+        self.per_process = global_batch_size // count
+        batches = grain.MapDataset.range(sys.maxsize).map(self.local_batch)
+        self.iterator = iter(batches.to_iter_dataset(
+            grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)))
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step` (a pure function of the step)."""
+        index, _ = self.rows
+        start = step * self.global_batch_size + index * self.per_process
+        picks = [self.order[p] for p in range(start, start + self.per_process)]
+        records: list[Any] = [None] * len(picks)
+        for task in range(len(self.sources)):
+            where = [j for j, (t, _) in enumerate(picks) if t == task]
+            if where:
+                raws = self.sources[task].__getitems__([int(picks[j][1]) for j in where])
+                for j, raw in zip(where, raws):
+                    records[j] = decode_record(raw)
+        return model_features(records, self.lengths, [self.eos[t] for t, _ in picks])
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The next batch of the stream, which must be batch `step` (the checkpoint restored it)."""
+        at = self.iterator.get_state()["next_index"]
+        if at != step:
+            raise CheckpointError(f"The data stream is at batch {at} but the train state at step {step}: the "
+                                  "checkpoint's data state does not match its step.")
+        return next(self.iterator)
+
+
+def _task_seed(seed: int, task: int) -> int:
+    return int(np.random.default_rng([seed, 7, task]).integers(2**31))
+
+
+def _tagged(task: int, index: int) -> tuple[int, int]:
+    return task, index
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpoint_types() -> tuple[type, type, type]:
+    """(handler, save args, restore args): grain's orbax handler for the stream's iterator, restoring
+    on any process count, with its own orbax argument types."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+
+    import grain  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    class IteratorHandler(grain.checkpoint.CheckpointHandler):
+        """As grain's handler; a state written by another number of processes is restored from any
+        process's file (the state, the next global batch, is the same on all of them)."""
+
+        def restore(self, directory, item=None, args=None):
+            import jax  # pylint: disable=import-outside-toplevel
+
+            index, count = jax.process_index(), jax.process_count()
+            if (directory / f"process_{index}-of-{count}.json").exists():
+                return super().restore(directory, item=item, args=args)
+            files = sorted(directory.glob("process_*-of-*.json"))
+            if not files:
+                raise CheckpointError(f"{directory} holds no data-iterator state.")
+            item = item or args.item
+            item.set_state(json.loads(files[0].read_text()))
+            return item
+
+    @ocp.args.register_with_handler(IteratorHandler, for_save=True)
+    @dataclasses.dataclass
+    class IteratorSave(ocp.args.CheckpointArgs):
+        item: Any
+
+    @ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+    @dataclasses.dataclass
+    class IteratorRestore(ocp.args.CheckpointArgs):
+        item: Any
+
+    return IteratorHandler, IteratorSave, IteratorRestore
+
+
+def iterator_handler() -> Any:
+    """The orbax handler of a checkpoint's data-iterator item."""
+    return _checkpoint_types()[0]()
+
+
+def iterator_save(iterator: Any) -> Any:
+    """The orbax save arguments of the iterator's state."""
+    return _checkpoint_types()[1](iterator)
+
+
+def iterator_restore(iterator: Any) -> Any:
+    """The orbax restore arguments that set the iterator's state."""
+    return _checkpoint_types()[2](iterator)

@@ -1,0 +1,178 @@
+"""Streaming data: the ArrayRecord export equals the live seqio pipeline example by example, the
+grain stream is a seeded global shuffle mixed by rate and split by process, an interrupted export
+resumes to the same files, and a streamed training run resumes on the uninterrupted stream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import seqio
+
+import tasks  # noqa: F401  (registers the tasks)
+from cat_jax import data as data_lib
+from cat_jax.data import stream_export, streaming
+from conftest import run_module, train_args
+
+MIXTURE = "streaming_test_mix"
+RATES = {"num2words_de": 1.0, "num2words_fr": 3.0}
+SPLIT = "validation"
+LENGTHS = {"inputs": 8, "targets": 12}  # short enough that inputs and targets are truncated
+SHARD = 300
+
+
+def _register() -> None:
+    if MIXTURE not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add(MIXTURE, list(RATES.items()))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    _register()
+    root = tmp_path_factory.mktemp("stream")
+    manifest = stream_export.export_streaming_one(MIXTURE, SPLIT, str(root), examples_per_shard=SHARD)
+    live = data_lib.load_split(MIXTURE, SPLIT, LENGTHS, cache_dir=None)
+    return root, manifest, live
+
+
+def _rows_by_id(arrays) -> dict[str, int]:
+    return {i: k for k, i in enumerate(arrays.ids.tolist())}
+
+
+def test_export_equals_the_live_pipeline(exported):
+    root, manifest, live = exported
+    assert manifest["format"] == streaming.FORMAT and manifest["rates"] == RATES
+    assert manifest["num_examples_per_task"] == {"num2words_de": 1945, "num2words_fr": 1945}
+    assert manifest["shards"]["num2words_de"] == [f"shard-{i:05d}.array_record" for i in range(7)]  # 6*300+145
+    source = streaming.StreamingSource(str(root))
+    got = source.load_split(MIXTURE, SPLIT, LENGTHS)
+    assert got.num_truncated_inputs > 0 and got.num_truncated_targets > 0
+    assert got.ids.tolist() == live.ids.tolist()
+    for k in data_lib.MODEL_FEATURES:
+        np.testing.assert_array_equal(got.features[k], live.features[k], err_msg=k)
+    for field in ("task_names", "inputs_text", "targets_text", "input_lengths", "target_lengths", "extras"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(live, field), err_msg=field)
+    assert source.mixture_rates(MIXTURE) == RATES
+    assert source.vocabulary(MIXTURE).vocab_size == data_lib.get_vocabulary_of(MIXTURE).vocab_size
+
+
+def test_stream_is_a_seeded_shuffle_mixed_by_rate_and_split_by_process(exported):
+    root, _, live = exported
+    source = streaming.StreamingSource(str(root))
+    rows = _rows_by_id(live)
+
+    def batches(seed, rows_of):
+        return source.train_batches(MIXTURE, SPLIT, LENGTHS, 16, seed, None, rows_of)
+
+    whole, first, second = batches(0, (0, 1)), batches(0, (0, 2)), batches(0, (1, 2))
+    for step in (0, 1, 57):
+        b = whole.local_batch(step)
+        halves = [first.local_batch(step), second.local_batch(step)]
+        for k in b:
+            np.testing.assert_array_equal(b[k], np.concatenate([h[k] for h in halves]), err_msg=k)
+        # Each row is the in-memory example of the id the stream picked.
+        picks = [whole.order[p] for p in range(16 * step, 16 * (step + 1))]
+        ids = [_record_id(source, whole.tasks[t], i) for t, i in picks]
+        for k in b:
+            np.testing.assert_array_equal(b[k], live.features[k][[rows[i] for i in ids]], err_msg=k)
+    picks = [whole.order[p] for p in range(16 * 250)]
+    share = np.mean([whole.tasks[t] == "num2words_fr" for t, _ in picks])
+    assert abs(share - 0.75) < 0.03, share  # rates 1 : 3
+    # Every epoch of a task is a permutation of its records (different from the next epoch's).
+    fr = [i for t, i in (whole.order[p] for p in range(8000)) if whole.tasks[t] == "num2words_fr"]
+    assert sorted(fr[:1945]) == list(range(1945)) and sorted(fr[1945:3890]) == list(range(1945))
+    assert fr[:1945] != fr[1945:3890] and fr[:100] != list(range(100))
+    other = batches(1, (0, 1))
+    assert not np.array_equal(other.local_batch(0)["decoder_target_tokens"], whole.local_batch(0)["decoder_target_tokens"])
+    # The iterator yields local_batch(step) in order, and its state is the next step.
+    it = batches(0, (0, 1))
+    for step in range(3):
+        np.testing.assert_array_equal(it.batch(step)["decoder_target_tokens"],
+                                      whole.local_batch(step)["decoder_target_tokens"])
+    assert it.iterator.get_state()["next_index"] == 3
+
+
+def _record_id(source, task: str, index: int) -> str:
+    from array_record.python.array_record_module import ArrayRecordReader
+    paths = source.shard_paths(MIXTURE, SPLIT, task)
+    reader = ArrayRecordReader(paths[index // SHARD])
+    try:
+        return streaming.decode_record(reader.read([index % SHARD])[0])["id"]
+    finally:
+        reader.close()
+
+
+def test_interrupted_export_resumes_to_the_same_files(exported, tmp_path, monkeypatch, caplog):
+    root, manifest, _ = exported
+    real = stream_export.examples_with_metadata
+
+    def dies_after(n):
+        def examples(*args, **kwargs):
+            for k, ex in enumerate(real(*args, **kwargs)):
+                if k == n:
+                    raise KeyboardInterrupt
+                yield ex
+        return examples
+
+    monkeypatch.setattr(stream_export, "examples_with_metadata", dies_after(700))
+    with pytest.raises(KeyboardInterrupt):
+        stream_export.export_streaming_one(MIXTURE, SPLIT, str(tmp_path), examples_per_shard=SHARD)
+    task_dir = tmp_path / f"{MIXTURE}.{SPLIT}" / "num2words_de"
+    progress = json.loads((task_dir / stream_export.PROGRESS).read_text())
+    assert progress == {"shards": ["shard-00000.array_record", "shard-00001.array_record"],
+                        "counts": [300, 300], "done": False}
+    assert not (tmp_path / f"{MIXTURE}.{SPLIT}" / streaming.MANIFEST).exists()
+    monkeypatch.setattr(stream_export, "examples_with_metadata", real)
+    caplog.set_level("INFO")
+    again = stream_export.export_streaming_one(MIXTURE, SPLIT, str(tmp_path), examples_per_shard=SHARD)
+    assert "resuming the export after 600 examples in 2 complete shards" in caplog.text
+    assert "Exporting num2words_fr/validation: 1,945 examples" in caplog.text
+    assert again["shards"] == manifest["shards"]
+    for task, names in manifest["shards"].items():
+        for name in names:
+            assert (tmp_path / f"{MIXTURE}.{SPLIT}" / task / name).read_bytes() == \
+                   (root / f"{MIXTURE}.{SPLIT}" / task / name).read_bytes(), (task, name)
+
+
+def test_progress_line_has_rate_and_eta():
+    meter = stream_export.Progress("Exporting t/train", total=1000, done=100)
+    meter.start -= 10.0
+    meter.update(200)
+    line = meter.line()
+    assert line.startswith("Exporting t/train: 300 examples, 20/s (30.0% of 1,000, ETA 0:00:35)"), line
+
+
+def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_path):
+    root, _, _ = exported
+    args = ("--gin.DatasetConfig.max_examples=None", f"--gin.data_source.streaming_dir='{root}'",
+            f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'", f"--gin.DatasetConfig.split='{SPLIT}'",
+            "--gin.train.eval_period=0", "--gin.train.checkpoint_period=2")
+    whole = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "whole", 4, *args))
+    assert "streamed by grain from ArrayRecord shards" in whole.stderr
+    for _ in range(2):
+        run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "parts", 4, *args,
+                                               "--gin.train.max_steps_per_run=2"))
+    assert (tmp_path / "parts" / "2" / "data").is_dir()
+    info = json.loads((tmp_path / "parts" / "run_info.json").read_text())
+    assert info["data_order"] == "streamed" and info["data_source"] == f"streaming:{root}"
+    losses = [[json.loads(l)["train/loss"] for l in (tmp_path / d / "train_metrics.jsonl").read_text().splitlines()]
+              for d in ("whole", "parts")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert _state_bytes(tmp_path / "whole") == _state_bytes(tmp_path / "parts")
+    # The same MODEL_DIR continued in memory instead is a changed data order: refused.
+    refused = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "parts", 6,
+                                                     "--gin.train.eval_period=0"), check=False)
+    assert refused.returncode == 2 and "data_order" in refused.stderr, refused.stderr[-2000:]
+
+
+def _state_bytes(model_dir) -> tuple[int, list[bytes]]:
+    """(step, the bytes of every leaf of the newest saved train state)."""
+    import os
+    import jax
+    import orbax.checkpoint as ocp
+    from cat_jax.checkpoints import Checkpointer
+    step = Checkpointer.latest_in(str(model_dir))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.restore(os.path.join(model_dir, str(step), "state"))
+    return step, [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(tree)]
