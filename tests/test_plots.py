@@ -71,6 +71,8 @@ def test_tiers_plot_draws_the_frontier_and_every_tier_alone(tmp_path):
     assert list(line.get_xdata()) == [0.05, 0.6375] and list(line.get_ydata()) == [0.25, 1.0]
     assert [c.get_label() for c in ax.collections] == ["ce only", "cat+distill only", "large only"]
     assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(0.05, 0.25), (0.45, 0.75), (1.0, 0.75)]
+    colors = [tuple(line.get_color()), *(tuple(c.get_facecolor()[0][:3]) for c in ax.collections[:2])]
+    assert len(set(colors)) == 3                        # each tier alone in a colour of its own
     assert (tmp_path / "tiers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -22,6 +22,7 @@ MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "p", "h", "8", "d", "H",
 # tab20's strong shades first, then its light ones: 20 colours, the first 10 well apart.
 _TAB20 = colormaps["tab20"].colors
 COLORS = tuple(_TAB20[0::2]) + tuple(_TAB20[1::2])
+MARKS_PER_LINE = 12  # a long curve shows its marker at about this many of its points
 
 
 def line_style(index: int) -> tuple[Any, str]:
@@ -38,9 +39,9 @@ def _plot(
     path: str | pathlib.Path,
     large_label: str = "large only",
 ) -> Figure:
-    """Draws one line per curve (points by increasing relative FLOPs), the small-only points
-    (squares coloured like the line of the same name, else gray) and the large-only star, and
-    saves a PNG at `path`."""
+    """Draws one line per curve (points by increasing relative FLOPs, every one of them on the line,
+    about MARKS_PER_LINE of them marked), the small-only points (squares coloured like the line of
+    the same name, else in the next unused colour) and the large-only star, and saves a PNG at `path`."""
     fig = Figure(figsize=(9.6, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.08, 0.11, 0.58, 0.8))
@@ -49,11 +50,11 @@ def _plot(
         ordered = sorted(points, key=lambda p: p.relative_flops)
         color, marker = line_style(index)
         ax.plot([p.relative_flops for p in ordered], [p.quality for p in ordered], color=color, marker=marker,
-                markersize=4, label=label)
+                markersize=5, markevery=max(1, len(ordered) // MARKS_PER_LINE), linewidth=1.2, label=label)
         colors[label] = color
-    for name, point in small_only.items():
-        ax.scatter(*point, marker="s", s=70, color=colors.get(name, "gray"), edgecolors="black", zorder=3,
-                   label=f"{name} only")
+    for index, (name, point) in enumerate(small_only.items(), start=len(lines)):
+        color = colors[name] if name in colors else line_style(index)[0]
+        ax.scatter(*point, marker="s", s=70, color=color, edgecolors="black", zorder=3, label=f"{name} only")
     ax.scatter(*large_only, marker="*", s=160, color="black", zorder=3, label=large_label)
     ax.set_xlabel("relative FLOPs (cascade / large model)")
     ax.set_ylabel(metric_name)

@@ -42,7 +42,7 @@ def write_plots(output_dir: str, analysis: Analysis, plot_rule: str) -> list[str
         for key, frontier in tiered.items():
             labels = ["+".join(tier) for tier in analysis.tier_plan.tiers]
             path = os.path.join(output_dir, f"{_safe(group)}__tiers.png")
-            plots.plot_tiers({f"{key.cascade} ({key.rules})": frontier}, path, task=group,
+            plots.plot_tiers({f"{key.cascade}\n({key.rules})": frontier}, path, task=group,
                              tiers_alone=dict(zip(labels, analysis.tiers_alone[key])), metric_name=metric_name)
             paths.append(path)
     return paths

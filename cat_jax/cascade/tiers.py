@@ -33,7 +33,7 @@ from cat_jax.cascade.records import ModelOutputs, check_aligned
 from cat_jax.metrics import additive_form
 
 # At most this many exit-tier entries ([rows of the grid, N]) are held in memory at once.
-_CHUNK_ENTRIES = 1 << 22
+_CHUNK_ENTRIES = 1 << 21
 
 
 class TierKey(NamedTuple):
@@ -162,6 +162,7 @@ def evaluate(
         flops = sum(m @ f for m, f in zip(masks, reached_flops)) / flops_total
         latency = sum(m @ t for m, t in zip(masks, reached_latency)) / latency_total
         summed = sum(m @ v for m, v in zip(masks, values))                     # [C] or [C, S]
+        shares = np.stack([m.mean(axis=1) for m in masks], axis=1)             # [C, K]
         for row in range(len(chunk)):
             if additive is not None:
                 quality = additive.from_statistics(summed[row])
@@ -170,10 +171,9 @@ def evaluate(
                 quality = float(corpus_metric(list(outs[0].targets), mixed))
             else:
                 quality = float(summed[row] / n)
-            shares = tuple(float(m[row].mean()) for m in masks)
             points.append(TierPoint(
-                thresholds=tuple(float(t) for t in chunk[row]), exit_shares=shares,
-                deferral_rate=float(1.0 - shares[0]), relative_flops=float(flops[row]),
+                thresholds=tuple(float(t) for t in chunk[row]), exit_shares=tuple(float(x) for x in shares[row]),
+                deferral_rate=float(1.0 - shares[row, 0]), relative_flops=float(flops[row]),
                 relative_latency=float(latency[row]), quality=float(quality)))
     return points
 
