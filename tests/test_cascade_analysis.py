@@ -123,5 +123,7 @@ def test_config_round_trips_and_plan_errors_name_the_fix():
     with pytest.raises(ConfigError, match="unknown tier rule 'post_hoc'"):
         plan.plan_tiers([["ce"], [LARGE]], ["post_hoc"], models)
     assert plan.plan_tiers([["ce", "cat"], [LARGE]], None, models).rules_label == "abc"
+    with pytest.raises(ConfigError, match="tier_rules=\\['abc'\\] is set but run_cascade_eval.tiers is not"):
+        plan.plan_tiers([], ["abc"], models)
     with pytest.raises(ConfigError, match="TARGET_DEFERRAL_RATE"):
         config(target_deferral_rate=1.5).check()

@@ -143,6 +143,9 @@ def plan_tiers(tiers: Sequence[Sequence[str]], tier_rules: Sequence[str] | None,
     Without tier_rules, a boundary after one model uses chow_average and after an ensemble abc.
     """
     if not tiers:
+        if tier_rules:
+            raise ConfigError(f"run_cascade_eval.tier_rules={list(tier_rules)} is set but run_cascade_eval.tiers "
+                              "is not: give the tiers too, e.g. [['ce'], ['cat', 'distill'], ['large']].")
         return None
     tiers = tuple(tuple(t) for t in tiers)
     names = [m for tier in tiers for m in tier]
