@@ -15,9 +15,10 @@ from flax import linen as nn
 from scipy import stats
 
 from cat_jax.cascade.speculative import ALPHA_EXTREMES, RULES, rule_id, speculative_decode
+from cat_jax.cascade.speculative import cost
 from cat_jax.cascade.speculative import rules as rules_lib
 from cat_jax.decoding import Sampler, greedy_decode
-from cat_jax.models import T5Config, Transformer
+from cat_jax.models import T5Config, Transformer, decoder_flops, encoder_flops
 
 V = 12
 # A chi-square statistic above this has probability 1e-4 under the null hypothesis.
@@ -259,3 +260,16 @@ def test_lossless_sampling_follows_the_large_models_distribution_and_speed_does_
     assert passes(counts("speed", 0.0, 1), probs)  # alpha 0 is lossless too
     statistic, dof = chi_square(counts("speed", 0.9, 1), probs)  # a lenient (lossy) rule fails
     assert statistic > 3 * stats.chi2.ppf(1 - P_VALUE, dof)
+
+
+def test_speculative_flops_count_every_draft_step_and_block():
+    """Rounds starting after 0 and 2 tokens with gamma 1: drafter steps at contexts 0, 1, 2, 3, the
+    large model's blocks of 2 at contexts 0 and 2; -1 marks rounds that did not happen."""
+    small, li = CONFIG.replace(emb_dim=16, mlp_dim=32), 7
+    got = cost.speculative_flops(small, CONFIG, li, np.array([0, 2, -1, -1]), gamma=1)
+    want = (encoder_flops(small, li) + encoder_flops(CONFIG, li)
+            + sum(decoder_flops(small, li, c, 1) for c in range(4))
+            + decoder_flops(CONFIG, li, 0, 2) + decoder_flops(CONFIG, li, 2, 2))
+    assert got == want
+    assert cost.decode_flops(CONFIG, li, 3) == encoder_flops(CONFIG, li) + sum(
+        decoder_flops(CONFIG, li, t, 1) for t in range(3))

@@ -149,9 +149,10 @@ def decode_speculative(spec: Callable[..., SpeculativeOutput], drafter: FrozenMo
     return Run(_texts(vocab, cat("tokens")), cat("lengths"), flops, seconds, cat("rounds"), cat("accepted"))
 
 
-def group_quality(split: cascade_pipeline.Split, texts: Sequence[str], group: str, rows: np.ndarray) -> float:
-    """The group's quality: its corpus metric (a task with one, e.g. BLEU) or mean per-example score."""
-    processed, per_example = cascade_pipeline.score_texts(split, texts)
+def group_quality(split: cascade_pipeline.Split, processed: Sequence[Any], per_example: np.ndarray, group: str,
+                  rows: np.ndarray) -> float:
+    """The group's quality from postprocessed predictions [N] and their per-example scores [N]: its
+    corpus metric (a task with one, e.g. BLEU) or the mean per-example score."""
     corpus = metrics.get_quality(group).corpus if group in split.task_rows else None
     if corpus is None:
         return float(per_example[rows].mean())
@@ -161,13 +162,14 @@ def group_quality(split: cascade_pipeline.Split, texts: Sequence[str], group: st
 def points_of(run: Run, large: Run, split: cascade_pipeline.Split, groups: Mapping[str, np.ndarray], *,
               drafter: str, rule: str, gamma: int, alpha: float | None) -> list[report.Point]:
     """One Point per group for one run of the split (rule 'alone': a model by itself)."""
+    processed, per_example = cascade_pipeline.score_texts(split, run.texts)
     out = []
     for group, rows in groups.items():
         speculative = run.rounds is not None
         calls = run.rounds[rows].sum() if speculative else 0
         out.append(report.Point(
             group=group, drafter=drafter, rule=rule, gamma=gamma, alpha=alpha,
-            quality=group_quality(split, run.texts, group, rows),
+            quality=group_quality(split, processed, per_example, group, rows),
             relative_flops=float(run.flops[rows].sum() / large.flops[rows].sum()),
             relative_latency=run.seconds / large.seconds, ms_per_example=1e3 * run.seconds / len(run.texts),
             acceptance_rate=float(run.accepted[rows].sum() / (gamma * calls)) if speculative else None,
@@ -224,7 +226,7 @@ def run_speculative_eval(
         models[name] = load_frozen_model(model_dir, mesh=mesh, rules=mesh_rules)
         check_vocabulary(model_dir, models[name].info, models[name].config, vocab, role=f"model {name!r}")
     alone_decoding = DecodingConfig(method="greedy" if sampler.greedy else "sample", temperature=temperature,
-                                    seed=seed)
+                                    top_k=0, top_p=1.0, seed=seed)  # every field: none from gin's `decoding`
     runs = {name: decode_alone(m, split, batches, vocab, alone_decoding, steps, timing_repeats)
             for name, m in models.items()}
     large = runs[LARGE]
