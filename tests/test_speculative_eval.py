@@ -90,4 +90,6 @@ def test_configuration_errors_before_decoding(tmp_path):
         run(alphas={"lossless": [0.5]})
     with pytest.raises(ConfigError, match="small_model_dirs"):
         run(small_model_dirs={})
+    with pytest.raises(ConfigError, match="timing_repeats"):
+        run(timing_repeats=0)
     assert not (tmp_path / "out").exists()

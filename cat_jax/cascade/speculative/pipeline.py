@@ -68,8 +68,8 @@ def alpha_grid(rule: str, num_alphas: int, alphas: Mapping[str, Sequence[float]]
     return [float(a) for a in np.linspace(*ALPHA_EXTREMES[rule], num_alphas)]
 
 
-def check_plan(rules: Sequence[str], gammas: Sequence[int], num_alphas: int,
-               alphas: Mapping[str, Sequence[float]], small_model_dirs: Mapping[str, str]) -> None:
+def check_plan(rules: Sequence[str], gammas: Sequence[int], num_alphas: int, alphas: Mapping[str, Sequence[float]],
+               small_model_dirs: Mapping[str, str], timing_repeats: int) -> None:
     """ConfigError naming the binding to fix, before anything is restored or decoded."""
     unknown = [r for r in rules if r not in RULES]
     if not rules or unknown:
@@ -78,6 +78,8 @@ def check_plan(rules: Sequence[str], gammas: Sequence[int], num_alphas: int,
         raise ConfigError(f"run_speculative_eval.gammas={list(gammas)} must be a non-empty list of ints >= 1.")
     if num_alphas < 2:
         raise ConfigError(f"run_speculative_eval.num_alphas={num_alphas} must be >= 2 (both extremes).")
+    if timing_repeats < 1:
+        raise ConfigError(f"run_speculative_eval.timing_repeats={timing_repeats} must be >= 1.")
     extra = [r for r in alphas if r not in ALPHA_EXTREMES]
     if extra:
         raise ConfigError(f"run_speculative_eval.alphas names {extra}; rules with an alpha: {sorted(ALPHA_EXTREMES)}.")
@@ -211,7 +213,7 @@ def run_speculative_eval(
     timing_repeats: timed passes per run, the fastest kept.
     """
     small_model_dirs, alphas = dict(small_model_dirs), dict(alphas or {})
-    check_plan(rules, gammas, num_alphas, alphas, small_model_dirs)
+    check_plan(rules, gammas, num_alphas, alphas, small_model_dirs, timing_repeats)
     sampler = Sampler(temperature=temperature)
     cascade_pipeline.check_models(large_model_dir, small_model_dirs)
     mesh, mesh_rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
