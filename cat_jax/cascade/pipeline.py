@@ -110,16 +110,23 @@ def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: In
     return out
 
 
-def to_records(split: Split, decoded: Decoded) -> ModelOutputs:
-    """One model's records on a split (ids "<task>/<id>"), quality from each task's per-example metric."""
-    arrays, preds = split.arrays, decoded.predictions
+def score_texts(split: Split, texts: Sequence[str]) -> tuple[list[Any], np.ndarray]:
+    """Predictions [N] postprocessed by each example's task, and their per-example quality [N]."""
+    arrays = split.arrays
     tasks = {name: data_lib.get_task_or_mixture(name) for name in split.task_rows}
-    texts = [tasks[t].postprocess_fn(preds.texts[i], example=arrays.example(i), is_target=False)
-             for i, t in enumerate(arrays.task_names)]
+    processed = [tasks[t].postprocess_fn(texts[i], example=arrays.example(i), is_target=False)
+                 for i, t in enumerate(arrays.task_names)]
     quality = np.zeros(len(arrays))
     for name, rows in split.task_rows.items():
         per_example = metrics.get_quality(name).per_example
-        quality[rows] = per_example([split.targets[i] for i in rows], [texts[i] for i in rows])
+        quality[rows] = per_example([split.targets[i] for i in rows], [processed[i] for i in rows])
+    return processed, quality
+
+
+def to_records(split: Split, decoded: Decoded) -> ModelOutputs:
+    """One model's records on a split (ids "<task>/<id>"), quality from each task's per-example metric."""
+    arrays, preds = split.arrays, decoded.predictions
+    texts, quality = score_texts(split, preds.texts)
     lengths = preds.lengths
     return ModelOutputs(
         ids=[f"{t}/{i}" for t, i in zip(arrays.task_names, arrays.ids)],
