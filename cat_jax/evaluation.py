@@ -8,6 +8,7 @@ The decoding method (greedy, sampling, beam search) is gin's `decoding` configur
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from typing import Any
 
