@@ -2,8 +2,10 @@
 --gin.LARGE_MODEL_DIR=/tmp/cat_jax/large --gin.SMALL_MODEL_DIRS="{'ce': '/tmp/cat_jax/small_ce',
 'cat': '/tmp/cat_jax/small_cat'}" --gin.OUTPUT_DIR=/tmp/cat_jax/cascade`.
 
-Decodes the split with every model and writes examples.jsonl, curves.csv/json, summary.json/md
-and PNG plots of quality against relative FLOPs into OUTPUT_DIR.
+Decodes the split with every model and writes the records (examples.jsonl, validation_examples.jsonl,
+cascade_config.json), curves.csv/json, summary.json/md (k-tier cascades and budgets included) and PNG
+plots of quality against relative FLOPs into OUTPUT_DIR; `python -m cat_jax.cascade.analyse
+OUTPUT_DIR` redoes the analysis from the records.
 """
 
 from __future__ import annotations

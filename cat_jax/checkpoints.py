@@ -395,6 +395,18 @@ def _ensure_writable(directory: str) -> None:
         ) from e
 
 
+def latest_finished_step(directory: str) -> int:
+    """The newest finished step in a Checkpointer directory, found without restoring anything;
+    CheckpointError when the directory is missing or holds no finished checkpoint."""
+    path = epath.Path(os.path.abspath(directory))
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint directory {path} does not exist. Pass the model directory of a "
+                              "finished training run.")
+    options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=_multiprocessing_options())
+    with ocp.CheckpointManager(path, options=options, item_handlers=_item_handlers()) as manager:
+        return _pick_step(manager, str(path), None)
+
+
 def restore_params(
     directory: str, params_template: PyTree, step: int | None = None
 ) -> tuple[PyTree, dict]:

@@ -4,9 +4,11 @@ Stages (each skipped when its output already exists, so a re-run reuses finished
   1. train a large model with cross-entropy,
   2. train three small models against it: cross-entropy, distillation, cascade-aware (CAT),
   3. evaluate every model on the test split with the task's metrics,
-  4. evaluate the cascades (large behind each small model) under every deferral rule: curves of
-     quality against relative FLOPs, summary tables and PNG plots in `runs/demo/cascade/`,
-  5. write `runs/demo/report.md`: the summary table, which small model and rule win, the commands.
+  4. evaluate the cascades (large behind each small model) under every deferral rule, one 3-tier
+     cascade (CE small -> CAT + distill ensemble deferring by agreement, ABC -> large) and a
+     deferral-rate budget calibrated on validation: curves of quality against relative FLOPs,
+     summary tables and PNG plots in `runs/demo/cascade/`,
+  5. write `runs/demo/report.md`: the summary tables, which small model and rule win, the commands.
 CAT_JAX_DEMO_DIR (default runs/demo), CAT_JAX_DEMO_TASK (cmudict_syllables), CAT_JAX_DEMO_STEPS (400)
 and CAT_JAX_DEMO_EXAMPLES (512 test examples) change where, on what and how long it runs.
 """
@@ -33,6 +35,8 @@ STUDENTS = (("ce", "train_small_ce.gin"), ("distill", "train_small_distill.gin")
             ("cat", "train_small_cat.gin"))
 BOUNDS = ("oracle", "random")  # upper and lower bounds: reported, never the winner
 REPORT_RULES = ("chow_average", "chow_quantile_0", "entropy_mean", "post_hoc", "oracle", "random")
+TIERS = [["ce"], ["cat", "distill"], ["large"]]   # the 3-tier cascade: the middle tier defers by ABC
+TARGET_DEFERRAL_RATE = 0.3
 COMMON = [f"--gin.MIXTURE_OR_TASK_NAME={TASK}", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
           f"--gin.load_split.cache_dir={CACHE}"]
 
@@ -87,10 +91,12 @@ def _evaluate(stages: Stages, name: str, model_dir: str, steps: int = STEPS) -> 
 
 def _cascade(stages: Stages, large: str, smalls: dict[str, str]) -> str:
     out = os.path.join(DEMO_DIR, "cascade")
-    stages.run("cascade evaluation (every deferral rule)", [
+    stages.run("cascade evaluation (every deferral rule, a 3-tier cascade, a budget)", [
         "cat_jax.cascade_eval", "--gin_file=gin_configs/runs/cascade_eval.gin",
         f"--gin.LARGE_MODEL_DIR={large}", f"--gin.SMALL_MODEL_DIRS={smalls!r}", f"--gin.OUTPUT_DIR={out}",
-        f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", *COMMON], skip_if=os.path.join(out, "summary.json"))
+        f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", f"--gin.run_cascade_eval.tiers={TIERS!r}",
+        f"--gin.TARGET_DEFERRAL_RATE={TARGET_DEFERRAL_RATE}", *COMMON],
+        skip_if=os.path.join(out, "tier_summary.json"))
     return out
 
 
@@ -98,10 +104,51 @@ def _fmt(value) -> str:
     return "never" if value is None else f"{value:.3f}"
 
 
+def _outcome(o: dict) -> str:
+    return f"{o['deferral_rate']:.3f} / {o['relative_flops']:.3f} / {o['quality']:.3f}"
+
+
+def _task_rows(cascade_dir: str, name: str) -> list[dict]:
+    """The rows of TASK in a summary file of cascade_dir."""
+    with open(os.path.join(cascade_dir, name)) as f:
+        return [r for r in json.load(f) if r["task"] == TASK]
+
+
+def _tier_lines(tiered: list[dict]) -> list[str]:
+    """The k-tier cascade's frontier in numbers."""
+    lines = ["", "## A 3-tier cascade", "",
+             "Each example goes to the next tier when its rule's score falls below that boundary's threshold; "
+             "an ensemble tier answers with its majority answer and defers when its members disagree (ABC). "
+             "The curve is the Pareto frontier over the joint threshold grid; latency counts the ensemble's "
+             "members once (they run in parallel).", "",
+             "| cascade | rules | each tier alone (quality @ rel. FLOPs) | rel. FLOPs to match large "
+             "| best quality @ rel. FLOPs (rel. latency) |", "|---|---|---|---|---|"]
+    for r in tiered:
+        alone = ", ".join(f"{a['tier']} {a['quality']:.3f} @ {a['relative_flops']:.3f}" for a in r["tiers_alone"])
+        lines.append(f"| {r['cascade']} | {r['rules']} | {alone} | {_fmt(r['relative_flops_to_match_last'])} | "
+                     f"{r['best_quality']:.3f} @ {r['best_relative_flops']:.3f} ({r['best_relative_latency']:.3f}) |")
+    return lines
+
+
+def _calibration_lines(rows: list[dict], tiered: list[dict]) -> list[str]:
+    """The budget's validation and test outcomes for the report's rules and the k-tier cascade."""
+    lines = ["", f"## Budget calibration: deferral rate {TARGET_DEFERRAL_RATE}", "",
+             "Thresholds picked on the validation split (the largest deferral rate within the budget; for the "
+             "3-tier cascade, the best validation quality within it), then applied to test: the gap is what "
+             "a budget set on one sample of traffic realises on another.", "",
+             "| cascade | rule | validation: rate / rel. FLOPs / quality | test: rate / rel. FLOPs / quality |",
+             "|---|---|---|---|"]
+    named = [(r["small_model"], r["rule"], r) for r in rows if r["rule"] in REPORT_RULES]
+    named += [(r["cascade"], r["rules"], r) for r in tiered]
+    for name, rule, r in named:
+        for c in r["calibration"]:
+            lines.append(f"| {name} | {rule} | {_outcome(c['validation'])} | {_outcome(c['test'])} |")
+    return lines
+
+
 def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands: list[str]) -> str:
     """report.md: model metrics, the cascade table for a few rules, the winners, the commands."""
-    with open(os.path.join(cascade_dir, "summary.json")) as f:
-        rows = [r for r in json.load(f) if r["task"] == TASK]
+    rows, tiered = _task_rows(cascade_dir, "summary.json"), _task_rows(cascade_dir, "tier_summary.json")
     deployable = [r for r in rows if r["rule"] not in BOUNDS]
     best = max(deployable, key=lambda r: (r["auc"], -(r["relative_flops_to_match_large"] or 9e9)))
     matching = [r for r in deployable if r["relative_flops_to_match_large"] is not None]
@@ -115,14 +162,16 @@ def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands
         lines.append(f"| {name} | {r['step']} | " + " | ".join(f"{v:.4f}" for v in r["metrics"][TASK].values()) + " |")
     lines += ["", "## Cascades", "",
               "Quality is the task's per-example score (0-1); relative FLOPs are the cascade's over the large model's; "
-              "AUC is the area under quality against deferral rate (higher is better).", "",
-              "| small model | rule | small-only | large-only | AUC | rel. FLOPs to match large | best quality @ rel. FLOPs |",
-              "|---|---|---|---|---|---|---|"]
+              "AUC-DF is the area under quality against deferral rate (higher is better), beside its gain over random "
+              "deferral's (the straight line from small-only to large-only).", "",
+              "| small model | rule | small-only | large-only | AUC-DF | gain vs random | rel. FLOPs to match large "
+              "| best quality @ rel. FLOPs |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["rule"] in REPORT_RULES:
             lines.append(f"| {r['small_model']} | {r['rule']} | {r['small_only']:.3f} | {r['large_only']:.3f} | "
-                         f"{r['auc']:.4f} | {_fmt(r['relative_flops_to_match_large'])} | "
+                         f"{r['auc']:.4f} | {r['auc_df_gain']:+.4f} | {_fmt(r['relative_flops_to_match_large'])} | "
                          f"{r['best_quality']:.3f} @ {r['best_relative_flops']:.3f} |")
+    lines += _tier_lines(tiered) + _calibration_lines(rows, tiered)
     lines += ["", "## Verdict", "",
               f"- Highest AUC (oracle and random are bounds, not rules one can deploy): small model "
               f"**{best['small_model']}** with rule **{best['rule']}** (AUC {best['auc']:.4f}).",

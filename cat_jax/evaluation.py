@@ -1,7 +1,8 @@
-"""Batched greedy prediction over a split, and the tasks' seqio metrics on the predictions.
+"""Batched prediction over a split, and the tasks' seqio metrics on the predictions.
 
 Used by the trainer's periodic evaluation and by the eval, infer and cascade_eval binaries. Each
 process feeds its own rows of every batch; the decoded outputs are gathered on every process.
+The decoding method (greedy, sampling, beam search) is gin's `decoding` configurable.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from jax.sharding import Mesh
 
 from cat_jax import data as data_lib
 from cat_jax import partitioning
-from cat_jax.decoding import greedy_decode
+from cat_jax.decoding import DecodingConfig, make_decoder
 from cat_jax.errors import ConfigError
 from cat_jax.models.encoder_decoder import EncoderDecoderModel
 
 
 @dataclasses.dataclass
 class Predictions:
-    """Greedy outputs for every example of an ExampleArrays, in its order."""
+    """Decoded outputs for every example of an ExampleArrays, in its order."""
     tokens: np.ndarray        # [N, T] int32, 0 after EOS
     logprobs: np.ndarray      # [N, T] float32, 0 after EOS
     entropies: np.ndarray     # [N, T] float32, 0 after EOS
@@ -40,9 +41,11 @@ def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[
 
 
 def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays, vocab,
-            batch_size: int, mesh: Mesh, rules, max_decode_length: int) -> Predictions:
-    """Greedy-decode every example (jit-compiled, key/value cache, batch split over the mesh, the
-    activations constrained by `rules`).
+            batch_size: int, mesh: Mesh, rules, max_decode_length: int,
+            decoding: DecodingConfig | None = None) -> Predictions:
+    """Decode every example (jit-compiled, key/value cache, batch split over the mesh, the
+    activations constrained by `rules`) with `decoding`, by default gin's `decoding`
+    configurable (greedy unless bound).
 
     Every process calls this with the same arguments (the same `arrays`, in the same order); each
     feeds only its block of rows of each batch and every process gets all predictions back.
@@ -54,13 +57,14 @@ def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArr
                          f"{np.lcm(shards, jax.process_count())}.")
     sharding = partitioning.batch_sharding(mesh, rules)
     index, count = partitioning.process_batch_slice(sharding, batch_size)
-    decode = _jitted_decoder(model.module, max_decode_length, vocab.eos_id)
+    decoding = DecodingConfig() if decoding is None else decoding
+    decode = _jitted_decoder(decoding, model.module, max_decode_length, vocab.eos_id)
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
-    for batch, real in data_lib.eval_batches(arrays, batch_size):
+    for batch_index, (batch, real) in enumerate(data_lib.eval_batches(arrays, batch_size)):
         local = _process_rows({"e": batch["encoder_input_tokens"]}, index, count)
         enc = partitioning.global_batch(local, sharding, batch_size)["e"]
         with partitioning.activation_sharding(mesh, rules):
-            out = decode(params, enc)
+            out = decode(params, enc, decoding.rng(batch_index))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             out = multihost_utils.process_allgather(out, tiled=True)
@@ -73,10 +77,9 @@ def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArr
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_decoder(module: Any, max_decode_length: int, eos_id: int) -> Any:
-    """One jitted greedy decoder per (network, length, EOS): periodic evaluation compiles once."""
-    return jax.jit(functools.partial(greedy_decode, module, max_decode_length=max_decode_length,
-                                     eos_id=eos_id))
+def _jitted_decoder(decoding: DecodingConfig, module: Any, max_decode_length: int, eos_id: int) -> Any:
+    """One jitted decoder per (method, network, length, EOS): periodic evaluation compiles once."""
+    return make_decoder(decoding, module, max_decode_length, eos_id)
 
 
 def detokenize(vocab, tokens: np.ndarray) -> str:
@@ -108,7 +111,7 @@ def task_metrics(arrays: data_lib.ExampleArrays, texts: list[str]) -> dict[str, 
 
 def evaluate(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays, vocab,
              batch_size: int, mesh: Mesh, rules, max_decode_length: int) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from greedy predictions on `arrays`."""
+    """{task: {metric: value}} from predictions on `arrays` (gin's `decoding` method)."""
     preds = predict(model, params, arrays, vocab, batch_size, mesh, rules, max_decode_length)
     return task_metrics(arrays, preds.texts)
 

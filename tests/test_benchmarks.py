@@ -93,3 +93,27 @@ def test_train_and_decode_throughput_smoke(tmp_path):
         assert row["generated_tokens"] == 3 * batch  # EOS disabled: fixed-length decoding
         assert row["tokens_per_s"] > 0 and row["decode_ms"] > 0
     print(f"benchmarks smoke test: {elapsed:.1f}s")
+
+
+def test_speculative_benchmark_smoke(tmp_path):
+    """benchmarks/speculative.py in random mode: the large model's greedy decoding, two rules
+    through one compiled speculative loop, and the cache-write comparison."""
+    model = tmp_path / "model.gin"
+    model.write_text(MODEL_GIN.format(emb=16, mlp=32))
+    env = dict(os.environ, **SUBPROCESS_ENV, XLA_FLAGS="--xla_backend_optimization_level=0")
+    proc = subprocess.Popen([sys.executable, "benchmarks/speculative.py", f"--large={model}", f"--small={model}",
+                             "--batches=2", "--gammas=2", "--rules=lossless,chow", "--inputs=8",
+                             "--max-decode-length=3", "--vocab=64", "--repeats=1", "--warmup=0"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = _rows(proc, 170)
+    by_impl = {}
+    for row in rows:
+        assert "error" not in row, row
+        by_impl.setdefault(row["impl"], []).append(row)
+    assert [r["batch"] for r in by_impl["large_greedy"]] == [2]
+    assert [r["rule"] for r in by_impl["speculative"]] == ["lossless", "chow"]  # one compilation for both
+    for row in by_impl["speculative"]:
+        assert row["generated_tokens"] == 3 * row["batch"]  # EOS disabled: fixed-length decoding
+        assert row["tokens_per_s"] > 0 and row["speedup_over_large_greedy"] > 0
+        assert 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_large_call"] >= 1
+    assert all(r["per_row_positions_ms"] > 0 and r["shared_position_ms"] > 0 for r in by_impl["cache_block_write"])

@@ -3,14 +3,13 @@
 import csv
 import json
 
-import matplotlib.image
 import numpy as np
 import pytest
 import sacrebleu
 
 from cat_jax import metrics
-from cat_jax.cascade import curves, plots, posthoc, records, rules, summary
-from cat_jax.cascade.curves import CurveKey, CurvePoint, OperatingPoint
+from cat_jax.cascade import calibration, curves, posthoc, records, rules, summary
+from cat_jax.cascade.curves import CurveKey, CurvePoint
 
 # Four examples. Small quality [1, 0, 0.5, 1] (mean 0.625), large quality [1, 1, 1, 0] (mean 0.75).
 # Small FLOPs sum to 10, large FLOPs [10, 20, 50, 20] sum to 100, so F_S / F_L = 0.1.
@@ -228,8 +227,15 @@ HAND_CURVE = [
 
 def test_summary_on_hand_curve():
     s = summary.summarize(HAND_CURVE, small_only=0.6, large_only=0.8)
-    # AUC = 0.5 * (0.6 + 0.9) / 2 + 0.5 * (0.9 + 0.8) / 2 = 0.375 + 0.425.
+    # AUC-DF = 0.5 * (0.6 + 0.9) / 2 + 0.5 * (0.9 + 0.8) / 2 = 0.375 + 0.425.
     assert s.auc == pytest.approx(0.8)
+    # Random deferral's expected curve joins (0, 0.6) and (1, 0.8): area 0.7; gain 0.1 = 14.29 %.
+    assert s.auc_df_random == pytest.approx(0.7)
+    assert s.auc_df_gain == pytest.approx(0.1) and s.auc_df_gain_pct == pytest.approx(100 / 7)
+    # A curve that is the random line itself gains nothing.
+    line = [CurvePoint(0.0, r, 0.1 + r, 0.6 + 0.2 * r) for r in (0.0, 0.25, 0.5, 1.0)]
+    flat = summary.summarize(line, small_only=0.6, large_only=0.8)
+    assert flat.auc == pytest.approx(0.7) and flat.auc_df_gain == pytest.approx(0.0, abs=1e-12)
     assert s.relative_flops_to_match_large == 0.6
     assert (s.best_quality, s.best_relative_flops) == (0.9, 0.6)
     never = summary.summarize(HAND_CURVE, small_only=0.6, large_only=0.95)
@@ -243,10 +249,13 @@ def test_writers_round_trip(tmp_path):
     key = CurveKey("boolq", "cat", "chow_sum")
     curves_map = {key: HAND_CURVE, CurveKey("wmt", "ce", "oracle"): HAND_CURVE[:2]}
     summaries = {key: summary.summarize(HAND_CURVE, small_only=0.6, large_only=0.95)}
+    budget = calibration.Budget("deferral_rate", 0.3)
+    calibrated = {key: [calibration.Calibration(budget, (0.0,), calibration.Outcome(0.25, 0.6, 0.9),
+                                                calibration.Outcome(0.5, 0.6, 0.9), True)]}
     summary.write_curves_csv(tmp_path / "curves.csv", curves_map)
     summary.write_curves_json(tmp_path / "curves.json", curves_map)
-    summary.write_summary_json(tmp_path / "summary.json", summaries)
-    summary.write_summary_md(tmp_path / "summary.md", summaries)
+    summary.write_summary_json(tmp_path / "summary.json", summaries, calibrated)
+    summary.write_summary_md(tmp_path / "summary.md", summaries, calibrated, {}, {})
 
     rows = list(csv.DictReader(open(tmp_path / "curves.csv")))
     assert len(rows) == 5
@@ -262,38 +271,15 @@ def test_writers_round_trip(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())[0]
     assert s["auc"] == pytest.approx(0.8) and s["rule"] == "chow_sum"
     assert s["relative_flops_to_match_large"] is None
+    assert s["auc_df_random"] == pytest.approx(0.775) and s["auc_df_gain"] == pytest.approx(0.025)
+    assert s["calibration"] == [{"budget": "deferral_rate", "target": 0.3, "thresholds": [0.0],
+                                 "met_on_validation": True,
+                                 "validation": {"deferral_rate": 0.25, "relative_flops": 0.6, "quality": 0.9},
+                                 "test": {"deferral_rate": 0.5, "relative_flops": 0.6, "quality": 0.9}}]
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("## boolq\n")
-    assert "| cat | chow_sum | 0.6 | 0.95 | 0.8 | never | 0.9 @ 0.6 |" in md
-
-
-def test_plots_are_valid_pngs(tmp_path):
-    other = [CurvePoint(p.threshold, p.deferral_rate, p.relative_flops + 0.05, p.quality - 0.1)
-             for p in HAND_CURVE]
-    large_only = OperatingPoint(1.0, 0.8)
-    by_model = plots.plot_by_model(
-        {"ce": HAND_CURVE, "cat": other},
-        tmp_path / "by_model.png",
-        task="boolq",
-        rule="chow_sum",
-        small_only={"ce": OperatingPoint(0.1, 0.6), "cat": OperatingPoint(0.15, 0.5)},
-        large_only=large_only,
-        metric_name="accuracy",
-    )
-    by_rule = plots.plot_by_rule(
-        {"chow_sum": HAND_CURVE, "oracle": other},
-        tmp_path / "by_rule.png",
-        task="boolq",
-        small_model="cat",
-        small_only=OperatingPoint(0.1, 0.6),
-        large_only=large_only,
-    )
-    for path in (by_model, by_rule):
-        data = path.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-        image = matplotlib.image.imread(path)
-        assert image.shape == (480, 640, 4)
-        assert image[..., :3].std() > 0  # something was drawn
+    assert "| cat | chow_sum | 0.6 | 0.95 | 0.8 | 0.775 | +0.025 (+3.23%) | never | 0.9 @ 0.6 |" in md
+    assert "| cat | chow_sum | deferral_rate <= 0.3 | 0 | 0.25 / 0.6 / 0.9 | 0.5 / 0.6 / 0.9 |" in md
 
 
 def test_unknown_rule_lists_known_rules(small, large):

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections import defaultdict
 
 import numpy as np
 import pytest
 
 from cat_jax import data, metrics
-from cat_jax.cascade.pipeline import (LARGE, Decoded, analyse, load_split, plan_rules, run_cascade_eval,
-                                      to_records)
-from cat_jax.errors import CheckpointError
-from cat_jax.errors import TeacherMismatchError
+from cat_jax.cascade import analyse
+from cat_jax.cascade.analysis import analyse as analyse_records
+from cat_jax.cascade.pipeline import Decoded, load_split, run_cascade_eval, split_records
+from cat_jax.cascade.plan import LARGE, AnalysisConfig, Options
+from cat_jax.errors import CheckpointError, ConfigError, TeacherMismatchError
 from cat_jax.evaluation import Predictions
-from cat_jax.errors import ConfigError
 from cat_jax.inference import InferenceConfig
 from cat_jax.models import T5Config, forward_flops
-from conftest import DATA_CACHE, run_module, train_args
+from conftest import DATA_CACHE, REPO, SUBPROCESS_ENV, run_module, train_args
 
 MIXTURE = "offline_mix"
 TASKS = ("cmudict_g2p", "cmudict_syllables", "num2words_fr", "num2words_de")
@@ -52,10 +56,17 @@ def _eval_args(model_dirs, output_dir, *extra: str) -> list[str]:
             "--gin.run_cascade_eval.num_thresholds=5", *extra]
 
 
+# The live run of the fixture also draws a 3-tier cascade and calibrates a deferral-rate budget.
+TIERS = "--gin.run_cascade_eval.tiers=[['ce'], ['ce2'], ['large']]"
+TARGET = "--gin.TARGET_DEFERRAL_RATE=0.3"
+COMPARED = ("curves.csv", "curves.json", "summary.json", "summary.md", "tier_curves.csv", "tier_curves.json",
+            "tier_summary.json")
+
+
 @pytest.fixture(scope="module")
 def outputs(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("cascade_out")
-    proc = run_module("cat_jax.cascade_eval", _eval_args(model_dirs, out))
+    proc = run_module("cat_jax.cascade_eval", _eval_args(model_dirs, out, TIERS, TARGET))
     return out, proc
 
 
@@ -71,8 +82,8 @@ def test_examples_jsonl_has_every_model_and_example(outputs):
     out, proc = outputs
     rows = _read_examples(out)
     assert list(rows) == ["large", *SMALL]
-    fields = {"model", "id", "task", "input", "target", "prediction", "token_logprobs", "token_entropies",
-              "token_margins", "quality", "flops"}
+    fields = {"model", "id", "task", "input", "target", "prediction", "scored_target", "scored_prediction",
+              "token_logprobs", "token_entropies", "token_margins", "quality", "flops"}
     for model_rows in rows.values():
         assert len(model_rows) == PER_TASK * len(TASKS)
         assert sorted({r["task"] for r in model_rows}) == sorted(TASKS)
@@ -84,8 +95,13 @@ def test_examples_jsonl_has_every_model_and_example(outputs):
             assert all(0 <= m <= 1 for m in r["token_margins"])
             assert all(lp <= 0 for lp in r["token_logprobs"]) and all(h >= 0 for h in r["token_entropies"])
     assert [r["id"] for r in rows["ce"]] == [r["id"] for r in rows["large"]]
-    assert f"wrote 15 files to {out}" in proc.stdout
+    # config, test and validation records (each with its hidden states), 4 + 3 curve and summary
+    # files, and per group (5) 1 by-model, 2 by-rule and 1 k-tier plot: 1 + 4 + 7 + 20.
+    assert f"wrote 32 files to {out}" in proc.stdout
     assert "Decoded 32 test examples with model 'ce2'" in proc.stderr
+    assert "Decoded 32 validation examples with model 'ce2'" in proc.stderr
+    validation = [json.loads(line) for line in (out / "validation_examples.jsonl").read_text().splitlines()]
+    assert len(validation) == 3 * 32 and {r["model"] for r in validation} == {"large", *SMALL}
 
 
 def test_flops_count_actual_input_and_decoded_lengths(outputs, model_dirs):
@@ -165,9 +181,73 @@ def test_summaries_and_plots(outputs):
         assert f"## {group}\n" in md
     assert "| ce | chow_average |" in md
     for group in (*TASKS, MIXTURE):
-        for name in (f"{group}__by_model__chow_average.png", f"{group}__by_rule__ce.png"):
+        for name in (f"{group}__by_model__chow_average.png", f"{group}__by_rule__ce.png",
+                     f"{group}__by_rule__ce2.png", f"{group}__tiers.png"):
             assert (out / name).read_bytes().startswith(PNG), name
-    assert len(list(out.glob("*.png"))) == 2 * 5
+    assert len(list(out.glob("*.png"))) == 4 * 5
+    for r in records:                                  # AUC-DF against random deferral's straight line
+        assert r["auc_df_random"] == pytest.approx((r["small_only"] + r["large_only"]) / 2)
+        assert r["auc_df_gain"] == pytest.approx(r["auc"] - r["auc_df_random"])
+        (calibrated,) = r["calibration"]
+        assert calibrated["budget"] == "deferral_rate" and calibrated["target"] == 0.3
+        assert calibrated["validation"]["deferral_rate"] <= 0.3 + 1e-12
+    assert "Budget calibration" in md and "k-tier cascades" in md and "| ce > ce2 > large |" in md
+
+
+def test_three_tier_cascade_costs_match_the_examples(outputs):
+    out, _ = outputs
+    rows = _read_examples(out)
+    tier_rows = json.loads((out / "tier_summary.json").read_text())
+    assert sorted((r["task"], r["cascade"], r["rules"]) for r in tier_rows) == sorted(
+        (g, "ce > ce2 > large", "chow_average > chow_average") for g in (*TASKS, MIXTURE))
+    curves = {c["task"]: c["points"] for c in json.loads((out / "tier_curves.json").read_text())}
+    for r in tier_rows:
+        pick = {m: [x for x in rows[m] if r["task"] in (x["task"], MIXTURE)] for m in rows}
+        large = _sum(pick["large"], "flops")
+        alone = {a["tier"]: a for a in r["tiers_alone"]}
+        assert alone["ce"]["relative_flops"] == pytest.approx(_sum(pick["ce"], "flops") / large)
+        assert alone["large"]["relative_flops"] == 1.0
+        points = curves[r["task"]]
+        assert points[0]["exit_shares"] == [1.0, 0.0, 0.0] and points[0]["relative_flops"] == alone["ce"]["relative_flops"]
+        assert [p["relative_flops"] for p in points] == sorted(p["relative_flops"] for p in points)
+        # Each point's FLOPs: every model run on the examples that reached it (ce always).
+        for p in points:
+            assert p["relative_flops"] >= alone["ce"]["relative_flops"] * (1 - 1e-12)
+            assert p["relative_latency"] == pytest.approx(p["relative_flops"])   # one model per tier
+        assert len(r["calibration"]) == 1 and r["calibration"][0]["validation"]["deferral_rate"] <= 0.3 + 1e-12
+
+
+def test_reanalysis_reproduces_the_live_run_byte_for_byte(outputs, tmp_path):
+    """`python -m cat_jax.cascade.analyse` from the records alone, without TensorFlow or seqio."""
+    out, _ = outputs
+    again = tmp_path / "again"
+    check = ("import sys; from cat_jax.cascade import analyse; rc = analyse.main(sys.argv[1:]); "
+             "heavy = sorted(m for m in ('tensorflow', 'seqio', 'tasks') if m in sys.modules); "
+             "print('imported', heavy); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", check, str(out), "--output_dir", str(again)], cwd=REPO,
+                          env=dict(os.environ, **SUBPROCESS_ENV), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "imported []" in proc.stdout
+    for name in COMPARED:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    assert (again / "cascade_config.json").read_bytes() == (out / "cascade_config.json").read_bytes()
+    assert sorted(p.name for p in again.glob("*.png")) == sorted(p.name for p in out.glob("*.png"))
+
+
+def test_reanalysis_with_a_new_budget_and_missing_records(outputs, tmp_path):
+    out, _ = outputs
+    files = analyse.run([str(out), "--output_dir", str(tmp_path / "b"), "--rules", "chow_average,oracle",
+                         "--target_relative_flops", "0.5"])
+    assert str(tmp_path / "b" / "summary.json") in files
+    rows = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert {r["rule"] for r in rows} == {"chow_average", "oracle"}
+    assert [[c["budget"] for c in r["calibration"]] for r in rows] == [["deferral_rate", "relative_flops"]] * len(rows)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "validation_examples.jsonl").unlink()
+    assert analyse.main([str(copy), "--output_dir", str(tmp_path / "c")]) == 2
+    with pytest.raises(ConfigError, match="validation_examples.jsonl does not exist"):
+        analyse.run([str(copy)])
 
 
 def test_unknown_rule_exits_with_the_known_rules(tmp_path):
@@ -199,13 +279,34 @@ def test_configuration_errors_before_decoding(tmp_path):
         _run(tmp_path, plot_rule="chow_quantile")
     with pytest.raises(ConfigError, match="quantiles"):
         _run(tmp_path, quantiles=[0.5, 2.0])
+    with pytest.raises(ConfigError, match=r"tiers=.*unknown: \['cat'\]"):
+        _run(tmp_path, tiers=[["ce"], ["cat"], ["large"]])
+    with pytest.raises(ConfigError, match="TARGET_DEFERRAL_RATE"):
+        _run(tmp_path, target_deferral_rate=-0.1)
     with pytest.raises(CheckpointError, match="large"):
         _run(tmp_path)
     _write_run_info(tmp_path / "large", {"class": "ByteVocabulary", "size": 259}, 384)
     _write_run_info(tmp_path / "ce", {"class": "ByteVocabulary", "size": 300}, 384)
     with pytest.raises(TeacherMismatchError, match="small model 'ce'.*share one vocabulary"):
         _run(tmp_path)
+    _write_run_info(tmp_path / "ce2", {"class": "ByteVocabulary", "size": 259}, 384)
+    with pytest.raises(CheckpointError, match="large holds no finished checkpoint"):
+        _run(tmp_path, small_model_dirs={"ce2": str(tmp_path / "ce2")})
     assert not (tmp_path / "out").exists()
+
+
+def test_every_model_dir_is_checked_before_any_decoding(model_dirs, tmp_path):
+    """A small model dir with run_info.json but no finished checkpoint stops the job before the large
+    model (whose checkpoint is fine) is decoded."""
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(model_dirs["ce"] / "run_info.json", unfinished / "run_info.json")
+    (unfinished / "3.orbax-checkpoint-tmp-0").mkdir()          # an interrupted save is not a checkpoint
+    proc = run_module("cat_jax.cascade_eval", _eval_args(
+        {"large": model_dirs["large"], "ce": model_dirs["ce"], "ce2": unfinished}, tmp_path / "out"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{unfinished} holds no finished checkpoint" in proc.stderr
+    assert "Decoded" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def _fake_decoded(split, texts, seed):
@@ -227,11 +328,13 @@ def test_records_and_curves_on_known_predictions():
     targets = [str(t) for t in split.arrays.targets_text]
     small_texts = [t if i % 2 == 0 else f"{t} extra" for i, t in enumerate(targets)]
     decoded = {LARGE: _fake_decoded(split, targets, 0), "ce": _fake_decoded(split, small_texts, 1)}
-    records = {name: to_records(split, out) for name, out in decoded.items()}
-    assert records[LARGE].quality.tolist() == [1.0] * 16
-    assert records["ce"].quality.tolist() == [1.0, 0.0] * 8
-    analysis = analyse(split, records, plan_rules(["oracle", "chow_average"], [], 1), mixture_name=MIXTURE,
-                       validation=None, num_thresholds=None, seed=0)
+    records, _ = split_records(split, decoded)
+    assert records.models[LARGE].quality.tolist() == [1.0] * 16
+    assert records.models["ce"].quality.tolist() == [1.0, 0.0] * 8
+    corpus = {task: metrics.get_quality(task).corpus for task in TASKS}
+    config = AnalysisConfig(MIXTURE, "validation", None, {LARGE: "-", "ce": "-"},
+                            Options(rules=("oracle", "chow_average")), {})
+    analysis = analyse_records(config, records, None, corpus)
     for group in (*TASKS, MIXTURE):
         rows = [i for i, t in enumerate(split.arrays.task_names) if group in (t, MIXTURE)]
         oracle = analysis.curves[(group, "ce", "oracle")]

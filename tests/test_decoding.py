@@ -1,4 +1,5 @@
-"""Greedy decoding with the key/value cache, checked against teacher-forced forward passes."""
+"""Greedy, sampling and beam-search decoding and the block-writable cache, checked against
+teacher-forced forward passes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import optax
 import pytest
 from flax import linen as nn
 
-from cat_jax.decoding import DecodeOutput, greedy_decode, score_tokens, shift_right
+from cat_jax.decoding import (DecodeOutput, DecodingConfig, Sampler, beam_search, greedy_decode, init_cache,
+                              length_penalty, make_decoder, sample_decode, sampling_probs, score_block,
+                              score_tokens, set_cache_positions, shift_right)
+from cat_jax.decoding.sampling import filtered_logits
+from cat_jax.errors import ConfigError
 from cat_jax.models import T5Config, Transformer
 
 CONFIG = T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
@@ -146,3 +151,95 @@ def test_score_tokens_masks_padding_and_uses_shifted_inputs():
     logp = jax.nn.log_softmax(logits, axis=-1)
     np.testing.assert_allclose(scores[2, 3], logp[2, 3, 1], atol=1e-6)
     np.testing.assert_allclose(scores[0, 1], logp[0, 1, 8], atol=1e-6)
+
+
+def test_block_writes_at_row_positions_match_teacher_forcing_and_roll_back():
+    """Rows at different cache positions score blocks in one call; moving a row's position back
+    discards what was written after it."""
+    model, params = make_params(seed=4)
+    dec = shift_right(TARGETS)  # [3, 9]
+    full = model.apply({"params": params}, ENC, dec)
+    encoded = model.apply({"params": params}, ENC, method=Transformer.encode)
+    cache = set_cache_positions(init_cache(model, params, encoded, ENC, 12), jnp.zeros(3, jnp.int32))
+    score = jax.jit(lambda c, block: score_block(model, params, c, encoded, ENC, block))
+    # Row 0 takes 4 tokens, row 1 takes 2 then 2 junk tokens, row 2 takes 3 (and one it will redo).
+    logits, cache = score(cache, jnp.stack([dec[0, :4], jnp.array([0, 20, 55, 56]), jnp.array([0, 30, 31, 50])]))
+    np.testing.assert_allclose(logits[0], full[0, :4], atol=1e-5)
+    np.testing.assert_allclose(logits[1, :2], full[1, :2], atol=1e-5)
+    np.testing.assert_allclose(logits[2, :3], full[2, :3], atol=1e-5)
+    rolled = set_cache_positions(cache, jnp.array([4, 2, 3]))  # roll rows 1 and 2 back
+    logits, after = score(rolled, jnp.stack([dec[0, 4:8], dec[1, 2:6], dec[2, 3:7]]))
+    np.testing.assert_allclose(logits[0], full[0, 4:8], atol=1e-5)
+    np.testing.assert_allclose(logits[1], full[1, 2:6], atol=1e-5)
+    np.testing.assert_allclose(logits[2], full[2, 3:7], atol=1e-5)
+    np.testing.assert_array_equal(after["decoder"]["layers_1"]["self_attention"]["cache_index"], [8, 6, 7])
+    # Without the rollback row 1 attends to its junk tokens.
+    stale = score(cache, jnp.stack([dec[0, 4:8], dec[1, 4:8], dec[2, 4:8]]))[0]
+    assert np.abs(np.asarray(stale[1] - full[1, 4:8])).max() > 1e-2
+
+
+def test_sampling_is_seeded_and_temperature_zero_is_greedy(decoded):
+    model, params, greedy = decoded
+    sample = jax.jit(sample_decode, static_argnums=(0, 4, 5, 6))
+    hot = Sampler(temperature=1.5)
+    a = sample(model, params, ENC, jax.random.key(0), MAX_LEN, EOS, hot)
+    b = sample(model, params, ENC, jax.random.key(0), MAX_LEN, EOS, hot)
+    c = sample(model, params, ENC, jax.random.key(1), MAX_LEN, EOS, hot)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+    assert not np.array_equal(a.tokens, greedy.tokens)
+    np.testing.assert_allclose(a.logprobs, score_tokens(model, params, ENC, a.tokens), atol=1e-4)
+    for sampler in (Sampler(temperature=0.0), Sampler(temperature=1e-4)):
+        cold = sample(model, params, ENC, jax.random.key(2), MAX_LEN, EOS, sampler)
+        np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+        np.testing.assert_allclose(cold.logprobs, greedy.logprobs, atol=1e-6)
+
+
+def test_top_k_and_top_p_keep_the_most_likely_tokens():
+    probs = jnp.array([[0.0, 0.1, 0.4, 0.2, 0.3], [0.05, 0.05, 0.3, 0.3, 0.3]])
+    logp = jnp.log(probs)
+    kept = lambda **kw: np.isfinite(np.asarray(filtered_logits(logp, Sampler(**kw))))
+    np.testing.assert_array_equal(kept(top_k=2), [[0, 0, 1, 0, 1], [0, 0, 1, 1, 1]])  # ties kept
+    np.testing.assert_array_equal(kept(top_p=0.6), [[0, 0, 1, 0, 1], [0, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(kept(top_p=0.75), [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(kept(top_p=0.01), [[0, 0, 1, 0, 0], [0, 0, 1, 1, 1]])
+    np.testing.assert_allclose(sampling_probs(logp, Sampler(temperature=0.0)), [[0, 0, 1, 0, 0], [0, 0, 1, 0, 0]])
+    with pytest.raises(ConfigError, match="top_p"):
+        Sampler(top_p=0.0)
+
+
+def test_beam_of_one_is_greedy_and_scores_equal_teacher_forced_scores(decoded):
+    model, params, greedy = decoded
+    search = jax.jit(beam_search, static_argnums=(0, 3, 4, 5, 6))
+    one = search(model, params, ENC, MAX_LEN, 1, 0.0, EOS)
+    np.testing.assert_array_equal(one.best().tokens, greedy.tokens)
+    np.testing.assert_allclose(one.best().logprobs, greedy.logprobs, atol=1e-5)
+    model, params = make_params(seed=5, eos_bias=6.0)  # EOS likely early: hypotheses of many lengths
+    alpha = 2.0
+    out = search(model, params, ENC, MAX_LEN, 4, alpha, EOS)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    scored = np.stack([score_tokens(model, params, ENC, out.tokens[:, j]) for j in range(4)], axis=1)
+    np.testing.assert_allclose(out.logprobs, scored, atol=1e-4)
+    np.testing.assert_allclose(out.scores, scored.sum(-1) / length_penalty(lengths, alpha), atol=1e-4)
+    assert (np.diff(np.asarray(out.scores), axis=1) <= 1e-6).all()  # best first
+    assert (lengths == (tokens > 0).sum(-1)).all()
+    assert all(len({tuple(beam) for beam in row}) == 4 for row in tokens)  # distinct hypotheses
+    ended = tokens[np.arange(3)[:, None], np.arange(4), lengths - 1]
+    assert ((ended == EOS) | (lengths == MAX_LEN)).all()
+    assert len(np.unique(lengths)) > 2, lengths
+
+
+def test_decoding_method_from_gin(decoded):
+    model, params, greedy = decoded
+    import gin
+    gin.clear_config()
+    try:
+        gin.parse_config(["decoding.method = 'beam'", "decoding.beam_size = 1", "decoding.length_penalty = 0.0"])
+        config = DecodingConfig()
+    finally:
+        gin.clear_config()
+    assert config.method == "beam"
+    out = make_decoder(config, model, MAX_LEN, EOS)(params, ENC, config.rng(0))
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+    with pytest.raises(ConfigError, match="decoding.method"):
+        DecodingConfig(method="nucleus")

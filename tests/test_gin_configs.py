@@ -29,7 +29,8 @@ def clean_gin():
 @pytest.mark.parametrize("path", RUN_FILES, ids=lambda p: p.name)
 def test_run_file_parses_and_builds(path: Path):
     text = path.read_text()
-    fn = {"eval": "run_eval", "infer": "run_infer", "cascade_eval": "run_cascade_eval"}.get(path.stem, "train")
+    fn = {"eval": "run_eval", "infer": "run_infer", "cascade_eval": "run_cascade_eval",
+          "speculative_eval": "run_speculative_eval"}.get(path.stem, "train")
     files = [str(path)]
     if fn == "train" and "include 'models/" not in text:  # a run file that takes the model file after it
         files.append(str(GIN_DIR / "models" / "flan_t5_small.gin"))

@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from cat_jax.models import T5Config, Transformer, forward_flops
+from cat_jax.models import T5Config, Transformer, decoder_flops, encoder_flops, forward_flops
 from cat_jax.models.layers import relative_position_bucket
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
@@ -174,21 +174,35 @@ def _jaxpr_matmul_flops(config: T5Config, input_length: int, target_length: int)
     enc = jnp.ones((1, input_length), jnp.int32)
     dec = jnp.ones((1, target_length), jnp.int32)
     params = jax.eval_shape(lambda: init_params(config, enc, dec))
-    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, enc, dec))(params).jaxpr
+    return _count_matmul_flops(jax.make_jaxpr(lambda p: model.apply({"params": p}, enc, dec))(params).jaxpr)
 
-    def count(jp) -> float:
-        total = 0.0
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "dot_general":
-                (contract, _), _ = eqn.params["dimension_numbers"]
-                lhs = eqn.invars[0].aval.shape
-                total += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod(
-                    [lhs[i] for i in contract])
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                total += count(sub)
-        return total
 
-    return count(jaxpr)
+def _count_matmul_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contract])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _count_matmul_flops(sub)
+    return total
+
+
+def test_decoder_flops_count_a_cached_block_call():
+    """Scoring 3 tokens after 5 cached ones (a cache exactly that long) in one call."""
+    from cat_jax.decoding import init_cache, score_block, set_cache_positions
+    li, context, block = 16, 5, 3
+    model = Transformer(TINY)
+    enc = jnp.ones((1, li), jnp.int32)
+    params = jax.eval_shape(lambda: init_params(TINY, enc, DEC[:1]))
+    encoded = jax.ShapeDtypeStruct((1, li, TINY.emb_dim), jnp.float32)
+    cache = jax.eval_shape(lambda p, x: set_cache_positions(init_cache(model, p, x, enc, context + block),
+                                                            jnp.array([context])), params, encoded)
+    call = lambda p, c, x: score_block(model, p, c, x, enc, jnp.ones((1, block), jnp.int32))[0]
+    counted = _count_matmul_flops(jax.make_jaxpr(call)(params, cache, encoded).jaxpr)
+    assert decoder_flops(TINY, li, context, block) == pytest.approx(counted, rel=1e-9)
+    assert forward_flops(TINY, li, 8) == encoder_flops(TINY, li) + decoder_flops(TINY, li, 0, 8)
 
 
 @pytest.mark.parametrize("config", [TINY, T5Config(

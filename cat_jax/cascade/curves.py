@@ -53,8 +53,17 @@ def _quality(
     return float(per_example.mean()) if metric is None else float(metric(list(targets), list(predictions)))
 
 
-def _thresholds(scores: np.ndarray, num_thresholds: int | None) -> np.ndarray:
-    """Sorted thresholds [P]: the first defers nothing, the last (+inf) defers everything."""
+def quality_of(outputs: ModelOutputs, corpus_metric: CorpusMetric | None = None) -> float:
+    """One model's quality alone: its mean per-example quality, or the corpus metric of its outputs."""
+    return _quality(outputs.predictions, outputs.quality, outputs.targets, corpus_metric)
+
+
+def threshold_grid(scores: np.ndarray, num_thresholds: int | None) -> np.ndarray:
+    """Sorted thresholds [P] of scores [N]: the first defers nothing, the last (+inf) defers everything.
+
+    Every distinct score, or with num_thresholds the scores at evenly spaced deferral rates snapped
+    to tie groups (tied examples are deferred together), so P <= num_thresholds.
+    """
     ordered = np.sort(scores)
     if num_thresholds is None:
         return np.append(np.unique(ordered), np.inf)
@@ -65,29 +74,33 @@ def _thresholds(scores: np.ndarray, num_thresholds: int | None) -> np.ndarray:
     return np.unique(padded[ranks])
 
 
-def sweep(
+def check_scores(scores: np.ndarray, n: int) -> np.ndarray:
+    """scores as float64 [N]; ValueError on another shape, NaN or +inf (which nothing could keep)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if n == 0:
+        raise ValueError("a cascade curve needs at least one example.")
+    if scores.shape != (n,) or np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError(f"scores must be [N] = ({n},) without NaN or +inf; got shape {scores.shape}.")
+    return scores
+
+
+def points_at(
     scores: np.ndarray,
     small: ModelOutputs,
     large: ModelOutputs,
+    thresholds: np.ndarray,
     *,
     extra_small_flops: np.ndarray | None = None,
     corpus_metric: CorpusMetric | None = None,
-    num_thresholds: int | None = None,
 ) -> list[CurvePoint]:
-    """Curve of a deferral score [N] over aligned small/large records, by increasing deferral rate.
+    """The cascade at each threshold [P] of a deferral score [N] over aligned small/large records.
 
-    Every distinct score is a threshold (tied examples are deferred together), or, with
-    num_thresholds, thresholds at evenly spaced deferral rates snapped to tie groups; rate 0 and
-    rate 1 are always included. extra_small_flops [N]: FLOPs of other small models the rule ran
-    (agreement), paid on every example.
+    Examples with score < threshold go to the large model. extra_small_flops [N]: FLOPs of other
+    small models the rule ran (agreement), paid on every example.
     """
     check_aligned(small, large)
-    scores = np.asarray(scores, dtype=np.float64)
     n = len(small)
-    if n == 0:
-        raise ValueError("sweep needs at least one example.")
-    if scores.shape != (n,) or np.isnan(scores).any() or np.isposinf(scores).any():
-        raise ValueError(f"scores must be [N] = ({n},) without NaN or +inf; got shape {scores.shape}.")
+    scores = check_scores(scores, n)
     small_cost = small.flops.sum()
     if extra_small_flops is not None:
         extra = np.asarray(extra_small_flops, dtype=np.float64)
@@ -100,7 +113,7 @@ def sweep(
         small_stats = additive.statistics(list(small.targets), list(small.predictions))
         large_stats = additive.statistics(list(large.targets), list(large.predictions))
     points = []
-    for threshold in _thresholds(scores, num_thresholds):
+    for threshold in thresholds:
         deferred = scores < threshold
         if additive is not None:
             quality = additive.from_statistics(np.where(deferred[:, None], large_stats, small_stats).sum(axis=0))
@@ -119,16 +132,29 @@ def sweep(
     return points
 
 
+def sweep(
+    scores: np.ndarray,
+    small: ModelOutputs,
+    large: ModelOutputs,
+    *,
+    extra_small_flops: np.ndarray | None = None,
+    corpus_metric: CorpusMetric | None = None,
+    num_thresholds: int | None = None,
+) -> list[CurvePoint]:
+    """Curve of a deferral score [N] over aligned small/large records, by increasing deferral rate.
+
+    The thresholds are `threshold_grid(scores, num_thresholds)`: rate 0 and rate 1 always included.
+    """
+    grid = threshold_grid(check_scores(scores, len(small)), num_thresholds)
+    return points_at(scores, small, large, grid, extra_small_flops=extra_small_flops, corpus_metric=corpus_metric)
+
+
 def standalone_points(
     small: ModelOutputs, large: ModelOutputs, *, corpus_metric: CorpusMetric | None = None
 ) -> tuple[OperatingPoint, OperatingPoint]:
     """(small model alone, large model alone): relative FLOPs sum F_S / sum F_L and 1, and their quality."""
     check_aligned(small, large)
-    large_total = large.flops.sum()
     return (
-        OperatingPoint(
-            float(small.flops.sum() / large_total),
-            _quality(small.predictions, small.quality, small.targets, corpus_metric),
-        ),
-        OperatingPoint(1.0, _quality(large.predictions, large.quality, large.targets, corpus_metric)),
+        OperatingPoint(float(small.flops.sum() / large.flops.sum()), quality_of(small, corpus_metric)),
+        OperatingPoint(1.0, quality_of(large, corpus_metric)),
     )

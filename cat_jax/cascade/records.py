@@ -146,3 +146,38 @@ def check_aligned(reference: ModelOutputs, *others: ModelOutputs) -> None:
                 f"({len(other)} vs {len(reference)} examples, or a different order); "
                 "call cat_jax.cascade.records.align() first."
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitRecords:
+    """Every model's records on one split, aligned, with the task of each example.
+
+    name: the split ('test', 'validation'). tasks: [N] task name of each example. models: display
+    name -> ModelOutputs, all listing the same ids in the same order.
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    models: dict[str, ModelOutputs]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
+        object.__setattr__(self, "models", dict(self.models))
+        if not self.models:
+            raise ValueError(f"split {self.name!r} has no model's records.")
+        reference, *others = self.models.values()
+        check_aligned(reference, *others)
+        if len(self.tasks) != len(reference):
+            raise ValueError(f"tasks has {len(self.tasks)} entries but the records have {len(reference)}.")
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def groups(self, mixture_name: str) -> dict[str, np.ndarray]:
+        """Group name -> rows [M]: each task (in order of first appearance), plus every example
+        pooled under `mixture_name` when that is not one of the tasks."""
+        tasks = np.asarray(self.tasks, dtype=object)
+        groups = {name: np.flatnonzero(tasks == name) for name in dict.fromkeys(self.tasks)}
+        if mixture_name not in groups:
+            groups[mixture_name] = np.arange(len(self))
+        return groups

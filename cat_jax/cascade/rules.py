@@ -79,6 +79,33 @@ def agreement(primary: ModelOutputs, others: Sequence[ModelOutputs]) -> np.ndarr
     return agree + np.exp(chow_average(primary.logprobs)) / (2 * len(others))
 
 
+def _margin_min(outputs: ModelOutputs) -> np.ndarray:
+    if outputs.margins is None:
+        raise ValueError("rule 'margin_min' needs per-token margins; the small model's records have none.")
+    return margin_min(outputs.margins)
+
+
+# Rules that read only the deferring model's own outputs: (outputs, quantile, seed) -> scores [N].
+# They also serve at every boundary of a k-tier cascade (cat_jax.cascade.tiers).
+OWN_OUTPUT_RULES: dict[str, Callable[[ModelOutputs, float, int], np.ndarray]] = {
+    "chow_sum": lambda o, q, seed: chow_sum(o.logprobs),
+    "chow_average": lambda o, q, seed: chow_average(o.logprobs),
+    "chow_quantile": lambda o, q, seed: chow_quantile(o.logprobs, q),
+    "entropy_mean": lambda o, q, seed: entropy_mean(o.entropies),
+    "entropy_max": lambda o, q, seed: entropy_max(o.entropies),
+    "margin_min": lambda o, q, seed: _margin_min(o),
+    "random": lambda o, q, seed: random_scores(len(o), seed),
+}
+
+
+def own_output_scores(rule: str, outputs: ModelOutputs, *, quantile: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Scores [N] of a rule in OWN_OUTPUT_RULES on one model's records; lower = defer first."""
+    if rule not in OWN_OUTPUT_RULES:
+        raise ValueError(f"rule {rule!r} does not read only the model's own outputs; "
+                         f"those that do: {', '.join(OWN_OUTPUT_RULES)}.")
+    return OWN_OUTPUT_RULES[rule](outputs, quantile, seed)
+
+
 @dataclasses.dataclass(frozen=True)
 class RuleInputs:
     """Everything a rule may read: aligned small/large test records and the rule options."""
@@ -92,10 +119,8 @@ class RuleInputs:
     posthoc_config: PostHocConfig
 
 
-def _margin_min(r: RuleInputs) -> np.ndarray:
-    if r.small.margins is None:
-        raise ValueError("rule 'margin_min' needs per-token margins; the small model's records have none.")
-    return margin_min(r.small.margins)
+def _own(rule: str) -> Callable[[RuleInputs], np.ndarray]:
+    return lambda r: OWN_OUTPUT_RULES[rule](r.small, r.quantile, r.seed)
 
 
 def _post_hoc(r: RuleInputs) -> np.ndarray:
@@ -109,16 +134,12 @@ def _post_hoc(r: RuleInputs) -> np.ndarray:
 
 
 RULES: dict[str, Callable[[RuleInputs], np.ndarray]] = {
-    "chow_sum": lambda r: chow_sum(r.small.logprobs),
-    "chow_average": lambda r: chow_average(r.small.logprobs),
-    "chow_quantile": lambda r: chow_quantile(r.small.logprobs, r.quantile),
-    "entropy_mean": lambda r: entropy_mean(r.small.entropies),
-    "entropy_max": lambda r: entropy_max(r.small.entropies),
-    "margin_min": _margin_min,
+    **{rule: _own(rule) for rule in ("chow_sum", "chow_average", "chow_quantile", "entropy_mean",
+                                     "entropy_max", "margin_min")},
     "post_hoc": _post_hoc,
     "agreement": lambda r: agreement(r.small, r.others),
     "oracle": lambda r: oracle(r.small.quality, r.large.quality),
-    "random": lambda r: random_scores(len(r.small), r.seed),
+    "random": _own("random"),
 }
 
 # Rules that run the `others` small models on every example, so the cascade pays for them.

@@ -143,14 +143,16 @@ class RelativePositionBias(nn.Module):
 
     @nn.compact
     def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
-        """query_positions: [q], key_positions: [k] int -> bias [1, heads, q, k] float32."""
+        """query_positions: [q] or per row [b, q], key_positions: [k] int -> bias [1 or b, heads,
+        q, k] float32."""
         table = logical_param(self, "rel_embedding",
                               nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                               (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
-        buckets = relative_position_bucket(key_positions[None, :] - query_positions[:, None],
+        buckets = relative_position_bucket(key_positions - query_positions[..., None],
                                            self.bidirectional, self.num_buckets,
                                            self.max_distance)
-        return jnp.take(table, buckets, axis=1)[None]
+        bias = jnp.take(table, buckets, axis=1)  # [heads, q, k] or [heads, b, q, k]
+        return bias[None] if bias.ndim == 3 else jnp.moveaxis(bias, 0, 1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -159,11 +161,14 @@ class MultiHeadAttention(nn.Module):
     As in T5 the scores are not divided by sqrt(head_dim); that factor is folded into the
     query kernel's initialisation. Scores and softmax are float32.
 
-    With `decode=True` a self-attention layer (`cross_attention=False`) appends the keys/values
-    of its one new token to the "cache" collection at "cache_index"; a cross-attention layer
-    stores the encoder's keys/values when the cache is first created and reuses them after.
-    The first call with `decode=True` (the one that creates the cache, given the full-length
-    decoder input) computes ordinary attention.
+    With `decode=True` a self-attention layer (`cross_attention=False`) writes the keys/values
+    of its new tokens into the "cache" collection at "cache_index" and advances the index; a
+    cross-attention layer stores the encoder's keys/values when the cache is first created and
+    reuses them after. The first call with `decode=True` (the one that creates the cache, given
+    the full-length decoder input) computes ordinary attention. A call writes a block of one or
+    more tokens. "cache_index" is a scalar (every row at one position) or, once replaced by an
+    int32 [b] array, each row's own position; moving a row's index back rolls its cache back
+    (keys after a query's position are masked, and overwritten by the next write).
     """
 
     num_heads: int
@@ -202,9 +207,10 @@ class MultiHeadAttention(nn.Module):
             key, value = project_kv()
 
         key_positions = jnp.arange(key.shape[1])
-        mask = jnp.ones((1, 1, query_positions.shape[0], key.shape[1]), bool)
+        mask = jnp.ones((1, 1, query.shape[1], key.shape[1]), bool)
         if causal:
-            mask = mask & (key_positions[None, :] <= query_positions[:, None])[None, None]
+            visible = key_positions <= query_positions[..., None]  # [q, k] or per row [b, q, k]
+            mask = mask & visible.reshape((-1, 1) + visible.shape[-2:])
         if kv_mask is not None:
             mask = mask & kv_mask[:, None, None, :]
         bias = 0.0 if relpos is None else relpos(query_positions, key_positions)
@@ -231,10 +237,12 @@ class MultiHeadAttention(nn.Module):
 
     def _cached_self_kv(self, key: jax.Array, value: jax.Array, query_positions: jax.Array
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Writes one new key/value [b, 1, heads, kv] at the cache index.
+        """Writes new keys/values [b, q, heads, kv] at the cache index and advances it by q.
 
-        Returns the whole cache [b, max_len, heads, kv] twice and the query position [1]; on the
-        call that creates the (zero) cache it returns its inputs unchanged.
+        Returns the whole cache [b, max_len, heads, kv] twice and the query positions: [q] with a
+        scalar index, [b, q] with a per-row index [b]. A per-row write past the end of the cache
+        is dropped; a shared one must fit. On the call that creates the (zero) cache it returns
+        its inputs.
         """
         primed = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
@@ -242,10 +250,14 @@ class MultiHeadAttention(nn.Module):
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not primed:
             return key, value, query_positions
-        if key.shape[1] != 1:
-            raise ValueError(f"Cached decoding takes one token per call, got {key.shape[1]}.")
         i = index.value
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, i, 0, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, i, 0, 0))
-        index.value = i + 1
-        return cached_key.value, cached_value.value, i[None]
+        index.value = i + key.shape[1]
+        if i.ndim == 0:
+            cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, i, 0, 0))
+            cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, i, 0, 0))
+            return cached_key.value, cached_value.value, i + query_positions
+        positions = i[:, None] + query_positions  # [b, q]
+        rows = jnp.arange(key.shape[0])[:, None]
+        cached_key.value = cached_key.value.at[rows, positions].set(key, mode="drop")
+        cached_value.value = cached_value.value.at[rows, positions].set(value, mode="drop")
+        return cached_key.value, cached_value.value, positions

@@ -1,30 +1,37 @@
-"""Greedy decoding with a key/value cache, and teacher-forced scoring, with per-token scores.
+"""Autoregressive decoding with a key/value cache, one token per step, with per-token scores.
 
-Token 0 is padding and the decoder's BOS (as in T5); greedy decoding never emits it.
+`decode_loop` runs the cached decoder inside a `jax.lax.while_loop`; a `choose` function picks
+each step's tokens from the model's log-probabilities (greedy here, sampling in `sampling.py`).
+Token 0 is padding and the decoder's BOS (as in T5); decoding never emits it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from cat_jax.decoding.cache import init_cache
 from cat_jax.models.t5 import Transformer
 
 Params = Any
+# choose(logp [b, vocab] float32, step: int32 scalar) -> tokens [b] int32
+Choose = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @struct.dataclass
 class DecodeOutput:
-    """What greedy decoding produced, per row; every per-token field is 0 after EOS.
+    """What decoding produced, per row; every per-token field is 0 after EOS.
 
     tokens: [b, T] int32; logprobs: [b, T] float32, log p of each generated token;
     entropies: [b, T] float32, entropy of the full next-token distribution; lengths: [b] int32,
     generated tokens up to and including EOS; mean_hidden: [b, emb] float32, the final decoder
     hidden state averaged over the generated tokens; margins: [b, T] float32, the difference
-    between the two largest next-token probabilities.
+    between the two largest next-token probabilities. Scores are the model's own (untempered)
+    distribution whatever chose the tokens.
     """
 
     tokens: jax.Array
@@ -35,26 +42,22 @@ class DecodeOutput:
     margins: jax.Array
 
 
-def init_cache(model: Transformer, params: Params, encoded: jax.Array,
-               encoder_input_tokens: jax.Array, max_decode_length: int) -> Any:
-    """A fresh "cache" collection for `max_decode_length` steps.
-
-    Self-attention caches are zero; cross-attention caches hold the encoder's keys/values.
-    encoded: [b, Li, emb], encoder_input_tokens: [b, Li].
-    """
-    dummy = jnp.zeros((encoded.shape[0], max_decode_length), jnp.int32)
-    _, variables = model.apply({"params": params}, encoded, encoder_input_tokens, dummy,
-                               decode=True, mutable=["cache"], method=Transformer.decode)
-    return variables["cache"]
+def next_token_logp(logits: jax.Array) -> jax.Array:
+    """logits [b, vocab] in any dtype -> float32 log-probabilities [b, vocab]."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def greedy_decode(model: Transformer, params: Params, encoder_input_tokens: jax.Array,
-                  max_decode_length: int, eos_id: int = 1) -> DecodeOutput:
-    """Greedy decoding of encoder_input_tokens [b, Li] for at most `max_decode_length` steps.
+def greedy_token(logp: jax.Array) -> jax.Array:
+    """logp [b, vocab] -> the most likely token other than 0 (padding/BOS), [b] int32."""
+    return jnp.argmax(logp.at[:, 0].set(-jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def decode_loop(model: Transformer, params: Params, encoder_input_tokens: jax.Array,
+                max_decode_length: int, eos_id: int, choose: Choose) -> DecodeOutput:
+    """Decodes encoder_input_tokens [b, Li] for at most `max_decode_length` steps with `choose`.
 
     Encodes once, then feeds one token per step through the cached decoder inside a
-    `jax.lax.while_loop` that stops when every row has emitted `eos_id`. jit-able with
-    `model`, `max_decode_length` and `eos_id` static.
+    `jax.lax.while_loop` that stops when every row has emitted `eos_id`.
     """
     batch = encoder_input_tokens.shape[0]
     emb_dim = model.config.emb_dim
@@ -75,15 +78,15 @@ def greedy_decode(model: Transformer, params: Params, encoder_input_tokens: jax.
             {"params": params, "cache": state["cache"]}, encoded, encoder_input_tokens,
             state["last"][:, None], decode=True, return_hidden=True, mutable=["cache"],
             method=Transformer.decode)
-        logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)  # [b, vocab]
-        token = jnp.argmax(logp.at[:, 0].set(-jnp.inf), axis=-1).astype(jnp.int32)
+        logp = next_token_logp(logits[:, 0])  # [b, vocab]
+        step = state["step"]
+        token = choose(logp, step)
         token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
         entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
         top2 = jax.lax.top_k(logp, 2)[0]
         margin = jnp.exp(top2[:, 0]) - jnp.exp(top2[:, 1])
         active = ~state["done"]
         token = jnp.where(active, token, 0)
-        step = state["step"]
         write = lambda arr, val: arr.at[:, step].set(jnp.where(active, val, 0))
         return dict(
             step=step + 1, cache=variables["cache"], last=token,
@@ -104,15 +107,11 @@ def greedy_decode(model: Transformer, params: Params, encoder_input_tokens: jax.
                         margins=final["margins"])
 
 
-def shift_right(tokens: jax.Array) -> jax.Array:
-    """tokens: [b, T] -> [b, T] with a 0 (BOS) prepended and the last token dropped."""
-    return jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+def greedy_decode(model: Transformer, params: Params, encoder_input_tokens: jax.Array,
+                  max_decode_length: int, eos_id: int = 1) -> DecodeOutput:
+    """Greedy decoding of encoder_input_tokens [b, Li] for at most `max_decode_length` steps.
 
-
-def score_tokens(model: Transformer, params: Params, encoder_input_tokens: jax.Array,
-                 target_tokens: jax.Array) -> jax.Array:
-    """Teacher-forced log p(target_t | x, target_<t): [b, T] float32, 0 where the target is 0."""
-    logits = model.apply({"params": params}, encoder_input_tokens, shift_right(target_tokens))
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_logp = jnp.take_along_axis(logp, target_tokens[..., None], axis=-1)[..., 0]
-    return jnp.where(target_tokens > 0, token_logp, 0.0)
+    jit-able with `model`, `max_decode_length` and `eos_id` static.
+    """
+    return decode_loop(model, params, encoder_input_tokens, max_decode_length, eos_id,
+                       lambda logp, step: greedy_token(logp))

@@ -1,0 +1,95 @@
+"""`python -m cat_jax.speculative_eval` end to end on two tiny checkpoints, and its config errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cat_jax.cascade.speculative.pipeline import alpha_grid, run_speculative_eval
+from cat_jax.errors import ConfigError
+from cat_jax.inference import InferenceConfig
+from conftest import DATA_CACHE, run_module, train_args
+
+MIXTURE = "offline_mix"
+GROUPS = ("cmudict_g2p", "cmudict_syllables", "num2words_fr", "num2words_de", MIXTURE)
+RULES = ("lossless", "chow", "token_v2")
+GAMMAS = (1, 3)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speculative")
+    large, small, out = root / "large", root / "ce", root / "out"
+    tiny = "--gin_file=gin_configs/models/tiny.gin"
+    with ThreadPoolExecutor(2) as pool:  # the two runs overlap their start-up and compilation
+        runs = [pool.submit(run_module, "cat_jax.train", train_args(run_file, model_dir, steps, tiny))
+                for run_file, model_dir, steps in (("train_large.gin", large, 3), ("train_small_ce.gin", small, 2))]
+        for run in runs:
+            run.result()
+    proc = run_module("cat_jax.speculative_eval", [
+        "--gin_file=gin_configs/runs/speculative_eval.gin", "--gin_file=gin_configs/models/tiny.gin",
+        f"--gin.load_split.cache_dir='{DATA_CACHE}'", f"--gin.LARGE_MODEL_DIR='{large}'",
+        f"--gin.SMALL_MODEL_DIRS={{'ce': '{small}'}}", f"--gin.OUTPUT_DIR='{out}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'", "--gin.MAX_EXAMPLES=4",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=8",
+        f"--gin.GAMMAS={list(GAMMAS)}", f"--gin.run_speculative_eval.rules={list(RULES)}",
+        "--gin.run_speculative_eval.num_alphas=2", "--gin.run_speculative_eval.timing_repeats=1"])
+    return out, proc
+
+
+def test_writes_every_point_summary_and_plot(outputs):
+    out, proc = outputs
+    points = json.loads((out / "curves.json").read_text())
+    with open(out / "curves.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(points)
+    per_group = 2 + len(GAMMAS) * (1 + 2 + 2)  # two models alone; lossless, then 2 alphas each
+    assert len(points) == len(GROUPS) * per_group
+    summaries = json.loads((out / "summary.json").read_text())
+    assert len(summaries) == len(GROUPS) * len(GAMMAS) * len(RULES)
+    for group in GROUPS:
+        assert f"## {group}" in (out / "summary.md").read_text()
+        for gamma in GAMMAS:
+            assert (out / f"{group}__ce__gamma{gamma}.png").read_bytes().startswith(PNG)
+    assert f"wrote {4 + len(GROUPS) * len(GAMMAS)} files to {out}" in proc.stdout
+
+
+def test_lossless_is_the_large_model_and_the_small_extreme_the_drafter(outputs):
+    """Greedy lossless speculative decoding decodes exactly what the large model does; chow and
+    token_v2 at their small-model extreme exactly what the drafter does."""
+    points = json.loads((outputs[0] / "curves.json").read_text())
+    alone = {(p["group"], p["drafter"]): p for p in points if p["rule"] == "alone"}
+    for p in points:
+        large, drafter = alone[(p["group"], "large")], alone[(p["group"], "ce")]
+        if p["rule"] == "alone":
+            continue
+        assert 0 <= p["acceptance_rate"] <= 1 and p["tokens_per_large_call"] >= 1
+        assert p["relative_latency"] > 0 and p["ms_per_example"] > 0
+        if p["rule"] == "lossless":
+            assert p["quality"] == large["quality"], p
+            assert p["relative_flops"] > 1  # the drafts cost on top of the large model's scoring
+        elif p["alpha"] == alpha_grid(p["rule"], 2, {})[-1]:
+            assert p["quality"] == drafter["quality"] and p["acceptance_rate"] == 1.0, p
+    assert alone[(MIXTURE, "large")]["relative_flops"] == 1.0 == alone[(MIXTURE, "large")]["relative_latency"]
+    assert 0 < alone[(MIXTURE, "ce")]["relative_flops"]
+
+
+def test_configuration_errors_before_decoding(tmp_path):
+    dataset = InferenceConfig(MIXTURE, {"inputs": 32, "targets": 8})
+    run = lambda **kw: run_speculative_eval(**{"large_model_dir": str(tmp_path / "large"), "dataset": dataset,
+                                               "small_model_dirs": {"ce": str(tmp_path / "ce")},
+                                               "output_dir": str(tmp_path / "out"), **kw})
+    with pytest.raises(ConfigError, match="rules=.*lossless"):
+        run(rules=["lossles"])
+    with pytest.raises(ConfigError, match="gammas"):
+        run(gammas=[0])
+    with pytest.raises(ConfigError, match="alphas names"):
+        run(alphas={"lossless": [0.5]})
+    with pytest.raises(ConfigError, match="small_model_dirs"):
+        run(small_model_dirs={})
+    with pytest.raises(ConfigError, match="timing_repeats"):
+        run(timing_repeats=0)
+    assert not (tmp_path / "out").exists()
