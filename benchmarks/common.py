@@ -13,10 +13,12 @@ import importlib.util
 import json
 import os
 import statistics
+import contextlib
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +262,34 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
 def index_rows(rows: Iterable[dict[str, Any]], benchmark: str, keys: Sequence[str]) -> dict:
     """{(row[k] for k in keys): row} of the rows of one benchmark kind."""
     return {tuple(r.get(k) for k in keys): r for r in rows if r.get("benchmark") == benchmark}
+
+
+def anon_mib() -> float:
+    """This process's anonymous resident memory (RssAnon: not counting file pages the kernel can drop)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def peak_anon_mib() -> Iterator[dict[str, float]]:
+    """Samples `anon_mib` every 5 ms inside the block; the yielded dict then holds `baseline` (at
+    entry) and `peak_above_baseline` (MiB)."""
+    out = {"baseline": anon_mib(), "peak_above_baseline": 0.0}
+    peak, done = [out["baseline"]], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], anon_mib())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        watcher.join()
+        out["peak_above_baseline"] = peak[0] - out["baseline"]

@@ -15,20 +15,11 @@ import argparse
 import json
 import os
 import shutil
-import threading
 import time
 
 import numpy as np
 
-from common import MODELS_DIR, REPO
-
-
-def _anon_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from common import MODELS_DIR, REPO, peak_anon_mib
 
 
 def write_random_hub_dir(model: str, directory: str) -> int:
@@ -68,23 +59,13 @@ def main() -> None:
     hub, out = os.path.join(args.workdir, "hub"), os.path.join(args.workdir, "model_dir")
     size = write_random_hub_dir(args.model, hub)
     jax.numpy.zeros(1).block_until_ready()
-    baseline, peak, done = _anon_mib(), [0.0], threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _anon_mib())
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    start = time.perf_counter()
-    importer.import_checkpoint(source=hub, model_dir=out)
-    seconds = time.perf_counter() - start
-    done.set()
-    watcher.join()
+    with peak_anon_mib() as memory:
+        start = time.perf_counter()
+        importer.import_checkpoint(source=hub, model_dir=out)
+        seconds = time.perf_counter() - start
     print(json.dumps({"model": args.model, "checkpoint_mib": round(size / 2**20, 1),
                       "import_seconds": round(seconds, 2),
-                      "peak_anon_mib_above_baseline": round(peak[0] - baseline, 1)}))
+                      "peak_anon_mib_above_baseline": round(memory["peak_above_baseline"], 1)}))
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 
