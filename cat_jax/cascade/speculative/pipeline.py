@@ -161,6 +161,14 @@ def group_quality(split: cascade_pipeline.Split, processed: Sequence[Any], per_e
     return float(corpus([split.targets[i] for i in rows], [processed[i] for i in rows]))
 
 
+def curve_groups(split: cascade_pipeline.Split, mixture_name: str) -> dict[str, np.ndarray]:
+    """Group name -> rows: each task, plus the mixture pooled when the dataset is not one task."""
+    groups = dict(split.task_rows)
+    if mixture_name not in groups:
+        groups[mixture_name] = np.arange(len(split.arrays))
+    return groups
+
+
 def points_of(run: Run, large: Run, split: cascade_pipeline.Split, groups: Mapping[str, np.ndarray], *,
               drafter: str, rule: str, gamma: int, alpha: float | None) -> list[report.Point]:
     """One Point per group for one run of the split (rule 'alone': a model by itself)."""
@@ -215,11 +223,11 @@ def run_speculative_eval(
     small_model_dirs, alphas = dict(small_model_dirs), dict(alphas or {})
     check_plan(rules, gammas, num_alphas, alphas, small_model_dirs, timing_repeats)
     sampler = Sampler(temperature=temperature)
-    cascade_pipeline.check_models(large_model_dir, small_model_dirs)
+    cascade_pipeline.check_models({cascade_pipeline.LARGE: large_model_dir, **small_model_dirs})
     mesh, mesh_rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
     vocab = data_lib.get_vocabulary_of(dataset.mixture_or_task_name)
     split = cascade_pipeline.load_split(dataset, dataset.split)
-    groups = cascade_pipeline.curve_groups(split, dataset.mixture_or_task_name)
+    groups = curve_groups(split, dataset.mixture_or_task_name)
     batches = make_batches(split, dataset.batch_size, mesh, mesh_rules)
     steps = dataset.task_feature_lengths["targets"]
     model_dirs = {LARGE: large_model_dir, **small_model_dirs}
