@@ -47,7 +47,7 @@ def _validate(
     teacher_logits: jax.Array | None,
     targets: jax.Array,
     weights: jax.Array,
-    alpha: float,
+    alpha: float | None,
     temperature: float,
     mask: str,
     normalizer: str,
@@ -59,7 +59,7 @@ def _validate(
         raise ValueError(
             f"Unknown normalizer {normalizer!r}; allowed values: {', '.join(NORMALIZERS)}."
         )
-    if not 0.0 <= alpha <= 1.0:
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
@@ -71,7 +71,7 @@ def _validate(
             )
         if alpha != 1.0:
             raise ValueError(
-                f"alpha={alpha} < 1 needs teacher_logits (the distillation term); "
+                f"alpha={'(a traced array)' if alpha is None else alpha} < 1 needs teacher_logits (the distillation term); "
                 f"pass teacher_logits or set alpha=1."
             )
     if student_logits.ndim != 3:
@@ -109,7 +109,7 @@ def cascade_aware_loss(
     targets: jax.Array,
     weights: jax.Array,
     *,
-    alpha: float = 1.0,
+    alpha: float | jax.Array = 1.0,
     temperature: float = 1.0,
     mask: str = "small_or_large",
     normalizer: str = "weights",
@@ -125,7 +125,9 @@ def cascade_aware_loss(
                = sum_t m_t l_t / sum_t m_t          (normalizer="mask")
     Zero denominators give L = 0. mask="none", alpha=1 is plain cross-entropy; mask="none",
     alpha<1 is standard distillation. The teacher logits are constants (stop_gradient); its
-    softmax is computed only when alpha < 1.
+    softmax is computed only when alpha < 1. `alpha` may be a scalar jax array (a weight that
+    follows a schedule inside a jitted step, e.g. SALT's): then it needs teacher_logits, both
+    terms are computed, and its range is the caller's to keep.
 
     student_logits: [batch, length, vocab]; teacher_logits: [batch, length, vocab] or None
     (allowed only when mask is "none" or "small" and alpha == 1); targets: [batch, length] int;
@@ -135,11 +137,11 @@ def cascade_aware_loss(
     (sum w), plus teacher_accuracy when a teacher is given and kd (weighted mean KL, unmasked)
     when alpha < 1.
     """
-    alpha = float(alpha)
+    traced = isinstance(alpha, jax.Array)
+    alpha = jnp.asarray(alpha, jnp.float32) if traced else float(alpha)
     temperature = float(temperature)
-    _validate(
-        student_logits, teacher_logits, targets, weights, alpha, temperature, mask, normalizer
-    )
+    _validate(student_logits, teacher_logits, targets, weights, None if traced else alpha,
+              temperature, mask, normalizer)
     weights = weights.astype(jnp.float32)
     num_tokens = jnp.sum(weights)
 
@@ -166,13 +168,13 @@ def cascade_aware_loss(
 
     ce = token_cross_entropy(student_logits, targets)
     metrics["ce"] = _safe_divide(jnp.sum(weights * ce), num_tokens)
-    if alpha == 1.0:
+    if not traced and alpha == 1.0:
         per_token = ce
     else:
         kd = token_kl_divergence(teacher_logits, student_logits, temperature)
         metrics["kd"] = _safe_divide(jnp.sum(weights * kd), num_tokens)
         per_token = (1.0 - alpha) * temperature**2 * kd
-        if alpha > 0.0:
+        if traced or alpha > 0.0:
             per_token = per_token + alpha * ce
 
     denominator = num_tokens if normalizer == "weights" else mask_count

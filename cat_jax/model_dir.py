@@ -2,8 +2,8 @@
 
 `run_info.json` records what defines a run's trajectory: the model config and vocabulary (which a
 checkpoint cannot change), the data (task or mixture, lengths, batch size, split, data seed, cap),
-the data order (in memory or streamed), the run's seed, the loss and its options, the optimizer and schedule, and the teacher's identity
-(directory, step, config, dtype). Resuming with a different model or vocabulary is refused;
+the data order (in memory or streamed), the run's seed, the loss and its options, the optimizer and schedule, the teacher's identity
+(directory, step, config, dtype) and SALT's distillation schedule and data selection. Resuming with a different model or vocabulary is refused;
 resuming with any other difference is refused with the list of differences and the fix, unless
 `train.allow_config_change=True`, which is logged and appended to run_info's `history`. A teacher
 or an evaluated model is rebuilt from its own MODEL_DIR's `run_info.json`.
@@ -28,7 +28,7 @@ log = logging.getLogger("cat_jax")
 
 RUN_INFO = "run_info.json"
 # run_info fields that decide a run's future besides the model and vocabulary.
-TRAJECTORY = ("dataset", "data_order", "seed", "loss_options", "optimizer", "teacher")
+TRAJECTORY = ("dataset", "data_order", "seed", "loss_options", "optimizer", "teacher", "salt")
 VOCAB_MULTIPLE = 128
 SENTENCEPIECE_FILE = "spiece.model"  # the name the Hugging Face Hub uses
 
@@ -148,7 +148,7 @@ def with_vocab_size(config: T5Config, vocab) -> T5Config:
 
 
 def run_info(config: T5Config, vocab, loss_options, dataset, teacher, *, seed: int,
-             optimizer: dict[str, Any], train_steps: int) -> dict[str, Any]:
+             optimizer: dict[str, Any], train_steps: int, salt: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's identity (see the module docstring); JSON-normalised."""
     info = {
         "model_config": config.to_dict(),
@@ -158,6 +158,7 @@ def run_info(config: T5Config, vocab, loss_options, dataset, teacher, *, seed: i
         "seed": int(seed),
         "optimizer": optimizer,
         "teacher": teacher.describe() if teacher is not None else None,
+        "salt": salt,
         "train_steps": int(train_steps),
         "data_source": _data_source(),
         # batches in memory (seqio or exported: the same) or streamed: two different orders

@@ -8,6 +8,7 @@ ahead of time; compile seconds and memory are logged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -24,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from cat_jax import partitioning
 from cat_jax.models.encoder_decoder import EncoderDecoderModel
 from cat_jax.errors import NonFiniteLossError
+from cat_jax.salt.schedule import KDSchedule
 from cat_jax.train_state import TrainState
 
 log = logging.getLogger("cat_jax")
@@ -32,16 +34,29 @@ TeacherFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 
 
 def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, teacher_logits_fn: TeacherFn | None = None):
-    """The pure step function; the teacher (if any) runs outside the differentiated function."""
+                    schedule: optax.Schedule, teacher_logits_fn: TeacherFn | None = None,
+                    kd_schedule: KDSchedule | None = None):
+    """The pure step function; the teacher (if any) runs outside the differentiated function.
+
+    With `kd_schedule` (SALT's distillation phase, which needs the teacher) the loss mixes CE and
+    KD with the schedule's weight at the state's step, reported as metric `kd_weight`.
+    """
+    if kd_schedule is not None and teacher_logits_fn is None:
+        raise ValueError("A KD schedule needs the teacher's logits function.")
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         teacher_logits = None
         if teacher_logits_fn is not None:
             teacher_logits = jax.lax.stop_gradient(teacher_logits_fn(teacher_params, batch))
-        (loss, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+        scheduled = {}
+        if kd_schedule is not None:
+            scheduled = {"alpha": 1.0 - kd_schedule.weight_at(state.step),
+                         "temperature": kd_schedule.temperature}
+        (loss, metrics), grads = jax.value_and_grad(functools.partial(model.loss_fn, **scheduled), has_aux=True)(
             state.params, batch, rng, teacher_logits)
+        if kd_schedule is not None:
+            metrics = dict(metrics, kd_weight=1.0 - scheduled["alpha"])
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
@@ -64,6 +79,7 @@ class CompiledStep:
     fn: Callable
     compile_seconds: float
     memory: dict[str, int]
+    flops: float | None  # XLA's cost analysis of the compiled step (None where the backend gives none)
 
 
 def compile_train_step(step_fn, abstract_state: TrainState, state_shardings: TrainState,
@@ -85,7 +101,16 @@ def compile_train_step(step_fn, abstract_state: TrainState, state_shardings: Tra
         for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                      "alias_size_in_bytes", "generated_code_size_in_bytes"):
             memory[name] = int(getattr(analysis, name, 0) or 0)
-    return CompiledStep(compiled, seconds, memory)
+    return CompiledStep(compiled, seconds, memory, _cost_flops(compiled))
+
+
+def _cost_flops(compiled) -> float | None:
+    """The FLOPs XLA's cost analysis counts in a compiled function (a dict, or a list of one dict
+    per program in older jax)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 @gin.configurable

@@ -32,6 +32,9 @@ from cat_jax.frozen_model import (FrozenModel, check_config, check_vocabulary, l
 from cat_jax.metric_writers import MetricWriter
 from cat_jax.models import T5Config, forward_flops
 from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
+from cat_jax.salt import selection as salt_selection
+from cat_jax.salt.schedule import KDSchedule
+from cat_jax.salt.selection import DataSelection
 from cat_jax.train_state import abstract_with_shardings, init_train_state, state_shardings
 from cat_jax.trainer import (PreemptionWatcher, ProgressMeter, batch_shapes, check_finite,
                              compile_train_step, format_duration, make_train_step, scalar_metrics)
@@ -57,6 +60,7 @@ class TrainResult:
     model_dir: str
     train_metrics: dict[str, float]
     eval_metrics: dict[str, Any]
+    step_flops: dict[str, float | None] = dataclasses.field(default_factory=dict)  # per compiled phase
 
 
 @dataclasses.dataclass
@@ -70,6 +74,8 @@ class Run:
     latest: int | None
     mesh: Any
     rules: Any
+    kd_schedule: KDSchedule | None = None
+    kd_selection: DataSelection | None = None
 
 
 @gin.configurable(denylist=["mesh"])
@@ -83,6 +89,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           checkpoint_period: int = 100, keep_checkpoints: int = 3, log_every_steps: int = 10,
           seed: int = 0, peak_flops_per_device: float | None = None,
           max_steps_per_run: int | None = None, allow_config_change: bool = False,
+          kd_schedule: KDSchedule | None = None, kd_selection: DataSelection | None = None,
           mesh: Any = None) -> TrainResult:
     """Train `model_config` on `train_dataset` for `train_steps` steps into `model_dir`.
 
@@ -90,6 +97,11 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     that run in fixed time slots); the same command continues the run. `allow_config_change`
     lets a resume change the data, seed, loss, optimizer or teacher (logged, recorded in
     run_info.json's history); without it such a resume is refused with the differences.
+
+    SALT (`cat_jax.salt`): `kd_schedule` distils from the teacher (which may be smaller than the
+    student) for its first `kd_steps` steps with its weight, then trains with plain cross-entropy
+    without running the teacher; `kd_selection` trains that distillation phase on the band of
+    SALT_DS scores it names (in-memory data only).
     """
     created = model_dir_lib.prepare(model_dir)
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
@@ -97,7 +109,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         with runtime.phase("checking the configuration"):
             run = _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, seed,
                            teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config,
-                           initial_checkpoint_dir, allow_config_change, mesh)
+                           initial_checkpoint_dir, allow_config_change, mesh, kd_schedule, kd_selection)
     except BaseException:
         if created:
             model_dir_lib.remove_if_empty(model_dir)
@@ -137,7 +149,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         ckpt.close()
     if runtime.is_lead():
         gin_utils.write_operative_config(model_dir)
-    return TrainResult(step, model_dir, scalar_metrics(metrics) if metrics else {}, eval_metrics)
+    return TrainResult(step, model_dir, scalar_metrics(metrics) if metrics else {}, eval_metrics, loop.step_flops)
 
 
 def _on_disk(model_dir: str, step: int | None) -> str:
@@ -146,18 +158,22 @@ def _on_disk(model_dir: str, step: int | None) -> str:
 
 
 def _train_data(dataset: DatasetConfig, run: Run) -> Any:
-    """The run's training batches from the configured source (in memory, or streamed), logged."""
+    """The run's training batches from the configured source (in memory, or streamed), logged;
+    with a SALT_DS selection, the distillation phase's from the selected rows."""
     source = data_lib.data_source()
     rows = partitioning.process_batch_slice(partitioning.batch_sharding(run.mesh, run.rules), dataset.batch_size)
     log.info("Data: %s/%s from %s (%s).", dataset.mixture_or_task_name, dataset.split, source.describe(),
              "streamed by grain from ArrayRecord shards" if source.kind == "streaming" else "held in memory")
+    if run.kd_selection is not None:
+        return salt_selection.phased_batches(source, dataclasses.asdict(dataset), rows, run.kd_selection,
+                                             run.kd_schedule.kd_steps)
     return source.train_batches(dataset.mixture_or_task_name, dataset.split, dict(dataset.task_feature_lengths),
                                 dataset.batch_size, dataset.seed, dataset.max_examples, rows)
 
 
 def _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, seed, teacher_model_dir,
              teacher_step, teacher_dtype, teacher_model_config, initial_checkpoint_dir,
-             allow_config_change, mesh) -> Run:
+             allow_config_change, mesh, kd_schedule, kd_selection) -> Run:
     vocab = data_lib.get_vocabulary_of(train_dataset.mixture_or_task_name)
     model_config = model_dir_lib.with_vocab_size(model_config, vocab)
     mesh = mesh or partitioning.make_mesh()
@@ -172,14 +188,43 @@ def _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, 
         raise ConfigError(
             f"The loss {loss_options} needs a frozen large model, but no teacher is configured. "
             f"Set --gin.TEACHER_MODEL_DIR=<the large model's MODEL_DIR>.")
+    check_salt(loss_options, kd_schedule, kd_selection, train_dataset, teacher is not None)
     if initial_checkpoint_dir:
         check_initial_checkpoint(initial_checkpoint_dir, model_config, vocab)
     info = model_dir_lib.run_info(model_config, vocab, loss_options, train_dataset, teacher, seed=seed,
-                                  optimizer=optimizers.settings(), train_steps=train_steps)
+                                  optimizer=optimizers.settings(), train_steps=train_steps,
+                                  salt=_salt_info(kd_schedule, kd_selection))
     latest = Checkpointer.latest_in(model_dir)
     if latest is not None:
         info = model_dir_lib.check_resume(model_dir, info, allow_change=allow_config_change)
-    return Run(model_dir, model_config, vocab, teacher, info, latest, mesh, rules)
+    return Run(model_dir, model_config, vocab, teacher, info, latest, mesh, rules, kd_schedule, kd_selection)
+
+
+def check_salt(loss_options: LossOptions, kd_schedule: KDSchedule | None, kd_selection: DataSelection | None,
+               dataset: DatasetConfig, has_teacher: bool) -> None:
+    """Refuse SALT settings that cannot work together, before anything is written."""
+    if kd_schedule is not None and not has_teacher:
+        raise ConfigError(f"train.kd_schedule {kd_schedule} distils from a frozen teacher, but none is "
+                          "configured. Set --gin.TEACHER_MODEL_DIR=<the small model's MODEL_DIR>.")
+    if kd_schedule is not None and (loss_options.needs_teacher or loss_options.alpha != 1.0):
+        raise ConfigError(f"train.kd_schedule sets the distillation weight of every step; the loss options "
+                          f"{loss_options} would set another. Leave LossOptions at plain CE (alpha=1, "
+                          "mask='none') with a KD schedule.")
+    if kd_selection is not None:
+        if kd_schedule is None:
+            raise ConfigError("train.kd_selection (SALT_DS) selects the data of the distillation phase; "
+                              "set train.kd_schedule too.")
+        if data_lib.data_source().kind == "streaming":
+            raise ConfigError("train.kd_selection (SALT_DS) needs the in-memory data path: its selected rows "
+                              "are taken from the loaded split. Unset data_source.streaming_dir.")
+        salt_selection.check_scores_match(kd_selection, dataclasses.asdict(dataset))
+
+
+def _salt_info(kd_schedule: KDSchedule | None, kd_selection: DataSelection | None) -> dict | None:
+    if kd_schedule is None:
+        return None
+    return {"kd_schedule": dataclasses.asdict(kd_schedule),
+            "kd_selection": dataclasses.asdict(kd_selection) if kd_selection else None}
 
 
 class _Loop:
@@ -197,27 +242,58 @@ class _Loop:
             self.eval_arrays = data_lib.load_split(dataset.mixture_or_task_name, eval_split, lengths,
                                                    max_examples=eval_max_examples)
         self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
-        teacher = run.teacher
-        step_fn = make_train_step(model, tx, schedule, teacher.logits_fn if teacher else None)
-        self.compiled = compile_train_step(
-            step_fn, abstract, shardings, batch_shapes(lengths, dataset.batch_size),
-            self.b_sharding, teacher.abstract_params if teacher else None,
-            teacher.param_shardings if teacher else None, run.mesh, run.rules)
-        log.info("Compiled the train step in %.1fs; memory per device: %s", self.compiled.compile_seconds,
-                 {k: f"{v / 2**20:.1f} MiB" for k, v in self.compiled.memory.items()})
+        self._compile_args = (model, tx, schedule, abstract, shardings, batch_shapes(lengths, dataset.batch_size))
+        self.step_flops: dict[str, float | None] = {}
+        kd = run.kd_schedule
+        self.teacher_runs = run.teacher is not None and (kd is None or kd.distills(start_step))
+        if run.teacher is not None and not self.teacher_runs:
+            log.info("SALT: resuming at step %d, after the distillation phase: the teacher is not run.", start_step)
+            run.teacher.params = None
+        self.compiled = self._compile()
         li, lt = lengths["inputs"], lengths["targets"]
-        flops = 3 * dataset.batch_size * forward_flops(run.model_config, li, lt)
-        if teacher:
-            flops += dataset.batch_size * forward_flops(teacher.config, li, lt)
         peak = peak_flops_per_device * jax.device_count() if peak_flops_per_device else None
-        self.meter = ProgressMeter(start_step, train_steps, dataset.batch_size * (li + lt), flops, peak)
+        self.meter = ProgressMeter(start_step, train_steps, dataset.batch_size * (li + lt), self._model_flops(), peak)
+
+    def _compile(self):
+        """The train step of the current phase: with the teacher (CAT, distillation, SALT's first
+        phase) or without it (plain CE, SALT after the switch)."""
+        run, (model, tx, schedule, abstract, shardings, shapes) = self.run_, self._compile_args
+        teacher = run.teacher if self.teacher_runs else None
+        step_fn = make_train_step(model, tx, schedule, teacher.logits_fn if teacher else None,
+                                  run.kd_schedule if teacher else None)
+        compiled = compile_train_step(step_fn, abstract, shardings, shapes, self.b_sharding,
+                                      teacher.abstract_params if teacher else None,
+                                      teacher.param_shardings if teacher else None, run.mesh, run.rules)
+        phase = "with the teacher" if teacher else "without a teacher"
+        self.step_flops[phase] = compiled.flops
+        log.info("Compiled the train step (%s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
+                 phase, compiled.compile_seconds, compiled.flops or float("nan"),
+                 {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()})
+        return compiled
+
+    def _model_flops(self) -> float:
+        """The analytic FLOPs of a step: 3 forward passes of the student, 1 of a running teacher."""
+        li, lt = self.dataset.task_feature_lengths["inputs"], self.dataset.task_feature_lengths["targets"]
+        flops = 3 * self.dataset.batch_size * forward_flops(self.run_.model_config, li, lt)
+        if self.teacher_runs:
+            flops += self.dataset.batch_size * forward_flops(self.run_.teacher.config, li, lt)
+        return flops
+
+    def _end_distillation(self, step: int) -> None:
+        """SALT's switch: from `step` on the loss is plain CE and the teacher is not run (its
+        parameters are released)."""
+        log.info("SALT: step %d ends the distillation phase (KDSchedule.kd_steps); from here on plain "
+                 "cross-entropy, the teacher is no longer run.", step)
+        self.teacher_runs = False
+        self.run_.teacher.params = None
+        self.compiled = self._compile()
+        self.meter.flops_per_step = self._model_flops()
 
     def run(self, log_every: int, eval_period: int,
             max_steps_per_run: int | None) -> tuple[int, dict[str, Any], dict[str, Any]]:
         run, ckpt, dataset = self.run_, self.ckpt, self.dataset
         writer = MetricWriter(run.model_dir, enabled=runtime.is_lead(),
                               resume_step=self.start_step if self.start_step else None)
-        teacher_params = run.teacher.params if run.teacher else None
         watcher = PreemptionWatcher()
         last_saved = ckpt.latest_step()
         metrics: dict[str, Any] = {}
@@ -225,9 +301,11 @@ class _Loop:
         step, state = self.start_step, self.state
         try:
             while step < self.train_steps:
+                if self.teacher_runs and run.kd_schedule is not None and not run.kd_schedule.distills(step):
+                    self._end_distillation(step)
                 local = self.data.batch(step)
                 batch = partitioning.global_batch(local, self.b_sharding, dataset.batch_size)
-                state, metrics = self.compiled.fn(state, batch, teacher_params)
+                state, metrics = self.compiled.fn(state, batch, run.teacher.params if self.teacher_runs else None)
                 step += 1
                 at_end = step == self.train_steps
                 preempted = watcher.should_stop()

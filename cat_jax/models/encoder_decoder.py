@@ -63,13 +63,16 @@ class EncoderDecoderModel:
                                  rngs=rngs)
 
     def loss_fn(self, params: Any, batch: Batch, rng: jax.Array | None,
-                teacher_logits: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(loss, metrics) of one batch; `teacher_logits` [batch, length, vocab] or None."""
+                teacher_logits: jax.Array | None = None, alpha: jax.Array | None = None,
+                temperature: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(loss, metrics) of one batch; `teacher_logits` [batch, length, vocab] or None. `alpha`
+        and `temperature`, when given, replace the loss options' (a scheduled weight: SALT)."""
         logits = self.logits(params, batch, rng)
         o = self.loss_options
         return cascade_aware_loss(logits, teacher_logits, batch["decoder_target_tokens"],
-                                  batch["decoder_loss_weights"], alpha=o.alpha,
-                                  temperature=o.temperature, mask=o.mask, normalizer=o.normalizer)
+                                  batch["decoder_loss_weights"], alpha=o.alpha if alpha is None else alpha,
+                                  temperature=o.temperature if temperature is None else temperature,
+                                  mask=o.mask, normalizer=o.normalizer)
 
 
 def unboxed_abstract_params(model: EncoderDecoderModel, input_length: int, target_length: int) -> tuple[Any, Any]:

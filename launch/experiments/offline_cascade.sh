@@ -24,18 +24,10 @@
 #   then give every train / eval / cascade_eval command --gin.data_source.streaming_dir=/mnt/bucket/stream.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-scale=gpu; out=""; dry=0; seeds="0 1"
 usage() { sed -n '2,18p' "$0" >&2; exit 2; }
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --scale) scale="$2"; shift 2;;
-    --out) out="$2"; shift 2;;
-    --seeds) seeds="$2"; shift 2;;
-    --dry-run) dry=1; shift;;
-    *) usage;;
-  esac
-done
-[[ -n "$out" ]] || usage
+# shellcheck source=launch/experiments/common.sh
+source "$root/launch/experiments/common.sh"
+parse_experiment_args "$@"
 case "$scale" in
   gpu) large=base; small=small; steps_large=4000; steps_small=2000; batch=128; dtype=bfloat16
        lengths="{'inputs': 32, 'targets': 128}"; examples=2000;;
@@ -44,16 +36,10 @@ case "$scale" in
   *) usage;;
 esac
 py="${PYTHON:-$root/.venv/bin/python}"
-run() {
-  printf '%q ' "$@"; echo
-  if [[ $dry -eq 0 ]]; then (cd "$root" && "$@"); fi
-}
 common=(--gin.MIXTURE_OR_TASK_NAME=offline_mix "--gin.TASK_FEATURE_LENGTHS=$lengths"
         "--gin.T5Config.dtype='$dtype'" --gin.load_split.cache_dir="$out/data_cache")
 # One large model (seed = the first seed); the students and their cascades once per seed, so the
 # spread over seeds is the students' (initialisation and data order) against a fixed large model.
-read -r -a seed_list <<< "$seeds"
-[[ ${#seed_list[@]} -gt 0 ]] || usage
 run "$py" -m cat_jax.train --gin_file=gin_configs/runs/train_large.gin --gin_file="gin_configs/models/$large.gin" \
   --gin.MODEL_DIR="$out/large" --gin.TRAIN_STEPS=$steps_large --gin.BATCH_SIZE=$batch --gin.SEED="${seed_list[0]}" \
   "${common[@]}"
