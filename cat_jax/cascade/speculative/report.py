@@ -103,6 +103,13 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "never" if x is None else f"{x:.{digits}g}"
 
 
+def _alpha_at_match(s: Summary) -> str:
+    """The matching alpha; "never" when no point matches; "(no alpha)" for a rule without one."""
+    if s.relative_latency_to_match_large is None:
+        return "never"
+    return "(no alpha)" if s.alpha_to_match_large is None else _fmt(s.alpha_to_match_large, 3)
+
+
 def write_summaries(json_path: str | pathlib.Path, md_path: str | pathlib.Path, summaries: Sequence[Summary],
                     points: Sequence[Point], preamble: str) -> None:
     """summary.json, and summary.md: per group the models alone, then one row per curve."""
@@ -113,7 +120,7 @@ def write_summaries(json_path: str | pathlib.Path, md_path: str | pathlib.Path, 
         alone = [p for p in points if p.group == group and p.rule == "alone"]
         rows = [f"| {p.drafter} alone | {_fmt(p.quality)} | {_fmt(p.relative_latency, 3)} | "
                 f"{_fmt(p.relative_flops, 3)} | {p.ms_per_example:.3g} |\n" for p in alone]
-        curves = [f"| {s.drafter} | {s.rule} | {s.gamma} | {_fmt(s.alpha_to_match_large, 3)} | "
+        curves = [f"| {s.drafter} | {s.rule} | {s.gamma} | {_alpha_at_match(s)} | "
                   f"{_fmt(s.relative_latency_to_match_large, 3)} | {_fmt(s.relative_flops_to_match_large, 3)} | "
                   f"{_fmt(s.acceptance_at_match, 3)} | {_fmt(s.best_quality)} @ {_fmt(s.best_relative_latency, 3)} |\n"
                   for s in summaries if s.group == group]
