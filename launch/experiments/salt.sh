@@ -22,7 +22,7 @@
 # Results: <out>/report/{summary.md,summary.json,curves.csv,quality_vs_steps.png}.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-usage() { sed -n '2,24p' "$0" >&2; exit 2; }
+usage() { sed -n '2,22p' "$0" >&2; exit 2; }
 # shellcheck source=launch/experiments/common.sh
 source "$root/launch/experiments/common.sh"
 parse_experiment_args "$@"
