@@ -50,8 +50,11 @@ def test_writes_every_point_summary_and_plot(outputs):
     assert len(points) == len(GROUPS) * per_group
     summaries = json.loads((out / "summary.json").read_text())
     assert len(summaries) == len(GROUPS) * len(GAMMAS) * len(RULES)
+    md = (out / "summary.md").read_text()
+    for gamma in GAMMAS:  # greedy lossless decoding is the large model: a match, at no alpha
+        assert f"| lossless | {gamma} | (no alpha) |" in md
     for group in GROUPS:
-        assert f"## {group}" in (out / "summary.md").read_text()
+        assert f"## {group}" in md
         for gamma in GAMMAS:
             assert (out / f"{group}__ce__gamma{gamma}.png").read_bytes().startswith(PNG)
     assert f"wrote {4 + len(GROUPS) * len(GAMMAS)} files to {out}" in proc.stdout
