@@ -16,7 +16,16 @@ MODEL_FILES = sorted((GIN_DIR / "models").glob("*.gin"))
 REQUIRED = {"MODEL_DIR": "'/tmp/x'", "TRAIN_STEPS": "10", "TEACHER_MODEL_DIR": "'/tmp/t'",
             "CHECKPOINT_DIR": "'/tmp/c'", "OUTPUT_FILE": "'/tmp/o.jsonl'", "OUTPUT_DIR": "'/tmp/o'",
             "LARGE_MODEL_DIR": "'/tmp/l'", "SMALL_MODEL_DIRS": "{'ce': '/tmp/s'}",
-            "EXPORT_DIR": "'/tmp/e'", "SOURCE": "'/tmp/src'", "INITIAL_CHECKPOINT_DIR": "'/tmp/i'"}
+            "EXPORT_DIR": "'/tmp/e'", "SOURCE": "'/tmp/src'", "INITIAL_CHECKPOINT_DIR": "'/tmp/i'",
+            "KD_STEPS": "4", "SMALL_MODEL_DIR": "'/tmp/s'", "SCORES_DIR": "'/tmp/scores'"}
+
+
+def _with_includes(path: Path) -> str:
+    """A gin file's text with the files it includes spliced in where they are included."""
+    import re
+
+    return re.sub(r"^include '([^']+)'$", lambda m: _with_includes(GIN_DIR / m.group(1)), path.read_text(),
+                  flags=re.M)
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +39,7 @@ def clean_gin():
 def test_run_file_parses_and_builds(path: Path):
     text = path.read_text()
     fn = {"eval": "run_eval", "infer": "run_infer", "cascade_eval": "run_cascade_eval",
-          "speculative_eval": "run_speculative_eval"}.get(path.stem, "train")
+          "speculative_eval": "run_speculative_eval", "salt_score": "salt_score"}.get(path.stem, "train")
     files = [str(path)]
     if fn == "train" and "include 'models/" not in text:  # a run file that takes the model file after it
         files.append(str(GIN_DIR / "models" / "flan_t5_small.gin"))
@@ -40,22 +49,30 @@ def test_run_file_parses_and_builds(path: Path):
     bindings = [f"{k} = {v}" for k, v in REQUIRED.items() if k in used]
     gin_utils.parse_gin(files, bindings)
     built = {}
-    for name in ("dataset", "train_dataset", "model_config", "loss_options"):
+    for name in ("dataset", "train_dataset", "model_config", "loss_options", "kd_schedule", "kd_selection"):
         try:
             value = gin.query_parameter(f"{fn}.{name}")
         except ValueError:
             continue
         built[name] = value.scoped_configurable_fn()
-    expected = {"train": {"train_dataset": "DatasetConfig", "model_config": "T5Config", "loss_options": "LossOptions"},
+    train_expected = {"train_dataset": "DatasetConfig", "model_config": "T5Config", "loss_options": "LossOptions"}
+    if "salt" in path.stem:  # SALT: the KD schedule (and SALT_DS's selection) reach train
+        train_expected["kd_schedule"] = "KDSchedule"
+        if path.stem.endswith("_ds"):
+            train_expected["kd_selection"] = "DataSelection"
+    expected = {"train": train_expected,
                 "run_eval": {"dataset": "InferenceConfig"}, "run_infer": {"dataset": "InferenceConfig"},
                 "run_cascade_eval": {"dataset": "InferenceConfig"}}.get(fn, {})
     if path.stem.startswith(("train", "finetune", "eval", "infer", "cascade_eval")):
         assert {k: type(v).__name__ for k, v in built.items()} == expected
-    if "loss_options" in built:  # the loss the file says it trains with
+    if "loss_options" in built:  # the loss the file (or the last file it includes that sets it) trains with
         import re
-        mask = re.search(r"LossOptions.mask = '(\w+)'", text).group(1)
-        alpha = float(re.search(r"LossOptions.alpha = ([\d.]+)", text).group(1))
+        full = _with_includes(path)
+        mask = re.findall(r"LossOptions.mask = '(\w+)'", full)[-1]
+        alpha = float(re.findall(r"LossOptions.alpha = ([\d.]+)", full)[-1])
         assert (built["loss_options"].mask, built["loss_options"].alpha) == (mask, alpha)
+    if "kd_schedule" in built:
+        assert (built["kd_schedule"].kd_steps, built["kd_schedule"].weight) == (4, 0.5)
     if "train_dataset" in built:
         assert built["train_dataset"].mixture_or_task_name == "offline_mix" and built["train_dataset"].batch_size == 64
     assert text.startswith("#"), f"{path.name} needs a header comment with its command"
