@@ -1,11 +1,16 @@
 """Peak memory of a compiled CAT train step against a CE step, from XLA's memory analysis.
 
     python benchmarks/cat_step_memory.py --student=small --teacher=base --batch=32 \
-        --inputs=512 --targets=128 [--dtype=bfloat16]
+        --inputs=512 --targets=128 [--dtype=bfloat16] [--steps=ce,cat,cat_distill] \
+        [--meshes='data=-1;fsdp=-1;data=-1,model=2;data=-1,model=4']
 
-Nothing is allocated: both steps are lowered and compiled from abstract shapes on the local
+Nothing is allocated: the steps are lowered and compiled from abstract shapes on the local
 backend (CPU here, GPU/TPU where available), and XLA's per-device argument / output / temporary
-bytes are printed as one JSON line per step.
+bytes are printed as one JSON line per step and mesh. `--meshes` lists mesh shapes separated by
+`;`, each `axis=size,...` over the axes data / fsdp / model (unnamed axes are 1, one size may be
+-1); the default is one mesh, every device on `data`. On CPU, force devices for the mesh shapes:
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`. The activation sharding rules are the
+trainer's (`partitioning.logical_axis_rules()`).
 """
 
 from __future__ import annotations
@@ -29,9 +34,25 @@ from cat_jax.optimizers import make_optimizer  # noqa: E402
 from cat_jax.train_state import state_shardings  # noqa: E402
 from cat_jax.trainer import compile_train_step, make_train_step  # noqa: E402
 
+STEPS = {"ce": LossOptions(), "cat": LossOptions(mask="small_or_large"),
+         "cat_distill": LossOptions(mask="small_or_large", alpha=0.5)}
+
+
+def parse_meshes(text: str) -> list[list[tuple[str, int]]]:
+    """'data=-1;data=-1,model=2' -> [[('data', -1)], [('data', -1), ('model', 2)]]."""
+    meshes = []
+    for mesh in filter(None, (m.strip() for m in text.split(";"))):
+        axes = [tuple(a.split("=")) for a in mesh.split(",")]
+        unknown = {name for name, _ in axes} - set(partitioning.MESH_AXES)
+        if unknown or any(len(a) != 2 for a in axes):
+            raise SystemExit(f"--meshes: {mesh!r} is not axis=size,... over {partitioning.MESH_AXES}")
+        meshes.append([(name, int(size)) for name, size in axes])
+    return meshes
+
+
 def measure(student: T5Config, teacher: T5Config | None, loss: LossOptions, batch: int,
-            li: int, lt: int) -> dict:
-    mesh = partitioning.make_mesh()
+            li: int, lt: int, mesh_shape: list[tuple[str, int]]) -> dict:
+    mesh = partitioning.make_mesh(mesh_shape)
     rules = partitioning.logical_axis_rules()
     model = EncoderDecoderModel(student, loss)
     tx, schedule = make_optimizer(1000)
@@ -51,7 +72,7 @@ def measure(student: T5Config, teacher: T5Config | None, loss: LossOptions, batc
     start = time.perf_counter()
     compiled = compile_train_step(step, abstract, shardings, shapes, partitioning.batch_sharding(mesh, rules),
                                   t_abstract, t_shardings, mesh, rules)
-    return {"compile_seconds": round(time.perf_counter() - start, 1), **compiled.memory}
+    return {"mesh": dict(mesh.shape), "compile_seconds": round(time.perf_counter() - start, 1), **compiled.memory}
 
 
 def main() -> None:
@@ -62,18 +83,23 @@ def main() -> None:
     p.add_argument("--inputs", type=int, default=512)
     p.add_argument("--targets", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--steps", default="ce,cat,cat_distill", help=f"a comma-separated subset of {list(STEPS)}")
+    p.add_argument("--meshes", default="data=-1", help="mesh shapes separated by ';', e.g. 'data=-1;data=-1,model=2'")
     a = p.parse_args()
+    names = a.steps.split(",")
+    if set(names) - set(STEPS):
+        raise SystemExit(f"--steps: unknown {sorted(set(names) - set(STEPS))}; choose from {list(STEPS)}")
     student = model_config(a.student, a.dtype)
     teacher = model_config(a.teacher, "bfloat16")
     common = {"student": a.student, "batch": a.batch, "inputs": a.inputs, "targets": a.targets,
               "dtype": a.dtype, "backend": jax.default_backend()}
-    for name, t, loss in (("ce", None, LossOptions()),
-                          ("cat", teacher, LossOptions(mask="small_or_large")),
-                          ("cat_distill", teacher, LossOptions(mask="small_or_large", alpha=0.5))):
-        row = measure(student, t, loss, a.batch, a.inputs, a.targets)
-        row["peak_bytes"] = row.get("argument_size_in_bytes", 0) + row.get("output_size_in_bytes", 0) \
-            + row.get("temp_size_in_bytes", 0) - row.get("alias_size_in_bytes", 0)
-        print(json.dumps({"step": name, "teacher": a.teacher if t else None, **common, **row}), flush=True)
+    for mesh_shape in parse_meshes(a.meshes):
+        for name in names:
+            t = None if name == "ce" else teacher
+            row = measure(student, t, STEPS[name], a.batch, a.inputs, a.targets, mesh_shape)
+            row["peak_bytes"] = row.get("argument_size_in_bytes", 0) + row.get("output_size_in_bytes", 0) \
+                + row.get("temp_size_in_bytes", 0) - row.get("alias_size_in_bytes", 0)
+            print(json.dumps({"step": name, "teacher": a.teacher if t else None, **common, **row}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Host memory and speed of the streaming data path on a split of any size.
 
-    python benchmarks/streaming_data.py --examples=3000000 --batches=2000 [--workdir=/tmp/cat_jax_stream_bench]
+    python benchmarks/streaming_data.py --examples=3000000 --batches=2000 [--workdir=/tmp/cat_jax_stream_bench] [--keep]
 
 Exports `synthetic_sums` train with `--examples` examples (generated on the fly) as ArrayRecord
 shards, then reads `--batches` training batches of `--batch` rows through grain. Prints one JSON
 line per phase: seconds, examples/s and the peak anonymous resident memory (RssAnon) above the
 process's own at the phase's start. For comparison it also prints what the in-memory path would
 hold for the same split (its four int32/float32 model features at these lengths, without the
-texts and ids it also keeps).
+texts and ids it also keeps). `--keep` leaves the export in `--workdir` (for
+`benchmarks/streaming_resume.py --stream_dir`); by default it is deleted.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=32)
     parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--workdir", default="/tmp/cat_jax_stream_bench")
+    parser.add_argument("--keep", action="store_true", help="keep the export in --workdir")
     args = parser.parse_args()
     import gin
 
@@ -57,7 +59,8 @@ def main() -> None:
                       "seconds": round(seconds, 1), "examples_per_s": round(rows / seconds),
                       "peak_anon_mib_above_baseline": round(memory["peak_above_baseline"], 1),
                       "in_memory_features_mib": round(in_memory / 2**20, 1)}), flush=True)
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ TINY_ARGS = [
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
     "--gin.BATCH_SIZE=8",
     "--gin.DatasetConfig.max_examples=256",
+    "--gin.train.eval_period=0",  # no evaluation unless a test asks for it (--gin.train.eval_period=N)
     "--gin.train.eval_max_examples=16",
     "--gin.train.eval_batch_size=8",
     "--gin.train.log_every_steps=1",

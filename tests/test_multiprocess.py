@@ -210,7 +210,7 @@ def runs(tmp_path_factory):
 
 
 def _streaming_args(root: Path) -> tuple[str, ...]:
-    return ("--gin.train.eval_period=0", "--gin.DatasetConfig.max_examples=None",
+    return ("--gin.DatasetConfig.max_examples=None",
             f"--gin.data_source.streaming_dir='{root / 'stream'}'")
 
 
@@ -225,19 +225,17 @@ def later_runs(runs):
         name = f"resume_{writer}to{reader}"
         model_dir = _copy_at_step(runs[writer][0], root / name, 2)
         out[name] = model_dir
-        jobs[name] = Job(reader, train_args("train_small_ce.gin", model_dir, STEPS, *CE_ARGS,
-                                            "--gin.train.eval_period=0"), logs, name)
+        jobs[name] = Job(reader, train_args("train_small_ce.gin", model_dir, STEPS, *CE_ARGS), logs, name)
     out["stream_2to1"] = _copy_at_step(runs["stream_2p"][0], root / "stream_2to1", 2)
     jobs["stream_2to1"] = Job(1, train_args("train_small_ce.gin", out["stream_2to1"], STEPS, *CE_ARGS,
                                             *_streaming_args(root)), logs, "stream_2to1")
     out["mismatch"] = _copy_at_step(runs[1][0], root / "mismatch", 2)
     jobs["mismatch"] = Job(2, train_args("train_small_ce.gin", out["mismatch"], STEPS, *CE_ARGS,
-                                         "--gin.train.eval_period=0", "--gin.T5Config.mlp_dim=48"),
+                                         "--gin.T5Config.mlp_dim=48"),
                            logs, "mismatch", expect_rc=None)
     for n in (1, 2):
         out[f"cat_{n}p"] = root / f"cat_{n}p"
         jobs[f"cat_{n}p"] = Job(n, train_args("train_small_cat.gin", out[f"cat_{n}p"], 3, *COMMON,
-                                              "--gin.train.eval_period=0",
                                               f"--gin.TEACHER_MODEL_DIR='{runs[1][0]}'"),
                                 logs, f"cat_{n}p")
     for name, procs in zip(jobs, _run_together(*jobs.values())):

@@ -206,7 +206,7 @@ def test_distillation_batches_come_from_the_selected_band_then_from_everything(s
 def _salt_args(model_dir, teacher, scores_dir, steps, *extra):
     return train_args("train_large_salt_ds.gin", model_dir, steps, TINY_MODEL, f"--gin.TEACHER_MODEL_DIR='{teacher}'",
                       f"--gin.SCORES_DIR='{scores_dir}'", "--gin.KD_STEPS=4", "--gin.KD_TRANSITION_STEPS=2",
-                      "--gin.train.checkpoint_period=100", "--gin.train.eval_period=0", *extra)
+                      "--gin.train.checkpoint_period=100", *extra)
 
 
 def _printed(proc) -> dict:
@@ -230,7 +230,7 @@ def test_salt_distils_then_stops_running_the_teacher(salt_uninterrupted, tmp_pat
     assert "SALT_DS: the first 4 steps train on" in proc.stderr
     flops = _printed(proc)["step_flops"]
     ce = run_module("cat_jax.train", train_args("train_large.gin", tmp_path / "ce", 7, TINY_MODEL,  # same schedule
-                                                "--gin.train.eval_period=0", "--gin.train.max_steps_per_run=1"))
+                                                "--gin.train.max_steps_per_run=1"))
     ce_flops = _printed(ce)["step_flops"]
     assert list(ce_flops) == ["without a teacher"]
     # After the switch the compiled step is a CE step: the same FLOPs in XLA's cost analysis.

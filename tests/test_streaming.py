@@ -147,7 +147,7 @@ def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_pat
     root, _, _ = exported
     args = ("--gin.DatasetConfig.max_examples=None", f"--gin.data_source.streaming_dir='{root}'",
             f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'", f"--gin.DatasetConfig.split='{SPLIT}'",
-            "--gin.train.eval_period=0", "--gin.train.checkpoint_period=2")
+            "--gin.train.checkpoint_period=2")
     whole = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "whole", 4, *args))
     assert "streamed by grain from ArrayRecord shards" in whole.stderr
     for _ in range(2):
@@ -161,8 +161,7 @@ def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_pat
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert _state_bytes(tmp_path / "whole") == _state_bytes(tmp_path / "parts")
     # The same MODEL_DIR continued in memory instead is a changed data order: refused.
-    refused = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "parts", 6,
-                                                     "--gin.train.eval_period=0"), check=False)
+    refused = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "parts", 6), check=False)
     assert refused.returncode == 2 and "data_order" in refused.stderr, refused.stderr[-2000:]
 
 
