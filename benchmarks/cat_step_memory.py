@@ -7,8 +7,9 @@
 Nothing is allocated: the steps are lowered and compiled from abstract shapes on the local
 backend (CPU here, GPU/TPU where available), and XLA's per-device argument / output / temporary
 bytes are printed as one JSON line per step and mesh. `--meshes` lists mesh shapes separated by
-`;`, each `axis=size,...` over the axes data / fsdp / model (unnamed axes are 1, one size may be
--1); the default is one mesh, every device on `data`. On CPU, force devices for the mesh shapes:
+`;`, each `axis=size,...` over the axes data / fsdp / model (unnamed axes are 1; a size of -1
+takes the devices left, otherwise the mesh uses the first devices it needs); the default is one
+mesh, every device on `data`. On CPU, force devices for the mesh shapes:
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`. The activation sharding rules are the
 trainer's (`partitioning.logical_axis_rules()`).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,7 +54,10 @@ def parse_meshes(text: str) -> list[list[tuple[str, int]]]:
 
 def measure(student: T5Config, teacher: T5Config | None, loss: LossOptions, batch: int,
             li: int, lt: int, mesh_shape: list[tuple[str, int]]) -> dict:
-    mesh = partitioning.make_mesh(mesh_shape)
+    sizes = [size for _, size in mesh_shape]
+    # A mesh with every size given takes the first devices it needs (data=2: two of eight).
+    devices = jax.devices()[:math.prod(sizes)] if min(sizes) > 0 else None
+    mesh = partitioning.make_mesh(mesh_shape, devices=devices)
     rules = partitioning.logical_axis_rules()
     model = EncoderDecoderModel(student, loss)
     tx, schedule = make_optimizer(1000)

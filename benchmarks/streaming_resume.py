@@ -101,8 +101,13 @@ def _state_bytes(model_dir: Path) -> tuple[int, list[bytes]]:
     from cat_jax.checkpoints import Checkpointer
 
     step = Checkpointer.latest_in(str(model_dir))
+    path = str(model_dir / str(step) / "state")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh wrote it
     with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.restore(str(model_dir / str(step) / "state"))
+        metadata = checkpointer.metadata(path)
+        metadata = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=device), metadata)
+        tree = checkpointer.restore(path, restore_args=restore_args)
     return step, [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(tree)]
 
 

@@ -37,7 +37,8 @@ class MetricWriter:
                  resume_step: int | None = None):
         """`resume_step`: the run continues after that step (restored from its checkpoint), so the
         metrics logged after it by the interrupted run are dropped from the JSON lines (they are
-        replayed) and TensorBoard is told to purge them (a SessionLog START at the next step)."""
+        replayed) and TensorBoard is told to purge them (a SessionLog START at the next step).
+        0 is a run that starts from scratch: every step an earlier, checkpoint-less try logged goes."""
         if enabled is None:
             from cat_jax import runtime  # pylint: disable=import-outside-toplevel
             enabled = runtime.is_lead()

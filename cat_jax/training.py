@@ -292,8 +292,9 @@ class _Loop:
     def run(self, log_every: int, eval_period: int,
             max_steps_per_run: int | None) -> tuple[int, dict[str, Any], dict[str, Any]]:
         run, ckpt, dataset = self.run_, self.ckpt, self.dataset
-        writer = MetricWriter(run.model_dir, enabled=runtime.is_lead(),
-                              resume_step=self.start_step if self.start_step else None)
+        # Always the step it starts after: a start from scratch (0) in a MODEL_DIR whose run was
+        # killed before its first checkpoint replays steps that run had logged.
+        writer = MetricWriter(run.model_dir, enabled=runtime.is_lead(), resume_step=self.start_step)
         watcher = PreemptionWatcher()
         last_saved = ckpt.latest_step()
         metrics: dict[str, Any] = {}

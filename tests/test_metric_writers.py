@@ -88,6 +88,23 @@ def test_reopening_appends(tmp_path: Path) -> None:
     second.close()
 
 
+@pytest.mark.parametrize("resume_step", [0, 2])
+def test_a_resumed_run_drops_the_steps_it_replays(tmp_path: Path, resume_step: int) -> None:
+    """A run killed after logging steps 1..3 restarts after `resume_step` (0: it had no checkpoint)."""
+    killed = MetricWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        killed.write_scalars(step, {"loss": float(step)})
+    killed.close()
+    resumed = MetricWriter(str(tmp_path), resume_step=resume_step)
+    for step in range(resume_step + 1, 5):
+        resumed.write_scalars(step, {"loss": 10.0 + step})
+    resumed.close()
+    rows = read_jsonl(str(tmp_path / "train_metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == [float(s) for s in range(1, resume_step + 1)] + \
+        [10.0 + s for s in range(resume_step + 1, 5)]
+
+
 def test_disabled_writes_nothing(tmp_path: Path) -> None:
     directory = tmp_path / "metrics"
     writer = MetricWriter(str(directory), enabled=False)
