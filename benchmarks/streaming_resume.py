@@ -70,6 +70,12 @@ def _logged_step(log: Path) -> int:
     return int(steps[-1]) if steps else 0
 
 
+def _resumed_from(log: Path) -> int:
+    """The checkpoint step process 0 of a start resumed from (0: it started from scratch)."""
+    found = re.search(r"resuming from this run's checkpoint at step (\d+)", Path(f"{log}.0.stderr").read_text())
+    return int(found.group(1)) if found else 0
+
+
 def _kill_at(procs: list[subprocess.Popen], log: Path, step: int, delay: float) -> bool:
     """SIGKILL every process `delay` seconds after process 0 logs `step`; False if it ended first."""
     while _logged_step(log) < step:
@@ -165,15 +171,12 @@ def main() -> None:
                 _wait(procs, log)
                 break
             kills.append({"after_step": step, "delay_s": delay})
-            text = Path(f"{log}.0.stderr").read_text()
-            found = re.search(r"resuming from this run's checkpoint at step (\d+)", text)
-            resumed_from.append(int(found.group(1)) if found else 0)
+            resumed_from.append(_resumed_from(log))
         log = base / "killed_final"
-        procs = _start(nprocs, args(killed), log)
-        _wait(procs, log)
-        found = re.search(r"resuming from this run's checkpoint at step (\d+)", Path(f"{log}.0.stderr").read_text())
-        resumed_from.append(int(found.group(1)) if found else 0)
-        losses_equal = _losses(whole) == _losses(killed) and len(_losses(whole)) == a.steps
+        _wait(_start(nprocs, args(killed), log), log)
+        resumed_from.append(_resumed_from(log))
+        reference = _losses(whole)
+        losses_equal = _losses(killed) == reference and len(reference) == a.steps
         state_equal = _state_bytes(whole) == _state_bytes(killed)
         failed |= not (losses_equal and state_equal)
         print(json.dumps({"processes": nprocs, "examples": manifest["num_examples"], "export_s": export_seconds,
