@@ -11,6 +11,7 @@ import pytest
 
 from cat_jax.metric_writers import read_jsonl
 from conftest import run_module, train_args
+from tolerances import DEEP, assert_close, undecided
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,10 @@ def _checkpoint_files(model_dir):
 
 
 def _first_step_reference(teacher_dir):
-    """NumPy's mask fraction and KL(teacher || student) of step 1 of a tiny student run: the
-    student's initial parameters (seed 0) and the bfloat16 teacher on the run's first batch."""
+    """NumPy's mask fraction, its tolerance and KL(teacher || student) of step 1 of a tiny student
+    run: the student's initial parameters (seed 0) and the float32 teacher on the run's first
+    batch. (A float32 teacher keeps the CAT mask well posed: a bfloat16 tiny teacher's target logit
+    ties its best other one within bfloat16 rounding on a third of the tokens.)"""
     from cat_jax import data, partitioning
     from cat_jax.frozen_model import load_frozen_model
     from cat_jax.models.encoder_decoder import EncoderDecoderModel
@@ -48,7 +51,7 @@ def _first_step_reference(teacher_dir):
 
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     rules = partitioning.logical_axis_rules()
-    teacher = load_frozen_model(str(teacher_dir), mesh=mesh, rules=rules, dtype="bfloat16")
+    teacher = load_frozen_model(str(teacher_dir), mesh=mesh, rules=rules, dtype="float32")
     gin.clear_config()
     gin_utils.parse_gin(["gin_configs/models/tiny.gin"], [])
     config = T5Config().replace(vocab_size=teacher.config.vocab_size)
@@ -61,10 +64,15 @@ def _first_step_reference(teacher_dir):
                              cache_dir=DATA_CACHE)
     batch = data.TrainBatches(arrays, 8, seed=0).batch(0)
     student = np.asarray(model.logits(student_params, batch), np.float64)
-    large = np.asarray(teacher.logits_fn(teacher.params, batch).astype(np.float32), np.float64)
+    large = np.asarray(teacher.logits_fn(teacher.params, batch), np.float64)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     correct = (student.argmax(-1) == targets) | (large.argmax(-1) == targets)
     mask_fraction = float((weights * correct).sum() / weights.sum())
+    # Where a model's target logit and its best other logit nearly tie, the jitted step may decide
+    # "correct" the other way (tests/tolerances.py): the mask fraction may differ by those tokens'
+    # share, no more.
+    ambiguous = undecided(student, targets, DEEP) | undecided(large, targets, DEEP)
+    tolerance = float((weights * ambiguous).sum() / weights.sum()) + 1e-6
 
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
@@ -72,7 +80,7 @@ def _first_step_reference(teacher_dir):
 
     lp, lq = log_softmax(large), log_softmax(student)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    return mask_fraction, float((weights * kl).sum() / weights.sum())
+    return mask_fraction, tolerance, float((weights * kl).sum() / weights.sum())
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +97,15 @@ def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
     student = tmp_path / "cat"
     proc = run_module("cat_jax.train", train_args(
         "train_small_cat.gin", student, 3, "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'"))
-    assert f"Teacher: step 40 of {teacher_dir}, bfloat16 parameters" in proc.stderr
+        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'", "--gin.TEACHER_DTYPE='float32'"))
+    assert f"Teacher: step 40 of {teacher_dir}, float32 parameters" in proc.stderr
     assert "'teacher':" in proc.stderr          # per-device bytes of the teacher are printed
     rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    mask_fraction, _ = _first_step_reference(teacher_dir)
+    mask_fraction, tolerance, _ = _first_step_reference(teacher_dir)
     assert 0.0 < mask_fraction < 1.0  # the mask drops some tokens and keeps some
-    assert rows[0]["train/mask_fraction"] == pytest.approx(mask_fraction, abs=1e-6)
+    assert tolerance < 0.05       # near-ties are rare: the comparison still counts the mask
+    assert rows[0]["train/mask_fraction"] == pytest.approx(mask_fraction, abs=tolerance)
     info = json.load(open(os.path.join(student, "run_info.json")))
     assert info["teacher"]["model_dir"] == str(teacher_dir) and info["teacher"]["step"] == 40
     assert info["loss_options"]["mask"] == "small_or_large"
@@ -111,13 +120,13 @@ def test_cat_distill_student_end_to_end(teacher_dir, tmp_path):
     student = tmp_path / "cat_distill"
     run_module("cat_jax.train", train_args(
         "train_small_cat_distill.gin", student, 2, "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'"))
+        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'", "--gin.TEACHER_DTYPE='float32'"))
     rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
-    mask_fraction, kd = _first_step_reference(teacher_dir)
+    mask_fraction, tolerance, kd = _first_step_reference(teacher_dir)
     assert kd > 0.1
-    # The bfloat16 teacher's logits are summed in another order inside the jitted step: 2e-3.
-    assert rows[0]["train/kd"] == pytest.approx(kd, rel=2e-3)
-    assert rows[0]["train/mask_fraction"] == pytest.approx(mask_fraction, abs=1e-6)
+    # The teacher's and the student's logits are summed in another order inside the jitted step.
+    assert_close(rows[0]["train/kd"], kd, DEEP)
+    assert rows[0]["train/mask_fraction"] == pytest.approx(mask_fraction, abs=tolerance)
 
 
 def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cat_jax.losses import MASKS, NORMALIZERS, cascade_aware_loss, token_cross_entropy
+from tolerances import BFLOAT16, SHALLOW, assert_close
 
 BATCH, LENGTH, VOCAB = 4, 9, 13
 ROW_LENGTHS = (9, 6, 4, 0)  # last row is all padding
@@ -99,12 +100,12 @@ def test_matches_numpy_reference(mask, normalizer, alpha, temperature):
     ref = reference(student, teacher, targets, weights, alpha, temperature, mask, normalizer)
     assert loss.dtype == jnp.float32
     assert ref["loss"] > 0.1
-    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    assert_close(loss, ref["loss"], SHALLOW)
+    assert_close(metrics["loss"], ref["loss"], SHALLOW)
     for name in ("mask_fraction", "student_accuracy", "teacher_accuracy", "ce", "num_tokens"):
-        np.testing.assert_allclose(metrics[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_close(metrics[name], ref[name], SHALLOW, err_msg=name)
     if alpha < 1.0:
-        np.testing.assert_allclose(metrics["kd"], ref["kd"], rtol=1e-5, atol=1e-6)
+        assert_close(metrics["kd"], ref["kd"], SHALLOW)
     else:
         assert "kd" not in metrics
 
@@ -114,8 +115,8 @@ def test_jit_matches_eager():
     fn = jax.jit(lambda s, t, y, w: cascade_aware_loss(s, t, y, w, alpha=0.3, temperature=2.0))
     loss, metrics = fn(student, teacher, targets, weights)
     ref = reference(student, teacher, targets, weights, 0.3, 2.0, "small_or_large", "weights")
-    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(metrics["kd"], ref["kd"], rtol=1e-5, atol=1e-6)
+    assert_close(loss, ref["loss"], SHALLOW)
+    assert_close(metrics["kd"], ref["kd"], SHALLOW)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
@@ -159,14 +160,14 @@ def test_plain_cross_entropy_is_a_special_case():
     ref_ce = -np.take_along_axis(
         _log_softmax(student.astype(np.float64)), targets[..., None], -1
     )[..., 0]
-    np.testing.assert_allclose(per_token, ref_ce, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(total, (ref_ce * weights).sum(), rtol=1e-5)
+    assert_close(per_token, ref_ce, SHALLOW)
+    assert_close(total, (ref_ce * weights).sum(), SHALLOW)
     for teacher_arg in (teacher, None):
         loss, metrics = cascade_aware_loss(
             student, teacher_arg, targets, weights, alpha=1.0, mask="none"
         )
-        np.testing.assert_allclose(loss, total / weights.sum(), rtol=1e-6)
-        np.testing.assert_allclose(metrics["ce"], loss, rtol=1e-6)
+        assert_close(loss, total / weights.sum(), SHALLOW)  # summed in another order
+        assert_close(metrics["ce"], loss, SHALLOW)
         assert metrics["mask_fraction"] == 1.0
 
 
@@ -193,7 +194,7 @@ def test_teacher_zero_probabilities_are_finite():
     safe_teacher = teacher.copy()
     safe_teacher[..., :5] = -1e4  # exp underflows to 0 in float64 too
     ref = reference(student, safe_teacher, targets, weights, 0.5, 1.0, "none", "weights")
-    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-5, atol=1e-6)
+    assert_close(loss, ref["loss"], SHALLOW)
 
 
 def test_zero_weights_give_zero_loss_not_nan():
@@ -214,7 +215,7 @@ def test_mask_normalizer_divides_by_counted_tokens():
     by_weights, metrics = cascade_aware_loss(student, teacher, targets, weights, normalizer="weights")
     by_mask, _ = cascade_aware_loss(student, teacher, targets, weights, normalizer="mask")
     assert 0.0 < float(metrics["mask_fraction"]) < 1.0
-    np.testing.assert_allclose(by_mask * metrics["mask_fraction"], by_weights, rtol=1e-5)
+    assert_close(by_mask * metrics["mask_fraction"], by_weights, SHALLOW)
 
 
 @pytest.mark.parametrize("mask", ["none", "small"])
@@ -222,7 +223,7 @@ def test_teacher_none_allowed(mask):
     student, teacher, targets, weights = make_batch(seed=9)
     loss, metrics = cascade_aware_loss(student, None, targets, weights, alpha=1.0, mask=mask)
     ref = reference(student, teacher, targets, weights, 1.0, 1.0, mask, "weights")
-    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-5, atol=1e-6)
+    assert_close(loss, ref["loss"], SHALLOW)
     assert "teacher_accuracy" not in metrics and "kd" not in metrics
     assert all(np.isfinite(v) for v in metrics.values())
 
@@ -280,11 +281,11 @@ def test_bfloat16_logits_upcast():
     loss_rounded, _ = cascade_aware_loss(
         s16.astype(jnp.float32), t16.astype(jnp.float32), targets, weights, **kwargs
     )
-    np.testing.assert_allclose(loss16, loss_rounded, rtol=1e-6)
+    assert_close(loss16, loss_rounded, SHALLOW)
     loss32, metrics32 = cascade_aware_loss(student, teacher, targets, weights, **kwargs)
-    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+    assert_close(loss16, loss32, BFLOAT16)
     np.testing.assert_allclose(metrics16["mask_fraction"], metrics32["mask_fraction"])
-    np.testing.assert_allclose(metrics16["kd"], metrics32["kd"], rtol=2e-2)
+    assert_close(metrics16["kd"], metrics32["kd"], BFLOAT16)
 
 
 _SHARDED_CODE = textwrap.dedent(
@@ -345,7 +346,7 @@ def test_sharded_equals_single_device():
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONPATH": os.pathsep.join([repo, os.path.join(repo, "tests"), os.environ.get("PYTHONPATH", "")]),
     }
     result = subprocess.run(
         [sys.executable, "-c", _SHARDED_CODE], env=env, cwd=repo,
@@ -356,7 +357,7 @@ def test_sharded_equals_single_device():
     assert sorted(out) == ["2x4/0", "2x4/1", "4x2/0", "4x2/1"]
     for name, r in out.items():
         assert r["dense_loss"] > 0.1, name
-        np.testing.assert_allclose(r["loss"], r["dense_loss"], rtol=1e-5, atol=1e-6, err_msg=name)
-        assert r["metric_diff"] < 1e-5, name
-        assert r["grad_norm"] > 1e-3 and r["grad_diff"] < 1e-6, name
+        assert_close(r["loss"], r["dense_loss"], SHALLOW, err_msg=name)
+        assert r["metric_diff"] <= SHALLOW * max(r["dense_loss"], 1.0), name
+        assert r["grad_norm"] > 1e-3 and r["grad_diff"] <= SHALLOW * r["grad_norm"], name
         assert r["grad_shard_shape"] == [8 // int(name[0]), 9, 16 // int(name[2])], name
