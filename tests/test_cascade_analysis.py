@@ -127,3 +127,21 @@ def test_config_round_trips_and_plan_errors_name_the_fix():
         plan.plan_tiers([], ["abc"], models)
     with pytest.raises(ConfigError, match="TARGET_DEFERRAL_RATE"):
         config(target_deferral_rate=1.5).check()
+
+
+def test_renamed_rule_abc_statistics_and_free_text_in_the_plan(caplog):
+    specs = plan.plan_rules(["agreement", "chow_sum"], [0.0], 2)
+    assert [s.label for s in specs] == ["peer_agreement", "chow_sum"]
+    assert "'agreement' is now called 'peer_agreement'" in caplog.text
+    models = [LARGE, "a", "b", "c", "d"]
+    tiers = plan.plan_tiers([["a", "b"], ["c", "d"], [LARGE]], ["abc_central", "chow_sum"], models)
+    assert [tiers.statistic(k) for k in range(3)] == ["abc_central", "abc", "abc"]
+    assert plan.plan_tiers([["a", "b"], [LARGE]], None, models).rules[0] == plan.RuleSpec("abc", "abc")
+    with pytest.raises(ConfigError, match="'abc_central' after tier \\['a'\\] needs an ensemble"):
+        plan.plan_tiers([["a"], [LARGE]], ["abc_central"], models)
+    # Free text as recorded; records of an older run: the tasks with a corpus metric.
+    assert config().free_text_tasks() == {TASK: False}
+    recorded = AnalysisConfig(TASK, "test", None, {LARGE: "/l", "ce": "/s"}, Options(), {TASK: "m:bleu"})
+    assert recorded.free_text_tasks() == {TASK: True}
+    qa = AnalysisConfig(TASK, "test", None, {LARGE: "/l"}, Options(), {TASK: None}, {TASK: True})
+    assert qa.free_text_tasks() == {TASK: True} and AnalysisConfig.from_json(qa.to_json()) == qa

@@ -31,7 +31,7 @@ PER_TASK = 8
 SMALL = ("ce", "ce2")
 PNG = b"\x89PNG\r\n\x1a\n"
 LABELS = {"chow_sum", "chow_average", "chow_quantile_0", "chow_quantile_0.1", "chow_quantile_0.25",
-          "chow_quantile_0.5", "entropy_mean", "entropy_max", "margin_min", "post_hoc", "agreement", "oracle",
+          "chow_quantile_0.5", "entropy_mean", "entropy_max", "margin_min", "post_hoc", "peer_agreement", "oracle",
           "random"}
 
 
@@ -146,7 +146,7 @@ def test_curve_endpoints_match_the_examples(outputs):
     assert set(curves) == {(g, s, r) for g in (*TASKS, MIXTURE) for s in SMALL for r in LABELS}
     checked = 0
     for (group, small, rule), points in curves.items():
-        others = tuple(s for s in SMALL if s != small) if rule == "agreement" else ()
+        others = tuple(s for s in SMALL if s != small) if rule == "peer_agreement" else ()
         q0, f0, q1, f1 = _expected_endpoints(rows, group, small, others)
         first, last = points[0], points[-1]
         assert first["deferral_rate"] == 0.0 and last["deferral_rate"] == 1.0 and last["threshold"] is None

@@ -20,7 +20,8 @@ from cat_jax.cascade import curves as curves_lib
 from cat_jax.cascade import rules as rules_lib
 from cat_jax.cascade.calibration import Calibration
 from cat_jax.cascade.curves import CorpusMetric, CurveKey, CurvePoint, OperatingPoint
-from cat_jax.cascade.plan import ABC, LARGE, AnalysisConfig, RuleSpec, TierPlan
+from cat_jax.cascade.agreement import STATISTICS
+from cat_jax.cascade.plan import LARGE, AnalysisConfig, RuleSpec, TierPlan
 from cat_jax.cascade.records import SplitRecords
 from cat_jax.cascade.tiers import TierKey, TierPoint
 
@@ -55,11 +56,11 @@ class _Group:
     validation: SplitRecords | None
     metric: CorpusMetric | None
     thresholds: int | None
-    token_set: dict[str, np.ndarray]   # split name -> [N] bool: free-text examples (ABC similarity)
+    free_text: dict[str, np.ndarray]   # split name -> [N] bool: free-text examples (ABC's statistic)
 
 
-def _token_set(split: SplitRecords, metrics: Mapping[str, CorpusMetric | None]) -> np.ndarray:
-    return np.array([metrics.get(task) is not None for task in split.tasks], dtype=bool)
+def _free_text(split: SplitRecords, free_text: Mapping[str, bool]) -> np.ndarray:
+    return np.array([free_text.get(task, False) for task in split.tasks], dtype=bool)
 
 
 def _take(split: SplitRecords, rows: np.ndarray) -> SplitRecords:
@@ -81,9 +82,9 @@ def _groups(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
                                  "every task of the test split.")
             val = _take(validation, val_groups[name])
         group_test = _take(test, rows)
-        token_set = {s.name: _token_set(s, metrics) for s in (group_test, val) if s is not None}
+        free_text = {s.name: _free_text(s, config.free_text_tasks()) for s in (group_test, val) if s is not None}
         groups[name] = _Group(group_test, val, metric, num if metric is None else (num or CORPUS_THRESHOLDS),
-                              token_set)
+                              free_text)
     return groups
 
 
@@ -115,11 +116,12 @@ def _calibrate_rule(spec: RuleSpec, group: _Group, small: str, scores: np.ndarra
     return found
 
 
-def _tier_inputs(plan: TierPlan, split: SplitRecords, token_set: np.ndarray,
+def _tier_inputs(plan: TierPlan, split: SplitRecords, free_text: np.ndarray,
                  seed: int) -> tuple[list[tiers.TierAnswer], np.ndarray]:
     """(each tier's answer [K], boundary scores [K-1, N]); a random boundary b is seeded seed + b."""
-    answers = [tiers.tier_answer([split.models[m] for m in tier], token_set) for tier in plan.tiers]
-    scores = [answer.agreement if spec.rule == ABC else
+    answers = [tiers.tier_answer([split.models[m] for m in tier], free_text, plan.statistic(k))
+               for k, tier in enumerate(plan.tiers)]
+    scores = [answer.agreement if spec.rule in STATISTICS else
               rules_lib.own_output_scores(spec.rule, answer.outputs, quantile=spec.quantile, seed=seed + b)
               for b, (spec, answer) in enumerate(zip(plan.rules, answers))]
     return answers, np.array(scores, dtype=np.float64).reshape(len(plan.rules), len(split))
@@ -129,7 +131,7 @@ def _calibrate_tiers(plan: TierPlan, group: _Group, answers: Sequence[tiers.Tier
                      budgets: Sequence[calibration.Budget], config: AnalysisConfig) -> list[Calibration]:
     """The joint grid point of best validation quality within each budget, on test."""
     val = group.validation
-    val_answers, val_scores = _tier_inputs(plan, val, group.token_set[val.name], config.options.seed)
+    val_answers, val_scores = _tier_inputs(plan, val, group.free_text[val.name], config.options.seed)
     grid = tiers.joint_grid(val_scores, config.options.tier_thresholds)
     val_points = tiers.evaluate(val_answers, val_scores, grid, corpus_metric=group.metric)
     found = []
@@ -172,7 +174,7 @@ def analyse(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
                     result.calibrations[key] = _calibrate_rule(spec, group, small, scores, extra, budgets, seed)
         if tier_plan is not None:
             key = TierKey(name, tier_plan.name, tier_plan.rules_label)
-            answers, scores = _tier_inputs(tier_plan, group.test, group.token_set[test.name], seed)
+            answers, scores = _tier_inputs(tier_plan, group.test, group.free_text[test.name], seed)
             result.tier_curves[key] = tiers.sweep_tiers(answers, scores, corpus_metric=group.metric,
                                                         num_thresholds=config.options.tier_thresholds)
             result.tiers_alone[key] = tiers.tiers_alone(answers, corpus_metric=group.metric)

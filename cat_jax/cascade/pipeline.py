@@ -22,6 +22,7 @@ import numpy as np
 from cat_jax import data as data_lib
 from cat_jax import evaluation, metrics, partitioning
 from cat_jax.cascade import analysis, report, store
+from cat_jax.cascade.agreement import is_free_text
 from cat_jax.cascade.plan import ALL_RULES, CONFIG, LARGE, AnalysisConfig, Options, metric_ref
 from cat_jax.cascade.records import ModelOutputs, SplitRecords
 from cat_jax.checkpoints import latest_finished_step
@@ -199,8 +200,10 @@ def run_cascade_eval(
     if jax.process_index() != 0:
         return CascadeEvalResult(output_dir, [])
 
-    corpus = {task: metrics.get_quality(task).corpus for task in splits[0].task_rows}
-    config = dataclasses.replace(config, corpus_metrics={task: metric_ref(fn) for task, fn in corpus.items()})
+    quality = {task: metrics.get_quality(task) for task in splits[0].task_rows}
+    corpus = {task: q.corpus for task, q in quality.items()}
+    config = dataclasses.replace(config, corpus_metrics={task: metric_ref(fn) for task, fn in corpus.items()},
+                                 free_text={task: is_free_text(q) for task, q in quality.items()})
     files, by_split = write_records(output_dir, config, splits, decoded)
     test = by_split[dataset.split]
     result = analysis.analyse(config, test, by_split.get(config.validation_split), corpus)

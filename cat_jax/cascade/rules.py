@@ -64,14 +64,16 @@ def random_scores(num_examples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(num_examples)
 
 
-def agreement(primary: ModelOutputs, others: Sequence[ModelOutputs]) -> np.ndarray:
-    """Fraction of the other small models whose prediction equals the primary's [N].
+def peer_agreement(primary: ModelOutputs, others: Sequence[ModelOutputs]) -> np.ndarray:
+    """Fraction of the other small models whose prediction equals the primary's, as raw strings [N].
 
-    With M others the fraction is k / M; ties are broken by the primary's Chow-Average by adding
-    exp(chow_average) / (2M), which lies in (0, 1/(2M)] and so never crosses to the next k / M.
+    The cascade answers with the primary model (not a majority: that is ABC, a tier rule of
+    cat_jax.cascade.agreement). With M others the fraction is k / M; ties are broken by the
+    primary's Chow-Average by adding exp(chow_average) / (2M), which lies in (0, 1/(2M)] and so
+    never crosses to the next k / M.
     """
     if not others:
-        raise ValueError("rule 'agreement' needs at least one other small model in `others`.")
+        raise ValueError("rule 'peer_agreement' needs at least one other small model in `others`.")
     check_aligned(primary, *others)
     agree = np.mean(
         [[p == o for p, o in zip(primary.predictions, other.predictions)] for other in others], axis=0
@@ -137,16 +139,21 @@ RULES: dict[str, Callable[[RuleInputs], np.ndarray]] = {
     **{rule: _own(rule) for rule in ("chow_sum", "chow_average", "chow_quantile", "entropy_mean",
                                      "entropy_max", "margin_min")},
     "post_hoc": _post_hoc,
-    "agreement": lambda r: agreement(r.small, r.others),
+    "peer_agreement": lambda r: peer_agreement(r.small, r.others),
     "oracle": lambda r: oracle(r.small.quality, r.large.quality),
     "random": _own("random"),
 }
 
 # Rules that run the `others` small models on every example, so the cascade pays for them.
-RUNS_OTHER_SMALL_MODELS = frozenset({"agreement"})
+RUNS_OTHER_SMALL_MODELS = frozenset({"peer_agreement"})
+# Former names -> the rule they now name (a plan naming the old one gets the new one, logged).
+RENAMED_RULES = {"agreement": "peer_agreement"}
 
 
 def _check_known(rule: str) -> None:
+    if rule in RENAMED_RULES:
+        raise ValueError(f"deferral rule {rule!r} is now called {RENAMED_RULES[rule]!r} (it answers with the "
+                         "primary small model and compares raw strings); ABC is the tier rule 'abc'.")
     if rule not in RULES:
         raise ValueError(f"unknown deferral rule {rule!r}; known rules: {', '.join(sorted(RULES))}.")
 
@@ -164,7 +171,7 @@ def compute_scores(
 ) -> np.ndarray:
     """Deferral scores [N] of rule `rule` on aligned test records; lower = defer first.
 
-    quantile: for chow_quantile. seed: for random. others: the other small models for agreement.
+    quantile: for chow_quantile. seed: for random. others: the other small models for peer_agreement.
     validation: (small, large) validation records for post_hoc.
     """
     _check_known(rule)
