@@ -88,21 +88,37 @@ def _groups(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
     return groups
 
 
+def _others(split: SplitRecords, small: str) -> tuple:
+    return tuple(out for name, out in split.models.items() if name not in (small, LARGE))
+
+
 def _rule_scores(spec: RuleSpec, split: SplitRecords, small: str, fit_on: SplitRecords | None,
-                 seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scores [N], FLOPs [N] of the other small models the rule runs, or None) of a two-model rule."""
-    others = tuple(out for name, out in split.models.items() if name not in (small, LARGE))
+                 config: AnalysisConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores [N], FLOPs [N] the rule spends besides the small model, or None) of a two-model rule;
+    a learned rule is fitted on all of `fit_on`."""
+    others = _others(split, small)
     validation = None if fit_on is None else (fit_on.models[small], fit_on.models[LARGE])
     scores = rules_lib.compute_scores(spec.rule, split.models[small], split.models[LARGE],
-                                      quantile=spec.quantile, seed=seed, others=others, validation=validation)
-    return scores, rules_lib.extra_small_flops(spec.rule, others)
+                                      quantile=spec.quantile, seed=config.options.seed, others=others,
+                                      validation=validation, posthoc_config=config.posthoc_config())
+    return scores, rules_lib.extra_small_flops(spec.rule, others, split.models[LARGE])
+
+
+def _validation_scores(spec: RuleSpec, val: SplitRecords, small: str,
+                       config: AnalysisConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """`_rule_scores` on validation; a learned rule's out of fold (cross-fitted on validation)."""
+    if spec.rule not in rules_lib.LEARNED_RULES:
+        return _rule_scores(spec, val, small, val, config)
+    scores = rules_lib.cross_fitted_scores(spec.rule, val.models[small], val.models[LARGE], config.posthoc_config())
+    return scores, rules_lib.extra_small_flops(spec.rule, _others(val, small), val.models[LARGE])
 
 
 def _calibrate_rule(spec: RuleSpec, group: _Group, small: str, scores: np.ndarray, extra: np.ndarray | None,
-                    budgets: Sequence[calibration.Budget], seed: int) -> list[Calibration]:
-    """The threshold spending each budget on validation (every distinct score a candidate), on test."""
+                    budgets: Sequence[calibration.Budget], config: AnalysisConfig) -> list[Calibration]:
+    """The threshold spending each budget on validation (every distinct score a candidate; a learned
+    rule's scores out of fold), on test."""
     val = group.validation
-    val_scores, val_extra = _rule_scores(spec, val, small, val, seed)
+    val_scores, val_extra = _validation_scores(spec, val, small, config)
     val_points = curves_lib.sweep(val_scores, val.models[small], val.models[LARGE], extra_small_flops=val_extra,
                                   corpus_metric=group.metric)
     found = []
@@ -153,7 +169,7 @@ def analyse(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
     config.check()
     plan, tier_plan, budgets = config.rule_plan(), config.tier_plan(), config.budgets()
     if validation is None and config.needs_validation():
-        raise ValueError("post_hoc and budget calibration need validation records; none were given.")
+        raise ValueError("the learned rules and budget calibration need validation records; none were given.")
     seed = config.options.seed
     result = Analysis({}, {}, {}, {}, {}, {}, {}, tier_plan)
     groups = _groups(config, test, validation, metrics)
@@ -166,12 +182,12 @@ def analyse(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
                 group.test.models[small], large, corpus_metric=group.metric)
             for spec in plan:
                 key = CurveKey(name, small, spec.label)
-                scores, extra = _rule_scores(spec, group.test, small, group.validation, seed)
+                scores, extra = _rule_scores(spec, group.test, small, group.validation, config)
                 result.curves[key] = curves_lib.sweep(
                     scores, group.test.models[small], large, extra_small_flops=extra,
                     corpus_metric=group.metric, num_thresholds=group.thresholds)
                 if budgets:
-                    result.calibrations[key] = _calibrate_rule(spec, group, small, scores, extra, budgets, seed)
+                    result.calibrations[key] = _calibrate_rule(spec, group, small, scores, extra, budgets, config)
         if tier_plan is not None:
             key = TierKey(name, tier_plan.name, tier_plan.rules_label)
             answers, scores = _tier_inputs(tier_plan, group.test, group.free_text[test.name], seed)

@@ -23,6 +23,7 @@ from cat_jax.cascade import calibration
 from cat_jax.cascade import rules as rules_lib
 from cat_jax.cascade.agreement import ABC, ABC_CENTRAL, STATISTICS
 from cat_jax.cascade.curves import CorpusMetric
+from cat_jax.cascade.posthoc import PostHocConfig
 from cat_jax.cascade.tiers import cascade_name
 from cat_jax.errors import ConfigError
 
@@ -60,6 +61,8 @@ class Options:
     tier_thresholds: int | None = 21
     target_deferral_rate: float | None = None
     target_relative_flops: float | None = None
+    posthoc_folds: int = 5
+    embed_layer: int | None = None
 
     def __post_init__(self) -> None:
         def set_(field: str, value: Any) -> None:
@@ -218,8 +221,15 @@ class AnalysisConfig:
             raise ConfigError(f"{e} Set TARGET_DEFERRAL_RATE in [0, 1] or TARGET_RELATIVE_FLOPS >= 0.") from e
 
     def needs_validation(self) -> bool:
-        """post_hoc is fitted, and budgets are calibrated, on the validation split."""
-        return any(spec.rule == "post_hoc" for spec in self.rule_plan()) or bool(self.budgets())
+        """The learned rules are fitted, and budgets are calibrated, on the validation split."""
+        return any(spec.rule in rules_lib.LEARNED_RULES for spec in self.rule_plan()) or bool(self.budgets())
+
+    def needs_embeddings(self) -> bool:
+        """post_hoc_embed reads the large model's input embeddings, recorded at decoding."""
+        return any(spec.rule == "post_hoc_embed" for spec in self.rule_plan())
+
+    def posthoc_config(self) -> PostHocConfig:
+        return PostHocConfig(folds=self.options.posthoc_folds)
 
     def check(self) -> None:
         """Every ConfigError the analysis would raise, raised now (before any decoding)."""
@@ -231,6 +241,14 @@ class AnalysisConfig:
             if value is not None and value < 2:
                 raise ConfigError(f"run_cascade_eval.{name}={value} must be >= 2 (rate 0 and rate 1), "
                                   "or None for every distinct score.")
+        if self.needs_validation() and not (isinstance(self.options.posthoc_folds, int)
+                                            and self.options.posthoc_folds >= 2):
+            raise ConfigError(f"run_cascade_eval.posthoc_folds={self.options.posthoc_folds!r} must be an int >= 2: "
+                              "the learned rules are cross-fitted on validation in that many folds.")
+        if self.options.embed_layer is not None and not (isinstance(self.options.embed_layer, int)
+                                                         and self.options.embed_layer >= 0):
+            raise ConfigError(f"run_cascade_eval.embed_layer={self.options.embed_layer!r} must be an int >= 0 "
+                              "(encoder layers run), or None for all of the large model's encoder.")
         self.tier_plan()
         self.budgets()
 
