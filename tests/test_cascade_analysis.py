@@ -207,6 +207,12 @@ def test_folds_are_stratified_seeded_and_checked():
         posthoc.fold_indices(y[:4], 5, seed=0)
     with pytest.raises(ConfigError, match="posthoc_folds=1 must be an int >= 2"):
         config(rules=("post_hoc",), plot_rule="post_hoc", posthoc_folds=1).check()
+    rng = np.random.default_rng(5)
+    with pytest.raises(ConfigError, match=r"posthoc_folds=5 folds, but the validation split has fewer examples in "
+                                          r"\{'t': 4\}: decode more"):
+        analysis.analyse(config(rules=("post_hoc",), plot_rule="post_hoc"), noise_split("test", rng, 20),
+                         noise_split("validation", rng, 4), {TASK: None})
+    config(rules=("chow_sum",), plot_rule="chow_sum").check_folds({TASK: 4})   # no learned rule: no folds
 
 
 def test_post_hoc_embed_reads_the_large_embedding_and_pays_for_it_everywhere():

@@ -170,6 +170,8 @@ def analyse(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
     plan, tier_plan, budgets = config.rule_plan(), config.tier_plan(), config.budgets()
     if validation is None and config.needs_validation():
         raise ValueError("the learned rules and budget calibration need validation records; none were given.")
+    if validation is not None:
+        config.check_folds({name: len(rows) for name, rows in validation.groups(config.mixture_name).items()})
     seed = config.options.seed
     result = Analysis({}, {}, {}, {}, {}, {}, {}, tier_plan)
     groups = _groups(config, test, validation, metrics)

@@ -232,6 +232,8 @@ def run_cascade_eval(
     splits = [load_split(dataset, dataset.split)]
     if config.validation_split not in (None, dataset.split):
         splits.append(load_split(dataset, config.validation_split))
+    if config.validation_split is not None:
+        config.check_folds({task: len(rows) for task, rows in splits[-1].task_rows.items()})
     decoded = {name: decode_model(name, d, splits, dataset, vocab, mesh, mesh_rules, depth if name == LARGE else None)
                for name, d in model_dirs.items()}
     if jax.process_index() != 0:

@@ -231,6 +231,17 @@ class AnalysisConfig:
     def posthoc_config(self) -> PostHocConfig:
         return PostHocConfig(folds=self.options.posthoc_folds)
 
+    def check_folds(self, validation_sizes: Mapping[str, int]) -> None:
+        """ConfigError when a group (task) has fewer validation examples than the learned rules'
+        cross-fitting folds; validation_sizes: group -> examples."""
+        if not any(spec.rule in rules_lib.LEARNED_RULES for spec in self.rule_plan()):
+            return
+        small = {group: n for group, n in validation_sizes.items() if n < self.options.posthoc_folds}
+        if small:
+            raise ConfigError(f"the learned rules are cross-fitted in posthoc_folds={self.options.posthoc_folds} "
+                              f"folds, but the {self.validation_split} split has fewer examples in {small}: decode "
+                              "more (MAX_EXAMPLES) or lower run_cascade_eval.posthoc_folds.")
+
     def check(self) -> None:
         """Every ConfigError the analysis would raise, raised now (before any decoding)."""
         labels = [spec.label for spec in self.rule_plan()]
