@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -21,6 +23,7 @@ from cat_jax import partitioning
 from cat_jax.decoding import DecodingConfig, make_decoder
 from cat_jax.errors import ConfigError
 from cat_jax.models.encoder_decoder import EncoderDecoderModel
+from cat_jax.models.t5 import Transformer
 
 
 @dataclasses.dataclass
@@ -50,6 +53,22 @@ def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArr
     Every process calls this with the same arguments (the same `arrays`, in the same order); each
     feeds only its block of rows of each batch and every process gets all predictions back.
     """
+    decoding = DecodingConfig() if decoding is None else decoding
+    decode = _jitted_decoder(decoding, model.module, max_decode_length, vocab.eos_id)
+    parts: dict[str, list[np.ndarray]] = defaultdict(list)
+    for out, real in _map_batches(lambda enc, i: decode(params, enc, decoding.rng(i)), arrays, batch_size,
+                                  mesh, rules):
+        for name in ("tokens", "logprobs", "entropies", "lengths", "mean_hidden", "margins"):
+            parts[name].append(np.asarray(getattr(out, name))[real])
+    merged = {k: np.concatenate(v) for k, v in parts.items()}
+    texts = [detokenize(vocab, row) for row in merged["tokens"]]
+    return Predictions(texts=texts, **merged)
+
+
+def _map_batches(call: Callable[[jax.Array, int], Any], arrays: data_lib.ExampleArrays, batch_size: int,
+                 mesh: Mesh, rules) -> Iterator[tuple[Any, np.ndarray]]:
+    """(call(encoder inputs [B, Li] on the mesh, batch index) on the host, real rows [B]) for every
+    batch; each process feeds its block of rows and every process gets the whole batch's output."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards or batch_size % jax.process_count():
         raise ConfigError(f"Eval batch size {batch_size} must be divisible by the {shards} data shards "
@@ -57,23 +76,34 @@ def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArr
                          f"{np.lcm(shards, jax.process_count())}.")
     sharding = partitioning.batch_sharding(mesh, rules)
     index, count = partitioning.process_batch_slice(sharding, batch_size)
-    decoding = DecodingConfig() if decoding is None else decoding
-    decode = _jitted_decoder(decoding, model.module, max_decode_length, vocab.eos_id)
-    parts: dict[str, list[np.ndarray]] = defaultdict(list)
     for batch_index, (batch, real) in enumerate(data_lib.eval_batches(arrays, batch_size)):
         local = _process_rows({"e": batch["encoder_input_tokens"]}, index, count)
         enc = partitioning.global_batch(local, sharding, batch_size)["e"]
         with partitioning.activation_sharding(mesh, rules):
-            out = decode(params, enc, decoding.rng(batch_index))
+            out = call(enc, batch_index)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             out = multihost_utils.process_allgather(out, tiled=True)
-        out = jax.device_get(out)
-        for name in ("tokens", "logprobs", "entropies", "lengths", "mean_hidden", "margins"):
-            parts[name].append(np.asarray(getattr(out, name))[real])
-    merged = {k: np.concatenate(v) for k, v in parts.items()}
-    texts = [detokenize(vocab, row) for row in merged["tokens"]]
-    return Predictions(texts=texts, **merged)
+        yield jax.device_get(out), real
+
+
+def mean_encoder_hidden(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays,
+                        batch_size: int, mesh: Mesh, rules, depth: int) -> np.ndarray:
+    """Each example's encoder hidden state after the first `depth` layers, averaged over its
+    non-padding input tokens: [N, emb] float32 (batched and sharded as `predict`)."""
+    pool = _jitted_mean_encoder_hidden(model.module, depth)
+    return np.concatenate([np.asarray(out)[real] for out, real in
+                           _map_batches(lambda enc, i: pool(params, enc), arrays, batch_size, mesh, rules)])
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_mean_encoder_hidden(module: Any, depth: int) -> Any:
+    def pool(params: Any, tokens: jax.Array) -> jax.Array:
+        hidden = module.apply({"params": params}, tokens, depth, method=Transformer.encoder_hidden)
+        mask = (tokens > 0)[..., None].astype(jnp.float32)
+        return (hidden.astype(jnp.float32) * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+
+    return jax.jit(pool)
 
 
 @functools.lru_cache(maxsize=16)

@@ -121,15 +121,15 @@ def test_ties_are_deferred_together_and_num_thresholds(small, large):
         curves.sweep(np.zeros(4), small, large, num_thresholds=1)
 
 
-def test_agreement_orders_by_disagreement_and_pays_for_every_small_model(small, large):
+def test_peer_agreement_orders_by_disagreement_and_pays_for_every_small_model(small, large):
     primary = make("s", small.quality, small.flops, predictions=["a", "b", "c", "d"])
     other1 = make("o", small.quality, [1.0] * 4, predictions=["a", "x", "c", "y"])
     other2 = make("o", small.quality, [2.0] * 4, predictions=["a", "b", "z", "w"])
-    scores = rules.compute_scores("agreement", primary, large, others=[other1, other2])
+    scores = rules.compute_scores("peer_agreement", primary, large, others=[other1, other2])
     # Agreement fractions [1, 0.5, 0.5, 0]; the e1/e2 tie goes to the lower chow_average (e1: -1.0 < -0.44).
     assert list(np.argsort(scores)) == [3, 1, 2, 0]
     assert np.floor(scores * 2).tolist() == [2.0, 1.0, 1.0, 0.0]
-    extra = rules.extra_small_flops("agreement", [other1, other2])
+    extra = rules.extra_small_flops("peer_agreement", [other1, other2])
     np.testing.assert_array_equal(extra, [3.0, 3.0, 3.0, 3.0])
     assert rules.extra_small_flops("chow_sum", [other1, other2]) is None
     points = curves.sweep(scores, primary, large, extra_small_flops=extra)
@@ -137,7 +137,9 @@ def test_agreement_orders_by_disagreement_and_pays_for_every_small_model(small, 
     expected = [(0, 0.22, 0.625), (0.25, 0.42, 0.375), (0.5, 0.62, 0.625), (0.75, 1.12, 0.75), (1, 1.22, 0.75)]
     assert_curve(points, expected)
     with pytest.raises(ValueError, match="at least one other small model"):
-        rules.compute_scores("agreement", primary, large)
+        rules.compute_scores("peer_agreement", primary, large)
+    with pytest.raises(ValueError, match="'agreement' is now called 'peer_agreement'"):
+        rules.compute_scores("agreement", primary, large, others=[other1])
 
 
 def bleu(hypotheses, references):

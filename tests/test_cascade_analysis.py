@@ -1,10 +1,12 @@
 """The analysis of records without models: budget calibration on synthetic records with known score
 distributions, the records' exact round trip through files, and the plan's checks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from cat_jax.cascade import analysis, plan, store
+from cat_jax.cascade import analysis, plan, posthoc, rules, store
 from cat_jax.cascade.curves import CurveKey
 from cat_jax.cascade.plan import LARGE, AnalysisConfig, Options
 from cat_jax.cascade.records import ModelOutputs, SplitRecords
@@ -35,8 +37,8 @@ def synthetic_split(name, rng, n=N):
 
 
 def config(**options):
-    return AnalysisConfig(TASK, "test", "validation", {LARGE: "/l", "ce": "/s"},
-                          Options(rules=("chow_average", "random"), **options), {TASK: None})
+    options = {"rules": ("chow_average", "random"), **options}
+    return AnalysisConfig(TASK, "test", "validation", {LARGE: "/l", "ce": "/s"}, Options(**options), {TASK: None})
 
 
 def test_calibration_meets_the_budget_on_validation_and_nearly_on_test():
@@ -88,7 +90,9 @@ def test_records_round_trip_exactly_through_files(tmp_path):
                        targets=[["HH AH0", "HH AA0"], ["X"], "3"], logprobs=lp, entropies=[-x for x in lp],
                        margins=[np.abs(x) for x in lp], quality=[1.0, 0.0, 1.0], flops=[1e9 / 3, 2.5e8, 7.0],
                        hidden=rng.normal(size=(3, 4)).astype(np.float32))
-    records = SplitRecords("test", ["g2p", "g2p", "sums"], {LARGE: out, "ce": out.take([0, 1, 2])})
+    large = dataclasses.replace(out, embedding=rng.normal(size=(3, 2)).astype(np.float32),
+                                embedding_flops=[1e9 / 7, 3.0, 5.5])
+    records = SplitRecords("test", ["g2p", "g2p", "sums"], {LARGE: large, "ce": out.take([0, 1, 2])})
     texts = store.SplitTexts(["0", "1", "0"], ["in0", "in1", "in2"], ["HH AH0", "X", "3"],
                              {LARGE: ["HH AH0", "", "3"], "ce": ["HH AH0", "", "3"]})
     path = str(tmp_path / store.EXAMPLES)
@@ -104,6 +108,9 @@ def test_records_round_trip_exactly_through_files(tmp_path):
                 assert x.tobytes() == y.tobytes()          # bit for bit, not approximately
         assert a.quality.tobytes() == b.quality.tobytes() and a.flops.tobytes() == b.flops.tobytes()
         assert a.hidden.tobytes() == b.hidden.tobytes()
+        for field in ("embedding", "embedding_flops"):
+            assert (getattr(a, field) is None) == (getattr(b, field) is None) == (name != LARGE)
+            assert name != LARGE or getattr(a, field).tobytes() == getattr(b, field).tobytes()
 
 
 def test_config_round_trips_and_plan_errors_name_the_fix():
@@ -127,3 +134,110 @@ def test_config_round_trips_and_plan_errors_name_the_fix():
         plan.plan_tiers([], ["abc"], models)
     with pytest.raises(ConfigError, match="TARGET_DEFERRAL_RATE"):
         config(target_deferral_rate=1.5).check()
+
+
+def test_renamed_rule_abc_statistics_and_free_text_in_the_plan(caplog):
+    specs = plan.plan_rules(["agreement", "chow_sum"], [0.0], 2)
+    assert [s.label for s in specs] == ["peer_agreement", "chow_sum"]
+    assert "'agreement' is now called 'peer_agreement'" in caplog.text
+    models = [LARGE, "a", "b", "c", "d"]
+    tiers = plan.plan_tiers([["a", "b"], ["c", "d"], [LARGE]], ["abc_central", "chow_sum"], models)
+    assert [tiers.statistic(k) for k in range(3)] == ["abc_central", "abc", "abc"]
+    assert plan.plan_tiers([["a", "b"], [LARGE]], None, models).rules[0] == plan.RuleSpec("abc", "abc")
+    with pytest.raises(ConfigError, match="'abc_central' after tier \\['a'\\] needs an ensemble"):
+        plan.plan_tiers([["a"], [LARGE]], ["abc_central"], models)
+    # Free text as recorded; records of an older run: the tasks with a corpus metric.
+    assert config().free_text_tasks() == {TASK: False}
+    recorded = AnalysisConfig(TASK, "test", None, {LARGE: "/l", "ce": "/s"}, Options(), {TASK: "m:bleu"})
+    assert recorded.free_text_tasks() == {TASK: True}
+    qa = AnalysisConfig(TASK, "test", None, {LARGE: "/l"}, Options(), {TASK: None}, {TASK: True})
+    assert qa.free_text_tasks() == {TASK: True} and AnalysisConfig.from_json(qa.to_json()) == qa
+
+
+def noise_split(name, rng, n, embedding_signal=False):
+    """The small model right on a random half, the large always; the small model's features are
+    noise (64 hidden dimensions: enough for the MLP to memorise its training set). The large
+    model's input embedding [n, 3] carries the answer in its first coordinate when
+    embedding_signal, else noise; it costs 2 FLOPs an example (small 1, large 10)."""
+    small_right = rng.random(n) < 0.5
+    ids = [f"{TASK}/{name}{i}" for i in range(n)]
+    embedding = rng.normal(size=(n, 3))
+    if embedding_signal:
+        embedding[:, 0] = np.where(small_right, 1.0, -1.0) + 0.3 * rng.normal(size=n)
+    common = dict(ids=ids, predictions=ids, targets=ids, entropies=[[0.1]] * n)
+    small = ModelOutputs(**common, logprobs=[[-0.5]] * n, quality=small_right.astype(float), flops=np.ones(n),
+                         hidden=rng.normal(size=(n, 64)))
+    large = ModelOutputs(**common, logprobs=[[0.0]] * n, quality=np.ones(n), flops=np.full(n, 10.0),
+                         embedding=embedding, embedding_flops=np.full(n, 2.0))
+    return SplitRecords(name, [TASK] * n, {LARGE: large, "ce": small})
+
+
+def test_learned_rules_are_calibrated_out_of_sample():
+    """A post_hoc MLP memorises noise features: in sample it finds every validation example the
+    small model gets wrong, out of fold it does no better than chance. The budget's validation
+    quality is out of fold, so it predicts what the threshold realises on test (0.5 + 0.3 / 2),
+    where an in-sample calibration would read 0.5 + 0.3 = 0.8."""
+    rng = np.random.default_rng(3)
+    validation, test = noise_split("validation", rng, 400), noise_split("test", rng, 400)
+    small, large = validation.models["ce"], validation.models[LARGE]
+    wrong = small.quality == 0
+
+    def share_wrong_first(scores):   # of the examples deferred first, the share the small model got wrong
+        return wrong[np.argsort(scores, kind="stable")[:wrong.sum()]].mean()
+
+    in_sample = rules.compute_scores("post_hoc", small, large, validation=(small, large))
+    out_of_fold = rules.cross_fitted_scores("post_hoc", small, large)
+    assert share_wrong_first(in_sample) > 0.95
+    assert abs(share_wrong_first(out_of_fold) - wrong.mean()) < 0.1
+    result = analysis.analyse(config(rules=("post_hoc",), plot_rule="post_hoc", target_deferral_rate=0.3), test,
+                              validation, {TASK: None})
+    (calibrated,) = result.calibrations[CurveKey(TASK, "ce", "post_hoc")]
+    assert calibrated.validation.deferral_rate == 0.3
+    assert abs(calibrated.validation.quality - 0.65) < 0.06 and abs(calibrated.test.quality - 0.65) < 0.06
+
+
+def test_folds_are_stratified_seeded_and_checked():
+    y = np.array([1.0] * 7 + [0.0] * 13)
+    folds = posthoc.fold_indices(y, 5, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(20))
+    assert [len(f) for f in folds] == [4] * 5 and all(1 <= y[f].sum() <= 2 for f in folds)
+    assert all((a == b).all() for a, b in zip(folds, posthoc.fold_indices(y, 5, seed=0)))
+    assert any((a != b).any() for a, b in zip(folds, posthoc.fold_indices(y, 5, seed=1)))
+    with pytest.raises(ValueError, match="folds=5 for 4 validation examples.*posthoc_folds"):
+        posthoc.fold_indices(y[:4], 5, seed=0)
+    with pytest.raises(ConfigError, match="posthoc_folds=1 must be an int >= 2"):
+        config(rules=("post_hoc",), plot_rule="post_hoc", posthoc_folds=1).check()
+    rng = np.random.default_rng(5)
+    with pytest.raises(ConfigError, match=r"posthoc_folds=5 folds, but the validation split has fewer examples in "
+                                          r"\{'t': 4\}: decode more"):
+        analysis.analyse(config(rules=("post_hoc",), plot_rule="post_hoc"), noise_split("test", rng, 20),
+                         noise_split("validation", rng, 4), {TASK: None})
+    config(rules=("chow_sum",), plot_rule="chow_sum").check_folds({TASK: 4})   # no learned rule: no folds
+
+
+def test_post_hoc_embed_reads_the_large_embedding_and_pays_for_it_everywhere():
+    rng = np.random.default_rng(4)
+    validation = noise_split("validation", rng, 300, embedding_signal=True)
+    test = noise_split("test", rng, 300, embedding_signal=True)
+    result = analysis.analyse(config(rules=("post_hoc", "post_hoc_embed"), plot_rule="post_hoc",
+                                     target_deferral_rate=0.3), test, validation, {TASK: None})
+    embed = result.curves[CurveKey(TASK, "ce", "post_hoc_embed")]
+    plain = result.curves[CurveKey(TASK, "ce", "post_hoc")]
+    # FLOPs: the small model (1) and the embedding (2) on every example, rate 0 included; the large (10) when deferred.
+    assert embed[0].deferral_rate == 0.0 and embed[0].relative_flops == pytest.approx(3 / 10)
+    assert embed[-1].deferral_rate == 1.0 and embed[-1].relative_flops == pytest.approx(13 / 10)
+    assert plain[0].relative_flops == pytest.approx(1 / 10)
+    auc = lambda points: sum((b.deferral_rate - a.deferral_rate) * (a.quality + b.quality) / 2  # noqa: E731
+                             for a, b in zip(points, points[1:]))
+    # The embedding tells where the small model errs: near the oracle's area (1 - 0.48^2 / 2 = 0.885),
+    # while the noise features stay at random deferral's (0.76).
+    assert auc(embed) > 0.84 and auc(plain) < 0.79
+    (calibrated,) = result.calibrations[CurveKey(TASK, "ce", "post_hoc_embed")]
+    assert calibrated.validation.relative_flops == pytest.approx((1 + 2 + 0.3 * 10) / 10)
+    assert calibrated.test.quality > 0.7      # random deferral of 0.3: 0.52 + 0.3 * 0.48 = 0.66
+    without = SplitRecords("test", test.tasks, {LARGE: dataclasses.replace(test.models[LARGE], embedding=None,
+                                                                           embedding_flops=None),
+                                                "ce": test.models["ce"]})
+    with pytest.raises(ValueError, match="post_hoc_embed' needs the large model's input embeddings"):
+        analysis.analyse(config(rules=("post_hoc_embed",), plot_rule="post_hoc_embed"), without, validation,
+                         {TASK: None})

@@ -13,15 +13,16 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from cat_jax import data, metrics
+from cat_jax import data, metrics, partitioning
 from cat_jax.cascade import analyse
 from cat_jax.cascade.analysis import analyse as analyse_records
 from cat_jax.cascade.pipeline import Decoded, load_split, run_cascade_eval, split_records
 from cat_jax.cascade.plan import LARGE, AnalysisConfig, Options
 from cat_jax.errors import CheckpointError, ConfigError, TeacherMismatchError
 from cat_jax.evaluation import Predictions
+from cat_jax.frozen_model import load_frozen_model
 from cat_jax.inference import InferenceConfig
-from cat_jax.models import T5Config, forward_flops
+from cat_jax.models import T5Config, Transformer, encoder_flops, encoder_layers_flops, forward_flops
 from conftest import DATA_CACHE, REPO, SUBPROCESS_ENV, run_module, train_args
 
 MIXTURE = "offline_mix"
@@ -31,8 +32,8 @@ PER_TASK = 8
 SMALL = ("ce", "ce2")
 PNG = b"\x89PNG\r\n\x1a\n"
 LABELS = {"chow_sum", "chow_average", "chow_quantile_0", "chow_quantile_0.1", "chow_quantile_0.25",
-          "chow_quantile_0.5", "entropy_mean", "entropy_max", "margin_min", "post_hoc", "agreement", "oracle",
-          "random"}
+          "chow_quantile_0.5", "entropy_mean", "entropy_max", "margin_min", "post_hoc", "post_hoc_embed",
+          "peer_agreement", "oracle", "random"}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_examples_jsonl_has_every_model_and_example(outputs):
     rows = _read_examples(out)
     assert list(rows) == ["large", *SMALL]
     fields = {"model", "id", "task", "input", "target", "prediction", "scored_target", "scored_prediction",
-              "token_logprobs", "token_entropies", "token_margins", "quality", "flops"}
+              "token_logprobs", "token_entropies", "token_margins", "quality", "flops", "embedding_flops"}
     for model_rows in rows.values():
         assert len(model_rows) == PER_TASK * len(TASKS)
         assert sorted({r["task"] for r in model_rows}) == sorted(TASKS)
@@ -104,27 +105,53 @@ def test_examples_jsonl_has_every_model_and_example(outputs):
     assert len(validation) == 3 * 32 and {r["model"] for r in validation} == {"large", *SMALL}
 
 
+def _config(model_dir) -> T5Config:
+    return T5Config.from_dict(json.loads((model_dir / "run_info.json").read_text())["model_config"])
+
+
 def test_flops_count_actual_input_and_decoded_lengths(outputs, model_dirs):
     out, _ = outputs
     vocab = data.get_vocabulary_of(MIXTURE)
-    info = json.loads((model_dirs["ce"] / "run_info.json").read_text())
-    config = T5Config.from_dict(info["model_config"])
-    rows = _read_examples(out)["ce"]
-    for r in rows:
+    config, large = _config(model_dirs["ce"]), _config(model_dirs["large"])
+    rows = _read_examples(out)
+    for r, large_row in zip(rows["ce"], rows["large"]):
         input_length = min(len(vocab.encode(r["input"])) + 1, 32)      # EOS included, capped at Li
         assert r["flops"] == forward_flops(config, input_length, len(r["token_logprobs"]))
-    assert len({r["flops"] for r in rows}) > 1
+        assert r["embedding_flops"] is None
+        # post_hoc_embed's embedding: all of the large encoder's layers (no cross-attention k/v).
+        assert large_row["embedding_flops"] == encoder_layers_flops(large, input_length, large.num_encoder_layers)
+        assert 0 < large_row["embedding_flops"] < encoder_flops(large, input_length)
+    assert len({r["flops"] for r in rows["ce"]}) > 1
+    assert json.loads((out / "cascade_config.json").read_text())["options"]["embed_layer"] == large.num_encoder_layers
+
+
+def test_large_embedding_is_its_mean_encoder_output(outputs, model_dirs):
+    """The recorded embedding: the large encoder's output averaged over each input's real tokens."""
+    out, _ = outputs
+    frozen = load_frozen_model(str(model_dirs["large"]), mesh=partitioning.make_mesh(),
+                               rules=partitioning.logical_axis_rules())
+    split = load_split(InferenceConfig(MIXTURE, {"inputs": 32, "targets": 8}, max_examples=PER_TASK), "test")
+    tokens = split.arrays.features["encoder_input_tokens"]
+    hidden = np.asarray(frozen.model.module.apply({"params": frozen.params}, tokens, frozen.config.num_encoder_layers,
+                                                  method=Transformer.encoder_hidden), np.float64)
+    mask = (tokens > 0)[..., None]
+    expected = (hidden * mask).sum(1) / mask.sum(1)
+    recorded = np.load(out / "examples_hidden.npz")["model0_embedding"]
+    assert recorded.shape == (PER_TASK * len(TASKS), frozen.config.emb_dim)
+    np.testing.assert_allclose(recorded, expected, rtol=1e-5, atol=1e-5)
 
 
 def _sum(rows, field):
     return sum(r[field] for r in rows)
 
 
-def _expected_endpoints(rows, group, small, others=()):
+def _expected_endpoints(rows, group, small, others=(), embedding=False):
     """(quality at rate 0, rel. FLOPs at rate 0, quality at rate 1, rel. FLOPs at rate 1) by hand."""
     pick = {m: [r for r in rows[m] if group in (r["task"], MIXTURE)] for m in rows}
     large_flops = _sum(pick["large"], "flops")
     small_flops = sum(_sum(pick[m], "flops") for m in (small, *others))
+    if embedding:                           # the large model's partial forward, on every example
+        small_flops += _sum(pick["large"], "embedding_flops")
     if group in BLEU_TASKS:
         def quality(m):
             return metrics.corpus_bleu([r["target"] for r in pick[m]], [r["prediction"] for r in pick[m]])
@@ -146,8 +173,8 @@ def test_curve_endpoints_match_the_examples(outputs):
     assert set(curves) == {(g, s, r) for g in (*TASKS, MIXTURE) for s in SMALL for r in LABELS}
     checked = 0
     for (group, small, rule), points in curves.items():
-        others = tuple(s for s in SMALL if s != small) if rule == "agreement" else ()
-        q0, f0, q1, f1 = _expected_endpoints(rows, group, small, others)
+        others = tuple(s for s in SMALL if s != small) if rule == "peer_agreement" else ()
+        q0, f0, q1, f1 = _expected_endpoints(rows, group, small, others, embedding=rule == "post_hoc_embed")
         first, last = points[0], points[-1]
         assert first["deferral_rate"] == 0.0 and last["deferral_rate"] == 1.0 and last["threshold"] is None
         assert first["quality"] == pytest.approx(q0, abs=1e-9)
@@ -248,6 +275,16 @@ def test_reanalysis_with_a_new_budget_and_missing_records(outputs, tmp_path):
     assert analyse.main([str(copy), "--output_dir", str(tmp_path / "c")]) == 2
     with pytest.raises(ConfigError, match="validation_examples.jsonl does not exist"):
         analyse.run([str(copy)])
+    bare = tmp_path / "bare"                      # records without the large model's embeddings
+    shutil.copytree(out, bare)
+    for name in ("examples_hidden.npz", "validation_examples_hidden.npz"):
+        hidden = dict(np.load(bare / name))
+        del hidden["model0_embedding"]
+        np.savez(bare / name, **hidden)
+    with pytest.raises(ConfigError, match="post_hoc_embed needs the large model's input embeddings"):
+        analyse.run([str(bare), "--output_dir", str(tmp_path / "d")])
+    assert analyse.run([str(bare), "--output_dir", str(tmp_path / "d"), "--rules", "post_hoc,chow_sum",
+                        "--plot_rule", "post_hoc"])
 
 
 def test_unknown_rule_exits_with_the_known_rules(tmp_path):

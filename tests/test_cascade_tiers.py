@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from cat_jax import metrics
 from cat_jax.cascade import agreement, calibration, summary, tiers
 from cat_jax.cascade.records import ModelOutputs
 
@@ -30,16 +31,50 @@ def test_abc_vote_on_unanimous_majority_and_split_ensembles():
     assert share.tolist() == [0.5] and winner.tolist() == [0]
 
 
-def test_abc_token_set_similarity_for_free_text():
-    assert agreement.token_set_similarity("The red cat sat.", "a red cat sat down") == pytest.approx(3 / 4)
-    assert agreement.token_set_similarity("", "") == 1.0 and agreement.token_set_similarity("x", "") == 0.0
-    members = [["the red cat sat"], ["a red cat sat down"], ["blue dog"]]
+def test_abc_free_text_is_the_authors_mean_pairwise_jaccard_of_stemmed_tokens():
+    """{A, A, B} scores 1/3 (the pairs AA, AB, AB: 1, 0, 0) and answers A; the most central member's
+    support (abc_central) gives it 2/3."""
+    members = [["red cat sat"], ["Red cat, sat."], ["blue dog"]]
     share, winner = agreement.ensemble_vote(members, np.ones(1, bool))
-    # support: (1 + 3/4 + 0) / 3 for the first two, (1 + 0 + 0) / 3 for the third.
-    assert share.tolist() == pytest.approx([7 / 12]) and winner.tolist() == [0]
-    # The same answers under exact match agree with nobody: 1/3.
-    share, _ = agreement.ensemble_vote(members, np.zeros(1, bool))
-    assert share.tolist() == pytest.approx([1 / 3])
+    assert share.tolist() == pytest.approx([1 / 3]) and winner.tolist() == [0]
+    central, _ = agreement.ensemble_vote(members, np.ones(1, bool), "abc_central")
+    assert central.tolist() == pytest.approx([2 / 3])
+    # Porter stems: "running dogs" and "the dog runs" share {run, dog}; "jumped" and "jumps" share "jump".
+    assert agreement.stemmed_tokens("The running dogs") == {"run", "dog"}
+    members = [["running dogs"], ["the dog runs"], ["dog jumped"], ["dogs jumps"]]
+    share, winner = agreement.ensemble_vote(members, np.ones(1, bool))
+    # Sets {run, dog} x2, {dog, jump} x2: pairs 1, 1/3, 1/3, 1/3, 1/3, 1 -> 10/3 / 6; the most
+    # frequent normalised string is each answer once, so the first member answers.
+    assert share.tolist() == pytest.approx([(2 + 4 / 3) / 6]) and winner.tolist() == [0]
+    stemmed, _ = agreement.ensemble_vote(members[:2], np.ones(1, bool))
+    unstemmed, _ = agreement.ensemble_vote(members[:2], np.ones(1, bool), "abc_central")
+    assert stemmed.tolist() == [1.0] and unstemmed.tolist() == [0.5]    # unstemmed they share no token
+    # The answer is the most frequent normalised string, through the first member giving it.
+    share, winner = agreement.ensemble_vote([["x y"], ["z"], ["X, y!"]], np.ones(1, bool))
+    assert winner.tolist() == [0] and share.tolist() == pytest.approx([1 / 3])
+    share, winner = agreement.ensemble_vote([["z"], ["x y"], ["X, y!"]], np.zeros(1, bool))
+    assert winner.tolist() == [1] and share.tolist() == pytest.approx([2 / 3])
+
+
+def test_abc_empty_majority_always_defers():
+    """An empty majority answer scores EMPTY_MAJORITY (below any agreement) on labels and free
+    text alike; "the" normalises to empty. abc_central counts two empty answers as agreeing."""
+    members = [["", "the", "x"], ["", "", "x"], ["y", "z", "x"]]
+    for free_text in (False, True):
+        share, _ = agreement.ensemble_vote(members, np.full(3, free_text))
+        assert share.tolist() == [agreement.EMPTY_MAJORITY, agreement.EMPTY_MAJORITY, 1.0]
+    central, _ = agreement.ensemble_vote(members, np.ones(3, bool), "abc_central")
+    assert central.tolist() == pytest.approx([2 / 3, 2 / 3, 1.0])
+    assert agreement.token_set_similarity("", "") == 1.0 and agreement.jaccard(frozenset(), frozenset()) == 0.0
+    with pytest.raises(ValueError, match="unknown agreement statistic 'majority'"):
+        agreement.ensemble_vote(members, False, "majority")
+
+
+def test_free_text_tasks_from_their_quality_metric():
+    assert agreement.is_free_text(metrics.Quality(metrics.exact_match_scores, metrics.corpus_bleu))
+    assert agreement.is_free_text(metrics.Quality(metrics.squad_exact_match_scores))
+    assert not agreement.is_free_text(metrics.Quality(metrics.exact_match_scores))
+    assert not agreement.is_free_text(metrics.Quality(metrics.label_match_scores))
 
 
 # Tier 0: model A; tier 1: ensemble B1+B2+B3 (ABC); tier 2: model C. Per example:
@@ -50,9 +85,9 @@ def test_abc_token_set_similarity_for_free_text():
 # An example answered by tier 0 / 1 / 2 costs 1 / 10 / 30 FLOPs and 1 / 5 / 25 latency.
 def three_tiers():
     a = make(["a0", "a1", "a2", "a3"], [1, 0, 0, 0], [1] * 4, logprobs=[[-0.1], [-0.9], [-0.5], [-0.3]])
-    b1 = make(["a", "b", "d", "g"], [1, 0, 0, 1], [2] * 4)
-    b2 = make(["a", "c", "e", "g"], [1, 1, 0, 1], [3] * 4)
-    b3 = make(["a", "c", "f", "h"], [1, 1, 0, 0], [4] * 4)
+    b1 = make(["k", "b", "d", "g"], [1, 0, 0, 1], [2] * 4)
+    b2 = make(["k", "c", "e", "g"], [1, 1, 0, 1], [3] * 4)
+    b3 = make(["k", "c", "f", "h"], [1, 1, 0, 0], [4] * 4)
     c = make(["c0", "c1", "c2", "c3"], [1, 1, 1, 0], [20] * 4)
     answers = [tiers.tier_answer([a]), tiers.tier_answer([b1, b2, b3]), tiers.tier_answer([c])]
     scores = np.array([[-0.1, -0.9, -0.5, -0.3], answers[1].agreement])
@@ -62,7 +97,7 @@ def three_tiers():
 def test_tier_answers_and_costs():
     answers, scores = three_tiers()
     np.testing.assert_allclose(scores[1], [1.0, 2 / 3, 1 / 3, 2 / 3])
-    assert answers[1].outputs.predictions == ("a", "c", "d", "g")
+    assert answers[1].outputs.predictions == ("k", "c", "d", "g")
     assert answers[1].outputs.quality.tolist() == [1, 1, 0, 1]
     assert answers[1].flops.tolist() == [9] * 4 and answers[1].latency.tolist() == [4] * 4
     # Joint threshold (+inf, 2/3): everything leaves A; e2 (agreement 1/3) goes on to C.

@@ -14,7 +14,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-from cat_jax.models import T5Config, Transformer, decoder_flops, encoder_flops, forward_flops
+from cat_jax.models import (T5Config, Transformer, decoder_flops, encoder_flops, encoder_layers_flops,
+                            forward_flops)
 from cat_jax.models.layers import relative_position_bucket
 from tolerances import DEEP, assert_close
 
@@ -204,6 +205,26 @@ def test_decoder_flops_count_a_cached_block_call():
     counted = _count_matmul_flops(jax.make_jaxpr(call)(params, cache, encoded).jaxpr)
     assert decoder_flops(TINY, li, context, block) == pytest.approx(counted, rel=1e-9)
     assert forward_flops(TINY, li, 8) == encoder_flops(TINY, li) + decoder_flops(TINY, li, 0, 8)
+
+
+def test_encoder_hidden_at_a_depth_and_its_flops(tiny_params):
+    """encoder_hidden(depth) runs the first `depth` layers (all of them: `encode`'s output), and
+    encoder_layers_flops counts exactly its matmuls."""
+    model, variables, li = Transformer(TINY), {"params": tiny_params}, ENC.shape[1]
+    full = model.apply(variables, ENC, method=Transformer.encode)
+    np.testing.assert_array_equal(model.apply(variables, ENC, 2, method=Transformer.encoder_hidden), full)
+    one = model.apply(variables, ENC, 1, method=Transformer.encoder_hidden)
+    assert one.shape == full.shape and not np.allclose(one, full, atol=1e-3)
+    for depth in (0, 1, 2):
+        call = lambda p, depth=depth: model.apply({"params": p}, ENC, depth, method=Transformer.encoder_hidden)
+        counted = _count_matmul_flops(jax.make_jaxpr(call)(tiny_params).jaxpr) / ENC.shape[0]  # per example
+        assert encoder_layers_flops(TINY, li, depth) == pytest.approx(counted, rel=1e-9)
+    d, a = TINY.emb_dim, TINY.num_heads * TINY.head_dim
+    assert encoder_flops(TINY, li) == encoder_layers_flops(TINY, li, 2) + 2 * 4 * li * d * a
+    with pytest.raises(ValueError, match=r"encoder depth 3 must lie in \[0, 2\]"):
+        model.apply(variables, ENC, 3, method=Transformer.encoder_hidden)
+    with pytest.raises(ValueError, match=r"num_layers=3 must lie in \[0, 2\]"):
+        encoder_layers_flops(TINY, li, 3)
 
 
 @pytest.mark.parametrize("config", [TINY, T5Config(

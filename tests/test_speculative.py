@@ -29,16 +29,32 @@ def random_dists(rng: np.random.Generator, rows: int, concentration: float = 0.5
     return rng.dirichlet(np.full(V, concentration), size=rows).astype(np.float32)
 
 
+def tempered(d: np.ndarray, temperature: float) -> np.ndarray:
+    """The sampling distribution of d [rows, V] at `temperature`: one-hot on the argmax at 0."""
+    if temperature == 0:
+        return np.eye(d.shape[-1], dtype=d.dtype)[d.argmax(-1)]
+    x = np.exp(np.log(d.astype(np.float64)) / temperature)
+    return (x / x.sum(-1, keepdims=True)).astype(d.dtype)
+
+
+def official_opt_keeps(q, p, q_s, p_s, alpha: float) -> np.ndarray:
+    """The notebook's OPT decision (speculative_cascades_gemma.ipynb, target_distribution_opt), in
+    NumPy: max terms of the unscaled distributions, TV of the sampling ones; True keeps the small."""
+    tvd = np.sum(np.maximum(0.0, q_s.astype(np.float64) - p_s), axis=-1)
+    return q.max(-1) >= p.max(-1) - alpha * tvd
+
+
 def reference_target(rule: str, q, p, q_s, p_s, alpha: float) -> np.ndarray:
-    """pi of one rule, row by row, written from the paper's definitions."""
+    """pi of one rule, row by row, written from the paper's definitions (OPT's TV as the notebook's)."""
     out = np.zeros_like(q)
     for i in range(len(q)):
         mq, mp = q[i].max(), p[i].max()
-        tv = 0.5 * np.abs(q[i] - p[i]).sum()
+        tv = np.maximum(0.0, q_s[i] - p_s[i]).sum()
         if rule == "lossless":
             out[i] = p_s[i]
         elif rule in ("chow", "diff", "opt"):
-            keep = {"chow": mq >= 1 - alpha, "diff": mq >= mp - alpha, "opt": mq >= mp - alpha * tv}[rule]
+            keep = {"chow": mq >= 1 - alpha, "diff": mq >= mp - alpha,
+                    "opt": mq >= mp - (alpha * tv if tv > 0 else 0.0)}[rule]
             out[i] = q_s[i] if keep else p_s[i]
         else:
             in_set = {"token_v1": q[i] >= mp - alpha, "token_v2": p[i] >= mp - alpha,
@@ -65,10 +81,18 @@ def dists():
     return q, p, temper(q), temper(p)
 
 
+def swept_alphas(rule: str, num: int = 6) -> np.ndarray:
+    """num alphas from the large-model extreme to the small-model one (inner ones in SWEEP_SPANS)."""
+    if rule == "lossless":
+        return np.zeros(1)
+    low, high = ALPHA_EXTREMES[rule]
+    return np.array([low, *np.linspace(*rules_lib.SWEEP_SPANS.get(rule, (low, high)), num)[1:-1], high])
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_rules_match_numpy_reference(rule, dists):
     q, p, q_s, p_s = dists
-    alphas = (0.0,) if rule == "lossless" else np.linspace(*ALPHA_EXTREMES[rule], 6)
+    alphas = swept_alphas(rule)
     verify = jax.jit(functools.partial(rules_lib.verification, rule))
     by_id = jax.jit(rules_lib.verification_by_id)
     decisions = set()
@@ -97,17 +121,45 @@ def test_rules_match_numpy_reference(rule, dists):
 def test_deferral_decisions_and_accepted_sets():
     q = jnp.array([[0.7, 0.2, 0.1], [0.4, 0.3, 0.3]])
     p = jnp.array([[0.5, 0.4, 0.1], [0.9, 0.05, 0.05]])
-    np.testing.assert_array_equal(rules_lib.keep_small("chow", q, p, 0.35), [True, False])
-    np.testing.assert_array_equal(rules_lib.keep_small("diff", q, p, 0.0), [True, False])
-    np.testing.assert_array_equal(rules_lib.keep_small("diff", q, p, 0.6), [True, True])
-    # TV = 0.2 and 0.5: keep iff max q >= max p - alpha * TV.
-    np.testing.assert_array_equal(rules_lib.keep_small("opt", q, p, -1.5), [False, False])
-    np.testing.assert_array_equal(rules_lib.keep_small("opt", q, p, 0.5), [True, False])
-    np.testing.assert_array_equal(rules_lib.keep_small("opt", q, p, 1.1), [True, True])
+    keep = lambda rule, alpha, q_s=q, p_s=p: rules_lib.keep_small(rule, q, p, q_s, p_s, alpha)  # noqa: E731
+    np.testing.assert_array_equal(keep("chow", 0.35), [True, False])
+    np.testing.assert_array_equal(keep("diff", 0.0), [True, False])
+    np.testing.assert_array_equal(keep("diff", 0.6), [True, True])
+    # At temperature 1, TV = 0.2 and 0.5: keep iff max q >= max p - alpha * TV.
+    np.testing.assert_array_equal(keep("opt", -1.5), [False, False])
+    np.testing.assert_array_equal(keep("opt", 0.5), [True, False])
+    np.testing.assert_array_equal(keep("opt", 1.1), [True, True])
+    # Greedy (one-hot q_s, p_s): row 0's greedy tokens agree (TV 0, keep iff max q >= max p), row
+    # 1's do too; TV of the untempered rows (0.2, 0.5) would defer row 0 at alpha -1.5.
+    greedy_q, greedy_p = jnp.eye(3)[jnp.argmax(q, -1)], jnp.eye(3)[jnp.argmax(p, -1)]
+    np.testing.assert_array_equal(keep("opt", -1.5, greedy_q, greedy_p), [True, False])
+    np.testing.assert_array_equal(keep("opt", jnp.inf, greedy_q, greedy_p), [True, False])
     np.testing.assert_array_equal(rules_lib.accepted_set("token_v2", q, p, 0.15),
                                   [[True, True, False], [True, False, False]])
     np.testing.assert_array_equal(rules_lib.accepted_set("token_v3", q, p, 0.5),
                                   [[True, True, False], [True, False, False]])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_opt_matches_the_official_formula(temperature):
+    """OPT's decision against a NumPy transcription of the notebook's, on 640 random rows and
+    alphas across (-1.5, 1.5); at temperatures 0 and 0.7 that differs from TV of the untempered
+    distributions on some rows, which this test would catch."""
+    rng = np.random.default_rng(5)
+    q, p = random_dists(rng, 640, 0.3), random_dists(rng, 640, 0.3)
+    q_s, p_s = tempered(q, temperature), tempered(p, temperature)
+    keep = jax.jit(functools.partial(rules_lib.keep_small, "opt"))
+    differs = 0
+    for alpha in np.linspace(-1.5, 1.5, 13):
+        official = official_opt_keeps(q, p, q_s, p_s, alpha)
+        got = np.asarray(keep(q, p, q_s, p_s, jnp.float32(alpha)))
+        tv = np.maximum(0.0, q_s.astype(np.float64) - p_s).sum(-1)
+        clear = np.abs(q.max(-1) - p.max(-1) + alpha * tv) > 1e-5   # no float32 rounding at the boundary
+        assert clear.mean() > 0.95
+        np.testing.assert_array_equal(got[clear], official[clear])
+        untempered_tv = 0.5 * np.abs(q.astype(np.float64) - p).sum(-1)
+        differs += int(np.sum(official != (q.max(-1) >= p.max(-1) - alpha * untempered_tv)))
+    assert (differs > 0) == (temperature != 1.0), differs
 
 
 @pytest.mark.parametrize("rule", sorted(ALPHA_EXTREMES))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from cat_jax.cascade.speculative import report
 from cat_jax.cascade.speculative.pipeline import alpha_grid, run_speculative_eval
 from cat_jax.errors import ConfigError
 from cat_jax.inference import InferenceConfig
@@ -96,3 +98,19 @@ def test_configuration_errors_before_decoding(tmp_path):
     with pytest.raises(ConfigError, match="timing_repeats"):
         run(timing_repeats=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_opt_sweeps_between_infinite_extremes_written_as_strings(tmp_path):
+    """OPT's extremes are -inf and +inf (the notebook's range); JSON, which has no infinity,
+    gets "-inf" / "inf" for them, and null still means a rule without alpha."""
+    assert alpha_grid("opt", 5, {}) == [-math.inf, -0.5, 0.0, 0.5, math.inf]
+    assert alpha_grid("opt", 2, {}) == [-math.inf, math.inf]
+    assert alpha_grid("chow", 3, {}) == pytest.approx([-0.1, 0.45, 1.0]) and alpha_grid("lossless", 5, {}) == [0.0]
+    points = [report.Point(group="g", drafter="ce", rule=rule, gamma=1, alpha=alpha, quality=0.5,
+                           relative_flops=1.0, relative_latency=1.0, ms_per_example=1.0)
+              for rule, alpha in (("opt", -math.inf), ("opt", 0.5), ("opt", math.inf), ("lossless", None))]
+    report.write_points(tmp_path / "curves.csv", tmp_path / "curves.json", points)
+    assert [p["alpha"] for p in json.loads((tmp_path / "curves.json").read_text())] == ["-inf", 0.5, "inf", None]
+    with open(tmp_path / "curves.csv") as f:
+        assert [float(r["alpha"]) if r["alpha"] else None for r in csv.DictReader(f)] == [
+            -math.inf, 0.5, math.inf, None]

@@ -5,10 +5,11 @@
         [--tier_thresholds N] [--plot_rule LABEL]
 
 Reads DIR/cascade_config.json (the plan cascade_eval ran), DIR/examples.jsonl and, when the
-validation split was decoded, DIR/validation_examples.jsonl (with their *_hidden.npz), and writes
+validation split was decoded, DIR/validation_examples.jsonl (with their *_hidden.npz: decoder
+states and, for post_hoc_embed, the large model's input embeddings), and writes
 every curve, summary and plot again into OUT (default DIR), with the plan and any overrides given
 here in OUT/cascade_config.json. Without overrides the numbers are cascade_eval's, byte for byte.
-It needs no checkpoint, accelerator, seqio or TensorFlow (JAX on CPU fits post_hoc's MLP); task
+It needs no checkpoint, accelerator, seqio or TensorFlow (JAX on CPU fits the learned rules' MLPs); task
 corpus metrics are imported by their recorded names (see cat_jax.cascade.plan).
 """
 
@@ -22,7 +23,8 @@ import pathlib
 import sys
 
 from cat_jax.cascade import analysis, report, store
-from cat_jax.cascade.plan import CONFIG, AnalysisConfig, corpus_metrics
+from cat_jax.cascade.plan import CONFIG, LARGE, AnalysisConfig, corpus_metrics
+from cat_jax.cascade.records import SplitRecords
 from cat_jax.errors import FRIENDLY, ConfigError
 
 
@@ -54,9 +56,16 @@ def _with_overrides(config: AnalysisConfig, args: argparse.Namespace) -> Analysi
         given["rules"] = tuple(r.strip() for r in args.rules.split(",") if r.strip())
     config = dataclasses.replace(config, options=dataclasses.replace(config.options, **given))
     if config.validation_split is None and config.needs_validation():
-        raise ConfigError("post_hoc and budget calibration need the validation split, which this run did not "
-                          "decode; run cascade_eval again with a budget (TARGET_DEFERRAL_RATE=...) or post_hoc.")
+        raise ConfigError("the learned rules and budget calibration need the validation split, which this run "
+                          "did not decode; run cascade_eval again with a budget (TARGET_DEFERRAL_RATE=...) or "
+                          "post_hoc.")
     return config
+
+
+def _check_embeddings(config: AnalysisConfig, splits: list[SplitRecords]) -> None:
+    if config.needs_embeddings() and any(s.models[LARGE].embedding is None for s in splits):
+        raise ConfigError("rule post_hoc_embed needs the large model's input embeddings, which this run did not "
+                          "record; run cascade_eval again with post_hoc_embed among run_cascade_eval.rules.")
 
 
 def run(argv: list[str] | None = None) -> list[str]:
@@ -72,6 +81,7 @@ def run(argv: list[str] | None = None) -> list[str]:
     elif config.validation_split is not None:
         validation = store.read_split(_existing(os.path.join(args.dir, store.VALIDATION_EXAMPLES)),
                                       config.validation_split)
+    _check_embeddings(config, [s for s in (test, validation) if s is not None])
     result = analysis.analyse(config, test, validation, corpus_metrics(config.corpus_metrics))
     output_dir = args.output_dir or args.dir
     files = report.write_outputs(output_dir, config, result, len(test))

@@ -20,7 +20,8 @@ from cat_jax.cascade import curves as curves_lib
 from cat_jax.cascade import rules as rules_lib
 from cat_jax.cascade.calibration import Calibration
 from cat_jax.cascade.curves import CorpusMetric, CurveKey, CurvePoint, OperatingPoint
-from cat_jax.cascade.plan import ABC, LARGE, AnalysisConfig, RuleSpec, TierPlan
+from cat_jax.cascade.agreement import STATISTICS
+from cat_jax.cascade.plan import LARGE, AnalysisConfig, RuleSpec, TierPlan
 from cat_jax.cascade.records import SplitRecords
 from cat_jax.cascade.tiers import TierKey, TierPoint
 
@@ -55,11 +56,11 @@ class _Group:
     validation: SplitRecords | None
     metric: CorpusMetric | None
     thresholds: int | None
-    token_set: dict[str, np.ndarray]   # split name -> [N] bool: free-text examples (ABC similarity)
+    free_text: dict[str, np.ndarray]   # split name -> [N] bool: free-text examples (ABC's statistic)
 
 
-def _token_set(split: SplitRecords, metrics: Mapping[str, CorpusMetric | None]) -> np.ndarray:
-    return np.array([metrics.get(task) is not None for task in split.tasks], dtype=bool)
+def _free_text(split: SplitRecords, free_text: Mapping[str, bool]) -> np.ndarray:
+    return np.array([free_text.get(task, False) for task in split.tasks], dtype=bool)
 
 
 def _take(split: SplitRecords, rows: np.ndarray) -> SplitRecords:
@@ -81,27 +82,43 @@ def _groups(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
                                  "every task of the test split.")
             val = _take(validation, val_groups[name])
         group_test = _take(test, rows)
-        token_set = {s.name: _token_set(s, metrics) for s in (group_test, val) if s is not None}
+        free_text = {s.name: _free_text(s, config.free_text_tasks()) for s in (group_test, val) if s is not None}
         groups[name] = _Group(group_test, val, metric, num if metric is None else (num or CORPUS_THRESHOLDS),
-                              token_set)
+                              free_text)
     return groups
 
 
+def _others(split: SplitRecords, small: str) -> tuple:
+    return tuple(out for name, out in split.models.items() if name not in (small, LARGE))
+
+
 def _rule_scores(spec: RuleSpec, split: SplitRecords, small: str, fit_on: SplitRecords | None,
-                 seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scores [N], FLOPs [N] of the other small models the rule runs, or None) of a two-model rule."""
-    others = tuple(out for name, out in split.models.items() if name not in (small, LARGE))
+                 config: AnalysisConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores [N], FLOPs [N] the rule spends besides the small model, or None) of a two-model rule;
+    a learned rule is fitted on all of `fit_on`."""
+    others = _others(split, small)
     validation = None if fit_on is None else (fit_on.models[small], fit_on.models[LARGE])
     scores = rules_lib.compute_scores(spec.rule, split.models[small], split.models[LARGE],
-                                      quantile=spec.quantile, seed=seed, others=others, validation=validation)
-    return scores, rules_lib.extra_small_flops(spec.rule, others)
+                                      quantile=spec.quantile, seed=config.options.seed, others=others,
+                                      validation=validation, posthoc_config=config.posthoc_config())
+    return scores, rules_lib.extra_small_flops(spec.rule, others, split.models[LARGE])
+
+
+def _validation_scores(spec: RuleSpec, val: SplitRecords, small: str,
+                       config: AnalysisConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """`_rule_scores` on validation; a learned rule's out of fold (cross-fitted on validation)."""
+    if spec.rule not in rules_lib.LEARNED_RULES:
+        return _rule_scores(spec, val, small, val, config)
+    scores = rules_lib.cross_fitted_scores(spec.rule, val.models[small], val.models[LARGE], config.posthoc_config())
+    return scores, rules_lib.extra_small_flops(spec.rule, _others(val, small), val.models[LARGE])
 
 
 def _calibrate_rule(spec: RuleSpec, group: _Group, small: str, scores: np.ndarray, extra: np.ndarray | None,
-                    budgets: Sequence[calibration.Budget], seed: int) -> list[Calibration]:
-    """The threshold spending each budget on validation (every distinct score a candidate), on test."""
+                    budgets: Sequence[calibration.Budget], config: AnalysisConfig) -> list[Calibration]:
+    """The threshold spending each budget on validation (every distinct score a candidate; a learned
+    rule's scores out of fold), on test."""
     val = group.validation
-    val_scores, val_extra = _rule_scores(spec, val, small, val, seed)
+    val_scores, val_extra = _validation_scores(spec, val, small, config)
     val_points = curves_lib.sweep(val_scores, val.models[small], val.models[LARGE], extra_small_flops=val_extra,
                                   corpus_metric=group.metric)
     found = []
@@ -115,11 +132,12 @@ def _calibrate_rule(spec: RuleSpec, group: _Group, small: str, scores: np.ndarra
     return found
 
 
-def _tier_inputs(plan: TierPlan, split: SplitRecords, token_set: np.ndarray,
+def _tier_inputs(plan: TierPlan, split: SplitRecords, free_text: np.ndarray,
                  seed: int) -> tuple[list[tiers.TierAnswer], np.ndarray]:
     """(each tier's answer [K], boundary scores [K-1, N]); a random boundary b is seeded seed + b."""
-    answers = [tiers.tier_answer([split.models[m] for m in tier], token_set) for tier in plan.tiers]
-    scores = [answer.agreement if spec.rule == ABC else
+    answers = [tiers.tier_answer([split.models[m] for m in tier], free_text, plan.statistic(k))
+               for k, tier in enumerate(plan.tiers)]
+    scores = [answer.agreement if spec.rule in STATISTICS else
               rules_lib.own_output_scores(spec.rule, answer.outputs, quantile=spec.quantile, seed=seed + b)
               for b, (spec, answer) in enumerate(zip(plan.rules, answers))]
     return answers, np.array(scores, dtype=np.float64).reshape(len(plan.rules), len(split))
@@ -129,7 +147,7 @@ def _calibrate_tiers(plan: TierPlan, group: _Group, answers: Sequence[tiers.Tier
                      budgets: Sequence[calibration.Budget], config: AnalysisConfig) -> list[Calibration]:
     """The joint grid point of best validation quality within each budget, on test."""
     val = group.validation
-    val_answers, val_scores = _tier_inputs(plan, val, group.token_set[val.name], config.options.seed)
+    val_answers, val_scores = _tier_inputs(plan, val, group.free_text[val.name], config.options.seed)
     grid = tiers.joint_grid(val_scores, config.options.tier_thresholds)
     val_points = tiers.evaluate(val_answers, val_scores, grid, corpus_metric=group.metric)
     found = []
@@ -151,7 +169,9 @@ def analyse(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
     config.check()
     plan, tier_plan, budgets = config.rule_plan(), config.tier_plan(), config.budgets()
     if validation is None and config.needs_validation():
-        raise ValueError("post_hoc and budget calibration need validation records; none were given.")
+        raise ValueError("the learned rules and budget calibration need validation records; none were given.")
+    if validation is not None:
+        config.check_folds({name: len(rows) for name, rows in validation.groups(config.mixture_name).items()})
     seed = config.options.seed
     result = Analysis({}, {}, {}, {}, {}, {}, {}, tier_plan)
     groups = _groups(config, test, validation, metrics)
@@ -164,15 +184,15 @@ def analyse(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
                 group.test.models[small], large, corpus_metric=group.metric)
             for spec in plan:
                 key = CurveKey(name, small, spec.label)
-                scores, extra = _rule_scores(spec, group.test, small, group.validation, seed)
+                scores, extra = _rule_scores(spec, group.test, small, group.validation, config)
                 result.curves[key] = curves_lib.sweep(
                     scores, group.test.models[small], large, extra_small_flops=extra,
                     corpus_metric=group.metric, num_thresholds=group.thresholds)
                 if budgets:
-                    result.calibrations[key] = _calibrate_rule(spec, group, small, scores, extra, budgets, seed)
+                    result.calibrations[key] = _calibrate_rule(spec, group, small, scores, extra, budgets, config)
         if tier_plan is not None:
             key = TierKey(name, tier_plan.name, tier_plan.rules_label)
-            answers, scores = _tier_inputs(tier_plan, group.test, group.token_set[test.name], seed)
+            answers, scores = _tier_inputs(tier_plan, group.test, group.free_text[test.name], seed)
             result.tier_curves[key] = tiers.sweep_tiers(answers, scores, corpus_metric=group.metric,
                                                         num_thresholds=config.options.tier_thresholds)
             result.tiers_alone[key] = tiers.tiers_alone(answers, corpus_metric=group.metric)

@@ -22,13 +22,14 @@ import numpy as np
 from cat_jax import data as data_lib
 from cat_jax import evaluation, metrics, partitioning
 from cat_jax.cascade import analysis, report, store
+from cat_jax.cascade.agreement import is_free_text
 from cat_jax.cascade.plan import ALL_RULES, CONFIG, LARGE, AnalysisConfig, Options, metric_ref
 from cat_jax.cascade.records import ModelOutputs, SplitRecords
 from cat_jax.checkpoints import latest_finished_step
 from cat_jax.errors import ConfigError, TeacherMismatchError
 from cat_jax.frozen_model import check_vocabulary, load_frozen_model, read_model_info
 from cat_jax.inference import InferenceConfig
-from cat_jax.models import forward_flops
+from cat_jax.models import encoder_layers_flops, forward_flops
 
 log = logging.getLogger("cat_jax")
 
@@ -45,10 +46,14 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Decoded:
-    """One model's greedy outputs on one split, and the forward FLOPs of each example [N]."""
+    """One model's greedy outputs on one split and the forward FLOPs of each example [N]; for the
+    large model when post_hoc_embed needs it, each input's mean encoder hidden state at the planned
+    depth [N, emb] and the FLOPs of those encoder layers [N]."""
 
     predictions: evaluation.Predictions
     flops: np.ndarray
+    embedding: np.ndarray | None = None
+    embedding_flops: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +93,32 @@ def load_split(dataset: InferenceConfig, split: str) -> Split:
     return Split(split, arrays, targets, rows)
 
 
+def _input_lengths(arrays: data_lib.ExampleArrays) -> np.ndarray:
+    """Each example's encoder tokens [N], capped at the configured input length."""
+    return np.minimum(arrays.input_lengths, arrays.features["encoder_input_tokens"].shape[1])
+
+
 def example_flops(config: Any, arrays: data_lib.ExampleArrays, decoded_lengths: np.ndarray) -> np.ndarray:
     """Forward FLOPs [N] at each example's actual input length (capped at Li) and decoded length."""
-    inputs = np.minimum(arrays.input_lengths, arrays.features["encoder_input_tokens"].shape[1])
-    return np.array([forward_flops(config, int(li), int(lt)) for li, lt in zip(inputs, decoded_lengths)])
+    return np.array([forward_flops(config, int(li), int(lt))
+                     for li, lt in zip(_input_lengths(arrays), decoded_lengths)])
+
+
+def embedding_depth(options: Options, large_info: Mapping[str, Any]) -> int:
+    """The encoder layers post_hoc_embed's embedding runs: options.embed_layer, by default all of the
+    large model's (its run_info); ConfigError beyond them."""
+    layers = int(large_info["model_config"]["num_encoder_layers"])
+    depth = layers if options.embed_layer is None else options.embed_layer
+    if depth > layers:
+        raise ConfigError(f"run_cascade_eval.embed_layer={depth}, but the large model has {layers} encoder layers: "
+                          f"pick one in [0, {layers}] (None: all).")
+    return depth
 
 
 def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: InferenceConfig,
-                 vocab: Any, mesh: Any, rules: Any) -> dict[str, Decoded]:
-    """Restores one model and greedy-decodes every split with it: split name -> Decoded."""
+                 vocab: Any, mesh: Any, rules: Any, embed_depth: int | None = None) -> dict[str, Decoded]:
+    """Restores one model and greedy-decodes every split with it: split name -> Decoded; with
+    embed_depth, also each input's mean encoder hidden state after that many layers."""
     frozen = load_frozen_model(model_dir, mesh=mesh, rules=rules)
     check_vocabulary(model_dir, frozen.info, frozen.config, vocab, role=f"model {name!r}")
     out = {}
@@ -106,7 +128,14 @@ def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: In
                                    mesh, rules, dataset.task_feature_lengths["targets"])
         log.info("Decoded %d %s examples with model %r (step %d of %s) in %.1f s", len(split.arrays),
                  split.name, name, frozen.step, model_dir, time.perf_counter() - start)
-        out[split.name] = Decoded(preds, example_flops(frozen.config, split.arrays, preds.lengths))
+        embedding = embedding_flops = None
+        if embed_depth is not None:
+            embedding = evaluation.mean_encoder_hidden(frozen.model, frozen.params, split.arrays,
+                                                       dataset.batch_size, mesh, rules, embed_depth)
+            embedding_flops = encoder_layers_flops(frozen.config, _input_lengths(split.arrays).astype(np.float64),
+                                                   embed_depth)
+        out[split.name] = Decoded(preds, example_flops(frozen.config, split.arrays, preds.lengths),
+                                  embedding, embedding_flops)
     return out
 
 
@@ -134,7 +163,7 @@ def to_records(split: Split, decoded: Decoded) -> ModelOutputs:
         logprobs=[preds.logprobs[i, :n] for i, n in enumerate(lengths)],
         entropies=[preds.entropies[i, :n] for i, n in enumerate(lengths)],
         margins=[preds.margins[i, :n] for i, n in enumerate(lengths)],
-        hidden=preds.mean_hidden)
+        hidden=preds.mean_hidden, embedding=decoded.embedding, embedding_flops=decoded.embedding_flops)
 
 
 def split_records(split: Split, decoded: Mapping[str, Decoded]) -> tuple[SplitRecords, store.SplitTexts]:
@@ -166,6 +195,8 @@ def run_cascade_eval(
     tier_thresholds: int | None = 21,
     target_deferral_rate: float | None = None,
     target_relative_flops: float | None = None,
+    posthoc_folds: int = 5,
+    embed_layer: int | None = None,
 ) -> CascadeEvalResult:
     """Decodes `dataset` with the large model and every small model (display name -> MODEL_DIR),
     sweeps each deferral rule and writes records, curves, summaries and plots into output_dir.
@@ -175,8 +206,10 @@ def run_cascade_eval(
     'distill'], ['large']]; tier_rules: one rule per boundary (default chow_average after one model,
     abc after an ensemble); tier_thresholds: thresholds per boundary in the joint grid (None: every
     distinct score). target_deferral_rate / target_relative_flops: budgets whose thresholds are
-    picked on validation_split and reported on test. post_hoc is fitted on validation_split too; it
-    is decoded when post_hoc or a budget needs it.
+    picked on validation_split and reported on test. The learned rules (post_hoc, post_hoc_embed)
+    are fitted on validation_split too, and cross-fitted on it in posthoc_folds folds; it is decoded
+    when a learned rule or a budget needs it. embed_layer: the large model's encoder layers whose
+    mean output post_hoc_embed reads (None: all of them).
     """
     small_model_dirs = dict(small_model_dirs)
     if not small_model_dirs or LARGE in small_model_dirs:
@@ -185,22 +218,31 @@ def run_cascade_eval(
     model_dirs = {LARGE: large_model_dir, **small_model_dirs}
     options = Options(rules=rules, quantiles=quantiles, num_thresholds=num_thresholds, seed=seed,
                       plot_rule=plot_rule, tiers=tiers, tier_rules=tier_rules, tier_thresholds=tier_thresholds,
-                      target_deferral_rate=target_deferral_rate, target_relative_flops=target_relative_flops)
+                      target_deferral_rate=target_deferral_rate, target_relative_flops=target_relative_flops,
+                      posthoc_folds=posthoc_folds, embed_layer=embed_layer)
     config = plan_job(dataset, model_dirs, options, validation_split)
     check_models(model_dirs)
+    depth = None
+    if config.needs_embeddings():
+        depth = embedding_depth(config.options, read_model_info(large_model_dir))
+        config = dataclasses.replace(config, options=dataclasses.replace(config.options, embed_layer=depth))
 
     mesh, mesh_rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
     vocab = data_lib.get_vocabulary_of(dataset.mixture_or_task_name)
     splits = [load_split(dataset, dataset.split)]
     if config.validation_split not in (None, dataset.split):
         splits.append(load_split(dataset, config.validation_split))
-    decoded = {name: decode_model(name, d, splits, dataset, vocab, mesh, mesh_rules)
+    if config.validation_split is not None:
+        config.check_folds({task: len(rows) for task, rows in splits[-1].task_rows.items()})
+    decoded = {name: decode_model(name, d, splits, dataset, vocab, mesh, mesh_rules, depth if name == LARGE else None)
                for name, d in model_dirs.items()}
     if jax.process_index() != 0:
         return CascadeEvalResult(output_dir, [])
 
-    corpus = {task: metrics.get_quality(task).corpus for task in splits[0].task_rows}
-    config = dataclasses.replace(config, corpus_metrics={task: metric_ref(fn) for task, fn in corpus.items()})
+    quality = {task: metrics.get_quality(task) for task in splits[0].task_rows}
+    corpus = {task: q.corpus for task, q in quality.items()}
+    config = dataclasses.replace(config, corpus_metrics={task: metric_ref(fn) for task, fn in corpus.items()},
+                                 free_text={task: is_free_text(q) for task, q in quality.items()})
     files, by_split = write_records(output_dir, config, splits, decoded)
     test = by_split[dataset.split]
     result = analysis.analyse(config, test, by_split.get(config.validation_split), corpus)
@@ -211,14 +253,15 @@ def run_cascade_eval(
 def plan_job(dataset: InferenceConfig, model_dirs: Mapping[str, str], options: Options,
              validation_split: str) -> AnalysisConfig:
     """The analysis plan, checked (ConfigError before anything runs); its validation_split is None
-    when neither post_hoc nor a budget needs the validation split."""
+    when neither a learned rule nor a budget needs the validation split."""
     config = AnalysisConfig(dataset.mixture_or_task_name, dataset.split, validation_split, dict(model_dirs),
                             options, {})
     config.check()
     if not config.needs_validation():
         return dataclasses.replace(config, validation_split=None)
     if validation_split == dataset.split:
-        log.warning("post_hoc and budgets are fitted and evaluated on the same split %r.", validation_split)
+        log.warning("The learned rules and budgets are fitted on the split %r they are evaluated on.",
+                    validation_split)
     return config
 
 

@@ -21,7 +21,9 @@ from typing import Any
 from cat_jax import metrics
 from cat_jax.cascade import calibration
 from cat_jax.cascade import rules as rules_lib
+from cat_jax.cascade.agreement import ABC, ABC_CENTRAL, STATISTICS
 from cat_jax.cascade.curves import CorpusMetric
+from cat_jax.cascade.posthoc import PostHocConfig
 from cat_jax.cascade.tiers import cascade_name
 from cat_jax.errors import ConfigError
 
@@ -30,9 +32,9 @@ log = logging.getLogger("cat_jax")
 LARGE = "large"
 CONFIG = "cascade_config.json"
 ALL_RULES = tuple(rules_lib.RULES)
-ABC = "abc"
-# Rules a boundary of a k-tier cascade can use: those reading the tier's own answer, and ABC.
-TIER_RULES = (*rules_lib.OWN_OUTPUT_RULES, ABC)
+# Rules a boundary of a k-tier cascade can use: those reading the tier's own answer, and ABC's two
+# agreement statistics (cat_jax.cascade.agreement).
+TIER_RULES = (*rules_lib.OWN_OUTPUT_RULES, *STATISTICS)
 _QUANTILE_LABEL = re.compile(r"chow_quantile_(.+)")
 
 
@@ -59,6 +61,8 @@ class Options:
     tier_thresholds: int | None = 21
     target_deferral_rate: float | None = None
     target_relative_flops: float | None = None
+    posthoc_folds: int = 5
+    embed_layer: int | None = None
 
     def __post_init__(self) -> None:
         def set_(field: str, value: Any) -> None:
@@ -86,13 +90,23 @@ class TierPlan:
     def rules_label(self) -> str:
         return " > ".join(spec.label for spec in self.rules)
 
+    def statistic(self, tier: int) -> str:
+        """The agreement statistic tier `tier` votes with: abc_central when its boundary rule is,
+        else abc (the last tier, and tiers whose boundary reads the answer's own scores)."""
+        rule = self.rules[tier].rule if tier < len(self.rules) else ABC
+        return ABC_CENTRAL if rule == ABC_CENTRAL else ABC
+
 
 def plan_rules(rules: Sequence[str], quantiles: Sequence[float], num_small: int) -> list[RuleSpec]:
     """The curves to draw, one RuleSpec per label; unknown rules and bad quantiles raise ConfigError.
 
-    chow_quantile expands to one label per quantile; agreement is skipped, with a logged note, with
-    fewer than two small models.
+    chow_quantile expands to one label per quantile; peer_agreement is skipped, with a logged note,
+    with fewer than two small models; a former rule name (rules.RENAMED_RULES) gives its new rule.
     """
+    for old, new in rules_lib.RENAMED_RULES.items():
+        if old in rules:
+            log.warning("Deferral rule %r is now called %r; running that.", old, new)
+    rules = [rules_lib.RENAMED_RULES.get(r, r) for r in rules]
     unknown = [r for r in rules if r not in rules_lib.RULES]
     if not rules:
         raise ConfigError(f"run_cascade_eval.rules is empty; name one or more of {', '.join(ALL_RULES)}.")
@@ -107,8 +121,8 @@ def plan_rules(rules: Sequence[str], quantiles: Sequence[float], num_small: int)
                 raise ConfigError(f"run_cascade_eval.quantiles={list(quantiles)} must be a non-empty list "
                                   "of numbers in [0, 1] for rule chow_quantile.")
             specs += [RuleSpec(f"chow_quantile_{q:g}", rule, float(q)) for q in dict.fromkeys(quantiles)]
-        elif rule == "agreement" and num_small < 2:
-            log.info("Skipping rule agreement: it needs two or more small models; got %d.", num_small)
+        elif rule == "peer_agreement" and num_small < 2:
+            log.info("Skipping rule peer_agreement: it needs two or more small models; got %d.", num_small)
         else:
             specs.append(RuleSpec(rule, rule))
     return specs
@@ -129,8 +143,8 @@ def _tier_rule(label: str, tier: tuple[str, ...]) -> RuleSpec:
     if label not in TIER_RULES or label == "chow_quantile":
         raise ConfigError(f"unknown tier rule {label!r}; a boundary takes one of "
                           f"{', '.join(r for r in TIER_RULES if r != 'chow_quantile')} or chow_quantile_<q>.")
-    if label == ABC and len(tier) < 2:
-        raise ConfigError(f"tier rule {ABC!r} after tier {list(tier)} needs an ensemble: ABC defers on "
+    if label in STATISTICS and len(tier) < 2:
+        raise ConfigError(f"tier rule {label!r} after tier {list(tier)} needs an ensemble: ABC defers on "
                           "disagreement between two or more models of one tier.")
     return RuleSpec(label, label)
 
@@ -171,7 +185,9 @@ class AnalysisConfig:
     mixture_name: the dataset (task or mixture) whose examples are pooled as one more group.
     split / validation_split: the split names (validation_split None when it was not decoded).
     model_dirs: display name -> MODEL_DIR, the large model (LARGE) first. corpus_metrics: task ->
-    its corpus metric's `module:qualname`, or None for a per-example metric.
+    its corpus metric's `module:qualname`, or None for a per-example metric. free_text: task ->
+    whether its answers are free text (`agreement.is_free_text`, which ABC's statistic depends on);
+    None (records of an older run): the tasks with a corpus metric.
     """
 
     mixture_name: str
@@ -180,6 +196,7 @@ class AnalysisConfig:
     model_dirs: dict[str, str]
     options: Options
     corpus_metrics: dict[str, str | None]
+    free_text: dict[str, bool] | None = None
 
     @property
     def small_models(self) -> list[str]:
@@ -187,6 +204,12 @@ class AnalysisConfig:
 
     def rule_plan(self) -> list[RuleSpec]:
         return plan_rules(self.options.rules, self.options.quantiles, len(self.small_models))
+
+    def free_text_tasks(self) -> dict[str, bool]:
+        """Task -> whether its answers are free text (see the class docstring)."""
+        if self.free_text is not None:
+            return dict(self.free_text)
+        return {task: ref is not None for task, ref in self.corpus_metrics.items()}
 
     def tier_plan(self) -> TierPlan | None:
         return plan_tiers(self.options.tiers, self.options.tier_rules, list(self.model_dirs))
@@ -198,8 +221,26 @@ class AnalysisConfig:
             raise ConfigError(f"{e} Set TARGET_DEFERRAL_RATE in [0, 1] or TARGET_RELATIVE_FLOPS >= 0.") from e
 
     def needs_validation(self) -> bool:
-        """post_hoc is fitted, and budgets are calibrated, on the validation split."""
-        return any(spec.rule == "post_hoc" for spec in self.rule_plan()) or bool(self.budgets())
+        """The learned rules are fitted, and budgets are calibrated, on the validation split."""
+        return any(spec.rule in rules_lib.LEARNED_RULES for spec in self.rule_plan()) or bool(self.budgets())
+
+    def needs_embeddings(self) -> bool:
+        """post_hoc_embed reads the large model's input embeddings, recorded at decoding."""
+        return any(spec.rule == "post_hoc_embed" for spec in self.rule_plan())
+
+    def posthoc_config(self) -> PostHocConfig:
+        return PostHocConfig(folds=self.options.posthoc_folds)
+
+    def check_folds(self, validation_sizes: Mapping[str, int]) -> None:
+        """ConfigError when a group (task) has fewer validation examples than the learned rules'
+        cross-fitting folds; validation_sizes: group -> examples."""
+        if not any(spec.rule in rules_lib.LEARNED_RULES for spec in self.rule_plan()):
+            return
+        small = {group: n for group, n in validation_sizes.items() if n < self.options.posthoc_folds}
+        if small:
+            raise ConfigError(f"the learned rules are cross-fitted in posthoc_folds={self.options.posthoc_folds} "
+                              f"folds, but the {self.validation_split} split has fewer examples in {small}: decode "
+                              "more (MAX_EXAMPLES) or lower run_cascade_eval.posthoc_folds.")
 
     def check(self) -> None:
         """Every ConfigError the analysis would raise, raised now (before any decoding)."""
@@ -211,6 +252,14 @@ class AnalysisConfig:
             if value is not None and value < 2:
                 raise ConfigError(f"run_cascade_eval.{name}={value} must be >= 2 (rate 0 and rate 1), "
                                   "or None for every distinct score.")
+        if self.needs_validation() and not (isinstance(self.options.posthoc_folds, int)
+                                            and self.options.posthoc_folds >= 2):
+            raise ConfigError(f"run_cascade_eval.posthoc_folds={self.options.posthoc_folds!r} must be an int >= 2: "
+                              "the learned rules are cross-fitted on validation in that many folds.")
+        if self.options.embed_layer is not None and not (isinstance(self.options.embed_layer, int)
+                                                         and self.options.embed_layer >= 0):
+            raise ConfigError(f"run_cascade_eval.embed_layer={self.options.embed_layer!r} must be an int >= 0 "
+                              "(encoder layers run), or None for all of the large model's encoder.")
         self.tier_plan()
         self.budgets()
 

@@ -1,4 +1,13 @@
-"""Learned post-hoc deferral: an MLP fitted on validation records predicts that the large model wins."""
+"""Learned post-hoc deferral (Gupta et al. 2024): an MLP fitted on validation records predicts that
+the large model wins.
+
+Features: the small model's token log-prob quantiles, output length and mean final decoder
+embedding (`post_hoc`), and for `post_hoc_embed` also the large model's intermediate representation
+of the input (records' `embedding`). Scores on test come from an MLP fitted on all of validation.
+Scores on validation are cross-fitted: validation is cut into `folds` seeded folds (stratified by the
+label) and each example is scored by an MLP fitted on the other folds, so validation numbers (and
+budgets calibrated on them) are out of sample.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +28,15 @@ Params = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class PostHocConfig:
-    """Size and full-batch training schedule of the one-hidden-layer MLP."""
+    """Size and full-batch training schedule of the one-hidden-layer MLP, and the folds of its
+    cross-fitting on validation."""
 
     hidden_units: int = 32
     steps: int = 500
     learning_rate: float = 1e-2
     weight_decay: float = 1e-4
     seed: int = 0
+    folds: int = 5   # cross-fitting on validation (the fold assignment is seeded by `seed`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +48,11 @@ class PostHocModel:
     scale: np.ndarray
 
 
-def features(outputs: ModelOutputs) -> np.ndarray:
-    """Deferral features [N, F]: log-prob quantiles (QUANTILES), output length, mean hidden [d].
+def features(outputs: ModelOutputs, embedding: np.ndarray | None = None) -> np.ndarray:
+    """Deferral features [N, F]: log-prob quantiles (QUANTILES), output length, mean hidden [d], and
+    `embedding` [N, e] when given (the large model's representation of the inputs).
 
-    F = len(QUANTILES) + 1 + d (d = 0 without hidden). An empty output has all quantiles 0.
+    F = len(QUANTILES) + 1 + d + e (d = 0 without hidden). An empty output has all quantiles 0.
     """
     quantiles = np.array(
         [np.quantile(lp, QUANTILES) if lp.size else np.zeros(len(QUANTILES)) for lp in outputs.logprobs]
@@ -49,6 +61,8 @@ def features(outputs: ModelOutputs) -> np.ndarray:
     parts = [quantiles, length]
     if outputs.hidden is not None:
         parts.append(outputs.hidden)
+    if embedding is not None:
+        parts.append(np.asarray(embedding, dtype=np.float64).reshape(len(outputs), -1))
     return np.concatenate(parts, axis=1)
 
 
@@ -116,12 +130,33 @@ def predict(model: PostHocModel, x: np.ndarray) -> np.ndarray:
     return np.asarray(jax.nn.sigmoid(_logits(model.params, z)), dtype=np.float64)
 
 
-def post_hoc_scores(
-    small_val: ModelOutputs,
-    large_val: ModelOutputs,
-    small_test: ModelOutputs,
-    config: PostHocConfig = PostHocConfig(),
-) -> np.ndarray:
-    """Scores [N_test] = -P(large better), the MLP fitted on the validation records."""
-    model = fit(features(small_val), targets(small_val, large_val), config)
-    return -predict(model, features(small_test))
+def fold_indices(y: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """The rows of labels y [N] cut into `folds` folds, stratified: the rows of each label, in an
+    order seeded by `seed`, are dealt round-robin, so every fold (and every training set of the
+    others) holds the validation's share of each label to within one example."""
+    n = len(y)
+    if folds < 2 or n < folds:
+        raise ValueError(f"cross-fitting needs 2 <= folds <= examples; got folds={folds} for {n} validation "
+                         "examples. Decode more validation examples or set run_cascade_eval.posthoc_folds lower.")
+    order = np.random.default_rng(seed).permutation(n)
+    order = order[np.argsort(y[order], kind="stable")]
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[order] = np.arange(n) % folds
+    return [np.flatnonzero(fold_of == k) for k in range(folds)]
+
+
+def fitted_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray,
+                  config: PostHocConfig = PostHocConfig()) -> np.ndarray:
+    """Scores [M] = -P(large better) of features x_score [M, F], the MLP fitted on x_fit, y_fit."""
+    return -predict(fit(x_fit, y_fit, config), x_score)
+
+
+def cross_fitted_scores(x: np.ndarray, y: np.ndarray, config: PostHocConfig = PostHocConfig()) -> np.ndarray:
+    """Out-of-fold scores [N] of features x [N, F] and labels y [N]: each example's from an MLP
+    fitted on the other `config.folds` - 1 folds (`fold_indices`)."""
+    scores = np.empty(len(x))
+    for held_out in fold_indices(y, config.folds, config.seed):
+        kept = np.setdiff1d(np.arange(len(x)), held_out)
+        scores[held_out] = fitted_scores(x[kept], y[kept], x[held_out], config)
+    return scores
+

@@ -32,7 +32,9 @@ class ModelOutputs:
     token. entropies: N arrays [T_i], entropy of each decoding step's distribution. quality: [N]
     per-example metric (exact match, accuracy, ...). flops: [N] forward FLOPs of each example.
     hidden: [N, d] mean final decoder embedding, or None. margins: N arrays [T_i], top-1 minus top-2
-    probability at each step, or None.
+    probability at each step, or None. embedding: [N, e] the model's intermediate representation of
+    each input (for T5 the mean encoder hidden state at a chosen depth; post_hoc_embed's features),
+    or None; embedding_flops: [N] what computing it costs, given with embedding.
     """
 
     ids: Sequence[str]
@@ -44,6 +46,8 @@ class ModelOutputs:
     flops: np.ndarray
     hidden: np.ndarray | None = None
     margins: Sequence[np.ndarray] | None = None
+    embedding: np.ndarray | None = None
+    embedding_flops: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ids = tuple(str(i) for i in self.ids)
@@ -78,11 +82,19 @@ class ModelOutputs:
                         "both must describe the same generated tokens."
                     )
             set_(field, arrays)
-        if self.hidden is not None:
-            hidden = np.asarray(self.hidden, dtype=np.float64)
-            if hidden.ndim != 2 or hidden.shape[0] != n:
-                raise ValueError(f"hidden has shape {hidden.shape}; expected [N, d] with N = {n}.")
-            set_("hidden", hidden)
+        for field in ("hidden", "embedding"):
+            if getattr(self, field) is not None:
+                values = np.asarray(getattr(self, field), dtype=np.float64)
+                if values.ndim != 2 or values.shape[0] != n:
+                    raise ValueError(f"{field} has shape {values.shape}; expected [N, d] with N = {n}.")
+                set_(field, values)
+        if (self.embedding is None) != (self.embedding_flops is None):
+            raise ValueError("embedding and embedding_flops come together: give both or neither.")
+        if self.embedding_flops is not None:
+            values = np.asarray(self.embedding_flops, dtype=np.float64)
+            if values.shape != (n,):
+                raise ValueError(f"embedding_flops has shape {values.shape}; expected [N] = ({n},).")
+            set_("embedding_flops", values)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -104,6 +116,8 @@ class ModelOutputs:
             flops=self.flops[index],
             hidden=None if self.hidden is None else self.hidden[index],
             margins=None if self.margins is None else pick(self.margins),
+            embedding=None if self.embedding is None else self.embedding[index],
+            embedding_flops=None if self.embedding_flops is None else self.embedding_flops[index],
         )
 
 

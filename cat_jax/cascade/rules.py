@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cat_jax.cascade.posthoc import PostHocConfig, post_hoc_scores
+from cat_jax.cascade import posthoc
+from cat_jax.cascade.posthoc import PostHocConfig
 from cat_jax.cascade.records import ModelOutputs, check_aligned
 
 
@@ -64,14 +65,16 @@ def random_scores(num_examples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(num_examples)
 
 
-def agreement(primary: ModelOutputs, others: Sequence[ModelOutputs]) -> np.ndarray:
-    """Fraction of the other small models whose prediction equals the primary's [N].
+def peer_agreement(primary: ModelOutputs, others: Sequence[ModelOutputs]) -> np.ndarray:
+    """Fraction of the other small models whose prediction equals the primary's, as raw strings [N].
 
-    With M others the fraction is k / M; ties are broken by the primary's Chow-Average by adding
-    exp(chow_average) / (2M), which lies in (0, 1/(2M)] and so never crosses to the next k / M.
+    The cascade answers with the primary model (not a majority: that is ABC, a tier rule of
+    cat_jax.cascade.agreement). With M others the fraction is k / M; ties are broken by the
+    primary's Chow-Average by adding exp(chow_average) / (2M), which lies in (0, 1/(2M)] and so
+    never crosses to the next k / M.
     """
     if not others:
-        raise ValueError("rule 'agreement' needs at least one other small model in `others`.")
+        raise ValueError("rule 'peer_agreement' needs at least one other small model in `others`.")
     check_aligned(primary, *others)
     agree = np.mean(
         [[p == o for p, o in zip(primary.predictions, other.predictions)] for other in others], axis=0
@@ -123,30 +126,63 @@ def _own(rule: str) -> Callable[[RuleInputs], np.ndarray]:
     return lambda r: OWN_OUTPUT_RULES[rule](r.small, r.quantile, r.seed)
 
 
-def _post_hoc(r: RuleInputs) -> np.ndarray:
-    if r.validation is None:
-        raise ValueError(
-            "rule 'post_hoc' needs validation=(small_val, large_val) records to fit on; "
-            "decode the validation split with both models."
-        )
-    small_val, large_val = r.validation
-    return post_hoc_scores(small_val, large_val, r.small, r.posthoc_config)
+# Rules whose scores come from a model fitted on validation records (cat_jax.cascade.posthoc).
+LEARNED_RULES = ("post_hoc", "post_hoc_embed")
+
+
+def _learned_features(rule: str, small: ModelOutputs, large: ModelOutputs) -> np.ndarray:
+    """post_hoc's features [N, F] of the small model's records; post_hoc_embed adds the large
+    model's input embedding."""
+    if rule != "post_hoc_embed":
+        return posthoc.features(small)
+    if large.embedding is None:
+        raise ValueError("rule 'post_hoc_embed' needs the large model's input embeddings in its records; "
+                         "cascade_eval records them when post_hoc_embed is among run_cascade_eval.rules.")
+    return posthoc.features(small, large.embedding)
+
+
+def _learned(rule: str) -> Callable[[RuleInputs], np.ndarray]:
+    def scores(r: RuleInputs) -> np.ndarray:
+        if r.validation is None:
+            raise ValueError(f"rule {rule!r} needs validation=(small_val, large_val) records to fit on; "
+                             "decode the validation split with both models.")
+        small_val, large_val = r.validation
+        return posthoc.fitted_scores(_learned_features(rule, small_val, large_val),
+                                     posthoc.targets(small_val, large_val),
+                                     _learned_features(rule, r.small, r.large), r.posthoc_config)
+    return scores
+
+
+def cross_fitted_scores(rule: str, small: ModelOutputs, large: ModelOutputs,
+                        posthoc_config: PostHocConfig = PostHocConfig()) -> np.ndarray:
+    """Scores [N] of a learned rule on the records it is fitted on, out of fold: each example's from
+    a model fitted on the other posthoc_config.folds - 1 folds."""
+    if rule not in LEARNED_RULES:
+        raise ValueError(f"rule {rule!r} is not learned; the learned rules are {', '.join(LEARNED_RULES)}.")
+    check_aligned(small, large)
+    return posthoc.cross_fitted_scores(_learned_features(rule, small, large), posthoc.targets(small, large),
+                                       posthoc_config)
 
 
 RULES: dict[str, Callable[[RuleInputs], np.ndarray]] = {
     **{rule: _own(rule) for rule in ("chow_sum", "chow_average", "chow_quantile", "entropy_mean",
                                      "entropy_max", "margin_min")},
-    "post_hoc": _post_hoc,
-    "agreement": lambda r: agreement(r.small, r.others),
+    **{rule: _learned(rule) for rule in LEARNED_RULES},
+    "peer_agreement": lambda r: peer_agreement(r.small, r.others),
     "oracle": lambda r: oracle(r.small.quality, r.large.quality),
     "random": _own("random"),
 }
 
 # Rules that run the `others` small models on every example, so the cascade pays for them.
-RUNS_OTHER_SMALL_MODELS = frozenset({"agreement"})
+RUNS_OTHER_SMALL_MODELS = frozenset({"peer_agreement"})
+# Former names -> the rule they now name (a plan naming the old one gets the new one, logged).
+RENAMED_RULES = {"agreement": "peer_agreement"}
 
 
 def _check_known(rule: str) -> None:
+    if rule in RENAMED_RULES:
+        raise ValueError(f"deferral rule {rule!r} is now called {RENAMED_RULES[rule]!r} (it answers with the "
+                         "primary small model and compares raw strings); ABC is the tier rule 'abc'.")
     if rule not in RULES:
         raise ValueError(f"unknown deferral rule {rule!r}; known rules: {', '.join(sorted(RULES))}.")
 
@@ -164,8 +200,9 @@ def compute_scores(
 ) -> np.ndarray:
     """Deferral scores [N] of rule `rule` on aligned test records; lower = defer first.
 
-    quantile: for chow_quantile. seed: for random. others: the other small models for agreement.
-    validation: (small, large) validation records for post_hoc.
+    quantile: for chow_quantile. seed: for random. others: the other small models for peer_agreement.
+    validation: (small, large) validation records for the learned rules (post_hoc, post_hoc_embed),
+    fitted on all of them.
     """
     _check_known(rule)
     check_aligned(small, large)
@@ -173,9 +210,17 @@ def compute_scores(
     return RULES[rule](inputs)
 
 
-def extra_small_flops(rule: str, others: Sequence[ModelOutputs]) -> np.ndarray | None:
-    """Per-example FLOPs [N] of the other small models that `rule` runs, or None if it runs none."""
+def extra_small_flops(rule: str, others: Sequence[ModelOutputs],
+                      large: ModelOutputs | None = None) -> np.ndarray | None:
+    """Per-example FLOPs [N] `rule` spends on every example besides the small model, or None: the
+    other small models peer_agreement runs; for post_hoc_embed, computing the large model's input
+    embedding (its records' embedding_flops: a partial forward of the large model)."""
     _check_known(rule)
+    if rule == "post_hoc_embed":
+        if large is None or large.embedding_flops is None:
+            raise ValueError("rule 'post_hoc_embed' pays for the large model's input embeddings: give the large "
+                             "model's records with embedding_flops.")
+        return large.embedding_flops
     if rule not in RUNS_OTHER_SMALL_MODELS or not others:
         return None
     return np.sum([o.flops for o in others], axis=0)

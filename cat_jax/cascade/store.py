@@ -3,11 +3,13 @@
 `<split file>.jsonl` holds one line per model and example (models in order, examples in split
 order): model, id, task, input, target and prediction (the raw texts), scored_target and
 scored_prediction (after the task's postprocessing: what the metric compared), token_logprobs,
-token_entropies and token_margins of the generated tokens, quality and flops. Token values are
-written at float32 precision, the decoder's, in their shortest exact form, so reading them back
-gives the very numbers the run analysed; quality and flops are float64, also exact.
+token_entropies and token_margins of the generated tokens, quality, flops and embedding_flops (the
+cost of the model's recorded input embedding, null without one). Token values are written at
+float32 precision, the decoder's, in their shortest exact form, so reading them back gives the very
+numbers the run analysed; quality and the FLOPs are float64, also exact.
 `<split file>_hidden.npz` holds each model's mean final decoder embedding [N, d] (float32), the
-post-hoc rule's features, under model0, model1, ... in the order of the models in the JSONL file.
+post-hoc rule's features, under model0, model1, ... in the order of the models in the JSONL file,
+and a model's input embedding [N, e] (float32; post_hoc_embed's features) under model<k>_embedding.
 """
 
 from __future__ import annotations
@@ -63,9 +65,12 @@ def write_split(path: str, records: SplitRecords, texts: SplitTexts) -> list[str
                     "token_entropies": _float32_list(out.entropies[i]),
                     "token_margins": None if out.margins is None else _float32_list(out.margins[i]),
                     "quality": float(out.quality[i]), "flops": float(out.flops[i]),
+                    "embedding_flops": None if out.embedding_flops is None else float(out.embedding_flops[i]),
                 }) + "\n")
             if out.hidden is not None:
                 hidden[f"model{k}"] = out.hidden.astype(np.float32)
+            if out.embedding is not None:
+                hidden[f"model{k}_embedding"] = out.embedding.astype(np.float32)
     if not hidden:
         return [path]
     np.savez(hidden_path(path), **hidden)
@@ -91,6 +96,7 @@ def read_split(path: str, name: str) -> SplitRecords:
     hidden = dict(np.load(hidden_file)) if os.path.exists(hidden_file) else {}
     models = {}
     for k, (model, rows) in enumerate(by_model.items()):
+        embedding = hidden.get(f"model{k}_embedding")
         models[model] = ModelOutputs(
             ids=[f"{r['task']}/{r['id']}" for r in rows],
             predictions=[r["scored_prediction"] for r in rows],
@@ -98,5 +104,7 @@ def read_split(path: str, name: str) -> SplitRecords:
             logprobs=_tokens(rows, "token_logprobs"), entropies=_tokens(rows, "token_entropies"),
             margins=_tokens(rows, "token_margins"),
             quality=[r["quality"] for r in rows], flops=[r["flops"] for r in rows],
-            hidden=hidden[f"model{k}"].astype(np.float64) if f"model{k}" in hidden else None)
+            hidden=hidden[f"model{k}"].astype(np.float64) if f"model{k}" in hidden else None,
+            embedding=None if embedding is None else embedding.astype(np.float64),
+            embedding_flops=None if embedding is None else [r["embedding_flops"] for r in rows])
     return SplitRecords(name, [r["task"] for r in next(iter(by_model.values()))], models)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cat_jax.cascade.agreement import ensemble_vote
+from cat_jax.cascade.agreement import ABC, ensemble_vote
 from cat_jax.cascade.curves import CorpusMetric, OperatingPoint, check_scores, quality_of, threshold_grid
 from cat_jax.cascade.records import ModelOutputs, check_aligned
 from cat_jax.metrics import additive_form
@@ -55,7 +55,8 @@ class TierAnswer:
     """One tier on N examples.
 
     outputs: the answering member's records, example by example (predictions, quality, tokens).
-    agreement: [N] ABC agreement of the members (`agreement.ensemble_vote`; 1 for one model).
+    agreement: [N] ABC agreement of the members (`agreement.ensemble_vote`; 1 for one model;
+    agreement.EMPTY_MAJORITY where `abc`'s majority answer is empty).
     flops: [N] summed over the members (every member runs). latency: [N] the slowest member's FLOPs.
     """
 
@@ -82,15 +83,17 @@ def _pick(members: Sequence[ModelOutputs], winner: np.ndarray) -> ModelOutputs:
         margins=pick("margins") if all(m.margins is not None for m in members) else None)
 
 
-def tier_answer(members: Sequence[ModelOutputs], token_set: np.ndarray | bool = False) -> TierAnswer:
-    """The answer and cost of a tier of aligned members [M]; token_set: [N] bool (see agreement)."""
+def tier_answer(members: Sequence[ModelOutputs], free_text: np.ndarray | bool = False,
+                statistic: str = ABC) -> TierAnswer:
+    """The answer and cost of a tier of aligned members [M]; free_text: [N] bool and statistic
+    (`abc` or `abc_central`) as `agreement.ensemble_vote` takes them."""
     if not members:
         raise ValueError("a tier needs at least one model.")
     check_aligned(*members)
     flops = np.array([m.flops for m in members])
     if len(members) == 1:
         return TierAnswer(members[0], np.ones(len(members[0])), flops[0], flops[0])
-    agreement, winner = ensemble_vote([m.predictions for m in members], token_set)
+    agreement, winner = ensemble_vote([m.predictions for m in members], free_text, statistic)
     return TierAnswer(_pick(members, winner), agreement, flops.sum(axis=0), flops.max(axis=0))
 
 

@@ -12,20 +12,35 @@ def _check(config: T5Config) -> None:
         raise ValueError("FLOPs need T5Config.vocab_size; set it from the vocabulary.")
 
 
+def encoder_layers_flops(config: T5Config, input_length: Any, num_layers: int) -> Any:
+    """FLOPs of the first `num_layers` encoder layers on Li = input_length tokens (what
+    `Transformer.encoder_hidden` at that depth runs):
+
+        num_layers * Li * (8*d*a + m*d*f + 4*Li*a)
+
+    (q, k, v, out projections; the MLP; scores and weighted values), with the names of
+    `forward_flops`. Plain arithmetic: input_length may be a number or a numpy array.
+    """
+    _check(config)
+    if not 0 <= num_layers <= config.num_encoder_layers:
+        raise ValueError(f"num_layers={num_layers} must lie in [0, {config.num_encoder_layers}].")
+    d, f, a, li = config.emb_dim, config.mlp_dim, config.num_heads * config.head_dim, input_length
+    m = 6 if config.gated_mlp else 4
+    return num_layers * li * (8 * d * a + m * d * f + 4 * li * a)
+
+
 def encoder_flops(config: T5Config, input_length: Any) -> Any:
     """FLOPs of encoding Li = input_length tokens, including every decoder layer's projection of
     the encoder outputs to cross-attention keys/values (done once per example):
 
         Le * Li * (8*d*a + m*d*f + 4*Li*a) + Ld * 4*Li*d*a
 
-    (q, k, v, out projections; the MLP; scores and weighted values), with the names of
+    (`encoder_layers_flops` of all Le layers, then the k/v projections), with the names of
     `forward_flops`. Plain arithmetic: input_length may be a number or a numpy array.
     """
-    _check(config)
-    d, f, a, li = config.emb_dim, config.mlp_dim, config.num_heads * config.head_dim, input_length
-    m = 6 if config.gated_mlp else 4
-    return (config.num_encoder_layers * li * (8 * d * a + m * d * f + 4 * li * a)
-            + config.num_decoder_layers * 4 * li * d * a)
+    d, a = config.emb_dim, config.num_heads * config.head_dim
+    return (encoder_layers_flops(config, input_length, config.num_encoder_layers)
+            + config.num_decoder_layers * 4 * input_length * d * a)
 
 
 def decoder_flops(config: T5Config, input_length: Any, context: Any, block: Any) -> Any:

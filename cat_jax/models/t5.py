@@ -96,16 +96,21 @@ class Encoder(nn.Module):
     embedder: Embed
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, enable_dropout: bool) -> jax.Array:
-        """tokens: [batch, Li] int (0 = padding) -> [batch, Li, embed]."""
+    def __call__(self, tokens: jax.Array, enable_dropout: bool, depth: int | None = None) -> jax.Array:
+        """tokens: [batch, Li] int (0 = padding) -> [batch, Li, embed]. depth: run only the first
+        `depth` layers and return their residual stream, without the final norm (Hugging Face's
+        hidden_states[depth]); None or num_encoder_layers: the encoder's output."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         relpos = _relpos(cfg, bidirectional=True)
         mask = tokens > 0
         x = dropout(self.embedder(tokens), deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, EMBED_AXES)
-        for i in range(cfg.num_encoder_layers):
+        layers = cfg.num_encoder_layers if depth is None else depth
+        for i in range(layers):
             x = EncoderLayer(cfg, relpos, name=f"layers_{i}")(x, mask, enable_dropout)
+        if layers < cfg.num_encoder_layers:
+            return x
         x = _norm(cfg, name="encoder_norm")(x)
         return dropout(x, deterministic=not enable_dropout)
 
@@ -156,6 +161,14 @@ class Transformer(nn.Module):
     def encode(self, encoder_input_tokens: jax.Array, enable_dropout: bool = False) -> jax.Array:
         """encoder_input_tokens: [b, Li] int -> encoded [b, Li, embed] in compute dtype."""
         return self.encoder(encoder_input_tokens, enable_dropout)
+
+    def encoder_hidden(self, encoder_input_tokens: jax.Array, depth: int) -> jax.Array:
+        """The encoder's hidden states after its first `depth` layers, 0 <= depth <= num_encoder_layers
+        (depth num_encoder_layers: `encode`'s output): [b, Li] int -> [b, Li, embed]."""
+        if not 0 <= depth <= self.config.num_encoder_layers:
+            raise ValueError(f"encoder depth {depth} must lie in [0, {self.config.num_encoder_layers}] "
+                             "(0: the token embeddings; num_encoder_layers: the encoder's output).")
+        return self.encoder(encoder_input_tokens, False, depth)
 
     def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, enable_dropout: bool = False,

@@ -27,7 +27,7 @@ from cat_jax import data as data_lib
 from cat_jax.cascade import pipeline as cascade_pipeline
 from cat_jax.cascade.speculative import cost, report
 from cat_jax.cascade.speculative.decode import SpeculativeOutput, speculative_decode
-from cat_jax.cascade.speculative.rules import ALPHA_EXTREMES, RULES, rule_id
+from cat_jax.cascade.speculative.rules import ALPHA_EXTREMES, RULES, SWEEP_SPANS, rule_id
 from cat_jax.decoding import DecodingConfig, Sampler, make_decoder
 from cat_jax.errors import ConfigError
 from cat_jax.frozen_model import FrozenModel, check_vocabulary, load_frozen_model
@@ -60,12 +60,18 @@ class SpeculativeEvalResult:
 
 def alpha_grid(rule: str, num_alphas: int, alphas: Mapping[str, Sequence[float]]) -> list[float]:
     """The alphas swept for `rule`: alphas[rule] if given, else num_alphas evenly spaced between
-    its two extremes (the large model alone, the small model alone); [0.0] for lossless."""
+    its two extremes (the large model alone, the small model alone); for a rule with infinite
+    extremes (OPT) those two with num_alphas - 2 evenly spaced inside its SWEEP_SPANS; [0.0] for
+    lossless."""
     if rule == "lossless":
         return [0.0]
     if rule in alphas:
         return [float(a) for a in alphas[rule]]
-    return [float(a) for a in np.linspace(*ALPHA_EXTREMES[rule], num_alphas)]
+    low, high = ALPHA_EXTREMES[rule]
+    if rule in SWEEP_SPANS:
+        inner = np.linspace(*SWEEP_SPANS[rule], num_alphas)[1:-1]
+        return [float(low), *(float(a) for a in inner), float(high)]
+    return [float(a) for a in np.linspace(low, high, num_alphas)]
 
 
 def check_plan(rules: Sequence[str], gammas: Sequence[int], num_alphas: int, alphas: Mapping[str, Sequence[float]],

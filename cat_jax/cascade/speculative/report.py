@@ -83,8 +83,16 @@ def summarize(points: Sequence[Point]) -> list[Summary]:
     return out
 
 
+def _json_value(key: str, value: object) -> object:
+    """JSON has no infinity: an infinite alpha (OPT's extremes) is written "inf" / "-inf" (None
+    already means "no alpha"), any other non-finite float null."""
+    if not isinstance(value, float) or math.isfinite(value):
+        return value
+    return str(value) if key.startswith("alpha") and math.isinf(value) else None
+
+
 def _json_ready(record: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return {k: _json_value(k, v) for k, v in record.items()}
 
 
 def write_points(csv_path: str | pathlib.Path, json_path: str | pathlib.Path, points: Sequence[Point]) -> None:
