@@ -24,6 +24,7 @@ from cat_jax.frozen_model import load_frozen_model
 from cat_jax.inference import InferenceConfig
 from cat_jax.models import T5Config, Transformer, encoder_flops, encoder_layers_flops, forward_flops
 from conftest import DATA_CACHE, REPO, SUBPROCESS_ENV, run_module, train_args
+from tolerances import DEEP, assert_close
 
 MIXTURE = "offline_mix"
 TASKS = ("cmudict_g2p", "cmudict_syllables", "num2words_fr", "num2words_de")
@@ -138,7 +139,7 @@ def test_large_embedding_is_its_mean_encoder_output(outputs, model_dirs):
     expected = (hidden * mask).sum(1) / mask.sum(1)
     recorded = np.load(out / "examples_hidden.npz")["model0_embedding"]
     assert recorded.shape == (PER_TASK * len(TASKS), frozen.config.emb_dim)
-    np.testing.assert_allclose(recorded, expected, rtol=1e-5, atol=1e-5)
+    assert_close(recorded, expected, DEEP)  # the encoder in another batch shape: another program
 
 
 def _sum(rows, field):

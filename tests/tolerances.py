@@ -55,8 +55,11 @@ def scale_of(want) -> float:
 
 
 def assert_close(got, want, rel: float, err_msg: str = "") -> None:
-    """|got - want| <= rel * scale_of(want) everywhere (see the module docstring for `rel`)."""
+    """|got - want| <= rel * scale_of(want) everywhere (see the module docstring for `rel`); a
+    scalar `want` is compared with every element of `got`."""
     got64, want64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if want64.ndim == 0:
+        want64 = np.broadcast_to(want64, got64.shape)
     assert got64.shape == want64.shape, f"{err_msg} shapes differ: {got64.shape} vs {want64.shape}"
     scale = scale_of(want64)
     error = float(np.max(np.abs(got64 - want64))) if got64.size else 0.0
