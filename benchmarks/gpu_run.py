@@ -93,7 +93,7 @@ FULL = (
         "--rules=lossless", *DECODE)),
     Stage("experiment", 70, lambda c: _script(
         "gpu_experiment.py", "run", f"--data={c.bundle / 'data'}", f"--work={c.work / 'experiment'}",
-        f"--out={c.out}"), min_s=60, takes_rest=True),
+        f"--out={c.out}"), min_s=120, takes_rest=True),
 )
 
 SMOKE_TRAIN = ("--batch=2", "--inputs=16", "--targets=8", "--dtype=bfloat16", "--steps=2", "--warmup=1",

@@ -85,7 +85,7 @@ def test_gpu_command_smoke_without_tensorflow(tmp_path):
     """`benchmarks/gpu.sh --smoke` end to end; the experiment's data is exported first (that needs
     seqio), then every stage runs with the packages the GPU image lacks unimportable."""
     work, out, blocker = tmp_path / "work", tmp_path / "out", tmp_path / "blocker"
-    env = dict(os.environ, **SUBPROCESS_ENV, CAT_JAX_GPU_WORK=str(work))
+    env = dict(os.environ, **SUBPROCESS_ENV, CAT_JAX_GPU_WORK=str(work), PYTHON=sys.executable)
     subprocess.run([sys.executable, "benchmarks/gpu_experiment.py", "export", "--smoke", str(work / "smoke_data")],
                    cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     blocker.mkdir()
