@@ -17,7 +17,7 @@
 #    OUT_DIR/gpu.log, rewrites OUT_DIR/summary.md after every stage; the experiment's curves and
 #    summary go to OUT_DIR/experiment.tar.gz. Checkpoints and caches stay in $WORK.
 #
-# --smoke: every stage on CPU with tiny shapes (3.3 CPU-minutes; caps 6 minutes), the rehearsal.
+# --smoke: every stage on CPU with tiny shapes (about 3 CPU-minutes; caps 8 minutes), the rehearsal.
 # --stages: a subset, e.g. to rerun one stage that failed (its rows go to a fresh OUT_DIR).
 # Environment: CAT_JAX_GPU_BUNDLE (default <repo>/.gpu_bundle), CAT_JAX_GPU_WORK (default
 # ${TMPDIR:-/tmp}/cat_jax_gpu), CAT_JAX_GPU_CAP_SCALE (multiplies every stage's cap, and so the

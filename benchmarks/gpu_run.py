@@ -14,10 +14,10 @@ all five, x --cap-scale); each stage's cap is cut only so that the stages after 
 the `experiment` stage, last, runs on with all that remains (skipped below its minimum).
 
 `--smoke` runs the same stages on CPU with tiny shapes (1+1-layer models written into --work, a
-few steps, XLA's backend optimisation off): the rehearsal of the GPU command. It takes about 3.3
-minutes of CPU time (4.3 minutes of wall time measured on 2 cores shared at a load average of 12);
-its caps (360 s in all) leave room for a busy machine. Rows that need torch are skipped with a
-`note` row where torch is not importable.
+few steps, XLA's backend optimisation off): the rehearsal of the GPU command. It takes about 3
+minutes of CPU time, about as long on 2 idle cores (4 to 6 minutes measured on 2 cores shared with
+other work at load averages of 8 to 15); its caps (480 s in all) leave room for a busy machine.
+Rows that need torch are skipped with a `note` row where torch is not importable.
 """
 
 from __future__ import annotations
@@ -103,18 +103,18 @@ SMOKE_TRAIN = ("--batch=2", "--inputs=16", "--targets=8", "--dtype=bfloat16", "-
 SMOKE_DECODE = ("--inputs=16", "--max-decode-length=4", "--vocab=64", "--warmup=1")
 
 SMOKE = (
-    Stage("train", 60, lambda c: _script(
+    Stage("train", 75, lambda c: _script(
         "train_throughput.py", f"--sizes={c.model('student')}", "--teachers=", "--peak-matmul-size=128",
         *SMOKE_TRAIN)),
-    Stage("cat_step", 75, lambda c: _script(
+    Stage("cat_step", 90, lambda c: _script(
         "train_throughput.py", f"--sizes={c.model('student')}", f"--teachers={c.model('teacher')}",
         "--cat-steps=cat,cat_distill", "--no-hf", "--peak-matmul-size=128", *SMOKE_TRAIN, *c.peak_args())),
-    Stage("decode", 45, lambda c: _script(
+    Stage("decode", 60, lambda c: _script(
         "decode_throughput.py", f"--sizes={c.model('student')}", "--batches=32,1", "--repeats=2", *SMOKE_DECODE)),
     Stage("speculative", 75, lambda c: _script(
         "speculative.py", f"--large={c.model('teacher')}", f"--small={c.model('student')}", "--batches=2",
-        "--gammas=1,3", "--repeats=1", *SMOKE_DECODE)),
-    Stage("experiment", 105, lambda c: _script(
+        "--gammas=2", "--repeats=1", *SMOKE_DECODE)),
+    Stage("experiment", 180, lambda c: _script(
         "gpu_experiment.py", "run", "--smoke", "--export-missing", f"--data={c.work / 'smoke_data'}",
         f"--work={c.work / 'experiment'}", f"--out={c.out}"), min_s=30, takes_rest=True),
 )

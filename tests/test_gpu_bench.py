@@ -96,7 +96,7 @@ def test_gpu_command_smoke_without_tensorflow(tmp_path):
     env["CAT_JAX_GPU_CAP_SCALE"] = "3"
     start = time.perf_counter()
     proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--smoke", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1800)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-8000:]}"
     rows = gpu_summary.read_rows([out / "results.jsonl"])
@@ -120,7 +120,7 @@ def test_gpu_command_smoke_without_tensorflow(tmp_path):
         assert cat["memory_peak_bytes"] == (cat["memory_argument_bytes"] + cat["memory_output_bytes"]
                                             + cat["memory_temp_bytes"] - cat["memory_alias_bytes"]) > 0
     assert {r["batch"] for r in by(stage="decode", benchmark="decode_throughput")} == {1, 32}
-    assert {r["gamma"] for r in by(stage="speculative", impl="speculative")} == {1, 3}
+    assert [r["gamma"] for r in by(stage="speculative", impl="speculative")] == [2]
     students = {r["small_model"] for r in by(stage="experiment", benchmark="experiment_cascade")}
     assert students == {"ce", "distill", "cat", "cat_distill"}
     assert {r["model"] for r in by(stage="experiment", benchmark="experiment_train")} == {
