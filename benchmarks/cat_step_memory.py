@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import model_config  # noqa: E402
+from benchmarks.common import compiled_peak_bytes, model_config  # noqa: E402
 from cat_jax import partitioning  # noqa: E402
 from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params  # noqa: E402
 from cat_jax.models import T5Config  # noqa: E402
@@ -102,8 +102,7 @@ def main() -> None:
         for name in names:
             t = None if name == "ce" else teacher
             row = measure(student, t, STEPS[name], a.batch, a.inputs, a.targets, mesh_shape)
-            row["peak_bytes"] = row.get("argument_size_in_bytes", 0) + row.get("output_size_in_bytes", 0) \
-                + row.get("temp_size_in_bytes", 0) - row.get("alias_size_in_bytes", 0)
+            row["peak_bytes"] = compiled_peak_bytes(row)
             print(json.dumps({"step": name, "teacher": a.teacher if t else None, **common, **row}), flush=True)
 
 

@@ -54,6 +54,26 @@ def hf_available() -> bool:
 
 # ----------------------------------------------------------------------------- model shapes
 
+ONE_LAYER_MODEL_GIN = """import cat_jax.models
+T5Config.emb_dim = {emb}
+T5Config.num_heads = 2
+T5Config.head_dim = 8
+T5Config.mlp_dim = {mlp}
+T5Config.num_encoder_layers = 1
+T5Config.num_decoder_layers = 1
+T5Config.dropout_rate = 0.0
+"""
+
+
+def one_layer_model(path: Path, emb: int) -> Path:
+    """Writes (once) a 1+1-layer model file of width `emb` (MLP 2 x emb) for smoke runs: compiling
+    a step takes seconds on CPU, where the shipped `tiny` (2+2 layers) takes twice that."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(ONE_LAYER_MODEL_GIN.format(emb=emb, mlp=2 * emb))
+    return path
+
+
 def gin_file_of(size: str) -> Path:
     """`small` -> gin_configs/models/small.gin; a path to a .gin file is taken as it is."""
     path = Path(size) if size.endswith(".gin") else MODELS_DIR / f"{size}.gin"
@@ -173,6 +193,35 @@ def torch_sync(device: str) -> Callable[[Any], None]:
     if device == "cuda":
         return lambda _: torch.cuda.synchronize()
     return lambda _: None
+
+
+def compiled_peak_bytes(memory: dict[str, int]) -> int:
+    """Per-device bytes a compiled step holds at its peak, from XLA's memory analysis (the
+    `CompiledStep.memory` dict): arguments + outputs + temporaries - outputs aliased to arguments."""
+    return (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
+            + memory.get("temp_size_in_bytes", 0) - memory.get("alias_size_in_bytes", 0))
+
+
+def memory_fields(memory: dict[str, int]) -> dict[str, int]:
+    """`memory_{argument,output,temp,alias,peak}_bytes` of a compiled step ({} without an analysis)."""
+    if not memory:
+        return {}
+    out = {f"memory_{kind}_bytes": memory.get(f"{kind}_size_in_bytes", 0)
+           for kind in ("argument", "output", "temp", "alias")}
+    out["memory_peak_bytes"] = compiled_peak_bytes(memory)
+    return out
+
+
+def untie_lm_head(model) -> None:
+    """Give a HuggingFace T5 its own LM head, as ours has (T5 v1.1: `tie_word_embeddings=False`).
+
+    transformers 5 ties T5's head to the shared embedding whatever the config says (4.x honoured
+    the flag); a tied head would leave HuggingFace vocab x d_model fewer parameters to update
+    than ours. The head keeps the embedding's values in a parameter of its own.
+    """
+    import torch
+    if model.lm_head.weight is model.shared.weight:
+        model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
 
 
 def versions() -> dict[str, str]:

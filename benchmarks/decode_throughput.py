@@ -151,6 +151,7 @@ def run_hf(a: argparse.Namespace) -> None:
         config = common.model_config(size, a.dtype, a.vocab)
         torch.manual_seed(0)
         model = transformers.T5ForConditionalGeneration(common.hf_t5_config(config))
+        common.untie_lm_head(model)
         model = model.to(device=device, dtype=dtype).eval()
         # No EOS: generation runs exactly max_new_tokens steps, as ours does with eos_id=-1.
         model.generation_config.eos_token_id = None

@@ -10,9 +10,11 @@ Prints one JSON line per measurement on stdout (progress goes to stderr):
   denominator of every `mfu`.
 * `train_throughput`, `step` = `ce`: our cross-entropy train step (forward, backward, AdamW with
   global-norm clipping) per size; `step` = `teacher_forward`: a frozen teacher's forward pass
-  alone (bf16 parameters, as the CAT trainer holds them); `step` = `cat`: the cascade-aware step of
-  a student with each teacher larger than it, with the teacher's share of the step and whether
-  CAT <= CE + 1.1 x teacher forward.
+  alone (bf16 parameters, as the CAT trainer holds them); `step` = `cat` (CAT-Xent) and, with
+  `--cat-steps=cat,cat_distill`, `cat_distill` (the CAT mask with the distillation mix, alpha 0.5):
+  the cascade-aware step of a student with each teacher larger than it, with the teacher's share
+  of the step and whether CAT <= CE + 1.1 x teacher forward. Our step rows carry XLA's per-device
+  memory of the compiled step (`memory_*_bytes`).
 * with torch + transformers importable, `impl` = `hf` / `hf_compile`: HuggingFace
   `T5ForConditionalGeneration` with the same configuration, bf16 autocast, fused AdamW, gradient
   clipping at 1.0, eager and under `torch.compile`; then `train_ratio` rows: ours / theirs.
@@ -35,6 +37,10 @@ from benchmarks import common  # noqa: E402
 BENCHMARK = "train_throughput"
 CAT_TARGET = 1.1        # a CAT step should cost at most CE + 1.1 x the teacher's forward pass
 HF_COMPILE_TARGET = 1.25  # ours / HF+torch.compile tokens/s on base
+# The teacher-using steps (`LossOptions` fields): CAT-Xent, and the CAT mask with distillation
+# (gin_configs/runs/train_small_cat.gin and train_small_cat_distill.gin).
+CAT_STEPS = {"cat": {"mask": "small_or_large"},
+             "cat_distill": {"mask": "small_or_large", "alpha": 0.5}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CAT teachers; each is used for every student smaller than it ('' = no CAT)")
     p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="the frozen teacher's parameter and compute dtype")
+    p.add_argument("--cat-steps", default="cat",
+                   help=f"comma-separated teacher-using steps timed per teacher, of {list(CAT_STEPS)}")
     p.add_argument("--vocab", type=int, default=common.T5_VOCAB)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s for MFU (TFLOP/s); default: measured with a bf16 matmul")
@@ -63,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.size_list = common.csv_list(a.sizes)
     a.teacher_list = common.csv_list(a.teachers)
+    a.cat_step_list = common.csv_list(a.cat_steps)
+    unknown = sorted(set(a.cat_step_list) - set(CAT_STEPS))
+    if unknown:
+        p.error(f"--cat-steps: unknown {unknown}; choose from {list(CAT_STEPS)}")
     if a.steps < 1 or a.warmup < 0 or a.batch < 1:
         p.error("--steps must be >= 1, --warmup >= 0, --batch >= 1")
     for size in a.size_list + a.teacher_list:
@@ -74,7 +86,7 @@ def child_args(a: argparse.Namespace, peak_tflops: float | None) -> list[str]:
     args = [f"--sizes={a.sizes}", f"--batch={a.batch}", f"--inputs={a.inputs}",
             f"--targets={a.targets}", f"--dtype={a.dtype}", f"--steps={a.steps}",
             f"--warmup={a.warmup}", f"--teachers={a.teachers}", f"--teacher-dtype={a.teacher_dtype}",
-            f"--vocab={a.vocab}"]
+            f"--cat-steps={a.cat_steps}", f"--vocab={a.vocab}"]
     if peak_tflops:
         args.append(f"--peak-tflops={peak_tflops}")
     if a.peak_matmul_size:
@@ -159,7 +171,7 @@ def run_ours(a: argparse.Namespace) -> None:
             out_shardings=shardings)(jax.random.key(1))
         return config, model, params, shardings
 
-    def train_step(config, loss, teacher=None) -> tuple[list[float], float, int]:
+    def train_step(config, loss, teacher=None) -> tuple[list[float], float, int, dict]:
         model = EncoderDecoderModel(config, loss)
         tx, schedule = make_optimizer(1000)
         abstract, shardings = state_shardings(model, tx, mesh, rules, li, lt)
@@ -183,7 +195,7 @@ def run_ours(a: argparse.Namespace) -> None:
 
         times = common.time_steps(run, sync, a.steps, a.warmup)
         del state[0]
-        return times, compiled.compile_seconds, n_params
+        return times, compiled.compile_seconds, n_params, common.memory_fields(compiled.memory)
 
     def teacher_forward(teacher) -> tuple[list[float], float]:
         _, t_model, t_params, t_shardings = teacher
@@ -198,16 +210,17 @@ def run_ours(a: argparse.Namespace) -> None:
 
     def ce_row(size: str, config) -> dict:
         common.note(f"[ours] {size}: CE step")
-        times, compile_s, n_params = train_step(config, LossOptions())
+        times, compile_s, n_params, memory = train_step(config, LossOptions())
         row = {**base_fields(a, "ours", size), "step": "ce", "teacher": None,
                **throughput_fields(a, common.summarize(times),
                                    3 * forward_flops(config, li, lt) * a.batch, peak, nominal),
                "params": n_params, "compile_s": round(compile_s, 2), "device": device,
-               **common.shape_fields(config)}
+               **memory, **common.shape_fields(config)}
         common.emit(row)
         return row
 
-    def cat_row(size: str, config, ce: dict, t_size: str, t_config) -> None:
+    def cat_rows(size: str, config, ce: dict, t_size: str, t_config) -> None:
+        """The teacher's forward (once per teacher), then each of --cat-steps with it."""
         t_flops = forward_flops(t_config, li, lt)
         teacher = make_teacher(t_size)
         if t_size not in teacher_rows:
@@ -221,23 +234,26 @@ def run_ours(a: argparse.Namespace) -> None:
             teacher_rows[t_size] = row
             common.emit(row)
         t_ms = teacher_rows[t_size]["step_ms"]
-        common.note(f"[ours] {size}: CAT step with teacher {t_size}")
-        times, compile_s, n_params = train_step(config, LossOptions(mask="small_or_large"), teacher)
+        for name in a.cat_step_list:
+            with common.guarded({**base_fields(a, "ours", size), "step": name, "teacher": t_size,
+                                 "device": device}):
+                common.note(f"[ours] {size}: {name} step with teacher {t_size}")
+                times, compile_s, n_params, memory = train_step(config, LossOptions(**CAT_STEPS[name]), teacher)
+                fields = throughput_fields(a, common.summarize(times),
+                                           (3 * forward_flops(config, li, lt) + t_flops) * a.batch, peak, nominal)
+                cat_ms, ce_ms = fields["step_ms"], ce["step_ms"]
+                common.emit({
+                    **base_fields(a, "ours", size), "step": name, "teacher": t_size,
+                    "teacher_dtype": a.teacher_dtype, **fields, "params": n_params,
+                    "compile_s": round(compile_s, 2), "device": device,
+                    "ce_step_ms": ce_ms, "teacher_forward_ms": t_ms,
+                    "teacher_share": round(t_ms / cat_ms, 4),
+                    "cat_minus_ce_ms": round(cat_ms - ce_ms, 3),
+                    "cat_overhead_over_teacher_forward": round((cat_ms - ce_ms) / t_ms, 4),
+                    "cat_budget_ms": round(ce_ms + CAT_TARGET * t_ms, 3),
+                    "cat_within_target": cat_ms <= ce_ms + CAT_TARGET * t_ms,
+                    **memory, **common.shape_fields(config)})
         del teacher
-        fields = throughput_fields(a, common.summarize(times),
-                                   (3 * forward_flops(config, li, lt) + t_flops) * a.batch, peak, nominal)
-        cat_ms, ce_ms = fields["step_ms"], ce["step_ms"]
-        common.emit({
-            **base_fields(a, "ours", size), "step": "cat", "teacher": t_size,
-            "teacher_dtype": a.teacher_dtype, **fields, "params": n_params,
-            "compile_s": round(compile_s, 2), "device": device,
-            "ce_step_ms": ce_ms, "teacher_forward_ms": t_ms,
-            "teacher_share": round(t_ms / cat_ms, 4),
-            "cat_minus_ce_ms": round(cat_ms - ce_ms, 3),
-            "cat_overhead_over_teacher_forward": round((cat_ms - ce_ms) / t_ms, 4),
-            "cat_budget_ms": round(ce_ms + CAT_TARGET * t_ms, 3),
-            "cat_within_target": cat_ms <= ce_ms + CAT_TARGET * t_ms,
-            **common.shape_fields(config)})
 
     for size in a.size_list:
         config = common.model_config(size, a.dtype, a.vocab)
@@ -251,9 +267,9 @@ def run_ours(a: argparse.Namespace) -> None:
                 continue
             if ce is None:
                 continue
-            with common.guarded({**base_fields(a, "ours", size), "step": "cat", "teacher": t_size,
-                                 "device": device}):
-                cat_row(size, config, ce, t_size, t_config)
+            with common.guarded({**base_fields(a, "ours", size), "step": "teacher_forward",
+                                 "teacher": t_size, "device": device}):
+                cat_rows(size, config, ce, t_size, t_config)
         initial.clear()
 
 
@@ -287,7 +303,9 @@ def run_hf(a: argparse.Namespace, compiled: bool) -> None:
         torch.manual_seed(0)
         if compiled:
             torch._dynamo.reset()  # a fresh compile cache per model
-        model = transformers.T5ForConditionalGeneration(common.hf_t5_config(config)).to(device)
+        model = transformers.T5ForConditionalGeneration(common.hf_t5_config(config))
+        common.untie_lm_head(model)
+        model = model.to(device)
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
         try:
