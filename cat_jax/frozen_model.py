@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cat_jax import model_dir as model_dir_lib
-from cat_jax import partitioning
+from cat_jax import partitioning, vocabularies
 from cat_jax.checkpoints import restore_params
 from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
 from cat_jax.errors import CheckpointError, TeacherMismatchError
@@ -79,9 +79,13 @@ def check_vocabulary(model_dir: str, info: dict[str, Any], config: T5Config, voc
     theirs = info["vocabulary"]
     ours = model_dir_lib.vocab_info(vocab)
     if theirs != ours:
+        source = (info.get("imported_from") or {}).get("source")
+        resolved = vocabularies.resolve(vocab)
+        ours_from = getattr(resolved, "directory", None) or getattr(resolved, "sentencepiece_model_file", None)
         raise TeacherMismatchError(
-            f"The {role} in {model_dir} was trained with vocabulary {theirs}, but this run "
-            f"uses {ours}. Both models of a cascade (and a model and its task) must share one "
+            f"The {role} in {model_dir}{f' (imported from {source})' if source else ''} was trained "
+            f"with vocabulary {theirs}, but this run uses {ours}{f' (from {ours_from})' if ours_from else ''}: "
+            f"their tokenizers differ. Both models of a cascade (and a model and its task) must share one "
             f"vocabulary: tokenize the task with that model's vocabulary "
             f"(--gin.get_vocabulary.from_model_dir={model_dir}), or train the models on tasks with "
             f"the same vocabulary.")

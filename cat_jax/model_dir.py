@@ -63,7 +63,8 @@ def remove_if_empty(model_dir: str) -> None:
 
 
 def vocab_info(vocab) -> dict[str, Any]:
-    """What identifies a vocabulary: its class, size and (SentencePiece) the SHA-256 of its model.
+    """What identifies a vocabulary: its class, size and (SentencePiece) the SHA-256 of its model,
+    or (a Hugging Face tokenizer) its class and the SHA-256 of its normalised files and settings.
 
     The same for seqio's vocabulary of a live run and the TensorFlow-free one rebuilt from an
     export (`cat_jax.vocabularies`), so a checkpoint trained either way serves the other. The
@@ -82,20 +83,25 @@ def _read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def vocabulary_files(vocab) -> tuple[dict[str, Any], bytes | None]:
-    """(run_info's `vocabulary_files` record, the SentencePiece model bytes to store or None).
+def vocabulary_files(vocab) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(run_info's `vocabulary_files` record, {file name: bytes} to store in MODEL_DIR).
 
-    The record is {"kind": "byte"} or {"kind": "sentencepiece", "file": "spiece.model",
-    "extra_ids": N}: the model file as its author shipped it plus seqio's extra-id count, so that
-    `(file, extra_ids)` rebuilds the same vocabulary (identity included) with seqio or without.
+    The record is {"kind": "byte"}, {"kind": "sentencepiece", "file": "spiece.model",
+    "extra_ids": N} (the model file as its author shipped it plus seqio's extra-id count, so that
+    `(file, extra_ids)` rebuilds the same vocabulary, identity included, with seqio or without), or
+    {"kind": "hf_tokenizer", "files": [...]}: a Hugging Face checkpoint's tokenizer files under
+    their Hub names (tokenizer.json / tokenizer.model, tokenizer_config.json, ...).
     """
     vocab = vocabularies.resolve(vocab)
     kind = vocabularies.identity(vocab)["class"]
     if kind == "ByteVocabulary":
-        return {"kind": "byte", "extra_ids": int(vocab.extra_ids or 0)}, None
+        return {"kind": "byte", "extra_ids": int(vocab.extra_ids or 0)}, {}
+    if kind == vocabularies.HF_TOKENIZER:
+        return ({"kind": "hf_tokenizer", "files": list(vocab.files)},
+                {name: _read_bytes(path) for name, path in vocab.files.items()})
     if kind != "SentencePieceVocabulary":
         raise ModelDirError(f"Vocabulary {type(vocab).__name__} cannot be stored in a MODEL_DIR: cat_jax "
-                            "stores ByteVocabulary and SentencePieceVocabulary.")
+                            "stores ByteVocabulary, SentencePieceVocabulary and Hugging Face tokenizers.")
     extra = (vocab.added_extra_ids if isinstance(vocab, vocabularies.SentencePieceVocabulary)
              else int(vocab.extra_ids or 0))
     source = getattr(vocab, "sentencepiece_model_file", None)
@@ -103,24 +109,25 @@ def vocabulary_files(vocab) -> tuple[dict[str, Any], bytes | None]:
     if model is None or vocabularies.identity_of_model(vocabularies.add_extra_ids(model, extra)) != \
             vocabularies.identity(vocab):
         model, extra = vocabularies.sentencepiece_model_bytes(vocab), 0  # normalizer overrides etc.
-    return {"kind": "sentencepiece", "file": SENTENCEPIECE_FILE, "extra_ids": extra}, model
+    return {"kind": "sentencepiece", "file": SENTENCEPIECE_FILE, "extra_ids": extra}, {SENTENCEPIECE_FILE: model}
 
 
 def write_vocabulary(model_dir: str, vocab) -> dict[str, Any]:
-    """Stores the vocabulary's files in MODEL_DIR (a SentencePiece model: `spiece.model`); returns
-    the record for run_info.json."""
-    record, model = vocabulary_files(vocab)
-    if model is not None:
-        path = os.path.join(model_dir, record["file"])
+    """Stores the vocabulary's files in MODEL_DIR (a SentencePiece model: `spiece.model`; a Hugging
+    Face tokenizer: its files under their Hub names); returns the record for run_info.json."""
+    record, files = vocabulary_files(vocab)
+    for name, data in files.items():
+        path = os.path.join(model_dir, name)
         tmp = f"{path}.tmp.{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
-            f.write(model)
+            f.write(data)
         os.replace(tmp, path)
     return record
 
 
 def model_vocabulary(model_dir: str, info: dict[str, Any] | None = None):
-    """The TensorFlow-free vocabulary stored in a MODEL_DIR (`cat_jax.vocabularies`)."""
+    """The TensorFlow-free vocabulary stored in a MODEL_DIR (`cat_jax.vocabularies`,
+    `cat_jax.hf_tokenizer`)."""
     info = read_run_info(model_dir) if info is None else info
     record = (info or {}).get("vocabulary_files")
     if record is None:
@@ -133,6 +140,9 @@ def model_vocabulary(model_dir: str, info: dict[str, Any] | None = None):
             f"sentencepiece_model_path).")
     if record["kind"] == "byte":
         return vocabularies.ByteVocabulary(extra_ids=record.get("extra_ids", 0))
+    if record["kind"] == "hf_tokenizer":
+        from cat_jax import hf_tokenizer  # pylint: disable=import-outside-toplevel
+        return hf_tokenizer.HFTokenizerVocabulary(model_dir, files=record["files"])
     return vocabularies.SentencePieceVocabulary(os.path.join(model_dir, record["file"]),
                                                 extra_ids=record.get("extra_ids", 0))
 

@@ -4,13 +4,16 @@ A run needs four things from its vocabulary: `eos_id`, `vocab_size`, `decode(ids
 identity that `model_dir.vocab_info` records in `run_info.json`. `ByteVocabulary` and
 `SentencePieceVocabulary` here reproduce seqio's classes of the same names for exactly these
 (decode included: seqio's `Vocabulary.decode` clean-up, then the byte / SentencePiece decoding), so
-a model trained on live seqio data and one trained on exported data are interchangeable.
+a model trained on live seqio data and one trained on exported data are interchangeable. A Hugging
+Face checkpoint's tokenizer is `cat_jax.hf_tokenizer.HFTokenizerVocabulary` (and its seqio face
+`tasks.vocab.HFTokenizerVocabulary`).
 
 `describe(vocab)` turns a seqio (or these) vocabulary into the JSON description an export manifest
 holds; `from_description(desc, directory)` builds the TensorFlow-free vocabulary back. `identity`
 is the part of the description that says whether two vocabularies tokenize alike: the class name,
 the size and, for SentencePiece, the SHA-256 of the serialized model the tokenizer runs (not its
-path, which differs between a live run and the copy beside an export).
+path, which differs between a live run and the copy beside an export); for a Hugging Face
+tokenizer, its class and the SHA-256 of its normalised files and settings (`tokenizer_sha256`).
 """
 
 from __future__ import annotations
@@ -181,7 +184,12 @@ class SentencePieceVocabulary(_Base):
         return f"cat_jax.vocabularies.SentencePieceVocabulary({self._path!r})"
 
 
+HF_TOKENIZER = "HFTokenizerVocabulary"
+
+
 def _kind(vocab: Any) -> str:
+    if getattr(vocab, "tokenizer_sha256", None):  # cat_jax.hf_tokenizer's class or its seqio face
+        return HF_TOKENIZER
     name = type(vocab).__name__
     if name in ("ByteVocabulary", "SentencePieceVocabulary"):
         return name
@@ -208,6 +216,8 @@ def identity(vocab: Any) -> dict[str, Any]:
     vocab = resolve(vocab)
     kind = _kind(vocab)
     info: dict[str, Any] = {"class": kind, "size": int(vocab.vocab_size)}
+    if kind == HF_TOKENIZER:
+        info.update(tokenizer_class=vocab.tokenizer_class, tokenizer_sha256=vocab.tokenizer_sha256)
     if kind == "SentencePieceVocabulary":
         info["sentencepiece_sha256"] = hashlib.sha256(sentencepiece_model_bytes(vocab)).hexdigest()
     return info
@@ -225,16 +235,26 @@ def identity_of_model(model: bytes) -> dict[str, Any]:
 
 def describe(vocab: Any, directory: str | None = None) -> dict[str, Any]:
     """The JSON description of an export manifest; with `directory`, a SentencePiece model is
-    written there (as `sentencepiece.<sha16>.model`) and named in the description."""
+    written there (as `sentencepiece.<sha16>.model`), or a Hugging Face tokenizer's files (into
+    `hf_tokenizer.<sha16>/`), and named in the description."""
     vocab = resolve(vocab)
     desc = identity(vocab)
     kind = desc["class"]
-    if kind not in ("ByteVocabulary", "SentencePieceVocabulary"):
+    if kind not in ("ByteVocabulary", "SentencePieceVocabulary", HF_TOKENIZER):
         raise ValueError(
             f"Cannot export vocabulary {type(vocab).__name__}: a TensorFlow-free host can rebuild only "
-            "ByteVocabulary and SentencePieceVocabulary (see tasks/vocab.py).")
+            f"ByteVocabulary, SentencePieceVocabulary and {HF_TOKENIZER} (see tasks/vocab.py).")
     desc.update(eos_id=vocab.eos_id, pad_id=vocab.pad_id, unk_id=vocab.unk_id,
                 extra_ids=int(vocab.extra_ids or 0))
+    if kind == HF_TOKENIZER:
+        desc.update(bos_id=vocab.bos_id, stop_ids=list(vocab.stop_ids),
+                    prompt_prefix_ids=list(vocab.prompt_prefix_ids),
+                    prompt_suffix_ids=list(vocab.prompt_suffix_ids), source_dir=vocab.directory,
+                    tokenizer_dir=f"hf_tokenizer.{desc['tokenizer_sha256'][:16]}", tokenizer_files=list(vocab.files))
+        if directory is not None:
+            target = os.path.join(directory, desc["tokenizer_dir"])
+            os.makedirs(target, exist_ok=True)
+            vocab.write_files(target)
     if kind == "SentencePieceVocabulary":
         desc["sentencepiece_model"] = f"sentencepiece.{desc['sentencepiece_sha256'][:16]}.model"
         source = getattr(vocab, "sentencepiece_model_file", None)
@@ -249,11 +269,11 @@ def describe(vocab: Any, directory: str | None = None) -> dict[str, Any]:
     return desc
 
 
-def from_description(desc: dict[str, Any], directory: str) -> ByteVocabulary | SentencePieceVocabulary:
-    """The TensorFlow-free vocabulary of a manifest description (its model file under `directory`)."""
+def from_description(desc: dict[str, Any], directory: str) -> Any:
+    """The TensorFlow-free vocabulary of a manifest description (its files under `directory`)."""
     kind = desc["class"]
     if kind == "ByteVocabulary":
-        vocab: ByteVocabulary | SentencePieceVocabulary = ByteVocabulary(extra_ids=desc.get("extra_ids", 0))
+        vocab: Any = ByteVocabulary(extra_ids=desc.get("extra_ids", 0))
     elif kind == "SentencePieceVocabulary":
         path = os.path.join(directory, desc["sentencepiece_model"])
         if not os.path.exists(path):
@@ -261,12 +281,21 @@ def from_description(desc: dict[str, Any], directory: str) -> ByteVocabulary | S
                 f"The exported SentencePiece model {path} is missing; export the split again with "
                 "python -m cat_jax.export_task (it writes the model beside the arrays).")
         vocab = SentencePieceVocabulary(path)
+    elif kind == HF_TOKENIZER:
+        from cat_jax import hf_tokenizer  # pylint: disable=import-outside-toplevel
+
+        path = os.path.join(directory, desc["tokenizer_dir"])
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"The exported tokenizer files {path} are missing; export the split again with "
+                "python -m cat_jax.export_task (it writes them beside the arrays).")
+        vocab = hf_tokenizer.HFTokenizerVocabulary(path, files=desc["tokenizer_files"])
     else:
-        raise ValueError(f"Unknown exported vocabulary class {kind!r}; expected ByteVocabulary or "
-                         "SentencePieceVocabulary.")
+        raise ValueError(f"Unknown exported vocabulary class {kind!r}; expected ByteVocabulary, "
+                         f"SentencePieceVocabulary or {HF_TOKENIZER}.")
     got = describe(vocab)
-    want = {k: desc[k] for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256")
-            if k in desc}
+    want = {k: desc[k] for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256",
+                                 "tokenizer_sha256") if k in desc}
     if {k: got.get(k) for k in want} != want:
         raise ValueError(f"The vocabulary rebuilt from {directory} is {got}, but the manifest says {desc}; "
                          "the export is damaged: export it again.")

@@ -9,10 +9,13 @@ into EXPORT_DIR:
                         `postprocessed_targets`: each target after its task's postprocess_fn (JSON);
   <name>.<split>.json   the manifest: lengths, cap (an export with MAX_EXAMPLES holds the uniform
                         sample `cat_jax.data.arrays.sample_per_task` takes), example counts, the vocabulary (class, size,
-                        eos/pad/unk ids; SentencePiece: the model file and its SHA-256), the
-                        mixture rates, and per task the postprocess_fn, metric fns and cascade
-                        quality functions as importable names (`module:qualname`);
-  sentencepiece.<sha16>.model   a SentencePiece vocabulary's serialized model (if any).
+                        eos/pad/unk ids; SentencePiece: the model file and its SHA-256; a Hugging
+                        Face tokenizer: its folder, files, SHA-256, bos / stop ids and the prompt's
+                        special ids), the mixture rates, and per task the postprocess_fn, metric fns
+                        and cascade quality functions as importable names (`module:qualname`);
+  sentencepiece.<sha16>.model   a SentencePiece vocabulary's serialized model (if any);
+  hf_tokenizer.<sha16>/         a Hugging Face tokenizer's files (tokenizer.json or tokenizer.model,
+                                tokenizer_config.json, ...), if the tasks tokenize with one.
 
 With `--gin.data_source.exported_dir=EXPORT_DIR`, `cat_jax.data` serves every task look-up from
 these files (`ExportedSource`): `load_split` reads the .npz, `get_vocabulary_of` rebuilds the
@@ -353,7 +356,8 @@ class ExportedSource(DataSource):
 
 
 def vocabularies_key(desc: Mapping[str, Any]) -> tuple:
-    return tuple(desc.get(k) for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256"))
+    return tuple(desc.get(k) for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256",
+                                       "tokenizer_sha256"))
 
 
 @functools.lru_cache(maxsize=None)
