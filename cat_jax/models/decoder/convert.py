@@ -203,8 +203,6 @@ def config_to_hf(config: DecoderConfig, dtype: str = "float32",
     if model_type in ("qwen2", "qwen3"):
         out.update(use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
                    max_window_layers=0 if config.sliding_window is not None else config.num_layers)
-    if model_type == "gemma":
-        out["hidden_activation"] = out["hidden_act"]
     if model_type == "gemma2":
         out.update(hidden_activation=out["hidden_act"], sliding_window=config.sliding_window,
                    query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
