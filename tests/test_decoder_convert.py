@@ -69,7 +69,8 @@ def test_fixtures_cover_what_they_claim(imported):
     assert cfg["gemma"].activation == "gelu" and cfg["gemma"].norm_plus_one and cfg["gemma"].scale_embeddings
     g2 = cfg["gemma2"]
     assert g2.activation == "gelu_tanh" and g2.sandwich_norms and g2.sliding_window_layers == "even"
-    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.query_pre_attn_scalar, g2.sliding_window) == (2.0, 5.0, 10, 4)
+    caps = (g2.attn_logit_softcap, g2.final_logit_softcap, g2.query_pre_attn_scalar, g2.sliding_window)
+    assert caps == (2.0, 5.0, 10, 4)
     ref = np.load(FIXTURES / "gemma2" / "reference.npz")
     assert ref["left_ids"].shape[1] > 2 * g2.sliding_window
     for name in MODEL_TYPES:  # the tokenizers' BOS rules as the brands ship them

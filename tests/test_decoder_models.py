@@ -45,7 +45,8 @@ def perturbed_params(config: DecoderConfig, seed: int = 0):
     params = nn.unbox(init_params(config, jax.random.key(seed)))
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    moved = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, moved)
 
 
 @pytest.fixture(scope="module")
