@@ -30,7 +30,8 @@ from cat_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "model")
 # Every logical axis name the models' parameters and activations use.
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "joined_kv", "vocab", "relpos_buckets")
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "kv", "joined_kv", "vocab",
+                "relpos_buckets")
 
 LogicalRules = Sequence[tuple[str, Any]]
 
@@ -39,6 +40,9 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "model"),
     ("mlp", "model"),
     ("heads", "model"),
+    # The key/value heads of grouped-query attention (decoder family). A mesh whose `model` axis does
+    # not divide a model's head counts needs those axes replicated: models.decoder.fit_axis_rules.
+    ("kv_heads", "model"),
     ("joined_kv", "model"),
     ("embed", "fsdp"),
     ("embed", None),
