@@ -39,7 +39,12 @@ log = logging.getLogger("cat_jax")
 
 # orbax logs these at WARNING on every read-only open (each teacher, eval or cascade model load).
 _READ_ONLY_NOISE = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
-logging.getLogger("absl").addFilter(lambda r: not r.getMessage().startswith(_READ_ONLY_NOISE))
+# orbax's writer threads log a full disk with their tracebacks before the save raises it; the job
+# reports it in one line (`gin_utils.run`).
+_DISK_FULL_NOISE = ("No space left on device", "Disk quota exceeded")
+logging.getLogger("absl").addFilter(
+    lambda r: not r.getMessage().startswith(_READ_ONLY_NOISE)
+    and not (r.levelno >= logging.ERROR and any(m in r.getMessage() for m in _DISK_FULL_NOISE)))
 
 PyTree = Any
 

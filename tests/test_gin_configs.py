@@ -139,11 +139,12 @@ def test_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_path, 
     from cat_jax.models import T5Config
     (tmp_path / "runs").mkdir()
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "demo_large.gin").write_text("T5Config.emb_dim = 7\n")
+    shipped_text = (GIN_DIR / "models" / "demo_large.gin").read_text()
+    (tmp_path / "models" / "demo_large.gin").write_text(re.sub(r"(?m)^T5Config.emb_dim = \d+$", "T5Config.emb_dim = 7",
+                                                               shipped_text))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     gin_utils.parse_gin([str(GIN_DIR / "runs" / "train_large.gin")],
                         [f"{k} = {REQUIRED[k]}" for k in ("MODEL_DIR", "TRAIN_STEPS")])
-    shipped = int(re.search(r"^T5Config.emb_dim = (\d+)$", (GIN_DIR / "models" / "demo_large.gin").read_text(),
-                            re.M).group(1))
+    shipped = int(re.search(r"(?m)^T5Config.emb_dim = (\d+)$", shipped_text).group(1))
     assert T5Config(vocab_size=384).emb_dim == shipped != 7
