@@ -185,13 +185,13 @@ def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, reference_12
         _kill_when(args, _saving(str(model_dir)))
     resumed = run_module("cat_jax.train", args)
     assert "resuming from this run's checkpoint at step" in resumed.stderr
-    assert "Took over the stale lock" in resumed.stderr and "is no longer running" in resumed.stderr
     step, state = _final_state(model_dir)
     assert step == 12
     _assert_trees_equal(state, reference_12)
     steps = [r["step"] for r in read_jsonl(os.path.join(model_dir, "train_metrics.jsonl")) if "train/loss" in r]
     assert steps == list(range(1, 13))
     assert _tensorboard_steps(model_dir) == list(range(1, 13))   # the killed run's steps were flushed
+    assert "Took over the stale lock" in resumed.stderr and "is no longer running" in resumed.stderr
     assert not (model_dir / "trainer.lock").exists()
 
 
