@@ -74,18 +74,25 @@ def remove_if_empty(model_dir: str) -> None:
         pass
 
 
-def _process_start(pid: int) -> str | None:
-    """When process `pid` started (Linux: field 22 of /proc/<pid>/stat), to tell a reused pid
-    from the lock's holder; None where that cannot be read."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (Linux): [0] the state, [19] the
+    start time; None where that cannot be read."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started, to tell a reused pid from the lock's holder (None: unknown)."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
 def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the process a lock of this host names still runs (and is the same process)."""
+    """Whether the process a lock of this host names still runs (and is the same process; a
+    killed process its parent has not reaped yet is not)."""
     try:
         pid = int(holder["pid"])
         os.kill(pid, 0)
@@ -93,6 +100,9 @@ def _alive(holder: dict[str, Any]) -> bool:
         return False
     except (PermissionError, KeyError, TypeError, ValueError):
         return True  # another user's process, or a lock we cannot read: assume it is held
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False
     started = holder.get("process_start")
     return started is None or _process_start(pid) in (None, started)
 

@@ -53,6 +53,10 @@ def test_the_lock_of_a_dead_process_on_this_host_is_taken_over_and_logged(tmp_pa
     held.release()
 
 
+LINUX_PROC = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc/<pid>/stat (Linux)")
+
+
+@LINUX_PROC
 def test_a_reused_pid_does_not_keep_a_lock(tmp_path):
     """The lock names a live pid whose process started at another time: its holder is gone."""
     _write_lock(tmp_path, host=socket.gethostname(), pid=os.getpid(), process_start="1")
@@ -80,3 +84,22 @@ def test_the_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
         time.sleep(0.05)
     assert path.stat().st_mtime > time.time() - 60
     held.release()
+
+
+@LINUX_PROC
+def test_a_killed_process_not_yet_reaped_does_not_keep_a_lock(tmp_path):
+    import signal
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(tmp_path, host=socket.gethostname(), pid=proc.pid,
+                    process_start=model_dir_lib._process_start(proc.pid))  # pylint: disable=protected-access
+        with pytest.raises(ModelDirError, match=f"pid {proc.pid}"):
+            model_dir_lib.lock(str(tmp_path))
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while model_dir_lib._proc_stat(proc.pid)[0] != "Z" and time.time() < deadline:  # pylint: disable=protected-access
+            time.sleep(0.01)
+        model_dir_lib.lock(str(tmp_path)).release()   # a zombie: its pid still answers, it holds nothing
+    finally:
+        proc.kill()
+        proc.wait()
