@@ -9,8 +9,9 @@ Layout written by `Checkpointer` (orbax `CheckpointManager`):
 A save is written into `<step>.orbax-checkpoint-tmp*` and renamed when complete, so a save
 killed half-way leaves only a temporary directory; every read here ignores it and the next
 save works. Finishing a save records the checksums of the step's files (`cat_jax.integrity`)
-before that rename, so every step under its final name has its record. Restores check the template's structure and shapes against the checkpoint first
-and fail with `CheckpointError` naming the first mismatching key path.
+before that rename, so every step under its final name has its record. Restores check the
+template's structure and shapes against the checkpoint first and fail with `CheckpointError`
+naming the first mismatching key path.
 
 With several processes (`jax.distributed`), every process calls save and restore with the same
 arguments: each writes and reads only the shards its devices hold, process 0 writes the metadata

@@ -97,7 +97,8 @@ def test_a_killed_process_not_yet_reaped_does_not_keep_a_lock(tmp_path):
             model_dir_lib.lock(str(tmp_path))
         os.kill(proc.pid, signal.SIGKILL)
         deadline = time.time() + 30
-        while model_dir_lib._proc_stat(proc.pid)[0] != "Z" and time.time() < deadline:  # pylint: disable=protected-access
+        state = model_dir_lib._proc_stat  # pylint: disable=protected-access
+        while state(proc.pid)[0] != "Z" and time.time() < deadline:
             time.sleep(0.01)
         model_dir_lib.lock(str(tmp_path)).release()   # a zombie: its pid still answers, it holds nothing
     finally:
