@@ -8,8 +8,10 @@ Layout written by `Checkpointer` (orbax `CheckpointManager`):
 
 A save is written into `<step>.orbax-checkpoint-tmp*` and renamed when complete, so a save
 killed half-way leaves only a temporary directory; every read here ignores it and the next
-save works. Restores check the template's structure and shapes against the checkpoint first
-and fail with `CheckpointError` naming the first mismatching key path.
+save works. Finishing a save records the checksums of the step's files (`cat_jax.integrity`)
+before that rename, so every step under its final name has its record. Restores check the
+template's structure and shapes against the checkpoint first and fail with `CheckpointError`
+naming the first mismatching key path.
 
 With several processes (`jax.distributed`), every process calls save and restore with the same
 arguments: each writes and reads only the shards its devices hold, process 0 writes the metadata
@@ -19,6 +21,7 @@ processes restores on M processes or on a different mesh, into the shardings of 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -37,7 +40,12 @@ log = logging.getLogger("cat_jax")
 
 # orbax logs these at WARNING on every read-only open (each teacher, eval or cascade model load).
 _READ_ONLY_NOISE = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
-logging.getLogger("absl").addFilter(lambda r: not r.getMessage().startswith(_READ_ONLY_NOISE))
+# orbax's writer threads log a full disk with their tracebacks before the save raises it; the job
+# reports it in one line (`gin_utils.run`).
+_DISK_FULL_NOISE = ("No space left on device", "Disk quota exceeded")
+logging.getLogger("absl").addFilter(
+    lambda r: not r.getMessage().startswith(_READ_ONLY_NOISE)
+    and not (r.levelno >= logging.ERROR and any(m in r.getMessage() for m in _DISK_FULL_NOISE)))
 
 PyTree = Any
 
@@ -134,14 +142,31 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> PyTree:
     return manager.item_metadata(step)[_STATE].tree
 
 
+class _RecordedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    """orbax's rename of a finished temporary directory, preceded, for a step directory, by the
+    record of its checksums: a step exists under its final name only with its record (a kill
+    between the two leaves a temporary directory, which is ignored, and a record that the next
+    save of that step replaces). orbax finalizes on the primary process only, the lead."""
+
+    async def finalize(self):
+        final = self.get_final()
+        if final.name.isdigit():
+            seconds = await asyncio.to_thread(integrity.write_record, str(final.parent), int(final.name),
+                                              str(self.get()))
+            if seconds > 10:
+                log.info("Checksummed step %s in %.1f s", final.name, seconds)
+        await super().finalize()
+
+
 class Checkpointer:
     """Saves and restores `(state, metadata)` every `save_interval_steps`, keeping the last
     `max_to_keep` verified steps (None keeps all). Saves are synchronous.
 
-    Every finished save is recorded by its checksums (`cat_jax.integrity`); `restore_latest_good`
-    verifies steps newest first, moves damaged ones aside and falls back to the previous one.
-    Old steps are deleted only after the new step's record is written, so the newest verified
-    step is never the one deleted. With `data_iterator` (a grain iterator), every step also holds
+    Every save is recorded by its checksums as it finishes (`cat_jax.integrity`);
+    `restore_latest_good` verifies steps newest first, moves damaged or unrecorded ones aside (or,
+    when one cannot be moved, leaves it unused) and falls back to the previous one. Old steps are
+    deleted only after the new step is finished, so the newest verified step is never the one
+    deleted. With `data_iterator` (a grain iterator), every step also holds
     the iterator's state (item "data"), saved and restored with the train state.
     """
 
@@ -152,12 +177,14 @@ class Checkpointer:
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep
         self.data_iterator = data_iterator
+        self._unusable: set[int] = set()  # damaged steps that could not be moved aside
         self._options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             max_to_keep=None,  # rotation is ours: after the new step is verified
             enable_async_checkpointing=False,
             cleanup_tmp_directories=True,
             multiprocessing_options=_multiprocessing_options(),
+            temporary_path_class=_RecordedRename,
         )
         self._manager = self._open()
 
@@ -197,8 +224,9 @@ class Checkpointer:
         """Save `state` and `metadata` at `step` if due (always if `force`); True if saved.
 
         The saved metadata gets `"step": step` added, so every reader learns the step it got.
-        A step that is already saved is left as it is (returns False). The lead process then
-        records the step's checksums and deletes the steps beyond `max_to_keep`.
+        A step that is already saved is left as it is (returns False; logged when it is a damaged
+        step that could not be moved aside). The lead process then deletes the steps beyond
+        `max_to_keep`.
         """
         metadata = {**metadata, "step": int(step)}
         try:
@@ -209,6 +237,10 @@ class Checkpointer:
                 "Convert its values to str/int/float/list/dict."
             ) from e
         if step in self._manager.all_steps():
+            if step in self._unusable:
+                log.warning("Step %d is not saved: %s holds the damaged step %d, which could not be moved "
+                            "aside. Move it away to let a run save that step again.", step,
+                            integrity.step_dir(self.directory, step), step)
             return False
         items = {_STATE: ocp.args.PyTreeSave(state), _METADATA: ocp.args.JsonSave(metadata)}
         if self.data_iterator is not None:
@@ -217,9 +249,6 @@ class Checkpointer:
         saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
         self._manager.wait_until_finished()
         if saved and runtime.is_lead():
-            seconds = integrity.write_record(self.directory, step)
-            if seconds > 10:
-                log.info("Checksummed step %d in %.1f s", step, seconds)
             self._rotate(keep_step=step)
         return saved
 
@@ -246,25 +275,31 @@ class Checkpointer:
         """(state, metadata, step) of the newest step that verifies and restores, or None when the
         directory holds no step at all.
 
-        Damaged steps (checksums, or an unverified step that fails to restore) are logged as
-        errors and moved to `damaged_checkpoints/`; with steps on disk but none good, or damaged
-        steps moved aside earlier and none left, CheckpointError: a run never starts from scratch
-        over checkpoints it could not read.
+        A step that fails its checksums, or has no checksum record (it cannot be verified), is
+        logged as an error and moved to `damaged_checkpoints/`; one that cannot be moved (no
+        permission) stays in place, unused, and is said so. Then the previous step is tried. With
+        steps on disk but none good, or damaged steps moved aside earlier and none left,
+        CheckpointError: a run never starts from scratch over checkpoints it could not read.
         """
-        moved = []
+        skipped: list[int] = []
         while True:
-            steps = self.all_steps()
+            steps = [s for s in self.all_steps() if s not in skipped]
             if not steps:
-                if moved or integrity.quarantined(self.directory):
+                if skipped or integrity.quarantined(self.directory):
+                    left = sorted(self._unusable)
                     raise CheckpointError(
                         f"No usable checkpoint is left in {self.directory}: the damaged steps "
                         f"{integrity.quarantined(self.directory)} are in "
-                        f"{os.path.join(self.directory, integrity.DAMAGED_DIR)}. Nothing was started "
-                        "from scratch. Restore the files from a copy, or move that directory away "
-                        "(and the MODEL_DIR's checkpoints with it) to start a new run.")
+                        f"{os.path.join(self.directory, integrity.DAMAGED_DIR)}"
+                        + (f", and the damaged steps {left} that could not be moved are still in place" if left
+                           else "") + ". Nothing was started from scratch. Restore the files from a copy, or "
+                        "move them away (and the MODEL_DIR's checkpoints with them) to start a new run.")
                 return None
             step = steps[-1]
             found = _agreed_problems(self.directory, step)
+            if found is None:
+                found = ["it has no checksum record, so its files cannot be verified (a save records them as it "
+                         "finishes: this step was written without one, or its record was removed)"]
             if not found:
                 try:
                     state, meta = _restore(self._manager, self.directory, step, state_template,
@@ -272,26 +307,30 @@ class Checkpointer:
                 except CheckpointError:
                     raise
                 except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore errors
-                    if found is not None:
-                        raise CheckpointError(f"Checkpoint {self.directory} step {step} verifies "
-                                              f"but cannot be restored: {e}") from e
-                    found = [f"it has no checksum record and does not restore ({type(e).__name__}: {e})"]
-                else:
-                    if found is None and runtime.is_lead():
-                        log.warning("Checkpoint step %d in %s has no checksum record (saved before "
-                                    "records existed, or killed right after the save); it restored, "
-                                    "recording it now.", step, self.directory)
-                        integrity.write_record(self.directory, step)
-                    if moved:
-                        log.error("Restored step %d after moving the damaged steps %s aside.", step, moved)
-                    return state, meta, step
-            if runtime.is_lead():
+                    raise CheckpointError(f"Checkpoint {self.directory} step {step} verifies but cannot be "
+                                          f"restored: {e}") from e
+                if skipped:
+                    log.error("Restored step %d after setting the damaged steps %s aside.", step, skipped)
+                return state, meta, step
+            self._set_aside(step, found)
+            skipped.append(step)
+
+    def _set_aside(self, step: int, found: list[str]) -> None:
+        """Move a damaged step to `damaged_checkpoints/` (the lead does; every process waits), or
+        log why it stays in place; either way it is not used again."""
+        if runtime.is_lead():
+            what = f"CHECKPOINT DAMAGED: step {step} in {self.directory}: {'; '.join(found)}."
+            try:
                 where = integrity.quarantine(self.directory, step)
-                log.error("CHECKPOINT DAMAGED: step %d in %s: %s. Moved it to %s; trying the "
-                          "previous step.", step, self.directory, "; ".join(found), where)
-            runtime.sync(f"cat_jax_quarantine_{step}")
-            moved.append(step)
-            self._manager = self._open()
+            except OSError as e:
+                log.error("%s It could not be moved aside (%s): it stays where it is, unused. Trying the previous "
+                          "step. Fix its permissions or move it away yourself.", what, e)
+            else:
+                log.error("%s Moved it to %s; trying the previous step.", what, where)
+        runtime.sync(f"cat_jax_quarantine_{step}")
+        self._manager = self._open()
+        if step in self.all_steps():
+            self._unusable.add(step)
 
     def close(self) -> None:
         """Release the manager."""
@@ -314,8 +353,11 @@ def _agreed_problems(directory: str, step: int) -> list[str] | None:
 
 
 def _refuse_damaged(directory: str, step: int) -> None:
+    """Refuse a step whose files fail their checksums; warn about one without a record."""
     found = integrity.problems(directory, step)
-    if found:
+    if found is None:
+        log.warning("Checkpoint %s step %d has no checksum record: its files cannot be verified.", directory, step)
+    elif found:
         raise CheckpointError(
             f"Checkpoint {directory} step {step} is damaged: {'; '.join(found)}. Use another step "
             f"(finished steps: {sorted(int(n) for n in os.listdir(directory) if n.isdigit())}), or restore "
@@ -360,13 +402,13 @@ def save_host_state(directory: str, step: int, state: PyTree, metadata: dict) ->
     handlers = {_STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_host_array_registry(),
                                                     use_ocdbt=False),
                 _METADATA: ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(multiprocessing_options=_multiprocessing_options())
+    options = ocp.CheckpointManagerOptions(multiprocessing_options=_multiprocessing_options(),
+                                           temporary_path_class=_RecordedRename)
     with ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers) as manager:
         manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(state),
                                                       _METADATA: ocp.args.JsonSave({**metadata, "step": step})}),
                      force=True)
         manager.wait_until_finished()
-    integrity.write_record(directory, step)
 
 
 def _multiprocessing_options() -> ocp.options.MultiprocessingOptions:

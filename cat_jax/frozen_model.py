@@ -23,17 +23,26 @@ from cat_jax.models import T5Config
 
 
 class FrozenModel:
-    """A restored model: its config, its sharded parameters and a logits function."""
+    """A restored model: its config, its sharded parameters and a logits function that carries
+    the mesh and logical axis rules its parameters were placed by."""
 
     def __init__(self, model_dir: str, step: int, config: T5Config, params: Any,
-                 param_shardings: Any, info: dict[str, Any]):
+                 param_shardings: Any, info: dict[str, Any], mesh: Mesh, rules):
         self.model_dir, self.step, self.config, self.info = model_dir, step, config, info
         self.params, self.param_shardings = params, param_shardings
+        self.mesh, self.rules = mesh, rules
         self.model = EncoderDecoderModel(config)
+        self._logits = jax.jit(self._constrained_logits)
+
+    def _constrained_logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        with partitioning.traced_activation_sharding(self.mesh, self.rules):
+            return self.model.logits(params, batch)
 
     def logits_fn(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-        """Teacher-forced logits [batch, length, vocab] in the model's compute dtype."""
-        return self.model.logits(params, batch)
+        """Teacher-forced logits [batch, length, vocab] in the model's compute dtype. Its
+        activations are constrained by this model's mesh and rules wherever it is traced (inside
+        `partitioning.activation_sharding` or not) or called."""
+        return self._logits(params, batch)
 
     @property
     def abstract_params(self) -> Any:
@@ -70,7 +79,7 @@ def load_frozen_model(model_dir: str, *, mesh: Mesh, rules, step: int | None = N
         lambda a, s: jax.ShapeDtypeStruct(a.shape, param_dtype or a.dtype, sharding=s), abstract, shardings)
     params, meta = restore_params(model_dir, template, step=step)
     step = int(meta["step"])
-    return FrozenModel(model_dir, step, config, params, shardings, info)
+    return FrozenModel(model_dir, step, config, params, shardings, info, mesh, rules)
 
 
 def check_vocabulary(model_dir: str, info: dict[str, Any], config: T5Config, vocab,

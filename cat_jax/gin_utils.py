@@ -6,6 +6,9 @@ run files can `include 'models/tiny.gin'`.
 
 A `--gin.NAME=value` whose value is not a gin literal or reference is taken as a string, so
 `--gin.MODEL_DIR=/tmp/run` works as well as T5X's `--gin.MODEL_DIR="'/tmp/run'"`.
+
+A binary with a run file of its own name (`python -m cat_jax.eval` and `gin_configs/runs/eval.gin`)
+loads it when no `--gin_file` is given.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import errno
 import importlib.util
 import logging
 import os
+import shutil
 import sys
+import tokenize
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,7 +123,11 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *, finalize: bool =
     skip = False if _importable("seqio") and _importable("tensorflow") else list(SEQIO_ONLY_CONFIGURABLES)
     try:
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=finalize, skip_unknown=skip)
-    except (ValueError, KeyError, SyntaxError, ImportError, TypeError) as e:
+    except tokenize.TokenError as e:  # the tokenizer reached the end inside a bracket or a string
+        raise ConfigError(
+            f"Invalid gin configuration: an unclosed bracket or quote ({e.args[0]}). Gin files: "
+            f"{resolved or 'none'}; overrides: {list(bindings) or 'none'}. Close it, or quote the value.") from e
+    except (ValueError, KeyError, SyntaxError, ImportError, TypeError, OSError) as e:  # OSError: an include
         raise ConfigError(
             f"Invalid gin configuration ({type(e).__name__}): {_strip_gin_context(str(e))}\n"
             f"Gin files: {resolved or 'none'}; overrides: {list(bindings) or 'none'}. Check the "
@@ -166,10 +176,29 @@ def _check_macros_used(bindings: Sequence[str], files: Sequence[str]) -> None:
         for name in unknown:
             close = difflib.get_close_matches(name, sorted(used), n=3, cutoff=0.5)
             hints.append(f"--gin.{name}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        if not files:
+            raise ConfigError(
+                f"{'; '.join(hints)}: no --gin_file was given, so no macro is defined. Pass the run file that "
+                f"defines it, e.g. --gin_file=gin_configs/runs/<run>.gin; run files: {', '.join(run_files())}.")
         raise ConfigError(
             f"{'; '.join(hints)}: no gin file uses this macro, so the binding would change nothing. "
-            f"Macros the gin files {list(files) or '(none)'} use: {', '.join(sorted(used)) or 'none'}. "
+            f"Macros the gin files {list(files)} use: {', '.join(sorted(used)) or 'none'}. "
             "Fix the spelling, or bind a configurable's parameter instead (--gin.configurable.param=...).")
+
+
+def run_files() -> list[str]:
+    """The shipped run files (`gin_configs/runs/*.gin` but the shared `*_common.gin` parts)."""
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin_configs" / "runs").glob("*.gin")
+                  if not p.stem.endswith("_common"))
+
+
+def default_run_file() -> str | None:
+    """`gin_configs/runs/<binary>.gin` of the binary running as `__main__` (`python -m cat_jax.<binary>`),
+    or None when it has none (train: choose a train_*.gin)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = spec.name.rsplit(".", 1)[-1] if spec is not None and spec.name else None
+    path = REPO_ROOT / "gin_configs" / "runs" / f"{name}.gin" if name else None
+    return str(path) if path is not None and path.is_file() else None
 
 
 def write_config(model_dir: str, name: str = "config.gin") -> str:
@@ -191,11 +220,13 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         description: str = "", sigterm_exit_code: int = 143) -> None:
     """Run an entry point: parse `--gin_*` flags, call `main(rest)`, turn known errors into exits.
 
+    Without `--gin_file`, the binary's own run file is loaded (`default_run_file`), said on stderr.
     Errors that name their fix (bad config, unknown task, missing checkpoint) are printed without a
-    traceback and exit with status 2; a non-finite loss or update exits with status 3. SIGTERM
-    outside a phase that handles it (the training loop saves and stops) prints what was running
-    and what is on disk, and exits with `sigterm_exit_code` (the trainer passes 0: its state on disk
-    is always resumable).
+    traceback and exit with status 2, and so is a full disk (one line: the disk, what was running
+    and the checkpoint on disk); a non-finite loss or update exits with status 3. SIGTERM outside a
+    phase that handles it (the training loop saves and stops) prints what was running and what is
+    on disk, and exits with `sigterm_exit_code` (the trainer passes 0: its state on disk is always
+    resumable).
     """
     from cat_jax import runtime  # pylint: disable=import-outside-toplevel
 
@@ -205,6 +236,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         print("\nFlags: --gin_file=FILE (repeatable), --gin.NAME=VALUE (repeatable).")
         sys.exit(0)
     files, bindings, rest = split_gin_args(argv)
+    if not files and default_run_file():
+        files = [default_run_file()]
+        print(f"No --gin_file given: using {os.path.relpath(files[0])}.", file=sys.stderr)
     runtime.install_sigterm_handler()
     try:
         parse_gin(files, bindings)
@@ -218,7 +252,49 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     except Terminated:
         print(f"Stopped by SIGTERM {runtime.termination_report()}", file=sys.stderr)
         sys.exit(sigterm_exit_code)
+    except Exception as e:  # pylint: disable=broad-except  # a full disk, wherever it was hit
+        full = disk_full(e)
+        if full is None:
+            raise
+        print(f"ERROR: {full} Stopped {runtime.termination_report()} Free space there first.", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)
+
+
+_DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def disk_full(error: BaseException) -> str | None:
+    """"The disk holding PATH is full (... free of ...)" when `error`, or an error it was raised
+    from, is a full disk or an exceeded quota (an OSError, or a library error quoting one); None
+    otherwise. PATH is the file being written when known, else the directory the job writes."""
+    from cat_jax import runtime  # pylint: disable=import-outside-toplevel
+
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        is_os = isinstance(current, OSError) and current.errno in _DISK_FULL
+        if is_os or any(message in text for message in _DISK_FULL.values()):
+            reason = _DISK_FULL[current.errno] if is_os else next(m for m in _DISK_FULL.values() if m in text)
+            path = (current.filename if is_os else None) or runtime.output_dir()
+            return f"The disk holding {path or 'the output'} is full ({reason}{_free_space(path)})."
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _free_space(path: str | None) -> str:
+    """", N MiB free of M MiB on MOUNT" for the file system holding `path`, or ""."""
+    probe = os.path.abspath(path) if path else None
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not probe:
+        return ""
+    mount = probe
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    usage = shutil.disk_usage(probe)
+    return f"; {usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB on {mount}"
 
 
 def parse_args(rest: Sequence[str], *flags: str) -> argparse.Namespace:

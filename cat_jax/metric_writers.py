@@ -3,6 +3,8 @@
 `MetricWriter(directory, name)` writes each call of `write_scalars` as one line of
 `<directory>/<name>_metrics.jsonl` (`{"step": k, "<metric>": v, ...}`, appended across
 restarts) and as scalars in TensorBoard event files under `<directory>/tensorboard/<name>`.
+Both files are flushed at every write, so a run killed with `kill -9` loses no logged step in
+either (TensorBoard's event file would otherwise stay empty until the writer closes).
 Only one process writes: by default (`enabled=None`) the writer is enabled on process 0 and
 is a no-op on the others, so a multi-host job writes each step once; pass `enabled` to override.
 """
@@ -10,6 +12,7 @@ is a no-op on the others, so a multi-host job writes each step once; pass `enabl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -20,6 +23,10 @@ import numpy as np
 from tensorboardX import summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
+
+from cat_jax.errors import ModelDirError
+
+log = logging.getLogger("cat_jax")
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -78,14 +85,16 @@ class MetricWriter:
         self._jsonl.flush()
         for name, value in values.items():
             self._write_event(step, summary.scalar(name, value))
+        self._events.flush()
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Write `text` under `tag` to TensorBoard's text tab (e.g. the operative gin config)."""
         if self.enabled:
             self._write_event(int(step), summary.text(tag, text))
+            self._events.flush()
 
     def flush(self) -> None:
-        """Push written TensorBoard events to disk (JSON lines are flushed on every write)."""
+        """Push written TensorBoard events to disk (every write already does)."""
         if self.enabled:
             self._events.flush()
 
@@ -97,9 +106,29 @@ class MetricWriter:
 
 
 def _drop_after(path: str, step: int) -> None:
-    """Rewrite a metrics JSON lines file without the lines of steps after `step` (atomically)."""
-    kept = [line for line in open(path, encoding="utf-8")
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    """Rewrite a metrics JSON lines file without the lines of steps after `step` (atomically).
+
+    A last line that is not JSON (a crash or a full disk cut it short) is dropped and logged; an
+    unreadable line elsewhere is an error naming the file and the line.
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    kept = []
+    for i, line in enumerate(lines[:last + 1]):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if i < last:
+                raise ModelDirError(f"{path} line {i + 1} is not JSON ({e}); only a torn last line is "
+                                    "repaired on resume. Fix or remove that line.") from e
+            log.warning("%s: dropped its torn last line (%d bytes, not JSON: cut short by a crash or a "
+                        "full disk).", path, len(line))
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     tmp = f"{path}.tmp.{uuid.uuid4().hex}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)

@@ -1,4 +1,11 @@
-"""MODEL_DIR bookkeeping: writability, the run's identity (`run_info.json`) and its checks.
+"""MODEL_DIR bookkeeping: writability, the trainer's lock, the run's identity (`run_info.json`)
+and its checks.
+
+One trainer at a time: `lock` creates `MODEL_DIR/trainer.lock` (its holder's host, pid and
+process start time) and refreshes it every `LOCK_HEARTBEAT_S` seconds until released. A second
+trainer is refused by name; a lock whose holder is dead (same host, pid gone or reused) or whose
+holder on another host stopped refreshing it `LOCK_STALE_S` seconds ago is taken over, logged.
+Readers of a MODEL_DIR (eval, infer, a teacher, cascades) take no lock.
 
 `run_info.json` records what defines a run's trajectory: the model config and vocabulary (which a
 checkpoint cannot change), the data (task or mixture, lengths, batch size, split, data seed, cap),
@@ -16,6 +23,8 @@ import json
 import logging
 import math
 import os
+import socket
+import threading
 import time
 import uuid
 from typing import Any
@@ -31,6 +40,9 @@ RUN_INFO = "run_info.json"
 TRAJECTORY = ("dataset", "data_order", "seed", "loss_options", "optimizer", "teacher", "salt")
 VOCAB_MULTIPLE = 128
 SENTENCEPIECE_FILE = "spiece.model"  # the name the Hugging Face Hub uses
+LOCK_FILE = "trainer.lock"
+LOCK_HEARTBEAT_S = 30.0
+LOCK_STALE_S = 600.0
 
 
 def prepare(model_dir: str) -> bool:
@@ -60,6 +72,136 @@ def remove_if_empty(model_dir: str) -> None:
         os.rmdir(model_dir)
     except OSError:
         pass
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (Linux): [0] the state, [19] the
+    start time; None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started, to tell a reused pid from the lock's holder (None: unknown)."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the process a lock of this host names still runs (and is the same process; a
+    killed process its parent has not reaped yet is not)."""
+    try:
+        pid = int(holder["pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True  # another user's process, or a lock we cannot read: assume it is held
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False
+    started = holder.get("process_start")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since {holder.get('since', '?')})"
+
+
+class ModelDirLock:
+    """`MODEL_DIR/trainer.lock`, held by this process until `release()` (a heartbeat thread keeps
+    its modification time fresh, so a lock of another host can be told stale)."""
+
+    def __init__(self, path: str, holder: dict[str, Any]):
+        self.path, self.holder = path, holder
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="cat_jax-model-dir-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # removed by hand, or the disk is gone: the run itself will say so
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock file if it is still this process's."""
+        self._stop.set()
+        self._thread.join()
+        if _read_lock(self.path) == self.holder:
+            os.remove(self.path)
+
+
+def _read_lock(path: str) -> dict[str, Any] | None:
+    """The holder a lock file names; {} when it is unreadable or half-written; None when absent."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _stale(path: str, holder: dict[str, Any]) -> str | None:
+    """Why the lock at `path` can be taken over, or None when its holder may still run."""
+    host = socket.gethostname()
+    if holder.get("host") == host and not _alive(holder):
+        return f"its holder, {_describe(holder)}, is no longer running"
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return "it was just released"
+    if holder.get("host") != host and age > LOCK_STALE_S:
+        return f"its holder, {_describe(holder)}, last refreshed it {age:.0f} s ago (> {LOCK_STALE_S:.0f} s)"
+    return None
+
+
+def lock(model_dir: str) -> ModelDirLock:
+    """Take MODEL_DIR's trainer lock, or raise ModelDirError naming the trainer that holds it.
+
+    Created with O_EXCL, so of two trainers starting together one wins; a stale lock (see the
+    module docstring) is moved aside with one atomic rename and taken over, logged.
+    """
+    path = os.path.join(model_dir, LOCK_FILE)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            current = _read_lock(path)
+            if current is None:
+                continue  # released in between: try again
+            why = _stale(path, current)
+            if why is None:
+                raise ModelDirError(
+                    f"MODEL_DIR {model_dir} is in use by another trainer: {_describe(current)} holds {path}. "
+                    "Two trainers on one MODEL_DIR would delete each other's checkpoints; nothing was written. "
+                    "Wait for it to finish, stop it, or use another MODEL_DIR. If no trainer runs there any "
+                    "more, delete the lock file.")
+            aside = f"{path}.stale.{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue  # another trainer took it over first; the next try meets its lock
+            if _read_lock(aside) != current:  # replaced by a live holder in between: put it back
+                os.rename(aside, path)
+                continue
+            os.remove(aside)
+            log.warning("Took over the stale lock of MODEL_DIR %s: %s.", model_dir, why)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(holder, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return ModelDirLock(path, holder)
+    raise ModelDirError(f"Could not take the lock {path}: other trainers are starting on MODEL_DIR {model_dir} "
+                        "at the same moment. Start one trainer per MODEL_DIR.")
 
 
 def vocab_info(vocab) -> dict[str, Any]:

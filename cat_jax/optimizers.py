@@ -7,6 +7,8 @@ import inspect
 import gin
 import optax
 
+from cat_jax.errors import ConfigError, check_int, check_number
+
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor")
 
@@ -14,9 +16,13 @@ OPTIMIZERS = ("adamw", "adafactor")
 @gin.configurable
 def learning_rate_schedule(total_steps: int, *, peak_value: float = 1e-3, warmup_steps: int = 0,
                            decay: str = "cosine", end_value: float = 0.0) -> optax.Schedule:
-    """Linear warmup to `peak_value`, then `decay` over the remaining steps."""
+    """Linear warmup to `peak_value`, then `decay` over the remaining steps; a setting that is not
+    a number of the right range is a ConfigError naming it."""
     if decay not in SCHEDULES:
-        raise ValueError(f"Unknown learning-rate decay {decay!r}; choose one of {SCHEDULES}.")
+        raise ConfigError(f"Unknown learning-rate decay {decay!r}; choose one of {SCHEDULES}.")
+    check_number("LEARNING_RATE (learning_rate_schedule.peak_value)", peak_value, minimum=0)
+    check_number("learning_rate_schedule.end_value", end_value, minimum=0)
+    check_int("learning_rate_schedule.warmup_steps", warmup_steps, 0)
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup_steps, 1)
     if decay == "constant":
@@ -41,7 +47,11 @@ def make_optimizer(total_steps: int, *, name: str = "adamw", weight_decay: float
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer (with global-norm gradient clipping) and its schedule."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+        raise ConfigError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+    check_number("make_optimizer.weight_decay", weight_decay, minimum=0)
+    check_number("make_optimizer.b1", b1, minimum=0, below=1)
+    check_number("make_optimizer.b2", b2, minimum=0, below=1)
+    check_number("make_optimizer.clip_norm", clip_norm, minimum=0, allow_none=True)
     schedule = learning_rate_schedule(total_steps)
     if name == "adamw":
         opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)

@@ -7,9 +7,10 @@ in order and skips a mesh axis already used in the same spec, which is how `embe
 
 Parameters are placed by the rules when they are created or restored. Activations are
 constrained only where code is traced inside `activation_sharding(mesh, rules)` (the train step,
-the teacher inside it, evaluation and decoding): there the models' `with_logical_constraint`
-annotations become sharding constraints, so e.g. the logits the CAT loss reads are split over
-(batch -> data/fsdp, vocab -> model); outside it they are no-ops.
+evaluation and decoding) or `traced_activation_sharding` (a restored model's logits function
+carries its own): there the models' `with_logical_constraint` annotations become sharding
+constraints, so e.g. the logits the CAT loss reads are split over (batch -> data/fsdp, vocab ->
+model); outside them they are no-ops.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ def activation_sharding(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def traced_activation_sharding(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
+    """`activation_sharding` for use inside a function while jit traces it (where `jax.set_mesh`
+    is refused): the mesh's abstract form and the rules, for that function's own annotations."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
+
+
 def resolve_mesh_shape(mesh_shape: Sequence[tuple[str, int]], num_devices: int) -> dict[str, int]:
     """Sizes of every mesh axis, with at most one -1 standing for "the remaining devices"."""
     shape = dict(mesh_shape)
@@ -113,6 +122,14 @@ def make_mesh(mesh_shape: Sequence[tuple[str, int]] = (("data", -1), ("fsdp", 1)
     the shape WITHIN one slice, and each axis of the mesh is the product of the two.
     """
     devices = list(jax.devices() if devices is None else devices)
+    return Mesh(device_grid(mesh_shape, devices, dcn_mesh_shape), MESH_AXES)
+
+
+def device_grid(mesh_shape: Sequence[tuple[str, int]], devices: Sequence[Any],
+                dcn_mesh_shape: Sequence[tuple[str, int]] | None = None) -> np.ndarray:
+    """`make_mesh`'s array of devices [data, fsdp, model]. With `dcn_mesh_shape`, each slice (the
+    devices' `slice_index`, or their process where devices have none) fills one block of the
+    grid, so only the axes `dcn_mesh_shape` splits cross slices."""
     from jax.experimental import mesh_utils
     if dcn_mesh_shape is not None:
         dcn_sizes = [s for _, s in dcn_mesh_shape]
@@ -124,17 +141,15 @@ def make_mesh(mesh_shape: Sequence[tuple[str, int]] = (("data", -1), ("fsdp", 1)
             raise ValueError(f"dcn_mesh_shape {dcn_mesh_shape} needs the {len(devices)} devices to split "
                              f"into {granules} equal slices.")
         ici = resolve_mesh_shape(mesh_shape, len(devices) // granules)
-        grid = mesh_utils.create_hybrid_device_mesh(
+        return mesh_utils.create_hybrid_device_mesh(
             tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES), devices=devices,
             process_is_granule=not hasattr(devices[0], "slice_index"))
-        return Mesh(grid, MESH_AXES)
     sizes = resolve_mesh_shape(mesh_shape, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        return mesh_utils.create_device_mesh(shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+        return np.asarray(devices).reshape(shape)
 
 
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: LogicalRules) -> NamedSharding:

@@ -110,8 +110,9 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-# What the process is doing and what is safely on disk, for the message SIGTERM prints.
-_STATUS = {"doing": "during start-up", "on_disk": "Nothing was written."}
+# What the process is doing, what is safely on disk and where it writes, for the messages SIGTERM
+# and a full disk print.
+_STATUS = {"doing": "during start-up", "on_disk": "Nothing was written.", "output_dir": None}
 
 
 def _raise_terminated(signum, frame) -> None:  # pylint: disable=unused-argument
@@ -129,24 +130,28 @@ def install_sigterm_handler() -> None:
 
 @contextlib.contextmanager
 def phase(doing: str, on_disk: str | None = None) -> Iterator[None]:
-    """Within the block, a SIGTERM report says "while <doing>" (and `on_disk`, when given)."""
+    """Within the block, a SIGTERM report says "while <doing>" (and `on_disk`, when given); an
+    exception leaves the block's status in place, for the report of the error that ends the job."""
     previous = dict(_STATUS)
     _STATUS["doing"] = f"while {doing}"
     if on_disk is not None:
         _STATUS["on_disk"] = on_disk
-    try:
-        yield
-    except Terminated:
-        raise  # the report names this phase
-    except BaseException:
-        _STATUS.update(previous)
-        raise
+    yield
     _STATUS.update(previous)
 
 
 def set_on_disk(text: str) -> None:
     """What a SIGTERM report says is saved from now on (e.g. "The latest checkpoint is step 200")."""
     _STATUS["on_disk"] = text
+
+
+def set_output_dir(path: str) -> None:
+    """The directory this job writes (named when a write fails without naming its file)."""
+    _STATUS["output_dir"] = path
+
+
+def output_dir() -> str | None:
+    return _STATUS["output_dir"]
 
 
 def termination_report() -> str:

@@ -1,32 +1,39 @@
 """The training job behind `python -m cat_jax.train`: check, restore or init, then the step loop.
 
 Start-up, in order, each said in the log:
-  1. every check that needs no compute: the vocabulary and model config, the teacher, the initial
+  1. every run-defining number is checked (a ConfigError names it), then MODEL_DIR is created if
+     needed and locked for this trainer (`model_dir.lock`: a second trainer is refused by name).
+  2. every check that needs no compute: the vocabulary and model config, the teacher, the initial
      checkpoint, and (when MODEL_DIR holds a checkpoint) that this command continues the run the
      directory holds (`model_dir.check_resume`). A failed start leaves no empty MODEL_DIR behind.
-  2. a run whose newest checkpoint reached TRAIN_STEPS exits 0, writing nothing.
-  3. run_info.json and config.gin are written; the restore order: this run's newest checkpoint
+  3. a run whose newest checkpoint reached TRAIN_STEPS exits 0, writing nothing.
+  4. the data (training and evaluation splits) is loaded: a bad input fails here, before any file
+     of MODEL_DIR is written.
+  5. run_info.json and config.gin are written; the restore order: this run's newest checkpoint
      that verifies (damaged ones are moved aside, the previous one used), else the parameters of
      `train.initial_checkpoint_dir` (fresh optimizer), else scratch.
-  4. data, compilation, then the loop: a step's loss and updated state are checked finite before
-     the state is logged as good or saved; SIGTERM saves the current step and stops.
+  6. compilation, then the loop: a step's loss and updated state are checked finite before the
+     state is logged as good or saved; SIGTERM saves the current step and stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import gin
 import jax
+import numpy as np
 
 from cat_jax import data as data_lib
 from cat_jax import evaluation, gin_utils, model_dir as model_dir_lib, optimizers, partitioning, runtime
 from cat_jax.checkpoints import Checkpointer, restore_params
-from cat_jax.errors import ConfigError
+from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, check_int, check_number
 from cat_jax.frozen_model import (FrozenModel, check_config, check_vocabulary, load_frozen_model,
                                   read_model_info)
 from cat_jax.metric_writers import MetricWriter
@@ -52,6 +59,17 @@ class DatasetConfig:
     split: str = "train"
     seed: int = 0
     max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        lengths = self.task_feature_lengths
+        if not isinstance(lengths, dict) or set(lengths) != {"inputs", "targets"}:
+            raise ConfigError(f"TASK_FEATURE_LENGTHS (DatasetConfig.task_feature_lengths) needs exactly the keys "
+                              f"'inputs' and 'targets'; got {lengths!r}.")
+        for key, value in lengths.items():
+            check_int(f"TASK_FEATURE_LENGTHS[{key!r}]", value, 1)
+        check_int("BATCH_SIZE (DatasetConfig.batch_size)", self.batch_size, 1)
+        check_int("DatasetConfig.seed", self.seed, 0)
+        check_int("DatasetConfig.max_examples", self.max_examples, 1, allow_none=True)
 
 
 @dataclasses.dataclass
@@ -103,53 +121,118 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     without running the teacher; `kd_selection` trains that distillation phase on the band of
     SALT_DS scores it names (in-memory data only).
     """
-    created = model_dir_lib.prepare(model_dir)
-    model_dir = os.path.abspath(os.path.expanduser(model_dir))
-    try:
+    _check_numbers(train_steps=train_steps, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
+                   log_every_steps=log_every_steps, eval_period=eval_period, eval_batch_size=eval_batch_size,
+                   eval_max_examples=eval_max_examples, seed=seed, max_steps_per_run=max_steps_per_run,
+                   teacher_step=teacher_step, loss_options=loss_options)
+    with _claim(model_dir) as model_dir:
         with runtime.phase("checking the configuration"):
             run = _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, seed,
                            teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config,
                            initial_checkpoint_dir, allow_config_change, mesh, kd_schedule, kd_selection)
-    except BaseException:
+        if run.latest is not None and run.latest >= train_steps:
+            log.info("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to do (nothing was "
+                     "written). Raise TRAIN_STEPS to train further, or use a new MODEL_DIR.",
+                     model_dir, run.latest, train_steps)
+            return TrainResult(run.latest, model_dir, {}, {})
+        runtime.set_on_disk(_on_disk(model_dir, run.latest))
+        with runtime.phase("loading the data"):
+            data = _train_data(train_dataset, run)
+            eval_arrays = None
+            if eval_split and eval_period:
+                eval_arrays = data_lib.load_split(train_dataset.mixture_or_task_name, eval_split,
+                                                  dict(train_dataset.task_feature_lengths),
+                                                  max_examples=eval_max_examples)
+        if runtime.is_lead():
+            run.info["vocabulary_files"] = model_dir_lib.write_vocabulary(model_dir, run.vocab)
+            model_dir_lib.write_run_info(model_dir, run.info)
+            gin_utils.write_config(model_dir)
+        runtime.sync("cat_jax_run_info_written")
+
+        li, lt = train_dataset.task_feature_lengths["inputs"], train_dataset.task_feature_lengths["targets"]
+        model = EncoderDecoderModel(run.model_config, loss_options)
+        tx, schedule = optimizers.make_optimizer(train_steps)
+        abstract, shardings = state_shardings(model, tx, run.mesh, run.rules, li, lt)
+        ckpt = Checkpointer(model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints,
+                            data_iterator=data.iterator)
+        with runtime.phase("restoring the checkpoint"):
+            state, start_step = _restore_or_init(ckpt, model, tx, seed, abstract, shardings,
+                                                 initial_checkpoint_dir, li, lt, model_dir)
+        runtime.set_on_disk(_on_disk(model_dir, start_step or ckpt.latest_step()))
+        try:
+            with runtime.phase("compiling the train step"):
+                _log_state_bytes(state, run.teacher)
+                loop = _Loop(run, model, tx, schedule, train_dataset, train_steps, state, start_step, ckpt, data,
+                             eval_arrays, eval_batch_size, abstract, shardings, peak_flops_per_device)
+            with runtime.phase("training"):
+                step, metrics, eval_metrics = loop.run(log_every_steps, eval_period, max_steps_per_run)
+        finally:
+            ckpt.close()
+        if runtime.is_lead():
+            gin_utils.write_operative_config(model_dir)
+        return TrainResult(step, model_dir, scalar_metrics(metrics) if metrics else {}, eval_metrics,
+                           loop.step_flops)
+
+
+def _check_numbers(*, train_steps, checkpoint_period, keep_checkpoints, log_every_steps, eval_period,
+                   eval_batch_size, eval_max_examples, seed, max_steps_per_run, teacher_step,
+                   loss_options: LossOptions) -> None:
+    """ConfigError naming the first run-defining number out of its range, before anything is
+    written (the dataset's are checked as DatasetConfig is built, the model's as T5Config is, the
+    optimizer's as it is built here)."""
+    check_int("TRAIN_STEPS (train.train_steps)", train_steps, 1)
+    check_int("train.checkpoint_period", checkpoint_period, 1)
+    check_int("train.keep_checkpoints", keep_checkpoints, 1, allow_none=True)
+    check_int("train.log_every_steps", log_every_steps, 1)
+    check_int("train.eval_period", eval_period, 0)
+    check_int("train.eval_batch_size", eval_batch_size, 1)
+    check_int("train.eval_max_examples", eval_max_examples, 1, allow_none=True)
+    check_int("SEED (train.seed)", seed, 0)
+    check_int("train.max_steps_per_run", max_steps_per_run, 1, allow_none=True)
+    check_int("TEACHER_STEP (train.teacher_step)", teacher_step, 0, allow_none=True)
+    check_number("LossOptions.alpha", loss_options.alpha, minimum=0, maximum=1)
+    check_number("LossOptions.temperature", loss_options.temperature, minimum=0)
+    if loss_options.temperature == 0:
+        raise ConfigError("LossOptions.temperature must be > 0; got 0.")
+    optimizers.make_optimizer(train_steps)
+
+
+@contextlib.contextmanager
+def _claim(model_dir: str) -> Iterator[str]:
+    """MODEL_DIR (its absolute path) created if needed and locked for this trainer within the
+    block; a MODEL_DIR created here that the block leaves empty (a failed start) is removed."""
+    created = model_dir_lib.prepare(model_dir)
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    runtime.set_output_dir(model_dir)
+    held = None
+    try:
+        held = _lock(model_dir)
+        yield model_dir
+    finally:
+        if held is not None:
+            held.release()
         if created:
             model_dir_lib.remove_if_empty(model_dir)
-        raise
-    if run.latest is not None and run.latest >= train_steps:
-        log.info("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to do (nothing was "
-                 "written). Raise TRAIN_STEPS to train further, or use a new MODEL_DIR.",
-                 model_dir, run.latest, train_steps)
-        return TrainResult(run.latest, model_dir, {}, {})
-    if runtime.is_lead():
-        run.info["vocabulary_files"] = model_dir_lib.write_vocabulary(model_dir, run.vocab)
-        model_dir_lib.write_run_info(model_dir, run.info)
-        gin_utils.write_config(model_dir)
-    runtime.sync("cat_jax_run_info_written")
 
-    li, lt = train_dataset.task_feature_lengths["inputs"], train_dataset.task_feature_lengths["targets"]
-    model = EncoderDecoderModel(run.model_config, loss_options)
-    tx, schedule = optimizers.make_optimizer(train_steps)
-    abstract, shardings = state_shardings(model, tx, run.mesh, run.rules, li, lt)
-    runtime.set_on_disk(_on_disk(model_dir, run.latest))
-    with runtime.phase("loading the data"):
-        data = _train_data(train_dataset, run)
-    ckpt = Checkpointer(model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints,
-                        data_iterator=data.iterator)
-    with runtime.phase("restoring the checkpoint"):
-        state, start_step = _restore_or_init(ckpt, model, tx, seed, abstract, shardings,
-                                             initial_checkpoint_dir, li, lt, model_dir)
-    runtime.set_on_disk(_on_disk(model_dir, start_step or ckpt.latest_step()))
-    try:
-        with runtime.phase("compiling the train step"):
-            _log_state_bytes(state, run.teacher)
-            loop = _Loop(run, model, tx, schedule, train_dataset, train_steps, state, start_step, ckpt, data,
-                         eval_split if eval_period else None, eval_max_examples, eval_batch_size,
-                         abstract, shardings, peak_flops_per_device)
-        step, metrics, eval_metrics = loop.run(log_every_steps, eval_period, max_steps_per_run)
-    finally:
-        ckpt.close()
+
+def _lock(model_dir: str) -> model_dir_lib.ModelDirLock | None:
+    """The trainer lock of MODEL_DIR, taken by process 0 only; every process learns whether it was
+    taken, so with several processes all of them stop on a held lock, none waits for the others."""
+    held, error = None, None
     if runtime.is_lead():
-        gin_utils.write_operative_config(model_dir)
-    return TrainResult(step, model_dir, scalar_metrics(metrics) if metrics else {}, eval_metrics, loop.step_flops)
+        try:
+            held = model_dir_lib.lock(model_dir)
+        except Exception as e:  # pylint: disable=broad-except  # told to the other processes first
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not taken and error is None:
+            error = ModelDirError(f"MODEL_DIR {model_dir} could not be locked by process 0 (its log says why: "
+                                  "another trainer holds it, or the lock file could not be written).")
+    if error is not None:
+        raise error
+    return held
 
 
 def _on_disk(model_dir: str, step: int | None) -> str:
@@ -231,16 +314,12 @@ class _Loop:
     """The data, the compiled step and the metric writer of one invocation, and its step loop."""
 
     def __init__(self, run: Run, model, tx, schedule, dataset: DatasetConfig, train_steps: int, state,
-                 start_step: int, ckpt: Checkpointer, data, eval_split: str | None, eval_max_examples,
-                 eval_batch_size: int, abstract, shardings, peak_flops_per_device):
+                 start_step: int, ckpt: Checkpointer, data, eval_arrays, eval_batch_size: int, abstract,
+                 shardings, peak_flops_per_device):
         self.run_, self.model, self.dataset, self.train_steps = run, model, dataset, train_steps
         self.state, self.start_step, self.ckpt, self.data = state, start_step, ckpt, data
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size, self.eval_arrays = eval_batch_size, eval_arrays
         lengths = dict(dataset.task_feature_lengths)
-        self.eval_arrays = None
-        if eval_split:
-            self.eval_arrays = data_lib.load_split(dataset.mixture_or_task_name, eval_split, lengths,
-                                                   max_examples=eval_max_examples)
         self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
         self._compile_args = (model, tx, schedule, abstract, shardings, batch_shapes(lengths, dataset.batch_size))
         self.step_flops: dict[str, float | None] = {}
@@ -316,9 +395,14 @@ class _Loop:
                     _log_progress(writer, step, self.train_steps, scalar_metrics(metrics), self.meter.update(step))
                 if ckpt.should_save(step) or at_end or stop:
                     check_finite(metrics, step, last_saved, run.model_dir)
-                    ckpt.save(step, state, run.info, force=True)
-                    last_saved = step
-                    runtime.set_on_disk(_on_disk(run.model_dir, step))
+                    if ckpt.save(step, state, run.info, force=True):
+                        last_saved = step
+                        runtime.set_on_disk(_on_disk(run.model_dir, step))
+                    elif at_end:
+                        raise CheckpointError(
+                            f"The final step {step} could not be saved: {run.model_dir} holds a damaged step "
+                            f"{step} that could not be moved aside (logged above). Move it away and run the same "
+                            "command again; it resumes from the latest checkpoint.")
                 if self.eval_arrays is not None and (step % eval_period == 0 or at_end):
                     eval_metrics = evaluation.evaluate(self.model, state.params, self.eval_arrays, run.vocab,
                                                        self.eval_batch_size, run.mesh, run.rules,

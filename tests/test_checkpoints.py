@@ -66,6 +66,12 @@ def _assert_every_leaf_differs(a, b) -> None:
         assert not np.array_equal(np.asarray(x), np.asarray(y))
 
 
+def _child_env() -> dict[str, str]:
+    """A child script's environment: CPU, and this checkout's cat_jax (a script's own directory,
+    not the working directory, heads its sys.path)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
 META = {"model": {"emb_dim": 4, "vocab_size": 6}, "teacher": None, "gin_hash": "abc123"}
 
 
@@ -139,7 +145,7 @@ def test_killed_save_is_ignored_and_saving_resumes(tmp_path: Path, kill_point: s
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env=_child_env(),
     )
     try:
         assert child.stdout.readline().strip() == "BLOCKED"
@@ -300,8 +306,7 @@ def test_sharded_save_restores_onto_other_mesh(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_SHARDED_CHILD))
     env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
+        **_child_env(),
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
     }
     result = subprocess.run(
@@ -382,18 +387,105 @@ def test_no_good_step_left_is_an_error_not_a_fresh_start(tmp_path: Path) -> None
     assert Checkpointer(str(tmp_path / "fresh"), 1, None).restore_latest_good(_state(0)) is None
 
 
-def test_a_step_without_a_record_is_used_if_it_restores_and_recorded(tmp_path: Path) -> None:
-    """A kill between the end of orbax's save and the checksum record leaves an unverified step."""
+def test_a_step_without_a_record_is_not_trusted(tmp_path: Path, caplog) -> None:
+    """A step whose record is missing and whose data has a flipped bit is neither restored nor
+    recorded as good: it is moved aside and the previous step is restored."""
     ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=None)
     ckpt.save(1, _state(seed=1, step=1), {})
     ckpt.save(2, _state(seed=2, step=2), {})
     (tmp_path / "checkpoint_integrity" / "2.json").unlink()
-    _, _, step = ckpt.restore_latest_good(_state(seed=0))
-    assert step == 2 and (tmp_path / "checkpoint_integrity" / "2.json").exists()
-    (tmp_path / "checkpoint_integrity" / "2.json").unlink()
-    (tmp_path / "2" / "state" / "_METADATA").unlink()  # unverified and unreadable: moved aside
-    _, _, step = ckpt.restore_latest_good(_state(seed=0))
+    _flip_one_bit(tmp_path / "2")
+    with caplog.at_level("ERROR", logger="cat_jax"):
+        state, _, step = ckpt.restore_latest_good(_state(seed=0))
     assert step == 1
+    _assert_trees_bitwise_equal(state, _state(seed=1, step=1))
+    assert "CHECKPOINT DAMAGED: step 2" in caplog.text and "no checksum record" in caplog.text
+    assert not (tmp_path / "checkpoint_integrity" / "2.json").exists() and ckpt.all_steps() == [1]
+    assert [p.name.split(".")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == ["2"]
+    ckpt.close()
+
+
+_KILLED_FINISH_CHILD = """
+import sys, time
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from cat_jax.checkpoints import Checkpointer
+
+ckpt = Checkpointer(sys.argv[1], save_interval_steps=1, max_to_keep=None)
+assert ckpt.save(1, {"w": jnp.full((4,), 1.0)}, {})
+
+rename = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
+
+async def block(self, *args, **kwargs):  # orbax's rename of the finished step directory
+    if not self.get_final().name.isdigit():  # an item's directory inside the step
+        return await rename(self, *args, **kwargs)
+    print("BLOCKED", flush=True)
+    time.sleep(120)
+
+ocp.path.atomicity.AtomicRenameTemporaryPath.finalize = block
+ckpt.save(2, {"w": jnp.full((4,), 2.0)}, {})
+"""
+
+
+def test_the_record_is_written_before_the_step_is_finished(tmp_path: Path) -> None:
+    """Killed as orbax is about to rename step 2's temporary directory: the record of step 2 is
+    already written (so a finished step always has one); the step does not exist, step 1 is
+    restored, and saving step 2 again replaces the record with one that verifies."""
+    from cat_jax import integrity
+    script = tmp_path / "child.py"
+    script.write_text(_KILLED_FINISH_CHILD)
+    ckpt_dir = tmp_path / "ckpt"
+    env = _child_env()
+    child = subprocess.Popen([sys.executable, str(script), str(ckpt_dir)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "BLOCKED"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert (ckpt_dir / "checkpoint_integrity" / "2.json").exists() and not (ckpt_dir / "2").exists()
+    ckpt = Checkpointer(str(ckpt_dir), save_interval_steps=1, max_to_keep=None)
+    template = {"w": jnp.zeros((4,))}
+    _, _, step = ckpt.restore_latest_good(template)
+    assert step == 1
+    assert ckpt.save(2, {"w": jnp.full((4,), 3.0)}, {})
+    assert integrity.problems(str(ckpt_dir), 2) == [] and integrity.problems(str(ckpt_dir), 1) == []
+    restored, _, step = ckpt.restore_latest_good(template)
+    assert step == 2 and np.asarray(restored["w"]).tolist() == [3.0] * 4
+    ckpt.close()
+
+
+def test_an_unreadable_step_that_cannot_be_moved_is_skipped(tmp_path: Path, monkeypatch, caplog) -> None:
+    """The newest step cannot be read nor moved (its permissions; simulated, the tests run as root):
+    it is named as unreadable, left in place, and the previous step is restored."""
+    from cat_jax import integrity
+    ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=None)
+    for step in (1, 2, 3):
+        ckpt.save(step, _state(seed=step, step=step), {})
+    locked = str(tmp_path / "3")
+    real_stat, real_rename = os.stat, os.rename
+
+    def stat(path, *args, **kwargs):
+        if str(path).startswith(locked + os.sep):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    def rename(src, dst, *args, **kwargs):
+        if str(src) == locked:
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_rename(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as m, caplog.at_level("WARNING", logger="cat_jax"):
+        m.setattr(integrity.os, "stat", stat)
+        m.setattr(integrity.os, "rename", rename)
+        state, _, step = ckpt.restore_latest_good(_state(seed=0))
+    assert step == 2
+    _assert_trees_bitwise_equal(state, _state(seed=2, step=2))
+    assert "CHECKPOINT DAMAGED: step 3" in caplog.text and "cannot be read (Permission denied)" in caplog.text
+    assert "could not be moved aside" in caplog.text and (tmp_path / "3").is_dir()
+    assert not ckpt.save(3, _state(seed=30, step=3), {}) and "Step 3 is not saved" in caplog.text
+    assert ckpt.save(4, _state(seed=4, step=4), {})
+    ckpt.close()
 
 
 def test_rotation_keeps_the_newest_verified_steps_only_after_recording(tmp_path: Path) -> None:

@@ -284,7 +284,21 @@ def test_bad_sources_are_named_errors_and_write_nothing(tmp_path):
     (wrong / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="shape mismatches: .*DenseReluDense.wi_0.weight"):
         importer.import_checkpoint(source=str(wrong), model_dir=str(out))
+
+    truncated = _copy_variant(tmp_path, "mt5")   # an interrupted download
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match=r"model.safetensors cannot be read as safetensors .*Download it again"):
+        importer.import_checkpoint(source=str(truncated), model_dir=str(out))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".import-" in p.name]
+
+
+def test_the_binary_loads_its_run_file_when_no_gin_file_is_given(tmp_path):
+    proc = run_module("cat_jax.import_checkpoint", [f"--gin.SOURCE={FIXTURES / 't5_v1_0'}",
+                                                    f"--gin.MODEL_DIR={tmp_path / 'm'}"])
+    assert "No --gin_file given: using gin_configs/runs/import_checkpoint.gin" in proc.stderr
+    assert json.loads(proc.stdout)["imported_from"]["source"] == str(FIXTURES / "t5_v1_0")
+    assert (tmp_path / "m" / "run_info.json").exists()
 
 
 def test_an_occupied_model_dir_is_refused_untouched(imported, tmp_path):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 
-from conftest import REPO, run_module, train_args
+from conftest import REPO, TINY_TASK, run_module, train_args
 
 
 def test_unknown_task_lists_close_matches_and_leaves_no_model_dir(tmp_path):
@@ -156,3 +157,65 @@ def test_sigterm_during_start_up_exits_cleanly_and_says_what_is_saved(tmp_path):
     assert proc.wait(timeout=300) == 0, rest[-3000:]
     assert "Stopped by SIGTERM while compiling the train step." in rest
     assert f"The latest checkpoint in {model_dir} is step 1; the same command resumes." in rest
+
+
+@pytest.mark.parametrize("binding,named", [
+    ("--gin.TRAIN_STEPS=-1", "TRAIN_STEPS (train.train_steps) must be a positive integer; got -1"),
+    ("--gin.BATCH_SIZE=0", "BATCH_SIZE (DatasetConfig.batch_size) must be a positive integer; got 0"),
+    ("--gin.TASK_FEATURE_LENGTHS={'inputs': 0, 'targets': 8}", "TASK_FEATURE_LENGTHS['inputs'] must be a positive"),
+    ("--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': -1}", "TASK_FEATURE_LENGTHS['targets'] must be a positive"),
+    ("--gin.LEARNING_RATE=abc", "LEARNING_RATE (learning_rate_schedule.peak_value) must be a finite number >= 0; "
+                                "got 'abc'"),
+    ("--gin.T5Config.num_heads=0", "T5Config.num_heads must be a positive int"),
+])
+def test_a_bad_number_is_named_and_nothing_is_written(tmp_path, binding, named):
+    model_dir = tmp_path / "m"
+    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 2) + [binding], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert named in proc.stderr and "Traceback" not in proc.stderr
+    assert not model_dir.exists()
+
+
+def test_an_unclosed_bracket_in_a_gin_file_is_a_named_error(tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("train.seed = (\n")
+    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "m", 2) + [f"--gin_file={bad}"],
+                      check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "an unclosed bracket or quote" in proc.stderr and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_binary_without_a_run_file_names_the_run_files_for_a_macro(tmp_path):
+    proc = run_module("cat_jax.train", [f"--gin.MODEL_DIR={tmp_path / 'm'}", "--gin.TRAIN_STEPS=2"], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no --gin_file was given" in proc.stderr and "gin_configs/runs/train_small_ce.gin" in proc.stderr
+
+
+def test_inputs_are_checked_before_run_files_are_rewritten(tmp_path):
+    """A resume whose data cannot be loaded (a split the task lacks; a changed dataset is allowed
+    here) fails before run_info.json and config.gin are rewritten."""
+    model_dir = tmp_path / "m"
+    run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 1))
+    before = {name: (model_dir / name).read_bytes() for name in ("run_info.json", "config.gin")}
+    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 2, "--gin.DatasetConfig.split='dev'",
+                                                  "--gin.train.allow_config_change=True"), check=False)
+    assert proc.returncode == 2 and "has no split 'dev'" in proc.stderr, proc.stderr[-3000:]
+    assert {name: (model_dir / name).read_bytes() for name in before} == before
+
+
+def test_the_training_split_uses_the_configured_cache_and_a_damaged_entry_is_rebuilt(tmp_path):
+    """`load_split.cache_dir` holds the training split too; a cache file damaged on disk is
+    discarded (logged) and the split tokenized again, and the run goes on."""
+    cache = tmp_path / "cache"
+    args = [a for a in train_args("train_small_ce.gin", tmp_path / "m", 1) if "load_split.cache_dir" not in a]
+    run_module("cat_jax.train", args + [f"--gin.load_split.cache_dir='{cache}'"])
+    entries = sorted(cache.glob(f"{TINY_TASK}.train.*.npz"))
+    assert len(entries) == 1, sorted(p.name for p in cache.iterdir())
+    entries[0].write_bytes(entries[0].read_bytes()[:200])   # torn: a crash, a full disk
+    args = [a for a in train_args("train_small_ce.gin", tmp_path / "m", 2) if "load_split.cache_dir" not in a]
+    proc = run_module("cat_jax.train", args + [f"--gin.load_split.cache_dir='{cache}'"])
+    assert "cannot be read" in proc.stderr and "discarded it, tokenizing again" in proc.stderr
+    assert "resuming from this run's checkpoint at step 1" in proc.stderr
+    from cat_jax.data.arrays import ExampleArrays
+    assert len(ExampleArrays.load(str(entries[0]))) == 256   # rebuilt whole (DatasetConfig.max_examples)

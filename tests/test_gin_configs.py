@@ -131,11 +131,20 @@ def test_override_values_are_quoted_when_not_literals():
 
 
 def test_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_path, monkeypatch):
-    """A `runs/` folder in the cwd (a namespace package to Python) must not break `include`."""
+    """A `runs/` folder in the cwd (a namespace package to Python) must not break `include`, and
+    a same-named file there must not shadow the repository's: the shipped model file is the one
+    included (the decoy's emb_dim would otherwise win)."""
+    import re
+
+    from cat_jax.models import T5Config
     (tmp_path / "runs").mkdir()
     (tmp_path / "models").mkdir()
+    shipped_text = (GIN_DIR / "models" / "demo_large.gin").read_text()
+    (tmp_path / "models" / "demo_large.gin").write_text(re.sub(r"(?m)^T5Config.emb_dim = \d+$", "T5Config.emb_dim = 7",
+                                                               shipped_text))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     gin_utils.parse_gin([str(GIN_DIR / "runs" / "train_large.gin")],
                         [f"{k} = {REQUIRED[k]}" for k in ("MODEL_DIR", "TRAIN_STEPS")])
-    assert gin.query_parameter("train.train_steps") is not None
+    shipped = int(re.search(r"(?m)^T5Config.emb_dim = (\d+)$", shipped_text).group(1))
+    assert T5Config(vocab_size=384).emb_dim == shipped != 7

@@ -121,3 +121,39 @@ def test_non_scalar_metric_is_refused(tmp_path: Path) -> None:
         writer.write_scalars(1, {"loss": np.array([1.0, 2.0])})
     writer.close()
     assert read_jsonl(str(tmp_path / "train_metrics.jsonl")) == []
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from cat_jax.metric_writers import MetricWriter
+writer = MetricWriter(sys.argv[1])
+for step in (1, 2, 3):
+    writer.write_scalars(step, {"loss": float(step)})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_writer_leaves_every_written_scalar_on_disk(tmp_path: Path) -> None:
+    """kill -9 right after the writes: TensorBoard's file holds them too, not only the JSON lines."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], cwd=REPO, timeout=120)
+    assert proc.returncode == -9
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "train_metrics.jsonl"))] == [1, 2, 3]
+    assert _scalars(_read_events(tmp_path / "tensorboard" / "train")) == {("loss", s): float(s) for s in (1, 2, 3)}
+
+
+def test_a_torn_last_line_is_dropped_on_resume_and_logged(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "train_metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    with caplog.at_level("WARNING", logger="cat_jax"):
+        writer = MetricWriter(str(tmp_path), resume_step=2)
+    writer.write_scalars(3, {"loss": 30.0})
+    writer.close()
+    assert read_jsonl(str(path)) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+    assert "dropped its torn last line" in caplog.text
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')   # damage elsewhere: named, not guessed
+    from cat_jax.errors import ModelDirError
+    with pytest.raises(ModelDirError, match="line 1 is not JSON"):
+        MetricWriter(str(tmp_path), resume_step=2)

@@ -46,7 +46,10 @@ STEPS = 4
 # SIGTERM flags exchanged between the processes every 2 steps (so that collective runs here too).
 COMMON = (MESH, "--gin.T5Config.num_encoder_layers=1", "--gin.T5Config.num_decoder_layers=1",
           "--gin.PreemptionWatcher.check_every_steps=2")
-CE_ARGS = (*COMMON, "--gin.train.checkpoint_period=2", "--gin.train.keep_checkpoints=None")
+# Inputs of 16 tokens truncate most words of the task: every process logs that warning, so process
+# 1's log is never empty (its lines' format is checked).
+CE_ARGS = (*COMMON, "--gin.train.checkpoint_period=2", "--gin.train.keep_checkpoints=None",
+           "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}")
 ATOL = 1e-6
 
 
@@ -229,6 +232,10 @@ def later_runs(runs):
     out["stream_2to1"] = _copy_at_step(runs["stream_2p"][0], root / "stream_2to1", 2)
     jobs["stream_2to1"] = Job(1, train_args("train_small_ce.gin", out["stream_2to1"], STEPS, *CE_ARGS,
                                             *_streaming_args(root)), logs, "stream_2to1")
+    out["locked"] = _copy_at_step(runs[1][0], root / "locked", 2)   # held by this (live) test process
+    (out["locked"] / "trainer.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    jobs["locked"] = Job(2, train_args("train_small_ce.gin", out["locked"], STEPS, *CE_ARGS), logs, "locked",
+                         expect_rc=None)
     out["mismatch"] = _copy_at_step(runs[1][0], root / "mismatch", 2)
     jobs["mismatch"] = Job(2, train_args("train_small_ce.gin", out["mismatch"], STEPS, *CE_ARGS,
                                          "--gin.T5Config.mlp_dim=48"),
@@ -274,15 +281,17 @@ def test_only_process_zero_writes_logs_and_metrics(runs):
     assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["2", "4"]
     # Process 0 logs progress and prints the summary; process 1 only warnings, tagged with its id.
     assert "INFO step 4/4" in procs[0].stderr
-    assert "INFO" not in _cat_jax_lines(procs[1].stderr)
+    assert not [line for line in _cat_jax_lines(procs[1].stderr) if "INFO" in line]
     # (gloo's own C++ chatter on stdout may be split across lines, so only our summary is checked.)
     assert "final_step" in procs[0].stdout and "final_step" not in procs[1].stdout
-    assert all(line.split()[1] == "[p1/2]" for line in _cat_jax_lines(procs[1].stderr))
+    lines = _cat_jax_lines(procs[1].stderr)
+    assert any("were truncated" in line for line in lines), lines
+    assert all(line.split()[1] == "[p1/2]" for line in lines), lines
 
 
-def _cat_jax_lines(stderr: str) -> str:
+def _cat_jax_lines(stderr: str) -> list[str]:
     """The lines of the cat_jax logger (HH:MM:SS ...), not JAX's or gloo's."""
-    return "\n".join(l for l in stderr.splitlines() if len(l) > 8 and l[2] == ":" and l[5] == ":")
+    return [line for line in stderr.splitlines() if len(line) > 8 and line[2] == ":" and line[5] == ":"]
 
 
 @pytest.mark.parametrize("writer,reader", [(2, 1), (1, 2)])
@@ -320,6 +329,18 @@ def test_different_model_config_is_refused_on_every_process(later_runs):
     for p in procs:
         assert p.returncode == 2, p.stderr[-3000:]
         assert "holds a run of a different model" in p.stderr and "mlp_dim" in p.stderr
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_a_held_model_dir_stops_every_process(later_runs):
+    """Process 0 alone takes MODEL_DIR's lock; held by another trainer, every process exits 2 with
+    a named error (none is left waiting in a collective), and the lock is left as it was."""
+    model_dir, procs = later_runs["locked"]
+    for p in procs:
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"is in use by another trainer: pid {os.getpid()} on host {socket.gethostname()}" in procs[0].stderr
+    assert "could not be locked by process 0" in procs[1].stderr
+    assert json.loads((model_dir / "trainer.lock").read_text())["pid"] == os.getpid()
     assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["2"]
 
 

@@ -168,3 +168,35 @@ def test_unknown_logical_axis_names_are_an_error():
     from cat_jax.errors import ConfigError
     with pytest.raises(ConfigError, match=r"unknown logical axes \['vocabulary'\] / mesh axes \['tensor'\]"):
         partitioning.logical_axis_rules((("batch", "data"), ("vocabulary", "model"), ("mlp", "tensor")))
+
+
+def test_a_restored_models_logits_function_carries_its_rules():
+    """Traced outside `activation_sharding` (as a caller may), a FrozenModel's logits function
+    constrains its activations exactly as it does inside: the rules travel with the function."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from cat_jax import partitioning
+    from cat_jax.frozen_model import FrozenModel
+    from cat_jax.models import T5Config
+    from cat_jax.models.encoder_decoder import EncoderDecoderModel
+
+    config = T5Config(vocab_size=128, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
+                      num_decoder_layers=1)
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    rules = partitioning.logical_axis_rules()
+    params = nn.unbox(EncoderDecoderModel(config).init_params(jax.random.key(0), 8, 8))
+    frozen = FrozenModel("unused", 0, config, params, None, {}, mesh, rules)
+    batch = {"encoder_input_tokens": jnp.ones((2, 8), jnp.int32), "decoder_input_tokens": jnp.ones((2, 8), jnp.int32)}
+
+    def constraints(fn) -> list[str]:
+        text = jax.jit(fn).lower(params, batch).as_text()
+        return [line.split("=", 1)[1] for line in text.splitlines() if "sharding_constraint" in line]
+
+    outside = constraints(frozen.logits_fn)
+    with partitioning.activation_sharding(mesh, rules):
+        inside = constraints(frozen.model.logits)
+    assert len(inside) > 10 and outside == inside
+    np.testing.assert_array_equal(np.asarray(frozen.logits_fn(params, batch)),   # eager calls work too
+                                  np.asarray(jax.jit(frozen.model.logits)(params, batch)))

@@ -44,6 +44,32 @@ def _assert_trees_equal(a, b):
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), path
 
 
+def _tensorboard_steps(model_dir, tag: str = "train/loss") -> list[int]:
+    """The steps TensorBoard shows for `tag`: every event file of the run in the order it was
+    written, a SessionLog START at step s purging the events of steps >= s before it (as
+    TensorBoard does); a record cut short by a kill ends its file."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    files = []
+    for path in (model_dir / "tensorboard" / "train").glob("events.out.tfevents.*"):
+        data, pos, events = path.read_bytes(), 0, []
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            if pos + 16 + length > len(data):
+                break
+            events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+            pos += 16 + length
+        if events:
+            files.append(events)
+    steps: list[int] = []
+    for events in sorted(files, key=lambda e: e[0].wall_time):
+        for event in events:
+            if event.session_log.status == event_pb2.SessionLog.START:
+                steps = [s for s in steps if s < event.step]
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
 def _dir_snapshot(path) -> dict:
     return {os.path.relpath(os.path.join(r, f), path): os.stat(os.path.join(r, f)).st_mtime_ns
             for r, _, files in os.walk(path) for f in files}
@@ -162,6 +188,75 @@ def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, reference_12
     step, state = _final_state(model_dir)
     assert step == 12
     _assert_trees_equal(state, reference_12)
+    steps = [r["step"] for r in read_jsonl(os.path.join(model_dir, "train_metrics.jsonl")) if "train/loss" in r]
+    assert steps == list(range(1, 13))
+    assert _tensorboard_steps(model_dir) == list(range(1, 13))   # the killed run's steps were flushed
+    assert "Took over the stale lock" in resumed.stderr and "is no longer running" in resumed.stderr
+    assert not (model_dir / "trainer.lock").exists()
+
+
+def test_a_second_trainer_on_the_model_dir_is_refused_before_touching_anything(tmp_path):
+    """While one trainer runs, a second on its MODEL_DIR exits 2 naming the first's pid and host;
+    the first is unharmed and releases the lock as it stops."""
+    import socket
+    model_dir = tmp_path / "m"
+    args = train_args("train_small_ce.gin", model_dir, 10**6, "--gin.train.checkpoint_period=1000000",
+                      "--gin.train.log_every_steps=1000000")
+    env = dict(os.environ, **SUBPROCESS_ENV)
+    first = subprocess.Popen([sys.executable, "-m", "cat_jax.train", *args], cwd=REPO, env=env,
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stderr:
+            if "Compiled the train step" in line:   # it trains until stopped
+                break
+        second = run_module("cat_jax.train", args, check=False, timeout=300)
+    finally:
+        first.send_signal(signal.SIGTERM)
+    rest = first.stderr.read()
+    assert first.wait(timeout=300) == 0 and "Preemption signal: saved step" in rest, rest[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"is in use by another trainer: pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    assert "Traceback" not in second.stderr and "Restore:" not in second.stderr
+    assert len(list((model_dir / "tensorboard" / "train").iterdir())) == 1   # the second wrote no events
+    assert not (model_dir / "trainer.lock").exists()
+
+
+_DISK_FULL_AT_SAVE = """
+import errno, runpy, sys
+import orbax.checkpoint as ocp
+failing_save = int(sys.argv.pop(1))
+calls = []
+write = ocp.PyTreeCheckpointHandler.async_save
+
+async def full(self, directory, *args, **kwargs):  # the disk fills up as this save writes its arrays
+    calls.append(directory)
+    if len(calls) == failing_save:
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "d" / "0123"))
+    return await write(self, directory, *args, **kwargs)
+
+ocp.PyTreeCheckpointHandler.async_save = full
+sys.argv = ["cat_jax.train", *sys.argv[1:]]
+runpy.run_module("cat_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_full_disk_is_one_line_naming_the_disk_and_the_last_checkpoint_and_resume_is_exact(
+        tmp_path, reference_12):
+    """The third save (step 12) hits a full disk: exit 2 with one line (the disk, the last good
+    checkpoint, step 8), no traceback; with space again the same command ends as if uninterrupted."""
+    model_dir = tmp_path / "m"
+    args = train_args("train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=4")
+    env = dict(os.environ, **SUBPROCESS_ENV)
+    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_AT_SAVE, "3", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line or "Error" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith(f"ERROR: The disk holding {model_dir}") and "No space left on device" in errors[0]
+    assert f"The latest checkpoint in {model_dir} is step 8; the same command resumes." in errors[0]
+    resumed = run_module("cat_jax.train", args)
+    assert "resuming from this run's checkpoint at step 8" in resumed.stderr
+    _assert_trees_equal(_final_state(model_dir)[1], reference_12)
     steps = [r["step"] for r in read_jsonl(os.path.join(model_dir, "train_metrics.jsonl")) if "train/loss" in r]
     assert steps == list(range(1, 13))
 

@@ -46,7 +46,8 @@ def load_split_from(source: DataSource, name: str, split: str, lengths: Mapping[
 
 @gin.configurable(allowlist=["cache_dir"])
 def load_split(mixture_or_task_name: str, split: str, task_feature_lengths: Mapping[str, int],
-               max_examples: int | None = None, cache_dir: str | None = AUTO) -> ExampleArrays:
+               max_examples: int | None = None, cache_dir: str | None = AUTO,
+               source: DataSource | None = None) -> ExampleArrays:
     """The examples of a split in a fixed order (a mixture: each sub-task in turn).
 
     `task_feature_lengths` is {"inputs": Li, "targets": Lt}; longer examples are counted (and
@@ -57,9 +58,10 @@ def load_split(mixture_or_task_name: str, split: str, task_feature_lengths: Mapp
 
     With `data_source.exported_dir`, the split is read from `<exported_dir>/<name>.<split>.npz`
     (no TensorFlow, no seqio); a missing file, or one exported with other lengths or a smaller cap,
-    is refused with the export command that fixes it.
+    is refused with the export command that fixes it. `source` (default: the configured one) reads
+    from another source with the configured cache.
     """
-    return load_split_from(data_source(), mixture_or_task_name, split, task_feature_lengths,
+    return load_split_from(source or data_source(), mixture_or_task_name, split, task_feature_lengths,
                            max_examples, cache_dir)
 
 

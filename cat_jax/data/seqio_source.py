@@ -7,11 +7,13 @@ Tokenized splits are cached on disk by default (`load_split.cache_dir`, default
 every task's vocabulary and a fingerprint of the code that defines each task (the files of its
 source function and preprocessors, or its TFDS dataset's name and version): editing a task's
 module invalidates its cache. A task whose fingerprint cannot be taken (defined in `__main__`, say)
-is cached only when `cache_dir` is given explicitly; `cache_dir=None` turns caching off.
+is cached only when `cache_dir` is given explicitly; `cache_dir=None` turns caching off. A cache
+file that cannot be read (damaged on disk) is discarded, logged, and the split tokenized again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -146,9 +148,17 @@ class SeqioSource(DataSource):
                     f"split to the task's source.")
         path = self._cache_path(cache_dir, name, split, lengths, tasks, max_examples)
         if path is not None and os.path.exists(path):
-            log.info("Loading %s/%s from the tokenized cache %s (set load_split.cache_dir=None to "
-                     "re-tokenize).", name, split, path)
-            return ExampleArrays.load(path)
+            try:
+                arrays = ExampleArrays.load(path)
+            except Exception as e:  # pylint: disable=broad-except  # a damaged file: zip, npy or field errors
+                log.warning("The tokenized cache %s of %s/%s cannot be read (%s: %s); discarded it, "
+                            "tokenizing again.", path, name, split, type(e).__name__, e)
+                with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                    os.remove(path)
+            else:
+                log.info("Loaded %s/%s from the tokenized cache %s (set load_split.cache_dir=None to "
+                         "re-tokenize).", name, split, path)
+                return arrays
         log.info("Tokenizing %s/%s through seqio%s.", name, split,
                  f" (cached in {os.path.dirname(path)})" if path else "")
         arrays = ExampleArrays.concatenate([_load_task(task, split, lengths, max_examples) for task in tasks])

@@ -64,9 +64,9 @@ class DataSource(abc.ABC):
         `rows[1]`) of global batch `step`; `.iterator` is a data iterator whose state the checkpoint
         must hold, or None (in memory: the step is the position)."""
         from cat_jax.data.batches import InMemoryBatches  # pylint: disable=import-outside-toplevel
-        from cat_jax.data.loading import load_split_from  # pylint: disable=import-outside-toplevel
+        from cat_jax.data.loading import load_split  # pylint: disable=import-outside-toplevel
 
-        arrays = load_split_from(self, name, split, lengths, max_examples)
+        arrays = load_split(name, split, lengths, max_examples, source=self)  # load_split.cache_dir applies
         return InMemoryBatches(arrays, batch_size, seed, self.mixture_rates(name), rows)
 
     def leaf_tasks(self, name: str) -> list[Any]:

@@ -12,6 +12,8 @@ from typing import Any
 import gin
 import jax.numpy as jnp
 
+from cat_jax.errors import ConfigError
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # relu: wo(relu(wi x)) (T5 v1.0); gated-*: wo(act(wi_0 x) * wi_1 x) with GELU (tanh approximation,
 # Hugging Face's "gelu_new") or SiLU.
@@ -52,32 +54,32 @@ class T5Config:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}.")
+                raise ConfigError(f"T5Config.{name} must be a positive int, got {value!r}.")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int)
                                             or self.vocab_size <= 1):
-            raise ValueError(f"T5Config.vocab_size must be an int > 1 or None (filled in from "
+            raise ConfigError(f"T5Config.vocab_size must be an int > 1 or None (filled in from "
                              f"the task's vocabulary), got {self.vocab_size!r}.")
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+            raise ConfigError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         buckets = self.relative_attention_num_buckets
         if not isinstance(buckets, int) or buckets < 4:
-            raise ValueError(f"T5Config.relative_attention_num_buckets must be an int >= 4, "
+            raise ConfigError(f"T5Config.relative_attention_num_buckets must be an int >= 4, "
                              f"got {buckets!r}.")
         if self.relative_attention_max_distance <= buckets // 2:
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.relative_attention_max_distance ({self.relative_attention_max_distance})"
                 f" must exceed relative_attention_num_buckets // 2 ({buckets // 2}).")
         if self.mlp_activation not in MLP_ACTIVATIONS:
-            raise ValueError(f"T5Config.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
+            raise ConfigError(f"T5Config.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
                              f"{self.mlp_activation!r}.")
         if not isinstance(self.logits_via_embedding, bool):
-            raise ValueError(f"T5Config.logits_via_embedding must be True or False, got "
+            raise ConfigError(f"T5Config.logits_via_embedding must be True or False, got "
                              f"{self.logits_via_embedding!r}.")
         if not (isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1):
-            raise ValueError(f"T5Config.layer_norm_epsilon must be a float in (0, 1), got "
+            raise ConfigError(f"T5Config.layer_norm_epsilon must be a float in (0, 1), got "
                              f"{self.layer_norm_epsilon!r}.")
         if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"T5Config.dtype must be one of {COMPUTE_DTYPES}, got "
+            raise ConfigError(f"T5Config.dtype must be one of {COMPUTE_DTYPES}, got "
                              f"{self.dtype!r}.")
 
     @property

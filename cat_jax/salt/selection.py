@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax.data.batches import InMemoryBatches
-from cat_jax.data.loading import load_split_from
+from cat_jax.data.loading import load_split
 from cat_jax.data.source import DataSource
 from cat_jax.errors import ConfigError
 
@@ -128,8 +128,8 @@ def phased_batches(source: DataSource, dataset: dict, rows: tuple[int, int], sel
                    kd_steps: int) -> PhasedBatches:
     """The split of `dataset` (a DatasetConfig as a dict) loaded once: its selected rows feed the
     distillation phase, all of it the rest."""
-    arrays = load_split_from(source, dataset["mixture_or_task_name"], dataset["split"],
-                             dict(dataset["task_feature_lengths"]), dataset["max_examples"])
+    arrays = load_split(dataset["mixture_or_task_name"], dataset["split"], dict(dataset["task_feature_lengths"]),
+                        dataset["max_examples"], source=source)  # with load_split.cache_dir
     keep, summary = selected_rows(selection, arrays.task_names, arrays.ids, dataset)
     subset = arrays.take(keep)
     rates = source.mixture_rates(dataset["mixture_or_task_name"])

@@ -28,6 +28,7 @@ Tensors of any float dtype are read one at a time and converted to float32.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -156,9 +157,6 @@ class SafetensorsFiles:
     """The tensors of a single or sharded safetensors checkpoint: names, shapes, one at a time."""
 
     def __init__(self, directory: str):
-        from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-
-        self._open = safe_open
         index = os.path.join(directory, INDEX)
         if os.path.isfile(index):
             with open(index) as f:
@@ -166,7 +164,7 @@ class SafetensorsFiles:
             files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
         else:
             path = os.path.join(directory, SINGLE)
-            with safe_open(path, framework="np") as f:
+            with _safe_open(path) as f:
                 files = dict.fromkeys(f.keys(), path)
         missing = sorted({p for p in files.values() if not os.path.isfile(p)})
         if missing:
@@ -175,7 +173,7 @@ class SafetensorsFiles:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         for path in dict.fromkeys(files.values()):
-            with safe_open(path, framework="np") as f:
+            with _safe_open(path) as f:
                 for name in f.keys():
                     if files.get(name) == path:
                         sl = f.get_slice(name)
@@ -186,8 +184,32 @@ class SafetensorsFiles:
             raise ConversionError(f"{directory}: the index lists tensors its shards lack: {absent[:10]}.")
 
     def get(self, name: str) -> np.ndarray:
-        with self._open(self.files[name], framework="np") as f:
-            return f.get_tensor(name)
+        with _safe_open(self.files[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # pylint: disable=broad-except  # safetensors' own error type
+                raise _damaged(self.files[name], e) from e
+
+
+@contextlib.contextmanager
+def _safe_open(path: str) -> Iterator[Any]:
+    """safetensors' reader of one file; a file it cannot read (truncated by an interrupted
+    download, say) is a ConversionError naming it."""
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+
+    try:
+        handle = safe_open(path, framework="np")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # SafetensorError and the I/O errors beneath
+        raise _damaged(path, e) from e
+    with handle as f:
+        yield f
+
+
+def _damaged(path: str, error: Exception) -> ConversionError:
+    return ConversionError(f"{path} cannot be read as safetensors ({type(error).__name__}: {error}); the file is "
+                           f"damaged or incomplete ({os.path.getsize(path)} bytes). Download it again.")
 
 
 def read(directory: str) -> tuple[T5Config, dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
