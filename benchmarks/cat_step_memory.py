@@ -17,6 +17,7 @@ trainer's (`partitioning.logical_axis_rules()`).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import json
 import math
 import sys
@@ -30,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import compiled_peak_bytes, model_config  # noqa: E402
 from cat_jax import partitioning  # noqa: E402
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params  # noqa: E402
-from cat_jax.models import T5Config  # noqa: E402
+from cat_jax import models  # noqa: E402
+from cat_jax.objectives.token_loss import LossOptions, token_loss  # noqa: E402
 from cat_jax.optimizers import make_optimizer  # noqa: E402
 from cat_jax.train_state import state_shardings  # noqa: E402
 from cat_jax.trainer import compile_train_step, make_train_step  # noqa: E402
@@ -52,28 +53,28 @@ def parse_meshes(text: str) -> list[list[tuple[str, int]]]:
     return meshes
 
 
-def measure(student: T5Config, teacher: T5Config | None, loss: LossOptions, batch: int,
+def measure(student: Any, teacher: Any, loss: LossOptions, batch: int,
             li: int, lt: int, mesh_shape: list[tuple[str, int]]) -> dict:
     sizes = [size for _, size in mesh_shape]
     # A mesh with every size given takes the first devices it needs (data=2: two of eight).
     devices = jax.devices()[:math.prod(sizes)] if min(sizes) > 0 else None
     mesh = partitioning.make_mesh(mesh_shape, devices=devices)
     rules = partitioning.logical_axis_rules()
-    model = EncoderDecoderModel(student, loss)
+    model = models.build(student)
     tx, schedule = make_optimizer(1000)
-    abstract, shardings = state_shardings(model, tx, mesh, rules, li, lt)
+    abstract, shardings = state_shardings(model, tx, mesh, rules)
     shapes = {"encoder_input_tokens": jax.ShapeDtypeStruct((batch, li), jnp.int32),
               "decoder_input_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
               "decoder_target_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
               "decoder_loss_weights": jax.ShapeDtypeStruct((batch, lt), jnp.float32)}
     teacher_fn = t_abstract = t_shardings = None
     if teacher is not None:
-        t_model = EncoderDecoderModel(teacher)
-        t_params, t_specs = unboxed_abstract_params(t_model, li, lt)
+        t_model = models.build(teacher)
+        t_params, t_specs = t_model.abstract_params()
         t_abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher.compute_dtype), t_params)
         t_shardings = partitioning.tree_shardings(mesh, t_specs, rules)
         teacher_fn = t_model.logits
-    step = make_train_step(model, tx, schedule, teacher_fn)
+    step = make_train_step(token_loss(model, loss), tx, schedule, teacher_fn)
     start = time.perf_counter()
     compiled = compile_train_step(step, abstract, shardings, shapes, partitioning.batch_sharding(mesh, rules),
                                   t_abstract, t_shardings, mesh, rules)

@@ -55,6 +55,7 @@ def hf_available() -> bool:
 # ----------------------------------------------------------------------------- model shapes
 
 ONE_LAYER_MODEL_GIN = """import cat_jax.models
+MODEL_CONFIG = @T5Config()
 T5Config.emb_dim = {emb}
 T5Config.num_heads = 2
 T5Config.head_dim = 8
@@ -87,14 +88,15 @@ def gin_file_of(size: str) -> Path:
 
 
 def model_config(size: str, dtype: str, vocab_size: int = T5_VOCAB):
-    """The `T5Config` bound by the size's gin model file, with this vocabulary and compute dtype."""
+    """The model config (its MODEL_CONFIG) the size's gin model file binds, with this vocabulary
+    and compute dtype."""
     import gin
 
     from cat_jax import gin_utils
-    from cat_jax.models import T5Config
     gin.clear_config()
     gin_utils.parse_gin([str(gin_file_of(size))], [])
-    config = T5Config().replace(vocab_size=vocab_size, dtype=dtype)
+    config = gin.query_parameter("MODEL_CONFIG/macro.value").scoped_configurable_fn()
+    config = config.replace(vocab_size=vocab_size, dtype=dtype)
     gin.clear_config()
     return config
 

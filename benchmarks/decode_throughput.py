@@ -100,7 +100,7 @@ def run_ours(a: argparse.Namespace) -> None:
 
     from cat_jax import partitioning
     from cat_jax.decoding import greedy_decode
-    from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+    from cat_jax import models
 
     device = common.jax_device_name()
     mesh = partitioning.make_mesh()
@@ -108,19 +108,19 @@ def run_ours(a: argparse.Namespace) -> None:
     sharding = partitioning.batch_sharding(mesh, rules)
     for size in a.size_list:
         config = common.model_config(size, a.dtype, a.vocab)
-        model = EncoderDecoderModel(config)
-        _, specs = unboxed_abstract_params(model, 8, 8)
+        model = models.build(config)
+        _, specs = model.abstract_params()
         dtype = config.compute_dtype
         params = jax.jit(lambda k: jax.tree_util.tree_map(
-            lambda x: x.astype(dtype), nn.meta.unbox(model.init_params(k, 8, 8))),
+            lambda x: x.astype(dtype), nn.meta.unbox(model.init_params(k))),
             out_shardings=partitioning.tree_shardings(mesh, specs, rules))(jax.random.key(0))
         # eos_id=-1 never matches a token: every row decodes max_decode_length steps.
-        decode = jax.jit(functools.partial(greedy_decode, model.module,
+        decode = jax.jit(functools.partial(greedy_decode, model,
                                            max_decode_length=a.max_decode_length, eos_id=-1))
 
         def measure(batch: int) -> None:
             common.note(f"[ours] {size}: batch {batch}")
-            enc = jax.device_put(random_inputs(a, batch), sharding)
+            enc = {"encoder_input_tokens": jax.device_put(random_inputs(a, batch), sharding)}
             start = time.perf_counter()
             compiled = decode.lower(params, enc).compile()
             compile_s = time.perf_counter() - start

@@ -26,24 +26,25 @@ def write_random_hub_dir(model: str, directory: str) -> int:
     """A random Hub-style checkpoint of `model`'s shape in `directory`; returns its byte size."""
     from safetensors.numpy import save_file
 
-    from cat_jax import gin_utils
-    from cat_jax.models import EncoderDecoderModel, T5Config
-    from cat_jax.models.convert import hf, tree
-    from cat_jax.models.encoder_decoder import unboxed_abstract_params
+    import gin
+
+    from cat_jax import gin_utils, models
+    from cat_jax.models.convert import hub, tree
+    from cat_jax.models.t5.convert import hf  # the T5 family's Hub layout: what this benchmark imports
 
     gin_utils.parse_gin([str(MODELS_DIR / f"{model}.gin")], [])
-    config = T5Config()
-    abstract, _ = unboxed_abstract_params(EncoderDecoderModel(config), 8, 8)
+    config = gin.query_parameter("MODEL_CONFIG/macro.value").scoped_configurable_fn()
+    abstract, _ = models.build(config).abstract_params()
     rng = np.random.default_rng(0)
     flat = {k: rng.standard_normal(v.shape, dtype=np.float32) for k, v in tree.flatten(abstract).items()}
     os.makedirs(directory)
-    save_file(hf.tensors_for_export(config, flat), os.path.join(directory, hf.SINGLE))
-    with open(os.path.join(directory, hf.CONFIG), "w") as f:
+    save_file(hf.tensors_for_export(config, flat), os.path.join(directory, hub.SINGLE))
+    with open(os.path.join(directory, hub.CONFIG), "w") as f:
         json.dump(hf.config_to_hf(config), f)
     shutil.copy(REPO / "tests" / "fixtures" / "hf_t5" / "spiece.model", os.path.join(directory, "spiece.model"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(hf.tokenizer_config("sentencepiece", 4), f)
-    return os.path.getsize(os.path.join(directory, hf.SINGLE))
+    return os.path.getsize(os.path.join(directory, hub.SINGLE))
 
 
 def main() -> None:

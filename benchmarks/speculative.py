@@ -14,7 +14,7 @@ reach. Greedy (temperature 0) throughout.
 
 JSON lines on stdout, one per measurement:
 - `large_greedy`: `cat_jax.decoding.greedy_decode` of the large model (the reference);
-- `speculative`: `cat_jax.cascade.speculative.speculative_decode` per (batch, gamma, rule), with
+- `speculative`: `cat_jax.decoding.speculative.speculative_decode` per (batch, gamma, rule), with
   tokens/s, the speed-up over `large_greedy` at that batch, the acceptance rate and tokens per
   large-model call;
 - `cache_block_write`: one large-model call scoring gamma + 1 tokens with one shared cache position
@@ -69,22 +69,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def random_models(a: argparse.Namespace, mesh, rules):
-    """{'large'|'small': (module, params, config)}, random inputs [max batch, Li] and eos -1."""
+    """{'large'|'small': (model, params, config)}, random inputs [max batch, Li] and eos -1."""
     import jax
     import numpy as np
     from flax import linen as nn
 
+    from cat_jax import models as models_lib
     from cat_jax import partitioning
-    from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
     models = {}
     for role, size, seed in (("large", a.large, 0), ("small", a.small, 1)):
         config = common.model_config(size, a.dtype, a.vocab)
-        model = EncoderDecoderModel(config)
-        _, specs = unboxed_abstract_params(model, 8, 8)
+        model = models_lib.build(config)
+        _, specs = model.abstract_params()
         params = jax.jit(lambda k, m=model, d=config.compute_dtype: jax.tree_util.tree_map(
-            lambda x: x.astype(d), nn.meta.unbox(m.init_params(k, 8, 8))),
+            lambda x: x.astype(d), nn.meta.unbox(m.init_params(k))),
             out_shardings=partitioning.tree_shardings(mesh, specs, rules))(jax.random.key(seed))
-        models[role] = (model.module, params, config)
+        models[role] = (model, params, config)
     inputs = np.random.default_rng(0).integers(2, a.vocab, (max(a.batch_list), a.inputs), dtype=np.int32)
     return models, inputs, -1  # eos_id -1 never matches: fixed-length decoding
 
@@ -99,7 +99,7 @@ def restored_models(a: argparse.Namespace, mesh, rules):
     models = {}
     for role, model_dir in (("large", a.large_model_dir), ("small", a.small_model_dir)):
         frozen = load_frozen_model(model_dir, mesh=mesh, rules=rules)
-        models[role] = (frozen.model.module, frozen.params, frozen.config)
+        models[role] = (frozen.model, frozen.params, frozen.config)
     arrays = data_lib.load_split(a.task, a.split, {"inputs": a.inputs, "targets": a.max_decode_length},
                                  max_examples=max(a.batch_list))
     enc = arrays.features["encoder_input_tokens"]
@@ -121,8 +121,9 @@ def run(a: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
     from cat_jax import partitioning
-    from cat_jax.cascade.speculative import rule_id, speculative_decode
-    from cat_jax.decoding import greedy_decode, init_cache, score_block, set_cache_positions
+    from cat_jax.cascade.speculative import rule_id
+    from cat_jax.decoding import greedy_decode
+    from cat_jax.decoding.speculative import speculative_decode
 
     mesh, rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
     sharding = partitioning.batch_sharding(mesh, rules)
@@ -134,7 +135,7 @@ def run(a: argparse.Namespace) -> None:
             "mode": "checkpoints" if a.large_model_dir else "random", **common.versions()}
     greedy = jax.jit(functools.partial(greedy_decode, large, max_decode_length=steps, eos_id=eos_id))
     for batch in a.batch_list:
-        enc = jax.device_put(inputs[:batch], sharding)
+        enc = {"encoder_input_tokens": jax.device_put(inputs[:batch], sharding)}
         with common.guarded({**base, "impl": "large_greedy", "batch": batch}):
             start = time.perf_counter()
             compiled = greedy.lower(large_params, enc).compile()
@@ -165,13 +166,12 @@ def run(a: argparse.Namespace) -> None:
                                  "acceptance_rate": round(int(out.accepted.sum()) / (gamma * calls), 4),
                                  "tokens_per_large_call": round(tokens / calls, 3), "compile_s": round(compile_s, 2)})
             with common.guarded({**base, "impl": "cache_block_write", "batch": batch, "gamma": gamma}):
-                encoded = large.apply({"params": large_params}, enc, method=type(large).encode)
-                shared = init_cache(large, large_params, encoded, enc, steps + gamma + 1)
+                shared, _ = large.start_decoding(large_params, enc, steps + gamma + 1)
                 block = jnp.ones((batch, gamma + 1), jnp.int32)
-                call = jax.jit(lambda c: score_block(large, large_params, c, encoded, enc, block)[0])
+                call = jax.jit(lambda c: large.decode_block(large_params, c, block)[0])
                 position = steps // 2  # mid-sequence: a realistic context, room for the block
-                per_row = set_cache_positions(shared, jnp.full((batch,), position, jnp.int32))
-                shared = set_cache_positions(shared, position)
+                per_row = large.set_positions(shared, jnp.full((batch,), position, jnp.int32))
+                shared = large.set_positions(shared, position)
                 shared_ms, _ = timed_ms(call, (shared,), a)
                 row_ms, _ = timed_ms(call, (per_row,), a)
                 common.emit({**base, "impl": "cache_block_write", "batch": batch, "gamma": gamma,

@@ -132,9 +132,8 @@ def run_ours(a: argparse.Namespace) -> None:
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from cat_jax import partitioning
-    from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params
-    from cat_jax.models import forward_flops
+    from cat_jax import models, partitioning
+    from cat_jax.objectives.token_loss import LossOptions, token_loss
     from cat_jax.optimizers import make_optimizer
     from cat_jax.train_state import init_train_state, state_shardings
     from cat_jax.trainer import compile_train_step, make_train_step
@@ -162,30 +161,30 @@ def run_ours(a: argparse.Namespace) -> None:
 
     def make_teacher(size: str):
         config = common.model_config(size, a.teacher_dtype, a.vocab)
-        model = EncoderDecoderModel(config)
-        _, specs = unboxed_abstract_params(model, li, lt)
+        model = models.build(config)
+        _, specs = model.abstract_params()
         shardings = partitioning.tree_shardings(mesh, specs, rules)
         dtype = config.compute_dtype
         params = jax.jit(lambda k: jax.tree_util.tree_map(
-            lambda x: x.astype(dtype), nn.meta.unbox(model.init_params(k, li, lt))),
+            lambda x: x.astype(dtype), nn.meta.unbox(model.init_params(k))),
             out_shardings=shardings)(jax.random.key(1))
         return config, model, params, shardings
 
     def train_step(config, loss, teacher=None) -> tuple[list[float], float, int, dict]:
-        model = EncoderDecoderModel(config, loss)
+        model = models.build(config)
         tx, schedule = make_optimizer(1000)
-        abstract, shardings = state_shardings(model, tx, mesh, rules, li, lt)
+        abstract, shardings = state_shardings(model, tx, mesh, rules)
         t_abstract = t_shardings = t_params = t_fn = None
         if teacher is not None:
             _, t_model, t_params, t_shardings = teacher
             t_abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t_params)
             t_fn = t_model.logits
-        step = make_train_step(model, tx, schedule, t_fn)
+        step = make_train_step(token_loss(model, loss), tx, schedule, t_fn)
         compiled = compile_train_step(step, abstract, shardings, shapes, b_sharding,
                                       t_abstract, t_shardings, mesh, rules)
         if initial.get("config") != config:  # one fresh state per student, copied for each run
             initial.clear()
-            initial.update(config=config, state=init_train_state(model, tx, 0, shardings, li, lt))
+            initial.update(config=config, state=init_train_state(model, tx, 0, shardings))
         state = [jax.tree_util.tree_map(jnp.copy, initial["state"])]
         n_params = count(state[0].params)
 
@@ -213,7 +212,7 @@ def run_ours(a: argparse.Namespace) -> None:
         times, compile_s, n_params, memory = train_step(config, LossOptions())
         row = {**base_fields(a, "ours", size), "step": "ce", "teacher": None,
                **throughput_fields(a, common.summarize(times),
-                                   3 * forward_flops(config, li, lt) * a.batch, peak, nominal),
+                                   3 * models.build(config).forward_flops(li, lt) * a.batch, peak, nominal),
                "params": n_params, "compile_s": round(compile_s, 2), "device": device,
                **memory, **common.shape_fields(config)}
         common.emit(row)
@@ -221,7 +220,7 @@ def run_ours(a: argparse.Namespace) -> None:
 
     def cat_rows(size: str, config, ce: dict, t_size: str, t_config) -> None:
         """The teacher's forward (once per teacher), then each of --cat-steps with it."""
-        t_flops = forward_flops(t_config, li, lt)
+        t_flops = models.build(t_config).forward_flops(li, lt)
         teacher = make_teacher(t_size)
         if t_size not in teacher_rows:
             common.note(f"[ours] {t_size}: teacher forward")
@@ -240,7 +239,7 @@ def run_ours(a: argparse.Namespace) -> None:
                 common.note(f"[ours] {size}: {name} step with teacher {t_size}")
                 times, compile_s, n_params, memory = train_step(config, LossOptions(**CAT_STEPS[name]), teacher)
                 fields = throughput_fields(a, common.summarize(times),
-                                           (3 * forward_flops(config, li, lt) + t_flops) * a.batch, peak, nominal)
+                                           (3 * models.build(config).forward_flops(li, lt) + t_flops) * a.batch, peak, nominal)
                 cat_ms, ce_ms = fields["step_ms"], ce["step_ms"]
                 common.emit({
                     **base_fields(a, "ours", size), "step": name, "teacher": t_size,
@@ -262,7 +261,7 @@ def run_ours(a: argparse.Namespace) -> None:
             ce = ce_row(size, config)
         for t_size in a.teacher_list:
             t_config = common.model_config(t_size, a.teacher_dtype, a.vocab)
-            if forward_flops(t_config, li, lt) <= forward_flops(config, li, lt):
+            if models.build(t_config).forward_flops(li, lt) <= models.build(config).forward_flops(li, lt):
                 common.note(f"[ours] {size}: no CAT with teacher {t_size} (not larger than the student)")
                 continue
             if ce is None:
@@ -281,7 +280,7 @@ def run_hf(a: argparse.Namespace, compiled: bool) -> None:
     import torch
     import transformers
 
-    from cat_jax.models import forward_flops
+    from cat_jax import models
 
     impl = "hf_compile" if compiled else "hf"
     device, device_name = common.torch_device()
@@ -336,7 +335,7 @@ def run_hf(a: argparse.Namespace, compiled: bool) -> None:
         times = common.time_steps(step, sync, a.steps, max(warmup - 1, 0))
         common.emit({**base_fields(a, impl, size), "step": "ce", "teacher": None,
                      **throughput_fields(a, common.summarize(times),
-                                         3 * forward_flops(config, a.inputs, a.targets) * a.batch,
+                                         3 * models.build(config).forward_flops(a.inputs, a.targets) * a.batch,
                                          a.peak_tflops, nominal),
                      "params": n_params, "compile_s": round(first_s, 2), "device": device_name,
                      "fused_adamw": fused, "torch_compile": compiled, "autocast_bf16": autocast,

@@ -1,8 +1,10 @@
 """Batched prediction over a split, and the tasks' seqio metrics on the predictions.
 
-Used by the trainer's periodic evaluation and by the eval, infer and cascade_eval binaries. Each
-process feeds its own rows of every batch; the decoded outputs are gathered on every process.
-The decoding method (greedy, sampling, beam search) is gin's `decoding` configurable.
+Used by the trainer's periodic evaluation and by the eval, infer and cascade_eval binaries, for a
+model of any family (`cat_jax.models`): each batch of examples becomes the model's batch
+(`Model.make_batch`), of which decoding reads the model's DECODING_INPUTS. Each process feeds its own
+rows of every batch; the decoded outputs are gathered on every process. The decoding method
+(greedy, sampling, beam search) is gin's `decoding` configurable.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -22,8 +23,7 @@ from cat_jax import data as data_lib
 from cat_jax import partitioning
 from cat_jax.decoding import DecodingConfig, make_decoder
 from cat_jax.errors import ConfigError
-from cat_jax.models.encoder_decoder import EncoderDecoderModel
-from cat_jax.models.t5 import Transformer
+from cat_jax.models import Model
 
 
 @dataclasses.dataclass
@@ -33,7 +33,7 @@ class Predictions:
     logprobs: np.ndarray      # [N, T] float32, 0 after EOS
     entropies: np.ndarray     # [N, T] float32, 0 after EOS
     lengths: np.ndarray       # [N] int32, generated tokens including EOS
-    mean_hidden: np.ndarray   # [N, emb] float32
+    mean_hidden: np.ndarray   # [N, d] float32
     margins: np.ndarray       # [N, T] float32, top-1 minus top-2 probability, 0 after EOS
     texts: list[str]          # detokenized predictions
 
@@ -43,9 +43,8 @@ def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[
     return {k: np.split(v, count)[index] for k, v in batch.items()}
 
 
-def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays, vocab,
-            batch_size: int, mesh: Mesh, rules, max_decode_length: int,
-            decoding: DecodingConfig | None = None) -> Predictions:
+def predict(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab, batch_size: int, mesh: Mesh, rules,
+            max_decode_length: int, decoding: DecodingConfig | None = None) -> Predictions:
     """Decode every example (jit-compiled, key/value cache, batch split over the mesh, the
     activations constrained by `rules`) with `decoding`, by default gin's `decoding`
     configurable (greedy unless bound).
@@ -54,21 +53,22 @@ def predict(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArr
     feeds only its block of rows of each batch and every process gets all predictions back.
     """
     decoding = DecodingConfig() if decoding is None else decoding
-    decode = _jitted_decoder(decoding, model.module, max_decode_length, vocab.eos_id)
+    decode = _jitted_decoder(decoding, model, max_decode_length, vocab.eos_id)
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
-    for out, real in _map_batches(lambda enc, i: decode(params, enc, decoding.rng(i)), arrays, batch_size,
-                                  mesh, rules):
+    for out, real in map_batches(lambda inputs, i: decode(params, inputs, decoding.rng(i)), model, arrays, vocab,
+                                 batch_size, mesh, rules):
         for name in ("tokens", "logprobs", "entropies", "lengths", "mean_hidden", "margins"):
             parts[name].append(np.asarray(getattr(out, name))[real])
     merged = {k: np.concatenate(v) for k, v in parts.items()}
-    texts = [detokenize(vocab, row) for row in merged["tokens"]]
+    texts = [detokenize(vocab, row, length) for row, length in zip(merged["tokens"], merged["lengths"])]
     return Predictions(texts=texts, **merged)
 
 
-def _map_batches(call: Callable[[jax.Array, int], Any], arrays: data_lib.ExampleArrays, batch_size: int,
-                 mesh: Mesh, rules) -> Iterator[tuple[Any, np.ndarray]]:
-    """(call(encoder inputs [B, Li] on the mesh, batch index) on the host, real rows [B]) for every
-    batch; each process feeds its block of rows and every process gets the whole batch's output."""
+def map_batches(call: Callable[[Mapping[str, jax.Array], int], Any], model: Model, arrays: data_lib.ExampleArrays,
+                vocab, batch_size: int, mesh: Mesh, rules) -> Iterator[tuple[Any, np.ndarray]]:
+    """(call(the model's decoding inputs on the mesh, batch index) on the host, real rows [B]) for
+    every batch; each process feeds its block of rows and every process gets the whole batch's
+    output."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards or batch_size % jax.process_count():
         raise ConfigError(f"Eval batch size {batch_size} must be divisible by the {shards} data shards "
@@ -77,46 +77,44 @@ def _map_batches(call: Callable[[jax.Array, int], Any], arrays: data_lib.Example
     sharding = partitioning.batch_sharding(mesh, rules)
     index, count = partitioning.process_batch_slice(sharding, batch_size)
     for batch_index, (batch, real) in enumerate(data_lib.eval_batches(arrays, batch_size)):
-        local = _process_rows({"e": batch["encoder_input_tokens"]}, index, count)
-        enc = partitioning.global_batch(local, sharding, batch_size)["e"]
+        local = _process_rows(model.decoding_inputs(model.make_batch(batch, vocab)), index, count)
+        inputs = partitioning.global_batch(local, sharding, batch_size)
         with partitioning.activation_sharding(mesh, rules):
-            out = call(enc, batch_index)
+            out = call(inputs, batch_index)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             out = multihost_utils.process_allgather(out, tiled=True)
         yield jax.device_get(out), real
 
 
-def mean_encoder_hidden(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays,
-                        batch_size: int, mesh: Mesh, rules, depth: int) -> np.ndarray:
-    """Each example's encoder hidden state after the first `depth` layers, averaged over its
-    non-padding input tokens: [N, emb] float32 (batched and sharded as `predict`)."""
-    pool = _jitted_mean_encoder_hidden(model.module, depth)
+def mean_input_hidden(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab, batch_size: int,
+                      mesh: Mesh, rules, depth: int) -> np.ndarray:
+    """Each example's `Model.input_embedding` after the first `depth` layers: [N, d] float32
+    (batched and sharded as `predict`)."""
+    pool = _jitted_input_embedding(model, depth)
     return np.concatenate([np.asarray(out)[real] for out, real in
-                           _map_batches(lambda enc, i: pool(params, enc), arrays, batch_size, mesh, rules)])
+                           map_batches(lambda inputs, i: pool(params, inputs), model, arrays, vocab, batch_size,
+                                       mesh, rules)])
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_mean_encoder_hidden(module: Any, depth: int) -> Any:
-    def pool(params: Any, tokens: jax.Array) -> jax.Array:
-        hidden = module.apply({"params": params}, tokens, depth, method=Transformer.encoder_hidden)
-        mask = (tokens > 0)[..., None].astype(jnp.float32)
-        return (hidden.astype(jnp.float32) * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
-
-    return jax.jit(pool)
+def _jitted_input_embedding(model: Model, depth: int) -> Any:
+    return jax.jit(lambda params, inputs: model.input_embedding(params, inputs, depth))
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_decoder(decoding: DecodingConfig, module: Any, max_decode_length: int, eos_id: int) -> Any:
-    """One jitted decoder per (method, network, length, EOS): periodic evaluation compiles once."""
-    return make_decoder(decoding, module, max_decode_length, eos_id)
+def _jitted_decoder(decoding: DecodingConfig, model: Model, max_decode_length: int, eos_id: int) -> Any:
+    """One jitted decoder per (method, model, length, EOS): periodic evaluation compiles once."""
+    return make_decoder(decoding, model, max_decode_length, eos_id)
 
 
-def detokenize(vocab, tokens: np.ndarray) -> str:
-    ids = [int(t) for t in tokens]
+def detokenize(vocab, tokens: np.ndarray, length: int | None = None) -> str:
+    """The text of one row of decoded tokens: its first `length` tokens (all by default), cut at
+    EOS. Padding after the row's end is never read (id 0 is a real token of many vocabularies)."""
+    ids = [int(t) for t in (tokens if length is None else tokens[:int(length)])]
     if vocab.eos_id in ids:
         ids = ids[: ids.index(vocab.eos_id)]
-    return vocab.decode([t for t in ids if t != 0])
+    return vocab.decode(ids)
 
 
 def task_metrics(arrays: data_lib.ExampleArrays, texts: list[str]) -> dict[str, dict[str, float]]:
@@ -139,7 +137,7 @@ def task_metrics(arrays: data_lib.ExampleArrays, texts: list[str]) -> dict[str, 
     return results
 
 
-def evaluate(model: EncoderDecoderModel, params: Any, arrays: data_lib.ExampleArrays, vocab,
+def evaluate(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab,
              batch_size: int, mesh: Mesh, rules, max_decode_length: int) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} from predictions on `arrays` (gin's `decoding` method)."""
     preds = predict(model, params, arrays, vocab, batch_size, mesh, rules, max_decode_length)

@@ -2,8 +2,9 @@
 
 Its parameters live apart from any train state: restored once (parameters only) from a checkpoint
 written by `cat_jax.train`, optionally cast (the CAT teacher is bfloat16 by default), placed in
-shards by the same logical axis rules as everything else, and never saved. Its configuration comes
-from its own MODEL_DIR's `run_info.json`, so a checkpoint is self-describing.
+shards by the same logical axis rules as everything else (fitted to its sizes), and never saved. Its
+model (any family of `cat_jax.models`) comes from its own MODEL_DIR's `run_info.json`, so a
+checkpoint is self-describing.
 """
 
 from __future__ import annotations
@@ -16,23 +17,25 @@ from jax.sharding import Mesh
 
 from cat_jax import model_dir as model_dir_lib
 from cat_jax import partitioning, vocabularies
+from cat_jax import models
 from cat_jax.checkpoints import restore_params
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
 from cat_jax.errors import CheckpointError, TeacherMismatchError
-from cat_jax.models import T5Config
 
 
 class FrozenModel:
-    """A restored model: its config, its sharded parameters and a logits function that carries
-    the mesh and logical axis rules its parameters were placed by."""
+    """A restored model: its `Model` (`cat_jax.models`), its sharded parameters and a logits
+    function that carries the mesh and logical axis rules its parameters were placed by."""
 
-    def __init__(self, model_dir: str, step: int, config: T5Config, params: Any,
+    def __init__(self, model_dir: str, step: int, model: models.Model, params: Any,
                  param_shardings: Any, info: dict[str, Any], mesh: Mesh, rules):
-        self.model_dir, self.step, self.config, self.info = model_dir, step, config, info
+        self.model_dir, self.step, self.model, self.info = model_dir, step, model, info
         self.params, self.param_shardings = params, param_shardings
         self.mesh, self.rules = mesh, rules
-        self.model = EncoderDecoderModel(config)
         self._logits = jax.jit(self._constrained_logits)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
 
     def _constrained_logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         with partitioning.traced_activation_sharding(self.mesh, self.rules):
@@ -53,7 +56,12 @@ class FrozenModel:
         return partitioning.per_device_bytes(self.params)
 
     def describe(self) -> dict[str, Any]:
-        return {"model_dir": self.model_dir, "step": self.step, "model_config": self.config.to_dict()}
+        """run_info.json's record of this model as a teacher (its family only when not T5: a record
+        written before families existed stays equal)."""
+        out = {"model_dir": self.model_dir, "step": self.step, "model_config": self.config.to_dict()}
+        if self.model.family != models.DEFAULT_FAMILY:
+            out["model_family"] = self.model.family
+        return out
 
 
 def read_model_info(model_dir: str) -> dict[str, Any]:
@@ -69,21 +77,19 @@ def load_frozen_model(model_dir: str, *, mesh: Mesh, rules, step: int | None = N
                       dtype: str | None = None) -> FrozenModel:
     """Restore a model's parameters (latest step unless given) into shards, cast to `dtype`."""
     info = read_model_info(model_dir)
-    config = T5Config.from_dict(info["model_config"])
-    if dtype is not None:
-        config = config.replace(dtype=dtype)
-    abstract, specs = unboxed_abstract_params(EncoderDecoderModel(config), 8, 8)
+    model = models.from_run_info(info, **({"dtype": dtype} if dtype is not None else {}))
+    rules = model.fit_rules(mesh.shape, rules)
+    abstract, specs = model.abstract_params()
     shardings = partitioning.tree_shardings(mesh, specs, rules)
     param_dtype = jnp.dtype(dtype) if dtype is not None else None
     template = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, param_dtype or a.dtype, sharding=s), abstract, shardings)
     params, meta = restore_params(model_dir, template, step=step)
     step = int(meta["step"])
-    return FrozenModel(model_dir, step, config, params, shardings, info, mesh, rules)
+    return FrozenModel(model_dir, step, model, params, shardings, info, mesh, rules)
 
 
-def check_vocabulary(model_dir: str, info: dict[str, Any], config: T5Config, vocab,
-                     role: str = "teacher") -> None:
+def check_vocabulary(model_dir: str, info: dict[str, Any], config: Any, vocab, role: str = "teacher") -> None:
     """Refuse a checkpoint (by its run_info) whose vocabulary differs from `vocab` / `config`."""
     theirs = info["vocabulary"]
     ours = model_dir_lib.vocab_info(vocab)
@@ -101,14 +107,20 @@ def check_vocabulary(model_dir: str, info: dict[str, Any], config: T5Config, voc
     if info["model_config"]["vocab_size"] != config.vocab_size:
         raise TeacherMismatchError(
             f"The {role}'s vocab_size {info['model_config']['vocab_size']} differs from "
-            f"{config.vocab_size}. Use the same T5Config.vocab_size in both runs: unset (the trainer "
-            f"pads the vocabulary to a multiple of 128) or the one a pretrained model's gin file sets.")
+            f"{config.vocab_size}. Use the same {type(config).__name__}.vocab_size in both runs: unset (the "
+            f"trainer pads the vocabulary to a multiple of 128) or the one a pretrained model's gin file sets.")
 
 
-def check_config(model_dir: str, info: dict[str, Any], expected: T5Config, role: str = "checkpoint") -> None:
-    """Refuse a checkpoint written for a different model config than the one gin names (the
-    vocab_size and compute dtype are not compared)."""
-    written = T5Config.from_dict(info["model_config"]).to_dict()
+def check_config(model_dir: str, info: dict[str, Any], expected: Any, role: str = "checkpoint") -> None:
+    """Refuse a checkpoint written for a different model (family or config) than the one gin names
+    (the vocab_size and compute dtype are not compared)."""
+    family = models.family_of_run_info(info)
+    if family != expected.family:
+        raise TeacherMismatchError(
+            f"The {role} in {model_dir} is a {family!r} model, but the configured model is a {expected.family!r} "
+            f"one ({type(expected).__name__}). Point the directory at the right run or give the gin model file of "
+            f"that checkpoint.")
+    written = models.config_from_run_info(info).to_dict()
     diffs = model_dir_lib.config_differences(
         written, expected.replace(vocab_size=written["vocab_size"], dtype=written["dtype"]).to_dict())
     if diffs:

@@ -74,7 +74,7 @@ def setup(checkpoint_dir: str, step: int | None, dataset: InferenceConfig,
     log.info("Restored step %d of %s; %s", frozen.step, checkpoint_dir, partitioning.describe_mesh(mesh))
     arrays = data_lib.load_split(dataset.mixture_or_task_name, dataset.split,
                                  dict(dataset.task_feature_lengths), max_examples=dataset.max_examples)
-    return InferenceSetup(frozen, arrays, vocab, mesh, rules), dataset
+    return InferenceSetup(frozen, arrays, vocab, mesh, frozen.rules), dataset
 
 
 @gin.configurable

@@ -31,7 +31,7 @@ from typing import Any
 
 from cat_jax import vocabularies
 from cat_jax.errors import ModelDirError
-from cat_jax.models import T5Config
+from cat_jax import models
 
 log = logging.getLogger("cat_jax")
 
@@ -289,28 +289,28 @@ def model_vocabulary(model_dir: str, info: dict[str, Any] | None = None):
                                                 extra_ids=record.get("extra_ids", 0))
 
 
-def with_vocab_size(config: T5Config, vocab) -> T5Config:
-    """The config with vocab_size set from the vocabulary (rounded up to a multiple of 128)."""
+def with_vocab_size(config: Any, vocab) -> Any:
+    """The model config with vocab_size set from the vocabulary (rounded up to a multiple of 128)."""
     padded = int(math.ceil(vocab.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
     if config.vocab_size is not None and config.vocab_size < vocab.vocab_size:
         raise ModelDirError(
-            f"T5Config.vocab_size={config.vocab_size} is smaller than the task vocabulary "
+            f"{type(config).__name__}.vocab_size={config.vocab_size} is smaller than the task vocabulary "
             f"({vocab.vocab_size} ids); leave it unset so the trainer sets it.")
     return config if config.vocab_size is not None else config.replace(vocab_size=padded)
 
 
-def run_info(config: T5Config, vocab, loss_options, dataset, teacher, *, seed: int,
-             optimizer: dict[str, Any], train_steps: int, salt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's identity (see the module docstring); JSON-normalised."""
+def run_info(model: models.Model, vocab, objective: dict[str, Any], dataset, teacher, *, seed: int,
+             optimizer: dict[str, Any], train_steps: int) -> dict[str, Any]:
+    """The run's identity (see the module docstring); JSON-normalised. `objective` is the training
+    objective's own entries (`loss_options`, `salt`)."""
     info = {
-        "model_config": config.to_dict(),
+        **model.describe(),
         "vocabulary": vocab_info(vocab),
-        "loss_options": dataclasses.asdict(loss_options),
+        **objective,
         "dataset": dataclasses.asdict(dataset),
         "seed": int(seed),
         "optimizer": optimizer,
         "teacher": teacher.describe() if teacher is not None else None,
-        "salt": salt,
         "train_steps": int(train_steps),
         "data_source": _data_source(),
         # batches in memory (seqio or exported: the same) or streamed: two different orders
@@ -365,7 +365,9 @@ def check_resume(model_dir: str, info: dict[str, Any], *, allow_change: bool) ->
         raise ModelDirError(
             f"MODEL_DIR {model_dir} holds a model imported from {old['imported_from'].get('source')}, not a "
             f"training run. Fine-tune it into a new MODEL_DIR with --gin.train.initial_checkpoint_dir={model_dir}.")
-    fixed = config_differences(T5Config.from_dict(old["model_config"]).to_dict(), info["model_config"])
+    fixed = config_differences({"model_family": models.family_of_run_info(old),
+                                **models.config_from_run_info(old).to_dict()},
+                               {"model_family": models.family_of_run_info(info), **info["model_config"]})
     fixed += [f"vocabulary: {d}" for d in config_differences(old["vocabulary"], info["vocabulary"])]
     if fixed:
         raise ModelDirError(

@@ -17,7 +17,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
 from cat_jax import partitioning
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+from cat_jax.models import Model
 
 
 @flax.struct.dataclass
@@ -54,10 +54,10 @@ def opt_state_shardings(opt_abstract: Any, params_abstract: Any, param_shardings
     return jax.tree_util.tree_map_with_path(pick, opt_abstract)
 
 
-def state_shardings(model: EncoderDecoderModel, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules, input_length: int, target_length: int) -> tuple[TrainState, TrainState]:
+def state_shardings(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules) -> tuple[TrainState, TrainState]:
     """(abstract TrainState, its NamedShardings) from the model's logical axis annotations."""
-    params_abstract, param_specs = unboxed_abstract_params(model, input_length, target_length)
+    params_abstract, param_specs = model.abstract_params()
     param_shardings = partitioning.tree_shardings(mesh, param_specs, rules)
     opt_abstract = jax.eval_shape(tx.init, params_abstract)
     rep = partitioning.replicated(mesh)
@@ -70,8 +70,7 @@ def state_shardings(model: EncoderDecoderModel, tx: optax.GradientTransformation
     return abstract, shardings
 
 
-def init_train_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, seed: int,
-                     shardings: TrainState, input_length: int, target_length: int,
+def init_train_state(model: Model, tx: optax.GradientTransformation, seed: int, shardings: TrainState,
                      params: Any | None = None) -> TrainState:
     """A fresh state, created directly in its shards (`params` given: start from those)."""
     init_key, run_key = jax.random.split(jax.random.key(seed))
@@ -82,8 +81,7 @@ def init_train_state(model: EncoderDecoderModel, tx: optax.GradientTransformatio
 
     if params is not None:
         return jax.jit(from_params, out_shardings=shardings)(params)
-    return jax.jit(lambda k: from_params(nn.meta.unbox(model.init_params(k, input_length, target_length))),
-                   out_shardings=shardings)(init_key)
+    return jax.jit(lambda k: from_params(nn.meta.unbox(model.init_params(k))), out_shardings=shardings)(init_key)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

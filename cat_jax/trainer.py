@@ -1,14 +1,16 @@
-"""The jitted train step and the training loop.
+"""The jitted train step, its compilation and what the loop checks and shows of it.
 
 The step is pure, `(state, batch, teacher_params) -> (state, metrics)`, with its RNG from
-`fold_in(key, step)`, the state donated and every input/output sharding explicit. It is compiled
-ahead of time; compile seconds and memory are logged.
+`fold_in(key, step)`, the state donated and every input/output sharding explicit. It minimises an
+objective's loss function (`cat_jax.objectives`: it knows no method), the frozen teacher's logits
+entering as constants. It is compiled ahead of time; compile seconds and memory are logged. Also
+here: the finite check of a step, SIGTERM as a request to stop, and the progress meter. The loop
+itself is the train job's (`cat_jax.training`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import signal
 import time
@@ -23,9 +25,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from cat_jax import partitioning
-from cat_jax.models.encoder_decoder import EncoderDecoderModel
 from cat_jax.errors import NonFiniteLossError
-from cat_jax.salt.schedule import KDSchedule
+from cat_jax.objectives import LossFn
 from cat_jax.train_state import TrainState
 
 log = logging.getLogger("cat_jax")
@@ -33,30 +34,18 @@ log = logging.getLogger("cat_jax")
 TeacherFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 
 
-def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, teacher_logits_fn: TeacherFn | None = None,
-                    kd_schedule: KDSchedule | None = None):
-    """The pure step function; the teacher (if any) runs outside the differentiated function.
-
-    With `kd_schedule` (SALT's distillation phase, which needs the teacher) the loss mixes CE and
-    KD with the schedule's weight at the state's step, reported as metric `kd_weight`.
-    """
-    if kd_schedule is not None and teacher_logits_fn is None:
-        raise ValueError("A KD schedule needs the teacher's logits function.")
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    teacher_logits_fn: TeacherFn | None = None):
+    """The pure step function minimising `loss_fn` (an objective's, `cat_jax.objectives`); the
+    teacher (if any) runs outside the differentiated function."""
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         teacher_logits = None
         if teacher_logits_fn is not None:
             teacher_logits = jax.lax.stop_gradient(teacher_logits_fn(teacher_params, batch))
-        scheduled = {}
-        if kd_schedule is not None:
-            scheduled = {"alpha": 1.0 - kd_schedule.weight_at(state.step),
-                         "temperature": kd_schedule.temperature}
-        (loss, metrics), grads = jax.value_and_grad(functools.partial(model.loss_fn, **scheduled), has_aux=True)(
-            state.params, batch, rng, teacher_logits)
-        if kd_schedule is not None:
-            metrics = dict(metrics, kd_weight=1.0 - scheduled["alpha"])
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, rng, teacher_logits, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
@@ -179,7 +168,7 @@ def check_finite(metrics: dict[str, Any], step: int, last_good_checkpoint: int |
     raise NonFiniteLossError(
         f"Non-finite {what} {when} (loss {loss}); stopped without saving this state, {keep}. "
         f"Lower the learning rate, enable gradient clipping (make_optimizer.clip_norm), or use "
-        f"float32 compute (T5Config.dtype='float32'), then restart with the same command.")
+        f"float32 compute (the model config's dtype = 'float32'), then restart with the same command.")
 
 
 class ProgressMeter:
@@ -215,12 +204,3 @@ def format_duration(seconds: float) -> str:
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-
-
-def batch_shapes(lengths: dict[str, int], global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The abstract global batch of the model's features at TASK_FEATURE_LENGTHS."""
-    li, lt = lengths["inputs"], lengths["targets"]
-    return {"encoder_input_tokens": jax.ShapeDtypeStruct((global_batch_size, li), np.int32),
-            "decoder_input_tokens": jax.ShapeDtypeStruct((global_batch_size, lt), np.int32),
-            "decoder_target_tokens": jax.ShapeDtypeStruct((global_batch_size, lt), np.int32),
-            "decoder_loss_weights": jax.ShapeDtypeStruct((global_batch_size, lt), np.float32)}

@@ -3,17 +3,22 @@
 Start-up, in order, each said in the log:
   1. every run-defining number is checked (a ConfigError names it), then MODEL_DIR is created if
      needed and locked for this trainer (`model_dir.lock`: a second trainer is refused by name).
-  2. every check that needs no compute: the vocabulary and model config, the teacher, the initial
-     checkpoint, and (when MODEL_DIR holds a checkpoint) that this command continues the run the
-     directory holds (`model_dir.check_resume`). A failed start leaves no empty MODEL_DIR behind.
+  2. every check that needs no compute: the vocabulary and the model (its config from gin, or from
+     the initial checkpoint's run_info when gin names none), the objective, the teacher, the
+     initial checkpoint, and (when MODEL_DIR holds a checkpoint) that this command continues the run
+     the directory holds (`model_dir.check_resume`). A failed start leaves no empty MODEL_DIR behind.
   3. a run whose newest checkpoint reached TRAIN_STEPS exits 0, writing nothing.
   4. the data (training and evaluation splits) is loaded: a bad input fails here, before any file
      of MODEL_DIR is written.
   5. run_info.json and config.gin are written; the restore order: this run's newest checkpoint
      that verifies (damaged ones are moved aside, the previous one used), else the parameters of
      `train.initial_checkpoint_dir` (fresh optimizer), else scratch.
-  6. compilation, then the loop: a step's loss and updated state are checked finite before the
-     state is logged as good or saved; SIGTERM saves the current step and stops.
+  6. compilation of the step of the objective's current phase (`cat_jax.objectives`; recompiled
+     when the phase changes), then the loop: a step's loss and updated state are checked finite
+     before the state is logged as good or saved; SIGTERM saves the current step and stops.
+
+The model is any family of the model contract (`cat_jax.models`); the objective any
+`cat_jax.objectives.Objective`. This module names neither a family nor a method.
 """
 
 from __future__ import annotations
@@ -31,20 +36,17 @@ import jax
 import numpy as np
 
 from cat_jax import data as data_lib
-from cat_jax import evaluation, gin_utils, model_dir as model_dir_lib, optimizers, partitioning, runtime
+from cat_jax import evaluation, gin_utils, models, optimizers, partitioning, runtime
+from cat_jax import model_dir as model_dir_lib
 from cat_jax.checkpoints import Checkpointer, restore_params
-from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, check_int, check_number
+from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, TeacherMismatchError, check_int
 from cat_jax.frozen_model import (FrozenModel, check_config, check_vocabulary, load_frozen_model,
                                   read_model_info)
 from cat_jax.metric_writers import MetricWriter
-from cat_jax.models import T5Config, forward_flops
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
-from cat_jax.salt import selection as salt_selection
-from cat_jax.salt.schedule import KDSchedule
-from cat_jax.salt.selection import DataSelection
+from cat_jax.objectives import Objective
 from cat_jax.train_state import abstract_with_shardings, init_train_state, state_shardings
-from cat_jax.trainer import (PreemptionWatcher, ProgressMeter, batch_shapes, check_finite,
-                             compile_train_step, format_duration, make_train_step, scalar_metrics)
+from cat_jax.trainer import (PreemptionWatcher, ProgressMeter, check_finite, compile_train_step,
+                             format_duration, make_train_step, scalar_metrics)
 
 log = logging.getLogger("cat_jax")
 
@@ -85,51 +87,46 @@ class TrainResult:
 class Run:
     """Everything resolved before anything is written."""
     model_dir: str
-    model_config: T5Config
+    model: models.Model
+    objective: Objective
     vocab: Any
     teacher: FrozenModel | None
     info: dict[str, Any]
     latest: int | None
     mesh: Any
     rules: Any
-    kd_schedule: KDSchedule | None = None
-    kd_selection: DataSelection | None = None
 
 
 @gin.configurable(denylist=["mesh"])
-def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
-          model_config: T5Config = gin.REQUIRED, train_dataset: DatasetConfig = gin.REQUIRED,
-          loss_options: LossOptions = LossOptions(), teacher_model_dir: str | None = None,
-          teacher_step: int | None = None, teacher_dtype: str = "bfloat16",
-          teacher_model_config: T5Config | None = None,
+def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, model_config: Any = gin.REQUIRED,
+          train_dataset: DatasetConfig = gin.REQUIRED, objective: Objective = gin.REQUIRED,
+          compute_dtype: str | None = None, teacher_model_dir: str | None = None,
+          teacher_step: int | None = None, teacher_dtype: str = "bfloat16", teacher_model_config: Any = None,
           initial_checkpoint_dir: str | None = None, eval_split: str | None = "validation",
           eval_period: int = 0, eval_max_examples: int | None = 256, eval_batch_size: int = 64,
           checkpoint_period: int = 100, keep_checkpoints: int = 3, log_every_steps: int = 10,
           seed: int = 0, peak_flops_per_device: float | None = None,
           max_steps_per_run: int | None = None, allow_config_change: bool = False,
-          kd_schedule: KDSchedule | None = None, kd_selection: DataSelection | None = None,
           mesh: Any = None) -> TrainResult:
-    """Train `model_config` on `train_dataset` for `train_steps` steps into `model_dir`.
+    """Train the model of `model_config` (any family's config; None: the architecture of
+    `initial_checkpoint_dir`, logged) on `train_dataset` for `train_steps` steps into `model_dir`,
+    minimising `objective` (e.g. `@TokenLoss()`: CE, distillation or CAT; `@Salt()`).
 
+    `compute_dtype` replaces the model config's (e.g. 'bfloat16' to fine-tune an imported model).
     `max_steps_per_run` stops this invocation after that many steps with a checkpoint (for jobs
     that run in fixed time slots); the same command continues the run. `allow_config_change`
     lets a resume change the data, seed, loss, optimizer or teacher (logged, recorded in
     run_info.json's history); without it such a resume is refused with the differences.
-
-    SALT (`cat_jax.salt`): `kd_schedule` distils from the teacher (which may be smaller than the
-    student) for its first `kd_steps` steps with its weight, then trains with plain cross-entropy
-    without running the teacher; `kd_selection` trains that distillation phase on the band of
-    SALT_DS scores it names (in-memory data only).
     """
     _check_numbers(train_steps=train_steps, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
                    log_every_steps=log_every_steps, eval_period=eval_period, eval_batch_size=eval_batch_size,
                    eval_max_examples=eval_max_examples, seed=seed, max_steps_per_run=max_steps_per_run,
-                   teacher_step=teacher_step, loss_options=loss_options)
+                   teacher_step=teacher_step)
     with _claim(model_dir) as model_dir:
         with runtime.phase("checking the configuration"):
-            run = _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, seed,
+            run = _prepare(model_dir, train_steps, model_config, compute_dtype, train_dataset, objective, seed,
                            teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config,
-                           initial_checkpoint_dir, allow_config_change, mesh, kd_schedule, kd_selection)
+                           initial_checkpoint_dir, allow_config_change, mesh)
         if run.latest is not None and run.latest >= train_steps:
             log.info("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to do (nothing was "
                      "written). Raise TRAIN_STEPS to train further, or use a new MODEL_DIR.",
@@ -149,20 +146,18 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
             gin_utils.write_config(model_dir)
         runtime.sync("cat_jax_run_info_written")
 
-        li, lt = train_dataset.task_feature_lengths["inputs"], train_dataset.task_feature_lengths["targets"]
-        model = EncoderDecoderModel(run.model_config, loss_options)
         tx, schedule = optimizers.make_optimizer(train_steps)
-        abstract, shardings = state_shardings(model, tx, run.mesh, run.rules, li, lt)
+        abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
         ckpt = Checkpointer(model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints,
                             data_iterator=data.iterator)
         with runtime.phase("restoring the checkpoint"):
-            state, start_step = _restore_or_init(ckpt, model, tx, seed, abstract, shardings,
-                                                 initial_checkpoint_dir, li, lt, model_dir)
+            state, start_step = _restore_or_init(ckpt, run.model, tx, seed, abstract, shardings,
+                                                 initial_checkpoint_dir, model_dir)
         runtime.set_on_disk(_on_disk(model_dir, start_step or ckpt.latest_step()))
         try:
             with runtime.phase("compiling the train step"):
                 _log_state_bytes(state, run.teacher)
-                loop = _Loop(run, model, tx, schedule, train_dataset, train_steps, state, start_step, ckpt, data,
+                loop = _Loop(run, tx, schedule, train_dataset, train_steps, state, start_step, ckpt, data,
                              eval_arrays, eval_batch_size, abstract, shardings, peak_flops_per_device)
             with runtime.phase("training"):
                 step, metrics, eval_metrics = loop.run(log_every_steps, eval_period, max_steps_per_run)
@@ -175,11 +170,10 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
 
 
 def _check_numbers(*, train_steps, checkpoint_period, keep_checkpoints, log_every_steps, eval_period,
-                   eval_batch_size, eval_max_examples, seed, max_steps_per_run, teacher_step,
-                   loss_options: LossOptions) -> None:
+                   eval_batch_size, eval_max_examples, seed, max_steps_per_run, teacher_step) -> None:
     """ConfigError naming the first run-defining number out of its range, before anything is
-    written (the dataset's are checked as DatasetConfig is built, the model's as T5Config is, the
-    optimizer's as it is built here)."""
+    written (the dataset's are checked as DatasetConfig is built, the model's as its config is, the
+    objective's by its `check`, the optimizer's as it is built here)."""
     check_int("TRAIN_STEPS (train.train_steps)", train_steps, 1)
     check_int("train.checkpoint_period", checkpoint_period, 1)
     check_int("train.keep_checkpoints", keep_checkpoints, 1, allow_none=True)
@@ -190,10 +184,6 @@ def _check_numbers(*, train_steps, checkpoint_period, keep_checkpoints, log_ever
     check_int("SEED (train.seed)", seed, 0)
     check_int("train.max_steps_per_run", max_steps_per_run, 1, allow_none=True)
     check_int("TEACHER_STEP (train.teacher_step)", teacher_step, 0, allow_none=True)
-    check_number("LossOptions.alpha", loss_options.alpha, minimum=0, maximum=1)
-    check_number("LossOptions.temperature", loss_options.temperature, minimum=0)
-    if loss_options.temperature == 0:
-        raise ConfigError("LossOptions.temperature must be > 0; got 0.")
     optimizers.make_optimizer(train_steps)
 
 
@@ -241,130 +231,124 @@ def _on_disk(model_dir: str, step: int | None) -> str:
 
 
 def _train_data(dataset: DatasetConfig, run: Run) -> Any:
-    """The run's training batches from the configured source (in memory, or streamed), logged;
-    with a SALT_DS selection, the distillation phase's from the selected rows."""
+    """The run's training batches (of examples) from the configured source (in memory, or
+    streamed), logged; the objective's own where it chooses them (SALT_DS's selection)."""
     source = data_lib.data_source()
     rows = partitioning.process_batch_slice(partitioning.batch_sharding(run.mesh, run.rules), dataset.batch_size)
     log.info("Data: %s/%s from %s (%s).", dataset.mixture_or_task_name, dataset.split, source.describe(),
              "streamed by grain from ArrayRecord shards" if source.kind == "streaming" else "held in memory")
-    if run.kd_selection is not None:
-        return salt_selection.phased_batches(source, dataclasses.asdict(dataset), rows, run.kd_selection,
-                                             run.kd_schedule.kd_steps)
+    chosen = run.objective.train_batches(source, dataclasses.asdict(dataset), rows)
+    if chosen is not None:
+        return chosen
     return source.train_batches(dataset.mixture_or_task_name, dataset.split, dict(dataset.task_feature_lengths),
                                 dataset.batch_size, dataset.seed, dataset.max_examples, rows)
 
 
-def _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, seed, teacher_model_dir,
-             teacher_step, teacher_dtype, teacher_model_config, initial_checkpoint_dir,
-             allow_config_change, mesh, kd_schedule, kd_selection) -> Run:
+def _prepare(model_dir, train_steps, model_config, compute_dtype, train_dataset, objective, seed,
+             teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config, initial_checkpoint_dir,
+             allow_config_change, mesh) -> Run:
+    if not isinstance(objective, Objective):
+        raise ConfigError(f"train.objective must be an objective such as @TokenLoss() or @Salt(); got {objective!r}.")
     vocab = data_lib.get_vocabulary_of(train_dataset.mixture_or_task_name)
-    model_config = model_dir_lib.with_vocab_size(model_config, vocab)
+    model = models.build(model_dir_lib.with_vocab_size(
+        _model_config(model_config, compute_dtype, initial_checkpoint_dir), vocab))
     mesh = mesh or partitioning.make_mesh()
-    rules = partitioning.logical_axis_rules()
+    rules = model.fit_rules(mesh.shape, partitioning.logical_axis_rules())
     log.info("Mesh: %s", partitioning.describe_mesh(mesh))
     teacher = None
     if teacher_model_dir:
         teacher = load_teacher(teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config,
-                               model_config, vocab, mesh, rules)
+                               model, vocab, mesh, partitioning.logical_axis_rules())
         log.info("Teacher: step %d of %s, %s parameters", teacher.step, teacher_model_dir, teacher_dtype)
-    elif loss_options.needs_teacher:
-        raise ConfigError(
-            f"The loss {loss_options} needs a frozen large model, but no teacher is configured. "
-            f"Set --gin.TEACHER_MODEL_DIR=<the large model's MODEL_DIR>.")
-    check_salt(loss_options, kd_schedule, kd_selection, train_dataset, teacher is not None)
+    objective.check(has_teacher=teacher is not None, streaming=data_lib.data_source().kind == "streaming",
+                    dataset=dataclasses.asdict(train_dataset))
     if initial_checkpoint_dir:
-        check_initial_checkpoint(initial_checkpoint_dir, model_config, vocab)
-    info = model_dir_lib.run_info(model_config, vocab, loss_options, train_dataset, teacher, seed=seed,
-                                  optimizer=optimizers.settings(), train_steps=train_steps,
-                                  salt=_salt_info(kd_schedule, kd_selection))
+        check_initial_checkpoint(initial_checkpoint_dir, model.config, vocab)
+    info = model_dir_lib.run_info(model, vocab, objective.info(), train_dataset, teacher, seed=seed,
+                                  optimizer=optimizers.settings(), train_steps=train_steps)
     latest = Checkpointer.latest_in(model_dir)
     if latest is not None:
         info = model_dir_lib.check_resume(model_dir, info, allow_change=allow_config_change)
-    return Run(model_dir, model_config, vocab, teacher, info, latest, mesh, rules, kd_schedule, kd_selection)
+    return Run(model_dir, model, objective, vocab, teacher, info, latest, mesh, rules)
 
 
-def check_salt(loss_options: LossOptions, kd_schedule: KDSchedule | None, kd_selection: DataSelection | None,
-               dataset: DatasetConfig, has_teacher: bool) -> None:
-    """Refuse SALT settings that cannot work together, before anything is written."""
-    if kd_schedule is not None and not has_teacher:
-        raise ConfigError(f"train.kd_schedule {kd_schedule} distils from a frozen teacher, but none is "
-                          "configured. Set --gin.TEACHER_MODEL_DIR=<the small model's MODEL_DIR>.")
-    if kd_schedule is not None and (loss_options.needs_teacher or loss_options.alpha != 1.0):
-        raise ConfigError(f"train.kd_schedule sets the distillation weight of every step; the loss options "
-                          f"{loss_options} would set another. Leave LossOptions at plain CE (alpha=1, "
-                          "mask='none') with a KD schedule.")
-    if kd_selection is not None:
-        if kd_schedule is None:
-            raise ConfigError("train.kd_selection (SALT_DS) selects the data of the distillation phase; "
-                              "set train.kd_schedule too.")
-        if data_lib.data_source().kind == "streaming":
-            raise ConfigError("train.kd_selection (SALT_DS) needs the in-memory data path: its selected rows "
-                              "are taken from the loaded split. Unset data_source.streaming_dir.")
-        salt_selection.check_scores_match(kd_selection, dataclasses.asdict(dataset))
-
-
-def _salt_info(kd_schedule: KDSchedule | None, kd_selection: DataSelection | None) -> dict | None:
-    if kd_schedule is None:
-        return None
-    return {"kd_schedule": dataclasses.asdict(kd_schedule),
-            "kd_selection": dataclasses.asdict(kd_selection) if kd_selection else None}
+def _model_config(model_config: Any, compute_dtype: str | None, initial_checkpoint_dir: str | None) -> Any:
+    """The configured model config, or (None) the initial checkpoint's, with `compute_dtype`."""
+    if model_config is None:
+        if not initial_checkpoint_dir:
+            raise ConfigError("No model is configured (train.model_config is None) and there is no initial "
+                              "checkpoint to take one from: give a model file, e.g. "
+                              "--gin_file=gin_configs/models/small.gin, or --gin.INITIAL_CHECKPOINT_DIR.")
+        model_config = models.config_from_run_info(read_model_info(initial_checkpoint_dir))
+        log.info("Model: the architecture of the initial checkpoint %s (%s).", initial_checkpoint_dir,
+                 type(model_config).__name__)
+    return model_config.replace(dtype=compute_dtype) if compute_dtype else model_config
 
 
 class _Loop:
-    """The data, the compiled step and the metric writer of one invocation, and its step loop."""
+    """The data, the compiled step of the objective's current phase and the metric writer of one
+    invocation, and its step loop."""
 
-    def __init__(self, run: Run, model, tx, schedule, dataset: DatasetConfig, train_steps: int, state,
-                 start_step: int, ckpt: Checkpointer, data, eval_arrays, eval_batch_size: int, abstract,
-                 shardings, peak_flops_per_device):
-        self.run_, self.model, self.dataset, self.train_steps = run, model, dataset, train_steps
+    def __init__(self, run: Run, tx, schedule, dataset: DatasetConfig, train_steps: int, state, start_step: int,
+                 ckpt: Checkpointer, data, eval_arrays, eval_batch_size: int, abstract, shardings,
+                 peak_flops_per_device):
+        self.run_, self.model, self.dataset, self.train_steps = run, run.model, dataset, train_steps
         self.state, self.start_step, self.ckpt, self.data = state, start_step, ckpt, data
         self.eval_batch_size, self.eval_arrays = eval_batch_size, eval_arrays
         lengths = dict(dataset.task_feature_lengths)
         self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
-        self._compile_args = (model, tx, schedule, abstract, shardings, batch_shapes(lengths, dataset.batch_size))
+        self._compile_args = (tx, schedule, abstract, shardings, run.model.batch_shapes(lengths, dataset.batch_size))
         self.step_flops: dict[str, float | None] = {}
-        kd = run.kd_schedule
-        self.teacher_runs = run.teacher is not None and (kd is None or kd.distills(start_step))
+        self.phase = run.objective.phase_at(start_step)
         if run.teacher is not None and not self.teacher_runs:
-            log.info("SALT: resuming at step %d, after the distillation phase: the teacher is not run.", start_step)
+            log.info("Resuming at step %d in %s: the teacher is not run.", start_step,
+                     run.objective.describe_phase(self.phase))
             run.teacher.params = None
         self.compiled = self._compile()
         li, lt = lengths["inputs"], lengths["targets"]
         peak = peak_flops_per_device * jax.device_count() if peak_flops_per_device else None
         self.meter = ProgressMeter(start_step, train_steps, dataset.batch_size * (li + lt), self._model_flops(), peak)
 
+    @property
+    def teacher_runs(self) -> bool:
+        return self.run_.teacher is not None and self.run_.objective.teacher_runs(self.phase)
+
     def _compile(self):
         """The train step of the current phase: with the teacher (CAT, distillation, SALT's first
         phase) or without it (plain CE, SALT after the switch)."""
-        run, (model, tx, schedule, abstract, shardings, shapes) = self.run_, self._compile_args
+        run, (tx, schedule, abstract, shardings, shapes) = self.run_, self._compile_args
         teacher = run.teacher if self.teacher_runs else None
-        step_fn = make_train_step(model, tx, schedule, teacher.logits_fn if teacher else None,
-                                  run.kd_schedule if teacher else None)
+        step_fn = make_train_step(run.objective.loss_fn(run.model, self.phase), tx, schedule,
+                                  teacher.logits_fn if teacher else None)
         compiled = compile_train_step(step_fn, abstract, shardings, shapes, self.b_sharding,
                                       teacher.abstract_params if teacher else None,
                                       teacher.param_shardings if teacher else None, run.mesh, run.rules)
         phase = "with the teacher" if teacher else "without a teacher"
         self.step_flops[phase] = compiled.flops
-        log.info("Compiled the train step (%s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
-                 phase, compiled.compile_seconds, compiled.flops or float("nan"),
-                 {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()})
+        log.info("Compiled the train step (%s, %s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
+                 run.objective.describe_phase(self.phase), phase, compiled.compile_seconds,
+                 compiled.flops or float("nan"), {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()})
         return compiled
 
     def _model_flops(self) -> float:
         """The analytic FLOPs of a step: 3 forward passes of the student, 1 of a running teacher."""
         li, lt = self.dataset.task_feature_lengths["inputs"], self.dataset.task_feature_lengths["targets"]
-        flops = 3 * self.dataset.batch_size * forward_flops(self.run_.model_config, li, lt)
+        flops = 3 * self.dataset.batch_size * self.model.forward_flops(li, lt)
         if self.teacher_runs:
-            flops += self.dataset.batch_size * forward_flops(self.run_.teacher.config, li, lt)
+            flops += self.dataset.batch_size * self.run_.teacher.model.forward_flops(li, lt)
         return flops
 
-    def _end_distillation(self, step: int) -> None:
-        """SALT's switch: from `step` on the loss is plain CE and the teacher is not run (its
-        parameters are released)."""
-        log.info("SALT: step %d ends the distillation phase (KDSchedule.kd_steps); from here on plain "
-                 "cross-entropy, the teacher is no longer run.", step)
-        self.teacher_runs = False
-        self.run_.teacher.params = None
+    def _enter_phase(self, step: int, phase: str) -> None:
+        """The objective's next phase from `step` on: its step compiled, the teacher's parameters
+        released when it no longer runs."""
+        objective = self.run_.objective
+        log.info("Step %d starts %s (was %s).", step, objective.describe_phase(phase),
+                 objective.describe_phase(self.phase))
+        ran = self.teacher_runs
+        self.phase = phase
+        if ran and not self.teacher_runs:
+            log.info("The teacher is no longer run; its parameters are released.")
+            self.run_.teacher.params = None
         self.compiled = self._compile()
         self.meter.flops_per_step = self._model_flops()
 
@@ -381,9 +365,10 @@ class _Loop:
         step, state = self.start_step, self.state
         try:
             while step < self.train_steps:
-                if self.teacher_runs and run.kd_schedule is not None and not run.kd_schedule.distills(step):
-                    self._end_distillation(step)
-                local = self.data.batch(step)
+                phase = run.objective.phase_at(step)
+                if phase != self.phase:
+                    self._enter_phase(step, phase)
+                local = self.model.make_batch(self.data.batch(step), run.vocab)
                 batch = partitioning.global_batch(local, self.b_sharding, dataset.batch_size)
                 state, metrics = self.compiled.fn(state, batch, run.teacher.params if self.teacher_runs else None)
                 step += 1
@@ -420,31 +405,38 @@ class _Loop:
         return step, metrics, eval_metrics
 
 
-def load_teacher(model_dir: str, step: int | None, dtype: str, expected_config: T5Config | None,
-                 student_config: T5Config, vocab, mesh, rules) -> FrozenModel:
+def load_teacher(model_dir: str, step: int | None, dtype: str, expected_config: Any, student: models.Model,
+                 vocab, mesh, rules) -> FrozenModel:
     """The frozen teacher (larger or smaller than the student), checked against the student's
-    vocabulary and the configured model before its parameters are restored."""
+    family and vocabulary and the configured model before its parameters are restored. Student and
+    teacher read one batch, so they are of one family."""
     info = read_model_info(model_dir)
+    family = models.family_of_run_info(info)
+    if family != student.family:
+        raise TeacherMismatchError(
+            f"The teacher in {model_dir} is a {family!r} model and the student a {student.family!r} one: a train "
+            f"step feeds both one batch, so they must be of one family (and share one vocabulary).")
     if expected_config is not None:
         check_config(model_dir, info, expected_config)
-    check_vocabulary(model_dir, info, student_config, vocab)
+    check_vocabulary(model_dir, info, student.config, vocab)
     return load_frozen_model(model_dir, mesh=mesh, rules=rules, step=step, dtype=dtype)
 
 
-def check_initial_checkpoint(directory: str, model_config: T5Config, vocab) -> None:
+def check_initial_checkpoint(directory: str, model_config: Any, vocab) -> None:
     """Refuse an init-from checkpoint of another architecture or vocabulary, before any compute.
 
     The compute dtype and dropout rate may differ (fine-tuning often changes them).
     """
     info = read_model_info(directory)
-    written = T5Config.from_dict(info["model_config"])
-    check_config(directory, info, model_config.replace(dropout_rate=written.dropout_rate),
+    written = models.config_from_run_info(info)
+    same_dropout = {"dropout_rate": written.dropout_rate} if hasattr(written, "dropout_rate") and hasattr(
+        model_config, "dropout_rate") else {}
+    check_config(directory, info, model_config.replace(**same_dropout),
                  role="initial checkpoint (train.initial_checkpoint_dir)")
     check_vocabulary(directory, info, model_config, vocab, role="initial checkpoint")
 
 
-def _restore_or_init(ckpt: Checkpointer, model, tx, seed, abstract, shardings,
-                     initial_checkpoint_dir, li, lt, model_dir):
+def _restore_or_init(ckpt: Checkpointer, model, tx, seed, abstract, shardings, initial_checkpoint_dir, model_dir):
     restored = ckpt.restore_latest_good(abstract_with_shardings(abstract, shardings))
     if restored is not None:
         state, _, step = restored
@@ -455,9 +447,9 @@ def _restore_or_init(ckpt: Checkpointer, model, tx, seed, abstract, shardings,
         params, meta = restore_params(initial_checkpoint_dir, template)
         log.info("Restore: parameters from %s (step %s), fresh optimizer state, step 0.",
                  initial_checkpoint_dir, meta.get("step"))
-        return init_train_state(model, tx, seed, shardings, li, lt, params=params), 0
+        return init_train_state(model, tx, seed, shardings, params=params), 0
     log.info("Restore: no checkpoint in %s and no initial checkpoint; starting from scratch.", model_dir)
-    return init_train_state(model, tx, seed, shardings, li, lt), 0
+    return init_train_state(model, tx, seed, shardings), 0
 
 
 def _log_state_bytes(state, teacher: FrozenModel | None) -> None:

@@ -17,6 +17,7 @@ import time
 from conftest import REPO, SUBPROCESS_ENV
 
 MODEL_GIN = """import cat_jax.models
+MODEL_CONFIG = @T5Config()
 T5Config.emb_dim = {emb}
 T5Config.num_heads = 2
 T5Config.head_dim = 8

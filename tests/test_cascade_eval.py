@@ -22,7 +22,7 @@ from cat_jax.errors import CheckpointError, ConfigError, TeacherMismatchError
 from cat_jax.evaluation import Predictions
 from cat_jax.frozen_model import load_frozen_model
 from cat_jax.inference import InferenceConfig
-from cat_jax.models import T5Config, Transformer, encoder_flops, encoder_layers_flops, forward_flops
+from cat_jax.models.t5 import T5Config, Transformer, encoder_flops, encoder_layers_flops, forward_flops
 from conftest import DATA_CACHE, REPO, SUBPROCESS_ENV, run_module, train_args
 from tolerances import DEEP, assert_close
 

@@ -41,8 +41,7 @@ def _first_step_reference(teacher_dir):
     ties its best other one within bfloat16 rounding on a third of the tokens.)"""
     from cat_jax import data, partitioning
     from cat_jax.frozen_model import load_frozen_model
-    from cat_jax.models.encoder_decoder import EncoderDecoderModel
-    from cat_jax.models import T5Config
+    from cat_jax.models.t5 import T5Config, T5Model
     from cat_jax.optimizers import make_optimizer
     from cat_jax.train_state import init_train_state, state_shardings
     from conftest import DATA_CACHE, TINY_TASK
@@ -56,10 +55,10 @@ def _first_step_reference(teacher_dir):
     gin_utils.parse_gin(["gin_configs/models/tiny.gin"], [])
     config = T5Config().replace(vocab_size=teacher.config.vocab_size)
     gin.clear_config()
-    model = EncoderDecoderModel(config)
+    model = T5Model(config)
     tx, _ = make_optimizer(3)
-    _, shardings = state_shardings(model, tx, mesh, rules, 32, 8)
-    student_params = init_train_state(model, tx, 0, shardings, 32, 8).params
+    _, shardings = state_shardings(model, tx, mesh, rules)
+    student_params = init_train_state(model, tx, 0, shardings).params
     arrays = data.load_split(TINY_TASK, "train", {"inputs": 32, "targets": 8}, max_examples=256,
                              cache_dir=DATA_CACHE)
     batch = data.TrainBatches(arrays, 8, seed=0).batch(0)
@@ -131,8 +130,9 @@ def test_cat_distill_student_end_to_end(teacher_dir, tmp_path):
 
 def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):
     from cat_jax import partitioning
-    from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
     from cat_jax.frozen_model import load_frozen_model
+    from cat_jax.models.t5 import T5Model
+    from cat_jax.objectives.token_loss import LossOptions, token_loss
     from cat_jax.optimizers import make_optimizer
     from cat_jax.train_state import init_train_state, state_shardings
     from cat_jax.trainer import make_train_step
@@ -144,10 +144,10 @@ def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree_util.tree_leaves(snapshot))
     student_cfg = teacher.config.replace(dtype="float32")
     # No mask: random targets are wrong for both models, and the CAT mask would drop every token.
-    model = EncoderDecoderModel(student_cfg, LossOptions(mask="none", alpha=0.5))
+    model = T5Model(student_cfg)
     tx, schedule = make_optimizer(10)
-    _, shardings = state_shardings(model, tx, mesh, rules, 8, 8)
-    state = init_train_state(model, tx, 1, shardings, 8, 8)
+    _, shardings = state_shardings(model, tx, mesh, rules)
+    state = init_train_state(model, tx, 1, shardings)
     start = jax.tree_util.tree_map(np.array, state.params)
     rng = np.random.default_rng(0)
     tgt = rng.integers(3, 200, (4, 8)).astype(np.int32)
@@ -155,7 +155,8 @@ def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):
              "decoder_target_tokens": tgt,
              "decoder_input_tokens": np.concatenate([np.zeros((4, 1), np.int32), tgt[:, :-1]], 1),
              "decoder_loss_weights": np.ones((4, 8), np.float32)}
-    step = jax.jit(make_train_step(model, tx, schedule, teacher.logits_fn), donate_argnums=(0,))
+    step = jax.jit(make_train_step(token_loss(model, LossOptions(mask="none", alpha=0.5)), tx, schedule,
+                                   teacher.logits_fn), donate_argnums=(0,))
     for _ in range(3):
         state, metrics = step(state, batch, teacher.params)
     assert float(metrics["kd"]) > 0

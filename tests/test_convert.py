@@ -18,8 +18,9 @@ from safetensors.numpy import load_file, save_file
 from cat_jax import model_dir as model_dir_lib
 from cat_jax.decoding import greedy_decode
 from cat_jax.errors import ConversionError, ModelDirError
-from cat_jax.models import Transformer, forward_flops
-from cat_jax.models.convert import exporter, hf, importer, t5x, tree
+from cat_jax.models.convert import exporter, importer, tree
+from cat_jax.models.t5 import Transformer, forward_flops
+from cat_jax.models.t5.convert import hf, t5x
 from conftest import REPO, run_module
 from tolerances import DEEP, assert_close, near_ties
 

@@ -12,17 +12,17 @@ import optax
 import pytest
 from flax import linen as nn
 
-from cat_jax.decoding import (DecodeOutput, DecodingConfig, Sampler, beam_search, greedy_decode, init_cache,
-                              length_penalty, make_decoder, sample_decode, sampling_probs, score_block,
-                              score_tokens, set_cache_positions, shift_right)
+from cat_jax.decoding import (DecodeOutput, DecodingConfig, Sampler, beam_search, greedy_decode, length_penalty,
+                              make_decoder, sample_decode, sampling_probs, score_tokens, shift_right)
 from cat_jax.decoding.sampling import filtered_logits
 from cat_jax.errors import ConfigError
-from cat_jax.models import T5Config, Transformer
+from cat_jax.models.t5 import T5Config, T5Model, Transformer
 from tolerances import DEEP, assert_close, near_ties
 
 CONFIG = T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                   num_encoder_layers=2, num_decoder_layers=2)
 ENC = jnp.array([[5, 9, 12, 7, 1, 0], [3, 4, 1, 0, 0, 0], [30, 31, 32, 33, 34, 1]], jnp.int32)
+INPUTS = {"encoder_input_tokens": ENC}  # what decoding reads of a T5 batch
 MAX_LEN = 7
 EOS = 1
 # Row 0 ends after 4 tokens, row 1 after 2, row 2 is longer than MAX_LEN (never reaches EOS).
@@ -30,18 +30,25 @@ TARGETS = jnp.array([[8, 9, 10, 1, 0, 0, 0, 0, 0], [20, 1, 0, 0, 0, 0, 0, 0, 0],
                      [30, 31, 32, 33, 34, 35, 36, 37, 1]], jnp.int32)
 
 
+def score(model: T5Model, params, targets):
+    """score_tokens of `targets` [3, T] given ENC."""
+    batch = {"encoder_input_tokens": ENC, "decoder_input_tokens": shift_right(targets), "decoder_target_tokens": targets,
+             "decoder_loss_weights": (targets > 0).astype(jnp.float32)}
+    return score_tokens(model, params, batch)
+
+
 def make_params(seed: int = 0, eos_bias: float = 0.0):
-    """Random tiny params; `eos_bias` is added to the EOS logit of the first decoding step."""
-    model = Transformer(CONFIG)
-    variables = model.init({"params": jax.random.key(seed)}, ENC, jnp.zeros((3, MAX_LEN), int))
+    """(the model, random tiny params); `eos_bias` is added to the EOS logit of the first decoding step."""
+    net = Transformer(CONFIG)
+    variables = net.init({"params": jax.random.key(seed)}, ENC, jnp.zeros((3, MAX_LEN), int))
     params = nn.unbox(variables)["params"]
-    hidden = model.apply({"params": params}, ENC, jnp.zeros((3, 1), int), method=(
+    hidden = net.apply({"params": params}, ENC, jnp.zeros((3, 1), int), method=(
         lambda m, e, d: m.decode(m.encode(e), e, d, return_hidden=True)[1]))[:, 0]
     direction = jnp.mean(hidden, axis=0)  # hidden . direction / |direction|^2 is about 1
     kernel = params["decoder"]["logits_dense"]["kernel"]
     kernel = kernel.at[:, EOS].add(eos_bias * direction / jnp.sum(direction ** 2))
     params["decoder"]["logits_dense"]["kernel"] = kernel
-    return model, params
+    return T5Model(CONFIG), params
 
 
 def train_params(steps: int = 40, head_scale: float = 0.4):
@@ -55,7 +62,7 @@ def train_params(steps: int = 40, head_scale: float = 0.4):
     weights = (TARGETS > 0).astype(jnp.float32)
 
     def loss_fn(p):
-        logits = model.apply({"params": p}, ENC, shift_right(TARGETS))
+        logits = model.network.apply({"params": p}, ENC, shift_right(TARGETS))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, TARGETS)
         return jnp.sum(ce * weights) / jnp.sum(weights)
 
@@ -77,7 +84,7 @@ def train_params(steps: int = 40, head_scale: float = 0.4):
 def decoded():
     model, params = train_params()
     out = jax.jit(functools.partial(greedy_decode, model, max_decode_length=MAX_LEN,
-                                    eos_id=EOS))(params, ENC)
+                                    eos_id=EOS))(params, INPUTS)
     return model, params, out
 
 
@@ -103,14 +110,14 @@ def test_decodes_memorised_targets_with_eos_handling(decoded):
 
 def test_logprobs_equal_teacher_forced_scores(decoded):
     model, params, out = decoded
-    scored = score_tokens(model, params, ENC, out.tokens)
+    scored = score(model, params, out.tokens)
     assert_close(out.logprobs, scored, DEEP)  # cached decoding against one teacher-forced pass
     assert (np.asarray(out.logprobs)[np.asarray(out.tokens) > 0] < -0.1).all()
 
 
 def test_greedy_tokens_are_argmax_and_entropies_match(decoded):
     model, params, out = decoded
-    logits, hidden = model.apply({"params": params}, ENC, shift_right(out.tokens), method=(
+    logits, hidden = model.network.apply({"params": params}, ENC, shift_right(out.tokens), method=(
         lambda m, e, d: m.decode(m.encode(e), e, d, return_hidden=True)))
     logits = np.asarray(logits, np.float64)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -131,13 +138,13 @@ def test_greedy_tokens_are_argmax_and_entropies_match(decoded):
 
 def test_eager_equals_jit_and_all_rows_can_stop_at_once():
     model, params = make_params(seed=1, eos_bias=50.0)  # EOS is the first argmax
-    eager = greedy_decode(model, params, ENC, MAX_LEN)
+    eager = greedy_decode(model, params, INPUTS, MAX_LEN)
     np.testing.assert_array_equal(eager.tokens[:, 0], EOS)
     np.testing.assert_array_equal(eager.lengths, [1, 1, 1])
     assert (np.asarray(eager.tokens)[:, 1:] == 0).all()
     model, params = make_params(seed=2)
-    eager = greedy_decode(model, params, ENC, MAX_LEN)
-    jitted = jax.jit(greedy_decode, static_argnums=(0, 3))(model, params, ENC, MAX_LEN)
+    eager = greedy_decode(model, params, INPUTS, MAX_LEN)
+    jitted = jax.jit(greedy_decode, static_argnums=(0, 3))(model, params, INPUTS, MAX_LEN)
     np.testing.assert_array_equal(eager.tokens, jitted.tokens)
     assert_close(eager.logprobs, jitted.logprobs, DEEP)
 
@@ -145,9 +152,9 @@ def test_eager_equals_jit_and_all_rows_can_stop_at_once():
 def test_score_tokens_masks_padding_and_uses_shifted_inputs():
     model, params = make_params(seed=3)
     targets = jnp.array([[7, 8, 1, 0], [9, 1, 0, 0], [10, 11, 12, 1]], jnp.int32)
-    scores = np.asarray(score_tokens(model, params, ENC, targets))
+    scores = np.asarray(score(model, params, targets))
     assert (scores[np.asarray(targets) == 0] == 0).all()
-    logits = model.apply({"params": params}, ENC,
+    logits = model.network.apply({"params": params}, ENC,
                          jnp.array([[0, 7, 8, 1], [0, 9, 1, 0], [0, 10, 11, 12]], jnp.int32))
     logp = jax.nn.log_softmax(logits, axis=-1)
     assert_close(scores[2, 3], logp[2, 3, 1], DEEP)
@@ -159,23 +166,24 @@ def test_block_writes_at_row_positions_match_teacher_forcing_and_roll_back():
     discards what was written after it."""
     model, params = make_params(seed=4)
     dec = shift_right(TARGETS)  # [3, 9]
-    full = model.apply({"params": params}, ENC, dec)
-    encoded = model.apply({"params": params}, ENC, method=Transformer.encode)
-    cache = set_cache_positions(init_cache(model, params, encoded, ENC, 12), jnp.zeros(3, jnp.int32))
-    score = jax.jit(lambda c, block: score_block(model, params, c, encoded, ENC, block))
+    full = model.network.apply({"params": params}, ENC, dec)
+    state, first = model.start_decoding(params, INPUTS, 12)
+    np.testing.assert_array_equal(first, 0)  # T5 decoding starts from its BOS
+    cache = model.set_positions(state, jnp.zeros(3, jnp.int32))
+    feed = jax.jit(lambda c, block: (lambda out: (out[0], out[2]))(model.decode_block(params, c, block)))
     # Row 0 takes 4 tokens, row 1 takes 2 then 2 junk tokens, row 2 takes 3 (and one it will redo).
-    logits, cache = score(cache, jnp.stack([dec[0, :4], jnp.array([0, 20, 55, 56]), jnp.array([0, 30, 31, 50])]))
+    logits, cache = feed(cache, jnp.stack([dec[0, :4], jnp.array([0, 20, 55, 56]), jnp.array([0, 30, 31, 50])]))
     assert_close(logits[0], full[0, :4], DEEP)
     assert_close(logits[1, :2], full[1, :2], DEEP)
     assert_close(logits[2, :3], full[2, :3], DEEP)
-    rolled = set_cache_positions(cache, jnp.array([4, 2, 3]))  # roll rows 1 and 2 back
-    logits, after = score(rolled, jnp.stack([dec[0, 4:8], dec[1, 2:6], dec[2, 3:7]]))
+    rolled = model.set_positions(cache, jnp.array([4, 2, 3]))  # roll rows 1 and 2 back
+    logits, after = feed(rolled, jnp.stack([dec[0, 4:8], dec[1, 2:6], dec[2, 3:7]]))
     assert_close(logits[0], full[0, 4:8], DEEP)
     assert_close(logits[1], full[1, 2:6], DEEP)
     assert_close(logits[2], full[2, 3:7], DEEP)
-    np.testing.assert_array_equal(after["decoder"]["layers_1"]["self_attention"]["cache_index"], [8, 6, 7])
+    np.testing.assert_array_equal(after["cache"]["decoder"]["layers_1"]["self_attention"]["cache_index"], [8, 6, 7])
     # Without the rollback row 1 attends to its junk tokens.
-    stale = score(cache, jnp.stack([dec[0, 4:8], dec[1, 4:8], dec[2, 4:8]]))[0]
+    stale = feed(cache, jnp.stack([dec[0, 4:8], dec[1, 4:8], dec[2, 4:8]]))[0]
     assert np.abs(np.asarray(stale[1] - full[1, 4:8])).max() > 1e-2
 
 
@@ -183,15 +191,15 @@ def test_sampling_is_seeded_and_temperature_zero_is_greedy(decoded):
     model, params, greedy = decoded
     sample = jax.jit(sample_decode, static_argnums=(0, 4, 5, 6))
     hot = Sampler(temperature=1.5)
-    a = sample(model, params, ENC, jax.random.key(0), MAX_LEN, EOS, hot)
-    b = sample(model, params, ENC, jax.random.key(0), MAX_LEN, EOS, hot)
-    c = sample(model, params, ENC, jax.random.key(1), MAX_LEN, EOS, hot)
+    a = sample(model, params, INPUTS, jax.random.key(0), MAX_LEN, EOS, hot)
+    b = sample(model, params, INPUTS, jax.random.key(0), MAX_LEN, EOS, hot)
+    c = sample(model, params, INPUTS, jax.random.key(1), MAX_LEN, EOS, hot)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
     assert not np.array_equal(a.tokens, greedy.tokens)
-    assert_close(a.logprobs, score_tokens(model, params, ENC, a.tokens), DEEP)
+    assert_close(a.logprobs, score(model, params, a.tokens), DEEP)
     for sampler in (Sampler(temperature=0.0), Sampler(temperature=1e-4)):
-        cold = sample(model, params, ENC, jax.random.key(2), MAX_LEN, EOS, sampler)
+        cold = sample(model, params, INPUTS, jax.random.key(2), MAX_LEN, EOS, sampler)
         np.testing.assert_array_equal(cold.tokens, greedy.tokens)
         assert_close(cold.logprobs, greedy.logprobs, DEEP)
 
@@ -205,6 +213,8 @@ def test_top_k_and_top_p_keep_the_most_likely_tokens():
     np.testing.assert_array_equal(kept(top_p=0.75), [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]])
     np.testing.assert_array_equal(kept(top_p=0.01), [[0, 0, 1, 0, 0], [0, 0, 1, 1, 1]])
     np.testing.assert_allclose(sampling_probs(logp, Sampler(temperature=0.0)), [[0, 0, 1, 0, 0], [0, 0, 1, 0, 0]])
+    suppressed = lambda **kw: np.isfinite(np.asarray(filtered_logits(logp, Sampler(**kw), suppressed=2)))
+    np.testing.assert_array_equal(suppressed(top_k=2), [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]])  # T5's token 0
     with pytest.raises(ConfigError, match="top_p"):
         Sampler(top_p=0.0)
 
@@ -212,14 +222,14 @@ def test_top_k_and_top_p_keep_the_most_likely_tokens():
 def test_beam_of_one_is_greedy_and_scores_equal_teacher_forced_scores(decoded):
     model, params, greedy = decoded
     search = jax.jit(beam_search, static_argnums=(0, 3, 4, 5, 6))
-    one = search(model, params, ENC, MAX_LEN, 1, 0.0, EOS)
+    one = search(model, params, INPUTS, MAX_LEN, 1, 0.0, EOS)
     np.testing.assert_array_equal(one.best().tokens, greedy.tokens)
     assert_close(one.best().logprobs, greedy.logprobs, DEEP)
     model, params = make_params(seed=5, eos_bias=6.0)  # EOS likely early: hypotheses of many lengths
     alpha = 2.0
-    out = search(model, params, ENC, MAX_LEN, 4, alpha, EOS)
+    out = search(model, params, INPUTS, MAX_LEN, 4, alpha, EOS)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    scored = np.stack([score_tokens(model, params, ENC, out.tokens[:, j]) for j in range(4)], axis=1)
+    scored = np.stack([score(model, params, out.tokens[:, j]) for j in range(4)], axis=1)
     assert_close(out.logprobs, scored, DEEP)
     assert_close(out.scores, scored.sum(-1) / length_penalty(lengths, alpha), DEEP)
     assert (np.diff(np.asarray(out.scores), axis=1) <= 1e-6).all()  # best first
@@ -240,7 +250,7 @@ def test_decoding_method_from_gin(decoded):
     finally:
         gin.clear_config()
     assert config.method == "beam"
-    out = make_decoder(config, model, MAX_LEN, EOS)(params, ENC, config.rng(0))
+    out = make_decoder(config, model, MAX_LEN, EOS)(params, INPUTS, config.rng(0))
     np.testing.assert_array_equal(out.tokens, greedy.tokens)
     with pytest.raises(ConfigError, match="decoding.method"):
         DecodingConfig(method="nucleus")

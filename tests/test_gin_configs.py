@@ -49,30 +49,34 @@ def test_run_file_parses_and_builds(path: Path):
     bindings = [f"{k} = {v}" for k, v in REQUIRED.items() if k in used]
     gin_utils.parse_gin(files, bindings)
     built = {}
-    for name in ("dataset", "train_dataset", "model_config", "loss_options", "kd_schedule", "kd_selection"):
+    for name in ("dataset", "train_dataset", "model_config", "objective"):
         try:
             value = gin.query_parameter(f"{fn}.{name}")
         except ValueError:
             continue
         built[name] = value.scoped_configurable_fn()
-    train_expected = {"train_dataset": "DatasetConfig", "model_config": "T5Config", "loss_options": "LossOptions"}
-    if "salt" in path.stem:  # SALT: the KD schedule (and SALT_DS's selection) reach train
-        train_expected["kd_schedule"] = "KDSchedule"
-        if path.stem.endswith("_ds"):
-            train_expected["kd_selection"] = "DataSelection"
+    # SALT's objective carries its KD schedule (and SALT_DS's selection); the others, their loss options
+    salt = fn == "train" and "salt" in path.stem
+    train_expected = {"train_dataset": "DatasetConfig", "model_config": "T5Config",
+                      "objective": "Salt" if salt else "TokenLoss"}
+    if salt:
+        salt = built["objective"]
+        assert type(salt.schedule).__name__ == "KDSchedule"
+        assert (type(salt.selection).__name__ if salt.selection else None) == (
+            "DataSelection" if path.stem.endswith("_ds") else None)
     expected = {"train": train_expected,
                 "run_eval": {"dataset": "InferenceConfig"}, "run_infer": {"dataset": "InferenceConfig"},
                 "run_cascade_eval": {"dataset": "InferenceConfig"}}.get(fn, {})
     if path.stem.startswith(("train", "finetune", "eval", "infer", "cascade_eval")):
         assert {k: type(v).__name__ for k, v in built.items()} == expected
-    if "loss_options" in built:  # the loss the file (or the last file it includes that sets it) trains with
+    if type(built.get("objective")).__name__ == "TokenLoss":  # the loss the file (or the last it includes) sets
         import re
         full = _with_includes(path)
         mask = re.findall(r"LossOptions.mask = '(\w+)'", full)[-1]
         alpha = float(re.findall(r"LossOptions.alpha = ([\d.]+)", full)[-1])
-        assert (built["loss_options"].mask, built["loss_options"].alpha) == (mask, alpha)
-    if "kd_schedule" in built:
-        assert (built["kd_schedule"].kd_steps, built["kd_schedule"].weight) == (4, 0.5)
+        assert (built["objective"].options.mask, built["objective"].options.alpha) == (mask, alpha)
+    if type(built.get("objective")).__name__ == "Salt":
+        assert (built["objective"].schedule.kd_steps, built["objective"].schedule.weight) == (4, 0.5)
     if "train_dataset" in built:
         assert built["train_dataset"].mixture_or_task_name == "offline_mix" and built["train_dataset"].batch_size == 64
     assert text.startswith("#"), f"{path.name} needs a header comment with its command"
@@ -83,11 +87,10 @@ def _parameter_counts(config) -> tuple[int, int]:
     """(all parameters, those outside the vocabulary tables) of a config with a vocab_size."""
     import numpy as np
 
-    from cat_jax.models import EncoderDecoderModel
+    from cat_jax import models
     from cat_jax.models.convert.tree import flatten
-    from cat_jax.models.encoder_decoder import unboxed_abstract_params
 
-    abstract, _ = unboxed_abstract_params(EncoderDecoderModel(config), 8, 8)
+    abstract, _ = models.build(config).abstract_params()
     sizes = {k: int(np.prod(v.shape)) for k, v in flatten(abstract).items()}
     vocab = sizes.get("token_embedder/embedding", 0) + sizes.get("decoder/logits_dense/kernel", 0)
     return sum(sizes.values()), sum(sizes.values()) - vocab
@@ -106,7 +109,7 @@ def test_model_file_builds_the_config_its_header_describes(path: Path):
     """Every model file parses, and the parameter count its header states is the model's."""
     import re
 
-    from cat_jax.models import T5Config
+    from cat_jax.models.t5 import T5Config
     gin_utils.parse_gin([str(path)], [])
     config = T5Config()
     text = path.read_text()
@@ -136,7 +139,7 @@ def test_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_path, 
     included (the decoy's emb_dim would otherwise win)."""
     import re
 
-    from cat_jax.models import T5Config
+    from cat_jax.models.t5 import T5Config
     (tmp_path / "runs").mkdir()
     (tmp_path / "models").mkdir()
     shipped_text = (GIN_DIR / "models" / "demo_large.gin").read_text()

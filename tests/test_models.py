@@ -14,9 +14,9 @@ import optax
 import pytest
 from flax import linen as nn
 
-from cat_jax.models import (T5Config, Transformer, decoder_flops, encoder_flops, encoder_layers_flops,
-                            forward_flops)
-from cat_jax.models.layers import relative_position_bucket
+from cat_jax.models.t5 import (T5Config, Transformer, decoder_flops, encoder_flops, encoder_layers_flops,
+                               forward_flops)
+from cat_jax.models.t5.layers import relative_position_bucket
 from tolerances import DEEP, assert_close
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
@@ -193,16 +193,15 @@ def _count_matmul_flops(jaxpr) -> float:
 
 def test_decoder_flops_count_a_cached_block_call():
     """Scoring 3 tokens after 5 cached ones (a cache exactly that long) in one call."""
-    from cat_jax.decoding import init_cache, score_block, set_cache_positions
+    from cat_jax.models.t5 import T5Model
     li, context, block = 16, 5, 3
-    model = Transformer(TINY)
+    model = T5Model(TINY)
     enc = jnp.ones((1, li), jnp.int32)
     params = jax.eval_shape(lambda: init_params(TINY, enc, DEC[:1]))
-    encoded = jax.ShapeDtypeStruct((1, li, TINY.emb_dim), jnp.float32)
-    cache = jax.eval_shape(lambda p, x: set_cache_positions(init_cache(model, p, x, enc, context + block),
-                                                            jnp.array([context])), params, encoded)
-    call = lambda p, c, x: score_block(model, p, c, x, enc, jnp.ones((1, block), jnp.int32))[0]
-    counted = _count_matmul_flops(jax.make_jaxpr(call)(params, cache, encoded).jaxpr)
+    state = jax.eval_shape(lambda p: model.set_positions(
+        model.start_decoding(p, {"encoder_input_tokens": enc}, context + block)[0], jnp.array([context])), params)
+    call = lambda p, s: model.decode_block(p, s, jnp.ones((1, block), jnp.int32))[0]
+    counted = _count_matmul_flops(jax.make_jaxpr(call)(params, state).jaxpr)
     assert decoder_flops(TINY, li, context, block) == pytest.approx(counted, rel=1e-9)
     assert forward_flops(TINY, li, 8) == encoder_flops(TINY, li) + decoder_flops(TINY, li, 0, 8)
 

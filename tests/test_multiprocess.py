@@ -350,14 +350,13 @@ def test_restore_into_another_structure_names_the_mismatch(runs):
     from cat_jax import partitioning
     from cat_jax.checkpoints import restore_params
     from cat_jax.errors import CheckpointError
-    from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
-    from cat_jax.models import T5Config
+    from cat_jax.models.t5 import T5Config, T5Model
     model_dir = runs[2][0]
     info = json.loads((model_dir / "run_info.json").read_text())
     config = T5Config.from_dict(info["model_config"])
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     for other in (config, config.replace(mlp_dim=48)):
-        abstract, specs = unboxed_abstract_params(EncoderDecoderModel(other), 8, 8)
+        abstract, specs = T5Model(other).abstract_params()
         shardings = partitioning.tree_shardings(mesh, specs, partitioning.logical_axis_rules())
         template = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

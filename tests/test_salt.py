@@ -228,7 +228,7 @@ def test_salt_distils_then_stops_running_the_teacher(salt_uninterrupted, tmp_pat
     # Metrics of step k (logged at k + 1): w = 0.5 until the ramp of the last 2 steps, 0 from step 4.
     assert [r.get("train/kd_weight") for r in rows] == [0.5, 0.5, 0.5, 0.25, None, None, None]
     assert all("train/kd" in r for r in rows[:4]) and not any("train/kd" in r for r in rows[4:])
-    assert "SALT: step 4 ends the distillation phase" in proc.stderr
+    assert "Step 4 starts plain cross-entropy after SALT's distillation phase" in proc.stderr
     assert "SALT_DS: the first 4 steps train on" in proc.stderr
     flops = _printed(proc)["step_flops"]
     ce = run_module("cat_jax.train", train_args("train_large.gin", tmp_path / "ce", 7, TINY_MODEL,  # same schedule
@@ -250,9 +250,9 @@ def test_salt_resumes_bitwise_across_the_switch(salt_uninterrupted, small_teache
     args = _salt_args(model_dir, small_teacher, scores[0], 7)
     run_module("cat_jax.train", args + ["--gin.train.max_steps_per_run=3"])           # stops inside the phase
     crossing = run_module("cat_jax.train", args + ["--gin.train.max_steps_per_run=2"])  # 3 -> 5, switching at 4
-    assert "SALT: step 4 ends the distillation phase" in crossing.stderr
+    assert "Step 4 starts plain cross-entropy after SALT's distillation phase" in crossing.stderr
     after = run_module("cat_jax.train", args)                                           # 5 -> 7, teacher never run
-    assert "after the distillation phase: the teacher is not run" in after.stderr
+    assert "after SALT's distillation phase: the teacher is not run" in after.stderr
     assert list(_printed(after)["step_flops"]) == ["without a teacher"]
     step, resumed = _final_state(model_dir)
     assert step == 7
@@ -260,20 +260,20 @@ def test_salt_resumes_bitwise_across_the_switch(salt_uninterrupted, small_teache
 
 
 def test_salt_settings_that_cannot_work_are_refused(small_teacher, scores, tmp_path):
-    from cat_jax.models.encoder_decoder import LossOptions
+    import dataclasses
+
+    from cat_jax.salt.objective import Salt
     from cat_jax.salt.selection import DataSelection
-    from cat_jax.training import DatasetConfig, check_salt
-    dataset = DatasetConfig(TINY_TASK, {"inputs": 32, "targets": 8}, 8, max_examples=256)
-    plain, kd, selection = LossOptions(), KDSchedule(kd_steps=4), DataSelection(str(scores[0]))
-    check_salt(plain, kd, selection, dataset, has_teacher=True)
+    from cat_jax.training import DatasetConfig
+    dataset = dataclasses.asdict(DatasetConfig(TINY_TASK, {"inputs": 32, "targets": 8}, 8, max_examples=256))
+    kd, selection = KDSchedule(kd_steps=4), DataSelection(str(scores[0]))
+    Salt(kd, selection).check(has_teacher=True, streaming=False, dataset=dataset)
     with pytest.raises(ConfigError, match="none is configured"):
-        check_salt(plain, kd, None, dataset, has_teacher=False)
-    with pytest.raises(ConfigError, match="Leave LossOptions at plain CE"):
-        check_salt(LossOptions(alpha=0.5), kd, None, dataset, has_teacher=True)
-    with pytest.raises(ConfigError, match="set train.kd_schedule too"):
-        check_salt(plain, None, selection, dataset, has_teacher=True)
+        Salt(kd).check(has_teacher=False, streaming=False, dataset=dataset)
+    with pytest.raises(ConfigError, match="needs the in-memory data path"):
+        Salt(kd, selection).check(has_teacher=True, streaming=True, dataset=dataset)
     with pytest.raises(ConfigError, match="no finished SALT_DS scores"):
-        check_salt(plain, kd, DataSelection(str(tmp_path)), dataset, has_teacher=True)
+        Salt(kd, DataSelection(str(tmp_path))).check(has_teacher=True, streaming=False, dataset=dataset)
     # Through the entry point: refused before anything is written.
     proc = run_module("cat_jax.train", _salt_args(tmp_path / "run", small_teacher, scores[0], 2,
                                                   "--gin.DatasetConfig.max_examples=128"), check=False)

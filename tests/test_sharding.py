@@ -20,15 +20,16 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import linen as nn
 from cat_jax import partitioning
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions, unboxed_abstract_params
-from cat_jax.models import T5Config
+from cat_jax.models.t5 import T5Config, T5Model
+from cat_jax.objectives.token_loss import LossOptions, token_loss
 from cat_jax.optimizers import make_optimizer
 from cat_jax.train_state import state_shardings, init_train_state
 from cat_jax.trainer import compile_train_step, make_train_step
 
 cfg = T5Config(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                num_encoder_layers=2, num_decoder_layers=2)
-model = EncoderDecoderModel(cfg, LossOptions())
+model = T5Model(cfg)
+model_loss = token_loss(model, LossOptions())
 rng = np.random.default_rng(0)
 B, LI, LT = 8, 12, 10
 tgt = rng.integers(2, 128, (B, LT)).astype(np.int32)
@@ -38,23 +39,24 @@ batch = {"encoder_input_tokens": rng.integers(2, 128, (B, LI)).astype(np.int32),
          "decoder_input_tokens": np.concatenate([np.zeros((B, 1), np.int32), tgt[:, :-1]], 1),
          "decoder_loss_weights": (tgt > 0).astype(np.float32)}
 tx, schedule = make_optimizer(10)
-teacher = EncoderDecoderModel(cfg.replace(emb_dim=48, dtype="bfloat16"))
+teacher = T5Model(cfg.replace(emb_dim=48, dtype="bfloat16"))
 
 
 def teacher_params():
-    return jax.jit(lambda k: nn.meta.unbox(teacher.init_params(k, LI, LT)))(jax.random.key(1))
+    return jax.jit(lambda k: nn.meta.unbox(teacher.init_params(k)))(jax.random.key(1))
 
 
 def cat_step(mesh, rules, compile_memory):
     # The compiled CAT-distill step (the trainer's compile path): sharding constraints in its HLO
     # and XLA's per-device temporary bytes.
-    big = EncoderDecoderModel(cfg.replace(vocab_size=2048), LossOptions(mask="small_or_large", alpha=0.5))
-    big_teacher = EncoderDecoderModel(cfg.replace(vocab_size=2048, emb_dim=48, dtype="bfloat16"))
-    abstract, shardings = state_shardings(big, tx, mesh, rules, LI, LT)
-    t_abstract, t_specs = unboxed_abstract_params(big_teacher, LI, LT)
+    big = T5Model(cfg.replace(vocab_size=2048))
+    big_teacher = T5Model(cfg.replace(vocab_size=2048, emb_dim=48, dtype="bfloat16"))
+    abstract, shardings = state_shardings(big, tx, mesh, rules)
+    t_abstract, t_specs = big_teacher.abstract_params()
     t_abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), t_abstract)
     shapes = {k: jax.ShapeDtypeStruct((16,) + v.shape[1:], v.dtype) for k, v in batch.items()}
-    step = make_train_step(big, tx, schedule, big_teacher.logits)
+    step = make_train_step(token_loss(big, LossOptions(mask="small_or_large", alpha=0.5)), tx, schedule,
+                           big_teacher.logits)
     args = (step, abstract, shardings, shapes, partitioning.batch_sharding(mesh, rules), t_abstract,
             partitioning.tree_shardings(mesh, t_specs, rules), mesh)
     with partitioning.activation_sharding(mesh, rules):
@@ -68,10 +70,10 @@ def cat_step(mesh, rules, compile_memory):
 out = {}
 MEMORY_MESHES = ("data2", "data2_model4")  # the CAT step compiled for its memory
 single = partitioning.make_mesh([("data", 1), ("fsdp", 1), ("model", 1)], devices=jax.devices()[:1])
-_, single_shardings = state_shardings(model, tx, single, partitioning.logical_axis_rules(), LI, LT)
-state0 = init_train_state(model, tx, 0, single_shardings, LI, LT)
+_, single_shardings = state_shardings(model, tx, single, partitioning.logical_axis_rules())
+state0 = init_train_state(model, tx, 0, single_shardings)
 t_params0 = teacher_params()
-_, t_specs = unboxed_abstract_params(teacher, LI, LT)
+_, t_specs = teacher.abstract_params()
 for name, shape in [("single", [("data", 1), ("fsdp", 1), ("model", 1)]),
                     ("data2", [("data", 2), ("fsdp", 1), ("model", 1)]),
                     ("data2_model4", [("data", 2), ("fsdp", 1), ("model", 4)]),
@@ -80,13 +82,13 @@ for name, shape in [("single", [("data", 1), ("fsdp", 1), ("model", 1)]),
     for _, s in shape: n *= s
     mesh = partitioning.make_mesh(shape, devices=jax.devices()[:n])
     rules = partitioning.logical_axis_rules()
-    abstract, shardings = state_shardings(model, tx, mesh, rules, LI, LT)
+    abstract, shardings = state_shardings(model, tx, mesh, rules)
     state = jax.device_put(state0, shardings)  # the same values, placed by this mesh's rules
     t_params = jax.device_put(t_params0, partitioning.tree_shardings(mesh, t_specs, rules))
     bs = partitioning.batch_sharding(mesh, rules)
     gb = partitioning.global_batch(batch, bs)
     def probe(params, t_params, b):
-        loss, grads = jax.value_and_grad(lambda p: model.loss_fn(p, b, None)[0])(params)
+        loss, grads = jax.value_and_grad(lambda p: model_loss(p, b, None, None, 0)[0])(params)
         return loss, grads, model.logits(params, b), teacher.logits(t_params, b)
     if name == "data2":  # compiled for its CAT-step memory only (the baseline of the model split)
         out[name] = cat_step(mesh, rules, True)
@@ -95,7 +97,7 @@ for name, shape in [("single", [("data", 1), ("fsdp", 1), ("model", 1)]),
         loss, grads, logits, teacher_logits = jax.jit(
             probe, in_shardings=(shardings.params, None, bs),
             out_shardings=(partitioning.replicated(mesh), shardings.params, None, None))(state.params, t_params, gb)
-        step = jax.jit(make_train_step(model, tx, schedule), in_shardings=(shardings, bs, None),
+        step = jax.jit(make_train_step(model_loss, tx, schedule), in_shardings=(shardings, bs, None),
                        out_shardings=(shardings, partitioning.replicated(mesh)))
         new_state, metrics = step(state, gb, None)
     flat = {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in jax.tree_util.tree_leaves_with_path(grads)}
@@ -179,15 +181,14 @@ def test_a_restored_models_logits_function_carries_its_rules():
 
     from cat_jax import partitioning
     from cat_jax.frozen_model import FrozenModel
-    from cat_jax.models import T5Config
-    from cat_jax.models.encoder_decoder import EncoderDecoderModel
+    from cat_jax.models.t5 import T5Config, T5Model
 
     config = T5Config(vocab_size=128, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
                       num_decoder_layers=1)
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     rules = partitioning.logical_axis_rules()
-    params = nn.unbox(EncoderDecoderModel(config).init_params(jax.random.key(0), 8, 8))
-    frozen = FrozenModel("unused", 0, config, params, None, {}, mesh, rules)
+    params = nn.unbox(T5Model(config).init_params(jax.random.key(0)))
+    frozen = FrozenModel("unused", 0, T5Model(config), params, None, {}, mesh, rules)
     batch = {"encoder_input_tokens": jnp.ones((2, 8), jnp.int32), "decoder_input_tokens": jnp.ones((2, 8), jnp.int32)}
 
     def constraints(fn) -> list[str]:

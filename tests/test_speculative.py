@@ -14,11 +14,12 @@ import pytest
 from flax import linen as nn
 from scipy import stats
 
-from cat_jax.cascade.speculative import ALPHA_EXTREMES, RULES, rule_id, speculative_decode
+from cat_jax.cascade.speculative import ALPHA_EXTREMES, RULES, rule_id
 from cat_jax.cascade.speculative import cost
 from cat_jax.cascade.speculative import rules as rules_lib
 from cat_jax.decoding import Sampler, greedy_decode
-from cat_jax.models import T5Config, Transformer, decoder_flops, encoder_flops
+from cat_jax.decoding.speculative import speculative_decode
+from cat_jax.models.t5 import T5Config, T5Model, Transformer, decoder_flops, encoder_flops
 from tolerances import SHALLOW, assert_close
 
 V = 12
@@ -226,8 +227,8 @@ spec = jax.jit(speculative_decode, static_argnums=(0, 2),
 
 
 def init(config: T5Config, seed: int, enc=ENC):
-    model = Transformer(config)
-    return model, nn.unbox(model.init({"params": jax.random.key(seed)}, enc, jnp.zeros((enc.shape[0], 3), int)))["params"]
+    net = Transformer(config)
+    return T5Model(config), nn.unbox(net.init({"params": jax.random.key(seed)}, enc, jnp.zeros((enc.shape[0], 3), int)))["params"]
 
 
 @pytest.fixture(scope="module")
@@ -239,14 +240,16 @@ def models():
     near_params = jax.tree_util.tree_map(jnp.add, large_params, noise)
     greedy = jax.jit(functools.partial(greedy_decode, large, max_decode_length=MAX_LEN))
     out = dict(large=(large, large_params), near=(large, near_params),
-               large_greedy=greedy(large_params, ENC), near_greedy=greedy(near_params, ENC))
+               large_greedy=greedy(large_params, {"encoder_input_tokens": ENC}),
+               near_greedy=greedy(near_params, {"encoder_input_tokens": ENC}))
     assert not np.array_equal(out["large_greedy"].tokens, out["near_greedy"].tokens)
     return out
 
 
 def run(models, drafter: str, rule: str, alpha: float, gamma: int, seed: int = 0):
     (draft_model, draft_params), (large, large_params) = models[drafter], models["large"]
-    return spec(draft_model, draft_params, large, large_params, ENC, jax.random.key(seed), jnp.int32(rule_id(rule)),
+    return spec(draft_model, draft_params, large, large_params, {"encoder_input_tokens": ENC}, jax.random.key(seed),
+                jnp.int32(rule_id(rule)),
                 jnp.float32(alpha), gamma=gamma, max_decode_length=MAX_LEN)
 
 
@@ -283,7 +286,7 @@ def exact_two_token_distribution(model, params, enc) -> dict[tuple[int, ...], fl
     """P(first two output tokens) under the model's sampling distribution (tokens 1..5, EOS = 1)."""
     vocab = TINY_VOCAB.vocab_size
     dec = jnp.array([[0, a] for a in range(1, vocab)], jnp.int32)
-    logits = model.apply({"params": params}, jnp.repeat(enc, vocab - 1, axis=0), dec)
+    logits = model.network.apply({"params": params}, jnp.repeat(enc, vocab - 1, axis=0), dec)
     probs = np.asarray(jax.nn.softmax(logits.at[..., 0].set(-jnp.inf), axis=-1), np.float64)
     first = probs[0, 0]
     dist = {(1,): first[1]}
@@ -302,7 +305,8 @@ def test_lossless_sampling_follows_the_large_models_distribution_and_speed_does_
     outcomes = list(exact)
 
     def counts(rule: str, alpha: float, seed: int) -> np.ndarray:
-        out = spec(small, small_params, large, large_params, enc, jax.random.key(seed), jnp.int32(rule_id(rule)),
+        out = spec(small, small_params, large, large_params, {"encoder_input_tokens": enc}, jax.random.key(seed),
+                   jnp.int32(rule_id(rule)),
                    jnp.float32(alpha), gamma=1, max_decode_length=2, sampler=Sampler(temperature=1.0))
         tokens = np.asarray(out.tokens)
         keys = [(1,) if t[0] == 1 else (int(t[0]), int(t[1])) for t in tokens]
@@ -319,10 +323,10 @@ def test_speculative_flops_count_every_draft_step_and_block():
     """Rounds starting after 0 and 2 tokens with gamma 1: drafter steps at contexts 0, 1, 2, 3, the
     large model's blocks of 2 at contexts 0 and 2; -1 marks rounds that did not happen."""
     small, li = CONFIG.replace(emb_dim=16, mlp_dim=32), 7
-    got = cost.speculative_flops(small, CONFIG, li, np.array([0, 2, -1, -1]), gamma=1)
+    got = cost.speculative_flops(T5Model(small), T5Model(CONFIG), li, np.array([0, 2, -1, -1]), gamma=1)
     want = (encoder_flops(small, li) + encoder_flops(CONFIG, li)
             + sum(decoder_flops(small, li, c, 1) for c in range(4))
             + decoder_flops(CONFIG, li, 0, 2) + decoder_flops(CONFIG, li, 2, 2))
     assert got == want
-    assert cost.decode_flops(CONFIG, li, 3) == encoder_flops(CONFIG, li) + sum(
+    assert cost.decode_flops(T5Model(CONFIG), li, 3) == encoder_flops(CONFIG, li) + sum(
         decoder_flops(CONFIG, li, t, 1) for t in range(3))

@@ -29,7 +29,7 @@ from cat_jax.checkpoints import latest_finished_step
 from cat_jax.errors import ConfigError, TeacherMismatchError
 from cat_jax.frozen_model import check_vocabulary, load_frozen_model, read_model_info
 from cat_jax.inference import InferenceConfig
-from cat_jax.models import encoder_layers_flops, forward_flops
+from cat_jax import models
 
 log = logging.getLogger("cat_jax")
 
@@ -98,19 +98,20 @@ def _input_lengths(arrays: data_lib.ExampleArrays) -> np.ndarray:
     return np.minimum(arrays.input_lengths, arrays.features["encoder_input_tokens"].shape[1])
 
 
-def example_flops(config: Any, arrays: data_lib.ExampleArrays, decoded_lengths: np.ndarray) -> np.ndarray:
+def example_flops(model: models.Model, arrays: data_lib.ExampleArrays, decoded_lengths: np.ndarray) -> np.ndarray:
     """Forward FLOPs [N] at each example's actual input length (capped at Li) and decoded length."""
-    return np.array([forward_flops(config, int(li), int(lt))
+    return np.array([model.forward_flops(int(li), int(lt))
                      for li, lt in zip(_input_lengths(arrays), decoded_lengths)])
 
 
 def embedding_depth(options: Options, large_info: Mapping[str, Any]) -> int:
-    """The encoder layers post_hoc_embed's embedding runs: options.embed_layer, by default all of the
-    large model's (its run_info); ConfigError beyond them."""
-    layers = int(large_info["model_config"]["num_encoder_layers"])
+    """The layers post_hoc_embed's embedding of the inputs runs (the encoder's of an
+    encoder-decoder, the decoder's over the prompt): options.embed_layer, by default all of the large
+    model's (its run_info); ConfigError beyond them."""
+    layers = models.from_run_info(large_info).input_layers
     depth = layers if options.embed_layer is None else options.embed_layer
     if depth > layers:
-        raise ConfigError(f"run_cascade_eval.embed_layer={depth}, but the large model has {layers} encoder layers: "
+        raise ConfigError(f"run_cascade_eval.embed_layer={depth}, but the large model's inputs pass {layers} layers: "
                           f"pick one in [0, {layers}] (None: all).")
     return depth
 
@@ -118,8 +119,9 @@ def embedding_depth(options: Options, large_info: Mapping[str, Any]) -> int:
 def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: InferenceConfig,
                  vocab: Any, mesh: Any, rules: Any, embed_depth: int | None = None) -> dict[str, Decoded]:
     """Restores one model and greedy-decodes every split with it: split name -> Decoded; with
-    embed_depth, also each input's mean encoder hidden state after that many layers."""
+    embed_depth, also each input's mean hidden state after that many layers."""
     frozen = load_frozen_model(model_dir, mesh=mesh, rules=rules)
+    rules = frozen.rules
     check_vocabulary(model_dir, frozen.info, frozen.config, vocab, role=f"model {name!r}")
     out = {}
     for split in splits:
@@ -130,11 +132,11 @@ def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: In
                  split.name, name, frozen.step, model_dir, time.perf_counter() - start)
         embedding = embedding_flops = None
         if embed_depth is not None:
-            embedding = evaluation.mean_encoder_hidden(frozen.model, frozen.params, split.arrays,
-                                                       dataset.batch_size, mesh, rules, embed_depth)
-            embedding_flops = encoder_layers_flops(frozen.config, _input_lengths(split.arrays).astype(np.float64),
-                                                   embed_depth)
-        out[split.name] = Decoded(preds, example_flops(frozen.config, split.arrays, preds.lengths),
+            embedding = evaluation.mean_input_hidden(frozen.model, frozen.params, split.arrays, vocab,
+                                                     dataset.batch_size, mesh, rules, embed_depth)
+            embedding_flops = frozen.model.embedding_flops(_input_lengths(split.arrays).astype(np.float64),
+                                                           embed_depth)
+        out[split.name] = Decoded(preds, example_flops(frozen.model, split.arrays, preds.lengths),
                                   embedding, embedding_flops)
     return out
 

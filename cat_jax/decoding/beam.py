@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from cat_jax.decoding.cache import init_cache
-from cat_jax.decoding.greedy import DecodeOutput, next_token_logp
+from cat_jax.decoding.greedy import DecodeOutput, Inputs, batch_size_of, next_token_logp, suppress
 from cat_jax.errors import ConfigError
-from cat_jax.models.t5 import Transformer
+from cat_jax.models import Model
 
 PER_TOKEN = ("tokens", "logprobs", "entropies", "margins")
 
@@ -33,7 +32,7 @@ class BeamOutput:
     """The k best finished hypotheses per row, best first (every per-token field 0 after EOS).
 
     tokens, logprobs, entropies, margins: [b, k, T]; scores: [b, k] float32, the sum of logprobs
-    over the length penalty; lengths: [b, k] int32 (EOS included); mean_hidden: [b, k, emb].
+    over the length penalty; lengths: [b, k] int32 (EOS included); mean_hidden: [b, k, d].
     """
 
     tokens: jax.Array
@@ -56,26 +55,25 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def beam_search(model: Transformer, params: Any, encoder_input_tokens: jax.Array,
-                max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
-                eos_id: int = 1) -> BeamOutput:
-    """Beam search over encoder_input_tokens [b, Li]; jit-able with everything but params and
-    the inputs static. beam_size 1 with alpha 0 is greedy decoding."""
-    vocab, k, steps = model.config.vocab_size, beam_size, max_decode_length
+def beam_search(model: Model, params: Any, inputs: Inputs, max_decode_length: int, beam_size: int = 4,
+                alpha: float = 0.6, eos_id: int = 1) -> BeamOutput:
+    """Beam search over the batch `inputs`; jit-able with everything but params and the inputs
+    static. beam_size 1 with alpha 0 is greedy decoding."""
+    vocab, k, steps = model.vocab_size, beam_size, max_decode_length
     if beam_size < 1 or 2 * beam_size > vocab - 1:
         raise ConfigError(f"beam_size must be in [1, {(vocab - 1) // 2}] for a vocabulary of {vocab}, "
                           f"got {beam_size}.")
     if alpha < 0:
         raise ConfigError(f"The length penalty alpha must be >= 0 (0: no penalty), got {alpha}.")
-    batch, emb = encoder_input_tokens.shape[0], model.config.emb_dim
-    enc = jnp.repeat(encoder_input_tokens, k, axis=0)  # [b * k, Li]
-    encoded = model.apply({"params": params}, enc, method=Transformer.encode)
+    batch, emb = batch_size_of(inputs), model.hidden_size
+    state, first = model.start_decoding(params, {name: jnp.repeat(x, k, axis=0) for name, x in inputs.items()},
+                                        steps)  # [b * k] rows
     zeros = lambda dtype: jnp.zeros((batch, k, steps), dtype)
     per_token = dict(tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32),
                      entropies=zeros(jnp.float32), margins=zeros(jnp.float32))
     init = dict(
-        step=jnp.array(0, jnp.int32), cache=init_cache(model, params, encoded, enc, steps),
-        alive=dict(per_token, hidden=jnp.zeros((batch, k, emb)), last=jnp.zeros((batch, k), jnp.int32),
+        step=jnp.array(0, jnp.int32), cache=state,
+        alive=dict(per_token, hidden=jnp.zeros((batch, k, emb)), last=first.reshape(batch, k),
                    logp=jnp.full((batch, k), -jnp.inf).at[:, 0].set(0.0)),
         finished=dict(per_token, hidden=jnp.zeros((batch, k, emb)), score=jnp.full((batch, k), -jnp.inf),
                       length=jnp.zeros((batch, k), jnp.int32)))
@@ -88,13 +86,11 @@ def beam_search(model: Transformer, params: Any, encoder_input_tokens: jax.Array
 
     def body(state: dict[str, Any]) -> dict[str, Any]:
         step, alive, finished = state["step"], state["alive"], state["finished"]
-        (logits, hidden), variables = model.apply(
-            {"params": params, "cache": state["cache"]}, encoded, enc, alive["last"].reshape(-1, 1),
-            decode=True, return_hidden=True, mutable=["cache"], method=Transformer.decode)
+        logits, hidden, decoded = model.decode_block(params, state["cache"], alive["last"].reshape(-1, 1))
         logp = next_token_logp(logits[:, 0]).reshape(batch, k, vocab)
         entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [b, k]
         top2 = jnp.exp(jax.lax.top_k(logp, 2)[0])
-        total = (alive["logp"][..., None] + logp.at[..., 0].set(-jnp.inf)).reshape(batch, k * vocab)
+        total = (alive["logp"][..., None] + suppress(logp, model.SUPPRESSED_TOKEN)).reshape(batch, k * vocab)
         cand_logp, index = jax.lax.top_k(total, 2 * k)  # [b, 2k]
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
         new = {"tokens": token, "entropies": _take(entropy, parent),
@@ -118,7 +114,7 @@ def beam_search(model: Transformer, params: Any, encoder_input_tokens: jax.Array
         alive.update(logp=alive_logp, last=_take(token, chosen))
         rows = (jnp.arange(batch)[:, None] * k + _take(parent, chosen)).reshape(-1)
         cache = jax.tree_util.tree_map(lambda x: x[rows] if x.ndim and x.shape[0] == batch * k else x,
-                                       variables["cache"])
+                                       decoded)
         return dict(step=step + 1, cache=cache, alive=alive, finished=finished)
 
     final = jax.lax.while_loop(cond, body, init)["finished"]

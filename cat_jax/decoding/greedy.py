@@ -1,23 +1,24 @@
 """Autoregressive decoding with a key/value cache, one token per step, with per-token scores.
 
-`decode_loop` runs the cached decoder inside a `jax.lax.while_loop`; a `choose` function picks
-each step's tokens from the model's log-probabilities (greedy here, sampling in `sampling.py`).
-Token 0 is padding and the decoder's BOS (as in T5); decoding never emits it.
+`decode_loop` runs any model of the contract (`cat_jax.models.contract`: `start_decoding`, then
+`decode_block` one token at a time) inside a `jax.lax.while_loop`; a `choose` function picks each
+step's tokens from the model's log-probabilities (greedy here, sampling in `sampling.py`). A
+family's `SUPPRESSED_TOKEN` (T5's padding/BOS 0) is never emitted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from cat_jax.decoding.cache import init_cache
-from cat_jax.models.t5 import Transformer
+from cat_jax.models import Model
 
 Params = Any
+Inputs = Mapping[str, jax.Array]
 # choose(logp [b, vocab] float32, step: int32 scalar) -> tokens [b] int32
 Choose = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -28,8 +29,8 @@ class DecodeOutput:
 
     tokens: [b, T] int32; logprobs: [b, T] float32, log p of each generated token;
     entropies: [b, T] float32, entropy of the full next-token distribution; lengths: [b] int32,
-    generated tokens up to and including EOS; mean_hidden: [b, emb] float32, the final decoder
-    hidden state averaged over the generated tokens; margins: [b, T] float32, the difference
+    generated tokens up to and including EOS; mean_hidden: [b, d] float32, the final hidden state
+    averaged over the generated tokens; margins: [b, T] float32, the difference
     between the two largest next-token probabilities. Scores are the model's own (untempered)
     distribution whatever chose the tokens.
     """
@@ -47,37 +48,42 @@ def next_token_logp(logits: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def greedy_token(logp: jax.Array) -> jax.Array:
-    """logp [b, vocab] -> the most likely token other than 0 (padding/BOS), [b] int32."""
-    return jnp.argmax(logp.at[:, 0].set(-jnp.inf), axis=-1).astype(jnp.int32)
+def suppress(logp: jax.Array, token: int | None) -> jax.Array:
+    """logp [..., vocab] with `token` (a family's SUPPRESSED_TOKEN) made impossible, if any."""
+    return logp if token is None else logp.at[..., token].set(-jnp.inf)
 
 
-def decode_loop(model: Transformer, params: Params, encoder_input_tokens: jax.Array,
-                max_decode_length: int, eos_id: int, choose: Choose) -> DecodeOutput:
-    """Decodes encoder_input_tokens [b, Li] for at most `max_decode_length` steps with `choose`.
+def greedy_token(logp: jax.Array, suppressed: int | None = None) -> jax.Array:
+    """logp [b, vocab] -> the most likely token other than `suppressed`, [b] int32."""
+    return jnp.argmax(suppress(logp, suppressed), axis=-1).astype(jnp.int32)
 
-    Encodes once, then feeds one token per step through the cached decoder inside a
-    `jax.lax.while_loop` that stops when every row has emitted `eos_id`.
+
+def batch_size_of(inputs: Inputs) -> int:
+    return next(iter(inputs.values())).shape[0]
+
+
+def decode_loop(model: Model, params: Params, inputs: Inputs, max_decode_length: int, eos_id: int,
+                choose: Choose) -> DecodeOutput:
+    """Decodes the batch `inputs` (the model's DECODING_INPUTS) for at most `max_decode_length`
+    steps with `choose`.
+
+    Starts decoding once (encoding, or prefilling the prompts), then feeds one token per step
+    through the cache inside a `jax.lax.while_loop` that stops when every row has emitted `eos_id`.
     """
-    batch = encoder_input_tokens.shape[0]
-    emb_dim = model.config.emb_dim
-    encoded = model.apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
-    cache = init_cache(model, params, encoded, encoder_input_tokens, max_decode_length)
+    batch = batch_size_of(inputs)
+    state, first = model.start_decoding(params, inputs, max_decode_length)
     zeros_f = jnp.zeros((batch, max_decode_length), jnp.float32)
-    init = dict(step=jnp.array(0, jnp.int32), cache=cache,
-                last=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
+    init = dict(step=jnp.array(0, jnp.int32), cache=state,
+                last=first, done=jnp.zeros((batch,), bool),
                 tokens=jnp.zeros((batch, max_decode_length), jnp.int32),
                 logprobs=zeros_f, entropies=zeros_f, margins=zeros_f, lengths=jnp.zeros((batch,), jnp.int32),
-                hidden_sum=jnp.zeros((batch, emb_dim), jnp.float32))
+                hidden_sum=jnp.zeros((batch, model.hidden_size), jnp.float32))
 
     def cond(state: dict[str, Any]) -> jax.Array:
         return (state["step"] < max_decode_length) & ~jnp.all(state["done"])
 
     def body(state: dict[str, Any]) -> dict[str, Any]:
-        (logits, hidden), variables = model.apply(
-            {"params": params, "cache": state["cache"]}, encoded, encoder_input_tokens,
-            state["last"][:, None], decode=True, return_hidden=True, mutable=["cache"],
-            method=Transformer.decode)
+        logits, hidden, cache = model.decode_block(params, state["cache"], state["last"][:, None])
         logp = next_token_logp(logits[:, 0])  # [b, vocab]
         step = state["step"]
         token = choose(logp, step)
@@ -89,7 +95,7 @@ def decode_loop(model: Transformer, params: Params, encoder_input_tokens: jax.Ar
         token = jnp.where(active, token, 0)
         write = lambda arr, val: arr.at[:, step].set(jnp.where(active, val, 0))
         return dict(
-            step=step + 1, cache=variables["cache"], last=token,
+            step=step + 1, cache=cache, last=token,
             done=state["done"] | (token == eos_id),
             tokens=write(state["tokens"], token),
             logprobs=write(state["logprobs"], token_logp),
@@ -107,11 +113,11 @@ def decode_loop(model: Transformer, params: Params, encoder_input_tokens: jax.Ar
                         margins=final["margins"])
 
 
-def greedy_decode(model: Transformer, params: Params, encoder_input_tokens: jax.Array,
-                  max_decode_length: int, eos_id: int = 1) -> DecodeOutput:
-    """Greedy decoding of encoder_input_tokens [b, Li] for at most `max_decode_length` steps.
+def greedy_decode(model: Model, params: Params, inputs: Inputs, max_decode_length: int,
+                  eos_id: int = 1) -> DecodeOutput:
+    """Greedy decoding of `inputs` for at most `max_decode_length` steps.
 
     jit-able with `model`, `max_decode_length` and `eos_id` static.
     """
-    return decode_loop(model, params, encoder_input_tokens, max_decode_length, eos_id,
-                       lambda logp, step: greedy_token(logp))
+    return decode_loop(model, params, inputs, max_decode_length, eos_id,
+                       lambda logp, step: greedy_token(logp, model.SUPPRESSED_TOKEN))

@@ -14,11 +14,11 @@ from cat_jax.decoding.beam import beam_search
 from cat_jax.decoding.greedy import DecodeOutput, greedy_decode
 from cat_jax.decoding.sampling import Sampler, sample_decode
 from cat_jax.errors import ConfigError
-from cat_jax.models.t5 import Transformer
+from cat_jax.models import Model
 
 METHODS = ("greedy", "sample", "beam")
-# decoder(params, encoder_input_tokens [b, Li], rng) -> DecodeOutput
-Decoder = Callable[[Any, jax.Array, jax.Array], DecodeOutput]
+# decoder(params, inputs (the model's DECODING_INPUTS), rng) -> DecodeOutput
+Decoder = Callable[[Any, Any, jax.Array], DecodeOutput]
 
 
 @gin.configurable("decoding")
@@ -45,16 +45,16 @@ class DecodingConfig:
         return jax.random.fold_in(jax.random.key(self.seed), batch_index)
 
 
-def make_decoder(config: DecodingConfig, model: Transformer, max_decode_length: int,
+def make_decoder(config: DecodingConfig, model: Model, max_decode_length: int,
                  eos_id: int) -> Decoder:
     """The jit-compiled decoder of `config` for `model`."""
     if config.method == "greedy":
-        fn = lambda params, enc, rng: greedy_decode(model, params, enc, max_decode_length, eos_id)
+        fn = lambda params, inputs, rng: greedy_decode(model, params, inputs, max_decode_length, eos_id)
     elif config.method == "sample":
         sampler = Sampler(config.temperature, config.top_k, config.top_p)
         fn = functools.partial(sample_decode, model, max_decode_length=max_decode_length,
                                eos_id=eos_id, sampler=sampler)
     else:
-        fn = lambda params, enc, rng: beam_search(model, params, enc, max_decode_length, config.beam_size,
+        fn = lambda params, inputs, rng: beam_search(model, params, inputs, max_decode_length, config.beam_size,
                                                   config.length_penalty, eos_id).best()
     return jax.jit(fn)

@@ -1,7 +1,7 @@
 """Temperature / top-k / top-p (nucleus) sampling, seeded and reproducible.
 
 Step t of a decode draws from `jax.random.fold_in(rng, t)`, so the same rng gives the same tokens.
-Temperature 0 is greedy decoding. Token 0 (padding/BOS) is never drawn.
+Temperature 0 is greedy decoding. A family's SUPPRESSED_TOKEN (T5's padding/BOS 0) is never drawn.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cat_jax.decoding.greedy import DecodeOutput, decode_loop, greedy_token
+from cat_jax.decoding.greedy import DecodeOutput, Inputs, decode_loop, greedy_token, suppress
 from cat_jax.errors import ConfigError
-from cat_jax.models.t5 import Transformer
+from cat_jax.models import Model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +43,9 @@ class Sampler:
         return self.temperature == 0
 
 
-def filtered_logits(logp: jax.Array, sampler: Sampler) -> jax.Array:
-    """logp [b, vocab] -> tempered logits [b, vocab], -inf at token 0 and outside top-k / top-p."""
-    logits = logp.at[:, 0].set(-jnp.inf) / sampler.temperature
+def filtered_logits(logp: jax.Array, sampler: Sampler, suppressed: int | None = None) -> jax.Array:
+    """logp [b, vocab] -> tempered logits [b, vocab], -inf at `suppressed` and outside top-k / top-p."""
+    logits = suppress(logp, suppressed) / sampler.temperature
     if sampler.top_k:
         kth = jax.lax.top_k(logits, sampler.top_k)[0][:, -1:]
         logits = jnp.where(logits >= kth, logits, -jnp.inf)
@@ -58,25 +58,25 @@ def filtered_logits(logp: jax.Array, sampler: Sampler) -> jax.Array:
     return logits
 
 
-def sampling_probs(logp: jax.Array, sampler: Sampler) -> jax.Array:
+def sampling_probs(logp: jax.Array, sampler: Sampler, suppressed: int | None = None) -> jax.Array:
     """The distribution [b, vocab] tokens are drawn from: one-hot at the greedy token when
     temperature is 0, else softmax of `filtered_logits`."""
     if sampler.greedy:
-        return jax.nn.one_hot(greedy_token(logp), logp.shape[-1], dtype=jnp.float32)
-    return jax.nn.softmax(filtered_logits(logp, sampler), axis=-1)
+        return jax.nn.one_hot(greedy_token(logp, suppressed), logp.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(filtered_logits(logp, sampler, suppressed), axis=-1)
 
 
-def sample_token(logp: jax.Array, rng: jax.Array, sampler: Sampler) -> jax.Array:
+def sample_token(logp: jax.Array, rng: jax.Array, sampler: Sampler, suppressed: int | None = None) -> jax.Array:
     """One token per row [b] int32 drawn from logp [b, vocab] under `sampler`."""
     if sampler.greedy:
-        return greedy_token(logp)
-    return jax.random.categorical(rng, filtered_logits(logp, sampler), axis=-1).astype(jnp.int32)
+        return greedy_token(logp, suppressed)
+    return jax.random.categorical(rng, filtered_logits(logp, sampler, suppressed), axis=-1).astype(jnp.int32)
 
 
-def sample_decode(model: Transformer, params: Any, encoder_input_tokens: jax.Array, rng: jax.Array,
-                  max_decode_length: int, eos_id: int = 1,
-                  sampler: Sampler = Sampler()) -> DecodeOutput:
-    """Sampled decoding of encoder_input_tokens [b, Li]; jit-able with model, lengths, ids and
-    sampler static. The per-token scores are the untempered model's."""
-    return decode_loop(model, params, encoder_input_tokens, max_decode_length, eos_id,
-                       lambda logp, step: sample_token(logp, jax.random.fold_in(rng, step), sampler))
+def sample_decode(model: Model, params: Any, inputs: Inputs, rng: jax.Array, max_decode_length: int,
+                  eos_id: int = 1, sampler: Sampler = Sampler()) -> DecodeOutput:
+    """Sampled decoding of `inputs`; jit-able with model, lengths, ids and sampler static. The
+    per-token scores are the untempered model's."""
+    suppressed = model.SUPPRESSED_TOKEN
+    return decode_loop(model, params, inputs, max_decode_length, eos_id,
+                       lambda logp, step: sample_token(logp, jax.random.fold_in(rng, step), sampler, suppressed))

@@ -1,16 +1,16 @@
-"""T5-family encoder-decoders (Flax linen, logical axes), their config, FLOPs and model contract.
+"""Model families behind one contract (`contract.py`): build a model from its config or from a
+MODEL_DIR's run_info, and everything else through the `Model` it returns.
 
-    config.py           T5Config (shapes, MLP activation, tied logits, layer-norm epsilon)
-    layers.py, t5.py    the network
-    flops.py            analytic FLOPs: forward pass, encoder (or its first layers), a block of cached decoder tokens
-    encoder_decoder.py  the model contract the trainer and the cascade code call: init, logits, loss
-    convert/            Hugging Face and T5X checkpoints in, Hugging Face out
+    contract.py  Model (what every family provides), register, build, from_run_info
+    layers.py    building blocks the families share (logically partitioned Dense, parameters)
+    t5/          the T5-family encoder-decoder (T5Config)
+    decoder/     decoder-only models: Llama, Mistral, Qwen2/3, Gemma/Gemma 2 (DecoderConfig)
+    convert/     checkpoints in and out of every family (Hugging Face, T5X), flat parameter trees
 """
 
-from cat_jax.models.config import T5Config
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, LossOptions
-from cat_jax.models.flops import decoder_flops, encoder_flops, encoder_layers_flops, forward_flops
-from cat_jax.models.t5 import Transformer
+from cat_jax.models import decoder, t5  # noqa: F401  (registers the families)
+from cat_jax.models.contract import (DEFAULT_FAMILY, FAMILIES, LOSS_WEIGHTS, TARGETS, Model, build,
+                                     config_from_run_info, family_class, family_of_run_info, from_run_info)
 
-__all__ = ["EncoderDecoderModel", "LossOptions", "T5Config", "Transformer", "decoder_flops", "encoder_flops",
-           "encoder_layers_flops", "forward_flops"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "LOSS_WEIGHTS", "Model", "TARGETS", "build", "config_from_run_info",
+           "family_class", "family_of_run_info", "from_run_info"]

@@ -139,6 +139,7 @@ def salt_score(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
     log.info("SALT_DS scoring %s/%s (%d sequences) with step %d of %s, top-%d, in %d chunks of %d; %d done "
              "already.", mixture_or_task_name, split, len(arrays), frozen.step, model_dir, top_k, num_chunks,
              rows_per_chunk, len(done))
+    rules = frozen.rules
     score, sharding = _scorer(frozen.model, mesh, rules, top_k)
     index, count = partitioning.process_batch_slice(sharding, batch_size)
     start, scored, this_run = time.perf_counter(), 0, 0
@@ -153,7 +154,7 @@ def salt_score(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
         part = arrays.take(np.arange(chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, len(arrays))))
         out = []
         for batch, real in data_lib.eval_batches(part, batch_size):
-            local = {k: np.split(v, count)[index] for k, v in batch.items()}
+            local = {k: np.split(v, count)[index] for k, v in frozen.model.make_batch(batch, vocab).items()}
             with partitioning.activation_sharding(mesh, rules):
                 values = score(frozen.params, partitioning.global_batch(local, sharding, batch_size))
             out.append(np.asarray(jax.device_get(values))[real])

@@ -2,13 +2,14 @@
 decides token by token which distribution the output follows.
 
     rules.py     the rules as pure functions on next-token distributions
-    decode.py    the batched decoding loop (gamma drafts per round, per-row acceptance)
     cost.py      FLOPs of decoding alone and of speculative decoding (analytic)
     report.py    points, summaries and plots of speculative_eval
     pipeline.py  the speculative_eval job
+
+The batched decoding loop (gamma drafts per round, per-row acceptance) is
+`cat_jax.decoding.speculative`.
 """
 
-from cat_jax.cascade.speculative.decode import SpeculativeOutput, speculative_decode
 from cat_jax.cascade.speculative.rules import ALPHA_EXTREMES, RULES, rule_id, verification
 
-__all__ = ["ALPHA_EXTREMES", "RULES", "SpeculativeOutput", "rule_id", "speculative_decode", "verification"]
+__all__ = ["ALPHA_EXTREMES", "RULES", "rule_id", "verification"]

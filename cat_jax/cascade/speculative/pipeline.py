@@ -26,8 +26,9 @@ from cat_jax import evaluation, metrics, partitioning
 from cat_jax import data as data_lib
 from cat_jax.cascade import pipeline as cascade_pipeline
 from cat_jax.cascade.speculative import cost, report
-from cat_jax.cascade.speculative.decode import SpeculativeOutput, speculative_decode
 from cat_jax.cascade.speculative.rules import ALPHA_EXTREMES, RULES, SWEEP_SPANS, rule_id
+from cat_jax.decoding.speculative import SpeculativeOutput, speculative_decode
+from cat_jax.models import Model
 from cat_jax.decoding import DecodingConfig, Sampler, make_decoder
 from cat_jax.errors import ConfigError
 from cat_jax.frozen_model import FrozenModel, check_vocabulary, load_frozen_model
@@ -36,7 +37,7 @@ from cat_jax.inference import InferenceConfig
 log = logging.getLogger("cat_jax")
 
 LARGE = cascade_pipeline.LARGE
-Batches = list[tuple[jax.Array, np.ndarray]]  # (encoder inputs [B, Li] on the mesh, real rows [B])
+Batches = list[tuple[dict[str, jax.Array], np.ndarray]]  # (decoding inputs on the mesh, real rows [B])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,33 +97,34 @@ def check_plan(rules: Sequence[str], gammas: Sequence[int], num_alphas: int, alp
         raise ConfigError(f"speculative_eval times decoding on one host; got {jax.process_count()} processes.")
 
 
-def make_batches(split: cascade_pipeline.Split, batch_size: int, mesh: Any, rules: Any) -> Batches:
-    """Every batch of the split's encoder inputs, placed on the mesh once."""
+def make_batches(split: cascade_pipeline.Split, model: Model, vocab: Any, batch_size: int, mesh: Any,
+                 rules: Any) -> Batches:
+    """Every batch of the split as the model's decoding inputs, placed on the mesh once."""
     sharding = partitioning.batch_sharding(mesh, rules)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
         raise ConfigError(f"BATCH_SIZE={batch_size} must be divisible by the {shards} data shards.")
-    return [(jax.device_put(batch["encoder_input_tokens"], sharding), real)
-            for batch, real in data_lib.eval_batches(split.arrays, batch_size)]
+    return [({k: jax.device_put(v, sharding) for k, v in model.decoding_inputs(model.make_batch(batch, vocab)).items()},
+             real) for batch, real in data_lib.eval_batches(split.arrays, batch_size)]
 
 
-def timed(call: Callable[[jax.Array, int], Any], batches: Batches, repeats: int) -> tuple[list[Any], float]:
+def timed(call: Callable[[Any, int], Any], batches: Batches, repeats: int) -> tuple[list[Any], float]:
     """Outputs of `call(inputs, batch_index)` on every batch (real rows, on the host) and the fastest
     of `repeats` timed passes over the split, after one untimed call that compiles."""
     jax.block_until_ready(call(batches[0][0], 0))
     best, outputs = float("inf"), []
     for _ in range(repeats):
         start, outputs = time.perf_counter(), []
-        for index, (enc, _) in enumerate(batches):
-            outputs.append(jax.block_until_ready(call(enc, index)))
+        for index, (inputs, _) in enumerate(batches):
+            outputs.append(jax.block_until_ready(call(inputs, index)))
         best = min(best, time.perf_counter() - start)
     host = [jax.tree_util.tree_map(lambda x, real=real: np.asarray(x)[real], jax.device_get(out))
             for out, (_, real) in zip(outputs, batches)]
     return host, best
 
 
-def _texts(vocab: Any, tokens: np.ndarray) -> list[str]:
-    return [evaluation.detokenize(vocab, row) for row in tokens]
+def _texts(vocab: Any, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    return [evaluation.detokenize(vocab, row, length) for row, length in zip(tokens, lengths)]
 
 
 def input_lengths(split: cascade_pipeline.Split) -> np.ndarray:
@@ -134,13 +136,13 @@ def input_lengths(split: cascade_pipeline.Split) -> np.ndarray:
 def decode_alone(model: FrozenModel, split: cascade_pipeline.Split, batches: Batches, vocab: Any,
                  decoding: DecodingConfig, steps: int, repeats: int) -> Run:
     """One model decoding the split by itself (greedy, or sampling at the sweep's temperature)."""
-    decoder = make_decoder(decoding, model.model.module, steps, vocab.eos_id)
+    decoder = make_decoder(decoding, model.model, steps, vocab.eos_id)
     outs, seconds = timed(lambda enc, i: decoder(model.params, enc, decoding.rng(i)), batches, repeats)
     tokens = np.concatenate([o.tokens for o in outs])
     lengths = np.concatenate([o.lengths for o in outs])
-    flops = np.array([cost.decode_flops(model.config, int(li), int(lt))
+    flops = np.array([cost.decode_flops(model.model, int(li), int(lt))
                       for li, lt in zip(input_lengths(split), lengths)])
-    return Run(_texts(vocab, tokens), lengths, flops, seconds)
+    return Run(_texts(vocab, tokens, lengths), lengths, flops, seconds)
 
 
 def decode_speculative(spec: Callable[..., SpeculativeOutput], drafter: FrozenModel, large: FrozenModel,
@@ -148,13 +150,14 @@ def decode_speculative(spec: Callable[..., SpeculativeOutput], drafter: FrozenMo
                        gamma: int, seed: int, repeats: int) -> Run:
     """The split decoded by `spec` (speculative_decode compiled for this drafter and gamma)."""
     key, index, a = jax.random.key(seed), jnp.int32(rule_id(rule)), jnp.float32(alpha)
-    call = lambda enc, i: spec(drafter.params, large.params, enc, jax.random.fold_in(key, i), index, a)
+    call = lambda inputs, i: spec(drafter.params, large.params, inputs, jax.random.fold_in(key, i), index, a)
     outs, seconds = timed(call, batches, repeats)
     cat = lambda name: np.concatenate([getattr(o, name) for o in outs])
     starts = cat("round_starts")
-    flops = np.array([cost.speculative_flops(drafter.config, large.config, int(li), row, gamma)
+    flops = np.array([cost.speculative_flops(drafter.model, large.model, int(li), row, gamma)
                       for li, row in zip(input_lengths(split), starts)])
-    return Run(_texts(vocab, cat("tokens")), cat("lengths"), flops, seconds, cat("rounds"), cat("accepted"))
+    lengths = cat("lengths")
+    return Run(_texts(vocab, cat("tokens"), lengths), lengths, flops, seconds, cat("rounds"), cat("accepted"))
 
 
 def group_quality(split: cascade_pipeline.Split, processed: Sequence[Any], per_example: np.ndarray, group: str,
@@ -234,13 +237,17 @@ def run_speculative_eval(
     vocab = data_lib.get_vocabulary_of(dataset.mixture_or_task_name)
     split = cascade_pipeline.load_split(dataset, dataset.split)
     groups = curve_groups(split, dataset.mixture_or_task_name)
-    batches = make_batches(split, dataset.batch_size, mesh, mesh_rules)
     steps = dataset.task_feature_lengths["targets"]
     model_dirs = {LARGE: large_model_dir, **small_model_dirs}
     models = {}
     for name, model_dir in model_dirs.items():
         models[name] = load_frozen_model(model_dir, mesh=mesh, rules=mesh_rules)
         check_vocabulary(model_dir, models[name].info, models[name].config, vocab, role=f"model {name!r}")
+    families = {name: m.model.family for name, m in models.items()}
+    if len(set(families.values())) > 1:
+        raise ConfigError(f"speculative_eval drafts with one model and verifies with another on one batch: they must "
+                          f"be of one family (and share one vocabulary); got {families}.")
+    batches = make_batches(split, models[LARGE].model, vocab, dataset.batch_size, mesh, mesh_rules)
     alone_decoding = DecodingConfig(method="greedy" if sampler.greedy else "sample", temperature=temperature,
                                     top_k=0, top_p=1.0, seed=seed)  # every field: none from gin's `decoding`
     runs = {name: decode_alone(m, split, batches, vocab, alone_decoding, steps, timing_repeats)
@@ -252,8 +259,8 @@ def run_speculative_eval(
     for name in small_model_dirs:
         drafter = models[name]
         for gamma in gammas:
-            spec = jax.jit(lambda sp, lp, enc, rng, index, alpha, gamma=gamma: speculative_decode(
-                drafter.model.module, sp, models[LARGE].model.module, lp, enc, rng, index, alpha, gamma=gamma,
+            spec = jax.jit(lambda sp, lp, inputs, rng, index, alpha, gamma=gamma: speculative_decode(
+                drafter.model, sp, models[LARGE].model, lp, inputs, rng, index, alpha, gamma=gamma,
                 max_decode_length=steps, eos_id=vocab.eos_id, sampler=sampler))
             for rule in dict.fromkeys(rules):
                 for alpha in alpha_grid(rule, num_alphas, alphas):

@@ -1,10 +1,11 @@
 """The job of `python -m cat_jax.export_checkpoint`: a cat_jax MODEL_DIR -> a Hugging Face directory.
 
-Writes `config.json`, `model.safetensors` (PyTorch names and layouts, tied embeddings stored once
-as `shared.weight`, as `save_pretrained` writes them), `tokenizer_config.json` and, for a
-SentencePiece vocabulary, `spiece.model`: what `transformers.T5ForConditionalGeneration.
-from_pretrained(dir)` and `T5Tokenizer.from_pretrained(dir)` (ByT5Tokenizer for bytes) load.
-A model imported from mT5 is written back as mT5 (model_type "mt5").
+Writes `config.json` and `model.safetensors` (PyTorch names and layouts, as `save_pretrained`
+writes them) and the tokenizer. A T5-family model: `tokenizer_config.json` and, for a SentencePiece
+vocabulary, `spiece.model`, what `transformers.T5ForConditionalGeneration.from_pretrained(dir)` and
+`T5Tokenizer.from_pretrained(dir)` (ByT5Tokenizer for bytes) load; a model imported from mT5 is
+written back as mT5 (model_type "mt5"). A decoder-only model: its model_type's config and the
+tokenizer files its MODEL_DIR stores, what `AutoModelForCausalLM` and `AutoTokenizer` load.
 """
 
 from __future__ import annotations
@@ -21,25 +22,28 @@ import jax
 import numpy as np
 
 from cat_jax import model_dir as model_dir_lib
+from cat_jax import models
 from cat_jax.checkpoints import restore_params
 from cat_jax.errors import ConversionError
-from cat_jax.models.config import T5Config
-from cat_jax.models.convert import hf
+from cat_jax.models.convert import hub
 from cat_jax.models.convert.tree import flatten
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+from cat_jax.models.decoder import convert as decoder_hf
+from cat_jax.models.t5.convert import hf
 
 log = logging.getLogger("cat_jax")
 
 DTYPES = ("float32", "bfloat16")
 
 
-def read_params(model_dir: str, step: int | None = None) -> tuple[T5Config, dict[str, Any], dict[str, np.ndarray], int]:
-    """(config, run_info, {path: float32 numpy array}, step) of a MODEL_DIR's checkpoint, on the host."""
+def read_params(model_dir: str, step: int | None = None) -> tuple[Any, dict[str, Any], dict[str, np.ndarray], int]:
+    """(model config, run_info, {path: float32 numpy array}, step) of a MODEL_DIR's checkpoint, on
+    the host."""
     info = model_dir_lib.read_run_info(model_dir)
     if info is None:
         raise ConversionError(f"{model_dir} has no {model_dir_lib.RUN_INFO}: not a cat_jax MODEL_DIR.")
-    config = T5Config.from_dict(info["model_config"])
-    abstract, _ = unboxed_abstract_params(EncoderDecoderModel(config), 8, 8)
+    model = models.from_run_info(info)
+    config = model.config
+    abstract, _ = model.abstract_params()
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
     params, meta = restore_params(model_dir, template, step=step)
@@ -60,6 +64,8 @@ def export_checkpoint(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.RE
         raise ConversionError(f"OUTPUT_DIR {output_dir} is not empty; nothing was written. Export into a "
                               "new directory.")
     config, info, params, step = read_params(model_dir, step)
+    if config.family == "decoder":
+        return _export_decoder(model_dir, output_dir, config, info, params, step, dtype)
     model_type = ((info.get("imported_from") or {}).get("model_type")) or "t5"
     cast = (lambda a: a.astype(ml_dtypes.bfloat16)) if dtype == "bfloat16" else (lambda a: a)
     tensors = hf.tensors_for_export(config, params, cast)
@@ -68,8 +74,8 @@ def export_checkpoint(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.RE
     tmp = f"{output_dir}.export-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
-        save_file(tensors, os.path.join(tmp, hf.SINGLE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, hf.CONFIG), "w") as f:
+        save_file(tensors, os.path.join(tmp, hub.SINGLE), metadata={"format": "pt"})
+        with open(os.path.join(tmp, hub.CONFIG), "w") as f:
             json.dump(hf.config_to_hf(config, model_type, dtype), f, indent=2, sort_keys=True)
         kind = record.get("kind", "byte")
         if kind == "sentencepiece":
@@ -86,4 +92,28 @@ def export_checkpoint(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.RE
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("Exported step %d of %s (%d tensors, %s) to %s", step, model_dir, len(tensors), dtype, output_dir)
+    return output_dir
+
+
+def _export_decoder(model_dir: str, output_dir: str, config: Any, info: dict[str, Any],
+                    params: dict[str, np.ndarray], step: int, dtype: str) -> str:
+    """A decoder-only model as its model_type's Hub directory, with the tokenizer files its
+    MODEL_DIR stores (built beside OUTPUT_DIR, then renamed into place)."""
+    vocab = model_dir_lib.model_vocabulary(model_dir, info)
+    if vocab.vocab_size > config.vocab_size:
+        raise ConversionError(f"The vocabulary ({vocab.vocab_size} ids) exceeds the model's vocab_size "
+                              f"{config.vocab_size}.")
+    ids = {name: getattr(vocab, attr, None) for name, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"))}
+    tmp = f"{output_dir}.export-{uuid.uuid4().hex[:8]}"
+    try:
+        decoder_hf.export_hf(config, params, tmp, dtype, {k: v for k, v in ids.items() if v is not None})
+        if hasattr(vocab, "write_files"):
+            vocab.write_files(tmp)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("Exported step %d of %s (%s, %s) to %s", step, model_dir, config.model_type, dtype, output_dir)
     return output_dir

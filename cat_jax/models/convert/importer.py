@@ -1,12 +1,15 @@
 """The job of `python -m cat_jax.import_checkpoint`: a pretrained checkpoint -> a cat_jax MODEL_DIR.
 
 SOURCE is a local directory in one of these formats, detected and logged:
-  - `hf`: a Hugging Face Hub T5 / Flan-T5 / mT5 / ByT5 directory (`convert.hf`);
+  - `hf`: a Hugging Face Hub directory, its family from config.json's `model_type`: T5 / Flan-T5 /
+    mT5 / ByT5 (`models/t5/convert/hf.py`), or a decoder-only llama, mistral, qwen2, qwen3, gemma
+    or gemma2 (`models/decoder/convert.py`); any other model_type is a named error;
   - `t5x_legacy`, `t5x_orbax`: a T5X checkpoint_<step> directory or its model directory
-    (`convert.t5x`).
+    (`models/t5/convert/t5x.py`).
 The result is an ordinary MODEL_DIR: an orbax checkpoint at step 0 holding the parameters,
-`run_info.json` (the T5Config, the vocabulary's identity and files, where it was imported from) and
-the vocabulary (`spiece.model`). Every binary takes it: `train.initial_checkpoint_dir` (fine-tuning),
+`run_info.json` (the model's family and config, the vocabulary's identity and files, where it was
+imported from) and the vocabulary (`spiece.model`, or a decoder's tokenizer files as the Hub ships
+them). Every binary takes it: `train.initial_checkpoint_dir` (fine-tuning),
 TEACHER_MODEL_DIR, CHECKPOINT_DIR, LARGE_MODEL_DIR / SMALL_MODEL_DIRS.
 
 Nothing is written into MODEL_DIR until every tensor's name and shape has been checked, and the
@@ -29,12 +32,14 @@ from typing import Any
 import gin
 import numpy as np
 
+from cat_jax import hf_tokenizer, models, vocabularies
 from cat_jax import model_dir as model_dir_lib
-from cat_jax import vocabularies
 from cat_jax.checkpoints import save_host_state
-from cat_jax.errors import ConversionError, ModelDirError
-from cat_jax.models.convert import hf, t5x
+from cat_jax.errors import ConfigError, ConversionError, ModelDirError
+from cat_jax.models.convert import hub
 from cat_jax.models.convert.tree import unflatten
+from cat_jax.models.decoder import convert as decoder_hf
+from cat_jax.models.t5.convert import hf, t5x
 
 log = logging.getLogger("cat_jax")
 
@@ -48,20 +53,43 @@ def detect_format(source: str) -> str:
         raise ConversionError(f"SOURCE {source!r} is not a directory. Download or copy the checkpoint "
                               "first (e.g. `huggingface-cli download google/flan-t5-small --local-dir DIR`, "
                               "`gcloud storage cp -r gs://.../checkpoint_N DIR`).")
-    if hf.is_hf_dir(source):
+    if hub.is_hf_dir(source):
         return "hf"
     kind = t5x.detect(source)
     if kind is not None:
         return kind
-    if os.path.isfile(os.path.join(source, hf.CONFIG)):
-        raise ConversionError(f"{source} has config.json but no {hf.SINGLE} or {hf.INDEX}: cat_jax reads "
+    if os.path.isfile(os.path.join(source, hub.CONFIG)):
+        raise ConversionError(f"{source} has config.json but no {hub.SINGLE} or {hub.INDEX}: cat_jax reads "
                               "safetensors only (a pytorch_model.bin checkpoint can be re-saved with "
                               "`model.save_pretrained(dir, safe_serialization=True)`).")
     raise ConversionError(
         f"{source} is in no format cat_jax knows: expected a Hugging Face directory (config.json + "
-        f"{hf.SINGLE} or {hf.INDEX}), a T5X checkpoint_<step> directory (a msgpack `checkpoint` file, "
+        f"{hub.SINGLE} or {hub.INDEX}), a T5X checkpoint_<step> directory (a msgpack `checkpoint` file, "
         f"or an Orbax `state/`), or a T5X model directory holding checkpoint_<step> directories. It "
         f"holds: {sorted(os.listdir(source))[:12]}.")
+
+
+def hub_family(source: str) -> str:
+    """The family of a Hub directory, from its config.json's model_type; a ConversionError naming
+    the supported model types otherwise."""
+    model_type = hub.read_config(source).get("model_type")
+    if model_type in hf.SUPPORTED_MODEL_TYPES:
+        return "t5"
+    if model_type in decoder_hf.SUPPORTED_MODEL_TYPES:
+        return "decoder"
+    raise ConversionError(
+        f"{source}: config.json's model_type {model_type!r} is not supported. Supported: "
+        f"{', '.join(hf.SUPPORTED_MODEL_TYPES)} (encoder-decoders) and {', '.join(decoder_hf.SUPPORTED_MODEL_TYPES)} "
+        "(decoder-only).")
+
+
+def _hub_tokenizer(source: str) -> Any:
+    """A decoder checkpoint's own tokenizer (tokenizer.json, or tokenizer.model, with its configs)."""
+    try:
+        return hf_tokenizer.HFTokenizerVocabulary(source)
+    except ConfigError as e:
+        raise ConversionError(f"{source}: its tokenizer cannot be read ({e}). Copy the checkpoint's tokenizer "
+                              "files (tokenizer.json or tokenizer.model, tokenizer_config.json) beside it.") from e
 
 
 def _vocabulary(kind: str, spiece: str | None, extra_ids: int) -> Any:
@@ -123,6 +151,8 @@ def import_checkpoint(*, source: str = gin.REQUIRED, model_dir: str = gin.REQUIR
     if format != "auto" and format != detected:
         raise ConversionError(f"{source} looks like {detected}, not the format={format!r} asked for.")
     log.info("Importing %s (format: %s) into %s", source, detected, model_dir)
+    if detected == "hf" and hub_family(source) == "decoder":
+        return _import_decoder(source, model_dir)
     if detected == "hf":
         config, hf_config, tensors = hf.read(source)
         provenance = {"format": "hf", "model_type": hf_config.get("model_type"),
@@ -152,15 +182,33 @@ def import_checkpoint(*, source: str = gin.REQUIRED, model_dir: str = gin.REQUIR
             f"The vocabulary has {vocab.vocab_size} ids (with {extra} extra ids) but the model only "
             f"{config.vocab_size}: wrong tokenizer, or set import_checkpoint.extra_ids.")
     log.info("Model: %s; vocabulary: %s (%d ids, extra_ids=%d)", config, kind, vocab.vocab_size, extra)
+    return _write_model_dir(source, model_dir, config, vocab, tensors, len(hf.name_map(config)), provenance)
 
-    total = len(hf.name_map(config))
+
+def _import_decoder(source: str, model_dir: str) -> dict[str, Any]:
+    """A decoder-only Hub checkpoint with its own tokenizer."""
+    config, hf_config, tensors = decoder_hf.read(source)
+    vocab = _hub_tokenizer(source)
+    if vocab.vocab_size > config.vocab_size:
+        raise ConversionError(f"{source}: the tokenizer has {vocab.vocab_size} ids but the model only "
+                              f"{config.vocab_size}: the tokenizer files belong to another checkpoint.")
+    log.info("Model: %s; vocabulary: the checkpoint's %s tokenizer (%d ids)", config, vocab.tokenizer_class,
+             vocab.vocab_size)
+    provenance = {"format": "hf", "model_type": hf_config.get("model_type"),
+                  "architectures": hf_config.get("architectures")}
+    return _write_model_dir(source, model_dir, config, vocab, tensors, len(decoder_hf.name_map(config)), provenance)
+
+
+def _write_model_dir(source: str, model_dir: str, config: Any, vocab: Any, tensors: Iterator[tuple[str, np.ndarray]],
+                     total: int, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The MODEL_DIR of an imported model, built beside `model_dir` and renamed into place."""
     tmp = os.path.join(os.path.dirname(model_dir), f".{os.path.basename(model_dir)}.import-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
         started = time.perf_counter()
         params = _write_scratch(tensors, os.path.join(tmp, "scratch"), total)
         info = {
-            "model_config": config.to_dict(), "vocabulary": vocabularies.identity(vocab),
+            **models.build(config).describe(), "vocabulary": vocabularies.identity(vocab),
             "vocabulary_files": model_dir_lib.write_vocabulary(tmp, vocab),
             "imported_from": {"source": source, **provenance}, "dataset": None, "loss_options": None,
             "teacher": None, "data_source": None,

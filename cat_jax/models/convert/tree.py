@@ -1,5 +1,5 @@
 """Parameter trees as flat `{"encoder/layers_0/mlp/wo/kernel": array}` dicts, and the check that a
-converted tree is exactly the one a `T5Config` needs (names and shapes)."""
+converted tree is exactly the one a model config needs (names and shapes), for every family."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from cat_jax.errors import ConversionError
-from cat_jax.models.config import T5Config
-from cat_jax.models.encoder_decoder import EncoderDecoderModel, unboxed_abstract_params
+from cat_jax.models import contract
 
 _SHOWN = 12
 
@@ -40,9 +39,9 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def expected_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """{path: shape} of every parameter the model of `config` has (nothing is allocated)."""
-    abstract, _ = unboxed_abstract_params(EncoderDecoderModel(config), 8, 8)
+    abstract, _ = contract.build(config).abstract_params()
     return {path: tuple(leaf.shape) for path, leaf in flatten(abstract).items()}
 
 
@@ -52,7 +51,7 @@ def _listing(names: Iterable[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def check_names_and_shapes(config: T5Config, shapes: Mapping[str, tuple[int, ...]], where: str,
+def check_names_and_shapes(config: Any, shapes: Mapping[str, tuple[int, ...]], where: str,
                            source_name: Callable[[str], str | None] | None = None) -> None:
     """Raise ConversionError listing the missing, unexpected and mis-shaped parameters.
 

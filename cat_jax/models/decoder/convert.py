@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from cat_jax.errors import ConversionError
-from cat_jax.models.convert.hf import CONFIG, SINGLE, SafetensorsFiles, is_hf_dir
+from cat_jax.models.convert.hub import CONFIG, SINGLE, SafetensorsFiles, is_hf_dir
 from cat_jax.models.convert.tree import as_float32, flatten
 from cat_jax.models.decoder.config import MODEL_TYPES, DecoderConfig
 from cat_jax.models.decoder.model import abstract_params

@@ -25,6 +25,15 @@ def _token_flops(config: DecoderConfig) -> int:
     return 4 * config.emb_dim * q + 4 * config.emb_dim * k + 6 * config.emb_dim * config.mlp_dim
 
 
+def layers_flops(config: DecoderConfig, length: Any, num_layers: int) -> Any:
+    """FLOPs of the first `num_layers` layers on `length` tokens, every query scored against all of
+    them (what `Decoder.hidden_after` at that depth computes): num_layers * L * (4*d*q + 4*d*k +
+    6*d*f + 4*L*q)."""
+    if not 0 <= num_layers <= config.num_layers:
+        raise ValueError(f"num_layers={num_layers} must lie in [0, {config.num_layers}].")
+    return num_layers * length * (_token_flops(config) + 4 * length * config.num_heads * config.head_dim)
+
+
 def prefill_flops(config: DecoderConfig, length: Any) -> Any:
     """FLOPs of a teacher-forced forward pass (or a prefill) of `length` tokens:
 

@@ -142,11 +142,13 @@ class Decoder(nn.Module):
         return x
 
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, positions: jax.Array | None = None, *,
-                 decode: bool = False, return_hidden: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """tokens: [b, g] int -> logits [b, g, vocab] in compute dtype (with `return_hidden`, also the
-        final normed hidden states [b, g, embed]). mask, positions: [b, g] (see the module docstring)."""
+                 decode: bool = False, return_hidden: bool = False,
+                 logits_from: int = 0) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """tokens: [b, g] int -> logits [b, g - logits_from, vocab] in compute dtype of the positions from
+        `logits_from` on (with `return_hidden`, also the final normed hidden states there [b, g -
+        logits_from, embed]). mask, positions: [b, g] (see the module docstring)."""
         cfg = self.config
-        hidden = self.final_norm(self._residual(tokens, mask, positions, decode, cfg.num_layers))
+        hidden = self.final_norm(self._residual(tokens, mask, positions, decode, cfg.num_layers)[:, logits_from:])
         logits = self.embedder.attend(hidden) if cfg.tie_embeddings else self.lm_head(hidden)
         logits = nn.with_logical_constraint(softcap(logits, cfg.final_logit_softcap), ("batch", "length", "vocab"))
         return (logits, hidden) if return_hidden else logits

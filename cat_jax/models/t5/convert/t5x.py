@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from cat_jax.errors import ConversionError
-from cat_jax.models.config import T5Config
 from cat_jax.models.convert.tree import as_float32, check_names_and_shapes, flatten
+from cat_jax.models.t5.config import T5Config
 
 log = logging.getLogger("cat_jax")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cat_jax.models.config import T5Config
+from cat_jax.models.t5.config import T5Config
 
 
 def _check(config: T5Config) -> None:

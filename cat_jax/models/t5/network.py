@@ -14,9 +14,9 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from cat_jax.models.config import T5Config
-from cat_jax.models.layers import (Dense, Embed, MlpBlock, MultiHeadAttention,
-                                   RelativePositionBias, RMSNorm)
+from cat_jax.models.layers import Dense
+from cat_jax.models.t5.config import T5Config
+from cat_jax.models.t5.layers import Embed, MlpBlock, MultiHeadAttention, RelativePositionBias, RMSNorm
 
 EMBED_AXES = ("batch", "length", "embed")
 

@@ -7,7 +7,7 @@ Flan-T5 / mT5 (`'gated-gelu'`, an untied LM head) and `'gated-silu'` variants.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import gin
 import jax.numpy as jnp
@@ -32,6 +32,8 @@ class T5Config:
     are `(x * emb_dim**-0.5) @ embedding.T`, as in T5 v1.0); `layer_norm_epsilon` is the RMSNorm
     epsilon. The encoder and decoder layer counts are independent.
     """
+
+    family: ClassVar[str] = "t5"
 
     vocab_size: int | None = None
     emb_dim: int

@@ -12,7 +12,9 @@ A round, per row with n tokens emitted so far and last token y_n:
 4. the row emits d_1..d_k and that token (cut at EOS and at max_decode_length), and both caches
    move to position n+k+1 (a rollback of the rejected drafts).
 Rows accept different numbers of tokens: the caches keep one position per row. At temperature 0
-every draw is an argmax and the result does not depend on the rng.
+every draw is an argmax and the result does not depend on the rng. Both models are any two models
+of the contract (`cat_jax.models.contract`) sharing one vocabulary; their positions count the tokens
+fed since `start_decoding`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from cat_jax.cascade.speculative.rules import verification_by_id
-from cat_jax.decoding import (Sampler, init_cache, next_token_logp, sampling_probs, score_block,
-                              set_cache_positions)
-from cat_jax.models.t5 import Transformer
+from cat_jax.decoding.greedy import Inputs, batch_size_of, next_token_logp, suppress
+from cat_jax.decoding.sampling import Sampler, sampling_probs
+from cat_jax.models import Model
 
 
 @struct.dataclass
@@ -43,9 +45,9 @@ class SpeculativeOutput:
     round_starts: jax.Array
 
 
-def rule_probs(logp: jax.Array) -> jax.Array:
-    """The model's next-token distribution over real tokens (0 excluded): logp [..., vocab]."""
-    return jax.nn.softmax(logp.at[..., 0].set(-jnp.inf), axis=-1)
+def rule_probs(logp: jax.Array, suppressed: int | None = None) -> jax.Array:
+    """The model's next-token distribution over the tokens it may emit: logp [..., vocab]."""
+    return jax.nn.softmax(suppress(logp, suppressed), axis=-1)
 
 
 def _draw(probs: jax.Array, rng: jax.Array, greedy: bool) -> jax.Array:
@@ -55,40 +57,42 @@ def _draw(probs: jax.Array, rng: jax.Array, greedy: bool) -> jax.Array:
     return jax.random.categorical(rng, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
-def _draft(small: Transformer, params: Any, cache: Any, encoded: jax.Array, enc: jax.Array,
-           last: jax.Array, rng: jax.Array, gamma: int, sampler: Sampler) -> tuple[Any, dict[str, jax.Array]]:
+def _draft(small: Model, params: Any, state: Any, last: jax.Array, rng: jax.Array, gamma: int,
+           sampler: Sampler) -> tuple[Any, dict[str, jax.Array]]:
     """gamma + 1 one-token steps of the small model from `last`: q, q_s [b, gamma+1, vocab] and
     the drafts [b, gamma]."""
+    suppressed = small.SUPPRESSED_TOKEN
 
     def step(carry: tuple[Any, jax.Array], j: jax.Array) -> tuple[tuple[Any, jax.Array], tuple[jax.Array, ...]]:
-        cache, token = carry
-        logits, cache = score_block(small, params, cache, encoded, enc, token[:, None])
+        state, token = carry
+        logits, _, state = small.decode_block(params, state, token[:, None])
         logp = next_token_logp(logits[:, 0])
-        q_s = sampling_probs(logp, sampler)
+        q_s = sampling_probs(logp, sampler, suppressed)
         draft = _draw(q_s, jax.random.fold_in(rng, j), sampler.greedy)
-        return (cache, draft), (rule_probs(logp), q_s, draft)
+        return (state, draft), (rule_probs(logp, suppressed), q_s, draft)
 
-    (cache, _), (q, q_s, drafts) = jax.lax.scan(step, (cache, last), jnp.arange(gamma + 1))
-    return cache, {"q": jnp.moveaxis(q, 0, 1), "q_s": jnp.moveaxis(q_s, 0, 1), "drafts": drafts[:gamma].T}
+    (state, _), (q, q_s, drafts) = jax.lax.scan(step, (state, last), jnp.arange(gamma + 1))
+    return state, {"q": jnp.moveaxis(q, 0, 1), "q_s": jnp.moveaxis(q_s, 0, 1), "drafts": drafts[:gamma].T}
 
 
-def speculative_decode(small: Transformer, small_params: Any, large: Transformer, large_params: Any,
-                       encoder_input_tokens: jax.Array, rng: jax.Array, rule_index: jax.Array,
-                       alpha: jax.Array, *, gamma: int, max_decode_length: int, eos_id: int = 1,
-                       sampler: Sampler = Sampler(temperature=0.0)) -> SpeculativeOutput:
-    """Speculative decoding of encoder_input_tokens [b, Li] under rules.RULES[rule_index] with
-    alpha (both traced: one compilation serves every rule and alpha); jit-able with the models,
-    gamma, max_decode_length, eos_id and sampler static. Both models share one vocabulary."""
-    batch, steps = encoder_input_tokens.shape[0], max_decode_length
+def speculative_decode(small: Model, small_params: Any, large: Model, large_params: Any, inputs: Inputs,
+                       rng: jax.Array, rule_index: jax.Array, alpha: jax.Array, *, gamma: int,
+                       max_decode_length: int, eos_id: int = 1,
+                       sampler: Sampler = Sampler(temperature=0.0), large_inputs: Inputs | None = None
+                       ) -> SpeculativeOutput:
+    """Speculative decoding of the batch `inputs` (the small model's DECODING_INPUTS;
+    `large_inputs` the large model's, by default the same) under rules.RULES[rule_index] with alpha
+    (both traced: one compilation serves every rule and alpha); jit-able with the models, gamma,
+    max_decode_length, eos_id and sampler static. Both models share one vocabulary."""
+    batch, steps = batch_size_of(inputs), max_decode_length
     room = steps + gamma + 1  # the last round may write gamma + 1 positions past the last token
-    enc = encoder_input_tokens
     rows, offsets = jnp.arange(batch)[:, None], jnp.arange(gamma + 1)[None, :]
-    encoded = {name: m.apply({"params": prm}, enc, method=Transformer.encode)
-               for name, m, prm in (("small", small, small_params), ("large", large, large_params))}
     zeros = jnp.zeros((batch,), jnp.int32)
-    cache = {name: set_cache_positions(init_cache(m, prm, encoded[name], enc, room), zeros)
-             for name, m, prm in (("small", small, small_params), ("large", large, large_params))}
-    init = dict(round=jnp.array(0, jnp.int32), n=zeros, last=zeros, done=jnp.zeros((batch,), bool),
+    started = {"small": small.start_decoding(small_params, inputs, room),
+               "large": large.start_decoding(large_params, inputs if large_inputs is None else large_inputs, room)}
+    cache = {"small": small.set_positions(started["small"][0], zeros),
+             "large": large.set_positions(started["large"][0], zeros)}
+    init = dict(round=jnp.array(0, jnp.int32), n=zeros, last=started["small"][1], done=jnp.zeros((batch,), bool),
                 tokens=jnp.zeros((batch, room), jnp.int32), cache=cache, rounds=zeros, accepted=zeros,
                 starts=jnp.full((batch, steps), -1, jnp.int32))
 
@@ -98,15 +102,16 @@ def speculative_decode(small: Transformer, small_params: Any, large: Transformer
     def body(state: dict[str, Any]) -> dict[str, Any]:
         n, active = state["n"], ~state["done"]
         key_draft, key_accept, key_next = jax.random.split(jax.random.fold_in(rng, state["round"]), 3)
-        small_cache, drafted = _draft(small, small_params, set_cache_positions(state["cache"]["small"], n),
-                                      encoded["small"], enc, state["last"], key_draft, gamma, sampler)
+        small_cache, drafted = _draft(small, small_params, small.set_positions(state["cache"]["small"], n),
+                                      state["last"], key_draft, gamma, sampler)
         block = jnp.concatenate([state["last"][:, None], drafted["drafts"]], axis=1)  # [b, gamma+1]
-        logits, large_cache = score_block(large, large_params, set_cache_positions(state["cache"]["large"], n),
-                                          encoded["large"], enc, block)
+        logits, _, large_cache = large.decode_block(large_params, large.set_positions(state["cache"]["large"], n),
+                                                    block)
         logp = next_token_logp(logits.reshape(batch * (gamma + 1), -1))
         flat = lambda x: x.reshape(batch * (gamma + 1), -1)
-        verdict = verification_by_id(rule_index, flat(drafted["q"]), rule_probs(logp), flat(drafted["q_s"]),
-                                     sampling_probs(logp, sampler), alpha)
+        suppressed = large.SUPPRESSED_TOKEN
+        verdict = verification_by_id(rule_index, flat(drafted["q"]), rule_probs(logp, suppressed),
+                                     flat(drafted["q_s"]), sampling_probs(logp, sampler, suppressed), alpha)
         accept, residual, target = (x.reshape(batch, gamma + 1, -1) for x in verdict)
         drafts = drafted["drafts"]
         accept_p = jnp.take_along_axis(accept[:, :gamma], drafts[..., None], axis=-1)[..., 0]  # [b, gamma]

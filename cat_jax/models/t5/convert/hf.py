@@ -28,7 +28,6 @@ Tensors of any float dtype are read one at a time and converted to float32.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -38,30 +37,18 @@ from typing import Any
 import numpy as np
 
 from cat_jax.errors import ConversionError
-from cat_jax.models.config import T5Config
+from cat_jax.models.convert.hub import SafetensorsFiles, read_config
 from cat_jax.models.convert.tree import as_float32, check_names_and_shapes
+from cat_jax.models.t5.config import T5Config
 
 log = logging.getLogger("cat_jax")
 
-CONFIG = "config.json"
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 SUPPORTED_MODEL_TYPES = ("t5", "mt5")
 ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
 FEED_FORWARD = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-silu": "gated-silu"}
 ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _ATTENTION = {"query": "q", "key": "k", "value": "v", "out": "o"}
 DEFAULT_EXTRA_IDS = 100  # transformers.T5Tokenizer's default
-
-
-def is_hf_dir(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, CONFIG)) and (
-        os.path.isfile(os.path.join(directory, SINGLE)) or os.path.isfile(os.path.join(directory, INDEX)))
-
-
-def read_config(directory: str) -> dict[str, Any]:
-    with open(os.path.join(directory, CONFIG)) as f:
-        return json.load(f)
 
 
 def config_from_hf(hf: Mapping[str, Any], where: str) -> T5Config:
@@ -151,65 +138,6 @@ def name_map(config: T5Config) -> dict[str, tuple[str, bool]]:
     if not config.logits_via_embedding:
         out["decoder/logits_dense/kernel"] = ("lm_head.weight", True)
     return out
-
-
-class SafetensorsFiles:
-    """The tensors of a single or sharded safetensors checkpoint: names, shapes, one at a time."""
-
-    def __init__(self, directory: str):
-        index = os.path.join(directory, INDEX)
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
-        else:
-            path = os.path.join(directory, SINGLE)
-            with _safe_open(path) as f:
-                files = dict.fromkeys(f.keys(), path)
-        missing = sorted({p for p in files.values() if not os.path.isfile(p)})
-        if missing:
-            raise ConversionError(f"{index} names shard files that do not exist: {missing}.")
-        self.files = files
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, str] = {}
-        for path in dict.fromkeys(files.values()):
-            with _safe_open(path) as f:
-                for name in f.keys():
-                    if files.get(name) == path:
-                        sl = f.get_slice(name)
-                        self.shapes[name] = tuple(sl.get_shape())
-                        self.dtypes[name] = sl.get_dtype()
-        absent = sorted(set(files) - set(self.shapes))
-        if absent:
-            raise ConversionError(f"{directory}: the index lists tensors its shards lack: {absent[:10]}.")
-
-    def get(self, name: str) -> np.ndarray:
-        with _safe_open(self.files[name]) as f:
-            try:
-                return f.get_tensor(name)
-            except Exception as e:  # pylint: disable=broad-except  # safetensors' own error type
-                raise _damaged(self.files[name], e) from e
-
-
-@contextlib.contextmanager
-def _safe_open(path: str) -> Iterator[Any]:
-    """safetensors' reader of one file; a file it cannot read (truncated by an interrupted
-    download, say) is a ConversionError naming it."""
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-
-    try:
-        handle = safe_open(path, framework="np")
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # pylint: disable=broad-except  # SafetensorError and the I/O errors beneath
-        raise _damaged(path, e) from e
-    with handle as f:
-        yield f
-
-
-def _damaged(path: str, error: Exception) -> ConversionError:
-    return ConversionError(f"{path} cannot be read as safetensors ({type(error).__name__}: {error}); the file is "
-                           f"damaged or incomplete ({os.path.getsize(path)} bytes). Download it again.")
 
 
 def read(directory: str) -> tuple[T5Config, dict[str, Any], Iterator[tuple[str, np.ndarray]]]:

@@ -1,0 +1,195 @@
+"""The decoder-only family's side of the model contract (`cat_jax.models.contract`).
+
+One example is its prompt, then its completion, in one sequence; the loss counts only the
+completion. A batch holds
+
+    prompt_tokens  [b, Li] int32   the prompt as the tokenizer's `tokenizer(prompt)` gives it (its
+                                   prefix, e.g. BOS, then the text's tokens, then its suffix),
+                                   LEFT-padded, so every row's prompt ends at column Li - 1
+    prompt_mask    [b, Li] int32   1 on the prompt's tokens, 0 on the padding
+    decoder_target_tokens [b, Lt]  the completion, ending in EOS, right-padded
+    decoder_loss_weights  [b, Lt]  1 up to and including the completion's EOS
+
+and the network reads `prompt_tokens` followed by the completion's tokens but the last, whose
+outputs from column Li - 1 on are the logits [b, Lt, vocab] of the completion. TASK_FEATURE_LENGTHS'
+`inputs` bounds the prompt (special tokens included) and `targets` the completion (EOS included).
+
+The examples come from the data layer as seqio's encoder-decoder arrays (inputs and targets each
+tokenized without special tokens and ending in EOS); `make_batch` drops the inputs' EOS, adds the
+tokenizer's prompt prefix and suffix, and finds each row's end from its EOS, never from padding
+ids: id 0 is a real token of many decoder vocabularies (Llama 3's and Qwen's "!"). Masks and loss
+weights come from lengths, so such tokens count.
+
+Decoding prefills every prompt but its last token into the cache; the first token fed is the
+prompt's last, so that decoding's position n is the cache slot Li - 1 + n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cat_jax import vocabularies
+from cat_jax.models import contract
+from cat_jax.models.decoder import flops
+from cat_jax.models.decoder.config import DecoderConfig
+from cat_jax.models.decoder.model import Decoder, init_params
+from cat_jax.models.decoder.sharding import logical_sizes
+
+CACHE_INDEX = "cache_index"
+
+
+def _last_index(rows: np.ndarray, value: int) -> np.ndarray:
+    """[b] index of the last `value` in each row, or -1."""
+    hit = rows == value
+    last = rows.shape[1] - 1 - np.argmax(hit[:, ::-1], axis=1)
+    return np.where(hit.any(axis=1), last, -1)
+
+
+def _first_index(rows: np.ndarray, value: int) -> np.ndarray:
+    """[b] index of the first `value` in each row, or -1."""
+    hit = rows == value
+    return np.where(hit.any(axis=1), np.argmax(hit, axis=1), -1)
+
+
+def prompt_rows(inputs: np.ndarray, eos_id: int, prefix: tuple[int, ...], suffix: tuple[int, ...],
+                length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_tokens, prompt_mask) [b, length]: each row's tokens before its last EOS (all its
+    non-padding tokens when it has none), between `prefix` and `suffix`, left-padded; a prompt too
+    long for `length` keeps its prefix, its first tokens and its suffix."""
+    ends = _last_index(inputs, eos_id)
+    counts = np.where(ends >= 0, ends, np.count_nonzero(inputs, axis=1))
+    room = length - len(prefix) - len(suffix)
+    if room < 0:
+        raise ValueError(f"The prompt's special tokens ({len(prefix) + len(suffix)}) do not fit "
+                         f"TASK_FEATURE_LENGTHS['inputs'] = {length}.")
+    tokens = np.zeros((inputs.shape[0], length), np.int32)
+    mask = np.zeros((inputs.shape[0], length), np.int32)
+    for r, count in enumerate(counts):
+        row = [*prefix, *inputs[r, :min(int(count), room)].tolist(), *suffix]
+        tokens[r, length - len(row):] = row
+        mask[r, length - len(row):] = 1
+    return tokens, mask
+
+
+def completion_weights(targets: np.ndarray, eos_id: int, weights: np.ndarray) -> np.ndarray:
+    """[b, Lt] float32: 1 up to and including each row's first EOS (rows without one keep `weights`)."""
+    ends = _first_index(targets, eos_id)
+    by_eos = (np.arange(targets.shape[1])[None, :] <= ends[:, None]).astype(np.float32)
+    return np.where((ends >= 0)[:, None], by_eos, weights).astype(np.float32)
+
+
+@contract.register
+class DecoderModel(contract.Model):
+    """A decoder-only language model (`DecoderConfig`): Llama, Mistral, Qwen2/3, Gemma/Gemma 2."""
+
+    config: DecoderConfig
+
+    family: ClassVar[str] = "decoder"
+    config_class: ClassVar[type] = DecoderConfig
+    DECODING_INPUTS: ClassVar[tuple[str, ...]] = ("prompt_tokens", "prompt_mask")
+    SUPPRESSED_TOKEN: ClassVar[int | None] = None
+
+    @property
+    def network(self) -> Decoder:
+        return Decoder(self.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.emb_dim
+
+    @property
+    def input_layers(self) -> int:
+        return self.config.num_layers
+
+    def logical_sizes(self) -> dict[str, int]:
+        return logical_sizes(self.config)
+
+    # ---- batches ------------------------------------------------------------------------------
+    def batch_shapes(self, lengths: Mapping[str, int], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        li, lt = lengths["inputs"], lengths["targets"]
+        ints = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
+        return {"prompt_tokens": ints(li), "prompt_mask": ints(li), "decoder_target_tokens": ints(lt),
+                "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, lt), np.float32)}
+
+    def make_batch(self, examples: Mapping[str, np.ndarray], vocab: Any) -> dict[str, np.ndarray]:
+        vocab = vocabularies.resolve(vocab)
+        inputs = np.asarray(examples["encoder_input_tokens"])
+        targets = np.asarray(examples["decoder_target_tokens"], np.int32)
+        prompt, mask = prompt_rows(inputs, vocab.eos_id, tuple(getattr(vocab, "prompt_prefix_ids", ())),
+                                   tuple(getattr(vocab, "prompt_suffix_ids", ())), inputs.shape[1])
+        weights = completion_weights(targets, vocab.eos_id, np.asarray(examples["decoder_loss_weights"]))
+        return {"prompt_tokens": prompt, "prompt_mask": mask, "decoder_target_tokens": targets,
+                "decoder_loss_weights": weights}
+
+    # ---- parameters and teacher forcing -------------------------------------------------------
+    def init_params(self, rng: jax.Array) -> Any:
+        return init_params(self.config, rng)
+
+    def _sequence(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        prompt, targets = batch["prompt_tokens"], batch["decoder_target_tokens"]
+        tokens = jnp.concatenate([prompt, targets[:, :-1]], axis=1)
+        mask = jnp.concatenate([batch["prompt_mask"] > 0, jnp.ones(targets[:, :-1].shape, bool)], axis=1)
+        return tokens, mask
+
+    def logits(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
+        tokens, mask = self._sequence(batch)
+        return self.network.apply({"params": params}, tokens, mask, logits_from=batch["prompt_tokens"].shape[1] - 1)
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def start_decoding(self, params: Any, inputs: Mapping[str, jax.Array],
+                       max_decode_length: int) -> tuple[dict[str, Any], jax.Array]:
+        prompt, mask = inputs["prompt_tokens"], inputs["prompt_mask"] > 0
+        batch, length = prompt.shape
+        net = self.network
+        dummy = jnp.zeros((batch, length - 1 + max_decode_length), jnp.int32)
+        _, variables = net.apply({"params": params}, dummy, decode=True, mutable=["cache"])
+        cache = variables["cache"]
+        if length > 1:
+            _, variables = net.apply({"params": params, "cache": cache}, prompt[:, :-1], mask[:, :-1], decode=True,
+                                     mutable=["cache"])
+            cache = variables["cache"]
+        state = {"cache": cache, "offset": jnp.asarray(length - 1, jnp.int32)}
+        return state, prompt[:, -1].astype(jnp.int32)
+
+    def decode_block(self, params: Any, state: dict[str, Any], tokens: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        (logits, hidden), variables = self.network.apply({"params": params, "cache": state["cache"]}, tokens,
+                                                         decode=True, return_hidden=True, mutable=["cache"])
+        return logits, hidden, {**state, "cache": variables["cache"]}
+
+    def set_positions(self, state: dict[str, Any], positions: jax.Array) -> dict[str, Any]:
+        index = state["offset"] + jnp.asarray(positions, jnp.int32)
+        cache = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: index if path[-1].key == CACHE_INDEX else leaf, state["cache"])
+        return {**state, "cache": cache}
+
+    def input_embedding(self, params: Any, inputs: Mapping[str, jax.Array], depth: int) -> jax.Array:
+        mask = inputs["prompt_mask"] > 0
+        hidden = self.network.apply({"params": params}, inputs["prompt_tokens"], mask, layer=depth,
+                                    method=Decoder.hidden_after)
+        weights = mask[..., None].astype(jnp.float32)
+        return jnp.sum(hidden.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+    # ---- FLOPs --------------------------------------------------------------------------------
+    def forward_flops(self, input_length: Any, target_length: Any) -> Any:
+        """The prompt and the completion but its last token through every layer, and the LM head on
+        the completion's `target_length` positions."""
+        fed = np.maximum(np.asarray(input_length) + np.asarray(target_length) - 1, 1)
+        head = 2 * self.config.emb_dim * self.config.vocab_size
+        total = flops.layers_flops(self.config, fed, self.config.num_layers) + head * np.asarray(target_length)
+        return float(total) if np.ndim(total) == 0 else total
+
+    def prefill_flops(self, input_length: Any) -> Any:
+        """The prompt but its last token written into the cache (`start_decoding`)."""
+        return flops.decode_flops(self.config, 0, np.maximum(np.asarray(input_length) - 1, 0))
+
+    def decode_flops(self, input_length: Any, context: Any, block: Any) -> Any:
+        return flops.decode_flops(self.config, np.maximum(np.asarray(input_length) - 1, 0) + context, block)
+
+    def embedding_flops(self, input_length: Any, depth: int) -> Any:
+        return flops.layers_flops(self.config, input_length, depth)
