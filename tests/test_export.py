@@ -320,3 +320,60 @@ def test_tensorflow_free_host_without_the_switch_says_how_to_fix(tmp_path):
                        check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--gin.data_source.exported_dir=DIR" in proc.stderr and "python -m cat_jax.export_task" in proc.stderr
+
+
+OLD_EXPORTS = REPO / "tests" / "fixtures" / "old_exports"
+OLD_LENGTHS = {"inputs": 16, "targets": 12}
+
+
+@contextlib.contextmanager
+def streaming_source(path):
+    """`--gin.data_source.streaming_dir=path` for the duration."""
+    with gin.unlock_config():
+        gin.bind_parameter("data_source.streaming_dir", str(path))
+    try:
+        yield
+    finally:
+        with gin.unlock_config():
+            gin.bind_parameter("data_source.streaming_dir", None)
+
+
+def test_exports_written_by_an_earlier_cat_jax_still_load():
+    """tests/fixtures/old_exports (offline_mix, 3 examples per task, written at commit 409bbd9):
+    the .npz export loads as stored, the ArrayRecord export as the same examples and batches, both
+    with the manifests' rates, vocabulary, postprocessed targets and metric fns."""
+    manifest = json.loads((OLD_EXPORTS / "npz" / "offline_mix.validation.json").read_text())
+    with np.load(OLD_EXPORTS / "npz" / "offline_mix.validation.npz", allow_pickle=False) as stored:
+        stored = {k: stored[k] for k in stored.files}
+    with exported_source(OLD_EXPORTS / "npz"):
+        npz = data.load_split("offline_mix", "validation", OLD_LENGTHS, max_examples=3)
+        npz_rates = data.mixture_rates("offline_mix")
+        npz_vocab = data.get_vocabulary_of("offline_mix")
+        npz_g2p = data.get_task_or_mixture("cmudict_g2p")
+    with streaming_source(OLD_EXPORTS / "array_record"):
+        source = data.data_source()
+        streamed = data.load_split("offline_mix", "validation", OLD_LENGTHS)
+        stream_rates = data.mixture_rates("offline_mix")
+        stream_vocab = data.get_vocabulary_of("offline_mix")
+        stream_g2p = data.get_task_or_mixture("cmudict_g2p")
+        batches = source.train_batches("offline_mix", "validation", OLD_LENGTHS, 6, 0, None, (0, 1))
+    assert npz.ids.tolist() == stored["ids"].tolist() and len(npz) == 12
+    for k in data.MODEL_FEATURES:
+        np.testing.assert_array_equal(npz.features[k], stored[f"feature/{k}"], err_msg=k)
+    assert_arrays_equal(npz, streamed)
+    np.testing.assert_array_equal(npz.extras, streamed.extras)
+    assert npz_rates == stream_rates == manifest["rates"] == {
+        "cmudict_g2p": 99284.0, "cmudict_syllables": 99284.0, "num2words_de": 15137.0, "num2words_fr": 15137.0}
+    assert model_dir.vocab_info(npz_vocab) == model_dir.vocab_info(stream_vocab) == {
+        "class": "ByteVocabulary", "size": 259}
+    rows = np.flatnonzero(npz.task_names == "cmudict_g2p")
+    for task in (npz_g2p, stream_g2p):
+        assert [fn.__name__ for fn in task.predict_metric_fns] == ["exact_match_any", "phoneme_error_rate"]
+        targets = [task.postprocess_fn(npz.targets_text[i], example=npz.example(i), is_target=True) for i in rows]
+        assert targets == [json.loads(stored["postprocessed_targets"][i]) for i in rows]
+    picks = [batches.order[p] for p in range(6)]
+    row_of = {i: k for k, i in enumerate(npz.ids.tolist())}
+    ids = [streamed.ids[streamed.task_names == batches.tasks[t]][i] for t, i in picks]
+    batch = batches.local_batch(0)
+    for k in data.MODEL_FEATURES:
+        np.testing.assert_array_equal(batch[k], npz.features[k][[row_of[i] for i in ids]], err_msg=k)
