@@ -276,6 +276,7 @@ def _prepare(model_dir, train_steps, model_config, train_dataset, loss_options, 
         check_initial_checkpoint(initial_checkpoint_dir, model_config, vocab)
     info = model_dir_lib.run_info(model_config, vocab, loss_options, train_dataset, teacher, seed=seed,
                                   optimizer=optimizers.settings(), train_steps=train_steps,
+                                  data_source=data_lib.data_source().describe(),
                                   salt=_salt_info(kd_schedule, kd_selection))
     latest = Checkpointer.latest_in(model_dir)
     if latest is not None:
