@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -377,3 +378,25 @@ def test_exports_written_by_an_earlier_cat_jax_still_load():
     batch = batches.local_batch(0)
     for k in data.MODEL_FEATURES:
         np.testing.assert_array_equal(batch[k], npz.features[k][[row_of[i] for i in ids]], err_msg=k)
+
+
+@pytest.mark.parametrize("kind, setting", [("npz", "exported_dir"), ("array_record", "streaming_dir")])
+def test_both_file_sources_reopen_on_a_changed_manifest_and_name_the_export_command(kind, setting, tmp_path):
+    folder = tmp_path / kind
+    shutil.copytree(OLD_EXPORTS / kind, folder)
+    source = data.data_source(**{setting: str(folder)})
+    assert data.data_source(**{setting: str(folder)}) is source
+    assert source.describe() == f"{source.kind}:{folder}"
+    path = folder / ("offline_mix.validation.json" if kind == "npz" else "offline_mix.validation/manifest.json")
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format": manifest["format"].rsplit("/", 1)[0] + "/0"}))
+    reopened = data.data_source(**{setting: str(folder)})
+    assert reopened is not source and reopened.manifests == {} and source.manifests
+    with pytest.raises(UnknownTaskError) as unknown:
+        reopened.provider("offline_mix")
+    message = str(unknown.value)
+    assert f"{path.relative_to(folder)} were written by an older cat_jax" in message
+    assert f"(data_source.{setting})" in message and f"--gin.EXPORT_DIR={folder}" in message
+    assert ("--gin.export_split.format='array_record'" in message) == (kind == "array_record")
+    with pytest.raises(ExportedDataError, match=f"data_source.{setting}=.* is not a directory"):
+        data.data_source(**{setting: str(tmp_path / "nowhere")})
