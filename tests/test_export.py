@@ -40,15 +40,15 @@ TF_FREE_RUNNER = textwrap.dedent(f"""
 
 
 @contextlib.contextmanager
-def exported_source(path):
-    """`--gin.data_source.exported_dir=path` for the duration."""
+def exported_source(path, setting="exported_dir"):
+    """`--gin.data_source.exported_dir=path` (or `setting`: streaming_dir) for the duration."""
     with gin.unlock_config():
-        gin.bind_parameter("data_source.exported_dir", str(path))
+        gin.bind_parameter(f"data_source.{setting}", str(path))
     try:
         yield
     finally:
         with gin.unlock_config():
-            gin.bind_parameter("data_source.exported_dir", None)
+            gin.bind_parameter(f"data_source.{setting}", None)
 
 
 def run_tf_free(module: str, args: list[str], tmp_path, check: bool = True) -> subprocess.CompletedProcess:
@@ -327,18 +327,6 @@ OLD_EXPORTS = REPO / "tests" / "fixtures" / "old_exports"
 OLD_LENGTHS = {"inputs": 16, "targets": 12}
 
 
-@contextlib.contextmanager
-def streaming_source(path):
-    """`--gin.data_source.streaming_dir=path` for the duration."""
-    with gin.unlock_config():
-        gin.bind_parameter("data_source.streaming_dir", str(path))
-    try:
-        yield
-    finally:
-        with gin.unlock_config():
-            gin.bind_parameter("data_source.streaming_dir", None)
-
-
 def test_exports_written_by_an_earlier_cat_jax_still_load():
     """tests/fixtures/old_exports (offline_mix, 3 examples per task, written at commit 409bbd9):
     the .npz export loads as stored, the ArrayRecord export as the same examples and batches, both
@@ -351,7 +339,7 @@ def test_exports_written_by_an_earlier_cat_jax_still_load():
         npz_rates = data.mixture_rates("offline_mix")
         npz_vocab = data.get_vocabulary_of("offline_mix")
         npz_g2p = data.get_task_or_mixture("cmudict_g2p")
-    with streaming_source(OLD_EXPORTS / "array_record"):
+    with exported_source(OLD_EXPORTS / "array_record", "streaming_dir"):
         source = data.data_source()
         streamed = data.load_split("offline_mix", "validation", OLD_LENGTHS)
         stream_rates = data.mixture_rates("offline_mix")
