@@ -32,14 +32,13 @@ from typing import Any
 from cat_jax import vocabularies
 from cat_jax.errors import ModelDirError
 from cat_jax import models
+from cat_jax.vocabulary_store import RUN_INFO, read_run_info
 
 log = logging.getLogger("cat_jax")
 
-RUN_INFO = "run_info.json"
 # run_info fields that decide a run's future besides the model and vocabulary.
 TRAJECTORY = ("dataset", "data_order", "seed", "loss_options", "optimizer", "teacher", "salt")
 VOCAB_MULTIPLE = 128
-SENTENCEPIECE_FILE = "spiece.model"  # the name the Hugging Face Hub uses
 LOCK_FILE = "trainer.lock"
 LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 600.0
@@ -215,80 +214,6 @@ def vocab_info(vocab) -> dict[str, Any]:
     return vocabularies.identity(vocab)
 
 
-def _read_bytes(path: str) -> bytes:
-    """A file's bytes: local paths directly, others (gs://) through tf.io.gfile where available."""
-    if "://" not in path:
-        with open(path, "rb") as f:
-            return f.read()
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    with tf.io.gfile.GFile(path, "rb") as f:
-        return f.read()
-
-
-def vocabulary_files(vocab) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """(run_info's `vocabulary_files` record, {file name: bytes} to store in MODEL_DIR).
-
-    The record is {"kind": "byte"}, {"kind": "sentencepiece", "file": "spiece.model",
-    "extra_ids": N} (the model file as its author shipped it plus seqio's extra-id count, so that
-    `(file, extra_ids)` rebuilds the same vocabulary, identity included, with seqio or without), or
-    {"kind": "hf_tokenizer", "files": [...]}: a Hugging Face checkpoint's tokenizer files under
-    their Hub names (tokenizer.json / tokenizer.model, tokenizer_config.json, ...).
-    """
-    vocab = vocabularies.resolve(vocab)
-    kind = vocabularies.identity(vocab)["class"]
-    if kind == "ByteVocabulary":
-        return {"kind": "byte", "extra_ids": int(vocab.extra_ids or 0)}, {}
-    if kind == vocabularies.HF_TOKENIZER:
-        return ({"kind": "hf_tokenizer", "files": list(vocab.files)},
-                {name: _read_bytes(path) for name, path in vocab.files.items()})
-    if kind != "SentencePieceVocabulary":
-        raise ModelDirError(f"Vocabulary {type(vocab).__name__} cannot be stored in a MODEL_DIR: cat_jax "
-                            "stores ByteVocabulary, SentencePieceVocabulary and Hugging Face tokenizers.")
-    extra = (vocab.added_extra_ids if isinstance(vocab, vocabularies.SentencePieceVocabulary)
-             else int(vocab.extra_ids or 0))
-    source = getattr(vocab, "sentencepiece_model_file", None)
-    model = _read_bytes(source) if source else None
-    if model is None or vocabularies.identity_of_model(vocabularies.add_extra_ids(model, extra)) != \
-            vocabularies.identity(vocab):
-        model, extra = vocabularies.sentencepiece_model_bytes(vocab), 0  # normalizer overrides etc.
-    return {"kind": "sentencepiece", "file": SENTENCEPIECE_FILE, "extra_ids": extra}, {SENTENCEPIECE_FILE: model}
-
-
-def write_vocabulary(model_dir: str, vocab) -> dict[str, Any]:
-    """Stores the vocabulary's files in MODEL_DIR (a SentencePiece model: `spiece.model`; a Hugging
-    Face tokenizer: its files under their Hub names); returns the record for run_info.json."""
-    record, files = vocabulary_files(vocab)
-    for name, data in files.items():
-        path = os.path.join(model_dir, name)
-        tmp = f"{path}.tmp.{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    return record
-
-
-def model_vocabulary(model_dir: str, info: dict[str, Any] | None = None):
-    """The TensorFlow-free vocabulary stored in a MODEL_DIR (`cat_jax.vocabularies`,
-    `cat_jax.hf_tokenizer`)."""
-    info = read_run_info(model_dir) if info is None else info
-    record = (info or {}).get("vocabulary_files")
-    if record is None:
-        kind = ((info or {}).get("vocabulary") or {}).get("class")
-        if kind == "ByteVocabulary":
-            return vocabularies.ByteVocabulary()
-        raise ModelDirError(
-            f"{model_dir} records no vocabulary files (it was written before cat_jax stored them, or is "
-            f"not a MODEL_DIR); give the vocabulary explicitly (get_vocabulary.kind / "
-            f"sentencepiece_model_path).")
-    if record["kind"] == "byte":
-        return vocabularies.ByteVocabulary(extra_ids=record.get("extra_ids", 0))
-    if record["kind"] == "hf_tokenizer":
-        from cat_jax import hf_tokenizer  # pylint: disable=import-outside-toplevel
-        return hf_tokenizer.HFTokenizerVocabulary(model_dir, files=record["files"])
-    return vocabularies.SentencePieceVocabulary(os.path.join(model_dir, record["file"]),
-                                                extra_ids=record.get("extra_ids", 0))
-
-
 def with_vocab_size(config: Any, vocab) -> Any:
     """The model config with vocab_size set from the vocabulary (rounded up to a multiple of 128)."""
     padded = int(math.ceil(vocab.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
@@ -300,9 +225,10 @@ def with_vocab_size(config: Any, vocab) -> Any:
 
 
 def run_info(model: models.Model, vocab, objective: dict[str, Any], dataset, teacher, *, seed: int,
-             optimizer: dict[str, Any], train_steps: int) -> dict[str, Any]:
+             optimizer: dict[str, Any], train_steps: int, data_source: str) -> dict[str, Any]:
     """The run's identity (see the module docstring); JSON-normalised. `objective` is the training
-    objective's own entries (`loss_options`, `salt`)."""
+    objective's own entries (`loss_options`, `salt`); `data_source` the source's provenance
+    (`cat_jax.data.DataSource.describe()`: recorded, not compared on resume)."""
     info = {
         **model.describe(),
         "vocabulary": vocab_info(vocab),
@@ -312,25 +238,11 @@ def run_info(model: models.Model, vocab, objective: dict[str, Any], dataset, tea
         "optimizer": optimizer,
         "teacher": teacher.describe() if teacher is not None else None,
         "train_steps": int(train_steps),
-        "data_source": _data_source(),
+        "data_source": data_source,
         # batches in memory (seqio or exported: the same) or streamed: two different orders
-        "data_order": "streamed" if _data_source().startswith("streaming:") else "in_memory",
+        "data_order": "streamed" if data_source.startswith("streaming:") else "in_memory",
     }
     return json.loads(json.dumps(info, default=str))
-
-
-def _data_source() -> str:
-    """'seqio' or 'exported:<dir>' (provenance only; not compared on resume)."""
-    from cat_jax import data  # pylint: disable=import-outside-toplevel
-    return data.data_source().describe()
-
-
-def read_run_info(model_dir: str) -> dict[str, Any] | None:
-    path = os.path.join(model_dir, RUN_INFO)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def write_run_info(model_dir: str, info: dict[str, Any]) -> None:

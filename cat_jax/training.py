@@ -38,6 +38,7 @@ import numpy as np
 from cat_jax import data as data_lib
 from cat_jax import evaluation, gin_utils, models, optimizers, partitioning, runtime
 from cat_jax import model_dir as model_dir_lib
+from cat_jax import vocabulary_store
 from cat_jax.checkpoints import Checkpointer, restore_params
 from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, TeacherMismatchError, check_int
 from cat_jax.frozen_model import (FrozenModel, check_config, check_vocabulary, load_frozen_model,
@@ -141,7 +142,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, mod
                                                   dict(train_dataset.task_feature_lengths),
                                                   max_examples=eval_max_examples)
         if runtime.is_lead():
-            run.info["vocabulary_files"] = model_dir_lib.write_vocabulary(model_dir, run.vocab)
+            run.info["vocabulary_files"] = vocabulary_store.write_vocabulary(model_dir, run.vocab)
             model_dir_lib.write_run_info(model_dir, run.info)
             gin_utils.write_config(model_dir)
         runtime.sync("cat_jax_run_info_written")
@@ -265,7 +266,8 @@ def _prepare(model_dir, train_steps, model_config, compute_dtype, train_dataset,
     if initial_checkpoint_dir:
         check_initial_checkpoint(initial_checkpoint_dir, model.config, vocab)
     info = model_dir_lib.run_info(model, vocab, objective.info(), train_dataset, teacher, seed=seed,
-                                  optimizer=optimizers.settings(), train_steps=train_steps)
+                                  optimizer=optimizers.settings(), train_steps=train_steps,
+                                  data_source=data_lib.data_source().describe())
     latest = Checkpointer.latest_in(model_dir)
     if latest is not None:
         info = model_dir_lib.check_resume(model_dir, info, allow_change=allow_config_change)

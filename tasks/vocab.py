@@ -30,7 +30,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from cat_jax import hf_tokenizer
+from cat_jax import hf_tokenizer, vocabulary_store
 from cat_jax.errors import ConfigError
 
 KINDS = ("byte", "sentencepiece", "hf_tokenizer")
@@ -105,13 +105,10 @@ def _build(kind: str, sentencepiece_model_path: str | None, extra_ids: int, hf_t
 
 def _from_model_dir(model_dir: str) -> tuple:
     """`_build`'s arguments for the vocabulary a MODEL_DIR stores."""
-    from cat_jax import model_dir as model_dir_lib  # pylint: disable=import-outside-toplevel
-
-    info = model_dir_lib.read_run_info(model_dir)
-    record = (info or {}).get("vocabulary_files")
+    record = vocabulary_store.stored_record(model_dir)
     if record is None:
         raise ConfigError(
-            f"get_vocabulary.from_model_dir={model_dir!r}: it holds no {model_dir_lib.RUN_INFO} with "
+            f"get_vocabulary.from_model_dir={model_dir!r}: it holds no {vocabulary_store.RUN_INFO} with "
             "vocabulary files. Point it at a MODEL_DIR written by cat_jax.train or "
             "cat_jax.import_checkpoint.")
     if record["kind"] == "byte":
@@ -129,9 +126,7 @@ def default_to_model_dir(model_dir: str) -> None:
     (eval, infer and cascade_eval default to the vocabulary of the model they restore)."""
     if gin.get_bindings(get_vocabulary):
         return
-    from cat_jax import model_dir as model_dir_lib  # pylint: disable=import-outside-toplevel
-
-    if (model_dir_lib.read_run_info(model_dir) or {}).get("vocabulary_files"):
+    if vocabulary_store.stored_record(model_dir):
         _DEFAULT_MODEL_DIR[:] = [os.path.abspath(model_dir)]
 
 

@@ -16,6 +16,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from cat_jax import model_dir as model_dir_lib
+from cat_jax import vocabulary_store
 from cat_jax.decoding import greedy_decode
 from cat_jax.errors import ConversionError, ModelDirError
 from cat_jax.models.convert import exporter, importer, tree
@@ -154,7 +155,7 @@ def test_imported_vocabulary_is_the_tokenizer_with_its_extra_ids(imported):
     model_dir, config, _ = imported["t5_v1_1"]
     info = model_dir_lib.read_run_info(str(model_dir))
     assert info["vocabulary_files"] == {"kind": "sentencepiece", "file": "spiece.model", "extra_ids": 4}
-    vocab = model_dir_lib.model_vocabulary(str(model_dir))
+    vocab = vocabulary_store.model_vocabulary(str(model_dir))
     assert vocab.vocab_size == 104 <= config.vocab_size == 128
     assert info["vocabulary"] == {**info["vocabulary"], "class": "SentencePieceVocabulary", "size": 104}
     assert info["imported_from"]["format"] == "hf"

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -39,15 +40,15 @@ TF_FREE_RUNNER = textwrap.dedent(f"""
 
 
 @contextlib.contextmanager
-def exported_source(path):
-    """`--gin.data_source.exported_dir=path` for the duration."""
+def exported_source(path, setting="exported_dir"):
+    """`--gin.data_source.exported_dir=path` (or `setting`: streaming_dir) for the duration."""
     with gin.unlock_config():
-        gin.bind_parameter("data_source.exported_dir", str(path))
+        gin.bind_parameter(f"data_source.{setting}", str(path))
     try:
         yield
     finally:
         with gin.unlock_config():
-            gin.bind_parameter("data_source.exported_dir", None)
+            gin.bind_parameter(f"data_source.{setting}", None)
 
 
 def run_tf_free(module: str, args: list[str], tmp_path, check: bool = True) -> subprocess.CompletedProcess:
@@ -320,3 +321,70 @@ def test_tensorflow_free_host_without_the_switch_says_how_to_fix(tmp_path):
                        check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--gin.data_source.exported_dir=DIR" in proc.stderr and "python -m cat_jax.export_task" in proc.stderr
+
+
+OLD_EXPORTS = REPO / "tests" / "fixtures" / "old_exports"
+OLD_LENGTHS = {"inputs": 16, "targets": 12}
+
+
+def test_exports_written_by_an_earlier_cat_jax_still_load():
+    """tests/fixtures/old_exports (offline_mix, 3 examples per task, written at commit 409bbd9):
+    the .npz export loads as stored, the ArrayRecord export as the same examples and batches, both
+    with the manifests' rates, vocabulary, postprocessed targets and metric fns."""
+    manifest = json.loads((OLD_EXPORTS / "npz" / "offline_mix.validation.json").read_text())
+    with np.load(OLD_EXPORTS / "npz" / "offline_mix.validation.npz", allow_pickle=False) as stored:
+        stored = {k: stored[k] for k in stored.files}
+    with exported_source(OLD_EXPORTS / "npz"):
+        npz = data.load_split("offline_mix", "validation", OLD_LENGTHS, max_examples=3)
+        npz_rates = data.mixture_rates("offline_mix")
+        npz_vocab = data.get_vocabulary_of("offline_mix")
+        npz_g2p = data.get_task_or_mixture("cmudict_g2p")
+    with exported_source(OLD_EXPORTS / "array_record", "streaming_dir"):
+        source = data.data_source()
+        streamed = data.load_split("offline_mix", "validation", OLD_LENGTHS)
+        stream_rates = data.mixture_rates("offline_mix")
+        stream_vocab = data.get_vocabulary_of("offline_mix")
+        stream_g2p = data.get_task_or_mixture("cmudict_g2p")
+        batches = source.train_batches("offline_mix", "validation", OLD_LENGTHS, 6, 0, None, (0, 1))
+    assert npz.ids.tolist() == stored["ids"].tolist() and len(npz) == 12
+    for k in data.MODEL_FEATURES:
+        np.testing.assert_array_equal(npz.features[k], stored[f"feature/{k}"], err_msg=k)
+    assert_arrays_equal(npz, streamed)
+    np.testing.assert_array_equal(npz.extras, streamed.extras)
+    assert npz_rates == stream_rates == manifest["rates"] == {
+        "cmudict_g2p": 99284.0, "cmudict_syllables": 99284.0, "num2words_de": 15137.0, "num2words_fr": 15137.0}
+    assert model_dir.vocab_info(npz_vocab) == model_dir.vocab_info(stream_vocab) == {
+        "class": "ByteVocabulary", "size": 259}
+    rows = np.flatnonzero(npz.task_names == "cmudict_g2p")
+    for task in (npz_g2p, stream_g2p):
+        assert [fn.__name__ for fn in task.predict_metric_fns] == ["exact_match_any", "phoneme_error_rate"]
+        targets = [task.postprocess_fn(npz.targets_text[i], example=npz.example(i), is_target=True) for i in rows]
+        assert targets == [json.loads(stored["postprocessed_targets"][i]) for i in rows]
+    picks = [batches.order[p] for p in range(6)]
+    row_of = {i: k for k, i in enumerate(npz.ids.tolist())}
+    ids = [streamed.ids[streamed.task_names == batches.tasks[t]][i] for t, i in picks]
+    batch = batches.local_batch(0)
+    for k in data.MODEL_FEATURES:
+        np.testing.assert_array_equal(batch[k], npz.features[k][[row_of[i] for i in ids]], err_msg=k)
+
+
+@pytest.mark.parametrize("kind, setting", [("npz", "exported_dir"), ("array_record", "streaming_dir")])
+def test_both_file_sources_reopen_on_a_changed_manifest_and_name_the_export_command(kind, setting, tmp_path):
+    folder = tmp_path / kind
+    shutil.copytree(OLD_EXPORTS / kind, folder)
+    source = data.data_source(**{setting: str(folder)})
+    assert data.data_source(**{setting: str(folder)}) is source
+    assert source.describe() == f"{source.kind}:{folder}"
+    path = folder / ("offline_mix.validation.json" if kind == "npz" else "offline_mix.validation/manifest.json")
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format": manifest["format"].rsplit("/", 1)[0] + "/0"}))
+    reopened = data.data_source(**{setting: str(folder)})
+    assert reopened is not source and reopened.manifests == {} and source.manifests
+    with pytest.raises(UnknownTaskError) as unknown:
+        reopened.provider("offline_mix")
+    message = str(unknown.value)
+    assert f"{path.relative_to(folder)} were written by an older cat_jax" in message
+    assert f"(data_source.{setting})" in message and f"--gin.EXPORT_DIR={folder}" in message
+    assert ("--gin.export_split.format='array_record'" in message) == (kind == "array_record")
+    with pytest.raises(ExportedDataError, match=f"data_source.{setting}=.* is not a directory"):
+        data.data_source(**{setting: str(tmp_path / "nowhere")})

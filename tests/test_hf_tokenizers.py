@@ -16,8 +16,8 @@ import gin
 import numpy as np
 import pytest
 
-from cat_jax import hf_tokenizer, model_dir, vocabularies
-from cat_jax.data import exported
+from cat_jax import hf_tokenizer, model_dir, vocabularies, vocabulary_store
+from cat_jax.data import file_source
 from cat_jax.errors import ConfigError, TeacherMismatchError
 from cat_jax.frozen_model import check_vocabulary
 
@@ -143,7 +143,7 @@ def test_model_dir_round_trip(style, tmp_path):
     vocab = vocab_of(style)
     directory = tmp_path / "model_dir"
     directory.mkdir()
-    record = model_dir.write_vocabulary(str(directory), vocab)
+    record = vocabulary_store.write_vocabulary(str(directory), vocab)
     assert record == {"kind": "hf_tokenizer", "files": list(vocab.files)}
     assert "tokenizer_config.json" in record["files"] and "generation_config.json" in record["files"]
     for name in record["files"]:
@@ -151,7 +151,7 @@ def test_model_dir_round_trip(style, tmp_path):
     model_dir.write_run_info(str(directory), {"vocabulary": model_dir.vocab_info(vocab),
                                               "vocabulary_files": record})
     (directory / "tokenizer.json.tmp.stray").write_text("not read")
-    rebuilt = model_dir.model_vocabulary(str(directory))
+    rebuilt = vocabulary_store.model_vocabulary(str(directory))
     assert isinstance(rebuilt, hf_tokenizer.HFTokenizerVocabulary)
     assert model_dir.vocab_info(rebuilt) == model_dir.vocab_info(vocab)
     assert rebuilt.stop_ids == vocab.stop_ids and rebuilt.directory == str(directory)
@@ -159,7 +159,7 @@ def test_model_dir_round_trip(style, tmp_path):
         assert rebuilt.encode_prompt(row["prompt"]) == row["input_ids"]
     (directory / "generation_config.json").unlink()
     with pytest.raises(ConfigError, match=r"lacks the tokenizer files \['generation_config.json'\]"):
-        model_dir.model_vocabulary(str(directory))
+        vocabulary_store.model_vocabulary(str(directory))
 
 
 def test_check_vocabulary_names_both_tokenizers(tmp_path):
@@ -186,7 +186,7 @@ def test_export_description_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / desc["tokenizer_dir"]).iterdir()) == sorted(desc["tokenizer_files"])
     rebuilt = vocabularies.from_description(json.loads(json.dumps(desc)), str(tmp_path))
     assert vocabularies.identity(rebuilt) == vocabularies.identity(vocab)
-    assert exported.vocabularies_key(desc) != exported.vocabularies_key(vocabularies.describe(vocab_of("llama2")))
+    assert file_source.vocabularies_key(desc) != file_source.vocabularies_key(vocabularies.describe(vocab_of("llama2")))
     shutil.rmtree(tmp_path / desc["tokenizer_dir"])
     with pytest.raises(FileNotFoundError, match="export the split again"):
         vocabularies.from_description(desc, str(tmp_path))
@@ -271,7 +271,7 @@ def test_get_vocabulary_from_model_dir_and_errors(tmp_path):
     directory = tmp_path / "imported"
     directory.mkdir()
     source = vocab_of("gemma")
-    record = model_dir.write_vocabulary(str(directory), source)
+    record = vocabulary_store.write_vocabulary(str(directory), source)
     model_dir.write_run_info(str(directory), {"vocabulary": model_dir.vocab_info(source),
                                               "vocabulary_files": record})
     live = task_vocab.get_vocabulary(from_model_dir=str(directory))

@@ -1,85 +1,31 @@
 """Writing exports: a task's or mixture's splits through the live seqio pipeline into the files
-`cat_jax.data.exported` reads (the job of `python -m cat_jax.export_task`)."""
+`cat_jax.data.exported` (.npz) or `cat_jax.data.streaming` (ArrayRecord shards, written by
+`cat_jax.data.stream_export`) reads: the job of `python -m cat_jax.export_task`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
 import numpy as np
 
-from cat_jax import metrics, vocabularies
 from cat_jax.data.arrays import ExampleArrays
-from cat_jax.data.arrays import SAMPLE_SEED
-from cat_jax.data.loading import load_split_from
-from cat_jax.data.exported import (FORMAT, POSTPROCESSED_TARGETS, export_command, manifest_path,
-                                   describe_fn, npz_path, qualified_name)
-from cat_jax.data.source import live_source
+from cat_jax.data.exported import FORMAT, POSTPROCESSED_TARGETS, manifest_path, npz_path
+from cat_jax.data.loading import live_source
+from cat_jax.data.manifest import export_command, postprocessed_target, write_manifest
+from cat_jax.data.source import load_split_from
+from cat_jax.data.stream_export import export_streaming_one
 from cat_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, (tuple, set, frozenset)):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def task_info(task: Any) -> dict[str, Any]:
-    post = getattr(task, "postprocess_fn", None)
-    if hasattr(task, "_postprocess_fn"):  # seqio.Task: `postprocess_fn` is a method around this one
-        post = task._postprocess_fn  # pylint: disable=protected-access
-    fns = list(getattr(task, "predict_metric_fns", None) or getattr(task, "metric_fns", []))
-    info: dict[str, Any] = {
-        "splits": list(task.splits),
-        "postprocess_fn": qualified_name(post) if post is not None else None,
-        "has_postprocess_fn": post is not None,
-        "postprocess_fn_repr": describe_fn(post),
-        "metric_fns": [qualified_name(fn) for fn in fns],
-        "metric_fn_reprs": [describe_fn(fn) for fn in fns],
-        "quality": None,
-    }
-    try:
-        quality = metrics.get_quality(task.name)
-    except ValueError:
-        quality = None
-    if quality is not None:
-        info["quality"] = {"per_example": qualified_name(quality.per_example),
-                           "corpus": qualified_name(quality.corpus) if quality.corpus else None}
-    return info
-
-
 def _postprocessed_targets(arrays: ExampleArrays, tasks: Mapping[str, Any]) -> np.ndarray:
-    out = []
-    for i, name in enumerate(arrays.task_names.tolist()):
-        post = getattr(tasks[name], "postprocess_fn", None)
-        target = str(arrays.targets_text[i])
-        value = post(target, example=arrays.example(i), is_target=True) if post is not None else target
-        try:
-            out.append(json.dumps(value, default=json_default))
-        except (TypeError, ValueError):
-            out.append("null")  # read back as "not stored": normalised text is used instead
-    return np.array(out, dtype=str)
-
-
-def write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{uuid.uuid4().hex}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    return np.array([postprocessed_target(tasks[name], str(arrays.targets_text[i]), arrays.example(i))
+                     for i, name in enumerate(arrays.task_names.tolist())], dtype=str)
 
 
 def export_one(name: str, split: str, task_feature_lengths: Mapping[str, int], export_dir: str,
@@ -88,37 +34,18 @@ def export_one(name: str, split: str, task_feature_lengths: Mapping[str, int], e
     lengths = {k: int(v) for k, v in dict(task_feature_lengths).items()}
     export_dir = os.path.abspath(os.path.expanduser(export_dir))
     source = live_source()
-    provider = source.provider(name)
-    leaf = source.leaf_tasks(name)
-    tasks = {t.name: t for t in leaf}
-    arrays = load_split_from(source, name, split, lengths, max_examples=max_examples)
-    vocab = source.vocabulary(name)
+    tasks = {t.name: t for t in source.leaf_tasks(name)}
+    arrays = load_split_from(source, name, split, lengths, max_examples)
     os.makedirs(export_dir, exist_ok=True)
-    rates = ({t.name: float(provider.get_rate(t)) for t in provider.tasks}
-             if hasattr(provider, "tasks") else None)
-    order = list(dict.fromkeys(arrays.task_names.tolist()))
-    manifest = {
-        "format": FORMAT,
-        "name": name,
-        "split": split,
-        "kind": "mixture" if rates is not None else "task",
-        "task_feature_lengths": lengths,
-        "max_examples": max_examples,
-        "sample_seed": SAMPLE_SEED,
-        "num_examples": len(arrays),
-        "num_examples_per_task": {t: int(np.sum(arrays.task_names == t)) for t in order},
-        "truncated": {"inputs": arrays.num_truncated_inputs, "targets": arrays.num_truncated_targets},
-        "vocabulary": vocabularies.describe(vocab, export_dir),
-        "rates": rates,
-        "task_order": [t.name for t in leaf],
-        "tasks": {t.name: task_info(t) for t in leaf},
-        "arrays": os.path.basename(npz_path(export_dir, name, split)),
-        "export_command": export_command(name, split, lengths, export_dir, max_examples),
-    }
-    arrays.save(npz_path(export_dir, name, split),
-                extra={POSTPROCESSED_TARGETS: _postprocessed_targets(arrays, tasks)})
-    write_json(manifest_path(export_dir, name, split), manifest)
-    log.info("Exported %s/%s: %d examples to %s", name, split, len(arrays), npz_path(export_dir, name, split))
+    path = npz_path(export_dir, name, split)
+    arrays.save(path, extra={POSTPROCESSED_TARGETS: _postprocessed_targets(arrays, tasks)})
+    manifest = write_manifest(
+        manifest_path(export_dir, name, split), source, name, split, file_format=FORMAT, max_examples=max_examples,
+        counts={t: int(np.sum(arrays.task_names == t)) for t in arrays.task_order()}, export_dir=export_dir,
+        task_feature_lengths=lengths,
+        truncated={"inputs": arrays.num_truncated_inputs, "targets": arrays.num_truncated_targets},
+        arrays=os.path.basename(path), export_command=export_command(name, split, export_dir, lengths, max_examples))
+    log.info("Exported %s/%s: %d examples to %s", name, split, len(arrays), path)
     return manifest
 
 
@@ -153,7 +80,6 @@ def export_split(mixture_or_task_name: str = gin.REQUIRED, split: Any = gin.REQU
     if format == "npz":
         return export_splits(mixture_or_task_name, splits, task_feature_lengths, export_dir, max_examples)
     if format == "array_record":
-        from cat_jax.data.stream_export import export_streaming_one  # pylint: disable=import-outside-toplevel
         return [export_streaming_one(mixture_or_task_name, s, export_dir, max_examples, examples_per_shard)
                 for s in splits]
     raise ConfigError(f"export_split.format={format!r}: choose one of {FORMATS}.")

@@ -29,7 +29,7 @@ import numpy as np
 
 from cat_jax import vocabularies
 from cat_jax.data.arrays import MODEL_FEATURES, ExampleArrays, sampled_ids
-from cat_jax.data.source import DataSource
+from cat_jax.data.source import AUTO, DataSource
 from cat_jax.errors import ConfigError, UnknownTaskError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ _META_FEATURES = {"id": "ids", "inputs_pretokenized": "inputs_text", "targets_pr
 _CACHE_FORMAT = 4  # 4: MAX_EXAMPLES a uniform sample; keyed by task fingerprints
 _LOAD_BATCH = 1024
 _STREAM_BATCH = 256
-AUTO = "auto"
 
 
 def default_cache_dir() -> str:

@@ -1,31 +1,39 @@
-"""One data-source interface, and the gin switch that picks the source of a run.
+"""The data-source interface, and a split of a source sampled and checked (`load_split_from`).
 
 A `DataSource` answers every question the trainer, the evaluation and the cascades ask of their
 data: a task or mixture by name (an object with seqio's `name`, `tasks`, `get_rate`, `splits`,
 `postprocess_fn`, `predict_metric_fns`), its vocabulary, its mixture rates and a split as
-`ExampleArrays`, and the training batches. Three sources exist, one per run, chosen by one gin
-setting and logged:
-  - the live seqio pipeline (`SeqioSource`, the default), in memory;
-  - `--gin.data_source.exported_dir=DIR`: the .npz files `python -m cat_jax.export_task` wrote
-    (`ExportedSource`, no TensorFlow or seqio needed), in memory, the same batches as live seqio;
-  - `--gin.data_source.streaming_dir=DIR`: sharded ArrayRecord files streamed by grain
-    (`cat_jax.data.streaming`), for splits too large for memory (WMT, FLAN, pretraining corpora).
+`ExampleArrays`, and the training batches. Three sources exist, one per run, chosen by the gin switch
+`cat_jax.data.loading.data_source` and logged:
+  - the live seqio pipeline (`cat_jax.data.seqio_source.SeqioSource`, the default), in memory;
+  - the .npz files `python -m cat_jax.export_task` wrote (`cat_jax.data.exported.ExportedSource`, no
+    TensorFlow or seqio needed), in memory, the same batches as live seqio;
+  - sharded ArrayRecord files streamed by grain (`cat_jax.data.streaming.StreamingSource`), for
+    splits too large for memory (WMT, FLAN, pretraining corpora).
 In memory, a training batch is a pure function of (seed, step) over the loaded arrays; streamed, it
 is read from disk and its position is saved in the checkpoint. Use the in-memory path for splits
 that fit comfortably in host memory (it is simpler and fast); stream the others.
+
+This module imports no source: the sources import it.
 """
 
 from __future__ import annotations
 
 import abc
-import functools
-import os
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import gin
+import numpy as np
 
-from cat_jax.data.arrays import ExampleArrays
+from cat_jax.data.arrays import SAMPLE_SEED, ExampleArrays, sample_per_task
+from cat_jax.data.batches import InMemoryBatches
+from cat_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"  # load_split.cache_dir: the default cache directory (cat_jax.data.seqio_source)
 
 
 class DataSource(abc.ABC):
@@ -35,7 +43,7 @@ class DataSource(abc.ABC):
 
     @abc.abstractmethod
     def describe(self) -> str:
-        """Provenance for run_info.json: "seqio" or "exported:<dir>"."""
+        """Provenance for run_info.json: "seqio", "exported:<dir>" or "streaming:<dir>"."""
 
     @abc.abstractmethod
     def provider(self, name: str) -> Any:
@@ -50,8 +58,8 @@ class DataSource(abc.ABC):
                    max_examples: int | None = None, cache_dir: str | None = None) -> ExampleArrays:
         """Every example of `split` this source holds, each sub-task of a mixture in turn.
 
-        `max_examples` is applied by the caller (`cat_jax.data.load_split`, a uniform sample per
-        task); a source whose data was capped checks here that it holds enough.
+        `max_examples` is applied by the caller (`load_split_from`, a uniform sample per task); a
+        source whose data was capped checks here that it holds enough.
         """
 
     def default_vocabulary_from(self, model_dir: str) -> None:
@@ -63,10 +71,7 @@ class DataSource(abc.ABC):
         """The training batches: `.batch(step)` gives this process's rows (block `rows[0]` of
         `rows[1]`) of global batch `step`; `.iterator` is a data iterator whose state the checkpoint
         must hold, or None (in memory: the step is the position)."""
-        from cat_jax.data.batches import InMemoryBatches  # pylint: disable=import-outside-toplevel
-        from cat_jax.data.loading import load_split  # pylint: disable=import-outside-toplevel
-
-        arrays = load_split(name, split, lengths, max_examples, source=self)  # load_split.cache_dir applies
+        arrays = load_split_from(self, name, split, lengths, max_examples)  # load_split.cache_dir applies
         return InMemoryBatches(arrays, batch_size, seed, self.mixture_rates(name), rows)
 
     def leaf_tasks(self, name: str) -> list[Any]:
@@ -82,47 +87,39 @@ class DataSource(abc.ABC):
         return {task.name: float(provider.get_rate(task)) for task in provider.tasks}
 
 
-@functools.lru_cache(maxsize=None)
-def _seqio_source() -> DataSource:
-    from cat_jax.data.seqio_source import SeqioSource  # pylint: disable=import-outside-toplevel
-    return SeqioSource()
+def _warn_truncation(name: str, split: str, arrays: ExampleArrays, lengths: Mapping[str, int]) -> None:
+    truncated = {"inputs": arrays.num_truncated_inputs, "targets": arrays.num_truncated_targets}
+    if any(truncated.values()):
+        longest = {"inputs": int(arrays.input_lengths.max()), "targets": int(arrays.target_lengths.max())}
+        log.warning(
+            "%s/%s: %d of %d examples have inputs longer than %d tokens and %d targets longer than %d "
+            "(EOS included); they were truncated. To keep them whole raise TASK_FEATURE_LENGTHS to %s.",
+            name, split, truncated["inputs"], len(arrays), lengths["inputs"], truncated["targets"],
+            lengths["targets"], longest,
+        )
 
 
-def exported_source(directory: str) -> DataSource:
-    """The export in `directory` (rebuilt when one of its manifests changes)."""
-    from cat_jax.data.exported import registry  # pylint: disable=import-outside-toplevel
-    return registry(directory)
+@gin.configurable("load_split", allowlist=["cache_dir"])
+def load_split_from(source: DataSource, name: str, split: str, lengths: Mapping[str, int],
+                    max_examples: int | None = None, cache_dir: str | None = AUTO) -> ExampleArrays:
+    """The examples of a split of `source` in a fixed order (a mixture: each sub-task in turn).
 
-
-def live_source() -> DataSource:
-    """The live seqio pipeline, whatever `data_source` says (the export job reads it)."""
-    return _seqio_source()
-
-
-@functools.lru_cache(maxsize=None)
-def _streaming_source(directory: str) -> DataSource:
-    from cat_jax.data.streaming import StreamingSource  # pylint: disable=import-outside-toplevel
-    if not os.path.isdir(directory):
-        from cat_jax.errors import ExportedDataError  # pylint: disable=import-outside-toplevel
-        raise ExportedDataError(f"data_source.streaming_dir={directory!r} is not a directory; export there "
-                                "first with python -m cat_jax.export_task --gin.export_split.format='array_record'.")
-    return StreamingSource(directory)
-
-
-@gin.configurable
-def data_source(exported_dir: str | None = None, streaming_dir: str | None = None) -> DataSource:
-    """The source of every task look-up of this run: the live seqio pipeline (default), with
-    `--gin.data_source.exported_dir=/path` the .npz files `python -m cat_jax.export_task` wrote
-    there, or with `--gin.data_source.streaming_dir=/path` its ArrayRecord shards, streamed.
-
-    It switches every look-up together (arrays, vocabulary, mixture rates, metrics), which is why it
-    is its own configurable rather than a parameter of `load_split`.
+    `lengths` is {"inputs": Li, "targets": Lt}; longer examples are counted (and logged) before
+    truncation. `max_examples` keeps a uniform sample of that many examples of each task
+    (`cat_jax.data.arrays.sample_per_task`), in their split order. `cache_dir` (seqio source only):
+    where tokenized splits are kept ("auto": `$CAT_JAX_CACHE_DIR` or ~/.cache/cat_jax/data, for
+    tasks whose code is in files; None: no cache; see `cat_jax.data.seqio_source`). Its gin name is
+    `load_split.cache_dir`: it applies to every split a run loads, the training split included.
     """
-    if exported_dir and streaming_dir:
-        from cat_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
-        raise ConfigError("data_source: give exported_dir or streaming_dir, not both.")
-    if exported_dir:
-        return exported_source(os.path.abspath(os.path.expanduser(exported_dir)))
-    if streaming_dir:
-        return _streaming_source(os.path.abspath(os.path.expanduser(streaming_dir)))
-    return _seqio_source()
+    if set(lengths) != {"inputs", "targets"}:
+        raise ConfigError(f"TASK_FEATURE_LENGTHS needs exactly 'inputs' and 'targets'; got {dict(lengths)}.")
+    lengths = {k: int(v) for k, v in lengths.items()}
+    arrays = source.load_split(name, split, lengths, max_examples=max_examples, cache_dir=cache_dir)
+    if max_examples is not None:
+        full = len(arrays)
+        arrays = sample_per_task(arrays, max_examples, SAMPLE_SEED)
+        counts = {t: int(np.sum(arrays.task_names == t)) for t in arrays.task_order()}
+        log.info("%s/%s: MAX_EXAMPLES=%d per task: a uniform sample of %d of %d examples (%s).", name, split,
+                 max_examples, len(arrays), full, ", ".join(f"{t}: {n}" for t, n in counts.items()))
+    _warn_truncation(name, split, arrays, lengths)
+    return arrays

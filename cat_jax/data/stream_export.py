@@ -23,11 +23,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from cat_jax import vocabularies
-from cat_jax.data.arrays import SAMPLE_SEED
-from cat_jax.data.export import json_default, task_info, write_json
+from cat_jax.data.loading import live_source
+from cat_jax.data.manifest import postprocessed_target, write_json, write_manifest
 from cat_jax.data.seqio_source import examples_with_metadata
-from cat_jax.data.source import live_source
 from cat_jax.data.streaming import FORMAT, MANIFEST, SHARD, encode_record, split_dir
 from cat_jax.errors import ConfigError
 
@@ -84,16 +82,6 @@ def _read_progress(task_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _postprocessed(task: Any, example: Mapping[str, str]) -> str:
-    post = getattr(task, "postprocess_fn", None)
-    target = example["targets_pretokenized"]
-    value = post(target, example=dict(example), is_target=True) if post is not None else target
-    try:
-        return json.dumps(value, default=json_default)
-    except (TypeError, ValueError):
-        return "null"  # read back as "not stored": normalised text is used instead
-
-
 def export_task_stream(task: Any, split: str, task_dir: str, examples_per_shard: int,
                        max_examples: int | None) -> tuple[list[str], int]:
     """Stream one task's split into shards under `task_dir` (resuming a partial export there);
@@ -131,7 +119,7 @@ def export_task_stream(task: Any, split: str, task_dir: str, examples_per_shard:
             writer = ArrayRecordWriter(os.path.join(task_dir, name + ".tmp"), "group_size:1")
         meta = {"id": example["id"], "inputs_pretokenized": example["inputs_text"],
                 "targets_pretokenized": example["targets_text"], **json.loads(example["extras"])}
-        writer.write(encode_record({**example, "post": _postprocessed(task, meta)}))
+        writer.write(encode_record({**example, "post": postprocessed_target(task, example["targets_text"], meta)}))
         count += 1
         meter.update()
         if count == examples_per_shard:
@@ -151,7 +139,6 @@ def export_streaming_one(name: str, split: str, export_dir: str, max_examples: i
         raise ConfigError(f"export_split.examples_per_shard must be >= 1, not {examples_per_shard}.")
     export_dir = os.path.abspath(os.path.expanduser(export_dir))
     source = live_source()
-    provider = source.provider(name)
     leaf = source.leaf_tasks(name)
     base = split_dir(export_dir, name, split)
     shards, counts = {}, {}
@@ -160,27 +147,10 @@ def export_streaming_one(name: str, split: str, export_dir: str, max_examples: i
             raise ConfigError(f"Task {task.name!r} has no split {split!r}; it has {list(task.splits)}.")
         shards[task.name], counts[task.name] = export_task_stream(
             task, split, os.path.join(base, task.name), examples_per_shard, max_examples)
-    rates = ({t.name: float(provider.get_rate(t)) for t in provider.tasks}
-             if hasattr(provider, "tasks") else None)
     eos = {t.name: {k: (t.output_features[k].vocabulary.eos_id if t.output_features[k].add_eos else None)
                     for k in ("inputs", "targets")} for t in leaf}
-    manifest = {
-        "format": FORMAT,
-        "name": name,
-        "split": split,
-        "kind": "mixture" if rates is not None else "task",
-        "max_examples": max_examples,
-        "sample_seed": SAMPLE_SEED,
-        "num_examples": int(sum(counts.values())),
-        "num_examples_per_task": counts,
-        "shards": shards,
-        "eos": eos,
-        "vocabulary": vocabularies.describe(source.vocabulary(name), export_dir),
-        "rates": rates,
-        "task_order": [t.name for t in leaf],
-        "tasks": {t.name: task_info(t) for t in leaf},
-    }
-    write_json(os.path.join(base, MANIFEST), manifest)
+    manifest = write_manifest(os.path.join(base, MANIFEST), source, name, split, file_format=FORMAT,
+                              max_examples=max_examples, counts=counts, export_dir=export_dir, shards=shards, eos=eos)
     log.info("Exported %s/%s for streaming: %d examples in %d shards under %s", name, split,
              manifest["num_examples"], sum(len(s) for s in shards.values()), base)
     return manifest

@@ -1,15 +1,17 @@
 """Streaming data: a split stored as sharded ArrayRecord files and read by grain, never whole.
 
 Layout written by `python -m cat_jax.export_task --gin.export_split.format='array_record'`
-(`cat_jax.data.export.export_streaming`), per (name, split):
+(`cat_jax.data.stream_export`), per (name, split):
 
-    <dir>/<name>.<split>/manifest.json        tasks, rates, counts, shards, vocabulary, metrics
+    <dir>/<name>.<split>/manifest.json        tasks, rates, counts, shards, EOS ids, vocabulary,
+        metrics (`cat_jax.data.manifest`)
     <dir>/<name>.<split>/<task>/shard-NNNNN.array_record   one msgpack record per example: id,
         the untruncated token ids of inputs and targets (EOS included), the pretokenized texts,
         the task's other string features and its postprocessed target
 
-With `--gin.data_source.streaming_dir=<dir>` every task look-up reads these (`StreamingSource`):
-training batches stream through grain, evaluation splits are read into memory (they are small).
+With `--gin.data_source.streaming_dir=<dir>` every task look-up reads these (`StreamingSource`, a
+`cat_jax.data.file_source.FileSource` as the .npz export's source is): training batches stream
+through grain, evaluation splits are read into memory (they are small).
 
 The training stream (`StreamingBatches`), for a global batch size B over P processes:
   - each task's records in a seeded permutation per epoch (grain's index shuffle: O(1) memory,
@@ -27,7 +29,6 @@ reads its rows of that batch). `IteratorHandler` adds that cross-count restore t
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import logging
 import os
@@ -37,11 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from cat_jax import vocabularies
-from cat_jax.data.arrays import MODEL_FEATURES, ExampleArrays
-from cat_jax.data.exported import ExportedMixture, ExportedTask, vocabularies_key
-from cat_jax.data.source import DataSource
-from cat_jax.errors import CheckpointError, ConfigError, ExportedDataError, UnknownTaskError
+from cat_jax.data.arrays import ExampleArrays
+from cat_jax.data.file_source import FileSource
+from cat_jax.errors import CheckpointError, ConfigError, ExportedDataError
 
 log = logging.getLogger(__name__)
 
@@ -103,67 +102,14 @@ def model_features(records: Sequence[Mapping[str, Any]], lengths: Mapping[str, i
             "decoder_target_tokens": targets, "decoder_loss_weights": (targets > 0).astype(np.float32)}
 
 
-class StreamingSource(DataSource):
-    """The streaming exports in a directory: names -> tasks / mixtures, vocabularies, batches."""
+class StreamingSource(FileSource):
+    """The streaming exports of a directory: names -> tasks / mixtures, vocabularies, batches."""
 
     kind = "streaming"
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.manifests: dict[tuple[str, str], dict[str, Any]] = {}
-        for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*", MANIFEST))):
-            with open(path) as f:
-                manifest = json.load(f)
-            if manifest.get("format") == FORMAT:
-                self.manifests[(manifest["name"], manifest["split"])] = manifest
-        self.tasks: dict[str, ExportedTask] = {}
-        self.providers: dict[str, Any] = {}
-        self._vocab: dict[str, dict[str, Any]] = {}
-        for (name, _), manifest in sorted(self.manifests.items()):
-            for task in manifest["task_order"]:
-                self.tasks.setdefault(task, ExportedTask(task, manifest["tasks"][task]))
-                self._set_vocabulary(task, manifest)
-            self._set_vocabulary(name, manifest)
-            if manifest["rates"] is not None:
-                self.providers[name] = ExportedMixture(name, [self.tasks[t] for t in manifest["task_order"]],
-                                                       manifest["rates"])
-        for task_name, task in self.tasks.items():
-            self.providers.setdefault(task_name, task)
-            _ = task.quality  # registered for cascade evaluation
-
-    def _set_vocabulary(self, name: str, manifest: Mapping[str, Any]) -> None:
-        old = self._vocab.setdefault(name, manifest["vocabulary"])
-        if vocabularies_key(old) != vocabularies_key(manifest["vocabulary"]):
-            raise ExportedDataError(f"The streaming exports of {name!r} in {self.directory} disagree on the "
-                                    "vocabulary; export every split again with the same vocabulary.")
-
-    def describe(self) -> str:
-        return f"streaming:{self.directory}"
-
-    def _unknown(self, name: str, split: str | None = None) -> Exception:
-        what = f"{name}/{split}" if split else repr(name)
-        held = sorted(f"{n}/{s}" for n, s in self.manifests)
-        return UnknownTaskError(
-            f"{what} is not exported for streaming in {self.directory} (data_source.streaming_dir); it "
-            f"holds {held or 'nothing'}. Export it where seqio is installed with: python -m cat_jax.export_task "
-            f"--gin_file=gin_configs/runs/export_task.gin --gin.export_split.format='array_record' "
-            f"--gin.MIXTURE_OR_TASK_NAME={name} --gin.SPLIT={split or '<split>'} --gin.EXPORT_DIR={self.directory}")
-
-    def provider(self, name: str) -> Any:
-        if name not in self.providers:
-            raise self._unknown(name)
-        return self.providers[name]
-
-    def vocabulary(self, name: str) -> Any:
-        if name not in self._vocab:
-            raise self._unknown(name)
-        return _vocabulary(self.directory, json.dumps(self._vocab[name], sort_keys=True))
-
-    def manifest(self, name: str, split: str) -> Mapping[str, Any]:
-        manifest = self.manifests.get((name, split))
-        if manifest is None:
-            raise self._unknown(name, split)
-        return manifest
+    format = FORMAT
+    pattern = os.path.join("*", MANIFEST)
+    setting = "data_source.streaming_dir"
+    streaming = True
 
     def shard_paths(self, name: str, split: str, task: str) -> list[str]:
         base = split_dir(self.directory, name, split)
@@ -210,11 +156,6 @@ class StreamingSource(DataSource):
         paths = {task: self.shard_paths(name, split, task) for task in manifest["task_order"]}
         return StreamingBatches(paths, manifest["num_examples_per_task"], manifest["rates"], lengths,
                                 manifest["eos"], batch_size, seed, rows)
-
-
-@functools.lru_cache(maxsize=None)
-def _vocabulary(directory: str, desc_json: str) -> Any:
-    return vocabularies.from_description(json.loads(desc_json), directory)
 
 
 class StreamingBatches:

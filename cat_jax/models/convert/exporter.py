@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from cat_jax import model_dir as model_dir_lib
+from cat_jax import vocabulary_store
 from cat_jax import models
 from cat_jax.checkpoints import restore_params
 from cat_jax.errors import ConversionError
@@ -70,7 +71,7 @@ def export_checkpoint(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.RE
     cast = (lambda a: a.astype(ml_dtypes.bfloat16)) if dtype == "bfloat16" else (lambda a: a)
     tensors = hf.tensors_for_export(config, params, cast)
     record = info.get("vocabulary_files") or {}
-    vocab = model_dir_lib.model_vocabulary(model_dir, info)
+    vocab = vocabulary_store.model_vocabulary(model_dir, info)
     tmp = f"{output_dir}.export-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
@@ -99,7 +100,7 @@ def _export_decoder(model_dir: str, output_dir: str, config: Any, info: dict[str
                     params: dict[str, np.ndarray], step: int, dtype: str) -> str:
     """A decoder-only model as its model_type's Hub directory, with the tokenizer files its
     MODEL_DIR stores (built beside OUTPUT_DIR, then renamed into place)."""
-    vocab = model_dir_lib.model_vocabulary(model_dir, info)
+    vocab = vocabulary_store.model_vocabulary(model_dir, info)
     if vocab.vocab_size > config.vocab_size:
         raise ConversionError(f"The vocabulary ({vocab.vocab_size} ids) exceeds the model's vocab_size "
                               f"{config.vocab_size}.")

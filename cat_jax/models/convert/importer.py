@@ -34,6 +34,7 @@ import numpy as np
 
 from cat_jax import hf_tokenizer, models, vocabularies
 from cat_jax import model_dir as model_dir_lib
+from cat_jax import vocabulary_store
 from cat_jax.checkpoints import save_host_state
 from cat_jax.errors import ConfigError, ConversionError, ModelDirError
 from cat_jax.models.convert import hub
@@ -209,7 +210,7 @@ def _write_model_dir(source: str, model_dir: str, config: Any, vocab: Any, tenso
         params = _write_scratch(tensors, os.path.join(tmp, "scratch"), total)
         info = {
             **models.build(config).describe(), "vocabulary": vocabularies.identity(vocab),
-            "vocabulary_files": model_dir_lib.write_vocabulary(tmp, vocab),
+            "vocabulary_files": vocabulary_store.write_vocabulary(tmp, vocab),
             "imported_from": {"source": source, **provenance}, "dataset": None, "loss_options": None,
             "teacher": None, "data_source": None,
         }
