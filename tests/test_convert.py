@@ -20,7 +20,7 @@ from cat_jax import vocabulary_store
 from cat_jax.decoding import greedy_decode
 from cat_jax.errors import ConversionError, ModelDirError
 from cat_jax.models.convert import exporter, importer, tree
-from cat_jax.models.t5 import Transformer, forward_flops
+from cat_jax.models.t5 import T5Model, Transformer, forward_flops
 from cat_jax.models.t5.convert import hf, t5x
 from conftest import REPO, run_module
 from tolerances import DEEP, assert_close, near_ties
@@ -115,7 +115,7 @@ def test_greedy_decoding_equals_transformers_generate(imported, name):
     _, config, params = imported[name]
     ref = np.load(FIXTURES / name / "reference.npz")
     want = ref["generate_output_ids"]
-    out = greedy_decode(Transformer(config), tree.unflatten(params), jnp.asarray(ref["generate_input_ids"]),
+    out = greedy_decode(T5Model(config), tree.unflatten(params), {"encoder_input_tokens": jnp.asarray(ref["generate_input_ids"])},
                         max_decode_length=want.shape[1], eos_id=1)
     # Exact equality is well posed only without near-ties on the path (tests/tolerances.py): token 0
     # is never generated, so the decision is among the others.

@@ -79,7 +79,7 @@ def hub_family(source: str) -> str:
     if model_type in decoder_hf.SUPPORTED_MODEL_TYPES:
         return "decoder"
     raise ConversionError(
-        f"{source}: config.json's model_type {model_type!r} is not supported. Supported: "
+        f"{source}: config.json's model_type={model_type!r} is not supported. Supported: "
         f"{', '.join(hf.SUPPORTED_MODEL_TYPES)} (encoder-decoders) and {', '.join(decoder_hf.SUPPORTED_MODEL_TYPES)} "
         "(decoder-only).")
 
