@@ -35,7 +35,7 @@ from cat_jax import models  # noqa: E402
 from cat_jax.objectives.token_loss import LossOptions, token_loss  # noqa: E402
 from cat_jax.optimizers import make_optimizer  # noqa: E402
 from cat_jax.train_state import state_shardings  # noqa: E402
-from cat_jax.trainer import compile_train_step, make_train_step  # noqa: E402
+from cat_jax.train_step import compile_train_step, make_train_step  # noqa: E402
 
 STEPS = {"ce": LossOptions(), "cat": LossOptions(mask="small_or_large"),
          "cat_distill": LossOptions(mask="small_or_large", alpha=0.5)}

@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     import jax
 
-    from cat_jax.models.convert import importer
+    from cat_jax.jobs import import_checkpoint as importer
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     hub, out = os.path.join(args.workdir, "hub"), os.path.join(args.workdir, "model_dir")

@@ -136,7 +136,7 @@ def run_ours(a: argparse.Namespace) -> None:
     from cat_jax.objectives.token_loss import LossOptions, token_loss
     from cat_jax.optimizers import make_optimizer
     from cat_jax.train_state import init_train_state, state_shardings
-    from cat_jax.trainer import compile_train_step, make_train_step
+    from cat_jax.train_step import compile_train_step, make_train_step
 
     device = common.jax_device_name()
     nominal = common.nominal_peak_tflops(device)

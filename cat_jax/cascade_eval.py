@@ -4,14 +4,14 @@
 
 Decodes the split with every model and writes the records (examples.jsonl, validation_examples.jsonl,
 cascade_config.json), curves.csv/json, summary.json/md (k-tier cascades and budgets included) and PNG
-plots of quality against relative FLOPs into OUTPUT_DIR; `python -m cat_jax.cascade.analyse
+plots of quality against relative FLOPs into OUTPUT_DIR; `python -m cat_jax.cascade_analyse
 OUTPUT_DIR` redoes the analysis from the records.
 """
 
 from __future__ import annotations
 
 from cat_jax import gin_utils, runtime
-from cat_jax.cascade.pipeline import run_cascade_eval
+from cat_jax.jobs.cascade_eval import run_cascade_eval
 
 
 def main(rest: list[str]) -> int:

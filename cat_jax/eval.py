@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from cat_jax import gin_utils, runtime
-from cat_jax.inference import run_eval
+from cat_jax.jobs.eval import run_eval
 
 
 def main(rest: list[str]) -> int:

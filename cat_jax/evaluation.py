@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cat_jax import data as data_lib
-from cat_jax import partitioning
+from cat_jax import metrics, partitioning
 from cat_jax.decoding import DecodingConfig, make_decoder
 from cat_jax.errors import ConfigError
 from cat_jax.models import Model
@@ -146,3 +146,43 @@ def evaluate(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab,
 
 def flatten(metrics: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{task}/{name}": value for task, m in metrics.items() for name, value in m.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split's examples, their postprocessed targets and the rows of each task."""
+
+    name: str
+    arrays: data_lib.ExampleArrays
+    targets: list[Any]
+    task_rows: dict[str, np.ndarray]
+
+
+def load_split(dataset: Any, split: str) -> Split:
+    """A split of the dataset (a DatasetConfig) with its targets postprocessed by each example's task."""
+    arrays = data_lib.load_split(dataset.mixture_or_task_name, split, dict(dataset.task_feature_lengths),
+                                 max_examples=dataset.max_examples)
+    names = list(dict.fromkeys(arrays.task_names.tolist()))
+    tasks = {name: data_lib.get_task_or_mixture(name) for name in names}
+    targets = [tasks[t].postprocess_fn(arrays.targets_text[i], example=arrays.example(i), is_target=True)
+               for i, t in enumerate(arrays.task_names)]
+    rows = {name: np.flatnonzero(arrays.task_names == name) for name in names}
+    return Split(split, arrays, targets, rows)
+
+
+def input_lengths(arrays: data_lib.ExampleArrays) -> np.ndarray:
+    """Each example's encoder tokens [N], capped at the configured input length."""
+    return np.minimum(arrays.input_lengths, arrays.features["encoder_input_tokens"].shape[1])
+
+
+def score_texts(split: Split, texts: Sequence[str]) -> tuple[list[Any], np.ndarray]:
+    """Predictions [N] postprocessed by each example's task, and their per-example quality [N]."""
+    arrays = split.arrays
+    tasks = {name: data_lib.get_task_or_mixture(name) for name in split.task_rows}
+    processed = [tasks[t].postprocess_fn(texts[i], example=arrays.example(i), is_target=False)
+                 for i, t in enumerate(arrays.task_names)]
+    quality = np.zeros(len(arrays))
+    for name, rows in split.task_rows.items():
+        per_example = metrics.get_quality(name).per_example
+        quality[rows] = per_example([split.targets[i] for i in rows], [processed[i] for i in rows])
+    return processed, quality

@@ -3,13 +3,13 @@
 --gin.OUTPUT_DIR=/tmp/cat_jax/small_cat_hf`.
 
 The result loads with `transformers.T5ForConditionalGeneration.from_pretrained(OUTPUT_DIR)`.
-See `cat_jax.models.convert.exporter`.
+See `cat_jax.jobs.export_checkpoint`.
 """
 
 from __future__ import annotations
 
 from cat_jax import gin_utils, runtime
-from cat_jax.models.convert.exporter import export_checkpoint
+from cat_jax.jobs.export_checkpoint import export_checkpoint
 
 
 def main(rest: list[str]) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 from cat_jax import gin_utils, runtime
-from cat_jax.data.export import export_split
+from cat_jax.jobs.export_task import export_split
 from cat_jax.data.stream_export import manifest_summary
 from cat_jax.data.streaming import FORMAT as STREAMING_FORMAT
 

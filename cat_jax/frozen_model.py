@@ -9,6 +9,7 @@ checkpoint is self-describing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ from jax.sharding import Mesh
 from cat_jax import model_dir as model_dir_lib
 from cat_jax import partitioning, vocabularies
 from cat_jax import models
-from cat_jax.checkpoints import restore_params
+from cat_jax.checkpoints import latest_finished_step, restore_params
 from cat_jax.errors import CheckpointError, TeacherMismatchError
 
 
@@ -129,3 +130,20 @@ def check_config(model_dir: str, info: dict[str, Any], expected: Any, role: str 
             f"the one configured:\n  " + "\n  ".join(diffs)
             + "\nPoint the directory at the right run or fix the configured model (e.g. the "
             "gin_configs/models/ file of that checkpoint).")
+
+
+def check_cascade_models(model_dirs: Mapping[str, str], large: str) -> None:
+    """Refuses, before anything is decoded (model_dirs[large] the large model), a model directory without run_info.json (CheckpointError),
+    small models whose vocabulary differs from the large one's (TeacherMismatchError), and a model
+    directory without a finished checkpoint (CheckpointError)."""
+    info = {name: read_model_info(d) for name, d in model_dirs.items()}
+    want = (info[large]["vocabulary"], info[large]["model_config"]["vocab_size"])
+    for name, model_dir in model_dirs.items():
+        have = (info[name]["vocabulary"], info[name]["model_config"]["vocab_size"])
+        if have != want:
+            raise TeacherMismatchError(
+                f"small model {name!r} ({model_dir}) has vocabulary {have[0]} with vocab_size {have[1]}, "
+                f"but the large model ({model_dirs[large]}) has {want[0]} with vocab_size {want[1]}. All "
+                "models of a cascade must share one vocabulary: train them on tasks with the same one.")
+    for model_dir in model_dirs.values():
+        latest_finished_step(model_dir)

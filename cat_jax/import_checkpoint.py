@@ -4,7 +4,7 @@
 
 SOURCE: a Hugging Face T5 / Flan-T5 / mT5 / ByT5 directory, or a T5X checkpoint (legacy or Orbax
 format). MODEL_DIR must not exist or be empty; it becomes an ordinary cat_jax MODEL_DIR (step 0).
-See `cat_jax.models.convert.importer`.
+See `cat_jax.jobs.import_checkpoint`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from cat_jax import gin_utils, runtime
-from cat_jax.models.convert.importer import import_checkpoint
+from cat_jax.jobs.import_checkpoint import import_checkpoint
 
 
 def main(rest: list[str]) -> int:

@@ -8,7 +8,7 @@ log-probabilities and entropies of the generated tokens.
 from __future__ import annotations
 
 from cat_jax import gin_utils, runtime
-from cat_jax.inference import run_infer
+from cat_jax.jobs.infer import run_infer
 
 
 def main(rest: list[str]) -> int:

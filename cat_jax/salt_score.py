@@ -4,7 +4,7 @@
 
 Writes scores.npz / scores.json into SCORES_DIR (resumable: the same command continues); a
 training run picks its band with `--gin.DataSelection.scores_dir=SCORES_DIR`. See
-`cat_jax.salt.scoring`.
+`cat_jax.jobs.salt_score`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from cat_jax import gin_utils, runtime
-from cat_jax.salt.scoring import salt_score
+from cat_jax.jobs.salt_score import salt_score
 
 
 def main(rest: list[str]) -> int:

@@ -11,7 +11,7 @@ against relative latency and relative FLOPs into OUTPUT_DIR.
 from __future__ import annotations
 
 from cat_jax import gin_utils, runtime
-from cat_jax.cascade.speculative.pipeline import run_speculative_eval
+from cat_jax.jobs.speculative_eval import run_speculative_eval
 
 
 def main(rest: list[str]) -> int:

@@ -1,7 +1,7 @@
 """Train a model: `python -m cat_jax.train --gin_file=gin_configs/runs/train_large.gin
 --gin.MODEL_DIR=/tmp/cat_jax/large --gin.TRAIN_STEPS=2000`.
 
-See `cat_jax.training.train` for the restore order and every gin parameter.
+See `cat_jax.jobs.train.train` for the restore order and every gin parameter.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from cat_jax import evaluation, gin_utils, runtime
-from cat_jax.training import train
+from cat_jax.jobs.train import train
 
 
 def main(rest: list[str]) -> int:

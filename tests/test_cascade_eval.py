@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from cat_jax import data, metrics, partitioning
-from cat_jax.cascade import analyse
+from cat_jax.jobs import cascade_analyse as analyse
 from cat_jax.cascade.analysis import analyse as analyse_records
-from cat_jax.cascade.pipeline import Decoded, load_split, run_cascade_eval, split_records
+from cat_jax.evaluation import load_split
+from cat_jax.jobs.cascade_eval import Decoded, run_cascade_eval, split_records
 from cat_jax.cascade.plan import LARGE, AnalysisConfig, Options
 from cat_jax.errors import CheckpointError, ConfigError, TeacherMismatchError
 from cat_jax.evaluation import Predictions
 from cat_jax.frozen_model import load_frozen_model
-from cat_jax.inference import InferenceConfig
+from cat_jax.data.config import DatasetConfig
 from cat_jax.models.t5 import T5Config, Transformer, encoder_flops, encoder_layers_flops, forward_flops
 from conftest import DATA_CACHE, REPO, SUBPROCESS_ENV, run_module, train_args
 from tolerances import DEEP, assert_close
@@ -131,7 +132,7 @@ def test_large_embedding_is_its_mean_encoder_output(outputs, model_dirs):
     out, _ = outputs
     frozen = load_frozen_model(str(model_dirs["large"]), mesh=partitioning.make_mesh(),
                                rules=partitioning.logical_axis_rules())
-    split = load_split(InferenceConfig(MIXTURE, {"inputs": 32, "targets": 8}, max_examples=PER_TASK), "test")
+    split = load_split(DatasetConfig(MIXTURE, {"inputs": 32, "targets": 8}, max_examples=PER_TASK), "test")
     tokens = split.arrays.features["encoder_input_tokens"]
     hidden = np.asarray(frozen.model.module.apply({"params": frozen.params}, tokens, frozen.config.num_encoder_layers,
                                                   method=Transformer.encoder_hidden), np.float64)
@@ -246,7 +247,7 @@ def test_three_tier_cascade_costs_match_the_examples(outputs):
 
 
 def test_reanalysis_reproduces_the_live_run_byte_for_byte(outputs, tmp_path):
-    """`python -m cat_jax.cascade.analyse` from the records alone, without TensorFlow or seqio."""
+    """`python -m cat_jax.cascade_analyse` from the records alone, without TensorFlow or seqio."""
     out, _ = outputs
     again = tmp_path / "again"
     check = ("import sys; from cat_jax.cascade import analyse; rc = analyse.main(sys.argv[1:]); "
@@ -299,7 +300,7 @@ def test_unknown_rule_exits_with_the_known_rules(tmp_path):
 
 def _run(tmp_path, **kwargs):
     args = dict(large_model_dir=str(tmp_path / "large"), small_model_dirs={"ce": str(tmp_path / "ce")},
-                dataset=InferenceConfig("cmudict_syllables", {"inputs": 32, "targets": 8}),
+                dataset=DatasetConfig("cmudict_syllables", {"inputs": 32, "targets": 8}),
                 output_dir=str(tmp_path / "out"))
     return run_cascade_eval(**{**args, **kwargs})
 
@@ -361,7 +362,7 @@ def _fake_decoded(split, texts, seed):
 
 def test_records_and_curves_on_known_predictions():
     """Large always right, small right on even rows only; same FLOPs for both (F_S / F_L = 1)."""
-    dataset = InferenceConfig(MIXTURE, {"inputs": 32, "targets": 8}, max_examples=4)
+    dataset = DatasetConfig(MIXTURE, {"inputs": 32, "targets": 8}, max_examples=4)
     split = load_split(dataset, "validation")
     targets = [str(t) for t in split.arrays.targets_text]
     small_texts = [t if i % 2 == 0 else f"{t} extra" for i, t in enumerate(targets)]

@@ -135,7 +135,7 @@ def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):
     from cat_jax.objectives.token_loss import LossOptions, token_loss
     from cat_jax.optimizers import make_optimizer
     from cat_jax.train_state import init_train_state, state_shardings
-    from cat_jax.trainer import make_train_step
+    from cat_jax.train_step import make_train_step
 
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     rules = partitioning.logical_axis_rules()

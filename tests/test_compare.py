@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cat_jax.cascade.compare import load, table
+from cat_jax.jobs.cascade_compare import load, table
 
 
 def _summary(path, auc, match):

@@ -19,7 +19,9 @@ from cat_jax import model_dir as model_dir_lib
 from cat_jax import vocabulary_store
 from cat_jax.decoding import greedy_decode
 from cat_jax.errors import ConversionError, ModelDirError
-from cat_jax.models.convert import exporter, importer, tree
+from cat_jax.models.convert import tree
+from cat_jax.jobs import export_checkpoint as exporter
+from cat_jax.jobs import import_checkpoint as importer
 from cat_jax.models.t5 import T5Model, Transformer, forward_flops
 from cat_jax.models.t5.convert import hf, t5x
 from conftest import REPO, run_module

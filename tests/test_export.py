@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cat_jax import data, evaluation, model_dir, vocabularies
-from cat_jax.data import export as data_export
+from cat_jax.jobs import export_task as data_export
 from cat_jax.errors import ExportedDataError, UnknownTaskError
 from conftest import REPO, SUBPROCESS_ENV, TINY_TASK, run_module, train_args
 

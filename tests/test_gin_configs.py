@@ -65,8 +65,8 @@ def test_run_file_parses_and_builds(path: Path):
         assert (type(salt.selection).__name__ if salt.selection else None) == (
             "DataSelection" if path.stem.endswith("_ds") else None)
     expected = {"train": train_expected,
-                "run_eval": {"dataset": "InferenceConfig"}, "run_infer": {"dataset": "InferenceConfig"},
-                "run_cascade_eval": {"dataset": "InferenceConfig"}}.get(fn, {})
+                "run_eval": {"dataset": "DatasetConfig"}, "run_infer": {"dataset": "DatasetConfig"},
+                "run_cascade_eval": {"dataset": "DatasetConfig"}}.get(fn, {})
     if path.stem.startswith(("train", "finetune", "eval", "infer", "cascade_eval")):
         assert {k: type(v).__name__ for k, v in built.items()} == expected
     if type(built.get("objective")).__name__ == "TokenLoss":  # the loss the file (or the last it includes) sets

@@ -288,7 +288,7 @@ def test_exported_task_carries_the_tokenizer(hf_vocabulary_bound, tmp_path):
     """A task tokenized with a Hugging Face tokenizer exports and reads back without seqio's
     vocabulary: the same arrays and the same identity."""
     from cat_jax import data
-    from cat_jax.data import export as data_export
+    from cat_jax.jobs import export_task as data_export
     from tests.test_export import MIX_LENGTHS, assert_arrays_equal, exported_source
 
     live_vocab = data.get_vocabulary_of("num2words_fr")

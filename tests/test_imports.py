@@ -209,3 +209,56 @@ def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "Import cycles (break each: imports flow one way, see docs/ARCHITECTURE.md):\n  " + \
         "\n  ".join(map(_chain, cycles))
+
+
+def _jobs_and_binaries() -> tuple[tuple[str, ...], dict[str, set[str]]]:
+    from cat_jax.jobs import BINARIES
+
+    return BINARIES, import_graph()
+
+
+def test_binaries_pair_with_their_jobs_and_jobs_stand_alone():
+    """Every entry point is `cat_jax/<name>.py` calling `cat_jax.jobs.<name>`; a job imports no
+    other job and no binary; no library module imports a job or a binary."""
+    binaries, graph = _jobs_and_binaries()
+    jobs = {f"cat_jax.jobs.{name}" for name in binaries}
+    entry = {f"cat_jax.{name}" for name in binaries}
+    assert {m for m in graph if m.startswith("cat_jax.jobs.")} == jobs, "a job module without a binary"
+    for name in binaries:
+        assert f"cat_jax.jobs.{name}" in graph[f"cat_jax.{name}"], f"cat_jax/{name}.py must call its job"
+        assert not graph[f"cat_jax.{name}"] & (jobs - {f"cat_jax.jobs.{name}"}), name
+    for module, imported in graph.items():
+        if module in entry or module == "cat_jax.jobs":
+            continue
+        assert not imported & entry, f"{module} imports a binary: {sorted(imported & entry)}"
+        if module.startswith("cat_jax.jobs."):
+            assert not imported & jobs, f"job {module} imports another job: {sorted(imported & jobs)}"
+        else:
+            assert not imported & jobs, f"library module {module} imports a job: {sorted(imported & jobs)}"
+
+
+FAMILY_NAMES = ("T5Config", "Transformer", "T5Model", "DecoderConfig", "Decoder", "DecoderModel")
+
+
+def test_only_models_names_a_family():
+    """Outside cat_jax/models/, no module (nor a benchmark) imports a family's package or names its
+    classes: everything reaches models through the contract (cat_jax.models)."""
+    offenders = []
+    files = [*module_files().items(), *((p.stem, p) for p in sorted((REPO / "benchmarks").glob("*.py")))]
+    for module, path in files:
+        if module.startswith("cat_jax.models"):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names), *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            for name in names:
+                family = name.startswith(("cat_jax.models.t5", "cat_jax.models.decoder"))
+                if family and "convert" not in name or name in FAMILY_NAMES:
+                    offenders.append(f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}: {name}")
+    assert not offenders, "Reach models through cat_jax.models (the contract):\n  " + "\n  ".join(offenders)

@@ -125,7 +125,7 @@ def _score(small_dir, scores_dir, *extra):
     import gin
 
     from cat_jax import gin_utils
-    from cat_jax.salt.scoring import salt_score
+    from cat_jax.jobs.salt_score import salt_score
     gin.clear_config()
     try:
         gin_utils.parse_gin(["gin_configs/runs/salt_score.gin"], [
@@ -264,7 +264,7 @@ def test_salt_settings_that_cannot_work_are_refused(small_teacher, scores, tmp_p
 
     from cat_jax.salt.objective import Salt
     from cat_jax.salt.selection import DataSelection
-    from cat_jax.training import DatasetConfig
+    from cat_jax.data.config import DatasetConfig
     dataset = dataclasses.asdict(DatasetConfig(TINY_TASK, {"inputs": 32, "targets": 8}, 8, max_examples=256))
     kd, selection = KDSchedule(kd_steps=4), DataSelection(str(scores[0]))
     Salt(kd, selection).check(has_teacher=True, streaming=False, dataset=dataset)
@@ -293,7 +293,7 @@ def _fake_run(model_dir, curve: dict[int, tuple[float, float]]):
 
 
 def test_report_finds_the_steps_to_reach_the_baseline(tmp_path):
-    from cat_jax.salt.report import main
+    from cat_jax.jobs.salt_report import main
     runs = {"ce0": {10: (0.1, 0.3), 20: (0.3, 0.5), 30: (0.5, 0.7)}, "ce1": {10: (0.3, 0.1), 20: (0.5, 0.3), 30: (0.7, 0.5)},
             "salt0": {10: (0.5, 0.5), 20: (0.6, 0.6), 30: (0.8, 0.8), 40: (0.9, 0.9)},
             "salt1": {10: (0.3, 0.3), 20: (0.6, 0.6), 30: (0.6, 0.6)}, "slow0": {10: (0.0, 0.0), 30: (0.1, 0.1)}}

@@ -24,7 +24,7 @@ from cat_jax.models.t5 import T5Config, T5Model
 from cat_jax.objectives.token_loss import LossOptions, token_loss
 from cat_jax.optimizers import make_optimizer
 from cat_jax.train_state import state_shardings, init_train_state
-from cat_jax.trainer import compile_train_step, make_train_step
+from cat_jax.train_step import compile_train_step, make_train_step
 
 cfg = T5Config(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                num_encoder_layers=2, num_decoder_layers=2)

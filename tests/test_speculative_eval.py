@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cat_jax.cascade.speculative import report
-from cat_jax.cascade.speculative.pipeline import alpha_grid, run_speculative_eval
+from cat_jax.jobs.speculative_eval import alpha_grid, run_speculative_eval
 from cat_jax.errors import ConfigError
-from cat_jax.inference import InferenceConfig
+from cat_jax.data.config import DatasetConfig
 from conftest import DATA_CACHE, run_module, train_args
 
 MIXTURE = "offline_mix"
@@ -83,7 +83,7 @@ def test_lossless_is_the_large_model_and_the_small_extreme_the_drafter(outputs):
 
 
 def test_configuration_errors_before_decoding(tmp_path):
-    dataset = InferenceConfig(MIXTURE, {"inputs": 32, "targets": 8})
+    dataset = DatasetConfig(MIXTURE, {"inputs": 32, "targets": 8})
     run = lambda **kw: run_speculative_eval(**{"large_model_dir": str(tmp_path / "large"), "dataset": dataset,
                                                "small_model_dirs": {"ce": str(tmp_path / "ce")},
                                                "output_dir": str(tmp_path / "out"), **kw})

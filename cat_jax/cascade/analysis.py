@@ -2,7 +2,7 @@
 
 Curves are drawn per task and over all examples pooled (the mixture, mean per-example quality).
 Tasks with a corpus metric (BLEU) score each point on the mixed list of hypotheses. The same
-function serves cascade_eval (records just decoded) and `cascade.analyse` (records read back), so
+function serves cascade_eval (records just decoded) and `cascade_analyse` (records read back), so
 both give the same numbers.
 """
 

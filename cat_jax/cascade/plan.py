@@ -1,5 +1,5 @@
 """What a cascade analysis computes, checked before anything is decoded, and recorded with the
-records (cascade_config.json) so that `python -m cat_jax.cascade.analyse DIR` computes it again.
+records (cascade_config.json) so that `python -m cat_jax.cascade_analyse DIR` computes it again.
 
 Task quality at analysis time: per-example scores are in the records; a task's corpus metric
 (BLEU) is recorded by its importable name (`module:qualname`, e.g. `cat_jax.metrics:corpus_bleu`)

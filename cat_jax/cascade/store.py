@@ -1,4 +1,4 @@
-"""Per-example records on disk, as cascade_eval writes them and `cascade.analyse` reads them back.
+"""Per-example records on disk, as cascade_eval writes them and `cascade_analyse` reads them back.
 
 `<split file>.jsonl` holds one line per model and example (models in order, examples in split
 order): model, id, task, input, target and prediction (the raw texts), scored_target and

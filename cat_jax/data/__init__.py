@@ -1,5 +1,6 @@
 """Data: tasks and mixtures -> fixed-shape numpy arrays -> deterministic batches.
 
+    config.py        DatasetConfig: which split, lengths, batches (every job's)
     arrays.py        ExampleArrays (the leaf: plain numpy) and the MAX_EXAMPLES sample
     batches.py       TrainBatches (a pure function of (seed, step)) and eval_batches
     source.py        the DataSource interface; load_split_from: a source's split, sampled and checked
@@ -9,22 +10,22 @@
     exported.py      the .npz files `python -m cat_jax.export_task` writes, read without TensorFlow
     streaming.py     its ArrayRecord shards, streamed by grain (and the stream's checkpointed state)
     loading.py       the gin switch `data_source`, load_split and the other look-ups through it
-    export.py        the export job: .npz files, or ArrayRecord shards through
-    stream_export.py   (resumable, never whole in memory)
+    stream_export.py the streaming export: ArrayRecord shards, resumable, never whole in memory
 
-Imports flow down this list (export.py and stream_export.py sit on top). Only the seqio source
+Imports flow down this list (the export job is `cat_jax.jobs.export_task`). Only the seqio source
 touches seqio or TensorFlow, and only when asked for data.
 """
 
 from cat_jax.data.arrays import (LENGTH_FIELDS, MODEL_FEATURES, SAMPLE_SEED, TEXT_FIELDS, ExampleArrays,
                                  sample_per_task)
 from cat_jax.data.batches import TrainBatches, eval_batches
+from cat_jax.data.config import DatasetConfig
 from cat_jax.data.loading import (data_source, get_task_or_mixture, get_vocabulary_of, live_source, load_split,
                                   mixture_rates)
 from cat_jax.data.source import DataSource, load_split_from
 
 __all__ = [
-    "DataSource", "ExampleArrays", "LENGTH_FIELDS", "MODEL_FEATURES", "SAMPLE_SEED", "TEXT_FIELDS",
+    "DataSource", "DatasetConfig", "ExampleArrays", "LENGTH_FIELDS", "MODEL_FEATURES", "SAMPLE_SEED", "TEXT_FIELDS",
     "TrainBatches", "data_source", "eval_batches", "get_task_or_mixture", "get_vocabulary_of",
     "live_source", "load_split", "load_split_from", "mixture_rates", "sample_per_task",
 ]

@@ -1,6 +1,6 @@
 """Exported splits: a task's examples as plain files, read back without TensorFlow or seqio.
 
-`python -m cat_jax.export_task` (`cat_jax.data.export`) writes, for each (name, split), into
+`python -m cat_jax.export_task` (`cat_jax.jobs.export_task`) writes, for each (name, split), into
 EXPORT_DIR:
 
   <name>.<split>.npz    the split's `ExampleArrays` exactly as `load_split` builds them through seqio

@@ -1,7 +1,7 @@
 """Export manifests: the one writer of both exports' JSON, and the function names they store.
 
 A manifest describes one exported (name, split): the .npz export writes `<name>.<split>.json`
-(`cat_jax.data.export`), the streaming export `<name>.<split>/manifest.json`
+(`cat_jax.jobs.export_task`), the streaming export `<name>.<split>/manifest.json`
 (`cat_jax.data.stream_export`). Both hold, written by `write_manifest`:
 
     format                 "cat_jax.exported_split/2" or "cat_jax.streaming_split/1"

@@ -18,7 +18,7 @@ from cat_jax.models import Model
 
 METHODS = ("greedy", "sample", "beam")
 # decoder(params, inputs (the model's DECODING_INPUTS), rng) -> DecodeOutput
-Decoder = Callable[[Any, Any, jax.Array], DecodeOutput]
+DecodeFn = Callable[[Any, Any, jax.Array], DecodeOutput]
 
 
 @gin.configurable("decoding")
@@ -46,7 +46,7 @@ class DecodingConfig:
 
 
 def make_decoder(config: DecodingConfig, model: Model, max_decode_length: int,
-                 eos_id: int) -> Decoder:
+                 eos_id: int) -> DecodeFn:
     """The jit-compiled decoder of `config` for `model`."""
     if config.method == "greedy":
         fn = lambda params, inputs, rng: greedy_decode(model, params, inputs, max_decode_length, eos_id)

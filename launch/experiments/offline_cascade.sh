@@ -15,7 +15,7 @@
 #      task: the same pipeline at smoke scale (~42 minutes for two seeds on 2 cores); its numbers
 #      say little about CAT (docs/RESULTS.md has one such run).
 # Results: <out>/seed<k>/cascade/{summary.md,curves.csv,*.png}; compare seeds with
-#   python -m cat_jax.cascade.compare <out>/seed*/cascade   (prints AUC mean and spread per student)
+#   python -m cat_jax.cascade_compare <out>/seed*/cascade   (prints AUC mean and spread per student)
 # At scale (a TPU VM with the data in a bucket): export the splits once for streaming, onto the
 #   mounted bucket (ArrayRecord reads local or mounted paths, e.g. gcsfuse at /mnt/bucket):
 #     python -m cat_jax.export_task --gin_file=gin_configs/runs/export_task.gin \

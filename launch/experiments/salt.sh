@@ -3,7 +3,7 @@
 # trained with plain CE, with SALT (distillation from the small model for the first KD steps, then
 # CE) and with SALT_DS (the same, its distillation phase on the sequences the small model scores as
 # challenging yet learnable), two seeds each, evaluated on validation during training; then
-# `python -m cat_jax.salt.report` writes quality against steps (PNG, table) and the steps each
+# `python -m cat_jax.salt_report` writes quality against steps (PNG, table) and the steps each
 # method needs to reach the CE baseline's final quality. Layout: <out>/small, <out>/scores,
 # <out>/<method>_seed<k>, <out>/report.
 #
@@ -62,4 +62,4 @@ for method in ce salt salt_ds; do
   done
   groups+=("$method=${dirs%,}")
 done
-run "$py" -m cat_jax.salt.report --output_dir "$out/report" "${groups[@]}"
+run "$py" -m cat_jax.salt_report --output_dir "$out/report" "${groups[@]}"

@@ -1,7 +1,7 @@
 """The cascade_eval job: decode a split with one large and several small models, write the
 per-example records (examples.jsonl, and validation_examples.jsonl when the validation split is
 decoded) with the analysis plan (cascade_config.json), then the curves, summaries and plots of
-`cascade.analysis` (DESIGN.md section 1). `python -m cat_jax.cascade.analyse OUTPUT_DIR` redoes the
+`cascade.analysis` (DESIGN.md section 1). `python -m cat_jax.cascade_analyse OUTPUT_DIR` redoes the
 analysis from those files alone.
 """
 
@@ -27,21 +27,12 @@ from cat_jax.cascade.plan import ALL_RULES, CONFIG, LARGE, AnalysisConfig, Optio
 from cat_jax.cascade.records import ModelOutputs, SplitRecords
 from cat_jax.checkpoints import latest_finished_step
 from cat_jax.errors import ConfigError, TeacherMismatchError
-from cat_jax.frozen_model import check_vocabulary, load_frozen_model, read_model_info
-from cat_jax.inference import InferenceConfig
+from cat_jax.evaluation import Split, load_split, score_texts
+from cat_jax.frozen_model import check_cascade_models, check_vocabulary, load_frozen_model, read_model_info
+from cat_jax.data.config import DatasetConfig
 from cat_jax import models
 
 log = logging.getLogger("cat_jax")
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """One split's examples, their postprocessed targets and the rows of each task."""
-
-    name: str
-    arrays: data_lib.ExampleArrays
-    targets: list[Any]
-    task_rows: dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,44 +55,10 @@ class CascadeEvalResult:
     files: list[str]
 
 
-def check_models(model_dirs: Mapping[str, str]) -> None:
-    """Refuses, before anything is decoded, a model directory without run_info.json (CheckpointError),
-    small models whose vocabulary differs from the large one's (TeacherMismatchError), and a model
-    directory without a finished checkpoint (CheckpointError)."""
-    info = {name: read_model_info(d) for name, d in model_dirs.items()}
-    want = (info[LARGE]["vocabulary"], info[LARGE]["model_config"]["vocab_size"])
-    for name, model_dir in model_dirs.items():
-        have = (info[name]["vocabulary"], info[name]["model_config"]["vocab_size"])
-        if have != want:
-            raise TeacherMismatchError(
-                f"small model {name!r} ({model_dir}) has vocabulary {have[0]} with vocab_size {have[1]}, "
-                f"but the large model ({model_dirs[LARGE]}) has {want[0]} with vocab_size {want[1]}. All "
-                "models of a cascade must share one vocabulary: train them on tasks with the same one.")
-    for model_dir in model_dirs.values():
-        latest_finished_step(model_dir)
-
-
-def load_split(dataset: InferenceConfig, split: str) -> Split:
-    """A split of the dataset with its targets postprocessed by each example's task."""
-    arrays = data_lib.load_split(dataset.mixture_or_task_name, split, dict(dataset.task_feature_lengths),
-                                 max_examples=dataset.max_examples)
-    names = list(dict.fromkeys(arrays.task_names.tolist()))
-    tasks = {name: data_lib.get_task_or_mixture(name) for name in names}
-    targets = [tasks[t].postprocess_fn(arrays.targets_text[i], example=arrays.example(i), is_target=True)
-               for i, t in enumerate(arrays.task_names)]
-    rows = {name: np.flatnonzero(arrays.task_names == name) for name in names}
-    return Split(split, arrays, targets, rows)
-
-
-def _input_lengths(arrays: data_lib.ExampleArrays) -> np.ndarray:
-    """Each example's encoder tokens [N], capped at the configured input length."""
-    return np.minimum(arrays.input_lengths, arrays.features["encoder_input_tokens"].shape[1])
-
-
 def example_flops(model: models.Model, arrays: data_lib.ExampleArrays, decoded_lengths: np.ndarray) -> np.ndarray:
     """Forward FLOPs [N] at each example's actual input length (capped at Li) and decoded length."""
     return np.array([model.forward_flops(int(li), int(lt))
-                     for li, lt in zip(_input_lengths(arrays), decoded_lengths)])
+                     for li, lt in zip(evaluation.input_lengths(arrays), decoded_lengths)])
 
 
 def embedding_depth(options: Options, large_info: Mapping[str, Any]) -> int:
@@ -116,7 +73,7 @@ def embedding_depth(options: Options, large_info: Mapping[str, Any]) -> int:
     return depth
 
 
-def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: InferenceConfig,
+def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: DatasetConfig,
                  vocab: Any, mesh: Any, rules: Any, embed_depth: int | None = None) -> dict[str, Decoded]:
     """Restores one model and greedy-decodes every split with it: split name -> Decoded; with
     embed_depth, also each input's mean hidden state after that many layers."""
@@ -134,24 +91,11 @@ def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: In
         if embed_depth is not None:
             embedding = evaluation.mean_input_hidden(frozen.model, frozen.params, split.arrays, vocab,
                                                      dataset.batch_size, mesh, rules, embed_depth)
-            embedding_flops = frozen.model.embedding_flops(_input_lengths(split.arrays).astype(np.float64),
+            embedding_flops = frozen.model.embedding_flops(evaluation.input_lengths(split.arrays).astype(np.float64),
                                                            embed_depth)
         out[split.name] = Decoded(preds, example_flops(frozen.model, split.arrays, preds.lengths),
                                   embedding, embedding_flops)
     return out
-
-
-def score_texts(split: Split, texts: Sequence[str]) -> tuple[list[Any], np.ndarray]:
-    """Predictions [N] postprocessed by each example's task, and their per-example quality [N]."""
-    arrays = split.arrays
-    tasks = {name: data_lib.get_task_or_mixture(name) for name in split.task_rows}
-    processed = [tasks[t].postprocess_fn(texts[i], example=arrays.example(i), is_target=False)
-                 for i, t in enumerate(arrays.task_names)]
-    quality = np.zeros(len(arrays))
-    for name, rows in split.task_rows.items():
-        per_example = metrics.get_quality(name).per_example
-        quality[rows] = per_example([split.targets[i] for i in rows], [processed[i] for i in rows])
-    return processed, quality
 
 
 def to_records(split: Split, decoded: Decoded) -> ModelOutputs:
@@ -184,7 +128,7 @@ def run_cascade_eval(
     *,
     large_model_dir: str = gin.REQUIRED,
     small_model_dirs: Mapping[str, str] = gin.REQUIRED,
-    dataset: InferenceConfig = gin.REQUIRED,
+    dataset: DatasetConfig = gin.REQUIRED,
     output_dir: str = gin.REQUIRED,
     rules: Sequence[str] = ALL_RULES,
     quantiles: Sequence[float] = (0.0, 0.1, 0.25, 0.5),
@@ -223,7 +167,7 @@ def run_cascade_eval(
                       target_deferral_rate=target_deferral_rate, target_relative_flops=target_relative_flops,
                       posthoc_folds=posthoc_folds, embed_layer=embed_layer)
     config = plan_job(dataset, model_dirs, options, validation_split)
-    check_models(model_dirs)
+    check_cascade_models(model_dirs, LARGE)
     depth = None
     if config.needs_embeddings():
         depth = embedding_depth(config.options, read_model_info(large_model_dir))
@@ -252,7 +196,7 @@ def run_cascade_eval(
     return CascadeEvalResult(output_dir, files)
 
 
-def plan_job(dataset: InferenceConfig, model_dirs: Mapping[str, str], options: Options,
+def plan_job(dataset: DatasetConfig, model_dirs: Mapping[str, str], options: Options,
              validation_split: str) -> AnalysisConfig:
     """The analysis plan, checked (ConfigError before anything runs); its validation_split is None
     when neither a learned rule nor a budget needs the validation split."""

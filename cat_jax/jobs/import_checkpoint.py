@@ -39,7 +39,7 @@ from cat_jax.checkpoints import save_host_state
 from cat_jax.errors import ConfigError, ConversionError, ModelDirError
 from cat_jax.models.convert import hub
 from cat_jax.models.convert.tree import unflatten
-from cat_jax.models.decoder import convert as decoder_hf
+import cat_jax.models.decoder.convert as decoder_hf
 from cat_jax.models.t5.convert import hf, t5x
 
 log = logging.getLogger("cat_jax")

@@ -40,39 +40,17 @@ from cat_jax import evaluation, gin_utils, models, optimizers, partitioning, run
 from cat_jax import model_dir as model_dir_lib
 from cat_jax import vocabulary_store
 from cat_jax.checkpoints import Checkpointer, restore_params
+from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, TeacherMismatchError, check_int
 from cat_jax.frozen_model import (FrozenModel, check_config, check_vocabulary, load_frozen_model,
                                   read_model_info)
 from cat_jax.metric_writers import MetricWriter
 from cat_jax.objectives import Objective
 from cat_jax.train_state import abstract_with_shardings, init_train_state, state_shardings
-from cat_jax.trainer import (PreemptionWatcher, ProgressMeter, check_finite, compile_train_step,
+from cat_jax.train_step import (PreemptionWatcher, ProgressMeter, check_finite, compile_train_step,
                              format_duration, make_train_step, scalar_metrics)
 
 log = logging.getLogger("cat_jax")
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class DatasetConfig:
-    """Which examples, at which lengths, in which batches (T5X's DatasetConfig, trimmed)."""
-    mixture_or_task_name: str
-    task_feature_lengths: dict
-    batch_size: int
-    split: str = "train"
-    seed: int = 0
-    max_examples: int | None = None
-
-    def __post_init__(self) -> None:
-        lengths = self.task_feature_lengths
-        if not isinstance(lengths, dict) or set(lengths) != {"inputs", "targets"}:
-            raise ConfigError(f"TASK_FEATURE_LENGTHS (DatasetConfig.task_feature_lengths) needs exactly the keys "
-                              f"'inputs' and 'targets'; got {lengths!r}.")
-        for key, value in lengths.items():
-            check_int(f"TASK_FEATURE_LENGTHS[{key!r}]", value, 1)
-        check_int("BATCH_SIZE (DatasetConfig.batch_size)", self.batch_size, 1)
-        check_int("DatasetConfig.seed", self.seed, 0)
-        check_int("DatasetConfig.max_examples", self.max_examples, 1, allow_none=True)
 
 
 @dataclasses.dataclass
@@ -119,6 +97,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, mod
     lets a resume change the data, seed, loss, optimizer or teacher (logged, recorded in
     run_info.json's history); without it such a resume is refused with the differences.
     """
+    train_dataset = train_dataset.require_task()
     _check_numbers(train_steps=train_steps, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
                    log_every_steps=log_every_steps, eval_period=eval_period, eval_batch_size=eval_batch_size,
                    eval_max_examples=eval_max_examples, seed=seed, max_steps_per_run=max_steps_per_run,

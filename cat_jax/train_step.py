@@ -5,7 +5,7 @@ The step is pure, `(state, batch, teacher_params) -> (state, metrics)`, with its
 objective's loss function (`cat_jax.objectives`: it knows no method), the frozen teacher's logits
 entering as constants. It is compiled ahead of time; compile seconds and memory are logged. Also
 here: the finite check of a step, SIGTERM as a request to stop, and the progress meter. The loop
-itself is the train job's (`cat_jax.training`).
+itself is the train job's (`cat_jax.jobs.train`).
 """
 
 from __future__ import annotations

@@ -24,19 +24,19 @@ import numpy as np
 
 from cat_jax import evaluation, metrics, partitioning
 from cat_jax import data as data_lib
-from cat_jax.cascade import pipeline as cascade_pipeline
 from cat_jax.cascade.speculative import cost, report
 from cat_jax.cascade.speculative.rules import ALPHA_EXTREMES, RULES, SWEEP_SPANS, rule_id
 from cat_jax.decoding.speculative import SpeculativeOutput, speculative_decode
 from cat_jax.models import Model
 from cat_jax.decoding import DecodingConfig, Sampler, make_decoder
 from cat_jax.errors import ConfigError
-from cat_jax.frozen_model import FrozenModel, check_vocabulary, load_frozen_model
-from cat_jax.inference import InferenceConfig
+from cat_jax.evaluation import Split, load_split, score_texts
+from cat_jax.frozen_model import FrozenModel, check_cascade_models, check_vocabulary, load_frozen_model
+from cat_jax.cascade.plan import LARGE
+from cat_jax.data.config import DatasetConfig
 
 log = logging.getLogger("cat_jax")
 
-LARGE = cascade_pipeline.LARGE
 Batches = list[tuple[dict[str, jax.Array], np.ndarray]]  # (decoding inputs on the mesh, real rows [B])
 
 
@@ -97,7 +97,7 @@ def check_plan(rules: Sequence[str], gammas: Sequence[int], num_alphas: int, alp
         raise ConfigError(f"speculative_eval times decoding on one host; got {jax.process_count()} processes.")
 
 
-def make_batches(split: cascade_pipeline.Split, model: Model, vocab: Any, batch_size: int, mesh: Any,
+def make_batches(split: Split, model: Model, vocab: Any, batch_size: int, mesh: Any,
                  rules: Any) -> Batches:
     """Every batch of the split as the model's decoding inputs, placed on the mesh once."""
     sharding = partitioning.batch_sharding(mesh, rules)
@@ -127,13 +127,7 @@ def _texts(vocab: Any, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     return [evaluation.detokenize(vocab, row, length) for row, length in zip(tokens, lengths)]
 
 
-def input_lengths(split: cascade_pipeline.Split) -> np.ndarray:
-    """Each example's encoder tokens [N], capped at the configured input length."""
-    arrays = split.arrays
-    return np.minimum(arrays.input_lengths, arrays.features["encoder_input_tokens"].shape[1])
-
-
-def decode_alone(model: FrozenModel, split: cascade_pipeline.Split, batches: Batches, vocab: Any,
+def decode_alone(model: FrozenModel, split: Split, batches: Batches, vocab: Any,
                  decoding: DecodingConfig, steps: int, repeats: int) -> Run:
     """One model decoding the split by itself (greedy, or sampling at the sweep's temperature)."""
     decoder = make_decoder(decoding, model.model, steps, vocab.eos_id)
@@ -141,12 +135,12 @@ def decode_alone(model: FrozenModel, split: cascade_pipeline.Split, batches: Bat
     tokens = np.concatenate([o.tokens for o in outs])
     lengths = np.concatenate([o.lengths for o in outs])
     flops = np.array([cost.decode_flops(model.model, int(li), int(lt))
-                      for li, lt in zip(input_lengths(split), lengths)])
+                      for li, lt in zip(evaluation.input_lengths(split.arrays), lengths)])
     return Run(_texts(vocab, tokens, lengths), lengths, flops, seconds)
 
 
 def decode_speculative(spec: Callable[..., SpeculativeOutput], drafter: FrozenModel, large: FrozenModel,
-                       split: cascade_pipeline.Split, batches: Batches, vocab: Any, *, rule: str, alpha: float,
+                       split: Split, batches: Batches, vocab: Any, *, rule: str, alpha: float,
                        gamma: int, seed: int, repeats: int) -> Run:
     """The split decoded by `spec` (speculative_decode compiled for this drafter and gamma)."""
     key, index, a = jax.random.key(seed), jnp.int32(rule_id(rule)), jnp.float32(alpha)
@@ -155,12 +149,12 @@ def decode_speculative(spec: Callable[..., SpeculativeOutput], drafter: FrozenMo
     cat = lambda name: np.concatenate([getattr(o, name) for o in outs])
     starts = cat("round_starts")
     flops = np.array([cost.speculative_flops(drafter.model, large.model, int(li), row, gamma)
-                      for li, row in zip(input_lengths(split), starts)])
+                      for li, row in zip(evaluation.input_lengths(split.arrays), starts)])
     lengths = cat("lengths")
     return Run(_texts(vocab, cat("tokens"), lengths), lengths, flops, seconds, cat("rounds"), cat("accepted"))
 
 
-def group_quality(split: cascade_pipeline.Split, processed: Sequence[Any], per_example: np.ndarray, group: str,
+def group_quality(split: Split, processed: Sequence[Any], per_example: np.ndarray, group: str,
                   rows: np.ndarray) -> float:
     """The group's quality from postprocessed predictions [N] and their per-example scores [N]: its
     corpus metric (a task with one, e.g. BLEU) or the mean per-example score."""
@@ -170,7 +164,7 @@ def group_quality(split: cascade_pipeline.Split, processed: Sequence[Any], per_e
     return float(corpus([split.targets[i] for i in rows], [processed[i] for i in rows]))
 
 
-def curve_groups(split: cascade_pipeline.Split, mixture_name: str) -> dict[str, np.ndarray]:
+def curve_groups(split: Split, mixture_name: str) -> dict[str, np.ndarray]:
     """Group name -> rows: each task, plus the mixture pooled when the dataset is not one task."""
     groups = dict(split.task_rows)
     if mixture_name not in groups:
@@ -178,10 +172,10 @@ def curve_groups(split: cascade_pipeline.Split, mixture_name: str) -> dict[str, 
     return groups
 
 
-def points_of(run: Run, large: Run, split: cascade_pipeline.Split, groups: Mapping[str, np.ndarray], *,
+def points_of(run: Run, large: Run, split: Split, groups: Mapping[str, np.ndarray], *,
               drafter: str, rule: str, gamma: int, alpha: float | None) -> list[report.Point]:
     """One Point per group for one run of the split (rule 'alone': a model by itself)."""
-    processed, per_example = cascade_pipeline.score_texts(split, run.texts)
+    processed, per_example = score_texts(split, run.texts)
     out = []
     for group, rows in groups.items():
         speculative = run.rounds is not None
@@ -196,7 +190,7 @@ def points_of(run: Run, large: Run, split: cascade_pipeline.Split, groups: Mappi
     return out
 
 
-def _preamble(dataset: InferenceConfig, model_dirs: Mapping[str, str], num_examples: int, temperature: float) -> str:
+def _preamble(dataset: DatasetConfig, model_dirs: Mapping[str, str], num_examples: int, temperature: float) -> str:
     models = "".join(f"- {name}: `{d}`\n" for name, d in model_dirs.items())
     device = jax.devices()[0]
     return (f"# Speculative cascades: {dataset.mixture_or_task_name} / {dataset.split} ({num_examples} examples)\n\n"
@@ -212,7 +206,7 @@ def run_speculative_eval(
     *,
     large_model_dir: str = gin.REQUIRED,
     small_model_dirs: Mapping[str, str] = gin.REQUIRED,
-    dataset: InferenceConfig = gin.REQUIRED,
+    dataset: DatasetConfig = gin.REQUIRED,
     output_dir: str = gin.REQUIRED,
     rules: Sequence[str] = RULES,
     gammas: Sequence[int] = (1, 3, 5),
@@ -232,10 +226,10 @@ def run_speculative_eval(
     small_model_dirs, alphas = dict(small_model_dirs), dict(alphas or {})
     check_plan(rules, gammas, num_alphas, alphas, small_model_dirs, timing_repeats)
     sampler = Sampler(temperature=temperature)
-    cascade_pipeline.check_models({cascade_pipeline.LARGE: large_model_dir, **small_model_dirs})
+    check_cascade_models({LARGE: large_model_dir, **small_model_dirs}, LARGE)
     mesh, mesh_rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
     vocab = data_lib.get_vocabulary_of(dataset.mixture_or_task_name)
-    split = cascade_pipeline.load_split(dataset, dataset.split)
+    split = load_split(dataset, dataset.split)
     groups = curve_groups(split, dataset.mixture_or_task_name)
     steps = dataset.task_feature_lengths["targets"]
     model_dirs = {LARGE: large_model_dir, **small_model_dirs}
@@ -276,8 +270,8 @@ def run_speculative_eval(
                                                            temperature))
 
 
-def write_outputs(output_dir: str, points: Sequence[report.Point], split: cascade_pipeline.Split,
-                  dataset: InferenceConfig, model_dirs: Mapping[str, str], temperature: float) -> list[str]:
+def write_outputs(output_dir: str, points: Sequence[report.Point], split: Split,
+                  dataset: DatasetConfig, model_dirs: Mapping[str, str], temperature: float) -> list[str]:
     """curves.csv/json, summary.json/md and the PNGs; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
     path = {name: os.path.join(output_dir, name)

@@ -28,7 +28,7 @@ from cat_jax.checkpoints import restore_params
 from cat_jax.errors import ConversionError
 from cat_jax.models.convert import hub
 from cat_jax.models.convert.tree import flatten
-from cat_jax.models.decoder import convert as decoder_hf
+import cat_jax.models.decoder.convert as decoder_hf
 from cat_jax.models.t5.convert import hf
 
 log = logging.getLogger("cat_jax")
