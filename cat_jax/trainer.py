@@ -53,7 +53,8 @@ def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation
         if kd_schedule is not None:
             scheduled = {"alpha": 1.0 - kd_schedule.weight_at(state.step),
                          "temperature": kd_schedule.temperature}
-        (loss, metrics), grads = jax.value_and_grad(functools.partial(model.loss_fn, **scheduled), has_aux=True)(
+        (loss, metrics), grads = jax.value_and_grad(
+            functools.partial(model.loss_fn, **scheduled, step=state.step), has_aux=True)(
             state.params, batch, rng, teacher_logits)
         if kd_schedule is not None:
             metrics = dict(metrics, kd_weight=1.0 - scheduled["alpha"])

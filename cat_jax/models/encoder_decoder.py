@@ -28,11 +28,13 @@ MASKS_NEEDING_TEACHER = ("small_or_large", "large")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
-    """How tokens are weighted and mixed: see `cascade_aware_loss` (defaults: plain CE)."""
+    """How tokens are weighted and mixed: see `cascade_aware_loss` (defaults: plain CE).
+    mask_start_step: the mask applies from this training step on; before it every token counts."""
     alpha: float = 1.0
     temperature: float = 1.0
     mask: str = "none"
     normalizer: str = "weights"
+    mask_start_step: int = 0
 
     @property
     def needs_teacher(self) -> bool:
@@ -64,15 +66,18 @@ class EncoderDecoderModel:
 
     def loss_fn(self, params: Any, batch: Batch, rng: jax.Array | None,
                 teacher_logits: jax.Array | None = None, alpha: jax.Array | None = None,
-                temperature: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                temperature: float | None = None,
+                step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(loss, metrics) of one batch; `teacher_logits` [batch, length, vocab] or None. `alpha`
-        and `temperature`, when given, replace the loss options' (a scheduled weight: SALT)."""
+        and `temperature`, when given, replace the loss options' (a scheduled weight: SALT).
+        `step`: the training step of the batch (needed by LossOptions.mask_start_step > 0)."""
         logits = self.logits(params, batch, rng)
         o = self.loss_options
         return cascade_aware_loss(logits, teacher_logits, batch["decoder_target_tokens"],
                                   batch["decoder_loss_weights"], alpha=o.alpha if alpha is None else alpha,
                                   temperature=o.temperature if temperature is None else temperature,
-                                  mask=o.mask, normalizer=o.normalizer)
+                                  mask=o.mask, normalizer=o.normalizer,
+                                  mask_start_step=o.mask_start_step, step=step)
 
 
 def unboxed_abstract_params(model: EncoderDecoderModel, input_length: int, target_length: int) -> tuple[Any, Any]:
