@@ -88,7 +88,7 @@ def test_analyse_writes_tables_and_plots(tmp_path):
     _fake_runs(tmp_path / "runs", {(0, "ce"): 0.5, (0, "cat"): 0.4, (1, "ce"): 0.6, (1, "cat"): 0.55})
     out = tmp_path / "out"
     summary = analysis.analyse(str(tmp_path / "runs"), str(out))
-    assert sorted(os.listdir(out)) == ["differences.csv", "means.csv", "per_seed.csv", "summary.json",
+    assert sorted(os.listdir(out)) == ["differences.csv", "means.csv", "per_seed.csv",
                                        "t__mask_share.png", "t__quality.png"]
     with open(out / "differences.csv") as f:
         rows = list(csv.DictReader(f))

@@ -1,7 +1,7 @@
 """Tables and plots of launch/experiments/cat_small_scale.sh: paired per-seed differences against CE.
 
     python -m launch.experiments.cat_small_scale_analysis /work/runs_catstudy \
-        [--out docs/results/cat_small_scale] [--rule chow_average] [--baselines ce,cat]
+        [--out docs/results/cat_small_scale] [--rule chow_average] [--baselines ce,cat,distill]
 
 Reads <runs>/<task>/seed<k>/<student>/train_metrics.jsonl and <runs>/<task>/seed<k>/cascade/{summary.json,
 examples.jsonl} and writes into --out:
@@ -10,12 +10,12 @@ examples.jsonl} and writes into --out:
   gets wrong, the share of answers that are the most frequent reference answer, the phoneme error
   rate (cmudict_g2p). Training batches: the mask's share and the student's and teacher's token
   accuracy, each averaged over the last LAST_STEPS logged steps.
-- differences.csv: per baseline (default CE, then CAT-Xent from scratch), task, student and metric,
-  each seed's difference from the baseline student of the same seed, their mean, sample standard
-  deviation and how many seeds share the mean's sign.
+- differences.csv: per baseline (default CE, CAT-Xent from scratch, distillation), task, student and
+  metric, each seed's difference from the baseline student of the same seed, their mean, sample
+  standard deviation and how many seeds share the mean's sign.
 - means.csv: per task, student and metric, the mean and sample standard deviation over seeds.
-- summary.json (both tables), and per task <task>__mask_share.png (the mask's share and the token
-  accuracies over training) and <task>__quality.png (test accuracy and AUC-DF gain per student and seed).
+- per task, <task>__mask_share.png (the mask's share and the token accuracies over training) and
+  <task>__quality.png (test accuracy and AUC-DF gain per student and seed).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def accuracy_by_large(quality: Mapping[str, Mapping[str, float]], large: str = L
     return out
 
 
-def majority_shares(targets: Sequence[str], predictions: Mapping[str, Sequence[str]]) -> tuple[str, float, dict[str, float]]:
+def majority_shares(targets: Sequence[str],
+                    predictions: Mapping[str, Sequence[str]]) -> tuple[str, float, dict[str, float]]:
     """(the most frequent target, its share of the targets, {model: share of its predictions equal to
     it}); texts compared after stripping surrounding whitespace. A student that leans on the
     majority answer more than the references do shows a share above the targets'."""
@@ -145,8 +146,8 @@ def load_runs(runs_dir: str, rule: str) -> tuple[list[dict], dict[tuple[str, int
             extra = {}
             if task in TASK_METRICS:
                 name, fn = TASK_METRICS[task]
-                extra = {m: fn([r["scored_target"] for r in rs.values()], [r["scored_prediction"] for r in rs.values()])[name]
-                         for m, rs in examples.items()}
+                extra = {m: fn([r["scored_target"] for r in rs.values()],
+                               [r["scored_prediction"] for r in rs.values()])[name] for m, rs in examples.items()}
             for r in summary:
                 student = r["small_model"]
                 metrics_path = os.path.join(task_dir, seed_name, student, "train_metrics.jsonl")
@@ -255,8 +256,10 @@ def plot_quality(rows: Sequence[Mapping], task: str, students: Sequence[str], pa
     return fig
 
 
-def analyse(runs_dir: str, out_dir: str, rule: str = "chow_average", baselines: Sequence[str] = ("ce", "cat")) -> dict:
-    """Writes per_seed.csv, differences.csv, summary.json and the PNGs into out_dir; returns the summary."""
+def analyse(runs_dir: str, out_dir: str, rule: str = "chow_average",
+            baselines: Sequence[str] = ("ce", "cat", "distill")) -> dict:
+    """Writes per_seed.csv, differences.csv, means.csv and the PNGs into out_dir; returns
+    {"rule", "baselines", "per_seed": rows, "differences": rows}."""
     rows, curves = load_runs(runs_dir, rule)
     if not rows:
         raise ValueError(f"No <task>/seed<k>/cascade/summary.json under {runs_dir}; run "
@@ -267,8 +270,6 @@ def analyse(runs_dir: str, out_dir: str, rule: str = "chow_average", baselines: 
     _write_csv(os.path.join(out_dir, "differences.csv"), differences)
     _write_csv(os.path.join(out_dir, "means.csv"), mean_rows(rows))
     summary = {"rule": rule, "baselines": list(baselines), "per_seed": rows, "differences": differences}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
     for task in sorted({r["task"] for r in rows}):
         students = _students(rows, task, baselines[0])
         plot_mask_share(curves, task, students, os.path.join(out_dir, f"{task}__mask_share.png"))
@@ -281,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("runs_dir")
     parser.add_argument("--out", default=os.path.join("docs", "results", "cat_small_scale"))
     parser.add_argument("--rule", default="chow_average")
-    parser.add_argument("--baselines", default="ce,cat", help="students to difference against, comma-separated")
+    parser.add_argument("--baselines", default="ce,cat,distill", help="students to difference against, comma-separated")
     args = parser.parse_args(argv)
     summary = analyse(args.runs_dir, args.out, args.rule, args.baselines.split(","))
     by_task = defaultdict(list)
