@@ -51,10 +51,19 @@ def _validate(
     temperature: float,
     mask: str,
     normalizer: str,
+    mask_start_step: int = 0,
+    step: jax.Array | int | None = None,
 ) -> None:
     """Raises ValueError naming the bad option or shape and the allowed values."""
     if mask not in MASKS:
         raise ValueError(f"Unknown mask {mask!r}; allowed values: {', '.join(MASKS)}.")
+    if mask_start_step < 0:
+        raise ValueError(f"mask_start_step must be >= 0, got {mask_start_step}.")
+    if mask_start_step > 0 and mask == "none":
+        raise ValueError(f"mask_start_step={mask_start_step} delays a mask, but mask='none'; "
+                         f"choose a mask ({', '.join(m for m in MASKS if m != 'none')}) or set mask_start_step=0.")
+    if mask_start_step > 0 and step is None:
+        raise ValueError(f"mask_start_step={mask_start_step} needs the training step: pass step=.")
     if normalizer not in NORMALIZERS:
         raise ValueError(
             f"Unknown normalizer {normalizer!r}; allowed values: {', '.join(NORMALIZERS)}."
@@ -113,6 +122,8 @@ def cascade_aware_loss(
     temperature: float = 1.0,
     mask: str = "small_or_large",
     normalizer: str = "weights",
+    mask_start_step: int = 0,
+    step: jax.Array | int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cascade-aware loss (CAT) of a small student against a frozen large teacher.
 
@@ -123,6 +134,9 @@ def cascade_aware_loss(
                  + (1 - alpha) * T^2 * KL(softmax(teacher_t / T) || softmax(student_t / T))
         L      = sum_t m_t l_t / sum_t w_t          (normalizer="weights")
                = sum_t m_t l_t / sum_t m_t          (normalizer="mask")
+    With mask_start_step = N > 0, I_t = 1 while step < N (every token counts: the first N steps
+    are plain CE or distillation, a warm start inside the run) and the mask applies from step N;
+    `step` (the 0-based step of this batch, a scalar int or traced array) is then required.
     Zero denominators give L = 0. mask="none", alpha=1 is plain cross-entropy; mask="none",
     alpha<1 is standard distillation. The teacher logits are constants (stop_gradient); its
     softmax is computed only when alpha < 1. `alpha` may be a scalar jax array (a weight that
@@ -141,7 +155,7 @@ def cascade_aware_loss(
     alpha = jnp.asarray(alpha, jnp.float32) if traced else float(alpha)
     temperature = float(temperature)
     _validate(student_logits, teacher_logits, targets, weights, None if traced else alpha,
-              temperature, mask, normalizer)
+              temperature, mask, normalizer, mask_start_step, step)
     weights = weights.astype(jnp.float32)
     num_tokens = jnp.sum(weights)
 
@@ -163,6 +177,8 @@ def cascade_aware_loss(
         indicator = student_correct
     else:
         indicator = jnp.ones_like(weights)
+    if mask_start_step > 0:
+        indicator = jnp.where(jnp.asarray(step) >= mask_start_step, indicator, 1.0)
     token_mask = jax.lax.stop_gradient(weights * indicator)
     mask_count = jnp.sum(token_mask)
 

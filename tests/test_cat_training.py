@@ -128,6 +128,25 @@ def test_cat_distill_student_end_to_end(teacher_dir, tmp_path):
     assert rows[0]["train/mask_fraction"] == pytest.approx(mask_fraction, abs=tolerance)
 
 
+def test_mask_start_step_reaches_the_train_step(teacher_dir, ce_student, tmp_path):
+    """LossOptions.mask_start_step=2: steps 1-2 are the CE student's steps (every token counts,
+    the same loss on the same batches), the mask applies from step 3; run_info records it."""
+    student = tmp_path / "cat_warm"
+    run_module("cat_jax.train", train_args(
+        "train_small_cat.gin", student, 3, "--gin_file=gin_configs/models/tiny.gin",
+        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'", "--gin.TEACHER_DTYPE='float32'",
+        "--gin.LossOptions.mask_start_step=2"))
+    rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
+    ce_rows = [r for r in read_jsonl(os.path.join(ce_student, "train_metrics.jsonl")) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["train/mask_fraction"] for r in rows[:2]] == [1.0, 1.0]
+    for row, ce_row in zip(rows[:2], ce_rows[:2]):
+        assert_close(row["train/loss"], ce_row["train/loss"], DEEP)
+    assert rows[2]["train/mask_fraction"] < 0.95  # the mask drops tokens from step 3 on
+    info = json.load(open(os.path.join(student, "run_info.json")))
+    assert info["loss_options"]["mask_start_step"] == 2
+
+
 def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):
     from cat_jax import partitioning
     from cat_jax.frozen_model import load_frozen_model

@@ -43,6 +43,7 @@ def test_report_names_the_best_deployable_rule_and_the_cheapest_match(tmp_path):
     text = report.read_text()
     assert "**distill** + **post_hoc** at 0.800" in text  # cheapest non-bound match
     assert "| small_ce | 2 | 50.0000 |" in text and "| large | 8 | 80.0000 |" in text
+    assert f"The CAT row is CAT-Xent trained from scratch for {demo.STEPS} steps with one seed" in text
     assert "| ce | oracle | 0.500 | 0.800 | 0.9500 | +0.3000 | 0.300 |" in text  # bounds stay in the table
     assert "| cat | chow_average | 0.500 | 0.800 | 0.7400 | +0.0900 | 0.900 |" in text
     assert ("| ce > cat+distill > large | chow_average > abc | ce 0.580 @ 0.070, cat+distill 0.610 @ 0.140, "

@@ -271,6 +271,37 @@ def test_bad_shapes_refused():
         cascade_aware_loss(student, teacher, targets.astype(np.float32), weights)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("mask", [m for m in MASKS if m != "none"])
+def test_mask_start_step_matches_reference(mask, alpha):
+    """Before mask_start_step every token counts (the reference with mask 'none'); from it on,
+    the mask's reference. The step is traced (jit), as in the train step."""
+    student, teacher, targets, weights = make_batch()
+    fn = jax.jit(lambda step: cascade_aware_loss(student, teacher, targets, weights, alpha=alpha, mask=mask,
+                                                 mask_start_step=3, step=step))
+    for step, counted_as in ((0, "none"), (2, "none"), (3, mask), (7, mask)):
+        loss, metrics = fn(jnp.asarray(step, jnp.int32))
+        ref = reference(student, teacher, targets, weights, alpha, 1.0, counted_as, "weights")
+        assert_close(loss, ref["loss"], SHALLOW, err_msg=f"step {step}")
+        assert_close(metrics["mask_fraction"], ref["mask_fraction"], SHALLOW, err_msg=f"step {step}")
+    masked = reference(student, teacher, targets, weights, alpha, 1.0, mask, "weights")
+    assert masked["mask_fraction"] < 0.9  # the two phases differ on this batch
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mask_start_step": -1, "step": 0}, "mask_start_step must be >= 0, got -1"),
+        ({"mask_start_step": 5}, r"mask_start_step=5 needs the training step: pass step="),
+        ({"mask_start_step": 5, "step": 0, "mask": "none"}, "mask_start_step=5 delays a mask, but mask='none'"),
+    ],
+)
+def test_bad_mask_start_step_refused(kwargs, message):
+    student, teacher, targets, weights = make_batch()
+    with pytest.raises(ValueError, match=message):
+        cascade_aware_loss(student, teacher, targets, weights, **kwargs)
+
+
 def test_bfloat16_logits_upcast():
     student, teacher, targets, weights = make_batch(seed=10)
     kwargs = dict(alpha=0.5, temperature=2.0, mask="small_or_large")

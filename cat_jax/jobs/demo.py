@@ -38,6 +38,9 @@ REPORT_RULES = ("chow_average", "chow_quantile_0", "entropy_mean", "post_hoc", "
                 "random")
 TIERS = [["ce"], ["cat", "distill"], ["large"]]   # the 3-tier cascade: the middle tier defers by ABC
 TARGET_DEFERRAL_RATE = 0.3
+CAT_ROW_NOTE = ("The CAT row is CAT-Xent trained from scratch for {steps} steps with one seed (SEED 0 in every run); "
+                "on the default task at 400 steps its gap to CE lies within the spread over 3 seeds, so read it as "
+                "one draw, not as CAT's effect (docs/RESULTS.md, \"CAT at small scale, explained\").")
 COMMON = [f"--gin.MIXTURE_OR_TASK_NAME={TASK}", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
           f"--gin.load_split.cache_dir={CACHE}"]
 
@@ -163,6 +166,7 @@ def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands
              "|---|---|" + "---|" * len(next(iter(results.values()))["metrics"][TASK])]
     for name, r in results.items():
         lines.append(f"| {name} | {r['step']} | " + " | ".join(f"{v:.4f}" for v in r["metrics"][TASK].values()) + " |")
+    lines += ["", CAT_ROW_NOTE.format(steps=STEPS)]
     lines += ["", "## Cascades", "",
               "Quality is the task's per-example score (0-1); relative FLOPs are the cascade's over the large model's; "
               "AUC-DF is the area under quality against deferral rate (higher is better), beside its gain over random "

@@ -26,15 +26,26 @@ MASKS_NEEDING_TEACHER = ("small_or_large", "large")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
-    """How tokens are weighted and mixed: see `cascade_aware_loss` (defaults: plain CE)."""
+    """How tokens are weighted and mixed: see `cascade_aware_loss` (defaults: plain CE).
+    mask_start_step: the mask applies from this training step on; before it every token counts."""
     alpha: float = 1.0
     temperature: float = 1.0
     mask: str = "none"
     normalizer: str = "weights"
+    mask_start_step: int = 0
 
     @property
     def needs_teacher(self) -> bool:
         return self.alpha < 1.0 or self.mask in MASKS_NEEDING_TEACHER
+
+
+def loss_options_info(options: LossOptions) -> dict[str, Any]:
+    """run_info.json's record of the options; mask_start_step only when set (runs recorded before
+    the option existed resume unchanged)."""
+    info = dataclasses.asdict(options)
+    if not info["mask_start_step"]:
+        del info["mask_start_step"]
+    return info
 
 
 def token_loss(model: Model, options: LossOptions, alpha: Any = None, temperature: float | None = None) -> LossFn:
@@ -46,7 +57,8 @@ def token_loss(model: Model, options: LossOptions, alpha: Any = None, temperatur
         return cascade_aware_loss(logits, teacher_logits, batch[TARGETS], batch[LOSS_WEIGHTS],
                                   alpha=options.alpha if alpha is None else alpha,
                                   temperature=options.temperature if temperature is None else temperature,
-                                  mask=options.mask, normalizer=options.normalizer)
+                                  mask=options.mask, normalizer=options.normalizer,
+                                  mask_start_step=options.mask_start_step, step=step)
 
     return loss_fn
 
@@ -58,7 +70,7 @@ class TokenLoss(Objective):
     options: LossOptions = LossOptions()
 
     def info(self) -> dict[str, Any]:
-        return {"loss_options": dataclasses.asdict(self.options), "salt": None}
+        return {"loss_options": loss_options_info(self.options), "salt": None}
 
     def check(self, *, has_teacher: bool, streaming: bool, dataset: Mapping[str, Any]) -> None:
         check_number("LossOptions.alpha", self.options.alpha, minimum=0, maximum=1)

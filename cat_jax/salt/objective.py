@@ -18,7 +18,7 @@ import gin
 from cat_jax.errors import ConfigError
 from cat_jax.models import Model
 from cat_jax.objectives import LossFn, LossOptions, Objective
-from cat_jax.objectives.token_loss import token_loss
+from cat_jax.objectives.token_loss import loss_options_info, token_loss
 from cat_jax.salt import selection as selection_lib
 from cat_jax.salt.schedule import KDSchedule
 from cat_jax.salt.selection import DataSelection
@@ -35,7 +35,7 @@ class Salt(Objective):
     selection: DataSelection | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"loss_options": dataclasses.asdict(PLAIN_CE),
+        return {"loss_options": loss_options_info(PLAIN_CE),
                 "salt": {"kd_schedule": dataclasses.asdict(self.schedule),
                          "kd_selection": dataclasses.asdict(self.selection) if self.selection else None}}
 
