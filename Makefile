@@ -1,9 +1,10 @@
-# Set-up in two commands: `make demo` and `make test` (each creates .venv and installs on first use).
+# Set-up in two commands: `make demo` and `make test` (each creates .venv and installs on first use);
+# `make test-fast` is the fast tier (pytest -m "not slow"), `make lint` runs ruff (lint and format check).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -18,6 +19,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf runs/demo

@@ -17,12 +17,12 @@ trainer's (`partitioning.logical_axis_rules()`).
 from __future__ import annotations
 
 import argparse
-from typing import Any
 import json
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +30,20 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import compiled_peak_bytes, model_config  # noqa: E402
-from cat_jax import partitioning  # noqa: E402
-from cat_jax import models  # noqa: E402
+from cat_jax import (
+    models,  # noqa: E402
+    partitioning,  # noqa: E402
+)
 from cat_jax.objectives.token_loss import LossOptions, token_loss  # noqa: E402
 from cat_jax.optimizers import make_optimizer  # noqa: E402
 from cat_jax.train_state import state_shardings  # noqa: E402
 from cat_jax.train_step import compile_train_step, make_train_step  # noqa: E402
 
-STEPS = {"ce": LossOptions(), "cat": LossOptions(mask="small_or_large"),
-         "cat_distill": LossOptions(mask="small_or_large", alpha=0.5)}
+STEPS = {
+    "ce": LossOptions(),
+    "cat": LossOptions(mask="small_or_large"),
+    "cat_distill": LossOptions(mask="small_or_large", alpha=0.5),
+}
 
 
 def parse_meshes(text: str) -> list[list[tuple[str, int]]]:
@@ -53,20 +58,23 @@ def parse_meshes(text: str) -> list[list[tuple[str, int]]]:
     return meshes
 
 
-def measure(student: Any, teacher: Any, loss: LossOptions, batch: int,
-            li: int, lt: int, mesh_shape: list[tuple[str, int]]) -> dict:
+def measure(
+    student: Any, teacher: Any, loss: LossOptions, batch: int, li: int, lt: int, mesh_shape: list[tuple[str, int]]
+) -> dict:
     sizes = [size for _, size in mesh_shape]
     # A mesh with every size given takes the first devices it needs (data=2: two of eight).
-    devices = jax.devices()[:math.prod(sizes)] if min(sizes) > 0 else None
+    devices = jax.devices()[: math.prod(sizes)] if min(sizes) > 0 else None
     mesh = partitioning.make_mesh(mesh_shape, devices=devices)
     rules = partitioning.logical_axis_rules()
     model = models.build(student)
     tx, schedule = make_optimizer(1000)
     abstract, shardings = state_shardings(model, tx, mesh, rules)
-    shapes = {"encoder_input_tokens": jax.ShapeDtypeStruct((batch, li), jnp.int32),
-              "decoder_input_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
-              "decoder_target_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
-              "decoder_loss_weights": jax.ShapeDtypeStruct((batch, lt), jnp.float32)}
+    shapes = {
+        "encoder_input_tokens": jax.ShapeDtypeStruct((batch, li), jnp.int32),
+        "decoder_input_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
+        "decoder_target_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
+        "decoder_loss_weights": jax.ShapeDtypeStruct((batch, lt), jnp.float32),
+    }
     teacher_fn = t_abstract = t_shardings = None
     if teacher is not None:
         t_model = models.build(teacher)
@@ -76,8 +84,17 @@ def measure(student: Any, teacher: Any, loss: LossOptions, batch: int,
         teacher_fn = t_model.logits
     step = make_train_step(token_loss(model, loss), tx, schedule, teacher_fn)
     start = time.perf_counter()
-    compiled = compile_train_step(step, abstract, shardings, shapes, partitioning.batch_sharding(mesh, rules),
-                                  t_abstract, t_shardings, mesh, rules)
+    compiled = compile_train_step(
+        step,
+        abstract,
+        shardings,
+        shapes,
+        partitioning.batch_sharding(mesh, rules),
+        t_abstract,
+        t_shardings,
+        mesh,
+        rules,
+    )
     return {"mesh": dict(mesh.shape), "compile_seconds": round(time.perf_counter() - start, 1), **compiled.memory}
 
 
@@ -97,8 +114,14 @@ def main() -> None:
         raise SystemExit(f"--steps: unknown {sorted(set(names) - set(STEPS))}; choose from {list(STEPS)}")
     student = model_config(a.student, a.dtype)
     teacher = model_config(a.teacher, "bfloat16")
-    common = {"student": a.student, "batch": a.batch, "inputs": a.inputs, "targets": a.targets,
-              "dtype": a.dtype, "backend": jax.default_backend()}
+    common = {
+        "student": a.student,
+        "batch": a.batch,
+        "inputs": a.inputs,
+        "targets": a.targets,
+        "dtype": a.dtype,
+        "backend": jax.default_backend(),
+    }
     for mesh_shape in parse_meshes(a.meshes):
         for name in names:
             t = None if name == "ce" else teacher

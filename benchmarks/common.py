@@ -9,11 +9,11 @@ needs (JAX preallocates 75% of a GPU by default; torch's caching allocator keeps
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import statistics
-import contextlib
 import subprocess
 import sys
 import threading
@@ -32,12 +32,13 @@ NOMINAL_BF16_TFLOPS = (
     ("H200", 989.4),
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
-    ("H100", 989.4),       # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H100", 989.4),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
     ("A100", 312.0),
 )
 
 
 # ----------------------------------------------------------------------------- arguments
+
 
 def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -82,8 +83,10 @@ def gin_file_of(size: str) -> Path:
         path = (REPO / path) if not path.exists() else path.resolve()
     if not path.exists():
         known = sorted(p.stem for p in MODELS_DIR.glob("*.gin"))
-        raise SystemExit(f"Unknown model size {size!r}: no {path}. Known sizes: {', '.join(known)} "
-                         f"(or pass a path to a model .gin file).")
+        raise SystemExit(
+            f"Unknown model size {size!r}: no {path}. Known sizes: {', '.join(known)} "
+            f"(or pass a path to a model .gin file)."
+        )
     return path
 
 
@@ -93,6 +96,7 @@ def model_config(size: str, dtype: str, vocab_size: int = T5_VOCAB):
     import gin
 
     from cat_jax import gin_utils
+
     gin.clear_config()
     gin_utils.parse_gin([str(gin_file_of(size))], [])
     config = gin.query_parameter("MODEL_CONFIG/macro.value").scoped_configurable_fn()
@@ -102,29 +106,45 @@ def model_config(size: str, dtype: str, vocab_size: int = T5_VOCAB):
 
 
 def shape_fields(config) -> dict[str, Any]:
-    return {"d_model": config.emb_dim, "d_ff": config.mlp_dim, "num_heads": config.num_heads,
-            "d_kv": config.head_dim, "encoder_layers": config.num_encoder_layers,
-            "decoder_layers": config.num_decoder_layers, "vocab_size": config.vocab_size}
+    return {
+        "d_model": config.emb_dim,
+        "d_ff": config.mlp_dim,
+        "num_heads": config.num_heads,
+        "d_kv": config.head_dim,
+        "encoder_layers": config.num_encoder_layers,
+        "decoder_layers": config.num_decoder_layers,
+        "vocab_size": config.vocab_size,
+    }
 
 
 def hf_t5_config(config):
     """transformers.T5Config with exactly our shapes: gated-GELU, untied head, no dropout."""
     import transformers
+
     return transformers.T5Config(
-        vocab_size=config.vocab_size, d_model=config.emb_dim, d_ff=config.mlp_dim,
-        num_heads=config.num_heads, d_kv=config.head_dim, num_layers=config.num_encoder_layers,
+        vocab_size=config.vocab_size,
+        d_model=config.emb_dim,
+        d_ff=config.mlp_dim,
+        num_heads=config.num_heads,
+        d_kv=config.head_dim,
+        num_layers=config.num_encoder_layers,
         num_decoder_layers=config.num_decoder_layers,
         relative_attention_num_buckets=config.relative_attention_num_buckets,
         relative_attention_max_distance=config.relative_attention_max_distance,
-        dropout_rate=config.dropout_rate, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        layer_norm_epsilon=1e-6)
+        dropout_rate=config.dropout_rate,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        layer_norm_epsilon=1e-6,
+    )
 
 
 # ----------------------------------------------------------------------------- timing
 
-def time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], steps: int,
-               warmup: int) -> list[float]:
+
+def time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], steps: int, warmup: int) -> list[float]:
     """Seconds of each of `steps` calls of `run` after `warmup` untimed ones.
 
     Every call is followed by `sync(result)` (block_until_ready / cuda.synchronize) inside the
@@ -142,9 +162,12 @@ def time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], steps: int,
 
 def summarize(times: Sequence[float]) -> dict[str, float]:
     """Median (the reported figure), min and max of per-step seconds, in milliseconds."""
-    return {"step_ms": round(1e3 * statistics.median(times), 3),
-            "step_ms_min": round(1e3 * min(times), 3), "step_ms_max": round(1e3 * max(times), 3),
-            "timed_steps": len(times)}
+    return {
+        "step_ms": round(1e3 * statistics.median(times), 3),
+        "step_ms_min": round(1e3 * min(times), 3),
+        "step_ms_max": round(1e3 * max(times), 3),
+        "timed_steps": len(times),
+    }
 
 
 def nominal_peak_tflops(device_name: str) -> float | None:
@@ -163,6 +186,7 @@ def measure_peak_tflops(size: int | None = None, repeats: int = 20) -> dict[str,
     """
     import jax
     import jax.numpy as jnp
+
     if size is None:
         size = 1024 if jax.default_backend() == "cpu" else 8192
     ka, kb = jax.random.split(jax.random.key(0))
@@ -171,13 +195,17 @@ def measure_peak_tflops(size: int | None = None, repeats: int = 20) -> dict[str,
     matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
     times = time_steps(lambda: matmul(a, b), lambda r: r.block_until_ready(), repeats, 3)
     best = min(times)
-    return {"peak_tflops": round(2 * size ** 3 / best / 1e12, 3), "matmul_size": size,
-            "matmul_ms_min": round(1e3 * best, 3),
-            "matmul_ms_median": round(1e3 * statistics.median(times), 3)}
+    return {
+        "peak_tflops": round(2 * size**3 / best / 1e12, 3),
+        "matmul_size": size,
+        "matmul_ms_min": round(1e3 * best, 3),
+        "matmul_ms_median": round(1e3 * statistics.median(times), 3),
+    }
 
 
 def jax_device_name() -> str:
     import jax
+
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
 
@@ -185,6 +213,7 @@ def jax_device_name() -> str:
 def torch_device() -> tuple[str, str]:
     """('cuda' or 'cpu', a readable name)."""
     import torch
+
     if torch.cuda.is_available():
         return "cuda", f"gpu:{torch.cuda.get_device_name(0)}"
     return "cpu", "cpu:cpu"
@@ -192,6 +221,7 @@ def torch_device() -> tuple[str, str]:
 
 def torch_sync(device: str) -> Callable[[Any], None]:
     import torch
+
     if device == "cuda":
         return lambda _: torch.cuda.synchronize()
     return lambda _: None
@@ -200,16 +230,22 @@ def torch_sync(device: str) -> Callable[[Any], None]:
 def compiled_peak_bytes(memory: dict[str, int]) -> int:
     """Per-device bytes a compiled step holds at its peak, from XLA's memory analysis (the
     `CompiledStep.memory` dict): arguments + outputs + temporaries - outputs aliased to arguments."""
-    return (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
-            + memory.get("temp_size_in_bytes", 0) - memory.get("alias_size_in_bytes", 0))
+    return (
+        memory.get("argument_size_in_bytes", 0)
+        + memory.get("output_size_in_bytes", 0)
+        + memory.get("temp_size_in_bytes", 0)
+        - memory.get("alias_size_in_bytes", 0)
+    )
 
 
 def memory_fields(memory: dict[str, int]) -> dict[str, int]:
     """`memory_{argument,output,temp,alias,peak}_bytes` of a compiled step ({} without an analysis)."""
     if not memory:
         return {}
-    out = {f"memory_{kind}_bytes": memory.get(f"{kind}_size_in_bytes", 0)
-           for kind in ("argument", "output", "temp", "alias")}
+    out = {
+        f"memory_{kind}_bytes": memory.get(f"{kind}_size_in_bytes", 0)
+        for kind in ("argument", "output", "temp", "alias")
+    }
     out["memory_peak_bytes"] = compiled_peak_bytes(memory)
     return out
 
@@ -222,6 +258,7 @@ def untie_lm_head(model) -> None:
     than ours. The head keeps the embedding's values in a parameter of its own.
     """
     import torch
+
     if model.lm_head.weight is model.shared.weight:
         model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
 
@@ -236,6 +273,7 @@ def versions() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- output
+
 
 def emit(row: dict[str, Any]) -> None:
     """One measurement: one JSON line on stdout (progress and logs go to stderr)."""
@@ -278,8 +316,12 @@ def run_child(script: Path, args: Sequence[str], impl: str) -> list[dict[str, An
         emit(row)
     code = proc.wait()
     if code != 0:
-        row = {"benchmark": "error", "impl": impl, "returncode": code,
-               "message": f"{script.name} --impl {impl} exited with status {code}; see stderr"}
+        row = {
+            "benchmark": "error",
+            "impl": impl,
+            "returncode": code,
+            "message": f"{script.name} --impl {impl} exited with status {code}; see stderr",
+        }
         rows.append(row)
         emit(row)
     return rows
@@ -299,6 +341,7 @@ class guarded:
         if error is None or not isinstance(error, Exception):
             return False
         import traceback
+
         note("".join(traceback.format_exception(kind, error, tb))[-4000:])
         emit({**self.fields, "error": f"{kind.__name__}: {str(error).splitlines()[0][:500] if str(error) else ''}"})
         return True

@@ -28,25 +28,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
 BENCHMARK = "decode_throughput"
-HF_TARGET = 2.0          # ours / HF generate tokens/s at batch 32
+HF_TARGET = 2.0  # ours / HF generate tokens/s at batch 32
 HF_TARGET_BATCH = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="small,large",
-                   help="comma-separated model sizes (gin_configs/models/<size>.gin) or .gin paths")
+    p.add_argument(
+        "--sizes",
+        default="small,large",
+        help="comma-separated model sizes (gin_configs/models/<size>.gin) or .gin paths",
+    )
     p.add_argument("--batches", default="1,32,256", help="comma-separated batch sizes")
     p.add_argument("--inputs", type=int, default=512, help="encoder input length")
     p.add_argument("--max-decode-length", type=int, default=128, help="tokens generated per row")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="parameter and compute dtype of both implementations")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="parameter and compute dtype of both implementations",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (after compiling)")
     p.add_argument("--vocab", type=int, default=common.T5_VOCAB)
     p.add_argument("--no-hf", action="store_true", help="skip HuggingFace even if importable")
-    p.add_argument("--impl", choices=("ours", "hf"), default=None,
-                   help="run one implementation in this process (default: each in a child)")
+    p.add_argument(
+        "--impl",
+        choices=("ours", "hf"),
+        default=None,
+        help="run one implementation in this process (default: each in a child)",
+    )
     a = p.parse_args(argv)
     a.size_list = common.csv_list(a.sizes)
     a.batch_list = common.csv_ints(a.batches)
@@ -58,38 +69,76 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def child_args(a: argparse.Namespace) -> list[str]:
-    return [f"--sizes={a.sizes}", f"--batches={a.batches}", f"--inputs={a.inputs}",
-            f"--max-decode-length={a.max_decode_length}", f"--dtype={a.dtype}",
-            f"--repeats={a.repeats}", f"--warmup={a.warmup}", f"--vocab={a.vocab}"]
+    return [
+        f"--sizes={a.sizes}",
+        f"--batches={a.batches}",
+        f"--inputs={a.inputs}",
+        f"--max-decode-length={a.max_decode_length}",
+        f"--dtype={a.dtype}",
+        f"--repeats={a.repeats}",
+        f"--warmup={a.warmup}",
+        f"--vocab={a.vocab}",
+    ]
 
 
 def random_inputs(a: argparse.Namespace, batch: int):
     import numpy as np
+
     return np.random.default_rng(batch).integers(2, a.vocab, (batch, a.inputs), dtype=np.int32)
 
 
-def row(a, impl: str, size: str, batch: int, times: list[float], generated: int, compile_s: float,
-        device: str, config, extra: dict | None = None) -> dict:
+def row(
+    a,
+    impl: str,
+    size: str,
+    batch: int,
+    times: list[float],
+    generated: int,
+    compile_s: float,
+    device: str,
+    config,
+    extra: dict | None = None,
+) -> dict:
     import statistics
+
     median = statistics.median(times)
-    return {"benchmark": BENCHMARK, "impl": impl, "size": size, "batch": batch,
-            "inputs": a.inputs, "max_decode_length": a.max_decode_length, "dtype": a.dtype,
-            "decode_ms": round(1e3 * median, 3), "decode_ms_min": round(1e3 * min(times), 3),
-            "decode_ms_max": round(1e3 * max(times), 3), "timed_calls": len(times),
-            "generated_tokens": generated,
-            "tokens_per_s": round(generated / median, 1),
-            "ms_per_decode_step": round(1e3 * median / a.max_decode_length, 4),
-            "compile_s": round(compile_s, 2), "device": device,
-            **common.shape_fields(config), **(extra or {})}
+    return {
+        "benchmark": BENCHMARK,
+        "impl": impl,
+        "size": size,
+        "batch": batch,
+        "inputs": a.inputs,
+        "max_decode_length": a.max_decode_length,
+        "dtype": a.dtype,
+        "decode_ms": round(1e3 * median, 3),
+        "decode_ms_min": round(1e3 * min(times), 3),
+        "decode_ms_max": round(1e3 * max(times), 3),
+        "timed_calls": len(times),
+        "generated_tokens": generated,
+        "tokens_per_s": round(generated / median, 1),
+        "ms_per_decode_step": round(1e3 * median / a.max_decode_length, 4),
+        "compile_s": round(compile_s, 2),
+        "device": device,
+        **common.shape_fields(config),
+        **(extra or {}),
+    }
 
 
 def error_fields(a, impl: str, size: str, batch: int, device: str) -> dict:
-    return {"benchmark": BENCHMARK, "impl": impl, "size": size, "batch": batch,
-            "inputs": a.inputs, "max_decode_length": a.max_decode_length, "dtype": a.dtype,
-            "device": device}
+    return {
+        "benchmark": BENCHMARK,
+        "impl": impl,
+        "size": size,
+        "batch": batch,
+        "inputs": a.inputs,
+        "max_decode_length": a.max_decode_length,
+        "dtype": a.dtype,
+        "device": device,
+    }
 
 
 # ----------------------------------------------------------------------------- ours (JAX)
+
 
 def run_ours(a: argparse.Namespace) -> None:
     import functools
@@ -98,9 +147,8 @@ def run_ours(a: argparse.Namespace) -> None:
     import jax
     from flax import linen as nn
 
-    from cat_jax import partitioning
+    from cat_jax import models, partitioning
     from cat_jax.decoding import greedy_decode
-    from cat_jax import models
 
     device = common.jax_device_name()
     mesh = partitioning.make_mesh()
@@ -111,12 +159,12 @@ def run_ours(a: argparse.Namespace) -> None:
         model = models.build(config)
         _, specs = model.abstract_params()
         dtype = config.compute_dtype
-        params = jax.jit(lambda k: jax.tree_util.tree_map(
-            lambda x: x.astype(dtype), nn.meta.unbox(model.init_params(k))),
-            out_shardings=partitioning.tree_shardings(mesh, specs, rules))(jax.random.key(0))
+        params = jax.jit(
+            lambda k: jax.tree_util.tree_map(lambda x: x.astype(dtype), nn.meta.unbox(model.init_params(k))),
+            out_shardings=partitioning.tree_shardings(mesh, specs, rules),
+        )(jax.random.key(0))
         # eos_id=-1 never matches a token: every row decodes max_decode_length steps.
-        decode = jax.jit(functools.partial(greedy_decode, model,
-                                           max_decode_length=a.max_decode_length, eos_id=-1))
+        decode = jax.jit(functools.partial(greedy_decode, model, max_decode_length=a.max_decode_length, eos_id=-1))
 
         def measure(batch: int) -> None:
             common.note(f"[ours] {size}: batch {batch}")
@@ -125,18 +173,17 @@ def run_ours(a: argparse.Namespace) -> None:
             compiled = decode.lower(params, enc).compile()
             compile_s = time.perf_counter() - start
             generated = int(jax.device_get(compiled(params, enc).lengths).sum())
-            times = common.time_steps(lambda: compiled(params, enc), jax.block_until_ready,
-                                      a.repeats, a.warmup)
-            common.emit(row(a, "ours", size, batch, times, generated, compile_s, device, config,
-                            common.versions()))
+            times = common.time_steps(lambda: compiled(params, enc), jax.block_until_ready, a.repeats, a.warmup)
+            common.emit(row(a, "ours", size, batch, times, generated, compile_s, device, config, common.versions()))
 
         for batch in a.batch_list:
             with common.guarded(error_fields(a, "ours", size, batch, device)):
                 measure(batch)
-        del params
+        params = None  # freed before the next size
 
 
 # ----------------------------------------------------------------------------- HuggingFace (torch)
+
 
 def run_hf(a: argparse.Namespace) -> None:
     import time
@@ -155,9 +202,15 @@ def run_hf(a: argparse.Namespace) -> None:
         model = model.to(device=device, dtype=dtype).eval()
         # No EOS: generation runs exactly max_new_tokens steps, as ours does with eos_id=-1.
         model.generation_config.eos_token_id = None
-        kwargs = dict(max_new_tokens=a.max_decode_length, min_new_tokens=a.max_decode_length,
-                      do_sample=False, num_beams=1, use_cache=True, pad_token_id=0,
-                      decoder_start_token_id=0)
+        kwargs = dict(
+            max_new_tokens=a.max_decode_length,
+            min_new_tokens=a.max_decode_length,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
 
         def measure(batch: int) -> None:
             common.note(f"[hf] {size}: batch {batch}")
@@ -173,24 +226,26 @@ def run_hf(a: argparse.Namespace) -> None:
             sync(out)
             first_s = time.perf_counter() - start
             if out.shape[1] - 1 != a.max_decode_length:
-                raise RuntimeError(f"generate returned {out.shape[1] - 1} tokens per row, expected "
-                                   f"{a.max_decode_length}: EOS was not disabled")
+                raise RuntimeError(
+                    f"generate returned {out.shape[1] - 1} tokens per row, expected "
+                    f"{a.max_decode_length}: EOS was not disabled"
+                )
             generated = int(batch * (out.shape[1] - 1))  # minus the decoder start token
             times = common.time_steps(generate, sync, a.repeats, max(a.warmup - 1, 0))
-            common.emit(row(a, "hf", size, batch, times, generated, first_s, device_name, config,
-                            common.versions()))
+            common.emit(row(a, "hf", size, batch, times, generated, first_s, device_name, config, common.versions()))
 
         for batch in a.batch_list:
             with common.guarded(error_fields(a, "hf", size, batch, device_name)):
                 measure(batch)
             if device == "cuda":
                 torch.cuda.empty_cache()
-        del model
+        model = None  # freed before the next size
         if device == "cuda":
             torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- orchestration
+
 
 def orchestrate(a: argparse.Namespace) -> None:
     script = Path(__file__).resolve()
@@ -208,11 +263,19 @@ def orchestrate(a: argparse.Namespace) -> None:
             if not mine or not theirs:
                 continue
             r = common.ratio(mine["tokens_per_s"], theirs["tokens_per_s"])
-            out = {"benchmark": "decode_ratio", "impl": "ours/hf", "size": size, "batch": batch,
-                   "inputs": a.inputs, "max_decode_length": a.max_decode_length, "dtype": a.dtype,
-                   "ours_tokens_per_s": mine["tokens_per_s"],
-                   "theirs_tokens_per_s": theirs["tokens_per_s"], "ours_over_theirs": r,
-                   "device": mine.get("device")}
+            out = {
+                "benchmark": "decode_ratio",
+                "impl": "ours/hf",
+                "size": size,
+                "batch": batch,
+                "inputs": a.inputs,
+                "max_decode_length": a.max_decode_length,
+                "dtype": a.dtype,
+                "ours_tokens_per_s": mine["tokens_per_s"],
+                "theirs_tokens_per_s": theirs["tokens_per_s"],
+                "ours_over_theirs": r,
+                "device": mine.get("device"),
+            }
             if batch == HF_TARGET_BATCH:
                 out["target"] = HF_TARGET
                 out["meets_target"] = r is not None and r >= HF_TARGET

@@ -47,23 +47,43 @@ TARBALL = "experiment.tar.gz"
 class Scale:
     task: str
     lengths: dict
-    export_cap: int       # examples per task and split in the export
-    large_model: str      # gin_configs/models/<name>.gin, or a .gin path
+    export_cap: int  # examples per task and split in the export
+    large_model: str  # gin_configs/models/<name>.gin, or a .gin path
     small_model: str
     large_steps: int
     small_steps: int
     batch: int
-    eval_examples: int    # test (and validation) examples per task in the cascade evaluation
+    eval_examples: int  # test (and validation) examples per task in the cascade evaluation
     eval_batch: int
     dtype: str
 
 
-GPU = Scale(task="offline_mix", lengths={"inputs": 32, "targets": 128}, export_cap=20000,
-            large_model="demo_large", small_model="demo_small", large_steps=2000, small_steps=1000,
-            batch=64, eval_examples=500, eval_batch=512, dtype="float32")
-SMOKE = Scale(task="cmudict_syllables", lengths={"inputs": 32, "targets": 4}, export_cap=64,
-              large_model="smoke_large.gin", small_model="smoke_small.gin", large_steps=4,
-              small_steps=2, batch=8, eval_examples=16, eval_batch=16, dtype="float32")
+GPU = Scale(
+    task="offline_mix",
+    lengths={"inputs": 32, "targets": 128},
+    export_cap=20000,
+    large_model="demo_large",
+    small_model="demo_small",
+    large_steps=2000,
+    small_steps=1000,
+    batch=64,
+    eval_examples=500,
+    eval_batch=512,
+    dtype="float32",
+)
+SMOKE = Scale(
+    task="cmudict_syllables",
+    lengths={"inputs": 32, "targets": 4},
+    export_cap=64,
+    large_model="smoke_large.gin",
+    small_model="smoke_small.gin",
+    large_steps=4,
+    small_steps=2,
+    batch=8,
+    eval_examples=16,
+    eval_batch=16,
+    dtype="float32",
+)
 
 
 def model_gin(name: str, work: Path) -> str:
@@ -75,14 +95,23 @@ def model_gin(name: str, work: Path) -> str:
 
 # ----------------------------------------------------------------------------- export
 
+
 def export(directory: Path, scale: Scale) -> None:
     """The task's three splits into `directory` (needs seqio and TensorFlow), recompressed."""
     import numpy as np
+
     directory.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "cat_jax.export_task", "--gin_file=gin_configs/runs/export_task.gin",
-           f"--gin.MIXTURE_OR_TASK_NAME={scale.task}", "--gin.SPLIT=['train', 'validation', 'test']",
-           f"--gin.TASK_FEATURE_LENGTHS={scale.lengths!r}", f"--gin.EXPORT_DIR={directory}",
-           f"--gin.MAX_EXAMPLES={scale.export_cap}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cat_jax.export_task",
+        "--gin_file=gin_configs/runs/export_task.gin",
+        f"--gin.MIXTURE_OR_TASK_NAME={scale.task}",
+        "--gin.SPLIT=['train', 'validation', 'test']",
+        f"--gin.TASK_FEATURE_LENGTHS={scale.lengths!r}",
+        f"--gin.EXPORT_DIR={directory}",
+        f"--gin.MAX_EXAMPLES={scale.export_cap}",
+    ]
     common.note("exporting: " + " ".join(cmd))
     subprocess.run(cmd, cwd=common.REPO, check=True, stdout=sys.stderr)
     for npz in sorted(directory.glob("*.npz")):
@@ -97,14 +126,28 @@ def export(directory: Path, scale: Scale) -> None:
 
 # ----------------------------------------------------------------------------- run
 
-def train_command(name: str, run_file: str, scale: Scale, data: Path, work: Path, steps: int,
-                  model: str, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "cat_jax.train", f"--gin_file=gin_configs/runs/{run_file}",
-            model_gin(model, work), f"--gin.MODEL_DIR={work / name}", f"--gin.TRAIN_STEPS={steps}",
-            f"--gin.BATCH_SIZE={scale.batch}", f"--gin.MIXTURE_OR_TASK_NAME={scale.task}",
-            f"--gin.TASK_FEATURE_LENGTHS={scale.lengths!r}", f"--gin.T5Config.dtype='{scale.dtype}'",
-            f"--gin.data_source.exported_dir={data}", f"--gin.DatasetConfig.max_examples={scale.export_cap}",
-            "--gin.train.eval_period=0", f"--gin.train.checkpoint_period={steps}", *extra]
+
+def train_command(
+    name: str, run_file: str, scale: Scale, data: Path, work: Path, steps: int, model: str, extra: list[str]
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cat_jax.train",
+        f"--gin_file=gin_configs/runs/{run_file}",
+        model_gin(model, work),
+        f"--gin.MODEL_DIR={work / name}",
+        f"--gin.TRAIN_STEPS={steps}",
+        f"--gin.BATCH_SIZE={scale.batch}",
+        f"--gin.MIXTURE_OR_TASK_NAME={scale.task}",
+        f"--gin.TASK_FEATURE_LENGTHS={scale.lengths!r}",
+        f"--gin.T5Config.dtype='{scale.dtype}'",
+        f"--gin.data_source.exported_dir={data}",
+        f"--gin.DatasetConfig.max_examples={scale.export_cap}",
+        "--gin.train.eval_period=0",
+        f"--gin.train.checkpoint_period={steps}",
+        *extra,
+    ]
 
 
 def run_parallel(jobs: dict[str, list[str]], logs: Path, benchmark: str) -> dict[str, dict | None]:
@@ -115,8 +158,10 @@ def run_parallel(jobs: dict[str, list[str]], logs: Path, benchmark: str) -> dict
     for name, cmd in jobs.items():
         common.note(f"[experiment] {name}: {' '.join(cmd)}")
         log = open(logs / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE,
-                                        stderr=log, text=True), log)
+        procs[name] = (
+            subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True),
+            log,
+        )
     results = {}
     for name, (proc, log) in procs.items():
         out, _ = proc.communicate()
@@ -126,8 +171,14 @@ def run_parallel(jobs: dict[str, list[str]], logs: Path, benchmark: str) -> dict
         if proc.returncode != 0:
             tail = (logs / f"{name}.log").read_text()[-3000:]
             common.note(f"[experiment] {name} failed (exit {proc.returncode}):\n{tail}")
-            common.emit({"benchmark": benchmark, "model": name, "seconds": seconds,
-                         "error": f"exit {proc.returncode}; see {name}.log in {TARBALL}"})
+            common.emit(
+                {
+                    "benchmark": benchmark,
+                    "model": name,
+                    "seconds": seconds,
+                    "error": f"exit {proc.returncode}; see {name}.log in {TARBALL}",
+                }
+            )
             results[name] = None
             continue
         results[name] = {**(json.loads(lines[-1]) if lines else {}), "seconds": seconds}
@@ -137,20 +188,47 @@ def run_parallel(jobs: dict[str, list[str]], logs: Path, benchmark: str) -> dict
 def emit_trained(results: dict[str, dict | None], scale: Scale, sizes: dict[str, str]) -> None:
     for name, r in results.items():
         if r is not None:
-            common.emit({"benchmark": "experiment_train", "model": name, "size": sizes[name],
-                         "task": scale.task, "batch": scale.batch, "final_step": r["final_step"],
-                         "loss": r["train"].get("loss"), "seconds_with_start_up": r["seconds"],
-                         "step_flops": r.get("step_flops")})
+            common.emit(
+                {
+                    "benchmark": "experiment_train",
+                    "model": name,
+                    "size": sizes[name],
+                    "task": scale.task,
+                    "batch": scale.batch,
+                    "final_step": r["final_step"],
+                    "loss": r["train"].get("loss"),
+                    "seconds_with_start_up": r["seconds"],
+                    "step_flops": r.get("step_flops"),
+                }
+            )
 
 
 def emit_cascade(cascade: Path) -> None:
     """One line per (task, student) of the plot rule, from the cascade's summary.json."""
     for r in json.loads((cascade / "summary.json").read_text()):
         if r["rule"] == PLOT_RULE:
-            common.emit({"benchmark": "experiment_cascade", **{k: r.get(k) for k in (
-                "task", "small_model", "rule", "small_only", "large_only", "auc", "auc_df_random",
-                "auc_df_gain", "auc_df_gain_pct", "relative_flops_to_match_large", "best_quality",
-                "best_relative_flops")}})
+            common.emit(
+                {
+                    "benchmark": "experiment_cascade",
+                    **{
+                        k: r.get(k)
+                        for k in (
+                            "task",
+                            "small_model",
+                            "rule",
+                            "small_only",
+                            "large_only",
+                            "auc",
+                            "auc_df_random",
+                            "auc_df_gain",
+                            "auc_df_gain_pct",
+                            "relative_flops_to_match_large",
+                            "best_quality",
+                            "best_relative_flops",
+                        )
+                    },
+                }
+            )
 
 
 def pack(work: Path, out: Path) -> None:
@@ -158,8 +236,11 @@ def pack(work: Path, out: Path) -> None:
     with tarfile.open(out / TARBALL, "w:gz") as tar:
         for path in sorted(work.rglob("*")):
             rel = path.relative_to(work)
-            keep = (rel.parts[0] in ("cascade", "logs") or
-                    path.name in ("train_metrics.jsonl", "run_info.json", "operative_config.gin"))
+            keep = rel.parts[0] in ("cascade", "logs") or path.name in (
+                "train_metrics.jsonl",
+                "run_info.json",
+                "operative_config.gin",
+            )
             if path.is_file() and keep:
                 tar.add(path, arcname=str(Path("experiment") / rel))
     common.note(f"[experiment] wrote {out / TARBALL} ({(out / TARBALL).stat().st_size / 2**20:.1f} MiB)")
@@ -167,8 +248,10 @@ def pack(work: Path, out: Path) -> None:
 
 def run(data: Path, work: Path, out: Path, scale: Scale) -> int:
     if not any(data.glob(f"{scale.task}.*.npz")):
-        raise SystemExit(f"No exported {scale.task} in {data}: run benchmarks/gpu_prepare.sh (or "
-                         f"python benchmarks/gpu_experiment.py export {data}) where seqio is installed.")
+        raise SystemExit(
+            f"No exported {scale.task} in {data}: run benchmarks/gpu_prepare.sh (or "
+            f"python benchmarks/gpu_experiment.py export {data}) where seqio is installed."
+        )
     shutil.rmtree(work, ignore_errors=True)  # a fresh experiment: stale checkpoints would be resumed
     logs = work / "logs"
     logs.mkdir(parents=True)
@@ -178,12 +261,20 @@ def run(data: Path, work: Path, out: Path, scale: Scale) -> int:
 
     def student(name: str) -> list[str]:
         teacher = [] if name == "ce" else [f"--gin.TEACHER_MODEL_DIR={large}"]
-        return train_command(f"small_{name}", f"train_small_{name}.gin", scale, data, work,
-                             scale.small_steps, scale.small_model, teacher)
+        return train_command(
+            f"small_{name}", f"train_small_{name}.gin", scale, data, work, scale.small_steps, scale.small_model, teacher
+        )
 
-    first = run_parallel({"large": train_command("large", "train_large.gin", scale, data, work,
-                                                 scale.large_steps, scale.large_model, []),
-                          "small_ce": student("ce")}, logs, "experiment_train")
+    first = run_parallel(
+        {
+            "large": train_command(
+                "large", "train_large.gin", scale, data, work, scale.large_steps, scale.large_model, []
+            ),
+            "small_ce": student("ce"),
+        },
+        logs,
+        "experiment_train",
+    )
     emit_trained(first, scale, sizes)
     if first["large"] is None:
         pack(work, out)
@@ -193,17 +284,37 @@ def run(data: Path, work: Path, out: Path, scale: Scale) -> int:
     smalls = {s: str(work / f"small_{s}") for s in STUDENTS if {**first, **rest}[f"small_{s}"] is not None}
     if smalls:
         cascade = work / "cascade"
-        evaluated = run_parallel({"cascade_eval": [
-            sys.executable, "-m", "cat_jax.cascade_eval", "--gin_file=gin_configs/runs/cascade_eval.gin",
-            f"--gin.LARGE_MODEL_DIR={large}", f"--gin.SMALL_MODEL_DIRS={smalls!r}",
-            f"--gin.OUTPUT_DIR={cascade}", f"--gin.MAX_EXAMPLES={scale.eval_examples}",
-            f"--gin.BATCH_SIZE={scale.eval_batch}",
-            f"--gin.MIXTURE_OR_TASK_NAME={scale.task}", f"--gin.TASK_FEATURE_LENGTHS={scale.lengths!r}",
-            f"--gin.data_source.exported_dir={data}"]}, logs, "experiment_cascade_eval")
+        evaluated = run_parallel(
+            {
+                "cascade_eval": [
+                    sys.executable,
+                    "-m",
+                    "cat_jax.cascade_eval",
+                    "--gin_file=gin_configs/runs/cascade_eval.gin",
+                    f"--gin.LARGE_MODEL_DIR={large}",
+                    f"--gin.SMALL_MODEL_DIRS={smalls!r}",
+                    f"--gin.OUTPUT_DIR={cascade}",
+                    f"--gin.MAX_EXAMPLES={scale.eval_examples}",
+                    f"--gin.BATCH_SIZE={scale.eval_batch}",
+                    f"--gin.MIXTURE_OR_TASK_NAME={scale.task}",
+                    f"--gin.TASK_FEATURE_LENGTHS={scale.lengths!r}",
+                    f"--gin.data_source.exported_dir={data}",
+                ]
+            },
+            logs,
+            "experiment_cascade_eval",
+        )
         if evaluated["cascade_eval"] is not None:
-            common.emit({"benchmark": "experiment_cascade_eval", "model": "cascade_eval",
-                         "task": scale.task, "examples_per_task": scale.eval_examples,
-                         "small_models": list(smalls), "seconds_with_start_up": evaluated["cascade_eval"]["seconds"]})
+            common.emit(
+                {
+                    "benchmark": "experiment_cascade_eval",
+                    "model": "cascade_eval",
+                    "task": scale.task,
+                    "examples_per_task": scale.eval_examples,
+                    "small_models": list(smalls),
+                    "seconds_with_start_up": evaluated["cascade_eval"]["seconds"],
+                }
+            )
             emit_cascade(cascade)
     pack(work, out)
     return 0 if len(smalls) == len(STUDENTS) and (work / "cascade" / "summary.json").exists() else 1
@@ -218,8 +329,9 @@ def main(argv=None) -> int:
     r.add_argument("--data", type=Path, required=True, help="the directory `export` wrote")
     r.add_argument("--work", type=Path, required=True, help="checkpoints and logs (emptied first)")
     r.add_argument("--out", type=Path, required=True, help=f"where {TARBALL} goes")
-    r.add_argument("--export-missing", action="store_true",
-                   help="export into --data first when it holds no export (needs seqio)")
+    r.add_argument(
+        "--export-missing", action="store_true", help="export into --data first when it holds no export (needs seqio)"
+    )
     for q in (e, r):
         q.add_argument("--smoke", action="store_true", help="the smoke scale (CPU, seconds)")
     a = p.parse_args(argv)

@@ -45,8 +45,20 @@ from benchmarks import common, gpu_summary  # noqa: E402
 BENCH = common.REPO / "benchmarks"
 STAGES = ("train", "cat_step", "decode", "speculative", "experiment")
 KILL_GRACE_S = 5
-VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint",
-            "numpy", "torch", "transformers", "gin-config", "tensorboardX")
+VERSIONS = (
+    "jax",
+    "jaxlib",
+    "jax-cuda13-plugin",
+    "jax-cuda12-plugin",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "torch",
+    "transformers",
+    "gin-config",
+    "tensorboardX",
+)
 
 
 @dataclasses.dataclass
@@ -64,17 +76,16 @@ class Context:
 
     def model(self, role: str) -> str:
         """Smoke: a 1+1-layer model file in --work (student: width 16, teacher: 32)."""
-        return str(common.one_layer_model(self.work / "models" / f"smoke_{role}.gin",
-                                          32 if role == "teacher" else 16))
+        return str(common.one_layer_model(self.work / "models" / f"smoke_{role}.gin", 32 if role == "teacher" else 16))
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
-    cap_s: float                 # its time cap; its share of the default budget
+    cap_s: float  # its time cap; its share of the default budget
     argv: Callable[[Context], list[str]]
-    min_s: float = 30            # skipped when less than this is left for it
-    takes_rest: bool = False     # runs on with whatever the budget has left (the experiment)
+    min_s: float = 30  # skipped when less than this is left for it
+    takes_rest: bool = False  # runs on with whatever the budget has left (the experiment)
 
 
 def _script(name: str, *args: str) -> list[str]:
@@ -86,41 +97,117 @@ DECODE = ("--inputs=512", "--max-decode-length=128", "--dtype=bfloat16", "--repe
 
 FULL = (
     Stage("train", 190, lambda c: _script("train_throughput.py", "--sizes=base,small", "--teachers=", *TRAIN)),
-    Stage("cat_step", 120, lambda c: _script(
-        "train_throughput.py", "--sizes=small", "--teachers=base", "--cat-steps=cat,cat_distill",
-        "--no-hf", *TRAIN, *c.peak_args())),
+    Stage(
+        "cat_step",
+        120,
+        lambda c: _script(
+            "train_throughput.py",
+            "--sizes=small",
+            "--teachers=base",
+            "--cat-steps=cat,cat_distill",
+            "--no-hf",
+            *TRAIN,
+            *c.peak_args(),
+        ),
+    ),
     Stage("decode", 60, lambda c: _script("decode_throughput.py", "--sizes=small", "--batches=32,1,256", *DECODE)),
-    Stage("speculative", 80, lambda c: _script(
-        "speculative.py", "--large=base", "--small=small", "--batches=1,8,32", "--gammas=1,3,5",
-        "--rules=lossless", *DECODE)),
-    Stage("experiment", 70, lambda c: _script(
-        "gpu_experiment.py", "run", f"--data={c.bundle / 'data'}", f"--work={c.work / 'experiment'}",
-        f"--out={c.out}"), min_s=120, takes_rest=True),
+    Stage(
+        "speculative",
+        80,
+        lambda c: _script(
+            "speculative.py",
+            "--large=base",
+            "--small=small",
+            "--batches=1,8,32",
+            "--gammas=1,3,5",
+            "--rules=lossless",
+            *DECODE,
+        ),
+    ),
+    Stage(
+        "experiment",
+        70,
+        lambda c: _script(
+            "gpu_experiment.py",
+            "run",
+            f"--data={c.bundle / 'data'}",
+            f"--work={c.work / 'experiment'}",
+            f"--out={c.out}",
+        ),
+        min_s=120,
+        takes_rest=True,
+    ),
 )
 
-SMOKE_TRAIN = ("--batch=2", "--inputs=16", "--targets=8", "--dtype=bfloat16", "--steps=2", "--warmup=1",
-               "--vocab=64")
+SMOKE_TRAIN = ("--batch=2", "--inputs=16", "--targets=8", "--dtype=bfloat16", "--steps=2", "--warmup=1", "--vocab=64")
 SMOKE_DECODE = ("--inputs=16", "--max-decode-length=4", "--vocab=64", "--warmup=1")
 
 SMOKE = (
-    Stage("train", 75, lambda c: _script(
-        "train_throughput.py", f"--sizes={c.model('student')}", "--teachers=", "--peak-matmul-size=128",
-        *SMOKE_TRAIN)),
-    Stage("cat_step", 90, lambda c: _script(
-        "train_throughput.py", f"--sizes={c.model('student')}", f"--teachers={c.model('teacher')}",
-        "--cat-steps=cat,cat_distill", "--no-hf", "--peak-matmul-size=128", *SMOKE_TRAIN, *c.peak_args())),
-    Stage("decode", 60, lambda c: _script(
-        "decode_throughput.py", f"--sizes={c.model('student')}", "--batches=32,1", "--repeats=2", *SMOKE_DECODE)),
-    Stage("speculative", 75, lambda c: _script(
-        "speculative.py", f"--large={c.model('teacher')}", f"--small={c.model('student')}", "--batches=2",
-        "--gammas=2", "--repeats=1", *SMOKE_DECODE)),
-    Stage("experiment", 180, lambda c: _script(
-        "gpu_experiment.py", "run", "--smoke", "--export-missing", f"--data={c.work / 'smoke_data'}",
-        f"--work={c.work / 'experiment'}", f"--out={c.out}"), min_s=30, takes_rest=True),
+    Stage(
+        "train",
+        75,
+        lambda c: _script(
+            "train_throughput.py",
+            f"--sizes={c.model('student')}",
+            "--teachers=",
+            "--peak-matmul-size=128",
+            *SMOKE_TRAIN,
+        ),
+    ),
+    Stage(
+        "cat_step",
+        90,
+        lambda c: _script(
+            "train_throughput.py",
+            f"--sizes={c.model('student')}",
+            f"--teachers={c.model('teacher')}",
+            "--cat-steps=cat,cat_distill",
+            "--no-hf",
+            "--peak-matmul-size=128",
+            *SMOKE_TRAIN,
+            *c.peak_args(),
+        ),
+    ),
+    Stage(
+        "decode",
+        60,
+        lambda c: _script(
+            "decode_throughput.py", f"--sizes={c.model('student')}", "--batches=32,1", "--repeats=2", *SMOKE_DECODE
+        ),
+    ),
+    Stage(
+        "speculative",
+        75,
+        lambda c: _script(
+            "speculative.py",
+            f"--large={c.model('teacher')}",
+            f"--small={c.model('student')}",
+            "--batches=2",
+            "--gammas=2",
+            "--repeats=1",
+            *SMOKE_DECODE,
+        ),
+    ),
+    Stage(
+        "experiment",
+        180,
+        lambda c: _script(
+            "gpu_experiment.py",
+            "run",
+            "--smoke",
+            "--export-missing",
+            f"--data={c.work / 'smoke_data'}",
+            f"--work={c.work / 'experiment'}",
+            f"--out={c.out}",
+        ),
+        min_s=30,
+        takes_rest=True,
+    ),
 )
 
 
 # ----------------------------------------------------------------------------- environment
+
 
 def environment_row(smoke: bool) -> dict:
     """What ran where: the date, the GPU (nvidia-smi), Python and library versions, the commit."""
@@ -132,17 +219,33 @@ def environment_row(smoke: bool) -> dict:
             pass
     gpu = None
     if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                "--format=csv,noheader"], capture_output=True, text=True)
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         gpu = query.stdout.strip() or None
     commit = None
     if shutil.which("git"):  # the device tool's copy of the tree may have no .git
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.REPO,
-                                capture_output=True, text=True).stdout.strip() or None
-    return {"stage": "env", "benchmark": "env", "mode": "smoke" if smoke else "full",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "python": platform.python_version(), "gpu": gpu,
-            "cpus": os.cpu_count(), "commit": commit, "versions": versions, "argv": sys.argv[1:]}
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=common.REPO, capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
+    return {
+        "stage": "env",
+        "benchmark": "env",
+        "mode": "smoke" if smoke else "full",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "gpu": gpu,
+        "cpus": os.cpu_count(),
+        "commit": commit,
+        "versions": versions,
+        "argv": sys.argv[1:],
+    }
 
 
 def child_env(ctx: Context) -> dict[str, str]:
@@ -158,6 +261,7 @@ def child_env(ctx: Context) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- running a stage
+
 
 class Results:
     """OUT_DIR/results.jsonl (appended, flushed per row), gpu.log, and the rows read so far."""
@@ -218,11 +322,14 @@ RUNNING: list[subprocess.Popen] = []
 def run_stage(stage: str, argv: list[str], cap: float, env: dict, results: Results) -> tuple[str, int | None]:
     """(status, return code) of one stage run under `cap` seconds."""
     results.text(f"\n=== {stage} (cap {cap:.0f}s): {' '.join(argv)}\n")
-    proc = subprocess.Popen(argv, cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, process_group=0)
+    proc = subprocess.Popen(
+        argv, cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0
+    )
     RUNNING.append(proc)
-    pumps = [threading.Thread(target=_pump_rows, args=(proc.stdout, stage, results), daemon=True),
-             threading.Thread(target=_pump_text, args=(proc.stderr, results), daemon=True)]
+    pumps = [
+        threading.Thread(target=_pump_rows, args=(proc.stdout, stage, results), daemon=True),
+        threading.Thread(target=_pump_text, args=(proc.stderr, results), daemon=True),
+    ]
     for t in pumps:
         t.start()
     try:
@@ -268,15 +375,29 @@ def run(ctx: Context, names: list[str], scale: float, budget_s: float | None) ->
     failed = []
     for i, stage in enumerate(stages):
         left = deadline - time.perf_counter()
-        reserved = scale * sum(s.cap_s for s in stages[i + 1:])
-        cap = stage_cap(stage, stages[i + 1:], left, scale)
+        reserved = scale * sum(s.cap_s for s in stages[i + 1 :])
+        cap = stage_cap(stage, stages[i + 1 :], left, scale)
         if stage.name in ("train", "decode") and not common.hf_available():
-            results.add({"stage": stage.name, "benchmark": "note", "hf_available": False,
-                         "message": "torch / transformers not importable: the HuggingFace rows are skipped"})
+            results.add(
+                {
+                    "stage": stage.name,
+                    "benchmark": "note",
+                    "hf_available": False,
+                    "message": "torch / transformers not importable: the HuggingFace rows are skipped",
+                }
+            )
         if cap < stage.min_s:
-            results.add({"stage": stage.name, "benchmark": "stage", "status": "skipped", "seconds": 0,
-                         "cap_s": round(max(cap, 0)), "note": f"{left:.0f}s of the budget left, {reserved:.0f}s "
-                                                       f"kept for later stages; needs {stage.min_s:.0f}s"})
+            results.add(
+                {
+                    "stage": stage.name,
+                    "benchmark": "stage",
+                    "status": "skipped",
+                    "seconds": 0,
+                    "cap_s": round(max(cap, 0)),
+                    "note": f"{left:.0f}s of the budget left, {reserved:.0f}s "
+                    f"kept for later stages; needs {stage.min_s:.0f}s",
+                }
+            )
             if not stage.takes_rest:
                 failed.append(stage.name)
             results.summarize()
@@ -284,16 +405,30 @@ def run(ctx: Context, names: list[str], scale: float, budget_s: float | None) ->
         began = time.perf_counter()
         status, code = run_stage(stage.name, stage.argv(ctx), cap, env, results)
         seconds = time.perf_counter() - began
-        results.add({"stage": stage.name, "benchmark": "stage", "status": status, "seconds": round(seconds, 1),
-                     "cap_s": round(cap), "returncode": code, "note": ""})
+        results.add(
+            {
+                "stage": stage.name,
+                "benchmark": "stage",
+                "status": status,
+                "seconds": round(seconds, 1),
+                "cap_s": round(cap),
+                "returncode": code,
+                "note": "",
+            }
+        )
         if status != "ok":
             failed.append(stage.name)
         results.summarize()
-        results.text(f"=== {stage.name}: {status} in {seconds:.0f}s "
-                     f"({time.perf_counter() - start:.0f}s of {budget_s:.0f}s used)\n")
+        results.text(
+            f"=== {stage.name}: {status} in {seconds:.0f}s "
+            f"({time.perf_counter() - start:.0f}s of {budget_s:.0f}s used)\n"
+        )
     summary = results.path.parent / "summary.md"
-    results.text(f"\n{summary.read_text()}\nwrote {results.path}, {summary}, {results.log_path}"
-                 + (f"; not ok: {', '.join(failed)}" if failed else "") + "\n")
+    results.text(
+        f"\n{summary.read_text()}\nwrote {results.path}, {summary}, {results.log_path}"
+        + (f"; not ok: {', '.join(failed)}" if failed else "")
+        + "\n"
+    )
     return 1 if failed else 0
 
 
@@ -302,11 +437,18 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="results.jsonl, summary.md, gpu.log (and the experiment's tarball)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     p.add_argument("--stages", default=",".join(STAGES), help=f"a comma-separated subset of {STAGES}")
-    p.add_argument("--cap-scale", type=float, default=1.0,
-                   help="multiplies every stage's cap and so the default budget (e.g. 3 on a busy machine)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="seconds for all the stages asked for (default: the sum of their caps x --cap-scale: "
-                        "520 for all of them)")
+    p.add_argument(
+        "--cap-scale",
+        type=float,
+        default=1.0,
+        help="multiplies every stage's cap and so the default budget (e.g. 3 on a busy machine)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds for all the stages asked for (default: the sum of their caps x --cap-scale: 520 for all of them)",
+    )
     p.add_argument("--bundle", type=Path, required=True, help="what gpu_prepare.sh wrote (data/ is read)")
     p.add_argument("--work", type=Path, required=True, help="checkpoints, caches, smoke models")
     a = p.parse_args(argv)

@@ -18,15 +18,13 @@ import shutil
 import time
 
 import numpy as np
-
 from common import MODELS_DIR, REPO, peak_anon_mib
 
 
 def write_random_hub_dir(model: str, directory: str) -> int:
     """A random Hub-style checkpoint of `model`'s shape in `directory`; returns its byte size."""
-    from safetensors.numpy import save_file
-
     import gin
+    from safetensors.numpy import save_file
 
     from cat_jax import gin_utils, models
     from cat_jax.models.convert import hub, tree
@@ -64,9 +62,16 @@ def main() -> None:
         start = time.perf_counter()
         importer.import_checkpoint(source=hub, model_dir=out)
         seconds = time.perf_counter() - start
-    print(json.dumps({"model": args.model, "checkpoint_mib": round(size / 2**20, 1),
-                      "import_seconds": round(seconds, 2),
-                      "peak_anon_mib_above_baseline": round(memory["peak_above_baseline"], 1)}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "checkpoint_mib": round(size / 2**20, 1),
+                "import_seconds": round(seconds, 2),
+                "peak_anon_mib_above_baseline": round(memory["peak_above_baseline"], 1),
+            }
+        )
+    )
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 

@@ -59,8 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     a = p.parse_args(argv)
-    a.batch_list, a.gamma_list, a.rule_list = (common.csv_ints(a.batches), common.csv_ints(a.gammas),
-                                               common.csv_list(a.rules))
+    a.batch_list, a.gamma_list, a.rule_list = (
+        common.csv_ints(a.batches),
+        common.csv_ints(a.gammas),
+        common.csv_list(a.rules),
+    )
     if (a.large_model_dir is None) != (a.small_model_dir is None):
         p.error("give both --large-model-dir and --small-model-dir, or neither (random mode)")
     if a.repeats < 1 or a.warmup < 0 or min(a.batch_list + a.gamma_list, default=0) < 1:
@@ -76,14 +79,18 @@ def random_models(a: argparse.Namespace, mesh, rules):
 
     from cat_jax import models as models_lib
     from cat_jax import partitioning
+
     models = {}
     for role, size, seed in (("large", a.large, 0), ("small", a.small, 1)):
         config = common.model_config(size, a.dtype, a.vocab)
         model = models_lib.build(config)
         _, specs = model.abstract_params()
-        params = jax.jit(lambda k, m=model, d=config.compute_dtype: jax.tree_util.tree_map(
-            lambda x: x.astype(d), nn.meta.unbox(m.init_params(k))),
-            out_shardings=partitioning.tree_shardings(mesh, specs, rules))(jax.random.key(seed))
+        params = jax.jit(
+            lambda k, m=model, d=config.compute_dtype: jax.tree_util.tree_map(
+                lambda x: x.astype(d), nn.meta.unbox(m.init_params(k))
+            ),
+            out_shardings=partitioning.tree_shardings(mesh, specs, rules),
+        )(jax.random.key(seed))
         models[role] = (model, params, config)
     inputs = np.random.default_rng(0).integers(2, a.vocab, (max(a.batch_list), a.inputs), dtype=np.int32)
     return models, inputs, -1  # eos_id -1 never matches: fixed-length decoding
@@ -93,26 +100,30 @@ def restored_models(a: argparse.Namespace, mesh, rules):
     """The two checkpoints, the task split's first encoder inputs [max batch, Li] and its EOS id."""
     import numpy as np
 
+    import tasks  # noqa: F401  (registers the tasks)
     from cat_jax import data as data_lib
     from cat_jax.frozen_model import load_frozen_model
-    import tasks  # noqa: F401  (registers the tasks)
+
     models = {}
     for role, model_dir in (("large", a.large_model_dir), ("small", a.small_model_dir)):
         frozen = load_frozen_model(model_dir, mesh=mesh, rules=rules)
         models[role] = (frozen.model, frozen.params, frozen.config)
-    arrays = data_lib.load_split(a.task, a.split, {"inputs": a.inputs, "targets": a.max_decode_length},
-                                 max_examples=max(a.batch_list))
+    arrays = data_lib.load_split(
+        a.task, a.split, {"inputs": a.inputs, "targets": a.max_decode_length}, max_examples=max(a.batch_list)
+    )
     enc = arrays.features["encoder_input_tokens"]
     reps = -(-max(a.batch_list) // len(enc))
-    return models, np.tile(enc, (reps, 1))[:max(a.batch_list)], data_lib.get_vocabulary_of(a.task).eos_id
+    return models, np.tile(enc, (reps, 1))[: max(a.batch_list)], data_lib.get_vocabulary_of(a.task).eos_id
 
 
 def timed_ms(compiled, args: tuple, a: argparse.Namespace) -> tuple[float, object]:
     """(median milliseconds of a call, its last output)."""
     import jax
+
     out = []
-    times = common.time_steps(lambda: out.append(compiled(*args)) or out[-1], jax.block_until_ready,
-                              a.repeats, a.warmup)
+    times = common.time_steps(
+        lambda: out.append(compiled(*args)) or out[-1], jax.block_until_ready, a.repeats, a.warmup
+    )
     return 1e3 * statistics.median(times), jax.device_get(out[-1])
 
 
@@ -130,9 +141,16 @@ def run(a: argparse.Namespace) -> None:
     models, inputs, eos_id = (restored_models if a.large_model_dir else random_models)(a, mesh, rules)
     (large, large_params, large_config), (small, small_params, small_config) = models["large"], models["small"]
     device, steps = common.jax_device_name(), a.max_decode_length
-    base = {"benchmark": BENCHMARK, "device": device, "inputs": a.inputs, "max_decode_length": steps,
-            "large": common.shape_fields(large_config), "small": common.shape_fields(small_config),
-            "mode": "checkpoints" if a.large_model_dir else "random", **common.versions()}
+    base = {
+        "benchmark": BENCHMARK,
+        "device": device,
+        "inputs": a.inputs,
+        "max_decode_length": steps,
+        "large": common.shape_fields(large_config),
+        "small": common.shape_fields(small_config),
+        "mode": "checkpoints" if a.large_model_dir else "random",
+        **common.versions(),
+    }
     greedy = jax.jit(functools.partial(greedy_decode, large, max_decode_length=steps, eos_id=eos_id))
     for batch in a.batch_list:
         enc = {"encoder_input_tokens": jax.device_put(inputs[:batch], sharding)}
@@ -143,28 +161,58 @@ def run(a: argparse.Namespace) -> None:
             ms, out = timed_ms(compiled, (large_params, enc), a)
             tokens = int(out.lengths.sum())
             reference = tokens / ms * 1e3
-            common.emit({**base, "impl": "large_greedy", "batch": batch, "decode_ms": round(ms, 3),
-                         "generated_tokens": tokens, "tokens_per_s": round(reference, 1),
-                         "compile_s": round(compile_s, 2)})
+            common.emit(
+                {
+                    **base,
+                    "impl": "large_greedy",
+                    "batch": batch,
+                    "decode_ms": round(ms, 3),
+                    "generated_tokens": tokens,
+                    "tokens_per_s": round(reference, 1),
+                    "compile_s": round(compile_s, 2),
+                }
+            )
         for gamma in a.gamma_list:
-            spec = jax.jit(lambda sp, lp, e, key, index, alpha, gamma=gamma: speculative_decode(
-                small, sp, large, lp, e, key, index, alpha, gamma=gamma, max_decode_length=steps, eos_id=eos_id))
+            spec = jax.jit(
+                lambda sp, lp, e, key, index, alpha, gamma=gamma: speculative_decode(
+                    small, sp, large, lp, e, key, index, alpha, gamma=gamma, max_decode_length=steps, eos_id=eos_id
+                )
+            )
             for rule in a.rule_list:
-                fields = {**base, "impl": "speculative", "batch": batch, "gamma": gamma, "rule": rule,
-                          "alpha": None if rule == "lossless" else a.alpha}
+                fields = {
+                    **base,
+                    "impl": "speculative",
+                    "batch": batch,
+                    "gamma": gamma,
+                    "rule": rule,
+                    "alpha": None if rule == "lossless" else a.alpha,
+                }
                 with common.guarded(fields):
-                    args = (small_params, large_params, enc, jax.random.key(0), jnp.int32(rule_id(rule)),
-                            jnp.float32(a.alpha))
+                    args = (
+                        small_params,
+                        large_params,
+                        enc,
+                        jax.random.key(0),
+                        jnp.int32(rule_id(rule)),
+                        jnp.float32(a.alpha),
+                    )
                     start = time.perf_counter()
                     compiled = spec.lower(*args).compile()
                     compile_s = time.perf_counter() - start
                     ms, out = timed_ms(compiled, args, a)
                     tokens, calls = int(out.lengths.sum()), int(out.rounds.sum())
-                    common.emit({**fields, "decode_ms": round(ms, 3), "generated_tokens": tokens,
-                                 "tokens_per_s": round(tokens / ms * 1e3, 1),
-                                 "speedup_over_large_greedy": common.ratio(tokens / ms * 1e3, reference),
-                                 "acceptance_rate": round(int(out.accepted.sum()) / (gamma * calls), 4),
-                                 "tokens_per_large_call": round(tokens / calls, 3), "compile_s": round(compile_s, 2)})
+                    common.emit(
+                        {
+                            **fields,
+                            "decode_ms": round(ms, 3),
+                            "generated_tokens": tokens,
+                            "tokens_per_s": round(tokens / ms * 1e3, 1),
+                            "speedup_over_large_greedy": common.ratio(tokens / ms * 1e3, reference),
+                            "acceptance_rate": round(int(out.accepted.sum()) / (gamma * calls), 4),
+                            "tokens_per_large_call": round(tokens / calls, 3),
+                            "compile_s": round(compile_s, 2),
+                        }
+                    )
             with common.guarded({**base, "impl": "cache_block_write", "batch": batch, "gamma": gamma}):
                 shared, _ = large.start_decoding(large_params, enc, steps + gamma + 1)
                 block = jnp.ones((batch, gamma + 1), jnp.int32)
@@ -174,9 +222,17 @@ def run(a: argparse.Namespace) -> None:
                 shared = large.set_positions(shared, position)
                 shared_ms, _ = timed_ms(call, (shared,), a)
                 row_ms, _ = timed_ms(call, (per_row,), a)
-                common.emit({**base, "impl": "cache_block_write", "batch": batch, "gamma": gamma,
-                             "shared_position_ms": round(shared_ms, 4), "per_row_positions_ms": round(row_ms, 4),
-                             "per_row_over_shared": common.ratio(row_ms, shared_ms)})
+                common.emit(
+                    {
+                        **base,
+                        "impl": "cache_block_write",
+                        "batch": batch,
+                        "gamma": gamma,
+                        "shared_position_ms": round(shared_ms, 4),
+                        "per_row_positions_ms": round(row_ms, 4),
+                        "per_row_over_shared": common.ratio(row_ms, shared_ms),
+                    }
+                )
 
 
 def main(argv=None) -> None:

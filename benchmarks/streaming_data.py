@@ -42,9 +42,18 @@ def main() -> None:
         start = time.perf_counter()
         manifest = stream_export.export_streaming_one("synthetic_sums", "train", args.workdir)
         seconds = time.perf_counter() - start
-    print(json.dumps({"phase": "export", "examples": manifest["num_examples"], "seconds": round(seconds, 1),
-                      "examples_per_s": round(manifest["num_examples"] / seconds),
-                      "peak_anon_mib_above_baseline": round(memory["peak_above_baseline"], 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "phase": "export",
+                "examples": manifest["num_examples"],
+                "seconds": round(seconds, 1),
+                "examples_per_s": round(manifest["num_examples"] / seconds),
+                "peak_anon_mib_above_baseline": round(memory["peak_above_baseline"], 1),
+            }
+        ),
+        flush=True,
+    )
     lengths = {"inputs": args.inputs, "targets": args.targets}
     source = streaming.StreamingSource(args.workdir)
     batches = source.train_batches("synthetic_sums", "train", lengths, args.batch, 0, None, (0, 1))
@@ -55,10 +64,20 @@ def main() -> None:
         seconds = time.perf_counter() - start
     rows = args.batches * args.batch
     in_memory = manifest["num_examples"] * (args.inputs + 3 * args.targets) * 4
-    print(json.dumps({"phase": "stream", "batches": args.batches, "batch": args.batch,
-                      "seconds": round(seconds, 1), "examples_per_s": round(rows / seconds),
-                      "peak_anon_mib_above_baseline": round(memory["peak_above_baseline"], 1),
-                      "in_memory_features_mib": round(in_memory / 2**20, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "phase": "stream",
+                "batches": args.batches,
+                "batch": args.batch,
+                "seconds": round(seconds, 1),
+                "examples_per_s": round(rows / seconds),
+                "peak_anon_mib_above_baseline": round(memory["peak_above_baseline"], 1),
+                "in_memory_features_mib": round(in_memory / 2**20, 1),
+            }
+        ),
+        flush=True,
+    )
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

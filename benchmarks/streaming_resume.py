@@ -44,14 +44,23 @@ def _start(nprocs: int, args: list[str], log: Path) -> list[subprocess.Popen]:
     env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     if nprocs > 1:
-        env.update(CAT_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}", CAT_JAX_NUM_PROCESSES=str(nprocs),
-                   CAT_JAX_CPU_COLLECTIVES="gloo")
+        env.update(
+            CAT_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}",
+            CAT_JAX_NUM_PROCESSES=str(nprocs),
+            CAT_JAX_CPU_COLLECTIVES="gloo",
+        )
     procs = []
     for i in range(nprocs):
         with open(f"{log}.{i}.stderr", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, "-m", "cat_jax.train", *args], cwd=ROOT,
-                                          stdout=subprocess.DEVNULL, stderr=err,
-                                          env=dict(env, CAT_JAX_PROCESS_ID=str(i)) if nprocs > 1 else env))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "cat_jax.train", *args],
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    env=dict(env, CAT_JAX_PROCESS_ID=str(i)) if nprocs > 1 else env,
+                )
+            )
     return procs
 
 
@@ -60,8 +69,10 @@ def _wait(procs: list[subprocess.Popen], log: Path) -> None:
         if p.wait() != 0:
             for q in procs:
                 q.kill()
-            raise SystemExit(f"process {i} exited {p.returncode}; see {log}.{i}.stderr:\n"
-                             + Path(f"{log}.{i}.stderr").read_text()[-3000:])
+            raise SystemExit(
+                f"process {i} exited {p.returncode}; see {log}.{i}.stderr:\n"
+                + Path(f"{log}.{i}.stderr").read_text()[-3000:]
+            )
 
 
 def _logged_step(log: Path) -> int:
@@ -146,15 +157,25 @@ def main() -> None:
     rng = random.Random(a.seed)
     failed = False
     for nprocs in (int(n) for n in a.processes.split(",")):
+
         def args(model_dir: Path) -> list[str]:
-            return ["--gin_file=gin_configs/runs/train_small_ce.gin", "--gin_file=gin_configs/models/tiny.gin",
-                    f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={a.steps}",
-                    f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", f"--gin.synthetic_sizes.train={a.examples}",
-                    f"--gin.data_source.streaming_dir='{os.path.abspath(a.stream_dir)}'",
-                    "--gin.DatasetConfig.max_examples=None", f"--gin.BATCH_SIZE={a.batch}",
-                    "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.train.eval_period=0",
-                    "--gin.train.log_every_steps=1", f"--gin.train.checkpoint_period={a.checkpoint_period}",
-                    "--gin.train.keep_checkpoints=2"]
+            return [
+                "--gin_file=gin_configs/runs/train_small_ce.gin",
+                "--gin_file=gin_configs/models/tiny.gin",
+                f"--gin.MODEL_DIR='{model_dir}'",
+                f"--gin.TRAIN_STEPS={a.steps}",
+                f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+                f"--gin.synthetic_sizes.train={a.examples}",
+                f"--gin.data_source.streaming_dir='{os.path.abspath(a.stream_dir)}'",
+                "--gin.DatasetConfig.max_examples=None",
+                f"--gin.BATCH_SIZE={a.batch}",
+                "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+                "--gin.train.eval_period=0",
+                "--gin.train.log_every_steps=1",
+                f"--gin.train.checkpoint_period={a.checkpoint_period}",
+                "--gin.train.keep_checkpoints=2",
+            ]
+
         base = work / f"{nprocs}p"
         base.mkdir(parents=True)
         whole, killed = base / "whole", base / "killed"
@@ -179,10 +200,24 @@ def main() -> None:
         losses_equal = _losses(killed) == reference and len(reference) == a.steps
         state_equal = _state_bytes(whole) == _state_bytes(killed)
         failed |= not (losses_equal and state_equal)
-        print(json.dumps({"processes": nprocs, "examples": manifest["num_examples"], "export_s": export_seconds,
-                          "steps": a.steps, "batch": a.batch, "checkpoint_period": a.checkpoint_period,
-                          "uninterrupted_s": seconds, "kills": kills, "resumed_from": resumed_from,
-                          "losses_equal": losses_equal, "state_equal": state_equal}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "processes": nprocs,
+                    "examples": manifest["num_examples"],
+                    "export_s": export_seconds,
+                    "steps": a.steps,
+                    "batch": a.batch,
+                    "checkpoint_period": a.checkpoint_period,
+                    "uninterrupted_s": seconds,
+                    "kills": kills,
+                    "resumed_from": resumed_from,
+                    "losses_equal": losses_equal,
+                    "state_equal": state_equal,
+                }
+            ),
+            flush=True,
+        )
     sys.exit(1 if failed else 0)
 
 

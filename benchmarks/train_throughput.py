@@ -35,39 +35,67 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
 BENCHMARK = "train_throughput"
-CAT_TARGET = 1.1        # a CAT step should cost at most CE + 1.1 x the teacher's forward pass
+CAT_TARGET = 1.1  # a CAT step should cost at most CE + 1.1 x the teacher's forward pass
 HF_COMPILE_TARGET = 1.25  # ours / HF+torch.compile tokens/s on base
 # The teacher-using steps (`LossOptions` fields): CAT-Xent, and the CAT mask with distillation
 # (gin_configs/runs/train_small_cat.gin and train_small_cat_distill.gin).
-CAT_STEPS = {"cat": {"mask": "small_or_large"},
-             "cat_distill": {"mask": "small_or_large", "alpha": 0.5}}
+CAT_STEPS = {"cat": {"mask": "small_or_large"}, "cat_distill": {"mask": "small_or_large", "alpha": 0.5}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="small,base,large",
-                   help="comma-separated model sizes (gin_configs/models/<size>.gin) or .gin paths")
+    p.add_argument(
+        "--sizes",
+        default="small,base,large",
+        help="comma-separated model sizes (gin_configs/models/<size>.gin) or .gin paths",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--inputs", type=int, default=512, help="encoder input length")
     p.add_argument("--targets", type=int, default=128, help="decoder target length")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="compute dtype (parameters and optimizer state stay float32)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="compute dtype (parameters and optimizer state stay float32)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile: >= 3)")
-    p.add_argument("--teachers", default="base,large",
-                   help="CAT teachers; each is used for every student smaller than it ('' = no CAT)")
-    p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="the frozen teacher's parameter and compute dtype")
-    p.add_argument("--cat-steps", default="cat",
-                   help=f"comma-separated teacher-using steps timed per teacher, of {list(CAT_STEPS)}")
+    p.add_argument(
+        "--teachers",
+        default="base,large",
+        help="CAT teachers; each is used for every student smaller than it ('' = no CAT)",
+    )
+    p.add_argument(
+        "--teacher-dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="the frozen teacher's parameter and compute dtype",
+    )
+    p.add_argument(
+        "--cat-steps",
+        default="cat",
+        help=f"comma-separated teacher-using steps timed per teacher, of {list(CAT_STEPS)}",
+    )
     p.add_argument("--vocab", type=int, default=common.T5_VOCAB)
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak FLOP/s for MFU (TFLOP/s); default: measured with a bf16 matmul")
-    p.add_argument("--peak-matmul-size", type=int, default=None,
-                   help="n of the n x n peak matmul (default 8192 on GPU/TPU, 1024 on CPU)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak FLOP/s for MFU (TFLOP/s); default: measured with a bf16 matmul",
+    )
+    p.add_argument(
+        "--peak-matmul-size",
+        type=int,
+        default=None,
+        help="n of the n x n peak matmul (default 8192 on GPU/TPU, 1024 on CPU)",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip HuggingFace even if importable")
-    p.add_argument("--impl", choices=("ours", "hf", "hf_compile"), default=None,
-                   help="run one implementation in this process (default: each in a child)")
+    p.add_argument(
+        "--impl",
+        choices=("ours", "hf", "hf_compile"),
+        default=None,
+        help="run one implementation in this process (default: each in a child)",
+    )
     a = p.parse_args(argv)
     a.size_list = common.csv_list(a.sizes)
     a.teacher_list = common.csv_list(a.teachers)
@@ -83,10 +111,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def child_args(a: argparse.Namespace, peak_tflops: float | None) -> list[str]:
-    args = [f"--sizes={a.sizes}", f"--batch={a.batch}", f"--inputs={a.inputs}",
-            f"--targets={a.targets}", f"--dtype={a.dtype}", f"--steps={a.steps}",
-            f"--warmup={a.warmup}", f"--teachers={a.teachers}", f"--teacher-dtype={a.teacher_dtype}",
-            f"--cat-steps={a.cat_steps}", f"--vocab={a.vocab}"]
+    args = [
+        f"--sizes={a.sizes}",
+        f"--batch={a.batch}",
+        f"--inputs={a.inputs}",
+        f"--targets={a.targets}",
+        f"--dtype={a.dtype}",
+        f"--steps={a.steps}",
+        f"--warmup={a.warmup}",
+        f"--teachers={a.teachers}",
+        f"--teacher-dtype={a.teacher_dtype}",
+        f"--cat-steps={a.cat_steps}",
+        f"--vocab={a.vocab}",
+    ]
     if peak_tflops:
         args.append(f"--peak-tflops={peak_tflops}")
     if a.peak_matmul_size:
@@ -95,35 +132,49 @@ def child_args(a: argparse.Namespace, peak_tflops: float | None) -> list[str]:
 
 
 def base_fields(a: argparse.Namespace, impl: str, size: str) -> dict:
-    return {"benchmark": BENCHMARK, "impl": impl, "size": size, "batch": a.batch,
-            "inputs": a.inputs, "targets": a.targets, "dtype": a.dtype}
+    return {
+        "benchmark": BENCHMARK,
+        "impl": impl,
+        "size": size,
+        "batch": a.batch,
+        "inputs": a.inputs,
+        "targets": a.targets,
+        "dtype": a.dtype,
+    }
 
 
-def throughput_fields(a, seconds_summary: dict, flops_per_step: float, peak_tflops: float | None,
-                      nominal: float | None) -> dict:
+def throughput_fields(
+    a, seconds_summary: dict, flops_per_step: float, peak_tflops: float | None, nominal: float | None
+) -> dict:
     step_s = seconds_summary["step_ms"] / 1e3
     achieved = flops_per_step / step_s / 1e12
-    return {**seconds_summary,
-            "tokens_per_s": round(a.batch * (a.inputs + a.targets) / step_s, 1),
-            "model_tflops_per_step": round(flops_per_step / 1e12, 9),
-            "achieved_tflops": round(achieved, 6),
-            "mfu": round(achieved / peak_tflops, 6) if peak_tflops else None,
-            "peak_tflops": peak_tflops,
-            "mfu_vs_nominal": round(achieved / nominal, 6) if nominal else None}
+    return {
+        **seconds_summary,
+        "tokens_per_s": round(a.batch * (a.inputs + a.targets) / step_s, 1),
+        "model_tflops_per_step": round(flops_per_step / 1e12, 9),
+        "achieved_tflops": round(achieved, 6),
+        "mfu": round(achieved / peak_tflops, 6) if peak_tflops else None,
+        "peak_tflops": peak_tflops,
+        "mfu_vs_nominal": round(achieved / nominal, 6) if nominal else None,
+    }
 
 
 def random_batch(a: argparse.Namespace) -> dict:
     """Fixed-shape random tokens (no padding: every position counts), the same for every impl."""
     import numpy as np
+
     rng = np.random.default_rng(0)
     targets = rng.integers(2, a.vocab, (a.batch, a.targets), dtype=np.int32)
-    return {"encoder_input_tokens": rng.integers(2, a.vocab, (a.batch, a.inputs), dtype=np.int32),
-            "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
-            "decoder_target_tokens": targets,
-            "decoder_loss_weights": np.ones((a.batch, a.targets), np.float32)}
+    return {
+        "encoder_input_tokens": rng.integers(2, a.vocab, (a.batch, a.inputs), dtype=np.int32),
+        "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": np.ones((a.batch, a.targets), np.float32),
+    }
 
 
 # ----------------------------------------------------------------------------- ours (JAX)
+
 
 def run_ours(a: argparse.Namespace) -> None:
     import time
@@ -145,8 +196,16 @@ def run_ours(a: argparse.Namespace) -> None:
         common.note(f"[ours] measuring peak bf16 matmul FLOP/s on {device}")
         measured = common.measure_peak_tflops(a.peak_matmul_size)
         peak = measured["peak_tflops"]
-        common.emit({"benchmark": "peak_matmul", "impl": "ours", "device": device, **measured,
-                     "nominal_bf16_tflops": nominal, **common.versions()})
+        common.emit(
+            {
+                "benchmark": "peak_matmul",
+                "impl": "ours",
+                "device": device,
+                **measured,
+                "nominal_bf16_tflops": nominal,
+                **common.versions(),
+            }
+        )
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     b_sharding = partitioning.batch_sharding(mesh, rules)
@@ -165,9 +224,10 @@ def run_ours(a: argparse.Namespace) -> None:
         _, specs = model.abstract_params()
         shardings = partitioning.tree_shardings(mesh, specs, rules)
         dtype = config.compute_dtype
-        params = jax.jit(lambda k: jax.tree_util.tree_map(
-            lambda x: x.astype(dtype), nn.meta.unbox(model.init_params(k))),
-            out_shardings=shardings)(jax.random.key(1))
+        params = jax.jit(
+            lambda k: jax.tree_util.tree_map(lambda x: x.astype(dtype), nn.meta.unbox(model.init_params(k))),
+            out_shardings=shardings,
+        )(jax.random.key(1))
         return config, model, params, shardings
 
     def train_step(config, loss, teacher=None) -> tuple[list[float], float, int, dict]:
@@ -180,8 +240,9 @@ def run_ours(a: argparse.Namespace) -> None:
             t_abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t_params)
             t_fn = t_model.logits
         step = make_train_step(token_loss(model, loss), tx, schedule, t_fn)
-        compiled = compile_train_step(step, abstract, shardings, shapes, b_sharding,
-                                      t_abstract, t_shardings, mesh, rules)
+        compiled = compile_train_step(
+            step, abstract, shardings, shapes, b_sharding, t_abstract, t_shardings, mesh, rules
+        )
         if initial.get("config") != config:  # one fresh state per student, copied for each run
             initial.clear()
             initial.update(config=config, state=init_train_state(model, tx, 0, shardings))
@@ -210,11 +271,19 @@ def run_ours(a: argparse.Namespace) -> None:
     def ce_row(size: str, config) -> dict:
         common.note(f"[ours] {size}: CE step")
         times, compile_s, n_params, memory = train_step(config, LossOptions())
-        row = {**base_fields(a, "ours", size), "step": "ce", "teacher": None,
-               **throughput_fields(a, common.summarize(times),
-                                   3 * models.build(config).forward_flops(li, lt) * a.batch, peak, nominal),
-               "params": n_params, "compile_s": round(compile_s, 2), "device": device,
-               **memory, **common.shape_fields(config)}
+        row = {
+            **base_fields(a, "ours", size),
+            "step": "ce",
+            "teacher": None,
+            **throughput_fields(
+                a, common.summarize(times), 3 * models.build(config).forward_flops(li, lt) * a.batch, peak, nominal
+            ),
+            "params": n_params,
+            "compile_s": round(compile_s, 2),
+            "device": device,
+            **memory,
+            **common.shape_fields(config),
+        }
         common.emit(row)
         return row
 
@@ -225,33 +294,53 @@ def run_ours(a: argparse.Namespace) -> None:
         if t_size not in teacher_rows:
             common.note(f"[ours] {t_size}: teacher forward")
             t_times, t_compile = teacher_forward(teacher)
-            row = {**base_fields(a, "ours", t_size), "dtype": a.teacher_dtype,
-                   "step": "teacher_forward", "teacher": t_size,
-                   **throughput_fields(a, common.summarize(t_times), t_flops * a.batch, peak, nominal),
-                   "params": count(teacher[2]), "compile_s": round(t_compile, 2),
-                   "device": device, **common.shape_fields(t_config)}
+            row = {
+                **base_fields(a, "ours", t_size),
+                "dtype": a.teacher_dtype,
+                "step": "teacher_forward",
+                "teacher": t_size,
+                **throughput_fields(a, common.summarize(t_times), t_flops * a.batch, peak, nominal),
+                "params": count(teacher[2]),
+                "compile_s": round(t_compile, 2),
+                "device": device,
+                **common.shape_fields(t_config),
+            }
             teacher_rows[t_size] = row
             common.emit(row)
         t_ms = teacher_rows[t_size]["step_ms"]
         for name in a.cat_step_list:
-            with common.guarded({**base_fields(a, "ours", size), "step": name, "teacher": t_size,
-                                 "device": device}):
+            with common.guarded({**base_fields(a, "ours", size), "step": name, "teacher": t_size, "device": device}):
                 common.note(f"[ours] {size}: {name} step with teacher {t_size}")
                 times, compile_s, n_params, memory = train_step(config, LossOptions(**CAT_STEPS[name]), teacher)
-                fields = throughput_fields(a, common.summarize(times),
-                                           (3 * models.build(config).forward_flops(li, lt) + t_flops) * a.batch, peak, nominal)
+                fields = throughput_fields(
+                    a,
+                    common.summarize(times),
+                    (3 * models.build(config).forward_flops(li, lt) + t_flops) * a.batch,
+                    peak,
+                    nominal,
+                )
                 cat_ms, ce_ms = fields["step_ms"], ce["step_ms"]
-                common.emit({
-                    **base_fields(a, "ours", size), "step": name, "teacher": t_size,
-                    "teacher_dtype": a.teacher_dtype, **fields, "params": n_params,
-                    "compile_s": round(compile_s, 2), "device": device,
-                    "ce_step_ms": ce_ms, "teacher_forward_ms": t_ms,
-                    "teacher_share": round(t_ms / cat_ms, 4),
-                    "cat_minus_ce_ms": round(cat_ms - ce_ms, 3),
-                    "cat_overhead_over_teacher_forward": round((cat_ms - ce_ms) / t_ms, 4),
-                    "cat_budget_ms": round(ce_ms + CAT_TARGET * t_ms, 3),
-                    "cat_within_target": cat_ms <= ce_ms + CAT_TARGET * t_ms,
-                    **memory, **common.shape_fields(config)})
+                common.emit(
+                    {
+                        **base_fields(a, "ours", size),
+                        "step": name,
+                        "teacher": t_size,
+                        "teacher_dtype": a.teacher_dtype,
+                        **fields,
+                        "params": n_params,
+                        "compile_s": round(compile_s, 2),
+                        "device": device,
+                        "ce_step_ms": ce_ms,
+                        "teacher_forward_ms": t_ms,
+                        "teacher_share": round(t_ms / cat_ms, 4),
+                        "cat_minus_ce_ms": round(cat_ms - ce_ms, 3),
+                        "cat_overhead_over_teacher_forward": round((cat_ms - ce_ms) / t_ms, 4),
+                        "cat_budget_ms": round(ce_ms + CAT_TARGET * t_ms, 3),
+                        "cat_within_target": cat_ms <= ce_ms + CAT_TARGET * t_ms,
+                        **memory,
+                        **common.shape_fields(config),
+                    }
+                )
         del teacher
 
     for size in a.size_list:
@@ -266,13 +355,15 @@ def run_ours(a: argparse.Namespace) -> None:
                 continue
             if ce is None:
                 continue
-            with common.guarded({**base_fields(a, "ours", size), "step": "teacher_forward",
-                                 "teacher": t_size, "device": device}):
+            with common.guarded(
+                {**base_fields(a, "ours", size), "step": "teacher_forward", "teacher": t_size, "device": device}
+            ):
                 cat_rows(size, config, ce, t_size, t_config)
         initial.clear()
 
 
 # ----------------------------------------------------------------------------- HuggingFace (torch)
+
 
 def run_hf(a: argparse.Namespace, compiled: bool) -> None:
     import time
@@ -308,20 +399,25 @@ def run_hf(a: argparse.Namespace, compiled: bool) -> None:
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
         try:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-8,
-                                    weight_decay=0.0, fused=True)
+            opt = torch.optim.AdamW(
+                model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, fused=True
+            )
             fused = True
         except (RuntimeError, TypeError, ValueError) as e:
             common.note(f"[{impl}] fused AdamW unavailable on {device} ({e}); using foreach")
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-8,
-                                    weight_decay=0.0)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
             fused = False
         forward = torch.compile(model) if compiled else model
 
         def step():
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-                out = forward(input_ids=input_ids, attention_mask=attention_mask,
-                              decoder_input_ids=decoder_input_ids, labels=labels, use_cache=False)
+                out = forward(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    decoder_input_ids=decoder_input_ids,
+                    labels=labels,
+                    use_cache=False,
+                )
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -333,13 +429,28 @@ def run_hf(a: argparse.Namespace, compiled: bool) -> None:
         sync(step())
         first_s = time.perf_counter() - start
         times = common.time_steps(step, sync, a.steps, max(warmup - 1, 0))
-        common.emit({**base_fields(a, impl, size), "step": "ce", "teacher": None,
-                     **throughput_fields(a, common.summarize(times),
-                                         3 * models.build(config).forward_flops(a.inputs, a.targets) * a.batch,
-                                         a.peak_tflops, nominal),
-                     "params": n_params, "compile_s": round(first_s, 2), "device": device_name,
-                     "fused_adamw": fused, "torch_compile": compiled, "autocast_bf16": autocast,
-                     **common.shape_fields(config), **common.versions()})
+        common.emit(
+            {
+                **base_fields(a, impl, size),
+                "step": "ce",
+                "teacher": None,
+                **throughput_fields(
+                    a,
+                    common.summarize(times),
+                    3 * models.build(config).forward_flops(a.inputs, a.targets) * a.batch,
+                    a.peak_tflops,
+                    nominal,
+                ),
+                "params": n_params,
+                "compile_s": round(first_s, 2),
+                "device": device_name,
+                "fused_adamw": fused,
+                "torch_compile": compiled,
+                "autocast_bf16": autocast,
+                **common.shape_fields(config),
+                **common.versions(),
+            }
+        )
 
     for size in a.size_list:
         with common.guarded({**base_fields(a, impl, size), "step": "ce", "device": device_name}):
@@ -349,6 +460,7 @@ def run_hf(a: argparse.Namespace, compiled: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- orchestration
+
 
 def orchestrate(a: argparse.Namespace) -> None:
     script = Path(__file__).resolve()
@@ -369,11 +481,21 @@ def orchestrate(a: argparse.Namespace) -> None:
             if not mine or not theirs:
                 continue
             r = common.ratio(mine["tokens_per_s"], theirs["tokens_per_s"])
-            row = {"benchmark": "train_ratio", "impl": f"ours/{impl}", "size": size, "batch": a.batch,
-                   "inputs": a.inputs, "targets": a.targets, "dtype": a.dtype,
-                   "ours_tokens_per_s": mine["tokens_per_s"], "theirs_tokens_per_s": theirs["tokens_per_s"],
-                   "ours_over_theirs": r, "ours_params": mine.get("params"),
-                   "theirs_params": theirs.get("params"), "device": mine.get("device")}
+            row = {
+                "benchmark": "train_ratio",
+                "impl": f"ours/{impl}",
+                "size": size,
+                "batch": a.batch,
+                "inputs": a.inputs,
+                "targets": a.targets,
+                "dtype": a.dtype,
+                "ours_tokens_per_s": mine["tokens_per_s"],
+                "theirs_tokens_per_s": theirs["tokens_per_s"],
+                "ours_over_theirs": r,
+                "ours_params": mine.get("params"),
+                "theirs_params": theirs.get("params"),
+                "device": mine.get("device"),
+            }
             if impl == "hf_compile":
                 row["target"] = HF_COMPILE_TARGET
                 row["meets_target"] = r is not None and r >= HF_COMPILE_TARGET

@@ -44,8 +44,11 @@ _READ_ONLY_NOISE = ("CheckpointManagerOptions.read_only=True", "Given directory 
 # reports it in one line (`gin_utils.run`).
 _DISK_FULL_NOISE = ("No space left on device", "Disk quota exceeded")
 logging.getLogger("absl").addFilter(
-    lambda r: not r.getMessage().startswith(_READ_ONLY_NOISE)
-    and not (r.levelno >= logging.ERROR and any(m in r.getMessage() for m in _DISK_FULL_NOISE)))
+    lambda r: (
+        not r.getMessage().startswith(_READ_ONLY_NOISE)
+        and not (r.levelno >= logging.ERROR and any(m in r.getMessage() for m in _DISK_FULL_NOISE))
+    )
+)
 
 PyTree = Any
 
@@ -58,6 +61,7 @@ def _item_handlers(with_data: bool = False) -> dict[str, ocp.CheckpointHandler]:
     handlers = {_STATE: ocp.PyTreeCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()}
     if with_data:
         from cat_jax.data.streaming import iterator_handler  # pylint: disable=import-outside-toplevel
+
         handlers[_DATA] = iterator_handler()
     return handlers
 
@@ -78,10 +82,7 @@ def _key_name(key: Any) -> str:
 def _flat_shapes(tree: PyTree, prefix: str = "") -> dict[str, tuple[int, ...]]:
     """`{"params/encoder/kernel": shape, ...}` for every leaf of `tree`."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        prefix + "/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
-        for path, leaf in leaves
-    }
+    return {prefix + "/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
 
 
 def _check_structure(template: PyTree, saved: PyTree, where: str, prefix: str = "") -> None:
@@ -151,8 +152,9 @@ class _RecordedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
     async def finalize(self):
         final = self.get_final()
         if final.name.isdigit():
-            seconds = await asyncio.to_thread(integrity.write_record, str(final.parent), int(final.name),
-                                              str(self.get()))
+            seconds = await asyncio.to_thread(
+                integrity.write_record, str(final.parent), int(final.name), str(self.get())
+            )
             if seconds > 10:
                 log.info("Checksummed step %s in %.1f s", final.name, seconds)
         await super().finalize()
@@ -170,8 +172,7 @@ class Checkpointer:
     the iterator's state (item "data"), saved and restored with the train state.
     """
 
-    def __init__(self, directory: str, save_interval_steps: int, max_to_keep: int | None,
-                 data_iterator: Any = None):
+    def __init__(self, directory: str, save_interval_steps: int, max_to_keep: int | None, data_iterator: Any = None):
         self.directory = os.path.abspath(directory)  # orbax needs absolute paths
         _ensure_writable(self.directory)
         self.save_interval_steps = save_interval_steps
@@ -189,8 +190,11 @@ class Checkpointer:
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(epath.Path(self.directory), options=self._options,
-                                     item_handlers=_item_handlers(self.data_iterator is not None))
+        return ocp.CheckpointManager(
+            epath.Path(self.directory),
+            options=self._options,
+            item_handlers=_item_handlers(self.data_iterator is not None),
+        )
 
     @staticmethod
     def latest_in(directory: str) -> int | None:
@@ -238,13 +242,18 @@ class Checkpointer:
             ) from e
         if step in self._manager.all_steps():
             if step in self._unusable:
-                log.warning("Step %d is not saved: %s holds the damaged step %d, which could not be moved "
-                            "aside. Move it away to let a run save that step again.", step,
-                            integrity.step_dir(self.directory, step), step)
+                log.warning(
+                    "Step %d is not saved: %s holds the damaged step %d, which could not be moved "
+                    "aside. Move it away to let a run save that step again.",
+                    step,
+                    integrity.step_dir(self.directory, step),
+                    step,
+                )
             return False
         items = {_STATE: ocp.args.PyTreeSave(state), _METADATA: ocp.args.JsonSave(metadata)}
         if self.data_iterator is not None:
             from cat_jax.data.streaming import iterator_save  # pylint: disable=import-outside-toplevel
+
             items[_DATA] = iterator_save(self.data_iterator)
         saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
         self._manager.wait_until_finished()
@@ -257,7 +266,7 @@ class Checkpointer:
             return
         steps = [s for s in self.all_steps() if s != keep_step]
         excess = len(steps) + 1 - self.max_to_keep
-        for old in steps[:max(excess, 0)]:
+        for old in steps[: max(excess, 0)]:
             shutil.rmtree(integrity.step_dir(self.directory, old), ignore_errors=True)
             integrity.remove_record(self.directory, old)
         if excess > 0:
@@ -291,24 +300,27 @@ class Checkpointer:
                         f"No usable checkpoint is left in {self.directory}: the damaged steps "
                         f"{integrity.quarantined(self.directory)} are in "
                         f"{os.path.join(self.directory, integrity.DAMAGED_DIR)}"
-                        + (f", and the damaged steps {left} that could not be moved are still in place" if left
-                           else "") + ". Nothing was started from scratch. Restore the files from a copy, or "
-                        "move them away (and the MODEL_DIR's checkpoints with them) to start a new run.")
+                        + (f", and the damaged steps {left} that could not be moved are still in place" if left else "")
+                        + ". Nothing was started from scratch. Restore the files from a copy, or "
+                        "move them away (and the MODEL_DIR's checkpoints with them) to start a new run."
+                    )
                 return None
             step = steps[-1]
             found = _agreed_problems(self.directory, step)
             if found is None:
-                found = ["it has no checksum record, so its files cannot be verified (a save records them as it "
-                         "finishes: this step was written without one, or its record was removed)"]
+                found = [
+                    "it has no checksum record, so its files cannot be verified (a save records them as it "
+                    "finishes: this step was written without one, or its record was removed)"
+                ]
             if not found:
                 try:
-                    state, meta = _restore(self._manager, self.directory, step, state_template,
-                                           self.data_iterator)
+                    state, meta = _restore(self._manager, self.directory, step, state_template, self.data_iterator)
                 except CheckpointError:
                     raise
                 except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore errors
-                    raise CheckpointError(f"Checkpoint {self.directory} step {step} verifies but cannot be "
-                                          f"restored: {e}") from e
+                    raise CheckpointError(
+                        f"Checkpoint {self.directory} step {step} verifies but cannot be restored: {e}"
+                    ) from e
                 if skipped:
                     log.error("Restored step %d after setting the damaged steps %s aside.", step, skipped)
                 return state, meta, step
@@ -323,8 +335,12 @@ class Checkpointer:
             try:
                 where = integrity.quarantine(self.directory, step)
             except OSError as e:
-                log.error("%s It could not be moved aside (%s): it stays where it is, unused. Trying the previous "
-                          "step. Fix its permissions or move it away yourself.", what, e)
+                log.error(
+                    "%s It could not be moved aside (%s): it stays where it is, unused. Trying the previous "
+                    "step. Fix its permissions or move it away yourself.",
+                    what,
+                    e,
+                )
             else:
                 log.error("%s Moved it to %s; trying the previous step.", what, where)
         runtime.sync(f"cat_jax_quarantine_{step}")
@@ -361,22 +377,28 @@ def _refuse_damaged(directory: str, step: int) -> None:
         raise CheckpointError(
             f"Checkpoint {directory} step {step} is damaged: {'; '.join(found)}. Use another step "
             f"(finished steps: {sorted(int(n) for n in os.listdir(directory) if n.isdigit())}), or restore "
-            "the files from a copy.")
+            "the files from a copy."
+        )
 
 
-def _restore(manager: ocp.CheckpointManager, directory: str, step: int, template: PyTree,
-             data_iterator: Any = None) -> tuple[PyTree, dict]:
+def _restore(
+    manager: ocp.CheckpointManager, directory: str, step: int, template: PyTree, data_iterator: Any = None
+) -> tuple[PyTree, dict]:
     where = f"{directory} step {step}"
     _check_structure(template, _saved_tree(manager, step), where)
-    items = {_STATE: ocp.args.PyTreeRestore(item=template, restore_args=_restore_args(template)),
-             _METADATA: ocp.args.JsonRestore()}
+    items = {
+        _STATE: ocp.args.PyTreeRestore(item=template, restore_args=_restore_args(template)),
+        _METADATA: ocp.args.JsonRestore(),
+    }
     if data_iterator is not None:
         if not os.path.isdir(os.path.join(integrity.step_dir(directory, step), _DATA)):
             raise CheckpointError(
                 f"Checkpoint {where} holds no data-iterator state: it was written by a run that read its "
                 "data in memory, and this run streams it (data_source.streaming_dir). Resume with the same "
-                "data source, or start a new MODEL_DIR.")
+                "data source, or start a new MODEL_DIR."
+            )
         from cat_jax.data.streaming import iterator_restore  # pylint: disable=import-outside-toplevel
+
         items[_DATA] = iterator_restore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored[_STATE], dict(restored[_METADATA])
@@ -385,9 +407,15 @@ def _restore(manager: ocp.CheckpointManager, directory: str, step: int, template
 def _host_array_registry() -> Any:
     """orbax's type handlers, except that numpy arrays are written without a defensive copy, so
     memory-mapped arrays stream from disk to disk (orbax copies every host array by default)."""
-    pairs = [(ty, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False) if ty is np.ndarray
-              else ocp.type_handlers.get_type_handler(ty))
-             for ty in ocp.type_handlers.supported_types()]
+    pairs = [
+        (
+            ty,
+            ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+            if ty is np.ndarray
+            else ocp.type_handlers.get_type_handler(ty),
+        )
+        for ty in ocp.type_handlers.supported_types()
+    ]
     return ocp.type_handlers.create_type_handler_registry(*pairs)
 
 
@@ -399,15 +427,21 @@ def save_host_state(directory: str, step: int, state: PyTree, metadata: dict) ->
     host memory streams to disk; `restore_params` and `load_frozen_model` read it like any other.
     """
     directory = os.path.abspath(directory)
-    handlers = {_STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_host_array_registry(),
-                                                    use_ocdbt=False),
-                _METADATA: ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(multiprocessing_options=_multiprocessing_options(),
-                                           temporary_path_class=_RecordedRename)
+    handlers = {
+        _STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_host_array_registry(), use_ocdbt=False),
+        _METADATA: ocp.JsonCheckpointHandler(),
+    }
+    options = ocp.CheckpointManagerOptions(
+        multiprocessing_options=_multiprocessing_options(), temporary_path_class=_RecordedRename
+    )
     with ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers) as manager:
-        manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(state),
-                                                      _METADATA: ocp.args.JsonSave({**metadata, "step": step})}),
-                     force=True)
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.PyTreeSave(state), _METADATA: ocp.args.JsonSave({**metadata, "step": step})}
+            ),
+            force=True,
+        )
         manager.wait_until_finished()
 
 
@@ -432,8 +466,7 @@ def _ensure_writable(directory: str) -> None:
         probe.unlink()
     except OSError as e:
         raise CheckpointError(
-            f"Checkpoint directory {directory} cannot be created or written ({e}). "
-            "Choose a writable model directory."
+            f"Checkpoint directory {directory} cannot be created or written ({e}). Choose a writable model directory."
         ) from e
 
 
@@ -442,16 +475,15 @@ def latest_finished_step(directory: str) -> int:
     CheckpointError when the directory is missing or holds no finished checkpoint."""
     path = epath.Path(os.path.abspath(directory))
     if not path.is_dir():
-        raise CheckpointError(f"Checkpoint directory {path} does not exist. Pass the model directory of a "
-                              "finished training run.")
+        raise CheckpointError(
+            f"Checkpoint directory {path} does not exist. Pass the model directory of a finished training run."
+        )
     options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=_multiprocessing_options())
     with ocp.CheckpointManager(path, options=options, item_handlers=_item_handlers()) as manager:
         return _pick_step(manager, str(path), None)
 
 
-def restore_params(
-    directory: str, params_template: PyTree, step: int | None = None
-) -> tuple[PyTree, dict]:
+def restore_params(directory: str, params_template: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
     """Restore only `state.params` of a `Checkpointer` checkpoint, plus its metadata.
 
     Leaves of `params_template` (jax arrays or jax.ShapeDtypeStruct) give each array's
@@ -461,14 +493,10 @@ def restore_params(
     directory = os.path.abspath(directory)
     if not epath.Path(directory).is_dir():
         raise CheckpointError(
-            f"Checkpoint directory {directory} does not exist. Pass the model directory of "
-            "a finished training run."
+            f"Checkpoint directory {directory} does not exist. Pass the model directory of a finished training run."
         )
-    options = ocp.CheckpointManagerOptions(
-        read_only=True, multiprocessing_options=_multiprocessing_options())
-    with ocp.CheckpointManager(
-        epath.Path(directory), options=options, item_handlers=_item_handlers()
-    ) as manager:
+    options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=_multiprocessing_options())
+    with ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=_item_handlers()) as manager:
         step = _pick_step(manager, directory, step)
         _refuse_damaged(directory, step)
         where = f"{directory} step {step}"

@@ -45,8 +45,13 @@ class Terminated(BaseException):
 
 
 FRIENDLY: tuple[type[BaseException], ...] = (
-    ConfigError, UnknownTaskError, ModelDirError, CheckpointError, TeacherMismatchError,
-    ConversionError)
+    ConfigError,
+    UnknownTaskError,
+    ModelDirError,
+    CheckpointError,
+    TeacherMismatchError,
+    ConversionError,
+)
 
 
 def check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
@@ -59,19 +64,41 @@ def check_int(name: str, value: object, minimum: int, allow_none: bool = False) 
         raise ConfigError(f"{name} must be {what}{' or None' if allow_none else ''}; got {value!r}.")
 
 
-def check_number(name: str, value: object, minimum: float | None = None, maximum: float | None = None,
-                 below: float | None = None, allow_none: bool = False) -> None:
+def check_number(
+    name: str,
+    value: object,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    below: float | None = None,
+    allow_none: bool = False,
+) -> None:
     """ConfigError unless `value` is a finite real number, >= `minimum`, <= `maximum` and < `below`
     when given (or None, when allowed)."""
     if value is None and allow_none:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value == value
         and abs(value) != float("inf")
-    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum) \
+    )
+    ok = (
+        ok
+        and (minimum is None or value >= minimum)
+        and (maximum is None or value <= maximum)
         and (below is None or value < below)
+    )
     if not ok:
-        bounds = " and ".join(b for b in (f">= {minimum}" if minimum is not None else "",
-                                          f"<= {maximum}" if maximum is not None else "",
-                                          f"< {below}" if below is not None else "") if b)
-        raise ConfigError(f"{name} must be a finite number{' ' + bounds if bounds else ''}"
-                          f"{' or None' if allow_none else ''}; got {value!r}.")
+        bounds = " and ".join(
+            b
+            for b in (
+                f">= {minimum}" if minimum is not None else "",
+                f"<= {maximum}" if maximum is not None else "",
+                f"< {below}" if below is not None else "",
+            )
+            if b
+        )
+        raise ConfigError(
+            f"{name} must be a finite number{' ' + bounds if bounds else ''}"
+            f"{' or None' if allow_none else ''}; got {value!r}."
+        )

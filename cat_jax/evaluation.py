@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,13 +29,14 @@ from cat_jax.models import Model
 @dataclasses.dataclass
 class Predictions:
     """Decoded outputs for every example of an ExampleArrays, in its order."""
-    tokens: np.ndarray        # [N, T] int32, 0 after EOS
-    logprobs: np.ndarray      # [N, T] float32, 0 after EOS
-    entropies: np.ndarray     # [N, T] float32, 0 after EOS
-    lengths: np.ndarray       # [N] int32, generated tokens including EOS
-    mean_hidden: np.ndarray   # [N, d] float32
-    margins: np.ndarray       # [N, T] float32, top-1 minus top-2 probability, 0 after EOS
-    texts: list[str]          # detokenized predictions
+
+    tokens: np.ndarray  # [N, T] int32, 0 after EOS
+    logprobs: np.ndarray  # [N, T] float32, 0 after EOS
+    entropies: np.ndarray  # [N, T] float32, 0 after EOS
+    lengths: np.ndarray  # [N] int32, generated tokens including EOS
+    mean_hidden: np.ndarray  # [N, d] float32
+    margins: np.ndarray  # [N, T] float32, top-1 minus top-2 probability, 0 after EOS
+    texts: list[str]  # detokenized predictions
 
 
 def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
@@ -43,8 +44,17 @@ def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[
     return {k: np.split(v, count)[index] for k, v in batch.items()}
 
 
-def predict(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab, batch_size: int, mesh: Mesh, rules,
-            max_decode_length: int, decoding: DecodingConfig | None = None) -> Predictions:
+def predict(
+    model: Model,
+    params: Any,
+    arrays: data_lib.ExampleArrays,
+    vocab,
+    batch_size: int,
+    mesh: Mesh,
+    rules,
+    max_decode_length: int,
+    decoding: DecodingConfig | None = None,
+) -> Predictions:
     """Decode every example (jit-compiled, key/value cache, batch split over the mesh, the
     activations constrained by `rules`) with `decoding`, by default gin's `decoding`
     configurable (greedy unless bound).
@@ -55,8 +65,9 @@ def predict(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab, ba
     decoding = DecodingConfig() if decoding is None else decoding
     decode = _jitted_decoder(decoding, model, max_decode_length, vocab.eos_id)
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
-    for out, real in map_batches(lambda inputs, i: decode(params, inputs, decoding.rng(i)), model, arrays, vocab,
-                                 batch_size, mesh, rules):
+    for out, real in map_batches(
+        lambda inputs, i: decode(params, inputs, decoding.rng(i)), model, arrays, vocab, batch_size, mesh, rules
+    ):
         for name in ("tokens", "logprobs", "entropies", "lengths", "mean_hidden", "margins"):
             parts[name].append(np.asarray(getattr(out, name))[real])
     merged = {k: np.concatenate(v) for k, v in parts.items()}
@@ -64,16 +75,25 @@ def predict(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab, ba
     return Predictions(texts=texts, **merged)
 
 
-def map_batches(call: Callable[[Mapping[str, jax.Array], int], Any], model: Model, arrays: data_lib.ExampleArrays,
-                vocab, batch_size: int, mesh: Mesh, rules) -> Iterator[tuple[Any, np.ndarray]]:
+def map_batches(
+    call: Callable[[Mapping[str, jax.Array], int], Any],
+    model: Model,
+    arrays: data_lib.ExampleArrays,
+    vocab,
+    batch_size: int,
+    mesh: Mesh,
+    rules,
+) -> Iterator[tuple[Any, np.ndarray]]:
     """(call(the model's decoding inputs on the mesh, batch index) on the host, real rows [B]) for
     every batch; each process feeds its block of rows and every process gets the whole batch's
     output."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards or batch_size % jax.process_count():
-        raise ConfigError(f"Eval batch size {batch_size} must be divisible by the {shards} data shards "
-                         f"and {jax.process_count()} processes; pick a multiple of "
-                         f"{np.lcm(shards, jax.process_count())}.")
+        raise ConfigError(
+            f"Eval batch size {batch_size} must be divisible by the {shards} data shards "
+            f"and {jax.process_count()} processes; pick a multiple of "
+            f"{np.lcm(shards, jax.process_count())}."
+        )
     sharding = partitioning.batch_sharding(mesh, rules)
     index, count = partitioning.process_batch_slice(sharding, batch_size)
     for batch_index, (batch, real) in enumerate(data_lib.eval_batches(arrays, batch_size)):
@@ -83,18 +103,25 @@ def map_batches(call: Callable[[Mapping[str, jax.Array], int], Any], model: Mode
             out = call(inputs, batch_index)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             out = multihost_utils.process_allgather(out, tiled=True)
         yield jax.device_get(out), real
 
 
-def mean_input_hidden(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab, batch_size: int,
-                      mesh: Mesh, rules, depth: int) -> np.ndarray:
+def mean_input_hidden(
+    model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab, batch_size: int, mesh: Mesh, rules, depth: int
+) -> np.ndarray:
     """Each example's `Model.input_embedding` after the first `depth` layers: [N, d] float32
     (batched and sharded as `predict`)."""
     pool = _jitted_input_embedding(model, depth)
-    return np.concatenate([np.asarray(out)[real] for out, real in
-                           map_batches(lambda inputs, i: pool(params, inputs), model, arrays, vocab, batch_size,
-                                       mesh, rules)])
+    return np.concatenate(
+        [
+            np.asarray(out)[real]
+            for out, real in map_batches(
+                lambda inputs, i: pool(params, inputs), model, arrays, vocab, batch_size, mesh, rules
+            )
+        ]
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -111,7 +138,7 @@ def _jitted_decoder(decoding: DecodingConfig, model: Model, max_decode_length: i
 def detokenize(vocab, tokens: np.ndarray, length: int | None = None) -> str:
     """The text of one row of decoded tokens: its first `length` tokens (all by default), cut at
     EOS. Padding after the row's end is never read (id 0 is a real token of many vocabularies)."""
-    ids = [int(t) for t in (tokens if length is None else tokens[:int(length)])]
+    ids = [int(t) for t in (tokens if length is None else tokens[: int(length)])]
     if vocab.eos_id in ids:
         ids = ids[: ids.index(vocab.eos_id)]
     return vocab.decode(ids)
@@ -137,8 +164,16 @@ def task_metrics(arrays: data_lib.ExampleArrays, texts: list[str]) -> dict[str, 
     return results
 
 
-def evaluate(model: Model, params: Any, arrays: data_lib.ExampleArrays, vocab,
-             batch_size: int, mesh: Mesh, rules, max_decode_length: int) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: Model,
+    params: Any,
+    arrays: data_lib.ExampleArrays,
+    vocab,
+    batch_size: int,
+    mesh: Mesh,
+    rules,
+    max_decode_length: int,
+) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} from predictions on `arrays` (gin's `decoding` method)."""
     preds = predict(model, params, arrays, vocab, batch_size, mesh, rules, max_decode_length)
     return task_metrics(arrays, preds.texts)
@@ -160,12 +195,15 @@ class Split:
 
 def load_split(dataset: Any, split: str) -> Split:
     """A split of the dataset (a DatasetConfig) with its targets postprocessed by each example's task."""
-    arrays = data_lib.load_split(dataset.mixture_or_task_name, split, dict(dataset.task_feature_lengths),
-                                 max_examples=dataset.max_examples)
+    arrays = data_lib.load_split(
+        dataset.mixture_or_task_name, split, dict(dataset.task_feature_lengths), max_examples=dataset.max_examples
+    )
     names = list(dict.fromkeys(arrays.task_names.tolist()))
     tasks = {name: data_lib.get_task_or_mixture(name) for name in names}
-    targets = [tasks[t].postprocess_fn(arrays.targets_text[i], example=arrays.example(i), is_target=True)
-               for i, t in enumerate(arrays.task_names)]
+    targets = [
+        tasks[t].postprocess_fn(arrays.targets_text[i], example=arrays.example(i), is_target=True)
+        for i, t in enumerate(arrays.task_names)
+    ]
     rows = {name: np.flatnonzero(arrays.task_names == name) for name in names}
     return Split(split, arrays, targets, rows)
 
@@ -179,8 +217,10 @@ def score_texts(split: Split, texts: Sequence[str]) -> tuple[list[Any], np.ndarr
     """Predictions [N] postprocessed by each example's task, and their per-example quality [N]."""
     arrays = split.arrays
     tasks = {name: data_lib.get_task_or_mixture(name) for name in split.task_rows}
-    processed = [tasks[t].postprocess_fn(texts[i], example=arrays.example(i), is_target=False)
-                 for i, t in enumerate(arrays.task_names)]
+    processed = [
+        tasks[t].postprocess_fn(texts[i], example=arrays.example(i), is_target=False)
+        for i, t in enumerate(arrays.task_names)
+    ]
     quality = np.zeros(len(arrays))
     for name, rows in split.task_rows.items():
         per_example = metrics.get_quality(name).per_example

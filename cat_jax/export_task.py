@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 
 from cat_jax import gin_utils, runtime
-from cat_jax.jobs.export_task import export_split
 from cat_jax.data.stream_export import manifest_summary
 from cat_jax.data.streaming import FORMAT as STREAMING_FORMAT
+from cat_jax.jobs.export_task import export_split
 
 
 def main(rest: list[str]) -> int:
@@ -31,8 +31,22 @@ def main(rest: list[str]) -> int:
         if manifest["format"] == STREAMING_FORMAT:
             print(json.dumps(manifest_summary(manifest)))
         else:
-            print(json.dumps({k: manifest[k] for k in ("name", "split", "num_examples", "task_feature_lengths",
-                                                         "max_examples", "arrays", "export_command")}))
+            print(
+                json.dumps(
+                    {
+                        k: manifest[k]
+                        for k in (
+                            "name",
+                            "split",
+                            "num_examples",
+                            "task_feature_lengths",
+                            "max_examples",
+                            "arrays",
+                            "export_command",
+                        )
+                    }
+                )
+            )
     return 0
 
 

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cat_jax import model_dir as model_dir_lib
-from cat_jax import partitioning, vocabularies
-from cat_jax import models
+from cat_jax import models, partitioning, vocabularies
 from cat_jax.checkpoints import latest_finished_step, restore_params
 from cat_jax.errors import CheckpointError, TeacherMismatchError
 
@@ -27,8 +26,17 @@ class FrozenModel:
     """A restored model: its `Model` (`cat_jax.models`), its sharded parameters and a logits
     function that carries the mesh and logical axis rules its parameters were placed by."""
 
-    def __init__(self, model_dir: str, step: int, model: models.Model, params: Any,
-                 param_shardings: Any, info: dict[str, Any], mesh: Mesh, rules):
+    def __init__(
+        self,
+        model_dir: str,
+        step: int,
+        model: models.Model,
+        params: Any,
+        param_shardings: Any,
+        info: dict[str, Any],
+        mesh: Mesh,
+        rules,
+    ):
         self.model_dir, self.step, self.model, self.info = model_dir, step, model, info
         self.params, self.param_shardings = params, param_shardings
         self.mesh, self.rules = mesh, rules
@@ -51,7 +59,8 @@ class FrozenModel:
     @property
     def abstract_params(self) -> Any:
         return jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params
+        )
 
     def bytes_per_device(self) -> int:
         return partitioning.per_device_bytes(self.params)
@@ -70,12 +79,14 @@ def read_model_info(model_dir: str) -> dict[str, Any]:
     if info is None:
         raise CheckpointError(
             f"{model_dir!r} has no {model_dir_lib.RUN_INFO}: it does not exist or was not written by "
-            f"cat_jax.train. Point it at the MODEL_DIR of a cat_jax training run.")
+            f"cat_jax.train. Point it at the MODEL_DIR of a cat_jax training run."
+        )
     return info
 
 
-def load_frozen_model(model_dir: str, *, mesh: Mesh, rules, step: int | None = None,
-                      dtype: str | None = None) -> FrozenModel:
+def load_frozen_model(
+    model_dir: str, *, mesh: Mesh, rules, step: int | None = None, dtype: str | None = None
+) -> FrozenModel:
     """Restore a model's parameters (latest step unless given) into shards, cast to `dtype`."""
     info = read_model_info(model_dir)
     model = models.from_run_info(info, **({"dtype": dtype} if dtype is not None else {}))
@@ -84,7 +95,8 @@ def load_frozen_model(model_dir: str, *, mesh: Mesh, rules, step: int | None = N
     shardings = partitioning.tree_shardings(mesh, specs, rules)
     param_dtype = jnp.dtype(dtype) if dtype is not None else None
     template = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, param_dtype or a.dtype, sharding=s), abstract, shardings)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, param_dtype or a.dtype, sharding=s), abstract, shardings
+    )
     params, meta = restore_params(model_dir, template, step=step)
     step = int(meta["step"])
     return FrozenModel(model_dir, step, model, params, shardings, info, mesh, rules)
@@ -104,12 +116,14 @@ def check_vocabulary(model_dir: str, info: dict[str, Any], config: Any, vocab, r
             f"their tokenizers differ. Both models of a cascade (and a model and its task) must share one "
             f"vocabulary: tokenize the task with that model's vocabulary "
             f"(--gin.get_vocabulary.from_model_dir={model_dir}), or train the models on tasks with "
-            f"the same vocabulary.")
+            f"the same vocabulary."
+        )
     if info["model_config"]["vocab_size"] != config.vocab_size:
         raise TeacherMismatchError(
             f"The {role}'s vocab_size {info['model_config']['vocab_size']} differs from "
             f"{config.vocab_size}. Use the same {type(config).__name__}.vocab_size in both runs: unset (the "
-            f"trainer pads the vocabulary to a multiple of 128) or the one a pretrained model's gin file sets.")
+            f"trainer pads the vocabulary to a multiple of 128) or the one a pretrained model's gin file sets."
+        )
 
 
 def check_config(model_dir: str, info: dict[str, Any], expected: Any, role: str = "checkpoint") -> None:
@@ -120,20 +134,25 @@ def check_config(model_dir: str, info: dict[str, Any], expected: Any, role: str 
         raise TeacherMismatchError(
             f"The {role} in {model_dir} is a {family!r} model, but the configured model is a {expected.family!r} "
             f"one ({type(expected).__name__}). Point the directory at the right run or give the gin model file of "
-            f"that checkpoint.")
+            f"that checkpoint."
+        )
     written = models.config_from_run_info(info).to_dict()
     diffs = model_dir_lib.config_differences(
-        written, expected.replace(vocab_size=written["vocab_size"], dtype=written["dtype"]).to_dict())
+        written, expected.replace(vocab_size=written["vocab_size"], dtype=written["dtype"]).to_dict()
+    )
     if diffs:
         raise TeacherMismatchError(
             f"The {role} in {model_dir} was written for a different model config than "
-            f"the one configured:\n  " + "\n  ".join(diffs)
+            f"the one configured:\n  "
+            + "\n  ".join(diffs)
             + "\nPoint the directory at the right run or fix the configured model (e.g. the "
-            "gin_configs/models/ file of that checkpoint).")
+            "gin_configs/models/ file of that checkpoint)."
+        )
 
 
 def check_cascade_models(model_dirs: Mapping[str, str], large: str) -> None:
-    """Refuses, before anything is decoded (model_dirs[large] the large model), a model directory without run_info.json (CheckpointError),
+    """Refuses, before anything is decoded (model_dirs[large] is the large model), a model directory
+    without run_info.json (CheckpointError),
     small models whose vocabulary differs from the large one's (TeacherMismatchError), and a model
     directory without a finished checkpoint (CheckpointError)."""
     info = {name: read_model_info(d) for name, d in model_dirs.items()}
@@ -144,6 +163,7 @@ def check_cascade_models(model_dirs: Mapping[str, str], large: str) -> None:
             raise TeacherMismatchError(
                 f"small model {name!r} ({model_dir}) has vocabulary {have[0]} with vocab_size {have[1]}, "
                 f"but the large model ({model_dirs[large]}) has {want[0]} with vocab_size {want[1]}. All "
-                "models of a cascade must share one vocabulary: train them on tasks with the same one.")
+                "models of a cascade must share one vocabulary: train them on tasks with the same one."
+            )
     for model_dir in model_dirs.values():
         latest_finished_step(model_dir)

@@ -61,7 +61,7 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
         elif arg == "--gin_file" and args:
             files.append(args.pop(0))
         elif arg.startswith("--gin.") and "=" in arg:
-            name, value = arg[len("--gin."):].split("=", 1)
+            name, value = arg[len("--gin.") :].split("=", 1)
             bindings.append(f"{name} = {_override_value(value)}")
         elif arg.startswith("--gin_bindings="):
             bindings.append(arg.split("=", 1)[1])
@@ -78,7 +78,8 @@ def _resolve_gin_file(path: str) -> str:
     raise ConfigError(
         f"Gin file {path!r} not found (looked in the working directory, {REPO_ROOT} and "
         f"{REPO_ROOT / 'gin_configs'}). Shipped files: "
-        + ", ".join(sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin_configs").rglob("*.gin"))))
+        + ", ".join(sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin_configs").rglob("*.gin")))
+    )
 
 
 # Configurables registered by `tasks/` (which needs seqio): where seqio cannot be imported, the run
@@ -126,7 +127,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *, finalize: bool =
     except tokenize.TokenError as e:  # the tokenizer reached the end inside a bracket or a string
         raise ConfigError(
             f"Invalid gin configuration: an unclosed bracket or quote ({e.args[0]}). Gin files: "
-            f"{resolved or 'none'}; overrides: {list(bindings) or 'none'}. Close it, or quote the value.") from e
+            f"{resolved or 'none'}; overrides: {list(bindings) or 'none'}. Close it, or quote the value."
+        ) from e
     except (ValueError, KeyError, SyntaxError, ImportError, TypeError, OSError) as e:  # OSError: an include
         raise ConfigError(
             f"Invalid gin configuration ({type(e).__name__}): {_strip_gin_context(str(e))}\n"
@@ -138,8 +140,9 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *, finalize: bool =
 
 def _strip_gin_context(message: str) -> str:
     """A gin error message without the "In call to configurable ..." lines gin appends."""
-    return "\n".join(line for line in message.splitlines()
-                     if not line.strip().startswith("In call to configurable")).rstrip()
+    return "\n".join(
+        line for line in message.splitlines() if not line.strip().startswith("In call to configurable")
+    ).rstrip()
 
 
 def _macro_references(value: Any, found: set[str]) -> None:
@@ -179,17 +182,22 @@ def _check_macros_used(bindings: Sequence[str], files: Sequence[str]) -> None:
         if not files:
             raise ConfigError(
                 f"{'; '.join(hints)}: no --gin_file was given, so no macro is defined. Pass the run file that "
-                f"defines it, e.g. --gin_file=gin_configs/runs/<run>.gin; run files: {', '.join(run_files())}.")
+                f"defines it, e.g. --gin_file=gin_configs/runs/<run>.gin; run files: {', '.join(run_files())}."
+            )
         raise ConfigError(
             f"{'; '.join(hints)}: no gin file uses this macro, so the binding would change nothing. "
             f"Macros the gin files {list(files)} use: {', '.join(sorted(used)) or 'none'}. "
-            "Fix the spelling, or bind a configurable's parameter instead (--gin.configurable.param=...).")
+            "Fix the spelling, or bind a configurable's parameter instead (--gin.configurable.param=...)."
+        )
 
 
 def run_files() -> list[str]:
     """The shipped run files (`gin_configs/runs/*.gin` but the shared `*_common.gin` parts)."""
-    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin_configs" / "runs").glob("*.gin")
-                  if not p.stem.endswith("_common"))
+    return sorted(
+        str(p.relative_to(REPO_ROOT))
+        for p in (REPO_ROOT / "gin_configs" / "runs").glob("*.gin")
+        if not p.stem.endswith("_common")
+    )
 
 
 def default_run_file() -> str | None:
@@ -216,8 +224,12 @@ def write_operative_config(model_dir: str) -> str:
     return path
 
 
-def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None,
-        description: str = "", sigterm_exit_code: int = 143) -> None:
+def run(
+    main: Callable[[list[str]], int | None],
+    argv: Sequence[str] | None = None,
+    description: str = "",
+    sigterm_exit_code: int = 143,
+) -> None:
     """Run an entry point: parse `--gin_*` flags, call `main(rest)`, turn known errors into exits.
 
     Without `--gin_file`, the binary's own run file is loaded (`default_run_file`), said on stderr.
@@ -265,7 +277,7 @@ _DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota
 
 
 def disk_full(error: BaseException) -> str | None:
-    """"The disk holding PATH is full (... free of ...)" when `error`, or an error it was raised
+    """ "The disk holding PATH is full (... free of ...)" when `error`, or an error it was raised
     from, is a full disk or an exceeded quota (an OSError, or a library error quoting one); None
     otherwise. PATH is the file being written when known, else the directory the job writes."""
     from cat_jax import runtime  # pylint: disable=import-outside-toplevel
@@ -284,7 +296,7 @@ def disk_full(error: BaseException) -> str | None:
 
 
 def _free_space(path: str | None) -> str:
-    """", N MiB free of M MiB on MOUNT" for the file system holding `path`, or ""."""
+    """ ", N MiB free of M MiB on MOUNT" for the file system holding `path`, or ""."""
     probe = os.path.abspath(path) if path else None
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)

@@ -73,6 +73,7 @@ FLAGS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
 class TokenizerClass:
     """What a transformers fast tokenizer class adds to the files: special-token defaults, whether it
     templates BOS/EOS itself, and the SentencePiece conversion it uses without a tokenizer.json."""
+
     defaults: Mapping[str, Any]
     templates: bool = False
     spm_style: str | None = None
@@ -83,13 +84,32 @@ class TokenizerClass:
 CLASSES = {
     "PreTrainedTokenizerFast": TokenizerClass({}),
     "LlamaTokenizerFast": TokenizerClass(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
-         "add_eos_token": False, "add_prefix_space": None}, templates=True, spm_style="llama"),
+        {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "add_prefix_space": None,
+        },
+        templates=True,
+        spm_style="llama",
+    ),
     "GemmaTokenizerFast": TokenizerClass(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
-         "add_bos_token": True, "add_eos_token": False}, templates=True, spm_style="gemma"),
+        {
+            "bos_token": "<bos>",
+            "eos_token": "<eos>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+        },
+        templates=True,
+        spm_style="gemma",
+    ),
     "Qwen2TokenizerFast": TokenizerClass(
-        {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}),
+        {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    ),
 }
 
 
@@ -108,8 +128,18 @@ def _content(token: Any) -> str | None:
 
 def clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization`: no space before . ? ! , and English contractions."""
-    for old, new in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for old, new in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(old, new)
     return text
 
@@ -141,17 +171,23 @@ class HFTokenizerVocabulary:
         unknown = sorted(set(names) - set(FILES))
         if unknown:
             raise ConfigError(f"Unknown tokenizer files {unknown} for {self.directory}; expected some of {FILES}.")
-        self.files = {n: os.path.join(self.directory, n) for n in FILES
-                      if n in names and os.path.isfile(os.path.join(self.directory, n))}
+        self.files = {
+            n: os.path.join(self.directory, n)
+            for n in FILES
+            if n in names and os.path.isfile(os.path.join(self.directory, n))
+        }
         missing = [n for n in names if n not in self.files] if files is not None else []
         if missing:
-            raise ConfigError(f"{self.directory} lacks the tokenizer files {missing} it should hold; copy them "
-                              "again from the checkpoint the directory was made from.")
+            raise ConfigError(
+                f"{self.directory} lacks the tokenizer files {missing} it should hold; copy them "
+                "again from the checkpoint the directory was made from."
+            )
         if TOKENIZER_CONFIG not in self.files:
             raise ConfigError(
                 f"{self.directory} has no {TOKENIZER_CONFIG}; cat_jax reads a Hugging Face tokenizer from "
                 f"the files the Hub ships with it ({TOKENIZER_CONFIG} and {TOKENIZER_JSON} or "
-                f"{SENTENCEPIECE_MODEL}). Download them with the checkpoint.")
+                f"{SENTENCEPIECE_MODEL}). Download them with the checkpoint."
+            )
         config = _read_json(self.files[TOKENIZER_CONFIG])
         self._init_kwargs, self._class_name = self._resolve_config(config)
         self._tokenizer, source = self._backend()
@@ -162,12 +198,11 @@ class HFTokenizerVocabulary:
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         self._size = max(vocab.values()) + 1
         self._ids = {key: self._token_id(self._init_kwargs.get(key)) for key in SPECIAL_KEYS}
-        self._generation = (_read_json(self.files[GENERATION_CONFIG]) if GENERATION_CONFIG in self.files else {})
+        self._generation = _read_json(self.files[GENERATION_CONFIG]) if GENERATION_CONFIG in self.files else {}
         if self._templates:
             self._set_template()
         self.prompt_prefix_ids, self.prompt_suffix_ids = self._prompt_special_ids()
-        self.tokenizer_sha256 = hashlib.sha256(
-            _canonical({"tokenizer": source, "settings": self.settings})).hexdigest()
+        self.tokenizer_sha256 = hashlib.sha256(_canonical({"tokenizer": source, "settings": self.settings})).hexdigest()
 
     # ---- reading the files as transformers does ----
 
@@ -177,14 +212,16 @@ class HFTokenizerVocabulary:
         if fast not in CLASSES:
             raise ConfigError(
                 f"{self.files[TOKENIZER_CONFIG]} names tokenizer_class {name!r}; cat_jax applies the "
-                f"tokenizers of {sorted(CLASSES)} (Llama, Mistral, Qwen2/3, Gemma checkpoints).")
+                f"tokenizers of {sorted(CLASSES)} (Llama, Mistral, Qwen2/3, Gemma checkpoints)."
+            )
         kwargs = {**CLASSES[fast].defaults, **config}
         if "added_tokens_decoder" not in config:
             if os.path.isfile(os.path.join(self.directory, ADDED_TOKENS)):
                 raise ConfigError(
                     f"{self.directory} has {ADDED_TOKENS} and a {TOKENIZER_CONFIG} without "
                     "added_tokens_decoder (a tokenizer saved by transformers before v4.34); load and save "
-                    "it again with a current transformers so that tokenizer_config.json lists its tokens.")
+                    "it again with a current transformers so that tokenizer_config.json lists its tokens."
+                )
             if SPECIAL_TOKENS_MAP in self.files:
                 kwargs.update(_read_json(self.files[SPECIAL_TOKENS_MAP]))
         return kwargs, fast
@@ -208,20 +245,28 @@ class HFTokenizerVocabulary:
             self._set_prefix_space(data)
             return Tokenizer.from_str(json.dumps(data)), normalised_tokenizer_json(data)
         if style is None:
-            raise ConfigError(f"{self.directory} has no {TOKENIZER_JSON}, the only file a {self._class_name} "
-                              f"is read from; copy the checkpoint's {TOKENIZER_JSON}.")
+            raise ConfigError(
+                f"{self.directory} has no {TOKENIZER_JSON}, the only file a {self._class_name} "
+                f"is read from; copy the checkpoint's {TOKENIZER_JSON}."
+            )
         if SENTENCEPIECE_MODEL not in self.files:
-            why = (f"{self.files[TOKENIZER_CONFIG]} sets add_prefix_space, so transformers builds the "
-                   f"tokenizer from {SENTENCEPIECE_MODEL}, which it lacks" if from_slow else
-                   f"{self.directory} has no {TOKENIZER_JSON} and no {SENTENCEPIECE_MODEL}")
+            why = (
+                f"{self.files[TOKENIZER_CONFIG]} sets add_prefix_space, so transformers builds the "
+                f"tokenizer from {SENTENCEPIECE_MODEL}, which it lacks"
+                if from_slow
+                else f"{self.directory} has no {TOKENIZER_JSON} and no {SENTENCEPIECE_MODEL}"
+            )
             raise ConfigError(f"{why}; copy the checkpoint's tokenizer files.")
         with open(self.files[SENTENCEPIECE_MODEL], "rb") as f:
             model = f.read()
         legacy = self._init_kwargs.get("legacy")
         tokenizer = spm_convert.convert(
-            model, style, legacy=True if legacy is None else bool(legacy),
+            model,
+            style,
+            legacy=True if legacy is None else bool(legacy),
             add_prefix_space=prefix_space is not False,  # the slow LlamaTokenizer's default: True
-            specials=tuple(_content(self._init_kwargs.get(k)) for k in ("pad_token", "eos_token", "bos_token")))
+            specials=tuple(_content(self._init_kwargs.get(k)) for k in ("pad_token", "eos_token", "bos_token")),
+        )
         return tokenizer, {"sentencepiece_sha256": hashlib.sha256(model).hexdigest()}
 
     def _set_prefix_space(self, data: dict[str, Any]) -> None:
@@ -253,15 +298,17 @@ class HFTokenizerVocabulary:
 
         held = {flags(t) for t in self._tokenizer.get_added_tokens_decoder().values()}
         decoder = self._init_kwargs.get("added_tokens_decoder") or {}
-        wanted = [AddedToken(**{k: v for k, v in decoder[i].items() if k in FLAGS})
-                  for i in sorted(decoder, key=int)]
+        wanted = [AddedToken(**{k: v for k, v in decoder[i].items() if k in FLAGS}) for i in sorted(decoder, key=int)]
         to_add = [t for t in wanted if flags(t) not in held]
-        known = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()} | \
-            {t.content for t in to_add}
+        known = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()} | {t.content for t in to_add}
         specials = self._special_tokens()
-        to_add += [AddedToken(**{**{k: v for k, v in t.items() if k in FLAGS}, "special": True})
-                   if isinstance(t, dict) else AddedToken(t, special=True)
-                   for t in specials if _content(t) not in known]
+        to_add += [
+            AddedToken(**{**{k: v for k, v in t.items() if k in FLAGS}, "special": True})
+            if isinstance(t, dict)
+            else AddedToken(t, special=True)
+            for t in specials
+            if _content(t) not in known
+        ]
         special_texts = {_content(t) for t in specials}
         for token in to_add:
             token.special = token.special or token.content in special_texts
@@ -286,14 +333,18 @@ class HFTokenizerVocabulary:
         add_bos, add_eos = (bool(self._init_kwargs.get(k)) for k in ("add_bos_token", "add_eos_token"))
         for add, token, name in ((add_bos, bos, "bos"), (add_eos, eos, "eos")):
             if add and token is None:
-                raise ConfigError(f"{self.files[TOKENIZER_CONFIG]}: add_{name}_token is true but {name}_token is "
-                                  f"null; set {name}_token or add_{name}_token=false.")
+                raise ConfigError(
+                    f"{self.files[TOKENIZER_CONFIG]}: add_{name}_token is true but {name}_token is "
+                    f"null; set {name}_token or add_{name}_token=false."
+                )
         single = f"{f'{bos}:0 ' if add_bos else ''}$A:0{f' {eos}:0' if add_eos else ''}"
         pair = f"{single}{f' {bos}:1' if add_bos else ''} $B:1{f' {eos}:1' if add_eos else ''}"
-        special = [(token, self._ids[f"{name}_token"]) for add, token, name in
-                   ((add_bos, bos, "bos"), (add_eos, eos, "eos")) if add]
-        self._tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                                       special_tokens=special)
+        special = [
+            (token, self._ids[f"{name}_token"])
+            for add, token, name in ((add_bos, bos, "bos"), (add_eos, eos, "eos"))
+            if add
+        ]
+        self._tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
     def _prompt_special_ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The ids the post-processor puts before and after a text's ids."""
@@ -301,27 +352,36 @@ class HFTokenizerVocabulary:
         plain = self.encode_continuation(probe)
         full = self.encode_prompt(probe)
         for start in range(len(full) - len(plain) + 1 if plain else 0):
-            if full[start:start + len(plain)] == plain:
-                return tuple(full[:start]), tuple(full[start + len(plain):])
-        raise ConfigError(f"The post-processor of {self.directory} rewrites a text's ids rather than adding "
-                          "special tokens around them; cat_jax cannot split its prompts.")
+            if full[start : start + len(plain)] == plain:
+                return tuple(full[:start]), tuple(full[start + len(plain) :])
+        raise ConfigError(
+            f"The post-processor of {self.directory} rewrites a text's ids rather than adding "
+            "special tokens around them; cat_jax cannot split its prompts."
+        )
 
     # ---- what a vocabulary offers ----
 
     @property
     def settings(self) -> dict[str, Any]:
         """The resolved configuration that decides tokenization (hashed into the identity)."""
-        keys = SPECIAL_KEYS + ("additional_special_tokens", "clean_up_tokenization_spaces", "split_special_tokens",
-                               "add_prefix_space", "legacy")
+        keys = SPECIAL_KEYS + (
+            "additional_special_tokens",
+            "clean_up_tokenization_spaces",
+            "split_special_tokens",
+            "add_prefix_space",
+            "legacy",
+        )
         keys += ("add_bos_token", "add_eos_token") if self._templates else ()
         settings: dict[str, Any] = {"tokenizer_class": self._class_name}
         for key in keys:
             value = self._init_kwargs.get(key)
-            settings[key] = ([_content(t) for t in value] if key == "additional_special_tokens" and value
-                             else _content(value))
+            settings[key] = (
+                [_content(t) for t in value] if key == "additional_special_tokens" and value else _content(value)
+            )
         decoder = self._init_kwargs.get("added_tokens_decoder") or {}
-        settings["added_tokens_decoder"] = {str(i): {k: v for k, v in decoder[i].items() if k in FLAGS}
-                                            for i in sorted(decoder, key=int)}
+        settings["added_tokens_decoder"] = {
+            str(i): {k: v for k, v in decoder[i].items() if k in FLAGS} for i in sorted(decoder, key=int)
+        }
         return settings
 
     @property

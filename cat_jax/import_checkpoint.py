@@ -19,8 +19,15 @@ def main(rest: list[str]) -> int:
     gin_utils.parse_args(rest)
     runtime.setup_logging()
     info = import_checkpoint()
-    print(json.dumps({"model_config": info["model_config"], "vocabulary": info["vocabulary"],
-                      "imported_from": info["imported_from"]}))
+    print(
+        json.dumps(
+            {
+                "model_config": info["model_config"],
+                "vocabulary": info["vocabulary"],
+                "imported_from": info["imported_from"],
+            }
+        )
+    )
     return 0
 
 

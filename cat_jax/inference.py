@@ -4,14 +4,12 @@ start from (the jobs are `cat_jax.jobs.eval`, `.infer`, `.cascade_eval`, `.specu
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from typing import Any
 
 from cat_jax import data as data_lib
-from cat_jax.data.config import DatasetConfig
 from cat_jax import partitioning
+from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import ConfigError
 from cat_jax.frozen_model import FrozenModel, check_vocabulary, load_frozen_model, read_model_info
 
@@ -32,25 +30,32 @@ def with_run_defaults(dataset: DatasetConfig, model_dir: str, info: dict[str, An
     `model_dir` was trained with wherever the configuration leaves them unset; logged."""
     trained = info.get("dataset") or {}
     changes = {}
-    for field, key in (("mixture_or_task_name", "mixture_or_task_name"),
-                       ("task_feature_lengths", "task_feature_lengths")):
+    for field, key in (
+        ("mixture_or_task_name", "mixture_or_task_name"),
+        ("task_feature_lengths", "task_feature_lengths"),
+    ):
         if getattr(dataset, field) is None:
             if trained.get(key) is None:
                 raise ConfigError(
                     f"{model_dir} records no training task (an imported model): give the task and "
                     f"lengths, e.g. --gin.MIXTURE_OR_TASK_NAME=cmudict_g2p "
-                    "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 32, 'targets': 64}\".")
+                    "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 32, 'targets': 64}\"."
+                )
             changes[field] = trained[key]
     if changes:
-        log.info("From %s's run_info.json: %s (override with --gin.MIXTURE_OR_TASK_NAME / "
-                 "--gin.TASK_FEATURE_LENGTHS).", model_dir, changes)
+        log.info(
+            "From %s's run_info.json: %s (override with --gin.MIXTURE_OR_TASK_NAME / --gin.TASK_FEATURE_LENGTHS).",
+            model_dir,
+            changes,
+        )
         dataset = dataclasses.replace(dataset, **changes)
     data_lib.data_source().default_vocabulary_from(model_dir)
     return dataset
 
 
-def setup(checkpoint_dir: str, step: int | None, dataset: DatasetConfig,
-          dtype: str | None = None) -> tuple[InferenceSetup, DatasetConfig]:
+def setup(
+    checkpoint_dir: str, step: int | None, dataset: DatasetConfig, dtype: str | None = None
+) -> tuple[InferenceSetup, DatasetConfig]:
     """Restore the checkpoint (its run_info completes `dataset`), check its vocabulary against the
     task's, and load the split: (setup, the dataset used)."""
     mesh = partitioning.make_mesh()
@@ -60,6 +65,10 @@ def setup(checkpoint_dir: str, step: int | None, dataset: DatasetConfig,
     vocab = data_lib.get_vocabulary_of(dataset.mixture_or_task_name)
     check_vocabulary(checkpoint_dir, frozen.info, frozen.config, vocab, role="checkpoint")
     log.info("Restored step %d of %s; %s", frozen.step, checkpoint_dir, partitioning.describe_mesh(mesh))
-    arrays = data_lib.load_split(dataset.mixture_or_task_name, dataset.split,
-                                 dict(dataset.task_feature_lengths), max_examples=dataset.max_examples)
+    arrays = data_lib.load_split(
+        dataset.mixture_or_task_name,
+        dataset.split,
+        dict(dataset.task_feature_lengths),
+        max_examples=dataset.max_examples,
+    )
     return InferenceSetup(frozen, arrays, vocab, mesh, frozen.rules), dataset

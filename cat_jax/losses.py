@@ -26,9 +26,7 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return log_normalizer - target_logit
 
 
-def token_kl_divergence(
-    teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0
-) -> jax.Array:
+def token_kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Per-token KL(softmax(teacher / T) || softmax(student / T)), in float32.
 
     Computed from log-softmaxes; vocabulary entries where the teacher's probability is exactly 0
@@ -60,14 +58,14 @@ def _validate(
     if mask_start_step < 0:
         raise ValueError(f"mask_start_step must be >= 0, got {mask_start_step}.")
     if mask_start_step > 0 and mask == "none":
-        raise ValueError(f"mask_start_step={mask_start_step} delays a mask, but mask='none'; "
-                         f"choose a mask ({', '.join(m for m in MASKS if m != 'none')}) or set mask_start_step=0.")
+        raise ValueError(
+            f"mask_start_step={mask_start_step} delays a mask, but mask='none'; "
+            f"choose a mask ({', '.join(m for m in MASKS if m != 'none')}) or set mask_start_step=0."
+        )
     if mask_start_step > 0 and step is None:
         raise ValueError(f"mask_start_step={mask_start_step} needs the training step: pass step=.")
     if normalizer not in NORMALIZERS:
-        raise ValueError(
-            f"Unknown normalizer {normalizer!r}; allowed values: {', '.join(NORMALIZERS)}."
-        )
+        raise ValueError(f"Unknown normalizer {normalizer!r}; allowed values: {', '.join(NORMALIZERS)}.")
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     if not temperature > 0.0:
@@ -80,13 +78,12 @@ def _validate(
             )
         if alpha != 1.0:
             raise ValueError(
-                f"alpha={'(a traced array)' if alpha is None else alpha} < 1 needs teacher_logits (the distillation term); "
+                f"alpha={'(a traced array)' if alpha is None else alpha} < 1 needs teacher_logits "
+                "(the distillation term); "
                 f"pass teacher_logits or set alpha=1."
             )
     if student_logits.ndim != 3:
-        raise ValueError(
-            f"student_logits must be [batch, length, vocab], got shape {student_logits.shape}."
-        )
+        raise ValueError(f"student_logits must be [batch, length, vocab], got shape {student_logits.shape}.")
     if targets.shape != student_logits.shape[:2] or weights.shape != targets.shape:
         raise ValueError(
             f"targets {targets.shape} and weights {weights.shape} must both equal the "
@@ -102,8 +99,7 @@ def _validate(
             )
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(
-                f"teacher_logits shape {teacher_logits.shape} differs from student_logits "
-                f"shape {student_logits.shape}."
+                f"teacher_logits shape {teacher_logits.shape} differs from student_logits shape {student_logits.shape}."
             )
 
 
@@ -154,8 +150,18 @@ def cascade_aware_loss(
     traced = isinstance(alpha, jax.Array)
     alpha = jnp.asarray(alpha, jnp.float32) if traced else float(alpha)
     temperature = float(temperature)
-    _validate(student_logits, teacher_logits, targets, weights, None if traced else alpha,
-              temperature, mask, normalizer, mask_start_step, step)
+    _validate(
+        student_logits,
+        teacher_logits,
+        targets,
+        weights,
+        None if traced else alpha,
+        temperature,
+        mask,
+        normalizer,
+        mask_start_step,
+        step,
+    )
     weights = weights.astype(jnp.float32)
     num_tokens = jnp.sum(weights)
 

@@ -40,14 +40,16 @@ def _to_float(name: str, value: Any) -> float:
 class MetricWriter:
     """Scalars to `<directory>/<name>_metrics.jsonl` and `<directory>/tensorboard/<name>`."""
 
-    def __init__(self, directory: str, name: str = "train", enabled: bool | None = None,
-                 resume_step: int | None = None):
+    def __init__(
+        self, directory: str, name: str = "train", enabled: bool | None = None, resume_step: int | None = None
+    ):
         """`resume_step`: the run continues after that step (restored from its checkpoint), so the
         metrics logged after it by the interrupted run are dropped from the JSON lines (they are
         replayed) and TensorBoard is told to purge them (a SessionLog START at the next step).
         0 is a run that starts from scratch: every step an earlier, checkpoint-less try logged goes."""
         if enabled is None:
             from cat_jax import runtime  # pylint: disable=import-outside-toplevel
+
             enabled = runtime.is_lead()
         self.enabled = bool(enabled)
         self.jsonl_path = os.path.join(directory, f"{name}_metrics.jsonl")
@@ -62,18 +64,18 @@ class MetricWriter:
         # flush() does not guarantee they are on disk). The unique suffix matters: files are
         # named by the second, and a writer reopened within the same second would otherwise
         # overwrite the earlier file.
-        self._events = EventsWriter(
-            os.path.join(self.tensorboard_dir, "events"), f".{uuid.uuid4().hex[:12]}"
-        )
+        self._events = EventsWriter(os.path.join(self.tensorboard_dir, "events"), f".{uuid.uuid4().hex[:12]}")
         if resume_step is not None:
-            self._events.write_event(event_pb2.Event(
-                wall_time=time.time(), step=int(resume_step) + 1,
-                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            self._events.write_event(
+                event_pb2.Event(
+                    wall_time=time.time(),
+                    step=int(resume_step) + 1,
+                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+                )
+            )
 
     def _write_event(self, step: int, event_summary: Any) -> None:
-        self._events.write_event(
-            event_pb2.Event(wall_time=time.time(), step=step, summary=event_summary)
-        )
+        self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=event_summary))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Write `scalars` at `step`: one JSON line and one TensorBoard scalar per metric."""
@@ -115,17 +117,22 @@ def _drop_after(path: str, step: int) -> None:
         lines = f.readlines()
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     kept = []
-    for i, line in enumerate(lines[:last + 1]):
+    for i, line in enumerate(lines[: last + 1]):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as e:
             if i < last:
-                raise ModelDirError(f"{path} line {i + 1} is not JSON ({e}); only a torn last line is "
-                                    "repaired on resume. Fix or remove that line.") from e
-            log.warning("%s: dropped its torn last line (%d bytes, not JSON: cut short by a crash or a "
-                        "full disk).", path, len(line))
+                raise ModelDirError(
+                    f"{path} line {i + 1} is not JSON ({e}); only a torn last line is "
+                    "repaired on resume. Fix or remove that line."
+                ) from e
+            log.warning(
+                "%s: dropped its torn last line (%d bytes, not JSON: cut short by a crash or a full disk).",
+                path,
+                len(line),
+            )
             continue
         if row.get("step", 0) <= step:
             kept.append(line if line.endswith("\n") else line + "\n")

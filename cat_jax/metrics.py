@@ -46,9 +46,7 @@ def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
     for i, ref_item in enumerate(reference, start=1):
         current = [i]
         for j, hyp_item in enumerate(hypothesis, start=1):
-            current.append(
-                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_item != hyp_item))
-            )
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_item != hyp_item)))
         previous = current
     return previous[-1]
 
@@ -121,8 +119,11 @@ class AdditiveForm(NamedTuple):
 _ADDITIVE: dict[CorpusFn, AdditiveForm] = {}
 
 
-def register_additive_form(corpus: CorpusFn, statistics: Callable[[Sequence[Target], Sequence[str]], np.ndarray],
-                           from_statistics: Callable[[np.ndarray], float]) -> None:
+def register_additive_form(
+    corpus: CorpusFn,
+    statistics: Callable[[Sequence[Target], Sequence[str]], np.ndarray],
+    from_statistics: Callable[[np.ndarray], float],
+) -> None:
     """Declares that `corpus(t, p) == from_statistics(statistics(t, p).sum(axis=0))`."""
     _ADDITIVE[corpus] = AdditiveForm(statistics, from_statistics)
 
@@ -154,9 +155,16 @@ def bleu_from_statistics(summed: np.ndarray) -> float:
     """Corpus BLEU (0-100) from `bleu_statistics` summed over the examples."""
     order = _BLEU.max_ngram_order
     s = [int(v) for v in summed]
-    return float(sacrebleu.metrics.BLEU.compute_bleu(
-        correct=s[2:2 + order], total=s[2 + order:], sys_len=s[0], ref_len=s[1],
-        smooth_method=_BLEU.smooth_method, max_ngram_order=order).score)
+    return float(
+        sacrebleu.metrics.BLEU.compute_bleu(
+            correct=s[2 : 2 + order],
+            total=s[2 + order :],
+            sys_len=s[0],
+            ref_len=s[1],
+            smooth_method=_BLEU.smooth_method,
+            max_ngram_order=order,
+        ).score
+    )
 
 
 register_additive_form(corpus_bleu, bleu_statistics, bleu_from_statistics)
@@ -266,8 +274,7 @@ def macro_f1(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, fl
     return {"macro_f1": 100.0 * sum(f1s) / len(f1s)}
 
 
-def multirc(targets: Sequence[object], predictions: Sequence[str],
-            positive: str = "True") -> dict[str, float]:
+def multirc(targets: Sequence[object], predictions: Sequence[str], positive: str = "True") -> dict[str, float]:
     """MultiRC's metrics in percent.
 
     Targets are {"group": question key, "value": "True"/"False"} (a plain label string is its own
@@ -297,8 +304,10 @@ def _answer_list(target: Target | bytes) -> list[str]:
 def squad_exact_match_scores(targets: Sequence[Target], predictions: Sequence[str]) -> list[float]:
     """Per example: 1.0 where the prediction equals one of the gold answers after `squad_normalize`."""
     _check(targets, predictions)
-    return [float(max(squad_normalize(a) == squad_normalize(p) for a in _answer_list(t)))
-            for t, p in zip(targets, predictions)]
+    return [
+        float(max(squad_normalize(a) == squad_normalize(p) for a in _answer_list(t)))
+        for t, p in zip(targets, predictions)
+    ]
 
 
 def squad(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str, float]:

@@ -9,8 +9,9 @@ Readers of a MODEL_DIR (eval, infer, a teacher, cascades) take no lock.
 
 `run_info.json` records what defines a run's trajectory: the model config and vocabulary (which a
 checkpoint cannot change), the data (task or mixture, lengths, batch size, split, data seed, cap),
-the data order (in memory or streamed), the run's seed, the loss and its options, the optimizer and schedule, the teacher's identity
-(directory, step, config, dtype) and SALT's distillation schedule and data selection. Resuming with a different model or vocabulary is refused;
+the data order (in memory or streamed), the run's seed, the loss and its options, the optimizer and
+schedule, the teacher's identity (directory, step, config, dtype) and SALT's distillation schedule and
+data selection. Resuming with a different model or vocabulary is refused;
 resuming with any other difference is refused with the list of differences and the fix, unless
 `train.allow_config_change=True`, which is logged and appended to run_info's `history`. A teacher
 or an evaluated model is rebuilt from its own MODEL_DIR's `run_info.json`.
@@ -29,9 +30,8 @@ import time
 import uuid
 from typing import Any
 
-from cat_jax import vocabularies
+from cat_jax import models, vocabularies
 from cat_jax.errors import ModelDirError
-from cat_jax import models
 from cat_jax.vocabulary_store import RUN_INFO, read_run_info
 
 log = logging.getLogger("cat_jax")
@@ -51,7 +51,8 @@ def prepare(model_dir: str) -> bool:
     if "://" in model_dir:
         raise ModelDirError(
             f"MODEL_DIR {model_dir!r} is a URL; cat_jax writes its run files with POSIX I/O. Mount the "
-            f"bucket (e.g. gcsfuse) or use a shared file system, and pass its local path.")
+            f"bucket (e.g. gcsfuse) or use a shared file system, and pass its local path."
+        )
     probe = os.path.join(model_dir, f".write_test_{uuid.uuid4().hex}")
     try:
         os.makedirs(model_dir, exist_ok=True)
@@ -61,7 +62,8 @@ def prepare(model_dir: str) -> bool:
     except OSError as e:
         raise ModelDirError(
             f"MODEL_DIR {model_dir!r} cannot be written ({e.strerror or e}). Choose a directory you "
-            f"can write, e.g. --gin.MODEL_DIR=/tmp/cat_jax/run1.") from e
+            f"can write, e.g. --gin.MODEL_DIR=/tmp/cat_jax/run1."
+        ) from e
     return created
 
 
@@ -167,8 +169,13 @@ def lock(model_dir: str) -> ModelDirLock:
     module docstring) is moved aside with one atomic rename and taken over, logged.
     """
     path = os.path.join(model_dir, LOCK_FILE)
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "process_start": _process_start(os.getpid()),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "token": uuid.uuid4().hex,
+    }
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -182,7 +189,8 @@ def lock(model_dir: str) -> ModelDirLock:
                     f"MODEL_DIR {model_dir} is in use by another trainer: {_describe(current)} holds {path}. "
                     "Two trainers on one MODEL_DIR would delete each other's checkpoints; nothing was written. "
                     "Wait for it to finish, stop it, or use another MODEL_DIR. If no trainer runs there any "
-                    "more, delete the lock file.")
+                    "more, delete the lock file."
+                )
             aside = f"{path}.stale.{uuid.uuid4().hex[:8]}"
             try:
                 os.rename(path, aside)
@@ -199,8 +207,10 @@ def lock(model_dir: str) -> ModelDirLock:
             f.flush()
             os.fsync(f.fileno())
         return ModelDirLock(path, holder)
-    raise ModelDirError(f"Could not take the lock {path}: other trainers are starting on MODEL_DIR {model_dir} "
-                        "at the same moment. Start one trainer per MODEL_DIR.")
+    raise ModelDirError(
+        f"Could not take the lock {path}: other trainers are starting on MODEL_DIR {model_dir} "
+        "at the same moment. Start one trainer per MODEL_DIR."
+    )
 
 
 def vocab_info(vocab) -> dict[str, Any]:
@@ -220,12 +230,23 @@ def with_vocab_size(config: Any, vocab) -> Any:
     if config.vocab_size is not None and config.vocab_size < vocab.vocab_size:
         raise ModelDirError(
             f"{type(config).__name__}.vocab_size={config.vocab_size} is smaller than the task vocabulary "
-            f"({vocab.vocab_size} ids); leave it unset so the trainer sets it.")
+            f"({vocab.vocab_size} ids); leave it unset so the trainer sets it."
+        )
     return config if config.vocab_size is not None else config.replace(vocab_size=padded)
 
 
-def run_info(model: models.Model, vocab, objective: dict[str, Any], dataset, teacher, *, seed: int,
-             optimizer: dict[str, Any], train_steps: int, data_source: str) -> dict[str, Any]:
+def run_info(
+    model: models.Model,
+    vocab,
+    objective: dict[str, Any],
+    dataset,
+    teacher,
+    *,
+    seed: int,
+    optimizer: dict[str, Any],
+    train_steps: int,
+    data_source: str,
+) -> dict[str, Any]:
     """The run's identity (see the module docstring); JSON-normalised. `objective` is the training
     objective's own entries (`loss_options`, `salt`); `data_source` the source's provenance
     (`cat_jax.data.DataSource.describe()`: recorded, not compared on resume)."""
@@ -255,7 +276,7 @@ def write_run_info(model_dir: str, info: dict[str, Any]) -> None:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """"key: old (in MODEL_DIR) vs new (now)" for every key whose values differ (nested dicts
+    """ "key: old (in MODEL_DIR) vs new (now)" for every key whose values differ (nested dicts
     compared key by key)."""
     out = []
     for key in sorted(set(old) | set(new)):
@@ -276,36 +297,50 @@ def check_resume(model_dir: str, info: dict[str, Any], *, allow_change: bool) ->
     if old.get("imported_from") and old.get("dataset") is None:
         raise ModelDirError(
             f"MODEL_DIR {model_dir} holds a model imported from {old['imported_from'].get('source')}, not a "
-            f"training run. Fine-tune it into a new MODEL_DIR with --gin.train.initial_checkpoint_dir={model_dir}.")
-    fixed = config_differences({"model_family": models.family_of_run_info(old),
-                                **models.config_from_run_info(old).to_dict()},
-                               {"model_family": models.family_of_run_info(info), **info["model_config"]})
+            f"training run. Fine-tune it into a new MODEL_DIR with --gin.train.initial_checkpoint_dir={model_dir}."
+        )
+    fixed = config_differences(
+        {"model_family": models.family_of_run_info(old), **models.config_from_run_info(old).to_dict()},
+        {"model_family": models.family_of_run_info(info), **info["model_config"]},
+    )
     fixed += [f"vocabulary: {d}" for d in config_differences(old["vocabulary"], info["vocabulary"])]
     if fixed:
         raise ModelDirError(
-            f"MODEL_DIR {model_dir} holds a run of a different model:\n  " + "\n  ".join(fixed)
-            + "\nUse a new MODEL_DIR for this configuration, or restore the old one's settings.")
+            f"MODEL_DIR {model_dir} holds a run of a different model:\n  "
+            + "\n  ".join(fixed)
+            + "\nUse a new MODEL_DIR for this configuration, or restore the old one's settings."
+        )
     changes = []
     for key in TRAJECTORY:
         if key in old and old[key] != info[key]:
             a, b = old[key], info[key]
-            changes += (config_differences(a, b, f"{key}.") if isinstance(a, dict) and isinstance(b, dict)
-                        else [f"{key}: {a!r} (in MODEL_DIR) vs {b!r} (now)"])
+            changes += (
+                config_differences(a, b, f"{key}.")
+                if isinstance(a, dict) and isinstance(b, dict)
+                else [f"{key}: {a!r} (in MODEL_DIR) vs {b!r} (now)"]
+            )
     if changes and not allow_change:
         raise ModelDirError(
             f"MODEL_DIR {model_dir} holds a run trained with other settings; resuming it with these "
-            f"would silently change its data stream, loss or optimizer:\n  " + "\n  ".join(changes)
+            f"would silently change its data stream, loss or optimizer:\n  "
+            + "\n  ".join(changes)
             + f"\nResume with the recorded settings ({os.path.join(model_dir, 'config.gin')} holds the "
             "command's configuration), use a new MODEL_DIR, or pass --gin.train.allow_config_change=True "
-            "to continue with the new settings (recorded in run_info.json's history).")
+            "to continue with the new settings (recorded in run_info.json's history)."
+        )
     history = list(old.get("history", []))
     if old.get("train_steps") not in (None, info["train_steps"]):
-        log.info("TRAIN_STEPS is %d (the run was started with %s): the learning-rate schedule now spans "
-                 "the new count.", info["train_steps"], old["train_steps"])
-        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "train_steps": [old["train_steps"], info["train_steps"]]})
+        log.info(
+            "TRAIN_STEPS is %d (the run was started with %s): the learning-rate schedule now spans the new count.",
+            info["train_steps"],
+            old["train_steps"],
+        )
+        history.append(
+            {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "train_steps": [old["train_steps"], info["train_steps"]]}
+        )
     if changes:
-        log.warning("train.allow_config_change=True: resuming %s with changed settings:\n  %s",
-                    model_dir, "\n  ".join(changes))
+        log.warning(
+            "train.allow_config_change=True: resuming %s with changed settings:\n  %s", model_dir, "\n  ".join(changes)
+        )
         history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "allowed_changes": changes})
     return {**info, "history": history} if history else info

@@ -14,8 +14,9 @@ OPTIMIZERS = ("adamw", "adafactor")
 
 
 @gin.configurable
-def learning_rate_schedule(total_steps: int, *, peak_value: float = 1e-3, warmup_steps: int = 0,
-                           decay: str = "cosine", end_value: float = 0.0) -> optax.Schedule:
+def learning_rate_schedule(
+    total_steps: int, *, peak_value: float = 1e-3, warmup_steps: int = 0, decay: str = "cosine", end_value: float = 0.0
+) -> optax.Schedule:
     """Linear warmup to `peak_value`, then `decay` over the remaining steps; a setting that is not
     a number of the right range is a ConfigError naming it."""
     if decay not in SCHEDULES:
@@ -30,8 +31,9 @@ def learning_rate_schedule(total_steps: int, *, peak_value: float = 1e-3, warmup
     elif decay == "linear":
         after = optax.linear_schedule(peak_value, end_value, decay_steps)
     elif decay == "cosine":
-        after = optax.cosine_decay_schedule(peak_value, decay_steps,
-                                            alpha=end_value / peak_value if peak_value else 0.0)
+        after = optax.cosine_decay_schedule(
+            peak_value, decay_steps, alpha=end_value / peak_value if peak_value else 0.0
+        )
     else:
         offset = max(warmup_steps, 1)
         after = lambda count: peak_value * (offset / (count + offset)) ** 0.5  # noqa: E731
@@ -42,9 +44,15 @@ def learning_rate_schedule(total_steps: int, *, peak_value: float = 1e-3, warmup
 
 
 @gin.configurable
-def make_optimizer(total_steps: int, *, name: str = "adamw", weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.98, clip_norm: float | None = 1.0
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    total_steps: int,
+    *,
+    name: str = "adamw",
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    clip_norm: float | None = 1.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer (with global-norm gradient clipping) and its schedule."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
@@ -64,8 +72,11 @@ def make_optimizer(total_steps: int, *, name: str = "adamw", weight_decay: float
 def _effective(fn, exclude: tuple[str, ...]) -> dict:
     """A gin-configurable function's keyword defaults with this configuration's bindings applied."""
     params = inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
-    values = {name: p.default for name, p in params.items()
-              if p.default is not inspect.Parameter.empty and name not in exclude}
+    values = {
+        name: p.default
+        for name, p in params.items()
+        if p.default is not inspect.Parameter.empty and name not in exclude
+    }
     values.update({k: v for k, v in gin.get_bindings(fn).items() if k not in exclude})
     return dict(sorted(values.items()))
 
@@ -73,5 +84,7 @@ def _effective(fn, exclude: tuple[str, ...]) -> dict:
 def settings() -> dict:
     """The optimizer and schedule settings in force (run_info.json records them; a resume that
     changes them is refused unless allowed). TRAIN_STEPS is not part of them."""
-    return {"optimizer": _effective(make_optimizer, ("total_steps",)),
-            "schedule": _effective(learning_rate_schedule, ("total_steps",))}
+    return {
+        "optimizer": _effective(make_optimizer, ("total_steps",)),
+        "schedule": _effective(learning_rate_schedule, ("total_steps",)),
+    }

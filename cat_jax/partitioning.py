@@ -31,8 +31,7 @@ from cat_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "model")
 # Every logical axis name the models' parameters and activations use.
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "kv", "joined_kv", "vocab",
-                "relpos_buckets")
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "kv", "joined_kv", "vocab", "relpos_buckets")
 
 LogicalRules = Sequence[tuple[str, Any]]
 
@@ -67,7 +66,8 @@ def logical_axis_rules(rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES) -> tupl
     if bad_logical or bad_mesh:
         raise ConfigError(
             f"partitioning.logical_axis_rules: unknown logical axes {bad_logical} / mesh axes {bad_mesh}. "
-            f"The logical axes are {LOGICAL_AXES}; the mesh axes are {MESH_AXES} (or None).")
+            f"The logical axes are {LOGICAL_AXES}; the mesh axes are {MESH_AXES} (or None)."
+        )
     return out
 
 
@@ -101,20 +101,24 @@ def resolve_mesh_shape(mesh_shape: Sequence[tuple[str, int]], num_devices: int) 
         if num_devices % fixed:
             raise ValueError(
                 f"Mesh {mesh_shape} cannot be laid over {num_devices} devices: the fixed axes "
-                f"use {fixed}, which does not divide {num_devices}.")
+                f"use {fixed}, which does not divide {num_devices}."
+            )
         shape[free[0]] = num_devices // fixed
     total = math.prod(shape.values())
     if total != num_devices:
         raise ValueError(
             f"Mesh {mesh_shape} has {total} devices but {num_devices} are available; make the "
-            f"product of the axis sizes equal the device count, or set one axis to -1.")
+            f"product of the axis sizes equal the device count, or set one axis to -1."
+        )
     return {a: shape.get(a, 1) for a in MESH_AXES}
 
 
 @gin.configurable
-def make_mesh(mesh_shape: Sequence[tuple[str, int]] = (("data", -1), ("fsdp", 1), ("model", 1)),
-              devices: Sequence[jax.Device] | None = None,
-              dcn_mesh_shape: Sequence[tuple[str, int]] | None = None) -> Mesh:
+def make_mesh(
+    mesh_shape: Sequence[tuple[str, int]] = (("data", -1), ("fsdp", 1), ("model", 1)),
+    devices: Sequence[jax.Device] | None = None,
+    dcn_mesh_shape: Sequence[tuple[str, int]] | None = None,
+) -> Mesh:
     """A Mesh over (data, fsdp, model) from (axis, size) pairs; one size may be -1.
 
     Multi-slice (several TPU slices, or several hosts joined by the data-centre network): give
@@ -125,12 +129,16 @@ def make_mesh(mesh_shape: Sequence[tuple[str, int]] = (("data", -1), ("fsdp", 1)
     return Mesh(device_grid(mesh_shape, devices, dcn_mesh_shape), MESH_AXES)
 
 
-def device_grid(mesh_shape: Sequence[tuple[str, int]], devices: Sequence[Any],
-                dcn_mesh_shape: Sequence[tuple[str, int]] | None = None) -> np.ndarray:
+def device_grid(
+    mesh_shape: Sequence[tuple[str, int]],
+    devices: Sequence[Any],
+    dcn_mesh_shape: Sequence[tuple[str, int]] | None = None,
+) -> np.ndarray:
     """`make_mesh`'s array of devices [data, fsdp, model]. With `dcn_mesh_shape`, each slice (the
     devices' `slice_index`, or their process where devices have none) fills one block of the
     grid, so only the axes `dcn_mesh_shape` splits cross slices."""
     from jax.experimental import mesh_utils
+
     if dcn_mesh_shape is not None:
         dcn_sizes = [s for _, s in dcn_mesh_shape]
         if any(s < 1 for s in dcn_sizes):
@@ -138,12 +146,17 @@ def device_grid(mesh_shape: Sequence[tuple[str, int]], devices: Sequence[Any],
         dcn = resolve_mesh_shape(dcn_mesh_shape, math.prod(dcn_sizes))
         granules = math.prod(dcn.values())
         if len(devices) % granules:
-            raise ValueError(f"dcn_mesh_shape {dcn_mesh_shape} needs the {len(devices)} devices to split "
-                             f"into {granules} equal slices.")
+            raise ValueError(
+                f"dcn_mesh_shape {dcn_mesh_shape} needs the {len(devices)} devices to split "
+                f"into {granules} equal slices."
+            )
         ici = resolve_mesh_shape(mesh_shape, len(devices) // granules)
         return mesh_utils.create_hybrid_device_mesh(
-            tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES), devices=devices,
-            process_is_granule=not hasattr(devices[0], "slice_index"))
+            tuple(ici[a] for a in MESH_AXES),
+            tuple(dcn[a] for a in MESH_AXES),
+            devices=devices,
+            process_is_granule=not hasattr(devices[0], "slice_index"),
+        )
     sizes = resolve_mesh_shape(mesh_shape, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
@@ -187,8 +200,7 @@ def process_batch_slice(sharding: NamedSharding, global_batch_size: int) -> tupl
 
 
 @functools.lru_cache(maxsize=64)
-def _process_batch_slice(sharding: NamedSharding, global_batch_size: int,
-                         process_index: int) -> tuple[int, int]:
+def _process_batch_slice(sharding: NamedSharding, global_batch_size: int, process_index: int) -> tuple[int, int]:
     shape = (global_batch_size,) + (1,) * max(len(sharding.spec) - 1, 0)
     blocks: dict[int, set[tuple[int, int]]] = {}
     for device, index in sharding.devices_indices_map(shape).items():
@@ -204,7 +216,8 @@ def _process_batch_slice(sharding: NamedSharding, global_batch_size: int,
             raise ValueError(
                 f"Process {process} holds rows {ordered} of each batch of {global_batch_size}, which "
                 f"are not one consecutive block; build the mesh with devices ordered by process "
-                f"(partitioning.make_mesh does).")
+                f"(partitioning.make_mesh does)."
+            )
         spans[process] = (start, stop)
     sizes = {b - a for a, b in spans.values()}
     if len(sizes) != 1:
@@ -212,13 +225,15 @@ def _process_batch_slice(sharding: NamedSharding, global_batch_size: int,
     size = sizes.pop()
     start, stop = spans[process_index]
     if start % size:
-        raise ValueError(f"Process {process_index} holds rows [{start}, {stop}), not aligned "
-                         f"to blocks of {size}: {spans}.")
+        raise ValueError(
+            f"Process {process_index} holds rows [{start}, {stop}), not aligned to blocks of {size}: {spans}."
+        )
     return start // size, global_batch_size // size
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding,
-                 global_batch_size: int | None = None) -> dict[str, jax.Array]:
+def global_batch(
+    local_batch: dict[str, np.ndarray], sharding: NamedSharding, global_batch_size: int | None = None
+) -> dict[str, jax.Array]:
     """Global arrays from this process's rows of a batch (every process passes its own rows).
 
     A process passes block `index` of `count` of the global batch, as `process_batch_slice` says
@@ -234,7 +249,8 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding,
                 raise ValueError(
                     f"Feature {k!r}: this process passed {v.shape[0]} rows, but a global batch of "
                     f"{global_batch_size} over this mesh needs {global_batch_size // count} rows from "
-                    f"each process (block {index} of {count}).")
+                    f"each process (block {index} of {count})."
+                )
             shape = (global_batch_size,) + v.shape[1:]
         out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out

@@ -66,9 +66,13 @@ def _env_int(name: str) -> int | None:
 
 
 @gin.configurable
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False,
-               cpu_collectives: str | None = None) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+    cpu_collectives: str | None = None,
+) -> None:
     """Join the multi-process runtime when configured, then set up logging.
 
     Gin parameters win over the `CAT_JAX_*` environment variables. A second call (e.g. a binary
@@ -91,22 +95,28 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                 raise ConfigError(
                     f"Coordinator {coordinator_address} given without the process count and id; set "
                     f"CAT_JAX_NUM_PROCESSES and CAT_JAX_PROCESS_ID (or gin initialize.num_processes "
-                    f"and initialize.process_id) on every process.")
+                    f"and initialize.process_id) on every process."
+                )
             if not 0 <= process_id < num_processes:
                 raise ConfigError(f"Process id {process_id} is outside [0, {num_processes}).")
-            jax.distributed.initialize(coordinator_address=coordinator_address,
-                                       num_processes=num_processes, process_id=process_id)
+            jax.distributed.initialize(
+                coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+            )
     setup_logging()
     if jax.process_count() > 1:
         logging.getLogger("cat_jax").info(
             "Runtime: %d processes, %d devices (%d local to each process).",
-            jax.process_count(), jax.device_count(), jax.local_device_count())
+            jax.process_count(),
+            jax.device_count(),
+            jax.local_device_count(),
+        )
 
 
 def sync(name: str) -> None:
     """Wait until every process has reached the barrier `name` (no-op with one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -155,5 +165,5 @@ def output_dir() -> str | None:
 
 
 def termination_report() -> str:
-    """"while <phase>. <what is on disk>" for the message printed after SIGTERM."""
+    """ "while <phase>. <what is on disk>" for the message printed after SIGTERM."""
     return f"{_STATUS['doing']}. {_STATUS['on_disk']}"

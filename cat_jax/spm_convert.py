@@ -27,23 +27,36 @@ def merges_of(vocab: dict[str, int], scores: Sequence[tuple[str, float]]) -> lis
     by the ids of its halves)."""
     merges = []
     for piece, score in dict(scores).items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
-                 if piece[:i] in vocab and piece[i:] in vocab]
+        local = [
+            (piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
+        ]
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
 
 
-def convert(model: bytes, style: str, *, legacy: bool = True, add_prefix_space: bool = True,
-            specials: tuple[str, str, str] = ("<pad>", "<eos>", "<bos>")):
+def convert(
+    model: bytes,
+    style: str,
+    *,
+    legacy: bool = True,
+    add_prefix_space: bool = True,
+    specials: tuple[str, str, str] = ("<pad>", "<eos>", "<bos>"),
+):
     """The `tokenizers.Tokenizer` transformers builds from the SentencePiece `model`.
 
     style: "llama" (LlamaTokenizer: `legacy`, `add_prefix_space` as in its tokenizer_config) or
     "gemma" (GemmaTokenizer: ids 0, 1, 2 renamed to its `specials` (pad, eos, bos) tokens).
     """
     from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, \
-        pre_tokenizers  # pylint: disable=import-outside-toplevel
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,  # pylint: disable=import-outside-toplevel
+    )
 
     if style not in STYLES:
         raise ValueError(f"Unknown SentencePiece conversion style {style!r}; expected one of {STYLES}.")
@@ -51,7 +64,8 @@ def convert(model: bytes, style: str, *, legacy: bool = True, add_prefix_space: 
     if proto.trainer_spec.model_type != _BPE:
         raise ConfigError(
             "This tokenizer.model is not a BPE SentencePiece model; cat_jax converts the BPE models of "
-            "Llama, Mistral and Gemma. Give the checkpoint's tokenizer.json instead.")
+            "Llama, Mistral and Gemma. Give the checkpoint's tokenizer.json instead."
+        )
     pieces = [(p.piece, p.score) for p in proto.pieces]
     vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
     if style == "llama":
@@ -61,13 +75,24 @@ def convert(model: bytes, style: str, *, legacy: bool = True, add_prefix_space: 
         if "\t" not in vocab and "<0x09>" in vocab:  # older Gemma models lack the tab piece
             vocab["\t"] = vocab["<0x09>"]
             scores[vocab["<0x09>"]] = ("\t", 0.0)
-    tokenizer = Tokenizer(models.BPE(
-        {piece: i for i, (piece, _) in enumerate(scores)}, merges_of(vocab, scores),
-        unk_token=proto.trainer_spec.unk_piece, fuse_unk=True, byte_fallback=True, dropout=None))
+    tokenizer = Tokenizer(
+        models.BPE(
+            {piece: i for i, (piece, _) in enumerate(scores)},
+            merges_of(vocab, scores),
+            unk_token=proto.trainer_spec.unk_piece,
+            fuse_unk=True,
+            byte_fallback=True,
+            dropout=None,
+        )
+    )
     special_pieces = GEMMA_SPECIAL if style == "gemma" else frozenset()
-    tokenizer.add_tokens([AddedToken(p.piece, normalized=False,
-                                     special=p.type == _CONTROL or p.piece in special_pieces)
-                          for p in proto.pieces if p.type in (_CONTROL, _USER_DEFINED)])
+    tokenizer.add_tokens(
+        [
+            AddedToken(p.piece, normalized=False, special=p.type == _CONTROL or p.piece in special_pieces)
+            for p in proto.pieces
+            if p.type in (_CONTROL, _USER_DEFINED)
+        ]
+    )
     unspace = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if style == "gemma":
         tokenizer.normalizer = normalizers.Replace(" ", SPACE)
@@ -76,7 +101,8 @@ def convert(model: bytes, style: str, *, legacy: bool = True, add_prefix_space: 
         return tokenizer
     if legacy:
         tokenizer.normalizer = normalizers.Sequence(
-            ([normalizers.Prepend(SPACE)] if add_prefix_space else []) + [normalizers.Replace(" ", SPACE)])
+            ([normalizers.Prepend(SPACE)] if add_prefix_space else []) + [normalizers.Replace(" ", SPACE)]
+        )
     else:
         scheme = "first" if add_prefix_space else "never"
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme=scheme, split=False)

@@ -17,10 +17,18 @@ def main(rest: list[str]) -> int:
     runtime.initialize()
     result = train()
     if runtime.is_lead():
-        print(json.dumps({"final_step": result.final_step, "model_dir": result.model_dir,
-                          "train": result.train_metrics,
-                          "eval": evaluation.flatten(result.eval_metrics),
-                          "step_flops": result.step_flops}, default=float))
+        print(
+            json.dumps(
+                {
+                    "final_step": result.final_step,
+                    "model_dir": result.model_dir,
+                    "train": result.train_metrics,
+                    "eval": evaluation.flatten(result.eval_metrics),
+                    "step_flops": result.step_flops,
+                },
+                default=float,
+            )
+        )
     return 0
 
 

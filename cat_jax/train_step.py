@@ -34,8 +34,12 @@ log = logging.getLogger("cat_jax")
 TeacherFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    teacher_logits_fn: TeacherFn | None = None):
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    teacher_logits_fn: TeacherFn | None = None,
+):
     """The pure step function minimising `loss_fn` (an objective's, `cat_jax.objectives`); the
     teacher (if any) runs outside the differentiated function."""
 
@@ -45,12 +49,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         if teacher_logits_fn is not None:
             teacher_logits = jax.lax.stop_gradient(teacher_logits_fn(teacher_params, batch))
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, rng, teacher_logits, state.step)
+            state.params, batch, rng, teacher_logits, state.step
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
-                       learning_rate=schedule(state.step),
-                       state_finite=all_finite((params, opt_state, loss)))
+        metrics = dict(
+            metrics,
+            loss=loss,
+            grad_norm=optax.tree_utils.tree_norm(grads),
+            learning_rate=schedule(state.step),
+            state_finite=all_finite((params, opt_state, loss)),
+        )
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step_fn
@@ -58,8 +67,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
 
 def all_finite(tree: Any) -> jax.Array:
     """True when no floating-point leaf of `tree` holds a NaN or an infinity: one fused reduction."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -71,15 +83,25 @@ class CompiledStep:
     flops: float | None  # XLA's cost analysis of the compiled step (None where the backend gives none)
 
 
-def compile_train_step(step_fn, abstract_state: TrainState, state_shardings: TrainState,
-                       batch_shapes: dict[str, jax.ShapeDtypeStruct], batch_sharding: NamedSharding,
-                       teacher_abstract: Any, teacher_shardings: Any, mesh: Mesh, rules) -> CompiledStep:
+def compile_train_step(
+    step_fn,
+    abstract_state: TrainState,
+    state_shardings: TrainState,
+    batch_shapes: dict[str, jax.ShapeDtypeStruct],
+    batch_sharding: NamedSharding,
+    teacher_abstract: Any,
+    teacher_shardings: Any,
+    mesh: Mesh,
+    rules,
+) -> CompiledStep:
     """Compile the step ahead of time for these shapes and shardings, its activations (the
     student's and the teacher's) constrained by `rules`; report seconds and memory."""
-    jitted = jax.jit(step_fn,
-                     in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-                     out_shardings=(state_shardings, partitioning.replicated(mesh)),
-                     donate_argnums=(0,))
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+        out_shardings=(state_shardings, partitioning.replicated(mesh)),
+        donate_argnums=(0,),
+    )
     start = time.perf_counter()
     with partitioning.activation_sharding(mesh, rules):
         compiled = jitted.lower(abstract_state, batch_shapes, teacher_abstract).compile()
@@ -87,8 +109,13 @@ def compile_train_step(step_fn, abstract_state: TrainState, state_shardings: Tra
     memory = {}
     analysis = compiled.memory_analysis()
     if analysis is not None:
-        for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                     "alias_size_in_bytes", "generated_code_size_in_bytes"):
+        for name in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
             memory[name] = int(getattr(analysis, name, 0) or 0)
     return CompiledStep(compiled, seconds, memory, _cost_flops(compiled))
 
@@ -142,6 +169,7 @@ class PreemptionWatcher:
         if not force_sync and self._calls % self.check_every_steps:
             return False
         from jax.experimental import multihost_utils
+
         flags = multihost_utils.process_allgather(np.asarray(self._requested, dtype=np.int32))
         return bool(np.any(flags))
 
@@ -149,8 +177,9 @@ class PreemptionWatcher:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def check_finite(metrics: dict[str, Any], step: int, last_good_checkpoint: int | None,
-                 model_dir: str, checked_every: int = 1) -> None:
+def check_finite(
+    metrics: dict[str, Any], step: int, last_good_checkpoint: int | None, model_dir: str, checked_every: int = 1
+) -> None:
     """Raise NonFiniteLossError when the loss or the updated state (parameters, optimizer state)
     of step `step` is NaN or infinite, naming the step and the checkpoint a restart would use.
 
@@ -160,22 +189,30 @@ def check_finite(metrics: dict[str, Any], step: int, last_good_checkpoint: int |
     loss = float(metrics["loss"])
     if bool(metrics["state_finite"]) and np.isfinite(loss) and np.isfinite(float(metrics["grad_norm"])):
         return
-    keep = (f"the last good checkpoint is step {last_good_checkpoint} in {model_dir}"
-            if last_good_checkpoint is not None else "no checkpoint was written")
+    keep = (
+        f"the last good checkpoint is step {last_good_checkpoint} in {model_dir}"
+        if last_good_checkpoint is not None
+        else "no checkpoint was written"
+    )
     what = "loss" if not np.isfinite(loss) else "update (parameters or optimizer state)"
-    when = f"at step {step}" if checked_every == 1 else (
-        f"at step {step} (or up to {checked_every - 1} steps before: checked every {checked_every})")
+    when = (
+        f"at step {step}"
+        if checked_every == 1
+        else (f"at step {step} (or up to {checked_every - 1} steps before: checked every {checked_every})")
+    )
     raise NonFiniteLossError(
         f"Non-finite {what} {when} (loss {loss}); stopped without saving this state, {keep}. "
         f"Lower the learning rate, enable gradient clipping (make_optimizer.clip_norm), or use "
-        f"float32 compute (the model config's dtype = 'float32'), then restart with the same command.")
+        f"float32 compute (the model config's dtype = 'float32'), then restart with the same command."
+    )
 
 
 class ProgressMeter:
     """Steps/s, tokens/s, ETA and (given a peak) model FLOPs utilisation between log lines."""
 
-    def __init__(self, start_step: int, total_steps: int, tokens_per_step: int,
-                 flops_per_step: float, peak_flops: float | None):
+    def __init__(
+        self, start_step: int, total_steps: int, tokens_per_step: int, flops_per_step: float, peak_flops: float | None
+    ):
         self.total = total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
@@ -186,8 +223,11 @@ class ProgressMeter:
         now = time.perf_counter()
         rate = (step - self._step) / max(now - self._time, 1e-9)
         self._step, self._time = step, now
-        out = {"steps_per_sec": rate, "tokens_per_sec": rate * self.tokens_per_step,
-               "eta_seconds": (self.total - step) / rate if rate > 0 else float("inf")}
+        out = {
+            "steps_per_sec": rate,
+            "tokens_per_sec": rate * self.tokens_per_step,
+            "eta_seconds": (self.total - step) / rate if rate > 0 else float("inf"),
+        }
         if self.peak:
             out["mfu"] = rate * self.flops_per_step / self.peak
         return out

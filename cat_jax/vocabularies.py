@@ -97,8 +97,7 @@ class ByteVocabulary(_Base):
         return [b + BYTE_SPECIAL_TOKENS for b in s.encode("utf-8")]
 
     def _decode(self, ids: Sequence[int]) -> str:
-        data = bytes(i - BYTE_SPECIAL_TOKENS for i in ids
-                     if BYTE_SPECIAL_TOKENS <= i < BYTE_SPECIAL_TOKENS + BYTE_SIZE)
+        data = bytes(i - BYTE_SPECIAL_TOKENS for i in ids if BYTE_SPECIAL_TOKENS <= i < BYTE_SPECIAL_TOKENS + BYTE_SIZE)
         return data.decode("utf-8", errors="ignore")
 
     def __repr__(self) -> str:
@@ -114,8 +113,9 @@ def add_extra_ids(model: bytes, extra_ids: int) -> bytes:
 
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
     for i in reversed(range(extra_ids)):
-        proto.pieces.add(piece=f"\u2581<extra_id_{i}>", score=0.0,
-                         type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        proto.pieces.add(
+            piece=f"\u2581<extra_id_{i}>", score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        )
     return proto.SerializeToString()
 
 
@@ -229,8 +229,11 @@ def identity_of_model(model: bytes) -> dict[str, Any]:
 
     tokenizer = sentencepiece.SentencePieceProcessor()
     tokenizer.LoadFromSerializedProto(model)
-    return {"class": "SentencePieceVocabulary", "size": int(tokenizer.GetPieceSize()),
-            "sentencepiece_sha256": hashlib.sha256(model).hexdigest()}
+    return {
+        "class": "SentencePieceVocabulary",
+        "size": int(tokenizer.GetPieceSize()),
+        "sentencepiece_sha256": hashlib.sha256(model).hexdigest(),
+    }
 
 
 def describe(vocab: Any, directory: str | None = None) -> dict[str, Any]:
@@ -243,14 +246,19 @@ def describe(vocab: Any, directory: str | None = None) -> dict[str, Any]:
     if kind not in ("ByteVocabulary", "SentencePieceVocabulary", HF_TOKENIZER):
         raise ValueError(
             f"Cannot export vocabulary {type(vocab).__name__}: a TensorFlow-free host can rebuild only "
-            f"ByteVocabulary, SentencePieceVocabulary and {HF_TOKENIZER} (see tasks/vocab.py).")
-    desc.update(eos_id=vocab.eos_id, pad_id=vocab.pad_id, unk_id=vocab.unk_id,
-                extra_ids=int(vocab.extra_ids or 0))
+            f"ByteVocabulary, SentencePieceVocabulary and {HF_TOKENIZER} (see tasks/vocab.py)."
+        )
+    desc.update(eos_id=vocab.eos_id, pad_id=vocab.pad_id, unk_id=vocab.unk_id, extra_ids=int(vocab.extra_ids or 0))
     if kind == HF_TOKENIZER:
-        desc.update(bos_id=vocab.bos_id, stop_ids=list(vocab.stop_ids),
-                    prompt_prefix_ids=list(vocab.prompt_prefix_ids),
-                    prompt_suffix_ids=list(vocab.prompt_suffix_ids), source_dir=vocab.directory,
-                    tokenizer_dir=f"hf_tokenizer.{desc['tokenizer_sha256'][:16]}", tokenizer_files=list(vocab.files))
+        desc.update(
+            bos_id=vocab.bos_id,
+            stop_ids=list(vocab.stop_ids),
+            prompt_prefix_ids=list(vocab.prompt_prefix_ids),
+            prompt_suffix_ids=list(vocab.prompt_suffix_ids),
+            source_dir=vocab.directory,
+            tokenizer_dir=f"hf_tokenizer.{desc['tokenizer_sha256'][:16]}",
+            tokenizer_files=list(vocab.files),
+        )
         if directory is not None:
             target = os.path.join(directory, desc["tokenizer_dir"])
             os.makedirs(target, exist_ok=True)
@@ -279,7 +287,8 @@ def from_description(desc: dict[str, Any], directory: str) -> Any:
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"The exported SentencePiece model {path} is missing; export the split again with "
-                "python -m cat_jax.export_task (it writes the model beside the arrays).")
+                "python -m cat_jax.export_task (it writes the model beside the arrays)."
+            )
         vocab = SentencePieceVocabulary(path)
     elif kind == HF_TOKENIZER:
         from cat_jax import hf_tokenizer  # pylint: disable=import-outside-toplevel
@@ -288,15 +297,23 @@ def from_description(desc: dict[str, Any], directory: str) -> Any:
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"The exported tokenizer files {path} are missing; export the split again with "
-                "python -m cat_jax.export_task (it writes them beside the arrays).")
+                "python -m cat_jax.export_task (it writes them beside the arrays)."
+            )
         vocab = hf_tokenizer.HFTokenizerVocabulary(path, files=desc["tokenizer_files"])
     else:
-        raise ValueError(f"Unknown exported vocabulary class {kind!r}; expected ByteVocabulary, "
-                         f"SentencePieceVocabulary or {HF_TOKENIZER}.")
+        raise ValueError(
+            f"Unknown exported vocabulary class {kind!r}; expected ByteVocabulary, "
+            f"SentencePieceVocabulary or {HF_TOKENIZER}."
+        )
     got = describe(vocab)
-    want = {k: desc[k] for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256",
-                                 "tokenizer_sha256") if k in desc}
+    want = {
+        k: desc[k]
+        for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256", "tokenizer_sha256")
+        if k in desc
+    }
     if {k: got.get(k) for k in want} != want:
-        raise ValueError(f"The vocabulary rebuilt from {directory} is {got}, but the manifest says {desc}; "
-                         "the export is damaged: export it again.")
+        raise ValueError(
+            f"The vocabulary rebuilt from {directory} is {got}, but the manifest says {desc}; "
+            "the export is damaged: export it again."
+        )
     return vocab

@@ -41,6 +41,7 @@ def _read_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     with tf.io.gfile.GFile(path, "rb") as f:
         return f.read()
 
@@ -59,17 +60,23 @@ def vocabulary_files(vocab) -> tuple[dict[str, Any], dict[str, bytes]]:
     if kind == "ByteVocabulary":
         return {"kind": "byte", "extra_ids": int(vocab.extra_ids or 0)}, {}
     if kind == vocabularies.HF_TOKENIZER:
-        return ({"kind": "hf_tokenizer", "files": list(vocab.files)},
-                {name: _read_bytes(path) for name, path in vocab.files.items()})
+        return (
+            {"kind": "hf_tokenizer", "files": list(vocab.files)},
+            {name: _read_bytes(path) for name, path in vocab.files.items()},
+        )
     if kind != "SentencePieceVocabulary":
-        raise ModelDirError(f"Vocabulary {type(vocab).__name__} cannot be stored in a MODEL_DIR: cat_jax "
-                            "stores ByteVocabulary, SentencePieceVocabulary and Hugging Face tokenizers.")
-    extra = (vocab.added_extra_ids if isinstance(vocab, vocabularies.SentencePieceVocabulary)
-             else int(vocab.extra_ids or 0))
+        raise ModelDirError(
+            f"Vocabulary {type(vocab).__name__} cannot be stored in a MODEL_DIR: cat_jax "
+            "stores ByteVocabulary, SentencePieceVocabulary and Hugging Face tokenizers."
+        )
+    extra = (
+        vocab.added_extra_ids if isinstance(vocab, vocabularies.SentencePieceVocabulary) else int(vocab.extra_ids or 0)
+    )
     source = getattr(vocab, "sentencepiece_model_file", None)
     model = _read_bytes(source) if source else None
-    if model is None or vocabularies.identity_of_model(vocabularies.add_extra_ids(model, extra)) != \
-            vocabularies.identity(vocab):
+    if model is None or vocabularies.identity_of_model(
+        vocabularies.add_extra_ids(model, extra)
+    ) != vocabularies.identity(vocab):
         model, extra = vocabularies.sentencepiece_model_bytes(vocab), 0  # normalizer overrides etc.
     return {"kind": "sentencepiece", "file": SENTENCEPIECE_FILE, "extra_ids": extra}, {SENTENCEPIECE_FILE: model}
 
@@ -99,11 +106,14 @@ def model_vocabulary(model_dir: str, info: dict[str, Any] | None = None):
         raise ModelDirError(
             f"{model_dir} records no vocabulary files (it was written before cat_jax stored them, or is "
             f"not a MODEL_DIR); give the vocabulary explicitly (get_vocabulary.kind / "
-            f"sentencepiece_model_path).")
+            f"sentencepiece_model_path)."
+        )
     if record["kind"] == "byte":
         return vocabularies.ByteVocabulary(extra_ids=record.get("extra_ids", 0))
     if record["kind"] == "hf_tokenizer":
         from cat_jax import hf_tokenizer  # pylint: disable=import-outside-toplevel
+
         return hf_tokenizer.HFTokenizerVocabulary(model_dir, files=record["files"])
-    return vocabularies.SentencePieceVocabulary(os.path.join(model_dir, record["file"]),
-                                                extra_ids=record.get("extra_ids", 0))
+    return vocabularies.SentencePieceVocabulary(
+        os.path.join(model_dir, record["file"]), extra_ids=record.get("extra_ids", 0)
+    )

@@ -86,45 +86,65 @@ def _wmt_target(ex: Example) -> tf.Tensor:
 YES_NO = ("yes", "no")
 DATASETS = (
     FlanDataset(
-        name="boolq", tfds_name=superglue.tfds_name("boolq"), answers=("no", "yes"),
+        name="boolq",
+        tfds_name=superglue.tfds_name("boolq"),
+        answers=("no", "yes"),
         metric_fns=(metrics.accuracy,),
         templates=(
             "{passage}\n\nCan we conclude that {question}?\n\nOPTIONS:\n{options}",
             "{passage}\n\nIs it true that {question}?\n\nOPTIONS:\n{options}",
             "Read the text and answer the question.\n\n{passage}\n\nQuestion: {question}?\n\nOPTIONS:\n{options}",
-        )),
+        ),
+    ),
     FlanDataset(
-        name="rte", tfds_name=superglue.tfds_name("rte"), answers=YES_NO,
+        name="rte",
+        tfds_name=superglue.tfds_name("rte"),
+        answers=YES_NO,
         metric_fns=(metrics.accuracy,),
         templates=(
-            "{premise}\n\nBased on the paragraph above can we conclude that \"{hypothesis}\"?\n\nOPTIONS:\n{options}",
+            '{premise}\n\nBased on the paragraph above can we conclude that "{hypothesis}"?\n\nOPTIONS:\n{options}',
             "{premise}\n\nCan we draw the following conclusion?\n{hypothesis}\n\nOPTIONS:\n{options}",
-            "Determine if the sentence is true based on the text below:\n{hypothesis}\n\n{premise}\nOPTIONS:\n{options}",
-        )),
+            "Determine if the sentence is true based on the text below:\n{hypothesis}\n\n{premise}\n"
+            "OPTIONS:\n{options}",
+        ),
+    ),
     FlanDataset(
-        name="cb", tfds_name=superglue.tfds_name("cb"), answers=("yes", "no", "it is not possible to tell"),
+        name="cb",
+        tfds_name=superglue.tfds_name("cb"),
+        answers=("yes", "no", "it is not possible to tell"),
         metric_fns=(metrics.accuracy, metrics.macro_f1),
         templates=(
-            "{premise}\n\nBased on the paragraph above can we conclude that \"{hypothesis}\"?\n\nOPTIONS:\n{options}",
-            "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis?\n\nOPTIONS:\n{options}",
-            "{premise}\nQuestion: Does this imply that \"{hypothesis}\"?\n\nOPTIONS:\n{options}",
-        )),
+            '{premise}\n\nBased on the paragraph above can we conclude that "{hypothesis}"?\n\nOPTIONS:\n{options}',
+            "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis?\n\n"
+            "OPTIONS:\n{options}",
+            '{premise}\nQuestion: Does this imply that "{hypothesis}"?\n\nOPTIONS:\n{options}',
+        ),
+    ),
     FlanDataset(
-        name="copa", tfds_name=superglue.tfds_name("copa"), target_fn=_copa_target,
+        name="copa",
+        tfds_name=superglue.tfds_name("copa"),
+        target_fn=_copa_target,
         metric_fns=(metrics.accuracy,),
         templates=(
             "{premise} What is the {question}?\n\nOPTIONS:\n- {choice1}\n- {choice2}",
-            "Here is a premise: \"{premise}\"\n\nWhat is the {question}?\n\nOPTIONS:\n- {choice1}\n- {choice2}",
+            'Here is a premise: "{premise}"\n\nWhat is the {question}?\n\nOPTIONS:\n- {choice1}\n- {choice2}',
             "Choose the more plausible {question} of this sentence:\n{premise}\n\nOPTIONS:\n- {choice1}\n- {choice2}",
-        )),
+        ),
+    ),
     FlanDataset(
-        name="wmt19_de_en", tfds_name=wmt.WMT19_TFDS_NAME, target_fn=_wmt_target,
-        key_fn=tfds_id_key, use_tfds_id=True, metric_fns=(metrics.bleu,), corpus=metrics.corpus_bleu,
+        name="wmt19_de_en",
+        tfds_name=wmt.WMT19_TFDS_NAME,
+        target_fn=_wmt_target,
+        key_fn=tfds_id_key,
+        use_tfds_id=True,
+        metric_fns=(metrics.bleu,),
+        corpus=metrics.corpus_bleu,
         templates=(
             "Translate to English:\n\n{de}",
             "{de}\n\nTranslate this to English?",
-            "How is \"{de}\" said in English?",
-        )),
+            'How is "{de}" said in English?',
+        ),
+    ),
 )
 
 
@@ -146,8 +166,10 @@ def flan_rate(task: seqio.Task, num_templates: int) -> float:
     """min(train examples, FLAN_EXAMPLE_CAP) / num_templates (needs the TFDS metadata)."""
     size = task.num_input_examples("train")
     if size is None:
-        raise ValueError(f"{MIXTURE_NAME}: the rate of {task.name} needs the size of its train split; "
-                         "prepare the TFDS dataset first (tfds build, or read the task once).")
+        raise ValueError(
+            f"{MIXTURE_NAME}: the rate of {task.name} needs the size of its train split; "
+            "prepare the TFDS dataset first (tfds build, or read the task once)."
+        )
     return min(float(size), float(FLAN_EXAMPLE_CAP)) / num_templates
 
 

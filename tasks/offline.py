@@ -105,27 +105,37 @@ def syllable_count(pronunciation: str) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _g2p_examples() -> Examples:
-    return _by_split([
-        (word, {
-            "id": f"cmudict_g2p:{word}",
-            "inputs": f"phonemes: {word}",
-            "targets": prons[0],
-            "alternatives": ALTERNATIVES_SEPARATOR.join(prons),
-        })
-        for word, prons in _pronunciations()
-    ])
+    return _by_split(
+        [
+            (
+                word,
+                {
+                    "id": f"cmudict_g2p:{word}",
+                    "inputs": f"phonemes: {word}",
+                    "targets": prons[0],
+                    "alternatives": ALTERNATIVES_SEPARATOR.join(prons),
+                },
+            )
+            for word, prons in _pronunciations()
+        ]
+    )
 
 
 @functools.lru_cache(maxsize=1)
 def _syllable_examples() -> Examples:
-    return _by_split([
-        (word, {
-            "id": f"cmudict_syllables:{word}",
-            "inputs": f"syllables: {word}",
-            "targets": str(syllable_count(prons[0])),
-        })
-        for word, prons in _pronunciations()
-    ])
+    return _by_split(
+        [
+            (
+                word,
+                {
+                    "id": f"cmudict_syllables:{word}",
+                    "inputs": f"syllables: {word}",
+                    "targets": str(syllable_count(prons[0])),
+                },
+            )
+            for word, prons in _pronunciations()
+        ]
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,14 +156,19 @@ def numbers() -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _number_examples(lang: str, prefix: str) -> Examples:
-    return _by_split([
-        (str(n), {
-            "id": f"num2words_{lang}:{n}",
-            "inputs": f"{prefix}: {n}",
-            "targets": num2words(n, lang=lang),
-        })
-        for n in numbers()
-    ])
+    return _by_split(
+        [
+            (
+                str(n),
+                {
+                    "id": f"num2words_{lang}:{n}",
+                    "inputs": f"{prefix}: {n}",
+                    "targets": num2words(n, lang=lang),
+                },
+            )
+            for n in numbers()
+        ]
+    )
 
 
 class _OfflineSource(seqio.FunctionDataSource):
@@ -185,9 +200,7 @@ def postprocess_text(output: Any, example: Mapping[str, Any] | None = None, is_t
     return metrics.normalize(_text(output))
 
 
-def postprocess_g2p(
-    output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False
-) -> str | list[str]:
+def postprocess_g2p(output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False) -> str | list[str]:
     """Targets become the list of every accepted pronunciation; predictions are normalised text."""
     if is_target and example is not None:
         return _text(example["alternatives"]).split(ALTERNATIVES_SEPARATOR)

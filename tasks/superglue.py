@@ -95,13 +95,11 @@ class TfdsSource(seqio.TfdsDataSource):
     not depend on file shuffling or on the host's shard.
     """
 
-    def __init__(self, task_name: str, tfds_name: str, splits: Sequence[str], key_fn: KeyFn,
-                 use_tfds_id: bool = False):
+    def __init__(self, task_name: str, tfds_name: str, splits: Sequence[str], key_fn: KeyFn, use_tfds_id: bool = False):
         super().__init__(tfds_name=tfds_name, splits=tuple(splits))
         self._task_name = task_name
         self._key_fn = key_fn
-        self._loader_with_ids = (
-            _LoaderWithTfdsId(tfds_name, split_map={s: s for s in splits}) if use_tfds_id else None)
+        self._loader_with_ids = _LoaderWithTfdsId(tfds_name, split_map={s: s for s in splits}) if use_tfds_id else None
 
     @property
     def tfds_dataset(self) -> seqio.utils.LazyTfdsLoader:
@@ -115,8 +113,14 @@ class TfdsSource(seqio.TfdsDataSource):
         except KeyError:
             return None
 
-    def get_dataset(self, split: str | None = None, shuffle: bool = True, seed: int | None = None,
-                    shard_info: seqio.ShardInfo | None = None, **kwargs: Any) -> tf.data.Dataset:
+    def get_dataset(
+        self,
+        split: str | None = None,
+        shuffle: bool = True,
+        seed: int | None = None,
+        shard_info: seqio.ShardInfo | None = None,
+        **kwargs: Any,
+    ) -> tf.data.Dataset:
         split = split or "train"
         ds = super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
         prefix = f"{self._task_name}:{split}:"
@@ -140,14 +144,14 @@ def _nested_idx_key(*parts: tuple[str, str]) -> KeyFn:
 
     def key(ex: Example) -> tf.Tensor:
         return tf.strings.join(
-            [tf.strings.join([tag, tf.strings.as_string(ex["idx"][field])]) for tag, field in parts],
-            separator="-")
+            [tf.strings.join([tag, tf.strings.as_string(ex["idx"][field])]) for tag, field in parts], separator="-"
+        )
 
     return key
 
 
 def tfds_id_key(ex: Example) -> tf.Tensor:
-    """"<shard>-of-<shards>:<index>" from TFDS's tfds_id ("name-split.tfrecord-00003-of-00016__42")."""
+    """ "<shard>-of-<shards>:<index>" from TFDS's tfds_id ("name-split.tfrecord-00003-of-00016__42")."""
     shard_and_index = tf.strings.regex_replace(ex["tfds_id"], r"^.*\.tfrecord-", "")
     return tf.strings.regex_replace(shard_and_index, "__", ":")
 
@@ -196,9 +200,13 @@ def postprocess_text(output: Any, example: Mapping[str, Any] | None = None, is_t
     return metrics.normalize(_text(output))
 
 
-def add_task(name: str, source: seqio.DataSource, to_text: Callable[[Example], Mapping[str, tf.Tensor]],
-             metric_fns: Sequence[Callable[..., dict[str, float]]],
-             postprocess_fn: Callable[..., Any] = postprocess_text) -> None:
+def add_task(
+    name: str,
+    source: seqio.DataSource,
+    to_text: Callable[[Example], Mapping[str, tf.Tensor]],
+    metric_fns: Sequence[Callable[..., dict[str, float]]],
+    postprocess_fn: Callable[..., Any] = postprocess_text,
+) -> None:
     """Registers a text-to-text task: to_text(raw example) -> {inputs, targets, ...}, then tokenize."""
     seqio.TaskRegistry.add(
         name,
@@ -255,14 +263,16 @@ def star_word(text: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     index = tf.cast(index, tf.int32)
     valid = tf.logical_and(index >= 0, index < tf.size(words))
     safe = tf.clip_by_value(index, 0, tf.maximum(tf.size(words) - 1, 0))
-    starred = tf.tensor_scatter_nd_update(
-        words, [[safe]], [tf.strings.join(["*", tf.gather(words, safe), "*"])])
+    starred = tf.tensor_scatter_nd_update(words, [[safe]], [tf.strings.join(["*", tf.gather(words, safe), "*"])])
     return tf.cond(valid, lambda: tf.strings.reduce_join(starred, separator=" "), lambda: text)
 
 
 def _wsc(ex: Example) -> dict[str, tf.Tensor]:
-    fields = {"text": star_word(ex["text"], ex["span2_index"]), "span1_text": ex["span1_text"],
-              "span2_text": ex["span2_text"]}
+    fields = {
+        "text": star_word(ex["text"], ex["span2_index"]),
+        "span1_text": ex["span1_text"],
+        "span2_text": ex["span2_text"],
+    }
     return {"inputs": render(TEMPLATES["wsc"], fields), "targets": label_text(ex["label"], LABELS["wsc"])}
 
 
@@ -270,19 +280,24 @@ def _multirc(ex: Example) -> dict[str, tf.Tensor]:
     paragraph = tf.strings.regex_replace(ex["paragraph"], "<br>", " ")
     paragraph = tf.strings.regex_replace(paragraph, "<[^>]*>", "")
     fields = {"question": ex["question"], "answer": ex["answer"], "paragraph": paragraph}
-    return {"inputs": render(TEMPLATES["multirc"], fields),
-            "targets": label_text(ex["label"], LABELS["multirc"])}
+    return {"inputs": render(TEMPLATES["multirc"], fields), "targets": label_text(ex["label"], LABELS["multirc"])}
 
 
 def _record(ex: Example) -> dict[str, tf.Tensor]:
     passage = tf.strings.regex_replace(ex["passage"], r"(\.|\?|\!|\"|\')\n@highlight\n", r"\1 ")
     passage = tf.strings.regex_replace(passage, r"\n@highlight\n", ". ")
-    fields = {"query": ex["query"], "passage": passage,
-              "entities": tf.strings.reduce_join(ex["entities"], separator=", ")}
+    fields = {
+        "query": ex["query"],
+        "passage": passage,
+        "entities": tf.strings.reduce_join(ex["entities"], separator=", "),
+    }
     answers = ex["answers"]
     first = tf.cond(tf.size(answers) > 0, lambda: answers[0], lambda: tf.constant(UNKNOWN_LABEL))
-    return {"inputs": render(TEMPLATES["record"], fields), "targets": first,
-            "answers": tf.strings.reduce_join(answers, separator=ANSWER_SEPARATOR)}
+    return {
+        "inputs": render(TEMPLATES["record"], fields),
+        "targets": first,
+        "answers": tf.strings.reduce_join(answers, separator=ANSWER_SEPARATOR),
+    }
 
 
 def multirc_group(example_id: str) -> str:
@@ -290,8 +305,9 @@ def multirc_group(example_id: str) -> str:
     return example_id.rsplit("-a", 1)[0]
 
 
-def postprocess_multirc(output: Any, example: Mapping[str, Any] | None = None,
-                        is_target: bool = False) -> str | dict[str, str]:
+def postprocess_multirc(
+    output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False
+) -> str | dict[str, str]:
     """Targets become {"group": question id, "value": label} for `metrics.multirc`; predictions text."""
     text = metrics.normalize(_text(output))
     if is_target and example is not None:
@@ -299,8 +315,9 @@ def postprocess_multirc(output: Any, example: Mapping[str, Any] | None = None,
     return text
 
 
-def postprocess_record(output: Any, example: Mapping[str, Any] | None = None,
-                       is_target: bool = False) -> str | list[str]:
+def postprocess_record(
+    output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False
+) -> str | list[str]:
     """Targets become the list of gold answers (every one accepted); predictions normalised text."""
     if is_target and example is not None:
         answers = [a for a in _text(example.get("answers", "")).split(ANSWER_SEPARATOR) if a.strip()]

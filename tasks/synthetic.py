@@ -33,12 +33,15 @@ def _dataset(split: str, shuffle_files: bool) -> tf.data.Dataset:
     def make(i: tf.Tensor) -> dict[str, tf.Tensor]:
         a = tf.random.stateless_uniform([], [salt, 2 * i], 0, 10_000, dtype=tf.int64)
         b = tf.random.stateless_uniform([], [salt, 2 * i + 1], 0, 10_000, dtype=tf.int64)
-        return {"id": tf.strings.join(["synthetic_sums:", split, ":", tf.strings.as_string(i)]),
-                "inputs": tf.strings.join(["sum: ", tf.strings.as_string(a), " + ", tf.strings.as_string(b)]),
-                "targets": tf.strings.as_string(a + b)}
+        return {
+            "id": tf.strings.join(["synthetic_sums:", split, ":", tf.strings.as_string(i)]),
+            "inputs": tf.strings.join(["sum: ", tf.strings.as_string(a), " + ", tf.strings.as_string(b)]),
+            "targets": tf.strings.as_string(a + b),
+        }
 
-    return tf.data.Dataset.range(synthetic_sizes()[split]).map(make, num_parallel_calls=tf.data.AUTOTUNE,
-                                                               deterministic=True)
+    return tf.data.Dataset.range(synthetic_sizes()[split]).map(
+        make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
 
 
 class _SyntheticSource(seqio.FunctionDataSource):

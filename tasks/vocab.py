@@ -53,10 +53,11 @@ class HFTokenizerVocabulary(hf_tokenizer.HFTokenizerVocabulary, seqio.Vocabulary
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
         """int32 [length] ids of a scalar string (tokenized in Python by `tokenizers`)."""
         if s.shape.rank != 0:
-            raise ValueError(f"HFTokenizerVocabulary.encode_tf tokenizes one string (a scalar), got shape "
-                             f"{s.shape}; map it over the dataset's examples.")
-        ids = tf.numpy_function(lambda text: np.asarray(self.encode(text), np.int32), [s], tf.int32,
-                                stateful=False)
+            raise ValueError(
+                f"HFTokenizerVocabulary.encode_tf tokenizes one string (a scalar), got shape "
+                f"{s.shape}; map it over the dataset's examples."
+            )
+        ids = tf.numpy_function(lambda text: np.asarray(self.encode(text), np.int32), [s], tf.int32, stateful=False)
         ids.set_shape([None])
         return ids
 
@@ -65,10 +66,10 @@ class HFTokenizerVocabulary(hf_tokenizer.HFTokenizerVocabulary, seqio.Vocabulary
 
     def decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
         """Text of each row of `ids` [..., length] (as `decode`: up to the first stop id)."""
+
         def rows(batch: np.ndarray) -> np.ndarray:
             flat = batch.reshape(-1, batch.shape[-1])
-            return np.array([self.decode(row).encode("utf-8") for row in flat], dtype=object).reshape(
-                batch.shape[:-1])
+            return np.array([self.decode(row).encode("utf-8") for row in flat], dtype=object).reshape(batch.shape[:-1])
 
         text = tf.numpy_function(rows, [ids], tf.string, stateful=False)
         text.set_shape(ids.shape[:-1])
@@ -76,8 +77,13 @@ class HFTokenizerVocabulary(hf_tokenizer.HFTokenizerVocabulary, seqio.Vocabulary
 
 
 @functools.lru_cache(maxsize=None)
-def _build(kind: str, sentencepiece_model_path: str | None, extra_ids: int, hf_tokenizer_dir: str | None = None,
-           hf_files: tuple[str, ...] | None = None) -> seqio.Vocabulary:
+def _build(
+    kind: str,
+    sentencepiece_model_path: str | None,
+    extra_ids: int,
+    hf_tokenizer_dir: str | None = None,
+    hf_files: tuple[str, ...] | None = None,
+) -> seqio.Vocabulary:
     if kind == "byte":
         return seqio.ByteVocabulary(extra_ids=extra_ids)
     if kind == "hf_tokenizer":
@@ -85,10 +91,13 @@ def _build(kind: str, sentencepiece_model_path: str | None, extra_ids: int, hf_t
             raise ConfigError(
                 "get_vocabulary(kind='hf_tokenizer') needs the checkpoint's directory: add "
                 "--gin.get_vocabulary.hf_tokenizer_dir='/path/to/checkpoint' (it holds tokenizer.json or "
-                "tokenizer.model and tokenizer_config.json).")
+                "tokenizer.model and tokenizer_config.json)."
+            )
         if not os.path.isdir(hf_tokenizer_dir):
-            raise ConfigError(f"get_vocabulary.hf_tokenizer_dir={hf_tokenizer_dir!r} is not a directory; point it "
-                              "at a Hugging Face checkpoint's local directory.")
+            raise ConfigError(
+                f"get_vocabulary.hf_tokenizer_dir={hf_tokenizer_dir!r} is not a directory; point it "
+                "at a Hugging Face checkpoint's local directory."
+            )
         return HFTokenizerVocabulary(hf_tokenizer_dir, files=hf_files)
     if not sentencepiece_model_path:
         raise ConfigError(
@@ -110,7 +119,8 @@ def _from_model_dir(model_dir: str) -> tuple:
         raise ConfigError(
             f"get_vocabulary.from_model_dir={model_dir!r}: it holds no {vocabulary_store.RUN_INFO} with "
             "vocabulary files. Point it at a MODEL_DIR written by cat_jax.train or "
-            "cat_jax.import_checkpoint.")
+            "cat_jax.import_checkpoint."
+        )
     if record["kind"] == "byte":
         return "byte", None, int(record.get("extra_ids", 0))
     if record["kind"] == "hf_tokenizer":
@@ -132,8 +142,11 @@ def default_to_model_dir(model_dir: str) -> None:
 
 @gin.configurable
 def get_vocabulary(
-    kind: str = "byte", sentencepiece_model_path: str | None = None, extra_ids: int = 0,
-    from_model_dir: str | None = None, hf_tokenizer_dir: str | None = None,
+    kind: str = "byte",
+    sentencepiece_model_path: str | None = None,
+    extra_ids: int = 0,
+    from_model_dir: str | None = None,
+    hf_tokenizer_dir: str | None = None,
 ) -> seqio.Vocabulary:
     """Returns the configured vocabulary (one shared instance per configuration).
 
@@ -145,8 +158,12 @@ def get_vocabulary(
         return _build(*_from_model_dir(os.path.abspath(from_model_dir)))
     if kind not in KINDS:
         raise ConfigError(f"get_vocabulary: unknown kind {kind!r}; choose one of {KINDS}.")
-    return _build(kind, sentencepiece_model_path, int(extra_ids),
-                  os.path.abspath(os.path.expanduser(hf_tokenizer_dir)) if hf_tokenizer_dir else None)
+    return _build(
+        kind,
+        sentencepiece_model_path,
+        int(extra_ids),
+        os.path.abspath(os.path.expanduser(hf_tokenizer_dir)) if hf_tokenizer_dir else None,
+    )
 
 
 class LazyVocabulary(seqio.Vocabulary):

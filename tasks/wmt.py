@@ -60,19 +60,40 @@ WMT19_SPLITS = ("train", "validation")
 WMT22_SPLITS = ("validation", "test")
 WMT22_GIN_PARAMETER = "wmt22_files.wmt22_dir"
 LANGUAGES = {
-    "cs": "Czech", "de": "German", "en": "English", "fr": "French", "hr": "Croatian",
-    "ja": "Japanese", "ru": "Russian", "uk": "Ukrainian", "zh": "Chinese",
+    "cs": "Czech",
+    "de": "German",
+    "en": "English",
+    "fr": "French",
+    "hr": "Croatian",
+    "ja": "Japanese",
+    "ru": "Russian",
+    "uk": "Ukrainian",
+    "zh": "Chinese",
 }
 WMT22_PAIRS = (
-    ("cs", "en"), ("en", "cs"), ("de", "en"), ("en", "de"), ("ja", "en"), ("en", "ja"),
-    ("ru", "en"), ("en", "ru"), ("uk", "en"), ("en", "uk"), ("zh", "en"), ("en", "zh"),
-    ("en", "hr"), ("de", "fr"), ("fr", "de"), ("cs", "uk"), ("uk", "cs"),
+    ("cs", "en"),
+    ("en", "cs"),
+    ("de", "en"),
+    ("en", "de"),
+    ("ja", "en"),
+    ("en", "ja"),
+    ("ru", "en"),
+    ("en", "ru"),
+    ("uk", "en"),
+    ("en", "uk"),
+    ("zh", "en"),
+    ("en", "zh"),
+    ("en", "hr"),
+    ("de", "fr"),
+    ("fr", "de"),
+    ("cs", "uk"),
+    ("uk", "cs"),
 )
 TEMPLATE = "translate {source_language} to {target_language}: {source}"
 
 
 def translate_template(src: str, tgt: str) -> str:
-    """"translate German to English: {source}" for ("de", "en")."""
+    """ "translate German to English: {source}" for ("de", "en")."""
     return TEMPLATE.format(source_language=LANGUAGES[src], target_language=LANGUAGES[tgt], source="{source}")
 
 
@@ -101,7 +122,8 @@ def wmt22_path(src: str, tgt: str, split: str, lang: str, directory: str | None 
         raise ValueError(
             f"WMT22 task wmt22_{src}_{tgt} needs its data directory: add "
             f"--gin.{WMT22_GIN_PARAMETER}='/path/to/wmt22' holding {src}-{tgt}/{split}.{src} and "
-            f"{src}-{tgt}/{split}.{tgt} (see tasks/wmt.py).")
+            f"{src}-{tgt}/{split}.{tgt} (see tasks/wmt.py)."
+        )
     return os.path.join(directory, f"{src}-{tgt}", f"{split}.{lang}")
 
 
@@ -110,7 +132,8 @@ def _read_lines(path: str, src: str, tgt: str) -> list[str]:
         raise FileNotFoundError(
             f"WMT22 task wmt22_{src}_{tgt}: {path} does not exist. Point "
             f"--gin.{WMT22_GIN_PARAMETER} at a directory laid out as <dir>/{src}-{tgt}/<split>.{src} "
-            f"and <dir>/{src}-{tgt}/<split>.{tgt} (e.g. `sacrebleu -t wmt22 -l {src}-{tgt} --echo src`).")
+            f"and <dir>/{src}-{tgt}/<split>.{tgt} (e.g. `sacrebleu -t wmt22 -l {src}-{tgt} --echo src`)."
+        )
     with tf.io.gfile.GFile(path, "rb") as f:
         text = f.read().decode("utf-8")
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
@@ -123,7 +146,8 @@ def read_wmt22(src: str, tgt: str, split: str, directory: str | None = None) -> 
     if len(sources) != len(references):
         raise ValueError(
             f"WMT22 {src}-{tgt} {split}: {len(sources)} source lines but {len(references)} reference "
-            f"lines ({wmt22_path(src, tgt, split, src, directory)}); the files must be line-aligned.")
+            f"lines ({wmt22_path(src, tgt, split, src, directory)}); the files must be line-aligned."
+        )
     if not sources:
         raise ValueError(f"WMT22 {src}-{tgt} {split}: {wmt22_path(src, tgt, split, src, directory)} is empty.")
     return list(zip(sources, references))
@@ -132,11 +156,13 @@ def read_wmt22(src: str, tgt: str, split: str, directory: str | None = None) -> 
 def _wmt22_dataset(src: str, tgt: str, split: str, shuffle_files: bool) -> tf.data.Dataset:
     del shuffle_files  # one small file pair; the task shuffles examples when asked
     rows = read_wmt22(src, tgt, split)
-    return tf.data.Dataset.from_tensor_slices({
-        "id": tf.constant([f"wmt22_{src}_{tgt}:{split}:{i}" for i in range(len(rows))]),
-        "source": tf.constant([s for s, _ in rows]),
-        "reference": tf.constant([r for _, r in rows]),
-    })
+    return tf.data.Dataset.from_tensor_slices(
+        {
+            "id": tf.constant([f"wmt22_{src}_{tgt}:{split}:{i}" for i in range(len(rows))]),
+            "source": tf.constant([s for s, _ in rows]),
+            "reference": tf.constant([r for _, r in rows]),
+        }
+    )
 
 
 class _Wmt22Source(seqio.FunctionDataSource):

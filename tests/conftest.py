@@ -16,10 +16,13 @@ TINY_TASK = "cmudict_syllables"
 DATA_CACHE = tempfile.mkdtemp(prefix="cat_jax_test_data_")
 # Subprocesses of one test session share compiled executables (the same tiny shapes recur).
 COMPILE_CACHE = tempfile.mkdtemp(prefix="cat_jax_test_xla_")
-SUBPROCESS_ENV = {"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
-                  "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
-                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+SUBPROCESS_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 TINY_ARGS = [
     f"--gin.load_split.cache_dir='{DATA_CACHE}'",
     "--gin_file=gin_configs/models/tiny.gin",
@@ -36,21 +39,35 @@ TINY_ARGS = [
 
 
 def train_args(run_file: str, model_dir: Path | str, steps: int, *extra: str) -> list[str]:
-    return [f"--gin_file=gin_configs/runs/{run_file}", *TINY_ARGS,
-            f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}", *extra]
+    return [
+        f"--gin_file=gin_configs/runs/{run_file}",
+        *TINY_ARGS,
+        f"--gin.MODEL_DIR='{model_dir}'",
+        f"--gin.TRAIN_STEPS={steps}",
+        *extra,
+    ]
 
 
-def run_module(module: str, args: list[str], *, devices: int | None = None,
-               check: bool = True, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, args: list[str], *, devices: int | None = None, check: bool = True, timeout: int = 600, **popen
+) -> subprocess.CompletedProcess:
     """Run `python -m module args` from the repo root; optionally on N forced CPU devices."""
     env = dict(os.environ, **SUBPROCESS_ENV)
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, **popen)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
-                             f"stderr:\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{module} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

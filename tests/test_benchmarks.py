@@ -27,19 +27,59 @@ T5Config.num_decoder_layers = 1
 T5Config.dropout_rate = 0.0
 """
 
-TRAIN_FIELDS = {"benchmark", "impl", "size", "batch", "inputs", "targets", "dtype", "step",
-                "teacher", "step_ms", "tokens_per_s", "mfu", "peak_tflops", "device", "params",
-                "model_tflops_per_step", "compile_s"}
-CAT_FIELDS = {"ce_step_ms", "teacher_forward_ms", "teacher_share", "cat_budget_ms",
-              "cat_within_target", "cat_overhead_over_teacher_forward"}
-DECODE_FIELDS = {"benchmark", "impl", "size", "batch", "inputs", "max_decode_length", "dtype",
-                 "decode_ms", "tokens_per_s", "generated_tokens", "device", "compile_s"}
+TRAIN_FIELDS = {
+    "benchmark",
+    "impl",
+    "size",
+    "batch",
+    "inputs",
+    "targets",
+    "dtype",
+    "step",
+    "teacher",
+    "step_ms",
+    "tokens_per_s",
+    "mfu",
+    "peak_tflops",
+    "device",
+    "params",
+    "model_tflops_per_step",
+    "compile_s",
+}
+CAT_FIELDS = {
+    "ce_step_ms",
+    "teacher_forward_ms",
+    "teacher_share",
+    "cat_budget_ms",
+    "cat_within_target",
+    "cat_overhead_over_teacher_forward",
+}
+DECODE_FIELDS = {
+    "benchmark",
+    "impl",
+    "size",
+    "batch",
+    "inputs",
+    "max_decode_length",
+    "dtype",
+    "decode_ms",
+    "tokens_per_s",
+    "generated_tokens",
+    "device",
+    "compile_s",
+}
 
 
 def _start(script: str, args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, **SUBPROCESS_ENV, XLA_FLAGS="--xla_backend_optimization_level=0")
-    return subprocess.Popen([sys.executable, f"benchmarks/{script}", *args, "--no-hf"], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, f"benchmarks/{script}", *args, "--no-hf"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _rows(proc: subprocess.Popen, timeout: float) -> list[dict]:
@@ -55,12 +95,32 @@ def test_train_and_decode_throughput_smoke(tmp_path):
     student.write_text(MODEL_GIN.format(emb=16, mlp=32))
     teacher.write_text(MODEL_GIN.format(emb=32, mlp=64))
     start = time.perf_counter()
-    train = _start("train_throughput.py", [
-        f"--sizes={student}", f"--teachers={teacher},{student}", "--batch=2", "--inputs=8",
-        "--targets=4", "--steps=2", "--warmup=1", "--vocab=64", "--peak-matmul-size=128"])
-    decode = _start("decode_throughput.py", [
-        f"--sizes={student}", "--batches=1,2", "--inputs=8", "--max-decode-length=3",
-        "--repeats=2", "--warmup=1", "--vocab=64"])
+    train = _start(
+        "train_throughput.py",
+        [
+            f"--sizes={student}",
+            f"--teachers={teacher},{student}",
+            "--batch=2",
+            "--inputs=8",
+            "--targets=4",
+            "--steps=2",
+            "--warmup=1",
+            "--vocab=64",
+            "--peak-matmul-size=128",
+        ],
+    )
+    decode = _start(
+        "decode_throughput.py",
+        [
+            f"--sizes={student}",
+            "--batches=1,2",
+            "--inputs=8",
+            "--max-decode-length=3",
+            "--repeats=2",
+            "--warmup=1",
+            "--vocab=64",
+        ],
+    )
     train_rows, decode_rows = _rows(train, 170), _rows(decode, 170)
     elapsed = time.perf_counter() - start
 
@@ -102,10 +162,27 @@ def test_speculative_benchmark_smoke(tmp_path):
     model = tmp_path / "model.gin"
     model.write_text(MODEL_GIN.format(emb=16, mlp=32))
     env = dict(os.environ, **SUBPROCESS_ENV, XLA_FLAGS="--xla_backend_optimization_level=0")
-    proc = subprocess.Popen([sys.executable, "benchmarks/speculative.py", f"--large={model}", f"--small={model}",
-                             "--batches=2", "--gammas=2", "--rules=lossless,chow", "--inputs=8",
-                             "--max-decode-length=3", "--vocab=64", "--repeats=1", "--warmup=0"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "benchmarks/speculative.py",
+            f"--large={model}",
+            f"--small={model}",
+            "--batches=2",
+            "--gammas=2",
+            "--rules=lossless,chow",
+            "--inputs=8",
+            "--max-decode-length=3",
+            "--vocab=64",
+            "--repeats=1",
+            "--warmup=0",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     rows = _rows(proc, 170)
     by_impl = {}
     for row in rows:

@@ -180,7 +180,9 @@ def test_corpus_bleu_recomputed_on_mixed_hypotheses(additive):
     assert points[2].deferral_rate == 0.5 and points[2].quality == pytest.approx(bleu(mixed, refs), abs=1e-9)
     assert 0 < bleu(small_h, refs) < bleu(mixed, refs) < bleu(large_h, refs)
     small_pt, large_pt = curves.standalone_points(small, large, corpus_metric=metric)
-    assert small_pt == pytest.approx((1.0, bleu(small_h, refs))) and large_pt == pytest.approx((1.0, bleu(large_h, refs)))
+    assert small_pt == pytest.approx((1.0, bleu(small_h, refs))) and large_pt == pytest.approx(
+        (1.0, bleu(large_h, refs))
+    )
 
 
 def synthetic(rng, n):
@@ -252,8 +254,13 @@ def test_writers_round_trip(tmp_path):
     curves_map = {key: HAND_CURVE, CurveKey("wmt", "ce", "oracle"): HAND_CURVE[:2]}
     summaries = {key: summary.summarize(HAND_CURVE, small_only=0.6, large_only=0.95)}
     budget = calibration.Budget("deferral_rate", 0.3)
-    calibrated = {key: [calibration.Calibration(budget, (0.0,), calibration.Outcome(0.25, 0.6, 0.9),
-                                                calibration.Outcome(0.5, 0.6, 0.9), True)]}
+    calibrated = {
+        key: [
+            calibration.Calibration(
+                budget, (0.0,), calibration.Outcome(0.25, 0.6, 0.9), calibration.Outcome(0.5, 0.6, 0.9), True
+            )
+        ]
+    }
     summary.write_curves_csv(tmp_path / "curves.csv", curves_map)
     summary.write_curves_json(tmp_path / "curves.json", curves_map)
     summary.write_summary_json(tmp_path / "summary.json", summaries, calibrated)
@@ -274,10 +281,16 @@ def test_writers_round_trip(tmp_path):
     assert s["auc"] == pytest.approx(0.8) and s["rule"] == "chow_sum"
     assert s["relative_flops_to_match_large"] is None
     assert s["auc_df_random"] == pytest.approx(0.775) and s["auc_df_gain"] == pytest.approx(0.025)
-    assert s["calibration"] == [{"budget": "deferral_rate", "target": 0.3, "thresholds": [0.0],
-                                 "met_on_validation": True,
-                                 "validation": {"deferral_rate": 0.25, "relative_flops": 0.6, "quality": 0.9},
-                                 "test": {"deferral_rate": 0.5, "relative_flops": 0.6, "quality": 0.9}}]
+    assert s["calibration"] == [
+        {
+            "budget": "deferral_rate",
+            "target": 0.3,
+            "thresholds": [0.0],
+            "met_on_validation": True,
+            "validation": {"deferral_rate": 0.25, "relative_flops": 0.6, "quality": 0.9},
+            "test": {"deferral_rate": 0.5, "relative_flops": 0.6, "quality": 0.9},
+        }
+    ]
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("## boolq\n")
     assert "| cat | chow_sum | 0.6 | 0.95 | 0.8 | 0.775 | +0.025 (+3.23%) | never | 0.9 @ 0.6 |" in md

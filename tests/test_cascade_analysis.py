@@ -27,9 +27,15 @@ def synthetic_split(name, rng, n=N):
     ids = [f"{TASK}/{name}{i}" for i in range(n)]
 
     def outputs(quality, flops, lp):
-        return ModelOutputs(ids=ids, predictions=[str(q) for q in quality], targets=["1.0"] * n,
-                            logprobs=[[x] for x in lp], entropies=[[-x] for x in lp], quality=quality,
-                            flops=flops)
+        return ModelOutputs(
+            ids=ids,
+            predictions=[str(q) for q in quality],
+            targets=["1.0"] * n,
+            logprobs=[[x] for x in lp],
+            entropies=[[-x] for x in lp],
+            quality=quality,
+            flops=flops,
+        )
 
     small = outputs((logprob > -1.5).astype(float), np.ones(n), logprob)
     large = outputs(np.ones(n), rng.uniform(5.0, 15.0, size=n), np.zeros(n))
@@ -44,8 +50,9 @@ def config(**options):
 def test_calibration_meets_the_budget_on_validation_and_nearly_on_test():
     rng = np.random.default_rng(0)
     validation, test = synthetic_split("validation", rng), synthetic_split("test", rng)
-    result = analysis.analyse(config(target_deferral_rate=0.3, target_relative_flops=0.5), test, validation,
-                              {TASK: None})
+    result = analysis.analyse(
+        config(target_deferral_rate=0.3, target_relative_flops=0.5), test, validation, {TASK: None}
+    )
     by_rate, by_flops = result.calibrations[CurveKey(TASK, "ce", "chow_average")]
     # Deferral rate 0.3 of 2000 distinct scores: exactly the 600 lowest on validation; the threshold
     # is the 601st lowest validation score, that is the 0.3-quantile of its distribution (-2.1).
@@ -72,8 +79,9 @@ def test_calibration_meets_the_budget_on_validation_and_nearly_on_test():
 def test_two_tier_cascade_through_the_analysis():
     rng = np.random.default_rng(1)
     validation, test = synthetic_split("validation", rng, 400), synthetic_split("test", rng, 400)
-    result = analysis.analyse(config(tiers=(("ce",), (LARGE,)), target_relative_flops=0.5), test, validation,
-                              {TASK: None})
+    result = analysis.analyse(
+        config(tiers=(("ce",), (LARGE,)), target_relative_flops=0.5), test, validation, {TASK: None}
+    )
     key = TierKey(TASK, "ce > large", "chow_average")
     frontier = result.tier_curves[key]
     flops = [p.relative_flops for p in frontier]
@@ -86,15 +94,27 @@ def test_two_tier_cascade_through_the_analysis():
 def test_records_round_trip_exactly_through_files(tmp_path):
     rng = np.random.default_rng(2)
     lp = [rng.normal(size=k).astype(np.float32).astype(np.float64) for k in (3, 1, 5)]
-    out = ModelOutputs(ids=["g2p/0", "g2p/1", "sums/0"], predictions=["HH AH0", "", "3"],
-                       targets=[["HH AH0", "HH AA0"], ["X"], "3"], logprobs=lp, entropies=[-x for x in lp],
-                       margins=[np.abs(x) for x in lp], quality=[1.0, 0.0, 1.0], flops=[1e9 / 3, 2.5e8, 7.0],
-                       hidden=rng.normal(size=(3, 4)).astype(np.float32))
-    large = dataclasses.replace(out, embedding=rng.normal(size=(3, 2)).astype(np.float32),
-                                embedding_flops=[1e9 / 7, 3.0, 5.5])
+    out = ModelOutputs(
+        ids=["g2p/0", "g2p/1", "sums/0"],
+        predictions=["HH AH0", "", "3"],
+        targets=[["HH AH0", "HH AA0"], ["X"], "3"],
+        logprobs=lp,
+        entropies=[-x for x in lp],
+        margins=[np.abs(x) for x in lp],
+        quality=[1.0, 0.0, 1.0],
+        flops=[1e9 / 3, 2.5e8, 7.0],
+        hidden=rng.normal(size=(3, 4)).astype(np.float32),
+    )
+    large = dataclasses.replace(
+        out, embedding=rng.normal(size=(3, 2)).astype(np.float32), embedding_flops=[1e9 / 7, 3.0, 5.5]
+    )
     records = SplitRecords("test", ["g2p", "g2p", "sums"], {LARGE: large, "ce": out.take([0, 1, 2])})
-    texts = store.SplitTexts(["0", "1", "0"], ["in0", "in1", "in2"], ["HH AH0", "X", "3"],
-                             {LARGE: ["HH AH0", "", "3"], "ce": ["HH AH0", "", "3"]})
+    texts = store.SplitTexts(
+        ["0", "1", "0"],
+        ["in0", "in1", "in2"],
+        ["HH AH0", "X", "3"],
+        {LARGE: ["HH AH0", "", "3"], "ce": ["HH AH0", "", "3"]},
+    )
     path = str(tmp_path / store.EXAMPLES)
     assert store.write_split(path, records, texts) == [path, str(tmp_path / "examples_hidden.npz")]
     back = store.read_split(path, "test")
@@ -105,7 +125,7 @@ def test_records_round_trip_exactly_through_files(tmp_path):
         assert [list(t) if isinstance(t, list) else t for t in a.targets] == list(b.targets)
         for field in ("logprobs", "entropies", "margins"):
             for x, y in zip(getattr(a, field), getattr(b, field)):
-                assert x.tobytes() == y.tobytes()          # bit for bit, not approximately
+                assert x.tobytes() == y.tobytes()  # bit for bit, not approximately
         assert a.quality.tobytes() == b.quality.tobytes() and a.flops.tobytes() == b.flops.tobytes()
         assert a.hidden.tobytes() == b.hidden.tobytes()
         for field in ("embedding", "embedding_flops"):
@@ -165,10 +185,21 @@ def noise_split(name, rng, n, embedding_signal=False):
     if embedding_signal:
         embedding[:, 0] = np.where(small_right, 1.0, -1.0) + 0.3 * rng.normal(size=n)
     common = dict(ids=ids, predictions=ids, targets=ids, entropies=[[0.1]] * n)
-    small = ModelOutputs(**common, logprobs=[[-0.5]] * n, quality=small_right.astype(float), flops=np.ones(n),
-                         hidden=rng.normal(size=(n, 64)))
-    large = ModelOutputs(**common, logprobs=[[0.0]] * n, quality=np.ones(n), flops=np.full(n, 10.0),
-                         embedding=embedding, embedding_flops=np.full(n, 2.0))
+    small = ModelOutputs(
+        **common,
+        logprobs=[[-0.5]] * n,
+        quality=small_right.astype(float),
+        flops=np.ones(n),
+        hidden=rng.normal(size=(n, 64)),
+    )
+    large = ModelOutputs(
+        **common,
+        logprobs=[[0.0]] * n,
+        quality=np.ones(n),
+        flops=np.full(n, 10.0),
+        embedding=embedding,
+        embedding_flops=np.full(n, 2.0),
+    )
     return SplitRecords(name, [TASK] * n, {LARGE: large, "ce": small})
 
 
@@ -182,15 +213,16 @@ def test_learned_rules_are_calibrated_out_of_sample():
     small, large = validation.models["ce"], validation.models[LARGE]
     wrong = small.quality == 0
 
-    def share_wrong_first(scores):   # of the examples deferred first, the share the small model got wrong
-        return wrong[np.argsort(scores, kind="stable")[:wrong.sum()]].mean()
+    def share_wrong_first(scores):  # of the examples deferred first, the share the small model got wrong
+        return wrong[np.argsort(scores, kind="stable")[: wrong.sum()]].mean()
 
     in_sample = rules.compute_scores("post_hoc", small, large, validation=(small, large))
     out_of_fold = rules.cross_fitted_scores("post_hoc", small, large)
     assert share_wrong_first(in_sample) > 0.95
     assert abs(share_wrong_first(out_of_fold) - wrong.mean()) < 0.1
-    result = analysis.analyse(config(rules=("post_hoc",), plot_rule="post_hoc", target_deferral_rate=0.3), test,
-                              validation, {TASK: None})
+    result = analysis.analyse(
+        config(rules=("post_hoc",), plot_rule="post_hoc", target_deferral_rate=0.3), test, validation, {TASK: None}
+    )
     (calibrated,) = result.calibrations[CurveKey(TASK, "ce", "post_hoc")]
     assert calibrated.validation.deferral_rate == 0.3
     assert abs(calibrated.validation.quality - 0.65) < 0.06 and abs(calibrated.test.quality - 0.65) < 0.06
@@ -208,36 +240,54 @@ def test_folds_are_stratified_seeded_and_checked():
     with pytest.raises(ConfigError, match="posthoc_folds=1 must be an int >= 2"):
         config(rules=("post_hoc",), plot_rule="post_hoc", posthoc_folds=1).check()
     rng = np.random.default_rng(5)
-    with pytest.raises(ConfigError, match=r"posthoc_folds=5 folds, but the validation split has fewer examples in "
-                                          r"\{'t': 4\}: decode more"):
-        analysis.analyse(config(rules=("post_hoc",), plot_rule="post_hoc"), noise_split("test", rng, 20),
-                         noise_split("validation", rng, 4), {TASK: None})
-    config(rules=("chow_sum",), plot_rule="chow_sum").check_folds({TASK: 4})   # no learned rule: no folds
+    with pytest.raises(
+        ConfigError,
+        match=r"posthoc_folds=5 folds, but the validation split has fewer examples in "
+        r"\{'t': 4\}: decode more",
+    ):
+        analysis.analyse(
+            config(rules=("post_hoc",), plot_rule="post_hoc"),
+            noise_split("test", rng, 20),
+            noise_split("validation", rng, 4),
+            {TASK: None},
+        )
+    config(rules=("chow_sum",), plot_rule="chow_sum").check_folds({TASK: 4})  # no learned rule: no folds
 
 
 def test_post_hoc_embed_reads_the_large_embedding_and_pays_for_it_everywhere():
     rng = np.random.default_rng(4)
     validation = noise_split("validation", rng, 300, embedding_signal=True)
     test = noise_split("test", rng, 300, embedding_signal=True)
-    result = analysis.analyse(config(rules=("post_hoc", "post_hoc_embed"), plot_rule="post_hoc",
-                                     target_deferral_rate=0.3), test, validation, {TASK: None})
+    result = analysis.analyse(
+        config(rules=("post_hoc", "post_hoc_embed"), plot_rule="post_hoc", target_deferral_rate=0.3),
+        test,
+        validation,
+        {TASK: None},
+    )
     embed = result.curves[CurveKey(TASK, "ce", "post_hoc_embed")]
     plain = result.curves[CurveKey(TASK, "ce", "post_hoc")]
     # FLOPs: the small model (1) and the embedding (2) on every example, rate 0 included; the large (10) when deferred.
     assert embed[0].deferral_rate == 0.0 and embed[0].relative_flops == pytest.approx(3 / 10)
     assert embed[-1].deferral_rate == 1.0 and embed[-1].relative_flops == pytest.approx(13 / 10)
     assert plain[0].relative_flops == pytest.approx(1 / 10)
-    auc = lambda points: sum((b.deferral_rate - a.deferral_rate) * (a.quality + b.quality) / 2  # noqa: E731
-                             for a, b in zip(points, points[1:]))
+    auc = (
+        lambda points: sum(
+            (b.deferral_rate - a.deferral_rate) * (a.quality + b.quality) / 2  # noqa: E731
+            for a, b in zip(points, points[1:])
+        )
+    )
     # The embedding tells where the small model errs: near the oracle's area (1 - 0.48^2 / 2 = 0.885),
     # while the noise features stay at random deferral's (0.76).
     assert auc(embed) > 0.84 and auc(plain) < 0.79
     (calibrated,) = result.calibrations[CurveKey(TASK, "ce", "post_hoc_embed")]
     assert calibrated.validation.relative_flops == pytest.approx((1 + 2 + 0.3 * 10) / 10)
-    assert calibrated.test.quality > 0.7      # random deferral of 0.3: 0.52 + 0.3 * 0.48 = 0.66
-    without = SplitRecords("test", test.tasks, {LARGE: dataclasses.replace(test.models[LARGE], embedding=None,
-                                                                           embedding_flops=None),
-                                                "ce": test.models["ce"]})
+    assert calibrated.test.quality > 0.7  # random deferral of 0.3: 0.52 + 0.3 * 0.48 = 0.66
+    without = SplitRecords(
+        "test",
+        test.tasks,
+        {LARGE: dataclasses.replace(test.models[LARGE], embedding=None, embedding_flops=None), "ce": test.models["ce"]},
+    )
     with pytest.raises(ValueError, match="post_hoc_embed' needs the large model's input embeddings"):
-        analysis.analyse(config(rules=("post_hoc_embed",), plot_rule="post_hoc_embed"), without, validation,
-                         {TASK: None})
+        analysis.analyse(
+            config(rules=("post_hoc_embed",), plot_rule="post_hoc_embed"), without, validation, {TASK: None}
+        )

@@ -12,14 +12,19 @@ IDS = ["e0", "e1", "e2", "e3"]
 
 def make(predictions, quality, flops, logprobs=None):
     logprobs = logprobs or [[-0.5]] * 4
-    return ModelOutputs(ids=IDS, predictions=predictions, targets=["t"] * 4, logprobs=logprobs,
-                        entropies=[np.abs(lp) for lp in logprobs], quality=quality, flops=flops)
+    return ModelOutputs(
+        ids=IDS,
+        predictions=predictions,
+        targets=["t"] * 4,
+        logprobs=logprobs,
+        entropies=[np.abs(lp) for lp in logprobs],
+        quality=quality,
+        flops=flops,
+    )
 
 
 def test_abc_vote_on_unanimous_majority_and_split_ensembles():
-    members = [["Paris", "yes", "1", "a b"],
-               ["paris.", "no", "2", "A  B"],
-               ["The Paris", "no", "3", "c"]]
+    members = [["Paris", "yes", "1", "a b"], ["paris.", "no", "2", "A  B"], ["The Paris", "no", "3", "c"]]
     share, winner = agreement.ensemble_vote(members, np.zeros(4, bool))
     # e0 unanimous after normalisation (case, punctuation, article): 3/3, first member answers.
     # e1 majority "no": 2/3, answered by member 1 (the first "no"). e2 all split: 1/3, member 0.
@@ -48,7 +53,7 @@ def test_abc_free_text_is_the_authors_mean_pairwise_jaccard_of_stemmed_tokens():
     assert share.tolist() == pytest.approx([(2 + 4 / 3) / 6]) and winner.tolist() == [0]
     stemmed, _ = agreement.ensemble_vote(members[:2], np.ones(1, bool))
     unstemmed, _ = agreement.ensemble_vote(members[:2], np.ones(1, bool), "abc_central")
-    assert stemmed.tolist() == [1.0] and unstemmed.tolist() == [0.5]    # unstemmed they share no token
+    assert stemmed.tolist() == [1.0] and unstemmed.tolist() == [0.5]  # unstemmed they share no token
     # The answer is the most frequent normalised string, through the first member giving it.
     share, winner = agreement.ensemble_vote([["x y"], ["z"], ["X, y!"]], np.ones(1, bool))
     assert winner.tolist() == [0] and share.tolist() == pytest.approx([1 / 3])
@@ -118,20 +123,21 @@ def test_three_tier_frontier_by_hand():
     assert grid.shape == (20, 2)
     points = tiers.evaluate(answers, scores, grid)
     assert sorted(round(p.relative_flops * 80) for p in points) == sorted(
-        [4] * 4 + [13, 13, 33, 33, 22, 42, 62, 62, 31, 51, 91, 91, 40, 60, 100, 120])
+        [4] * 4 + [13, 13, 33, 33, 22, 42, 62, 62, 31, 51, 91, 91, 40, 60, 100, 120]
+    )
     frontier = tiers.sweep_tiers(answers, scores)
     got = [(p.thresholds, p.exit_shares, p.relative_flops, p.relative_latency, p.quality) for p in frontier]
     assert got == [
-        ((-0.9, 1 / 3), (1.0, 0.0, 0.0), 4 / 80, 4 / 80, 0.25),            # A alone
-        ((-0.5, 1 / 3), (0.75, 0.25, 0.0), 13 / 80, 8 / 80, 0.5),          # e1 to the ensemble
-        ((-0.1, 1 / 3), (0.25, 0.75, 0.0), 31 / 80, 16 / 80, 0.75),        # e1..e3 to the ensemble
-        ((-0.1, 2 / 3), (0.25, 0.5, 0.25), 51 / 80, 36 / 80, 1.0),         # and the split e2 on to C
+        ((-0.9, 1 / 3), (1.0, 0.0, 0.0), 4 / 80, 4 / 80, 0.25),  # A alone
+        ((-0.5, 1 / 3), (0.75, 0.25, 0.0), 13 / 80, 8 / 80, 0.5),  # e1 to the ensemble
+        ((-0.1, 1 / 3), (0.25, 0.75, 0.0), 31 / 80, 16 / 80, 0.75),  # e1..e3 to the ensemble
+        ((-0.1, 2 / 3), (0.25, 0.5, 0.25), 51 / 80, 36 / 80, 1.0),  # and the split e2 on to C
     ]
     assert [p.deferral_rate for p in frontier] == [0.0, 0.25, 0.75, 0.75]
     alone = tiers.tiers_alone(answers)
     assert alone == [(4 / 80, 0.25), (36 / 80, 0.75), (1.0, 0.75)]
     s = summary.summarize_tiers(frontier, [["a"], ["b1", "b2", "b3"], ["c"]], ["chow_average", "abc"], alone)
-    assert s.relative_flops_to_match_last == 31 / 80        # first frontier point at C's 0.75
+    assert s.relative_flops_to_match_last == 31 / 80  # first frontier point at C's 0.75
     assert (s.best_quality, s.best_relative_flops, s.best_relative_latency) == (1.0, 51 / 80, 36 / 80)
     assert s.frontier_points == 4
 

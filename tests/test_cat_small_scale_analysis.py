@@ -14,9 +14,15 @@ from launch.experiments import cat_small_scale_analysis as analysis
 
 
 def test_paired_differences_pair_by_seed():
-    values = {("t", 0, "ce"): 0.50, ("t", 1, "ce"): 0.60, ("t", 2, "ce"): 0.55,
-              ("t", 0, "cat"): 0.45, ("t", 1, "cat"): 0.62, ("t", 2, "cat"): 0.50,
-              ("t", 3, "cat"): 0.99}  # seed 3 has no CE run: left out
+    values = {
+        ("t", 0, "ce"): 0.50,
+        ("t", 1, "ce"): 0.60,
+        ("t", 2, "ce"): 0.55,
+        ("t", 0, "cat"): 0.45,
+        ("t", 1, "cat"): 0.62,
+        ("t", 2, "cat"): 0.50,
+        ("t", 3, "cat"): 0.99,
+    }  # seed 3 has no CE run: left out
     d = analysis.paired_differences(values, "ce")[("t", "cat")]
     assert d["seeds"] == [0, 1, 2]
     assert d["differences"] == pytest.approx([-0.05, 0.02, -0.05])
@@ -33,10 +39,12 @@ def test_one_seed_has_no_spread():
 
 
 def test_training_curves_keep_the_last_row_of_a_step():
-    rows = [{"step": 20, "train/loss": 1.0, "train/mask_fraction": 0.9, "train/student_accuracy": 0.1},
-            {"step": 40, "train/loss": 1.0, "train/mask_fraction": 0.8, "train/student_accuracy": 0.2},
-            {"step": 40, "train/loss": 1.0, "train/mask_fraction": 0.7, "train/student_accuracy": 0.3},
-            {"step": 40, "eval/accuracy": 0.5}]
+    rows = [
+        {"step": 20, "train/loss": 1.0, "train/mask_fraction": 0.9, "train/student_accuracy": 0.1},
+        {"step": 40, "train/loss": 1.0, "train/mask_fraction": 0.8, "train/student_accuracy": 0.2},
+        {"step": 40, "train/loss": 1.0, "train/mask_fraction": 0.7, "train/student_accuracy": 0.3},
+        {"step": 40, "eval/accuracy": 0.5},
+    ]
     curves = analysis.training_curves(rows)
     assert curves["mask_fraction"] == [(20, 0.9), (40, 0.7)]
     assert curves["teacher_accuracy"] == []
@@ -45,9 +53,11 @@ def test_training_curves_keep_the_last_row_of_a_step():
 
 
 def test_accuracy_by_large_splits_on_the_large_models_correct_examples():
-    quality = {"large": {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0},
-               "ce": {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0},
-               "cat": {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0}}
+    quality = {
+        "large": {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0},
+        "ce": {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0},
+        "cat": {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0},
+    }
     assert analysis.accuracy_by_large(quality) == {"ce": (0.5, 0.5), "cat": (1.0, 0.0)}
     everything_right = analysis.accuracy_by_large({"large": {"a": 1.0}, "ce": {"a": 0.0}})
     assert everything_right["ce"][0] == 0.0 and math.isnan(everything_right["ce"][1])
@@ -55,7 +65,8 @@ def test_accuracy_by_large_splits_on_the_large_models_correct_examples():
 
 def test_majority_shares():
     majority, share, shares = analysis.majority_shares(
-        ["2", "2", "3", " 2", "1"], {"ce": ["2", "3", "3", "1", "1"], "cat": ["2 ", "2", "2", "2", "1"]})
+        ["2", "2", "3", " 2", "1"], {"ce": ["2", "3", "3", "1", "1"], "cat": ["2 ", "2", "2", "2", "1"]}
+    )
     assert (majority, share) == ("2", 0.6)
     assert shares == {"ce": 0.2, "cat": 0.8}
 
@@ -67,20 +78,38 @@ def _fake_runs(root, accuracies):
         run.mkdir(parents=True, exist_ok=True)
         with open(run / "train_metrics.jsonl", "w") as f:
             for step in (20, 40):
-                row = {"step": step, "train/loss": 1.0, "train/mask_fraction": 1.0 if student == "ce" else 0.8,
-                       "train/student_accuracy": acc, "train/teacher_accuracy": 0.9}
+                row = {
+                    "step": step,
+                    "train/loss": 1.0,
+                    "train/mask_fraction": 1.0 if student == "ce" else 0.8,
+                    "train/student_accuracy": acc,
+                    "train/teacher_accuracy": 0.9,
+                }
                 f.write(json.dumps(row) + "\n")
     for seed in {s for s, _ in accuracies}:
         cascade = root / "t" / f"seed{seed}" / "cascade"
         cascade.mkdir()
-        rows = [{"task": "t", "small_model": student, "rule": rule, "small_only": acc, "large_only": 0.8,
-                 "auc": (acc + 0.8) / 2 + 0.01, "auc_df_gain": 0.01}
-                for (s, student), acc in accuracies.items() if s == seed for rule in ("chow_average", "oracle")]
+        rows = [
+            {
+                "task": "t",
+                "small_model": student,
+                "rule": rule,
+                "small_only": acc,
+                "large_only": 0.8,
+                "auc": (acc + 0.8) / 2 + 0.01,
+                "auc_df_gain": 0.01,
+            }
+            for (s, student), acc in accuracies.items()
+            if s == seed
+            for rule in ("chow_average", "oracle")
+        ]
         (cascade / "summary.json").write_text(json.dumps(rows))
         # Two test examples: every model (the large one and each student) gets x right and y wrong.
-        examples = [{"model": m, "id": i, "task": "t", "quality": float(i == "x"), "target": i,
-                     "prediction": "x"}
-                    for m in ["large"] + [st for (s, st) in accuracies if s == seed] for i in ("x", "y")]
+        examples = [
+            {"model": m, "id": i, "task": "t", "quality": float(i == "x"), "target": i, "prediction": "x"}
+            for m in ["large"] + [st for (s, st) in accuracies if s == seed]
+            for i in ("x", "y")
+        ]
         (cascade / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
 
 
@@ -88,8 +117,13 @@ def test_analyse_writes_tables_and_plots(tmp_path):
     _fake_runs(tmp_path / "runs", {(0, "ce"): 0.5, (0, "cat"): 0.4, (1, "ce"): 0.6, (1, "cat"): 0.55})
     out = tmp_path / "out"
     summary = analysis.analyse(str(tmp_path / "runs"), str(out))
-    assert sorted(os.listdir(out)) == ["differences.csv", "means.csv", "per_seed.csv",
-                                       "t__mask_share.png", "t__quality.png"]
+    assert sorted(os.listdir(out)) == [
+        "differences.csv",
+        "means.csv",
+        "per_seed.csv",
+        "t__mask_share.png",
+        "t__quality.png",
+    ]
     with open(out / "differences.csv") as f:
         rows = list(csv.DictReader(f))
     diffs = {r["metric"]: r for r in rows if r["baseline"] == "ce"}

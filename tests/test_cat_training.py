@@ -8,10 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from cat_jax.metric_writers import read_jsonl
 from conftest import run_module, train_args
 from tolerances import DEEP, assert_close, undecided
+
+from cat_jax.metric_writers import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,12 @@ def teacher_dir(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("teacher") / "large"
     # 40 steps: enough to predict some target tokens (the EOS after the syllable count), so the CAT
     # mask keeps some tokens and drops others.
-    run_module("cat_jax.train", train_args("train_large.gin", model_dir, 40,
-                                           "--gin_file=gin_configs/models/tiny.gin", "--gin.LEARNING_RATE=1e-2"))
+    run_module(
+        "cat_jax.train",
+        train_args(
+            "train_large.gin", model_dir, 40, "--gin_file=gin_configs/models/tiny.gin", "--gin.LEARNING_RATE=1e-2"
+        ),
+    )
     return model_dir
 
 
@@ -39,14 +43,14 @@ def _first_step_reference(teacher_dir):
     run: the student's initial parameters (seed 0) and the float32 teacher on the run's first
     batch. (A float32 teacher keeps the CAT mask well posed: a bfloat16 tiny teacher's target logit
     ties its best other one within bfloat16 rounding on a third of the tokens.)"""
-    from cat_jax import data, partitioning
+    import gin
+    from conftest import DATA_CACHE, TINY_TASK
+
+    from cat_jax import data, gin_utils, partitioning
     from cat_jax.frozen_model import load_frozen_model
     from cat_jax.models.t5 import T5Config, T5Model
     from cat_jax.optimizers import make_optimizer
     from cat_jax.train_state import init_train_state, state_shardings
-    from conftest import DATA_CACHE, TINY_TASK
-    import gin
-    from cat_jax import gin_utils
 
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     rules = partitioning.logical_axis_rules()
@@ -59,8 +63,7 @@ def _first_step_reference(teacher_dir):
     tx, _ = make_optimizer(3)
     _, shardings = state_shardings(model, tx, mesh, rules)
     student_params = init_train_state(model, tx, 0, shardings).params
-    arrays = data.load_split(TINY_TASK, "train", {"inputs": 32, "targets": 8}, max_examples=256,
-                             cache_dir=DATA_CACHE)
+    arrays = data.load_split(TINY_TASK, "train", {"inputs": 32, "targets": 8}, max_examples=256, cache_dir=DATA_CACHE)
     batch = data.TrainBatches(arrays, 8, seed=0).batch(0)
     student = np.asarray(model.logits(student_params, batch), np.float64)
     large = np.asarray(teacher.logits_fn(teacher.params, batch), np.float64)
@@ -86,29 +89,40 @@ def _first_step_reference(teacher_dir):
 def ce_student(tmp_path_factory):
     """A CE student trained on the same batches as the CAT students (the contrast)."""
     model_dir = tmp_path_factory.mktemp("ce") / "ce"
-    run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 3, "--gin_file=gin_configs/models/tiny.gin"))
+    run_module(
+        "cat_jax.train", train_args("train_small_ce.gin", model_dir, 3, "--gin_file=gin_configs/models/tiny.gin")
+    )
     return model_dir
 
 
 def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
     from test_train import _final_state
+
     before = _checkpoint_files(teacher_dir)
     student = tmp_path / "cat"
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_cat.gin", student, 3, "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'", "--gin.TEACHER_DTYPE='float32'"))
+    proc = run_module(
+        "cat_jax.train",
+        train_args(
+            "train_small_cat.gin",
+            student,
+            3,
+            "--gin_file=gin_configs/models/tiny.gin",
+            f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'",
+            "--gin.TEACHER_DTYPE='float32'",
+        ),
+    )
     assert f"Teacher: step 40 of {teacher_dir}, float32 parameters" in proc.stderr
-    assert "'teacher':" in proc.stderr          # per-device bytes of the teacher are printed
+    assert "'teacher':" in proc.stderr  # per-device bytes of the teacher are printed
     rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     mask_fraction, tolerance, _ = _first_step_reference(teacher_dir)
     assert 0.0 < mask_fraction < 1.0  # the mask drops some tokens and keeps some
-    assert tolerance < 0.05       # near-ties are rare: the comparison still counts the mask
+    assert tolerance < 0.05  # near-ties are rare: the comparison still counts the mask
     assert rows[0]["train/mask_fraction"] == pytest.approx(mask_fraction, abs=tolerance)
     info = json.load(open(os.path.join(student, "run_info.json")))
     assert info["teacher"]["model_dir"] == str(teacher_dir) and info["teacher"]["step"] == 40
     assert info["loss_options"]["mask"] == "small_or_large"
-    assert _checkpoint_files(teacher_dir) == before    # the teacher is never written back
+    assert _checkpoint_files(teacher_dir) == before  # the teacher is never written back
     # The teacher mattered: the CAT student is not the CE student trained on the same batches.
     cat_params = jax.tree_util.tree_leaves(_final_state(student)[1]["params"])
     ce_params = jax.tree_util.tree_leaves(_final_state(ce_student)[1]["params"])
@@ -117,9 +131,17 @@ def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
 
 def test_cat_distill_student_end_to_end(teacher_dir, tmp_path):
     student = tmp_path / "cat_distill"
-    run_module("cat_jax.train", train_args(
-        "train_small_cat_distill.gin", student, 2, "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'", "--gin.TEACHER_DTYPE='float32'"))
+    run_module(
+        "cat_jax.train",
+        train_args(
+            "train_small_cat_distill.gin",
+            student,
+            2,
+            "--gin_file=gin_configs/models/tiny.gin",
+            f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'",
+            "--gin.TEACHER_DTYPE='float32'",
+        ),
+    )
     rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
     mask_fraction, tolerance, kd = _first_step_reference(teacher_dir)
     assert kd > 0.1
@@ -132,10 +154,18 @@ def test_mask_start_step_reaches_the_train_step(teacher_dir, ce_student, tmp_pat
     """LossOptions.mask_start_step=2: steps 1-2 are the CE student's steps (every token counts,
     the same loss on the same batches), the mask applies from step 3; run_info records it."""
     student = tmp_path / "cat_warm"
-    run_module("cat_jax.train", train_args(
-        "train_small_cat.gin", student, 3, "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'", "--gin.TEACHER_DTYPE='float32'",
-        "--gin.LossOptions.mask_start_step=2"))
+    run_module(
+        "cat_jax.train",
+        train_args(
+            "train_small_cat.gin",
+            student,
+            3,
+            "--gin_file=gin_configs/models/tiny.gin",
+            f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'",
+            "--gin.TEACHER_DTYPE='float32'",
+            "--gin.LossOptions.mask_start_step=2",
+        ),
+    )
     rows = [r for r in read_jsonl(os.path.join(student, "train_metrics.jsonl")) if "train/loss" in r]
     ce_rows = [r for r in read_jsonl(os.path.join(ce_student, "train_metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -170,39 +200,51 @@ def test_teacher_parameters_bitwise_unchanged_and_student_updated(teacher_dir):
     start = jax.tree_util.tree_map(np.array, state.params)
     rng = np.random.default_rng(0)
     tgt = rng.integers(3, 200, (4, 8)).astype(np.int32)
-    batch = {"encoder_input_tokens": rng.integers(3, 200, (4, 8)).astype(np.int32),
-             "decoder_target_tokens": tgt,
-             "decoder_input_tokens": np.concatenate([np.zeros((4, 1), np.int32), tgt[:, :-1]], 1),
-             "decoder_loss_weights": np.ones((4, 8), np.float32)}
-    step = jax.jit(make_train_step(token_loss(model, LossOptions(mask="none", alpha=0.5)), tx, schedule,
-                                   teacher.logits_fn), donate_argnums=(0,))
+    batch = {
+        "encoder_input_tokens": rng.integers(3, 200, (4, 8)).astype(np.int32),
+        "decoder_target_tokens": tgt,
+        "decoder_input_tokens": np.concatenate([np.zeros((4, 1), np.int32), tgt[:, :-1]], 1),
+        "decoder_loss_weights": np.ones((4, 8), np.float32),
+    }
+    step = jax.jit(
+        make_train_step(token_loss(model, LossOptions(mask="none", alpha=0.5)), tx, schedule, teacher.logits_fn),
+        donate_argnums=(0,),
+    )
     for _ in range(3):
         state, metrics = step(state, batch, teacher.params)
     assert float(metrics["kd"]) > 0
     for a, b in zip(jax.tree_util.tree_leaves(snapshot), jax.tree_util.tree_leaves(teacher.params)):
         assert a.tobytes() == np.asarray(b).tobytes()
-    changed = [not np.array_equal(a, np.asarray(b)) for a, b in
-               zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(state.params))]
+    changed = [
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(state.params))
+    ]
     assert all(changed)
 
 
 def test_cat_without_teacher_is_refused(tmp_path):
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_cat.gin", tmp_path / "s", 2, "--gin.TEACHER_MODEL_DIR=None"), check=False)
+    proc = run_module(
+        "cat_jax.train",
+        train_args("train_small_cat.gin", tmp_path / "s", 2, "--gin.TEACHER_MODEL_DIR=None"),
+        check=False,
+    )
     assert proc.returncode == 2
     assert "needs a frozen large model" in proc.stderr and "TEACHER_MODEL_DIR" in proc.stderr
 
 
 def test_missing_teacher_checkpoint_is_refused(tmp_path):
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_cat.gin", tmp_path / "s", 2, f"--gin.TEACHER_MODEL_DIR='{tmp_path / 'nope'}'"),
-        check=False)
+    proc = run_module(
+        "cat_jax.train",
+        train_args("train_small_cat.gin", tmp_path / "s", 2, f"--gin.TEACHER_MODEL_DIR='{tmp_path / 'nope'}'"),
+        check=False,
+    )
     assert proc.returncode == 2
     assert str(tmp_path / "nope") in proc.stderr and "run_info.json" in proc.stderr
 
 
 def _copy_teacher(teacher_dir, dst, edit):
     import shutil
+
     shutil.copytree(teacher_dir, dst)
     info = json.load(open(dst / "run_info.json"))
     edit(info)
@@ -211,29 +253,56 @@ def _copy_teacher(teacher_dir, dst, edit):
 
 
 def test_teacher_with_a_different_vocabulary_is_refused(teacher_dir, tmp_path):
-    other = _copy_teacher(teacher_dir, tmp_path / "spm_teacher", lambda i: i["vocabulary"].update(
-        {"class": "SentencePieceVocabulary", "size": 32100}))
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_cat.gin", tmp_path / "s", 2, "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.TEACHER_MODEL_DIR='{other}'"), check=False)
+    other = _copy_teacher(
+        teacher_dir,
+        tmp_path / "spm_teacher",
+        lambda i: i["vocabulary"].update({"class": "SentencePieceVocabulary", "size": 32100}),
+    )
+    proc = run_module(
+        "cat_jax.train",
+        train_args(
+            "train_small_cat.gin",
+            tmp_path / "s",
+            2,
+            "--gin_file=gin_configs/models/tiny.gin",
+            f"--gin.TEACHER_MODEL_DIR='{other}'",
+        ),
+        check=False,
+    )
     assert proc.returncode == 2
     assert "must share one vocabulary" in proc.stderr and "SentencePieceVocabulary" in proc.stderr
 
 
 def test_teacher_vocab_size_mismatch_is_refused(teacher_dir, tmp_path):
     other = _copy_teacher(teacher_dir, tmp_path / "big_vocab", lambda i: i["model_config"].update(vocab_size=512))
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_cat.gin", tmp_path / "s", 2, "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.TEACHER_MODEL_DIR='{other}'"), check=False)
+    proc = run_module(
+        "cat_jax.train",
+        train_args(
+            "train_small_cat.gin",
+            tmp_path / "s",
+            2,
+            "--gin_file=gin_configs/models/tiny.gin",
+            f"--gin.TEACHER_MODEL_DIR='{other}'",
+        ),
+        check=False,
+    )
     assert proc.returncode == 2
     assert "vocab_size 512 differs" in proc.stderr
 
 
 def test_teacher_written_for_another_config_is_refused(teacher_dir, tmp_path):
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_cat.gin", tmp_path / "s", 2, "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'",
-        "--gin.train.teacher_model_config=@teacher/T5Config()", "--gin.teacher/T5Config.emb_dim=128"),
-        check=False)
+    proc = run_module(
+        "cat_jax.train",
+        train_args(
+            "train_small_cat.gin",
+            tmp_path / "s",
+            2,
+            "--gin_file=gin_configs/models/tiny.gin",
+            f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'",
+            "--gin.train.teacher_model_config=@teacher/T5Config()",
+            "--gin.teacher/T5Config.emb_dim=128",
+        ),
+        check=False,
+    )
     assert proc.returncode == 2
     assert "different model config" in proc.stderr and "emb_dim" in proc.stderr

@@ -130,7 +130,8 @@ if kill_point == "before_data":  # items are being written
     ocp.JsonCheckpointHandler.async_save = block  # orbax saves items through async_save
 else:  # all data written, the rename of the temporary directories not done
     ocp.CompositeCheckpointHandler.finalize = block
-big = {"params": {"w": jnp.full((4,), 2.0), "big": jax.random.normal(jax.random.PRNGKey(0), (1024, 1024))}, "step": jnp.int32(2)}
+big = {"params": {"w": jnp.full((4,), 2.0), "big": jax.random.normal(jax.random.PRNGKey(0), (1024, 1024))},
+       "step": jnp.int32(2)}
 ckpt.save(2, big, {"run": "a"})
 """
 
@@ -323,6 +324,7 @@ def test_sharded_save_restores_onto_other_mesh(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Integrity: every saved step is recorded by its checksums; damage is found, named and survived.
 
+
 def _data_file(step_dir: Path) -> Path:
     """The largest array data file of a step (orbax's OCDBT data under state/d/)."""
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
@@ -432,12 +434,18 @@ def test_the_record_is_written_before_the_step_is_finished(tmp_path: Path) -> No
     already written (so a finished step always has one); the step does not exist, step 1 is
     restored, and saving step 2 again replaces the record with one that verifies."""
     from cat_jax import integrity
+
     script = tmp_path / "child.py"
     script.write_text(_KILLED_FINISH_CHILD)
     ckpt_dir = tmp_path / "ckpt"
     env = _child_env()
-    child = subprocess.Popen([sys.executable, str(script), str(ckpt_dir)], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(ckpt_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         assert child.stdout.readline().strip() == "BLOCKED"
     finally:
@@ -459,6 +467,7 @@ def test_an_unreadable_step_that_cannot_be_moved_is_skipped(tmp_path: Path, monk
     """The newest step cannot be read nor moved (its permissions; simulated, the tests run as root):
     it is named as unreadable, left in place, and the previous step is restored."""
     from cat_jax import integrity
+
     ckpt = Checkpointer(str(tmp_path), save_interval_steps=1, max_to_keep=None)
     for step in (1, 2, 3):
         ckpt.save(step, _state(seed=step, step=step), {})

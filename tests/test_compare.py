@@ -9,9 +9,17 @@ from cat_jax.jobs.cascade_compare import load, table
 
 def _summary(path, auc, match):
     path.mkdir()
-    row = {"task": "t", "small_model": "cat", "rule": "chow_average", "small_only": 0.1,
-           "large_only": 0.5, "auc": auc, "relative_flops_to_match_large": match,
-           "best_quality": 0.5, "best_relative_flops": 1.0}
+    row = {
+        "task": "t",
+        "small_model": "cat",
+        "rule": "chow_average",
+        "small_only": 0.1,
+        "large_only": 0.5,
+        "auc": auc,
+        "relative_flops_to_match_large": match,
+        "best_quality": 0.5,
+        "best_relative_flops": 1.0,
+    }
     (path / "summary.json").write_text(json.dumps([row, dict(row, rule="random", auc=0.0)]))
     return str(path)
 

@@ -9,23 +9,22 @@ import os
 import shutil
 
 import flax.serialization
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, run_module
 from safetensors.numpy import load_file, save_file
+from tolerances import DEEP, assert_close, near_ties
 
 from cat_jax import model_dir as model_dir_lib
 from cat_jax import vocabulary_store
 from cat_jax.decoding import greedy_decode
 from cat_jax.errors import ConversionError, ModelDirError
-from cat_jax.models.convert import tree
 from cat_jax.jobs import export_checkpoint as exporter
 from cat_jax.jobs import import_checkpoint as importer
+from cat_jax.models.convert import tree
 from cat_jax.models.t5 import T5Model, Transformer, forward_flops
-from cat_jax.models.t5.convert import hf, t5x
-from conftest import REPO, run_module
-from tolerances import DEEP, assert_close, near_ties
+from cat_jax.models.t5.convert import t5x
 
 FIXTURES = REPO / "tests" / "fixtures" / "hf_t5"
 VARIANTS = ("t5_v1_0", "t5_v1_1", "mt5", "gated_silu", "t5_v1_1_sharded")
@@ -55,8 +54,9 @@ def imported(tmp_path_factory):
 
 def _logits(config, params, encoder_ids, decoder_ids):
     model = Transformer(config)
-    return np.asarray(model.apply({"params": tree.unflatten(params)}, jnp.asarray(encoder_ids),
-                                  jnp.asarray(decoder_ids)))
+    return np.asarray(
+        model.apply({"params": tree.unflatten(params)}, jnp.asarray(encoder_ids), jnp.asarray(decoder_ids))
+    )
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -91,8 +91,9 @@ def test_tolerance_catches_real_import_errors(imported, name):
     assert len(cases) > 10
     for what, cfg, p in cases:
         with pytest.raises(AssertionError, match="of the reference's scale"):
-            assert_close(_logits(cfg, p, ref["encoder_input_ids"], ref["decoder_input_ids"]), ref["logits"],
-                         DEEP, err_msg=what)
+            assert_close(
+                _logits(cfg, p, ref["encoder_input_ids"], ref["decoder_input_ids"]), ref["logits"], DEEP, err_msg=what
+            )
 
 
 def test_variants_cover_what_they_claim(imported):
@@ -117,8 +118,13 @@ def test_greedy_decoding_equals_transformers_generate(imported, name):
     _, config, params = imported[name]
     ref = np.load(FIXTURES / name / "reference.npz")
     want = ref["generate_output_ids"]
-    out = greedy_decode(T5Model(config), tree.unflatten(params), {"encoder_input_tokens": jnp.asarray(ref["generate_input_ids"])},
-                        max_decode_length=want.shape[1], eos_id=1)
+    out = greedy_decode(
+        T5Model(config),
+        tree.unflatten(params),
+        {"encoder_input_tokens": jnp.asarray(ref["generate_input_ids"])},
+        max_decode_length=want.shape[1],
+        eos_id=1,
+    )
     # Exact equality is well posed only without near-ties on the path (tests/tolerances.py): token 0
     # is never generated, so the decision is among the others.
     decoder_inputs = np.concatenate([np.zeros_like(want[:, :1]), want[:, :-1]], axis=1)
@@ -137,9 +143,21 @@ def test_import_then_export_reproduces_the_hub_tensors_bitwise(imported, name, t
         assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
     exported_config = json.load(open(os.path.join(out, "config.json")))
     source_config = json.load(open(FIXTURES / name / "config.json"))
-    for key in ("model_type", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
-                "feed_forward_proj", "tie_word_embeddings", "layer_norm_epsilon", "vocab_size",
-                "relative_attention_num_buckets", "relative_attention_max_distance"):
+    for key in (
+        "model_type",
+        "d_model",
+        "d_kv",
+        "d_ff",
+        "num_layers",
+        "num_decoder_layers",
+        "num_heads",
+        "feed_forward_proj",
+        "tie_word_embeddings",
+        "layer_norm_epsilon",
+        "vocab_size",
+        "relative_attention_num_buckets",
+        "relative_attention_max_distance",
+    ):
         # (the Hub leaves tie_word_embeddings out where it is the default, True)
         assert exported_config[key] == source_config.get(key, True if key == "tie_word_embeddings" else None), key
     assert open(os.path.join(out, "spiece.model"), "rb").read() == open(FIXTURES / name / "spiece.model", "rb").read()
@@ -166,6 +184,7 @@ def test_imported_vocabulary_is_the_tokenizer_with_its_extra_ids(imported):
 # ---------------------------------------------------------------------------------------------
 # T5X checkpoints, written as t5x/checkpoints.py writes them.
 
+
 def _t5x_target(params: dict[str, np.ndarray]) -> dict:
     """cat_jax's flat params under T5X's names (its norms are `*_layer_norm`)."""
     back = {v: k for k, v in t5x._NORMS.items()}  # pylint: disable=protected-access
@@ -188,14 +207,17 @@ def write_t5x_legacy(step_dir, params: dict[str, np.ndarray], gcs_spec_for: str)
         name = "target." + path.replace("/", ".")
         chunks = [array.shape[0] // 2 if array.shape[0] % 2 == 0 else array.shape[0], *array.shape[1:]]
         metadata = {"compressor": {"id": "gzip"}, "shape": list(array.shape), "chunks": chunks}
-        spec = {"driver": "zarr", "dtype": "float32", "kvstore": {"driver": "file", "path": name},
-                "metadata": metadata}
+        spec = {"driver": "zarr", "dtype": "float32", "kvstore": {"driver": "file", "path": name}, "metadata": metadata}
         absolute = json.loads(json.dumps(spec))
         absolute["kvstore"]["path"] = os.path.join(step_dir, name)
         ts.open(absolute, create=True, open=True).result().write(array).result()
         if path == gcs_spec_for:  # written to a bucket: gcs driver, dummy bucket, relative path
-            spec = {"driver": "zarr", "dtype": "float32", "metadata": metadata,
-                    "kvstore": {"driver": "gcs", "bucket": "t5x-dummy-bucket", "path": name}}
+            spec = {
+                "driver": "zarr",
+                "dtype": "float32",
+                "metadata": metadata,
+                "kvstore": {"driver": "gcs", "bucket": "t5x-dummy-bucket", "path": name},
+            }
         written[path] = spec
     state = {"step": np.int32(1000), "param_states": {"token_embedder": {"embedding": {"v": np.zeros(3)}}}}
     contents = {"version": 3, "optimizer": {"target": tree.unflatten(written), "state": state}}
@@ -208,8 +230,10 @@ def write_t5x_orbax(step_dir, params: dict[str, np.ndarray]) -> None:
     import orbax.checkpoint as ocp
 
     os.makedirs(step_dir)
-    item = {"target": _t5x_target(params),
-            "state": {"step": np.int32(1000), "param_states": {"v": np.ones(4, np.float32)}}}
+    item = {
+        "target": _t5x_target(params),
+        "state": {"step": np.int32(1000), "param_states": {"v": np.ones(4, np.float32)}},
+    }
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(str(step_dir / "state"), args=ocp.args.PyTreeSave(item))
 
@@ -226,19 +250,28 @@ def test_t5x_checkpoints_import_to_the_same_parameters(imported, tmp_path, layou
         write_t5x_orbax(step_dir, params)
     assert t5x.detect(str(root)) == f"t5x_{layout}"
     gin_file = tmp_path / "model.gin"
-    gin_file.write_text(f"network.T5Config.mlp_activations = ('gelu', 'linear')\n"
-                        f"NUM_HEADS = {config.num_heads}\nnetwork.T5Config.num_heads = %NUM_HEADS\n")
+    gin_file.write_text(
+        f"network.T5Config.mlp_activations = ('gelu', 'linear')\n"
+        f"NUM_HEADS = {config.num_heads}\nnetwork.T5Config.num_heads = %NUM_HEADS\n"
+    )
     target = tmp_path / "imported"
-    importer.import_checkpoint(source=str(root), model_dir=str(target), t5x_gin_file=str(gin_file),
-                               sentencepiece_model=str(FIXTURES / "spiece.model"), extra_ids=4)
+    importer.import_checkpoint(
+        source=str(root),
+        model_dir=str(target),
+        t5x_gin_file=str(gin_file),
+        sentencepiece_model=str(FIXTURES / "spiece.model"),
+        extra_ids=4,
+    )
     got_config, info, back, _ = exporter.read_params(str(target))
     assert info["imported_from"]["format"] == f"t5x_{layout}" and info["imported_from"]["t5x_step"] == 1000
     assert got_config.replace(relative_attention_max_distance=config.relative_attention_max_distance) == config
     assert sorted(back) == sorted(params)
     for key, value in params.items():
         assert np.array_equal(back[key], value), key
-    assert model_dir_lib.read_run_info(str(target))["vocabulary"] == model_dir_lib.read_run_info(
-        str(imported["t5_v1_1"][0]))["vocabulary"]
+    assert (
+        model_dir_lib.read_run_info(str(target))["vocabulary"]
+        == model_dir_lib.read_run_info(str(imported["t5_v1_1"][0]))["vocabulary"]
+    )
 
 
 def test_t5x_without_a_vocabulary_is_refused(imported, tmp_path):
@@ -250,6 +283,7 @@ def test_t5x_without_a_vocabulary_is_refused(imported, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: a named error, nothing written.
+
 
 def _copy_variant(tmp_path, name="t5_v1_1"):
     target = tmp_path / f"{name}_copy"
@@ -289,7 +323,7 @@ def test_bad_sources_are_named_errors_and_write_nothing(tmp_path):
     with pytest.raises(ConversionError, match="shape mismatches: .*DenseReluDense.wi_0.weight"):
         importer.import_checkpoint(source=str(wrong), model_dir=str(out))
 
-    truncated = _copy_variant(tmp_path, "mt5")   # an interrupted download
+    truncated = _copy_variant(tmp_path, "mt5")  # an interrupted download
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match=r"model.safetensors cannot be read as safetensors .*Download it again"):
@@ -298,8 +332,9 @@ def test_bad_sources_are_named_errors_and_write_nothing(tmp_path):
 
 
 def test_the_binary_loads_its_run_file_when_no_gin_file_is_given(tmp_path):
-    proc = run_module("cat_jax.import_checkpoint", [f"--gin.SOURCE={FIXTURES / 't5_v1_0'}",
-                                                    f"--gin.MODEL_DIR={tmp_path / 'm'}"])
+    proc = run_module(
+        "cat_jax.import_checkpoint", [f"--gin.SOURCE={FIXTURES / 't5_v1_0'}", f"--gin.MODEL_DIR={tmp_path / 'm'}"]
+    )
     assert "No --gin_file given: using gin_configs/runs/import_checkpoint.gin" in proc.stderr
     assert json.loads(proc.stdout)["imported_from"]["source"] == str(FIXTURES / "t5_v1_0")
     assert (tmp_path / "m" / "run_info.json").exists()
@@ -311,14 +346,21 @@ def test_an_occupied_model_dir_is_refused_untouched(imported, tmp_path):
     with pytest.raises(ModelDirError, match="already holds a cat_jax run"):
         importer.import_checkpoint(source=str(FIXTURES / "t5_v1_1"), model_dir=str(model_dir))
     assert sorted(p.name for p in model_dir.iterdir()) == before
-    proc = run_module("cat_jax.import_checkpoint", ["--gin_file=gin_configs/runs/import_checkpoint.gin",
-                                                    f"--gin.SOURCE={FIXTURES / 'mt5'}", f"--gin.MODEL_DIR={model_dir}"],
-                      check=False)
+    proc = run_module(
+        "cat_jax.import_checkpoint",
+        [
+            "--gin_file=gin_configs/runs/import_checkpoint.gin",
+            f"--gin.SOURCE={FIXTURES / 'mt5'}",
+            f"--gin.MODEL_DIR={model_dir}",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "already holds" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------
 # End to end: imported models fine-tuned, CAT-trained and cascaded with their own vocabulary.
+
 
 def _model_gin(path, config) -> str:
     """A model gin file with the imported architecture (what gin_configs/models/flan_t5_*.gin are
@@ -338,21 +380,49 @@ def test_imported_models_fine_tune_cat_train_and_cascade(tmp_path):
     large_gin = _model_gin(tmp_path / "large.gin", exporter.read_params(str(large_hub))[0])
     small_gin = _model_gin(tmp_path / "small.gin", exporter.read_params(str(small_hub))[0])
     large, small = tmp_path / "large", tmp_path / "small_cat"
-    proc = run_module("cat_jax.train", train_args("train_large.gin", large, 20, f"--gin_file={large_gin}",
-                                                  f"--gin.train.initial_checkpoint_dir={large_hub}", *vocab))
+    proc = run_module(
+        "cat_jax.train",
+        train_args(
+            "train_large.gin",
+            large,
+            20,
+            f"--gin_file={large_gin}",
+            f"--gin.train.initial_checkpoint_dir={large_hub}",
+            *vocab,
+        ),
+    )
     assert f"Restore: parameters from {large_hub} (step 0)" in proc.stderr
-    run_module("cat_jax.train", train_args("train_small_cat.gin", small, 20, f"--gin_file={small_gin}",
-                                           f"--gin.train.initial_checkpoint_dir={small_hub}",
-                                           f"--gin.TEACHER_MODEL_DIR={large}", *vocab))
+    run_module(
+        "cat_jax.train",
+        train_args(
+            "train_small_cat.gin",
+            small,
+            20,
+            f"--gin_file={small_gin}",
+            f"--gin.train.initial_checkpoint_dir={small_hub}",
+            f"--gin.TEACHER_MODEL_DIR={large}",
+            *vocab,
+        ),
+    )
     info = model_dir_lib.read_run_info(str(small))
     assert info["teacher"]["model_dir"] == str(large) and info["vocabulary"]["class"] == "SentencePieceVocabulary"
     out = tmp_path / "cascade"
-    run_module("cat_jax.cascade_eval", [
-        "--gin_file=gin_configs/runs/cascade_eval.gin", f"--gin.load_split.cache_dir='{DATA_CACHE}'",
-        f"--gin.LARGE_MODEL_DIR={large}", f"--gin.SMALL_MODEL_DIRS={{'cat': '{small}', 'hub': '{small_hub}'}}",
-        f"--gin.OUTPUT_DIR={out}", f"--gin.MIXTURE_OR_TASK_NAME={TINY_TASK}", "--gin.MAX_EXAMPLES=16",
-        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=8",
-        "--gin.run_cascade_eval.rules=['chow_average', 'oracle']", *vocab])
+    run_module(
+        "cat_jax.cascade_eval",
+        [
+            "--gin_file=gin_configs/runs/cascade_eval.gin",
+            f"--gin.load_split.cache_dir='{DATA_CACHE}'",
+            f"--gin.LARGE_MODEL_DIR={large}",
+            f"--gin.SMALL_MODEL_DIRS={{'cat': '{small}', 'hub': '{small_hub}'}}",
+            f"--gin.OUTPUT_DIR={out}",
+            f"--gin.MIXTURE_OR_TASK_NAME={TINY_TASK}",
+            "--gin.MAX_EXAMPLES=16",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+            "--gin.BATCH_SIZE=8",
+            "--gin.run_cascade_eval.rules=['chow_average', 'oracle']",
+            *vocab,
+        ],
+    )
     curves = (out / "curves.csv").read_text().splitlines()
     assert curves[0].startswith("task,small_model,rule") and len(curves) > 4
     assert {line.split(",")[1] for line in curves[1:]} == {"cat", "hub"}

@@ -126,8 +126,9 @@ def test_train_batches_are_a_pure_function_of_seed_and_step():
     arrays = _fake({"a": 10})
     first, second = data.TrainBatches(arrays, 4, seed=7), data.TrainBatches(arrays, 4, seed=7)
     for step in (0, 5, 3, 0):
-        np.testing.assert_array_equal(first.batch(step)["encoder_input_tokens"],
-                                      second.batch(step)["encoder_input_tokens"])
+        np.testing.assert_array_equal(
+            first.batch(step)["encoder_input_tokens"], second.batch(step)["encoder_input_tokens"]
+        )
     resumed = data.TrainBatches(arrays, 4, seed=7)
     np.testing.assert_array_equal(resumed.global_rows(6), first.global_rows(6))
     other_seed = data.TrainBatches(arrays, 4, seed=8)

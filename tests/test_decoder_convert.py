@@ -12,14 +12,13 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 from safetensors.numpy import load_file, save_file
+from tolerances import DEEP, assert_close, near_ties
 
 from cat_jax.errors import ConversionError
 from cat_jax.models.convert.tree import unflatten
-from cat_jax.models.decoder import Decoder, decode_block, init_cache
-from cat_jax.models.decoder import convert
-from conftest import REPO
-from tolerances import DEEP, assert_close, near_ties
+from cat_jax.models.decoder import Decoder, convert, decode_block, init_cache
 
 FIXTURES = REPO / "tests" / "fixtures" / "hf_decoder"
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
@@ -40,8 +39,7 @@ def imported():
 
 
 def _logits(config, params, ids, mask):
-    return np.asarray(Decoder(config).apply({"params": unflatten(params)}, jnp.asarray(ids),
-                                            jnp.asarray(mask, bool)))
+    return np.asarray(Decoder(config).apply({"params": unflatten(params)}, jnp.asarray(ids), jnp.asarray(mask, bool)))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -81,12 +79,25 @@ def test_fixtures_cover_what_they_claim(imported):
 
 def _perturbed(config, params):
     """Defects an importer could make, each as (what, config, params)."""
-    out = [(f"{k} dropped", config, {**params, k: np.zeros_like(v) if k.endswith("bias") or config.norm_plus_one
-                                     else np.ones_like(v)})
-           for k, v in sorted(params.items()) if k.endswith(("/scale", "/bias"))]
-    switches = dict(rope_scaling="none", rms_norm_eps=config.rms_norm_eps * 1000, sliding_window=None,
-                    attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None,
-                    scale_embeddings=False, activation="gelu" if config.activation == "gelu_tanh" else "gelu_tanh")
+    out = [
+        (
+            f"{k} dropped",
+            config,
+            {**params, k: np.zeros_like(v) if k.endswith("bias") or config.norm_plus_one else np.ones_like(v)},
+        )
+        for k, v in sorted(params.items())
+        if k.endswith(("/scale", "/bias"))
+    ]
+    switches = dict(
+        rope_scaling="none",
+        rms_norm_eps=config.rms_norm_eps * 1000,
+        sliding_window=None,
+        attn_logit_softcap=None,
+        final_logit_softcap=None,
+        query_pre_attn_scalar=None,
+        scale_embeddings=False,
+        activation="gelu" if config.activation == "gelu_tanh" else "gelu_tanh",
+    )
     for key, value in switches.items():
         if getattr(config, key) != value and not (key == "activation" and config.activation == "silu"):
             out.append((f"{key}={value}", config.replace(**{key: value}), params))
@@ -133,7 +144,7 @@ def test_greedy_continuations_equal_transformers_generate(imported, name):
     # Exact equality is well posed only without near-ties on the path (tests/tolerances.py).
     path_ids = np.concatenate([ids, np.where(decided, want, ref["pad_id"])], axis=1)
     path_mask = np.concatenate([mask, decided], axis=1)
-    path = _logits(config, params, path_ids, path_mask)[:, ids.shape[1] - 1:-1]
+    path = _logits(config, params, path_ids, path_mask)[:, ids.shape[1] - 1 : -1]
     assert not near_ties(path)[decided].any(), "the fixture's greedy path has a near-tie: remake it"
     np.testing.assert_array_equal(got[decided], want[decided])
     assert (want[~decided] == ref["pad_id"]).all()
@@ -177,6 +188,7 @@ def test_bfloat16_export_and_config_round_trip(imported, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Bad input: named errors.
 
+
 def _copy(tmp_path, name):
     target = tmp_path / f"{name}_copy"
     shutil.copytree(FIXTURES / name, target)
@@ -194,11 +206,23 @@ def test_unsupported_model_types_and_features_are_named_errors(tmp_path):
     _edit_config(source, model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ConversionError, match="model_type='gpt2'.*llama, mistral, qwen2, qwen3, gemma, gemma2"):
         convert.import_hf(str(source))
-    for changes, match in [(dict(model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}), "'yarn'"),
-                           (dict(attention_bias=True), "attention_bias"), (dict(hidden_act="relu"), "hidden_act"),
-                           (dict(num_attention_heads=3), "valid llama shape")]:
-        _edit_config(source, **{"model_type": "llama", "rope_scaling": None, "attention_bias": False,
-                                "hidden_act": "silu", "num_attention_heads": 4, **changes})
+    for changes, match in [
+        (dict(model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}), "'yarn'"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(hidden_act="relu"), "hidden_act"),
+        (dict(num_attention_heads=3), "valid llama shape"),
+    ]:
+        _edit_config(
+            source,
+            **{
+                "model_type": "llama",
+                "rope_scaling": None,
+                "attention_bias": False,
+                "hidden_act": "silu",
+                "num_attention_heads": 4,
+                **changes,
+            },
+        )
         with pytest.raises(ConversionError, match=match):
             convert.import_hf(str(source))
     mixed = _copy(tmp_path, "gemma2")
@@ -222,8 +246,11 @@ def test_missing_extra_and_misshapen_tensors_are_named_errors(tmp_path):
 
     wrong = _copy(tmp_path, "qwen2")
     _edit_config(wrong, intermediate_size=25)
-    with pytest.raises(ConversionError, match=r"shape mismatches: .*mlp.down_proj.weight: \(16, 24\) where the "
-                                              r"config needs \(16, 25\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"shape mismatches: .*mlp.down_proj.weight: \(16, 24\) where the "
+        r"config needs \(16, 25\)",
+    ):
         convert.import_hf(str(wrong))
 
     sharded = _copy(tmp_path, "mistral")

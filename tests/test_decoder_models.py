@@ -16,26 +16,61 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-
-from cat_jax.models.decoder import (Decoder, DecoderConfig, abstract_params, decode_block, decode_flops,
-                                    fit_axis_rules, init_cache, init_params, prefill_flops, set_cache_index)
-from cat_jax.partitioning import DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXES
 from tolerances import BFLOAT16, DEEP, assert_close
+
+from cat_jax.models.decoder import (
+    Decoder,
+    DecoderConfig,
+    abstract_params,
+    decode_block,
+    decode_flops,
+    fit_axis_rules,
+    init_cache,
+    init_params,
+    prefill_flops,
+    set_cache_index,
+)
+from cat_jax.partitioning import DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXES
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / "models" / "decoder"
 TINY = DecoderConfig(vocab_size=64, emb_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 # Every switch at once: Gemma 2's norms, caps, scalar and alternating windows, Qwen's biases and
 # q/k norms, llama3 rope scaling, tied embeddings.
 EVERYTHING = DecoderConfig(
-    model_type="gemma2", vocab_size=64, emb_dim=24, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=10,
-    mlp_dim=40, activation="gelu_tanh", rope_theta=1000.0, rope_scaling="llama3", rope_scaling_factor=4.0,
-    rope_original_max_position=64, norm_plus_one=True, scale_embeddings=True, qkv_bias=True, qk_norm=True,
-    tie_embeddings=True, sandwich_norms=True, attn_logit_softcap=3.0, final_logit_softcap=6.0,
-    query_pre_attn_scalar=7.0, sliding_window=3, sliding_window_layers="even")
+    model_type="gemma2",
+    vocab_size=64,
+    emb_dim=24,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=10,
+    mlp_dim=40,
+    activation="gelu_tanh",
+    rope_theta=1000.0,
+    rope_scaling="llama3",
+    rope_scaling_factor=4.0,
+    rope_original_max_position=64,
+    norm_plus_one=True,
+    scale_embeddings=True,
+    qkv_bias=True,
+    qk_norm=True,
+    tie_embeddings=True,
+    sandwich_norms=True,
+    attn_logit_softcap=3.0,
+    final_logit_softcap=6.0,
+    query_pre_attn_scalar=7.0,
+    sliding_window=3,
+    sliding_window_layers="even",
+)
 # Three left-padded rows of 12 slots: 0, 2 and 4 leading pads.
-TOKENS = np.array([[5, 9, 12, 7, 3, 8, 11, 30, 31, 2, 6, 7],
-                   [0, 0, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29],
-                   [0, 0, 0, 0, 40, 41, 42, 43, 44, 45, 46, 47]], np.int32)
+TOKENS = np.array(
+    [
+        [5, 9, 12, 7, 3, 8, 11, 30, 31, 2, 6, 7],
+        [0, 0, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29],
+        [0, 0, 0, 0, 40, 41, 42, 43, 44, 45, 46, 47],
+    ],
+    np.int32,
+)
 MASK = TOKENS > 0
 
 
@@ -56,8 +91,12 @@ def everything():
 
 def test_parameter_tree_and_logical_axes():
     boxed = init_params(EVERYTHING, jax.random.key(0))
-    specs = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(
-        nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+    specs = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_leaves_with_path(
+            nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
+    }
     params = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed))}
     assert specs.keys() == params.keys()
     # per layer: 4 norms, q/k/v kernels and biases, q/k norms, out, gate/up/down; embedding, final norm
@@ -145,8 +184,9 @@ def test_hidden_state_after_layer_k(everything):
 def test_bfloat16_compute_close_to_float32(everything):
     _, params = everything
     logits32 = Decoder(EVERYTHING).apply({"params": params}, jnp.asarray(TOKENS), jnp.asarray(MASK))
-    logits16 = Decoder(EVERYTHING.replace(dtype="bfloat16")).apply({"params": params}, jnp.asarray(TOKENS),
-                                                                   jnp.asarray(MASK))
+    logits16 = Decoder(EVERYTHING.replace(dtype="bfloat16")).apply(
+        {"params": params}, jnp.asarray(TOKENS), jnp.asarray(MASK)
+    )
     assert logits16.dtype == jnp.bfloat16 and logits32.dtype == jnp.float32
     assert_close(np.asarray(logits16, np.float32)[MASK], np.asarray(logits32)[MASK], 5 * BFLOAT16)
     assert not np.array_equal(np.asarray(logits16, np.float32), np.asarray(logits32))
@@ -157,10 +197,16 @@ def test_config_round_trip_and_validation():
     assert EVERYTHING.to_dict()["family"] == "decoder" and DecoderConfig.family == "decoder"
     assert [EVERYTHING.layer_window(i) for i in range(3)] == [3, None, 3]
     assert EVERYTHING.attention_scale == 7.0**-0.5 and TINY.attention_scale == 8**-0.5
-    for changes, match in [(dict(num_kv_heads=3), "multiple of num_kv_heads"), (dict(head_dim=7), "even"),
-                           (dict(activation="relu"), "activation"), (dict(model_type="gpt2"), "model_type"),
-                           (dict(sliding_window=0), "sliding_window"), (dict(rope_scaling="yarn"), "rope_scaling"),
-                           (dict(attn_logit_softcap=-1.0), "attn_logit_softcap"), (dict(dtype="float16"), "dtype")]:
+    for changes, match in [
+        (dict(num_kv_heads=3), "multiple of num_kv_heads"),
+        (dict(head_dim=7), "even"),
+        (dict(activation="relu"), "activation"),
+        (dict(model_type="gpt2"), "model_type"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(rope_scaling="yarn"), "rope_scaling"),
+        (dict(attn_logit_softcap=-1.0), "attn_logit_softcap"),
+        (dict(dtype="float16"), "dtype"),
+    ]:
         with pytest.raises(ValueError, match=match):
             TINY.replace(**changes)
     with pytest.raises(ValueError, match="Unknown DecoderConfig fields \\['emb'\\]"):
@@ -175,6 +221,7 @@ def test_config_round_trip_and_validation():
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs: the analytic count against the jaxpr's dot_generals and XLA's cost analysis.
+
 
 def _count_matmul_flops(jaxpr) -> float:
     total = 0.0
@@ -195,12 +242,16 @@ def _forward(config: DecoderConfig, length: int):
     return (lambda p: model.apply({"params": p}, tokens)), params
 
 
-@pytest.mark.parametrize("config", [TINY, EVERYTHING, TINY.replace(num_kv_heads=1, tie_embeddings=True)],
-                         ids=["tiny", "everything", "multi_query_tied"])
+@pytest.mark.parametrize(
+    "config",
+    [TINY, EVERYTHING, TINY.replace(num_kv_heads=1, tie_embeddings=True)],
+    ids=["tiny", "everything", "multi_query_tied"],
+)
 def test_prefill_flops_equal_the_jaxpr_count(config):
     forward, params = _forward(config, 16)
-    assert prefill_flops(config, 16) == pytest.approx(_count_matmul_flops(jax.make_jaxpr(forward)(params).jaxpr),
-                                                      rel=1e-9)
+    assert prefill_flops(config, 16) == pytest.approx(
+        _count_matmul_flops(jax.make_jaxpr(forward)(params).jaxpr), rel=1e-9
+    )
 
 
 def test_prefill_flops_match_xla_cost_analysis():
@@ -218,8 +269,9 @@ def test_decode_flops_count_a_cached_block_call(everything, context, block):
     3 bounds its sliding layers' keys (9+1 -> 3 keys, 6+3 -> 5, 1+2 -> all 3)."""
     model, _ = everything
     params = jax.eval_shape(lambda: nn.unbox(init_params(EVERYTHING, jax.random.key(0))))
-    cache = jax.eval_shape(lambda p: set_cache_index(init_cache(model, p, 1, context + block),
-                                                     jnp.array([context])), params)
+    cache = jax.eval_shape(
+        lambda p: set_cache_index(init_cache(model, p, 1, context + block), jnp.array([context])), params
+    )
     call = lambda p, c: decode_block(model, p, c, jnp.ones((1, block), jnp.int32))[0]
     counted = _count_matmul_flops(jax.make_jaxpr(call)(params, cache).jaxpr)
     assert decode_flops(EVERYTHING, context, block) == pytest.approx(counted, rel=1e-9)
@@ -235,16 +287,19 @@ def test_flops_formulas_by_hand():
     mistral_like = TINY.replace(sliding_window=4)
     assert decode_flops(mistral_like, 100, 2) == 2 * 2 * (per_token + 4 * 5 * q) + 2 * 2 * d * v
     lengths = np.array([5, 9])
-    np.testing.assert_array_equal(decode_flops(mistral_like, lengths, 1),
-                                  [decode_flops(mistral_like, 5, 1), decode_flops(mistral_like, 9, 1)])
+    np.testing.assert_array_equal(
+        decode_flops(mistral_like, lengths, 1), [decode_flops(mistral_like, 5, 1), decode_flops(mistral_like, 9, 1)]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Sharding rules fitted to a config and a mesh.
 
+
 def test_fit_axis_rules_replicates_what_the_mesh_does_not_divide():
-    qwen_half_b = DecoderConfig(vocab_size=151936, emb_dim=896, num_layers=24, num_heads=14, num_kv_heads=2,
-                                head_dim=64, mlp_dim=4864)
+    qwen_half_b = DecoderConfig(
+        vocab_size=151936, emb_dim=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, mlp_dim=4864
+    )
     rules = fit_axis_rules(qwen_half_b, {"data": 1, "fsdp": 2, "model": 4}, DEFAULT_LOGICAL_AXIS_RULES)
     assert rules[:2] == (("heads", None), ("kv_heads", None))
     assert rules[2:] == DEFAULT_LOGICAL_AXIS_RULES
@@ -259,9 +314,16 @@ def test_fit_axis_rules_replicates_what_the_mesh_does_not_divide():
 # Gin model files: the published shapes and parameter counts.
 
 PUBLISHED = {  # the parameter counts of the Hub checkpoints
-    "llama3_2_1b": 1_235_814_400, "llama3_2_3b": 3_212_749_824, "llama3_1_8b": 8_030_261_248,
-    "qwen2_5_0_5b": 494_032_768, "qwen2_5_1_5b": 1_543_714_304, "qwen2_5_7b": 7_615_616_512,
-    "gemma_2b": 2_506_172_416, "gemma2_2b": 2_614_341_888, "gemma2_9b": 9_241_705_984, "mistral_7b": 7_241_732_096,
+    "llama3_2_1b": 1_235_814_400,
+    "llama3_2_3b": 3_212_749_824,
+    "llama3_1_8b": 8_030_261_248,
+    "qwen2_5_0_5b": 494_032_768,
+    "qwen2_5_1_5b": 1_543_714_304,
+    "qwen2_5_7b": 7_615_616_512,
+    "gemma_2b": 2_506_172_416,
+    "gemma2_2b": 2_614_341_888,
+    "gemma2_9b": 9_241_705_984,
+    "mistral_7b": 7_241_732_096,
 }
 SIZED_BY_TASK = ("decoder_tiny", "decoder_demo_small", "decoder_demo_large")
 
@@ -296,7 +358,8 @@ def test_task_sized_model_files_state_their_parameter_counts(name):
     config = _gin_config(name)
     assert config.vocab_size is None
     text = " ".join(line.lstrip("# ") for line in (GIN_DIR / f"{name}.gin").read_text().splitlines())
-    without, with_bytes = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) (?:without|with the 259|in all)",
-                                                                         text)[:2])
+    without, with_bytes = (
+        int(n.replace(",", "")) for n in re.findall(r"([\d,]+) (?:without|with the 259|in all)", text)[:2]
+    )
     assert _count(config.replace(vocab_size=2)) - 2 * 2 * config.emb_dim == without
     assert _count(config.replace(vocab_size=259)) == with_bytes

@@ -11,29 +11,46 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from tolerances import DEEP, assert_close, near_ties
 
-from cat_jax.decoding import (DecodeOutput, DecodingConfig, Sampler, beam_search, greedy_decode, length_penalty,
-                              make_decoder, sample_decode, sampling_probs, score_tokens, shift_right)
+from cat_jax.decoding import (
+    DecodeOutput,
+    DecodingConfig,
+    Sampler,
+    beam_search,
+    greedy_decode,
+    length_penalty,
+    make_decoder,
+    sample_decode,
+    sampling_probs,
+    score_tokens,
+    shift_right,
+)
 from cat_jax.decoding.sampling import filtered_logits
 from cat_jax.errors import ConfigError
 from cat_jax.models.t5 import T5Config, T5Model, Transformer
-from tolerances import DEEP, assert_close, near_ties
 
-CONFIG = T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                  num_encoder_layers=2, num_decoder_layers=2)
+CONFIG = T5Config(
+    vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2
+)
 ENC = jnp.array([[5, 9, 12, 7, 1, 0], [3, 4, 1, 0, 0, 0], [30, 31, 32, 33, 34, 1]], jnp.int32)
 INPUTS = {"encoder_input_tokens": ENC}  # what decoding reads of a T5 batch
 MAX_LEN = 7
 EOS = 1
 # Row 0 ends after 4 tokens, row 1 after 2, row 2 is longer than MAX_LEN (never reaches EOS).
-TARGETS = jnp.array([[8, 9, 10, 1, 0, 0, 0, 0, 0], [20, 1, 0, 0, 0, 0, 0, 0, 0],
-                     [30, 31, 32, 33, 34, 35, 36, 37, 1]], jnp.int32)
+TARGETS = jnp.array(
+    [[8, 9, 10, 1, 0, 0, 0, 0, 0], [20, 1, 0, 0, 0, 0, 0, 0, 0], [30, 31, 32, 33, 34, 35, 36, 37, 1]], jnp.int32
+)
 
 
 def score(model: T5Model, params, targets):
     """score_tokens of `targets` [3, T] given ENC."""
-    batch = {"encoder_input_tokens": ENC, "decoder_input_tokens": shift_right(targets), "decoder_target_tokens": targets,
-             "decoder_loss_weights": (targets > 0).astype(jnp.float32)}
+    batch = {
+        "encoder_input_tokens": ENC,
+        "decoder_input_tokens": shift_right(targets),
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": (targets > 0).astype(jnp.float32),
+    }
     return score_tokens(model, params, batch)
 
 
@@ -42,11 +59,15 @@ def make_params(seed: int = 0, eos_bias: float = 0.0):
     net = Transformer(CONFIG)
     variables = net.init({"params": jax.random.key(seed)}, ENC, jnp.zeros((3, MAX_LEN), int))
     params = nn.unbox(variables)["params"]
-    hidden = net.apply({"params": params}, ENC, jnp.zeros((3, 1), int), method=(
-        lambda m, e, d: m.decode(m.encode(e), e, d, return_hidden=True)[1]))[:, 0]
+    hidden = net.apply(
+        {"params": params},
+        ENC,
+        jnp.zeros((3, 1), int),
+        method=(lambda m, e, d: m.decode(m.encode(e), e, d, return_hidden=True)[1]),
+    )[:, 0]
     direction = jnp.mean(hidden, axis=0)  # hidden . direction / |direction|^2 is about 1
     kernel = params["decoder"]["logits_dense"]["kernel"]
-    kernel = kernel.at[:, EOS].add(eos_bias * direction / jnp.sum(direction ** 2))
+    kernel = kernel.at[:, EOS].add(eos_bias * direction / jnp.sum(direction**2))
     params["decoder"]["logits_dense"]["kernel"] = kernel
     return T5Model(CONFIG), params
 
@@ -83,8 +104,7 @@ def train_params(steps: int = 40, head_scale: float = 0.4):
 @pytest.fixture(scope="module")
 def decoded():
     model, params = train_params()
-    out = jax.jit(functools.partial(greedy_decode, model, max_decode_length=MAX_LEN,
-                                    eos_id=EOS))(params, INPUTS)
+    out = jax.jit(functools.partial(greedy_decode, model, max_decode_length=MAX_LEN, eos_id=EOS))(params, INPUTS)
     return model, params, out
 
 
@@ -100,8 +120,9 @@ def test_output_types_and_shapes(decoded):
 
 def test_decodes_memorised_targets_with_eos_handling(decoded):
     _, _, out = decoded
-    np.testing.assert_array_equal(out.tokens, [[8, 9, 10, 1, 0, 0, 0], [20, 1, 0, 0, 0, 0, 0],
-                                               [30, 31, 32, 33, 34, 35, 36]])
+    np.testing.assert_array_equal(
+        out.tokens, [[8, 9, 10, 1, 0, 0, 0], [20, 1, 0, 0, 0, 0, 0], [30, 31, 32, 33, 34, 35, 36]]
+    )
     np.testing.assert_array_equal(out.lengths, [4, 2, 7])
     mask = np.asarray(out.tokens) > 0
     assert (np.asarray(out.logprobs)[~mask] == 0).all()
@@ -117,8 +138,12 @@ def test_logprobs_equal_teacher_forced_scores(decoded):
 
 def test_greedy_tokens_are_argmax_and_entropies_match(decoded):
     model, params, out = decoded
-    logits, hidden = model.network.apply({"params": params}, ENC, shift_right(out.tokens), method=(
-        lambda m, e, d: m.decode(m.encode(e), e, d, return_hidden=True)))
+    logits, hidden = model.network.apply(
+        {"params": params},
+        ENC,
+        shift_right(out.tokens),
+        method=(lambda m, e, d: m.decode(m.encode(e), e, d, return_hidden=True)),
+    )
     logits = np.asarray(logits, np.float64)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -154,8 +179,9 @@ def test_score_tokens_masks_padding_and_uses_shifted_inputs():
     targets = jnp.array([[7, 8, 1, 0], [9, 1, 0, 0], [10, 11, 12, 1]], jnp.int32)
     scores = np.asarray(score(model, params, targets))
     assert (scores[np.asarray(targets) == 0] == 0).all()
-    logits = model.network.apply({"params": params}, ENC,
-                         jnp.array([[0, 7, 8, 1], [0, 9, 1, 0], [0, 10, 11, 12]], jnp.int32))
+    logits = model.network.apply(
+        {"params": params}, ENC, jnp.array([[0, 7, 8, 1], [0, 9, 1, 0], [0, 10, 11, 12]], jnp.int32)
+    )
     logp = jax.nn.log_softmax(logits, axis=-1)
     assert_close(scores[2, 3], logp[2, 3, 1], DEEP)
     assert_close(scores[0, 1], logp[0, 1, 8], DEEP)
@@ -243,6 +269,7 @@ def test_beam_of_one_is_greedy_and_scores_equal_teacher_forced_scores(decoded):
 def test_decoding_method_from_gin(decoded):
     model, params, greedy = decoded
     import gin
+
     gin.clear_config()
     try:
         gin.parse_config(["decoding.method = 'beam'", "decoding.beam_size = 1", "decoding.length_penalty = 0.0"])

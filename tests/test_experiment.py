@@ -12,8 +12,13 @@ SCRIPT = REPO / "launch" / "experiments" / "offline_cascade.sh"
 
 
 def _commands(*args: str) -> list[dict[str, str]]:
-    out = subprocess.run(["bash", str(SCRIPT), "--dry-run", *args], check=True, capture_output=True,
-                         text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": "python"}).stdout
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": "python"},
+    ).stdout
     commands = []
     for line in out.splitlines():
         argv = shlex.split(line)
@@ -42,7 +47,8 @@ def test_cpu_scale_trains_large_then_four_students_then_evaluates_per_seed(tmp_p
             assert student["--gin.MODEL_DIR"] == f"{tmp_path}/seed{seed}/small_{name}"
             assert student.get("--gin.TEACHER_MODEL_DIR") == (None if name == "ce" else large["--gin.MODEL_DIR"])
         assert ast.literal_eval(cascade["--gin.SMALL_MODEL_DIRS"]) == {
-            n: f"{tmp_path}/seed{seed}/small_{n}" for n in names}
+            n: f"{tmp_path}/seed{seed}/small_{n}" for n in names
+        }
         assert cascade["--gin.MAX_EXAMPLES"] == "128"  # per task
         assert cascade["--gin.LARGE_MODEL_DIR"] == large["--gin.MODEL_DIR"]
         for command in [large, *group]:

@@ -16,14 +16,14 @@ import textwrap
 import gin
 import numpy as np
 import pytest
-
-from cat_jax import data, evaluation, model_dir, vocabularies
-from cat_jax.jobs import export_task as data_export
-from cat_jax.errors import ExportedDataError, UnknownTaskError
 from conftest import REPO, SUBPROCESS_ENV, TINY_TASK, run_module, train_args
 
-LENGTHS = {"inputs": 32, "targets": 8}          # TINY_ARGS' lengths
-TRAIN_CAP = 256                                  # TINY_ARGS' DatasetConfig.max_examples
+from cat_jax import data, evaluation, model_dir, vocabularies
+from cat_jax.errors import ExportedDataError, UnknownTaskError
+from cat_jax.jobs import export_task as data_export
+
+LENGTHS = {"inputs": 32, "targets": 8}  # TINY_ARGS' lengths
+TRAIN_CAP = 256  # TINY_ARGS' DatasetConfig.max_examples
 MIX_LENGTHS = {"inputs": 16, "targets": 12}
 MIX_CAP = 24
 BLOCKED = ("tensorflow", "seqio", "tensorflow_datasets", "tensorflow_text")
@@ -55,11 +55,14 @@ def run_tf_free(module: str, args: list[str], tmp_path, check: bool = True) -> s
     runner = tmp_path / "tf_free_runner.py"
     runner.write_text(TF_FREE_RUNNER)
     env = dict(os.environ, **SUBPROCESS_ENV)
-    proc = subprocess.run([sys.executable, str(runner), module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(runner), module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} (TensorFlow unimportable) exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{module} (TensorFlow unimportable) exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -72,8 +75,9 @@ def assert_arrays_equal(a: data.ExampleArrays, b: data.ExampleArrays) -> None:
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
 
 
-def assert_batches_equal(live: data.ExampleArrays, exp: data.ExampleArrays, batch_size: int, steps: int,
-                         live_rates, exp_rates) -> None:
+def assert_batches_equal(
+    live: data.ExampleArrays, exp: data.ExampleArrays, batch_size: int, steps: int, live_rates, exp_rates
+) -> None:
     a = data.TrainBatches(live, batch_size, seed=3, rates=live_rates)
     b = data.TrainBatches(exp, batch_size, seed=3, rates=exp_rates)
     for step in range(steps):
@@ -95,13 +99,22 @@ def assert_eval_batches_equal(live: data.ExampleArrays, exp: data.ExampleArrays,
 def task_dir(tmp_path_factory):
     """TINY_TASK's train and validation splits, exported through the real entry point."""
     out = tmp_path_factory.mktemp("exported_task")
-    proc = run_module("cat_jax.export_task", [
-        "--gin_file=gin_configs/runs/export_task.gin", f"--gin.MIXTURE_OR_TASK_NAME={TINY_TASK}",
-        "--gin.SPLIT=['train', 'validation']", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
-        f"--gin.MAX_EXAMPLES={TRAIN_CAP}", f"--gin.EXPORT_DIR={out}"])
+    proc = run_module(
+        "cat_jax.export_task",
+        [
+            "--gin_file=gin_configs/runs/export_task.gin",
+            f"--gin.MIXTURE_OR_TASK_NAME={TINY_TASK}",
+            "--gin.SPLIT=['train', 'validation']",
+            f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+            f"--gin.MAX_EXAMPLES={TRAIN_CAP}",
+            f"--gin.EXPORT_DIR={out}",
+        ],
+    )
     lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [(m["name"], m["split"], m["num_examples"]) for m in lines] == [
-        (TINY_TASK, "train", TRAIN_CAP), (TINY_TASK, "validation", TRAIN_CAP)]
+        (TINY_TASK, "train", TRAIN_CAP),
+        (TINY_TASK, "validation", TRAIN_CAP),
+    ]
     return out
 
 
@@ -117,8 +130,14 @@ def test_export_writes_arrays_and_manifest(task_dir):
     assert names == [f"{TINY_TASK}.{s}.{e}" for s in ("train", "validation") for e in ("json", "npz")]
     manifest = json.loads((task_dir / f"{TINY_TASK}.train.json").read_text())
     assert manifest["task_feature_lengths"] == LENGTHS and manifest["max_examples"] == TRAIN_CAP
-    assert manifest["vocabulary"] == {"class": "ByteVocabulary", "size": 259, "eos_id": 1, "pad_id": 0,
-                                      "unk_id": 2, "extra_ids": 0}
+    assert manifest["vocabulary"] == {
+        "class": "ByteVocabulary",
+        "size": 259,
+        "eos_id": 1,
+        "pad_id": 0,
+        "unk_id": 2,
+        "extra_ids": 0,
+    }
     assert manifest["rates"] is None
     task = manifest["tasks"][TINY_TASK]
     assert task["postprocess_fn"] == "tasks.offline:postprocess_text"
@@ -165,8 +184,12 @@ def test_byte_vocabulary_matches_seqio(task_dir):
         exp = data.get_vocabulary_of(TINY_TASK)
     assert isinstance(exp, vocabularies.ByteVocabulary)
     assert model_dir.vocab_info(exp) == model_dir.vocab_info(live) == {"class": "ByteVocabulary", "size": 259}
-    assert (exp.eos_id, exp.pad_id, exp.unk_id, exp.vocab_size) == (live.eos_id, live.pad_id, live.unk_id,
-                                                                    live.vocab_size)
+    assert (exp.eos_id, exp.pad_id, exp.unk_id, exp.vocab_size) == (
+        live.eos_id,
+        live.pad_id,
+        live.unk_id,
+        live.vocab_size,
+    )
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 300, size=12).tolist() for _ in range(50)]
     rows += [live.encode("héllo wörld ✓") + [1, 7, 8], [0, 0, 5, 2, 300], list(live.encode("日本"))[:-1]]
@@ -178,11 +201,20 @@ def test_byte_vocabulary_matches_seqio(task_dir):
 
 def _tiny_sentencepiece(path):
     import sentencepiece
+
     lines = ["phonemes: hello", "HH AH0 L OW1", "french: 21", "vingt et un", "syllables: world"] * 20
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=40, pad_id=0, eos_id=1, unk_id=2,
-        bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=40,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     path.write_bytes(model.getvalue())
     return path
 
@@ -214,7 +246,10 @@ def test_sentencepiece_export_matches_seqio(tmp_path):
     assert info == model_dir.vocab_info(live_vocab) and info["class"] == "SentencePieceVocabulary"
     assert "sentencepiece_sha256" in info and str(model) not in json.dumps(info)  # content, not path
     assert (exp_vocab.eos_id, exp_vocab.unk_id, exp_vocab.vocab_size) == (
-        live_vocab.eos_id, live_vocab.unk_id, live_vocab.vocab_size)
+        live_vocab.eos_id,
+        live_vocab.unk_id,
+        live_vocab.vocab_size,
+    )
     rng = np.random.default_rng(1)
     for _ in range(50):
         ids = rng.integers(0, live_vocab.vocab_size + 5, size=10).tolist()
@@ -254,7 +289,8 @@ def test_metrics_without_tensorflow_equal_live(mix_dir, tmp_path):
     expected = evaluation.task_metrics(live, texts)
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     script = tmp_path / "metrics_tf_free.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, sys
         for name in {BLOCKED!r}:
             sys.modules[name] = None
@@ -262,15 +298,22 @@ def test_metrics_without_tensorflow_equal_live(mix_dir, tmp_path):
         from cat_jax import data, evaluation
         gin.bind_parameter("data_source.exported_dir", {str(mix_dir)!r})
         arrays = data.load_split("offline_mix", "validation", {MIX_LENGTHS!r}, max_examples={MIX_CAP})
-        texts = json.load(open({str(tmp_path / 'texts.json')!r}))
+        texts = json.load(open({str(tmp_path / "texts.json")!r}))
         print(json.dumps(evaluation.task_metrics(arrays, texts)))
         from cat_jax import metrics  # cascade_eval's per-example quality, registered from the manifest
         assert all(metrics.get_quality(t) for t in set(arrays.task_names.tolist()))
         assert metrics.get_quality("num2words_fr").corpus is metrics.corpus_bleu
         assert sys.modules["tensorflow"] is None and sys.modules["seqio"] is None
-    """))
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, **SUBPROCESS_ENV), timeout=300)
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **SUBPROCESS_ENV),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got.keys() == expected.keys()
@@ -281,8 +324,13 @@ def test_metrics_without_tensorflow_equal_live(mix_dir, tmp_path):
 
 def test_binaries_train_eval_infer_without_tensorflow(task_dir, tmp_path):
     model = tmp_path / "model"
-    proc = run_tf_free("cat_jax.train", train_args(
-        "train_small_ce.gin", model, 4, "--gin.train.eval_period=4", f"--gin.data_source.exported_dir={task_dir}"), tmp_path)
+    proc = run_tf_free(
+        "cat_jax.train",
+        train_args(
+            "train_small_ce.gin", model, 4, "--gin.train.eval_period=4", f"--gin.data_source.exported_dir={task_dir}"
+        ),
+        tmp_path,
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["final_step"] == 4 and np.isfinite(summary["train"]["loss"])
     assert f"{TINY_TASK}/accuracy" in summary["eval"]
@@ -291,18 +339,38 @@ def test_binaries_train_eval_infer_without_tensorflow(task_dir, tmp_path):
     assert info["vocabulary"] == {"class": "ByteVocabulary", "size": 259}
     assert info["data_source"] == f"exported:{task_dir}"
 
-    common = [f"--gin.CHECKPOINT_DIR={model}", f"--gin.MIXTURE_OR_TASK_NAME={TINY_TASK}",
-              f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.BATCH_SIZE=8", "--gin.MAX_EXAMPLES=16",
-              "--gin.SPLIT=validation"]
-    tf_free_eval = run_tf_free("cat_jax.eval", ["--gin_file=gin_configs/runs/eval.gin", *common,
-                                                f"--gin.OUTPUT_DIR={tmp_path / 'eval_exported'}",
-                                                f"--gin.data_source.exported_dir={task_dir}"], tmp_path)
+    common = [
+        f"--gin.CHECKPOINT_DIR={model}",
+        f"--gin.MIXTURE_OR_TASK_NAME={TINY_TASK}",
+        f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+        "--gin.BATCH_SIZE=8",
+        "--gin.MAX_EXAMPLES=16",
+        "--gin.SPLIT=validation",
+    ]
+    tf_free_eval = run_tf_free(
+        "cat_jax.eval",
+        [
+            "--gin_file=gin_configs/runs/eval.gin",
+            *common,
+            f"--gin.OUTPUT_DIR={tmp_path / 'eval_exported'}",
+            f"--gin.data_source.exported_dir={task_dir}",
+        ],
+        tmp_path,
+    )
     exported_metrics = json.loads(tf_free_eval.stdout)["metrics"]
     assert list(exported_metrics) == [TINY_TASK]
 
     out = tmp_path / "preds.jsonl"
-    tf_free_infer = run_tf_free("cat_jax.infer", ["--gin_file=gin_configs/runs/infer.gin", *common,
-                                                  f"--gin.OUTPUT_FILE={out}", f"--gin.data_source.exported_dir={task_dir}"], tmp_path)
+    tf_free_infer = run_tf_free(
+        "cat_jax.infer",
+        [
+            "--gin_file=gin_configs/runs/infer.gin",
+            *common,
+            f"--gin.OUTPUT_FILE={out}",
+            f"--gin.data_source.exported_dir={task_dir}",
+        ],
+        tmp_path,
+    )
     assert "wrote 16 predictions" in tf_free_infer.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     live_val = data.load_split(TINY_TASK, "validation", LENGTHS, max_examples=16)
@@ -310,15 +378,15 @@ def test_binaries_train_eval_infer_without_tensorflow(task_dir, tmp_path):
 
     # The checkpoint trained on exported data serves the live seqio pipeline (same vocabulary
     # identity) and gives the same metrics there.
-    live_eval = run_module("cat_jax.eval", ["--gin_file=gin_configs/runs/eval.gin", *common,
-                                            f"--gin.OUTPUT_DIR={tmp_path / 'eval_live'}"])
+    live_eval = run_module(
+        "cat_jax.eval", ["--gin_file=gin_configs/runs/eval.gin", *common, f"--gin.OUTPUT_DIR={tmp_path / 'eval_live'}"]
+    )
     assert json.loads(live_eval.stdout)["metrics"] == exported_metrics
 
 
 def test_tensorflow_free_host_without_the_switch_says_how_to_fix(tmp_path):
     """Without data_source.exported_dir the live pipeline needs seqio: the error says so."""
-    proc = run_tf_free("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "m", 1), tmp_path,
-                       check=False)
+    proc = run_tf_free("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "m", 1), tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--gin.data_source.exported_dir=DIR" in proc.stderr and "python -m cat_jax.export_task" in proc.stderr
 
@@ -351,10 +419,17 @@ def test_exports_written_by_an_earlier_cat_jax_still_load():
         np.testing.assert_array_equal(npz.features[k], stored[f"feature/{k}"], err_msg=k)
     assert_arrays_equal(npz, streamed)
     np.testing.assert_array_equal(npz.extras, streamed.extras)
-    assert npz_rates == stream_rates == manifest["rates"] == {
-        "cmudict_g2p": 99284.0, "cmudict_syllables": 99284.0, "num2words_de": 15137.0, "num2words_fr": 15137.0}
-    assert model_dir.vocab_info(npz_vocab) == model_dir.vocab_info(stream_vocab) == {
-        "class": "ByteVocabulary", "size": 259}
+    assert (
+        npz_rates
+        == stream_rates
+        == manifest["rates"]
+        == {"cmudict_g2p": 99284.0, "cmudict_syllables": 99284.0, "num2words_de": 15137.0, "num2words_fr": 15137.0}
+    )
+    assert (
+        model_dir.vocab_info(npz_vocab)
+        == model_dir.vocab_info(stream_vocab)
+        == {"class": "ByteVocabulary", "size": 259}
+    )
     rows = np.flatnonzero(npz.task_names == "cmudict_g2p")
     for task in (npz_g2p, stream_g2p):
         assert [fn.__name__ for fn in task.predict_metric_fns] == ["exact_match_any", "phoneme_error_rate"]

@@ -6,26 +6,36 @@ from pathlib import Path
 
 import gin
 import pytest
+from conftest import REPO
 
 from cat_jax import gin_utils
-from conftest import REPO
 
 GIN_DIR = REPO / "gin_configs"
 RUN_FILES = sorted(p for p in (GIN_DIR / "runs").glob("*.gin") if not p.stem.endswith("_common"))
 MODEL_FILES = sorted((GIN_DIR / "models").glob("*.gin"))
-REQUIRED = {"MODEL_DIR": "'/tmp/x'", "TRAIN_STEPS": "10", "TEACHER_MODEL_DIR": "'/tmp/t'",
-            "CHECKPOINT_DIR": "'/tmp/c'", "OUTPUT_FILE": "'/tmp/o.jsonl'", "OUTPUT_DIR": "'/tmp/o'",
-            "LARGE_MODEL_DIR": "'/tmp/l'", "SMALL_MODEL_DIRS": "{'ce': '/tmp/s'}",
-            "EXPORT_DIR": "'/tmp/e'", "SOURCE": "'/tmp/src'", "INITIAL_CHECKPOINT_DIR": "'/tmp/i'",
-            "KD_STEPS": "4", "SMALL_MODEL_DIR": "'/tmp/s'", "SCORES_DIR": "'/tmp/scores'"}
+REQUIRED = {
+    "MODEL_DIR": "'/tmp/x'",
+    "TRAIN_STEPS": "10",
+    "TEACHER_MODEL_DIR": "'/tmp/t'",
+    "CHECKPOINT_DIR": "'/tmp/c'",
+    "OUTPUT_FILE": "'/tmp/o.jsonl'",
+    "OUTPUT_DIR": "'/tmp/o'",
+    "LARGE_MODEL_DIR": "'/tmp/l'",
+    "SMALL_MODEL_DIRS": "{'ce': '/tmp/s'}",
+    "EXPORT_DIR": "'/tmp/e'",
+    "SOURCE": "'/tmp/src'",
+    "INITIAL_CHECKPOINT_DIR": "'/tmp/i'",
+    "KD_STEPS": "4",
+    "SMALL_MODEL_DIR": "'/tmp/s'",
+    "SCORES_DIR": "'/tmp/scores'",
+}
 
 
 def _with_includes(path: Path) -> str:
     """A gin file's text with the files it includes spliced in where they are included."""
     import re
 
-    return re.sub(r"^include '([^']+)'$", lambda m: _with_includes(GIN_DIR / m.group(1)), path.read_text(),
-                  flags=re.M)
+    return re.sub(r"^include '([^']+)'$", lambda m: _with_includes(GIN_DIR / m.group(1)), path.read_text(), flags=re.M)
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +48,13 @@ def clean_gin():
 @pytest.mark.parametrize("path", RUN_FILES, ids=lambda p: p.name)
 def test_run_file_parses_and_builds(path: Path):
     text = path.read_text()
-    fn = {"eval": "run_eval", "infer": "run_infer", "cascade_eval": "run_cascade_eval",
-          "speculative_eval": "run_speculative_eval", "salt_score": "salt_score"}.get(path.stem, "train")
+    fn = {
+        "eval": "run_eval",
+        "infer": "run_infer",
+        "cascade_eval": "run_cascade_eval",
+        "speculative_eval": "run_speculative_eval",
+        "salt_score": "salt_score",
+    }.get(path.stem, "train")
     files = [str(path)]
     if fn == "train" and "include 'models/" not in text:  # a run file that takes the model file after it
         files.append(str(GIN_DIR / "models" / "flan_t5_small.gin"))
@@ -57,20 +72,28 @@ def test_run_file_parses_and_builds(path: Path):
         built[name] = value.scoped_configurable_fn()
     # SALT's objective carries its KD schedule (and SALT_DS's selection); the others, their loss options
     salt = fn == "train" and "salt" in path.stem
-    train_expected = {"train_dataset": "DatasetConfig", "model_config": "T5Config",
-                      "objective": "Salt" if salt else "TokenLoss"}
+    train_expected = {
+        "train_dataset": "DatasetConfig",
+        "model_config": "T5Config",
+        "objective": "Salt" if salt else "TokenLoss",
+    }
     if salt:
         salt = built["objective"]
         assert type(salt.schedule).__name__ == "KDSchedule"
         assert (type(salt.selection).__name__ if salt.selection else None) == (
-            "DataSelection" if path.stem.endswith("_ds") else None)
-    expected = {"train": train_expected,
-                "run_eval": {"dataset": "DatasetConfig"}, "run_infer": {"dataset": "DatasetConfig"},
-                "run_cascade_eval": {"dataset": "DatasetConfig"}}.get(fn, {})
+            "DataSelection" if path.stem.endswith("_ds") else None
+        )
+    expected = {
+        "train": train_expected,
+        "run_eval": {"dataset": "DatasetConfig"},
+        "run_infer": {"dataset": "DatasetConfig"},
+        "run_cascade_eval": {"dataset": "DatasetConfig"},
+    }.get(fn, {})
     if path.stem.startswith(("train", "finetune", "eval", "infer", "cascade_eval")):
         assert {k: type(v).__name__ for k, v in built.items()} == expected
     if type(built.get("objective")).__name__ == "TokenLoss":  # the loss the file (or the last it includes) sets
         import re
+
         full = _with_includes(path)
         mask = re.findall(r"LossOptions.mask = '(\w+)'", full)[-1]
         alpha = float(re.findall(r"LossOptions.alpha = ([\d.]+)", full)[-1])
@@ -110,6 +133,7 @@ def test_model_file_builds_the_config_its_header_describes(path: Path):
     import re
 
     from cat_jax.models.t5 import T5Config
+
     gin_utils.parse_gin([str(path)], [])
     config = T5Config()
     text = path.read_text()
@@ -128,7 +152,8 @@ def test_model_file_builds_the_config_its_header_describes(path: Path):
 
 def test_override_values_are_quoted_when_not_literals():
     files, bindings, rest = gin_utils.split_gin_args(
-        ["--gin_file=a.gin", "--gin.MODEL_DIR=/tmp/run", "--gin.STEPS=3", "--gin.X='q'", "--gin.R=@f()", "-v"])
+        ["--gin_file=a.gin", "--gin.MODEL_DIR=/tmp/run", "--gin.STEPS=3", "--gin.X='q'", "--gin.R=@f()", "-v"]
+    )
     assert files == ["a.gin"] and rest == ["-v"]
     assert bindings == ["MODEL_DIR = '/tmp/run'", "STEPS = 3", "X = 'q'", "R = @f()"]
 
@@ -140,14 +165,17 @@ def test_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_path, 
     import re
 
     from cat_jax.models.t5 import T5Config
+
     (tmp_path / "runs").mkdir()
     (tmp_path / "models").mkdir()
     shipped_text = (GIN_DIR / "models" / "demo_large.gin").read_text()
-    (tmp_path / "models" / "demo_large.gin").write_text(re.sub(r"(?m)^T5Config.emb_dim = \d+$", "T5Config.emb_dim = 7",
-                                                               shipped_text))
+    (tmp_path / "models" / "demo_large.gin").write_text(
+        re.sub(r"(?m)^T5Config.emb_dim = \d+$", "T5Config.emb_dim = 7", shipped_text)
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    gin_utils.parse_gin([str(GIN_DIR / "runs" / "train_large.gin")],
-                        [f"{k} = {REQUIRED[k]}" for k in ("MODEL_DIR", "TRAIN_STEPS")])
+    gin_utils.parse_gin(
+        [str(GIN_DIR / "runs" / "train_large.gin")], [f"{k} = {REQUIRED[k]}" for k in ("MODEL_DIR", "TRAIN_STEPS")]
+    )
     shipped = int(re.search(r"(?m)^T5Config.emb_dim = (\d+)$", shipped_text).group(1))
     assert T5Config(vocab_size=384).emb_dim == shipped != 7

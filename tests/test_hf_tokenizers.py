@@ -48,16 +48,22 @@ def test_ids_and_text_equal_transformers(style):
     vocab, expected = vocab_of(style), EXPECTED[style]
     assert vocab.tokenizer_class == expected["class"]
     assert (vocab.vocab_size, vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.tokenizer_pad_id) == (
-        expected["len"], expected["bos_token_id"], expected["eos_token_id"], expected["unk_token_id"],
-        expected["pad_token_id"])
+        expected["len"],
+        expected["bos_token_id"],
+        expected["eos_token_id"],
+        expected["unk_token_id"],
+        expected["pad_token_id"],
+    )
     assert sorted(vocab.stop_ids) == expected["stop_ids"] and vocab.pad_id == 0
     for row in expected["prompts"]:
         prompt = row["prompt"]
         assert vocab.encode_prompt(prompt) == row["input_ids"], prompt
         assert vocab.encode_continuation(prompt) == vocab.encode(prompt) == row["ids_without_special"], prompt
         assert vocab.decode(row["input_ids"]) == row["decoded_to_stop"], prompt
-        assert list(vocab.prompt_prefix_ids) + row["ids_without_special"] + list(vocab.prompt_suffix_ids) == \
-            row["input_ids"], prompt
+        assert (
+            list(vocab.prompt_prefix_ids) + row["ids_without_special"] + list(vocab.prompt_suffix_ids)
+            == row["input_ids"]
+        ), prompt
     # Where no stop id comes before the end, decode is transformers' decode of every id.
     whole = [r for r in expected["prompts"] if not set(r["input_ids"][:-1]) & set(vocab.stop_ids)]
     assert len(whole) >= 12 and all(vocab.decode(r["input_ids"]) == r["decoded"] for r in whole)
@@ -132,8 +138,9 @@ def test_identity_is_content_not_path(tmp_path):
     assert vocabularies.identity(changed) != gemma
     copy = copy_style("llama2", tmp_path)
     edit_json(copy / "tokenizer_config.json", eos_token="<unk>")
-    assert vocabularies.identity(hf_tokenizer.HFTokenizerVocabulary(str(copy))) != \
-        vocabularies.identity(vocab_of("llama2"))
+    assert vocabularies.identity(hf_tokenizer.HFTokenizerVocabulary(str(copy))) != vocabularies.identity(
+        vocab_of("llama2")
+    )
     # Two tokenizers of one style trained differently differ.
     assert vocabularies.identity(vocab_of("llama2")) != vocabularies.identity(vocab_of("mistral"))
 
@@ -148,8 +155,7 @@ def test_model_dir_round_trip(style, tmp_path):
     assert "tokenizer_config.json" in record["files"] and "generation_config.json" in record["files"]
     for name in record["files"]:
         assert (directory / name).read_bytes() == (FIXTURES / style / name).read_bytes()
-    model_dir.write_run_info(str(directory), {"vocabulary": model_dir.vocab_info(vocab),
-                                              "vocabulary_files": record})
+    model_dir.write_run_info(str(directory), {"vocabulary": model_dir.vocab_info(vocab), "vocabulary_files": record})
     (directory / "tokenizer.json.tmp.stray").write_text("not read")
     rebuilt = vocabulary_store.model_vocabulary(str(directory))
     assert isinstance(rebuilt, hf_tokenizer.HFTokenizerVocabulary)
@@ -165,16 +171,25 @@ def test_model_dir_round_trip(style, tmp_path):
 def test_check_vocabulary_names_both_tokenizers(tmp_path):
     config = types.SimpleNamespace(vocab_size=512)
     teacher = vocab_of("qwen2")
-    info = {"vocabulary": model_dir.vocab_info(teacher), "model_config": {"vocab_size": 512},
-            "imported_from": {"source": "/hub/Qwen2.5-7B"}}
+    info = {
+        "vocabulary": model_dir.vocab_info(teacher),
+        "model_config": {"vocab_size": 512},
+        "imported_from": {"source": "/hub/Qwen2.5-7B"},
+    }
     check_vocabulary("/runs/teacher", info, config, vocab_of("qwen2"))
     copy = copy_style("qwen2", tmp_path)  # the same tokenizer elsewhere is the same vocabulary
     check_vocabulary("/runs/teacher", info, config, hf_tokenizer.HFTokenizerVocabulary(str(copy)))
     with pytest.raises(TeacherMismatchError) as err:
         check_vocabulary("/runs/teacher", info, config, vocab_of("llama3"))
     message = str(err.value)
-    for part in ("/runs/teacher", "/hub/Qwen2.5-7B", "Qwen2TokenizerFast", "PreTrainedTokenizerFast",
-                 str(FIXTURES / "llama3"), "get_vocabulary.from_model_dir=/runs/teacher"):
+    for part in (
+        "/runs/teacher",
+        "/hub/Qwen2.5-7B",
+        "Qwen2TokenizerFast",
+        "PreTrainedTokenizerFast",
+        str(FIXTURES / "llama3"),
+        "get_vocabulary.from_model_dir=/runs/teacher",
+    ):
         assert part in message, part
 
 
@@ -243,6 +258,7 @@ def hf_vocabulary_bound():
 def test_seqio_vocabulary_tokenizes_in_tf_data_as_in_python(hf_vocabulary_bound):
     import seqio
     import tensorflow as tf
+
     from tasks import vocab as task_vocab
 
     lazy = task_vocab.VOCABULARY
@@ -272,8 +288,7 @@ def test_get_vocabulary_from_model_dir_and_errors(tmp_path):
     directory.mkdir()
     source = vocab_of("gemma")
     record = vocabulary_store.write_vocabulary(str(directory), source)
-    model_dir.write_run_info(str(directory), {"vocabulary": model_dir.vocab_info(source),
-                                              "vocabulary_files": record})
+    model_dir.write_run_info(str(directory), {"vocabulary": model_dir.vocab_info(source), "vocabulary_files": record})
     live = task_vocab.get_vocabulary(from_model_dir=str(directory))
     assert isinstance(live, task_vocab.HFTokenizerVocabulary)
     assert vocabularies.identity(live) == vocabularies.identity(source)

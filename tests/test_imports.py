@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ast
 import collections
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,17 +50,24 @@ def _loop_values(tree: ast.Module) -> dict[str, list[str]]:
     constants = _string_tuples(tree)
     out: dict[str, list[str]] = {}
     for node in ast.walk(tree):
-        if (isinstance(node, ast.For) and isinstance(node.target, ast.Name) and isinstance(node.iter, ast.Name)
-                and node.iter.id in constants):
+        if (
+            isinstance(node, ast.For)
+            and isinstance(node.target, ast.Name)
+            and isinstance(node.iter, ast.Name)
+            and node.iter.id in constants
+        ):
             out.setdefault(node.target.id, []).extend(constants[node.iter.id])
     return out
 
 
 def _is_import_module(call: ast.Call) -> bool:
     fn = call.func
-    return ((isinstance(fn, ast.Attribute) and fn.attr == "import_module"
-             and isinstance(fn.value, ast.Name) and fn.value.id == "importlib")
-            or (isinstance(fn, ast.Name) and fn.id == "import_module"))
+    return (
+        isinstance(fn, ast.Attribute)
+        and fn.attr == "import_module"
+        and isinstance(fn.value, ast.Name)
+        and fn.value.id == "importlib"
+    ) or (isinstance(fn, ast.Name) and fn.id == "import_module")
 
 
 def _resolve_relative(module: str, is_package: bool, level: int, name: str | None) -> str:
@@ -80,8 +87,11 @@ def imports_of(module: str, path: Path, modules: Collection[str]) -> set[str]:
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = (_resolve_relative(module, path.name == "__init__.py", node.level, node.module)
-                    if node.level else node.module or "")
+            base = (
+                _resolve_relative(module, path.name == "__init__.py", node.level, node.module)
+                if node.level
+                else node.module or ""
+            )
             out.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
         elif isinstance(node, ast.Call) and _is_import_module(node) and node.args:
             arg = node.args[0]
@@ -186,7 +196,7 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
         "sub/b.py": "def f():\n    from ..a import x\n    import cat_jax.d\n",
         "sub/c.py": "import importlib\nimportlib.import_module('cat_jax.a')\nfrom cat_jax import sub\n",
         "d.py": "NAMES = ('cat_jax.a', 'cat_jax.sub.c')\nimport importlib\n"
-                "for _name in NAMES:\n    importlib.import_module(_name)\n",
+        "for _name in NAMES:\n    importlib.import_module(_name)\n",
     }
     for name, text in files.items():
         (package / name).write_text(text)
@@ -194,21 +204,28 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
     (tmp_path / "tasks" / "__init__.py").write_text("from cat_jax.sub import c as _c\n")
     graph = import_graph(tmp_path)
     assert graph == {
-        "cat_jax": set(), "cat_jax.a": {"cat_jax.sub.b"}, "cat_jax.sub": {"cat_jax.sub.b", "cat_jax.sub.c"},
-        "cat_jax.sub.b": {"cat_jax.a", "cat_jax.d"}, "cat_jax.sub.c": {"cat_jax.a", "cat_jax.sub"},
-        "cat_jax.d": {"cat_jax.a", "cat_jax.sub.c"}, "tasks": {"cat_jax.sub.c"},
+        "cat_jax": set(),
+        "cat_jax.a": {"cat_jax.sub.b"},
+        "cat_jax.sub": {"cat_jax.sub.b", "cat_jax.sub.c"},
+        "cat_jax.sub.b": {"cat_jax.a", "cat_jax.d"},
+        "cat_jax.sub.c": {"cat_jax.a", "cat_jax.sub"},
+        "cat_jax.d": {"cat_jax.a", "cat_jax.sub.c"},
+        "tasks": {"cat_jax.sub.c"},
     }
     # a -> sub.b -> a; d -> a -> sub.b -> d; the package and its submodule: sub -> sub.c -> sub.
-    assert find_cycles(graph) == [("cat_jax.a", "cat_jax.sub.b"), ("cat_jax.a", "cat_jax.sub.b", "cat_jax.d"),
-                                  ("cat_jax.sub", "cat_jax.sub.c")]
-    assert strongly_connected(graph) == [["cat_jax.a", "cat_jax.d", "cat_jax.sub", "cat_jax.sub.b",
-                                          "cat_jax.sub.c"]]
+    assert find_cycles(graph) == [
+        ("cat_jax.a", "cat_jax.sub.b"),
+        ("cat_jax.a", "cat_jax.sub.b", "cat_jax.d"),
+        ("cat_jax.sub", "cat_jax.sub.c"),
+    ]
+    assert strongly_connected(graph) == [["cat_jax.a", "cat_jax.d", "cat_jax.sub", "cat_jax.sub.b", "cat_jax.sub.c"]]
 
 
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
-    assert not cycles, "Import cycles (break each: imports flow one way, see docs/ARCHITECTURE.md):\n  " + \
-        "\n  ".join(map(_chain, cycles))
+    assert not cycles, "Import cycles (break each: imports flow one way, see docs/ARCHITECTURE.md):\n  " + "\n  ".join(
+        map(_chain, cycles)
+    )
 
 
 def _jobs_and_binaries() -> tuple[tuple[str, ...], dict[str, set[str]]]:

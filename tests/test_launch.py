@@ -22,7 +22,7 @@ ARGS = [
     "--gin.MODEL_DIR='/tmp/cat jax/large'",
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
     "--gin.make_mesh.mesh_shape=[('data', -1), ('fsdp', 1), ('model', 2)]",
-    "--gin.NOTE=\"it's $HOME `x` \\ !\"",
+    '--gin.NOTE="it\'s $HOME `x` \\ !"',
 ]
 
 # Records its argv, working directory and the CAT_JAX_* / launcher environment as JSON.
@@ -47,16 +47,20 @@ def _write_exe(path: Path, text: str) -> Path:
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "CAT_JAX_", "XLA_", "TF_FORCE", "NCCL_", "CUDA_VISIBLE"))
-           and k not in ("DRY_RUN",)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "CAT_JAX_", "XLA_", "TF_FORCE", "NCCL_", "CUDA_VISIBLE"))
+        and k not in ("DRY_RUN",)
+    }
     env.update(extra)
     return env
 
 
 def _run(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60):
-    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
-                          env=env or _clean_env(), timeout=timeout)
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), *args], capture_output=True, text=True, env=env or _clean_env(), timeout=timeout
+    )
 
 
 def _words(command: str) -> list[str]:
@@ -68,8 +72,9 @@ def _words(command: str) -> list[str]:
 
 def _bash_words(command: str) -> list[str]:
     """The words bash makes of a simple command line (shlex does not undo \\$ in double quotes)."""
-    out = subprocess.run(["bash", "-c", f"set -- {command}; printf '%s\\0' \"$@\""],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", f"set -- {command}; printf '%s\\0' \"$@\""], capture_output=True, text=True, check=True
+    ).stdout
     return out.split("\0")[:-1]
 
 
@@ -77,7 +82,7 @@ def _python_args(command: str, module: str = MODULE) -> list[str]:
     words = _words(command)
     i = words.index("-m")
     assert words[i + 1] == module
-    rest = words[i + 2:]
+    rest = words[i + 2 :]
     end = next((j for j, w in enumerate(rest) if w in (">", ";", "&", "&&", ")")), len(rest))
     return rest[:end]
 
@@ -91,8 +96,19 @@ def _option(words: list[str], name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # tpu_vm.sh
 
-TPU_FLAGS = ["--name", "my-v4", "--zone", "us-central2-b", "--project", "my-proj",
-             "--accelerator", "v4-32", "--version", "tpu-ubuntu2204-base", "--create"]
+TPU_FLAGS = [
+    "--name",
+    "my-v4",
+    "--zone",
+    "us-central2-b",
+    "--project",
+    "my-proj",
+    "--accelerator",
+    "v4-32",
+    "--version",
+    "tpu-ubuntu2204-base",
+    "--create",
+]
 
 
 def test_tpu_vm_dry_run_prints_every_gcloud_command():
@@ -102,12 +118,17 @@ def test_tpu_vm_dry_run_prints_every_gcloud_command():
     assert len(lines) == 6, result.stdout
     create, pack, scp, install, start, follow = lines
 
-    assert create.startswith("gcloud compute tpus tpu-vm describe my-v4 --zone=us-central2-b "
-                             "--project=my-proj > /dev/null 2>&1 || ")
+    assert create.startswith(
+        "gcloud compute tpus tpu-vm describe my-v4 --zone=us-central2-b --project=my-proj > /dev/null 2>&1 || "
+    )
     create_words = _words(create.split("|| ", 1)[1])
     assert create_words[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "my-v4"]
-    assert {"--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v4-32",
-            "--version=tpu-ubuntu2204-base"} <= set(create_words)
+    assert {
+        "--zone=us-central2-b",
+        "--project=my-proj",
+        "--accelerator-type=v4-32",
+        "--version=tpu-ubuntu2204-base",
+    } <= set(create_words)
 
     assert "ls-files" in pack and "tar -czf" in pack
     archive = _words(pack)[_words(pack).index("-czf") + 1]
@@ -139,9 +160,20 @@ def test_tpu_vm_dry_run_prints_every_gcloud_command():
 
 
 def test_tpu_vm_dry_run_reuse_no_install_no_follow():
-    result = _run("tpu_vm.sh", "--name", "v5e", "--zone", "z1", "--no-install", "--no-follow",
-                  "--env", "TFDS_DATA_DIR=gs://b/tfds", "--dry-run", "cat_jax.cascade_eval",
-                  "--gin.OUTPUT_DIR=/tmp/out")
+    result = _run(
+        "tpu_vm.sh",
+        "--name",
+        "v5e",
+        "--zone",
+        "z1",
+        "--no-install",
+        "--no-follow",
+        "--env",
+        "TFDS_DATA_DIR=gs://b/tfds",
+        "--dry-run",
+        "cat_jax.cascade_eval",
+        "--gin.OUTPUT_DIR=/tmp/out",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2, result.stdout
@@ -149,7 +181,9 @@ def test_tpu_vm_dry_run_reuse_no_install_no_follow():
     start_cmd = _option(_bash_words(lines[1]), "--command")
     assert "TFDS_DATA_DIR=gs://b/tfds" in _words(start_cmd)
     assert _python_args(start_cmd, "cat_jax.cascade_eval") == [
-        "--gin.OUTPUT_DIR=/tmp/out", "--gin.initialize.auto=True"]
+        "--gin.OUTPUT_DIR=/tmp/out",
+        "--gin.initialize.auto=True",
+    ]
     assert "logs/cascade_eval-" in start_cmd
 
 
@@ -174,12 +208,17 @@ def test_tpu_vm_runs_with_fake_gcloud(tmp_path):
     _write_exe(fake_bin / "gcloud", FAKE_GCLOUD)
     # The worker already has a venv: its python records argv, its pip records what it installs.
     _write_exe(home / "cj" / ".venv" / "bin" / "python", FAKE_PYTHON)
-    _write_exe(home / "cj" / ".venv" / "bin" / "pip",
-               '#!/usr/bin/env bash\necho "$*" >> "$FAKE_OUT/pip.log"\n')
-    env = _clean_env(PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_HOME=str(home),
-                     FAKE_OUT=str(out), FAKE_TPU_MISSING="1", TMPDIR=str(tmp_path))
-    result = _run("tpu_vm.sh", *TPU_FLAGS, "--remote-dir", "cj", "--env", "FAKE_RC=3",
-                  "--", MODULE, *ARGS, env=env, timeout=120)
+    _write_exe(home / "cj" / ".venv" / "bin" / "pip", '#!/usr/bin/env bash\necho "$*" >> "$FAKE_OUT/pip.log"\n')
+    env = _clean_env(
+        PATH=f"{fake_bin}:{os.environ['PATH']}",
+        FAKE_HOME=str(home),
+        FAKE_OUT=str(out),
+        FAKE_TPU_MISSING="1",
+        TMPDIR=str(tmp_path),
+    )
+    result = _run(
+        "tpu_vm.sh", *TPU_FLAGS, "--remote-dir", "cj", "--env", "FAKE_RC=3", "--", MODULE, *ARGS, env=env, timeout=120
+    )
     # Worker 0's log is streamed, and the job's exit status comes back.
     assert result.returncode == 3, result.stderr
     assert "step 1 loss 2.5 from process 0" in result.stdout
@@ -201,19 +240,23 @@ def test_tpu_vm_runs_with_fake_gcloud(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # gpu.sh
 
+
 def test_gpu_dry_run_prints_install_and_python_command():
-    result = _run("gpu.sh", "--dry-run", "--install", "--gpus", "0,1,2,3", "--mem-fraction", "0.8",
-                  "--", MODULE, *ARGS)
+    result = _run("gpu.sh", "--dry-run", "--install", "--gpus", "0,1,2,3", "--mem-fraction", "0.8", "--", MODULE, *ARGS)
     assert result.returncode == 0, result.stderr
     make, plugin, run = result.stdout.splitlines()
     python = str(REPO / ".venv" / "bin" / "python")
     assert _words(make) == ["make", "-C", str(REPO), "install"]
     assert plugin.startswith(f"{python} -c 'import jax_cuda12_plugin' > /dev/null 2>&1 || ")
-    assert "pip install -q \"jax[cuda12]==$(" in plugin
+    assert 'pip install -q "jax[cuda12]==$(' in plugin
     words = _words(run)
     assert words[:4] == ["cd", str(REPO), "&&", "env"]
-    assert {"XLA_PYTHON_CLIENT_MEM_FRACTION=0.8", "CUDA_VISIBLE_DEVICES=0,1,2,3",
-            "TF_FORCE_GPU_ALLOW_GROWTH=true", "PYTHONUNBUFFERED=1"} <= set(words)
+    assert {
+        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.8",
+        "CUDA_VISIBLE_DEVICES=0,1,2,3",
+        "TF_FORCE_GPU_ALLOW_GROWTH=true",
+        "PYTHONUNBUFFERED=1",
+    } <= set(words)
     assert words[words.index("-m") - 1] == python
     assert _python_args(run) == ARGS
     assert not any(w.startswith("CAT_JAX_") for w in words)
@@ -223,9 +266,21 @@ def test_gpu_runs_python_with_multihost_env(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     python = _write_exe(tmp_path / "py" / "python", FAKE_PYTHON)
-    result = _run("gpu.sh", "--python", str(python), "--coordinator", "host0:1234",
-                  "--num-processes", "2", "--process-id", "1", "--", MODULE, *ARGS,
-                  env=_clean_env(FAKE_OUT=str(out)))
+    result = _run(
+        "gpu.sh",
+        "--python",
+        str(python),
+        "--coordinator",
+        "host0:1234",
+        "--num-processes",
+        "2",
+        "--process-id",
+        "1",
+        "--",
+        MODULE,
+        *ARGS,
+        env=_clean_env(FAKE_OUT=str(out)),
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "python-1.json").read_text())
     assert record["argv"] == ["-m", MODULE, *ARGS]
@@ -257,9 +312,15 @@ def _slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     fake_bin = tmp_path / "bin"
     _write_exe(fake_bin / "scontrol", FAKE_SCONTROL)
     _write_exe(fake_bin / "srun", FAKE_SRUN)
-    return _clean_env(PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-a[1-4]",
-                      SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="4", SLURM_JOB_ID="4321",
-                      SLURM_SUBMIT_DIR="/shared/cat_jax", **extra)
+    return _clean_env(
+        PATH=f"{fake_bin}:{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="gpu-a[1-4]",
+        SLURM_NTASKS="4",
+        SLURM_JOB_NUM_NODES="4",
+        SLURM_JOB_ID="4321",
+        SLURM_SUBMIT_DIR="/shared/cat_jax",
+        **extra,
+    )
 
 
 def test_slurm_dry_run_derives_coordinator_and_processes(tmp_path):
@@ -277,8 +338,7 @@ def test_slurm_dry_run_derives_coordinator_and_processes(tmp_path):
     assert srun[8:10] == ["/shared/cat_jax", "/shared/cat_jax/.venv/bin/python"]
     assert srun[10:] == ["-m", MODULE, *ARGS]
     # --dry-run as the first argument is the same as DRY_RUN=1; CAT_JAX_PORT picks the port.
-    again = _run("slurm_gpu.sbatch", "--dry-run", MODULE, *ARGS,
-                 env=_slurm_env(tmp_path, CAT_JAX_PORT="5555"))
+    again = _run("slurm_gpu.sbatch", "--dry-run", MODULE, *ARGS, env=_slurm_env(tmp_path, CAT_JAX_PORT="5555"))
     assert again.returncode == 0, again.stderr
     assert "export CAT_JAX_COORDINATOR=gpu-a1:5555" in again.stdout.splitlines()
 
@@ -302,39 +362,51 @@ def test_slurm_runs_one_process_per_node(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # local.sh
 
+
 def test_local_dry_run():
-    result = _run("local.sh", "--dry-run", "--env", "JAX_PLATFORMS=cpu", "cat_jax.cascade_eval",
-                  "--gin_file=gin_configs/runs/cascade_eval.gin",
-                  "--gin.SMALL_MODEL_DIRS={'ce': '/tmp/ce', 'cat': '/tmp/cat'}")
+    result = _run(
+        "local.sh",
+        "--dry-run",
+        "--env",
+        "JAX_PLATFORMS=cpu",
+        "cat_jax.cascade_eval",
+        "--gin_file=gin_configs/runs/cascade_eval.gin",
+        "--gin.SMALL_MODEL_DIRS={'ce': '/tmp/ce', 'cat': '/tmp/cat'}",
+    )
     assert result.returncode == 0, result.stderr
     run = result.stdout.splitlines()[-1]
     words = _words(run)
     assert words[:5] == ["cd", str(REPO), "&&", "env", "JAX_PLATFORMS=cpu"]
     assert _python_args(run, "cat_jax.cascade_eval") == [
         "--gin_file=gin_configs/runs/cascade_eval.gin",
-        "--gin.SMALL_MODEL_DIRS={'ce': '/tmp/ce', 'cat': '/tmp/cat'}"]
+        "--gin.SMALL_MODEL_DIRS={'ce': '/tmp/ce', 'cat': '/tmp/cat'}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad arguments: exit status 2 and the usage.
 
-@pytest.mark.parametrize("script,args", [
-    ("tpu_vm.sh", ["--zone", "z", MODULE]),                                  # no --name
-    ("tpu_vm.sh", ["--name", "n", MODULE]),                                  # no --zone
-    ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--create", MODULE]),       # no --accelerator
-    ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--bogus", MODULE]),
-    ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--dry-run"]),              # no module
-    ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--env", "noequals", MODULE]),
-    ("tpu_vm.sh", ["--name"]),
-    ("gpu.sh", ["--dry-run"]),
-    ("gpu.sh", ["--gpus", "all", MODULE]),
-    ("gpu.sh", ["--coordinator", "h:1", MODULE]),                            # incomplete multi-host
-    ("gpu.sh", ["--dry-run", "not a module"]),
-    ("slurm_gpu.sbatch", ["--dry-run"]),
-    ("slurm_gpu.sbatch", ["--dry-run", MODULE]),                             # not under SLURM
-    ("local.sh", []),
-    ("local.sh", ["--frobnicate", MODULE]),
-])
+
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("tpu_vm.sh", ["--zone", "z", MODULE]),  # no --name
+        ("tpu_vm.sh", ["--name", "n", MODULE]),  # no --zone
+        ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--create", MODULE]),  # no --accelerator
+        ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--bogus", MODULE]),
+        ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--dry-run"]),  # no module
+        ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--env", "noequals", MODULE]),
+        ("tpu_vm.sh", ["--name"]),
+        ("gpu.sh", ["--dry-run"]),
+        ("gpu.sh", ["--gpus", "all", MODULE]),
+        ("gpu.sh", ["--coordinator", "h:1", MODULE]),  # incomplete multi-host
+        ("gpu.sh", ["--dry-run", "not a module"]),
+        ("slurm_gpu.sbatch", ["--dry-run"]),
+        ("slurm_gpu.sbatch", ["--dry-run", MODULE]),  # not under SLURM
+        ("local.sh", []),
+        ("local.sh", ["--frobnicate", MODULE]),
+    ],
+)
 def test_bad_arguments_exit_2_with_usage(script, args):
     result = _run(script, *args)
     assert result.returncode == 2, (result.stdout, result.stderr)

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import BFLOAT16, SHALLOW, assert_close
 
 from cat_jax.losses import MASKS, NORMALIZERS, cascade_aware_loss, token_cross_entropy
-from tolerances import BFLOAT16, SHALLOW, assert_close
 
 BATCH, LENGTH, VOCAB = 4, 9, 13
 ROW_LENGTHS = (9, 6, 4, 0)  # last row is all padding
@@ -94,8 +94,14 @@ def test_batch_exercises_every_mask():
 def test_matches_numpy_reference(mask, normalizer, alpha, temperature):
     student, teacher, targets, weights = make_batch()
     loss, metrics = cascade_aware_loss(
-        jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(targets), jnp.asarray(weights),
-        alpha=alpha, temperature=temperature, mask=mask, normalizer=normalizer,
+        jnp.asarray(student),
+        jnp.asarray(teacher),
+        jnp.asarray(targets),
+        jnp.asarray(weights),
+        alpha=alpha,
+        temperature=temperature,
+        mask=mask,
+        normalizer=normalizer,
     )
     ref = reference(student, teacher, targets, weights, alpha, temperature, mask, normalizer)
     assert loss.dtype == jnp.float32
@@ -123,9 +129,9 @@ def test_jit_matches_eager():
 @pytest.mark.parametrize("mask", MASKS)
 def test_gradient_zero_exactly_where_mask_drops(mask, alpha):
     student, teacher, targets, weights = make_batch(seed=1)
-    grad = jax.grad(
-        lambda s: cascade_aware_loss(s, teacher, targets, weights, alpha=alpha, mask=mask)[0]
-    )(jnp.asarray(student))
+    grad = jax.grad(lambda s: cascade_aware_loss(s, teacher, targets, weights, alpha=alpha, mask=mask)[0])(
+        jnp.asarray(student)
+    )
     grad = np.asarray(grad)
     counted = reference(student, teacher, targets, weights, alpha, 1.0, mask, "weights")["mask"]
     dropped = counted == 0
@@ -137,9 +143,7 @@ def test_gradient_zero_exactly_where_mask_drops(mask, alpha):
 def test_gradient_zero_at_padding_with_mask_none():
     student, teacher, targets, weights = make_batch(seed=2)
     grad = np.asarray(
-        jax.grad(lambda s: cascade_aware_loss(s, teacher, targets, weights, mask="none")[0])(
-            jnp.asarray(student)
-        )
+        jax.grad(lambda s: cascade_aware_loss(s, teacher, targets, weights, mask="none")[0])(jnp.asarray(student))
     )
     assert np.all(grad[weights == 0] == 0.0)
     assert np.all(np.abs(grad[weights > 0]).max(-1) > 1e-4)
@@ -147,9 +151,7 @@ def test_gradient_zero_at_padding_with_mask_none():
 
 def test_no_gradient_to_teacher():
     student, teacher, targets, weights = make_batch(seed=2)
-    grad = jax.grad(
-        lambda t: cascade_aware_loss(student, t, targets, weights, alpha=0.5)[0]
-    )(jnp.asarray(teacher))
+    grad = jax.grad(lambda t: cascade_aware_loss(student, t, targets, weights, alpha=0.5)[0])(jnp.asarray(teacher))
     assert np.all(np.asarray(grad) == 0.0)
 
 
@@ -157,15 +159,11 @@ def test_plain_cross_entropy_is_a_special_case():
     student, teacher, targets, weights = make_batch(seed=4)
     per_token = token_cross_entropy(jnp.asarray(student), jnp.asarray(targets))
     total = float(np.sum(np.asarray(per_token) * weights))
-    ref_ce = -np.take_along_axis(
-        _log_softmax(student.astype(np.float64)), targets[..., None], -1
-    )[..., 0]
+    ref_ce = -np.take_along_axis(_log_softmax(student.astype(np.float64)), targets[..., None], -1)[..., 0]
     assert_close(per_token, ref_ce, SHALLOW)
     assert_close(total, (ref_ce * weights).sum(), SHALLOW)
     for teacher_arg in (teacher, None):
-        loss, metrics = cascade_aware_loss(
-            student, teacher_arg, targets, weights, alpha=1.0, mask="none"
-        )
+        loss, metrics = cascade_aware_loss(student, teacher_arg, targets, weights, alpha=1.0, mask="none")
         assert_close(loss, total / weights.sum(), SHALLOW)  # summed in another order
         assert_close(metrics["ce"], loss, SHALLOW)
         assert metrics["mask_fraction"] == 1.0
@@ -201,9 +199,7 @@ def test_zero_weights_give_zero_loss_not_nan():
     student, teacher, targets, _ = make_batch(seed=7)
     weights = np.zeros(targets.shape, np.float32)
     for normalizer in NORMALIZERS:
-        fn = lambda s: cascade_aware_loss(
-            s, teacher, targets, weights, alpha=0.5, normalizer=normalizer
-        )
+        fn = lambda s: cascade_aware_loss(s, teacher, targets, weights, alpha=0.5, normalizer=normalizer)
         (loss, metrics), grad = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(student))
         assert float(loss) == 0.0
         assert all(np.isfinite(v) for v in metrics.values())
@@ -277,8 +273,11 @@ def test_mask_start_step_matches_reference(mask, alpha):
     """Before mask_start_step every token counts (the reference with mask 'none'); from it on,
     the mask's reference. The step is traced (jit), as in the train step."""
     student, teacher, targets, weights = make_batch()
-    fn = jax.jit(lambda step: cascade_aware_loss(student, teacher, targets, weights, alpha=alpha, mask=mask,
-                                                 mask_start_step=3, step=step))
+    fn = jax.jit(
+        lambda step: cascade_aware_loss(
+            student, teacher, targets, weights, alpha=alpha, mask=mask, mask_start_step=3, step=step
+        )
+    )
     for step, counted_as in ((0, "none"), (2, "none"), (3, mask), (7, mask)):
         loss, metrics = fn(jnp.asarray(step, jnp.int32))
         ref = reference(student, teacher, targets, weights, alpha, 1.0, counted_as, "weights")
@@ -309,9 +308,7 @@ def test_bfloat16_logits_upcast():
     loss16, metrics16 = cascade_aware_loss(s16, t16, targets, weights, **kwargs)
     assert loss16.dtype == jnp.float32
     # Same values in float32: computing inside in float32 makes them agree tightly.
-    loss_rounded, _ = cascade_aware_loss(
-        s16.astype(jnp.float32), t16.astype(jnp.float32), targets, weights, **kwargs
-    )
+    loss_rounded, _ = cascade_aware_loss(s16.astype(jnp.float32), t16.astype(jnp.float32), targets, weights, **kwargs)
     assert_close(loss16, loss_rounded, SHALLOW)
     loss32, metrics32 = cascade_aware_loss(student, teacher, targets, weights, **kwargs)
     assert_close(loss16, loss32, BFLOAT16)
@@ -380,8 +377,12 @@ def test_sharded_equals_single_device():
         "PYTHONPATH": os.pathsep.join([repo, os.path.join(repo, "tests"), os.environ.get("PYTHONPATH", "")]),
     }
     result = subprocess.run(
-        [sys.executable, "-c", _SHARDED_CODE], env=env, cwd=repo,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", _SHARDED_CODE],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])

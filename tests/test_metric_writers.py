@@ -65,10 +65,7 @@ def test_jsonl_and_tensorboard_hold_the_scalars(tmp_path: Path) -> None:
         ("n", 2): 4.0,
     }
     texts = [
-        (v.tag, e.step, v.tensor.string_val[0].decode())
-        for e in events
-        for v in e.summary.value
-        if v.tensor.string_val
+        (v.tag, e.step, v.tensor.string_val[0].decode()) for e in events for v in e.summary.value if v.tensor.string_val
     ]
     assert ("gin/operative_config/text_summary", 2, "train.steps = 10") in texts
 
@@ -101,8 +98,9 @@ def test_a_resumed_run_drops_the_steps_it_replays(tmp_path: Path, resume_step: i
     resumed.close()
     rows = read_jsonl(str(tmp_path / "train_metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [r["loss"] for r in rows] == [float(s) for s in range(1, resume_step + 1)] + \
-        [10.0 + s for s in range(resume_step + 1, 5)]
+    assert [r["loss"] for r in rows] == [float(s) for s in range(1, resume_step + 1)] + [
+        10.0 + s for s in range(resume_step + 1, 5)
+    ]
 
 
 def test_disabled_writes_nothing(tmp_path: Path) -> None:
@@ -137,7 +135,9 @@ def test_a_killed_writer_leaves_every_written_scalar_on_disk(tmp_path: Path) -> 
     """kill -9 right after the writes: TensorBoard's file holds them too, not only the JSON lines."""
     import subprocess
     import sys
+
     from conftest import REPO
+
     proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], cwd=REPO, timeout=120)
     assert proc.returncode == -9
     assert [r["step"] for r in read_jsonl(str(tmp_path / "train_metrics.jsonl"))] == [1, 2, 3]
@@ -153,7 +153,8 @@ def test_a_torn_last_line_is_dropped_on_resume_and_logged(tmp_path: Path, caplog
     writer.close()
     assert read_jsonl(str(path)) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
     assert "dropped its torn last line" in caplog.text
-    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')   # damage elsewhere: named, not guessed
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')  # damage elsewhere: named, not guessed
     from cat_jax.errors import ModelDirError
+
     with pytest.raises(ModelDirError, match="line 1 is not JSON"):
         MetricWriter(str(tmp_path), resume_step=2)

@@ -33,8 +33,11 @@ def test_a_second_taker_is_refused_with_the_holder_and_release_frees_it(tmp_path
     held = model_dir_lib.lock(str(tmp_path))
     path = tmp_path / model_dir_lib.LOCK_FILE
     assert json.loads(path.read_text())["pid"] == os.getpid()
-    with pytest.raises(ModelDirError, match=rf"in use by another trainer: pid {os.getpid()} on host "
-                                            rf"{socket.gethostname()}"):
+    with pytest.raises(
+        ModelDirError,
+        match=rf"in use by another trainer: pid {os.getpid()} on host "
+        rf"{socket.gethostname()}",
+    ):
         model_dir_lib.lock(str(tmp_path))
     held.release()
     assert not path.exists()
@@ -49,7 +52,7 @@ def test_the_lock_of_a_dead_process_on_this_host_is_taken_over_and_logged(tmp_pa
     assert f"Took over the stale lock of MODEL_DIR {tmp_path}" in caplog.text
     assert f"pid {pid} on host {socket.gethostname()}" in caplog.text and "no longer running" in caplog.text
     assert json.loads((tmp_path / model_dir_lib.LOCK_FILE).read_text())["pid"] == os.getpid()
-    assert [p.name for p in tmp_path.iterdir()] == [model_dir_lib.LOCK_FILE]   # nothing else left
+    assert [p.name for p in tmp_path.iterdir()] == [model_dir_lib.LOCK_FILE]  # nothing else left
     held.release()
 
 
@@ -89,10 +92,12 @@ def test_the_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
 @LINUX_PROC
 def test_a_killed_process_not_yet_reaped_does_not_keep_a_lock(tmp_path):
     import signal
+
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _write_lock(tmp_path, host=socket.gethostname(), pid=proc.pid,
-                    process_start=model_dir_lib._process_start(proc.pid))  # pylint: disable=protected-access
+        _write_lock(
+            tmp_path, host=socket.gethostname(), pid=proc.pid, process_start=model_dir_lib._process_start(proc.pid)
+        )  # pylint: disable=protected-access
         with pytest.raises(ModelDirError, match=f"pid {proc.pid}"):
             model_dir_lib.lock(str(tmp_path))
         os.kill(proc.pid, signal.SIGKILL)
@@ -100,7 +105,7 @@ def test_a_killed_process_not_yet_reaped_does_not_keep_a_lock(tmp_path):
         state = model_dir_lib._proc_stat  # pylint: disable=protected-access
         while state(proc.pid)[0] != "Z" and time.time() < deadline:
             time.sleep(0.01)
-        model_dir_lib.lock(str(tmp_path)).release()   # a zombie: its pid still answers, it holds nothing
+        model_dir_lib.lock(str(tmp_path)).release()  # a zombie: its pid still answers, it holds nothing
     finally:
         proc.kill()
         proc.wait()

@@ -13,16 +13,16 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-
-from cat_jax.models.t5 import (T5Config, Transformer, decoder_flops, encoder_flops, encoder_layers_flops,
-                               forward_flops)
-from cat_jax.models.t5.layers import relative_position_bucket
 from tolerances import DEEP, assert_close
+
+from cat_jax.models.t5 import T5Config, Transformer, decoder_flops, encoder_flops, encoder_layers_flops, forward_flops
+from cat_jax.models.t5.layers import relative_position_bucket
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 LOGICAL_AXES = {"embed", "mlp", "heads", "kv", "joined_kv", "vocab", "relpos_buckets"}
-TINY = T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                num_encoder_layers=2, num_decoder_layers=2)
+TINY = T5Config(
+    vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2
+)
 ENC = jnp.array([[5, 9, 12, 7, 1, 0, 0, 0], [3, 4, 1, 0, 0, 0, 0, 0]], jnp.int32)
 DEC = jnp.array([[0, 8, 9, 10, 11, 1], [0, 20, 21, 1, 0, 0]], jnp.int32)
 
@@ -42,8 +42,7 @@ def test_output_shapes(tiny_params):
     variables = {"params": tiny_params}
     encoded = model.apply(variables, ENC, method=Transformer.encode)
     assert encoded.shape == (2, 8, 32)
-    logits, hidden = model.apply(variables, encoded, ENC, DEC, return_hidden=True,
-                                 method=Transformer.decode)
+    logits, hidden = model.apply(variables, encoded, ENC, DEC, return_hidden=True, method=Transformer.decode)
     assert logits.shape == (2, 6, 64) and hidden.shape == (2, 6, 32)
     full = model.apply(variables, ENC, DEC)
     assert_close(full, logits, DEEP)  # encode+decode as two programs against one
@@ -55,8 +54,9 @@ def test_every_param_has_logical_partition_spec():
     specs = nn.get_partition_spec(variables)["params"]
     params = nn.unbox(variables)["params"]
     flat_params = dict(jax.tree_util.tree_leaves_with_path(params))
-    flat_specs = dict(jax.tree_util.tree_leaves_with_path(
-        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    flat_specs = dict(
+        jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    )
     assert flat_params.keys() == flat_specs.keys()
     # 9 per encoder layer, 14 per decoder layer, 2 relpos tables, 2 final norms, embedding, head.
     assert len(flat_params) == 2 * 9 + 2 * 14 + 2 + 2 + 1 + 1
@@ -65,8 +65,9 @@ def test_every_param_has_logical_partition_spec():
         assert param.dtype == jnp.float32
         assert len(spec) == param.ndim, (path, spec)
         assert set(spec) <= LOGICAL_AXES, (path, spec)
-    assert flat_specs[next(p for p in flat_specs if "logits_dense" in str(p))] == \
-        jax.sharding.PartitionSpec("embed", "vocab")
+    assert flat_specs[next(p for p in flat_specs if "logits_dense" in str(p))] == jax.sharding.PartitionSpec(
+        "embed", "vocab"
+    )
 
 
 def test_shared_relpos_table_and_untied_head(tiny_params):
@@ -91,14 +92,21 @@ def test_cached_decoding_matches_teacher_forcing(tiny_params):
     variables = {"params": tiny_params}
     encoded = model.apply(variables, ENC, method=Transformer.encode)
     full = model.apply(variables, encoded, ENC, DEC, method=Transformer.decode)
-    _, cache_vars = model.apply(variables, encoded, ENC, jnp.zeros_like(DEC), decode=True,
-                                mutable=["cache"], method=Transformer.decode)
+    _, cache_vars = model.apply(
+        variables, encoded, ENC, jnp.zeros_like(DEC), decode=True, mutable=["cache"], method=Transformer.decode
+    )
     cache = cache_vars["cache"]
     steps = []
     for t in range(DEC.shape[1]):
-        logits, cache_vars = model.apply({"params": tiny_params, "cache": cache}, encoded, ENC,
-                                         DEC[:, t:t + 1], decode=True, mutable=["cache"],
-                                         method=Transformer.decode)
+        logits, cache_vars = model.apply(
+            {"params": tiny_params, "cache": cache},
+            encoded,
+            ENC,
+            DEC[:, t : t + 1],
+            decode=True,
+            mutable=["cache"],
+            method=Transformer.decode,
+        )
         cache = cache_vars["cache"]
         steps.append(logits[:, 0])
     assert_close(np.stack(steps, axis=1), full, DEEP)  # one token at a time against the whole block
@@ -129,10 +137,8 @@ def test_dropout_is_off_by_default_and_random_when_enabled(tiny_params):
 
 
 def test_tiny_model_memorises_one_batch():
-    enc = jnp.array([[5, 9, 12, 7, 1, 0], [3, 4, 1, 0, 0, 0], [30, 31, 32, 33, 34, 1],
-                     [40, 2, 41, 1, 0, 0]], jnp.int32)
-    targets = jnp.array([[8, 9, 10, 11, 1], [20, 21, 1, 0, 0], [50, 51, 52, 1, 0],
-                         [60, 61, 62, 63, 1]], jnp.int32)
+    enc = jnp.array([[5, 9, 12, 7, 1, 0], [3, 4, 1, 0, 0, 0], [30, 31, 32, 33, 34, 1], [40, 2, 41, 1, 0, 0]], jnp.int32)
+    targets = jnp.array([[8, 9, 10, 11, 1], [20, 21, 1, 0, 0], [50, 51, 52, 1, 0], [60, 61, 62, 63, 1]], jnp.int32)
     dec = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
     weights = (targets > 0).astype(jnp.float32)
     model = Transformer(TINY)
@@ -194,12 +200,17 @@ def _count_matmul_flops(jaxpr) -> float:
 def test_decoder_flops_count_a_cached_block_call():
     """Scoring 3 tokens after 5 cached ones (a cache exactly that long) in one call."""
     from cat_jax.models.t5 import T5Model
+
     li, context, block = 16, 5, 3
     model = T5Model(TINY)
     enc = jnp.ones((1, li), jnp.int32)
     params = jax.eval_shape(lambda: init_params(TINY, enc, DEC[:1]))
-    state = jax.eval_shape(lambda p: model.set_positions(
-        model.start_decoding(p, {"encoder_input_tokens": enc}, context + block)[0], jnp.array([context])), params)
+    state = jax.eval_shape(
+        lambda p: model.set_positions(
+            model.start_decoding(p, {"encoder_input_tokens": enc}, context + block)[0], jnp.array([context])
+        ),
+        params,
+    )
     call = lambda p, s: model.decode_block(p, s, jnp.ones((1, block), jnp.int32))[0]
     counted = _count_matmul_flops(jax.make_jaxpr(call)(params, state).jaxpr)
     assert decoder_flops(TINY, li, context, block) == pytest.approx(counted, rel=1e-9)
@@ -226,12 +237,33 @@ def test_encoder_hidden_at_a_depth_and_its_flops(tiny_params):
         encoder_layers_flops(TINY, li, 3)
 
 
-@pytest.mark.parametrize("config", [TINY, T5Config(
-    vocab_size=512, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
-    num_encoder_layers=8, num_decoder_layers=8), T5Config(
-    vocab_size=64, emb_dim=32, num_heads=3, head_dim=8, mlp_dim=48, num_encoder_layers=2,
-    num_decoder_layers=3, mlp_activation="relu", logits_via_embedding=True)],
-    ids=["tiny", "small", "v1_0_relu_tied"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        TINY,
+        T5Config(
+            vocab_size=512,
+            emb_dim=512,
+            num_heads=6,
+            head_dim=64,
+            mlp_dim=1024,
+            num_encoder_layers=8,
+            num_decoder_layers=8,
+        ),
+        T5Config(
+            vocab_size=64,
+            emb_dim=32,
+            num_heads=3,
+            head_dim=8,
+            mlp_dim=48,
+            num_encoder_layers=2,
+            num_decoder_layers=3,
+            mlp_activation="relu",
+            logits_via_embedding=True,
+        ),
+    ],
+    ids=["tiny", "small", "v1_0_relu_tied"],
+)
 def test_forward_flops_matches_xla(config):
     analytic = forward_flops(config, 16, 8)
     assert analytic == pytest.approx(_jaxpr_matmul_flops(config, 16, 8), rel=1e-9)
@@ -244,10 +276,11 @@ def test_forward_flops_scaling():
     # Encoder and decoder work is linear plus a quadratic attention term in each length.
     d, a, f, v = 32, 32, 64, 64
     assert forward_flops(TINY, 16, 9) - base == pytest.approx(
-        2 * (12 * d * a + 6 * d * f + 4 * 16 * a + 4 * (2 * 8 + 1) * a) + 2 * d * v)
+        2 * (12 * d * a + 6 * d * f + 4 * 16 * a + 4 * (2 * 8 + 1) * a) + 2 * d * v
+    )
     assert forward_flops(TINY, 17, 8) - base == pytest.approx(
-        2 * (8 * d * a + 6 * d * f + 4 * (2 * 16 + 1) * a)
-        + 2 * (4 * 8 * a + 4 * d * a))
+        2 * (8 * d * a + 6 * d * f + 4 * (2 * 16 + 1) * a) + 2 * (4 * 8 * a + 4 * d * a)
+    )
     assert forward_flops(TINY, 32, 16) > 2 * base
     assert forward_flops(TINY.replace(vocab_size=128), 16, 8) - base == 2 * 8 * d * 64
 
@@ -271,8 +304,10 @@ def test_config_round_trip_and_validation():
 
 
 EXPECTED_SHAPES = {
-    "tiny": (32, 4, 8, 64, 2, 2), "small": (512, 6, 64, 1024, 8, 8),
-    "base": (768, 12, 64, 2048, 12, 12), "large": (1024, 16, 64, 2816, 24, 24),
+    "tiny": (32, 4, 8, 64, 2, 2),
+    "small": (512, 6, 64, 1024, 8, 8),
+    "base": (768, 12, 64, 2048, 12, 12),
+    "large": (1024, 16, 64, 2816, 24, 24),
     "xl": (2048, 32, 64, 5120, 24, 24),
 }
 
@@ -287,18 +322,29 @@ def test_model_gin_file_builds_config(name):
     finally:
         gin.clear_config()
     assert cfg.vocab_size is None
-    assert (cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.num_encoder_layers,
-            cfg.num_decoder_layers) == EXPECTED_SHAPES[name]
+    assert (
+        cfg.emb_dim,
+        cfg.num_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+        cfg.num_encoder_layers,
+        cfg.num_decoder_layers,
+    ) == EXPECTED_SHAPES[name]
     text = (GIN_DIR / "models" / f"{name}.gin").read_text()
     assert text.startswith("#")
     assert not any(line.startswith("T5Config.vocab_size") for line in text.splitlines())
 
 
-@pytest.mark.parametrize("name,vocab,expected", [("tiny", 64, 49_792 + 2 * 64 * 32),
-                                                 ("small", 32128, 76_961_152)])
+@pytest.mark.parametrize("name,vocab,expected", [("tiny", 64, 49_792 + 2 * 64 * 32), ("small", 32128, 76_961_152)])
 def test_parameter_counts_in_gin_headers(name, vocab, expected):
-    cfg = T5Config(vocab_size=vocab, **dict(zip(
-        ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
-         "num_decoder_layers"), EXPECTED_SHAPES[name])))
+    cfg = T5Config(
+        vocab_size=vocab,
+        **dict(
+            zip(
+                ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers", "num_decoder_layers"),
+                EXPECTED_SHAPES[name],
+            )
+        ),
+    )
     shapes = jax.eval_shape(lambda: init_params(cfg))
     assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes)) == expected

@@ -36,7 +36,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, SUBPROCESS_ENV, TINY_TASK, train_args
 
 DEVICES = 8
@@ -44,12 +43,20 @@ MESH = "--gin.make_mesh.mesh_shape=[('data', 4), ('fsdp', 1), ('model', 2)]"
 STEPS = 4
 # Every run: one encoder and one decoder layer of the tiny model (half the compile time), and the
 # SIGTERM flags exchanged between the processes every 2 steps (so that collective runs here too).
-COMMON = (MESH, "--gin.T5Config.num_encoder_layers=1", "--gin.T5Config.num_decoder_layers=1",
-          "--gin.PreemptionWatcher.check_every_steps=2")
+COMMON = (
+    MESH,
+    "--gin.T5Config.num_encoder_layers=1",
+    "--gin.T5Config.num_decoder_layers=1",
+    "--gin.PreemptionWatcher.check_every_steps=2",
+)
 # Inputs of 16 tokens truncate most words of the task: every process logs that warning, so process
 # 1's log is never empty (its lines' format is checked).
-CE_ARGS = (*COMMON, "--gin.train.checkpoint_period=2", "--gin.train.keep_checkpoints=None",
-           "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}")
+CE_ARGS = (
+    *COMMON,
+    "--gin.train.checkpoint_period=2",
+    "--gin.train.keep_checkpoints=None",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+)
 ATOL = 1e-6
 
 
@@ -72,24 +79,35 @@ class Job:
     started at once; `finish()` waits for it. Jobs run side by side to overlap their start-up and
     the waits in collectives (the processes of one job idle while a peer catches up)."""
 
-    def __init__(self, nprocs: int, args: list[str], logs: Path, name: str, *,
-                 expect_rc: int | None = 0, timeout: float = 420):
+    def __init__(
+        self, nprocs: int, args: list[str], logs: Path, name: str, *, expect_rc: int | None = 0, timeout: float = 420
+    ):
         self.nprocs, self.name, self.expect_rc = nprocs, name, expect_rc
         logs.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAT_JAX_")}
-        env.update(SUBPROCESS_ENV, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // nprocs}")
+        env.update(
+            SUBPROCESS_ENV, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // nprocs}"
+        )
         if nprocs > 1:
-            env.update(CAT_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}",
-                       CAT_JAX_NUM_PROCESSES=str(nprocs), CAT_JAX_CPU_COLLECTIVES="gloo")
+            env.update(
+                CAT_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}",
+                CAT_JAX_NUM_PROCESSES=str(nprocs),
+                CAT_JAX_CPU_COLLECTIVES="gloo",
+            )
         self.procs, self.files = [], []
         for i in range(nprocs):
             out, err = logs / f"{name}.{i}.stdout", logs / f"{name}.{i}.stderr"
             self.files.append((out, err))
             with open(out, "w") as fo, open(err, "w") as fe:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "cat_jax.train", *args], cwd=REPO, stdout=fo, stderr=fe,
-                    env=dict(env, CAT_JAX_PROCESS_ID=str(i)) if nprocs > 1 else env))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "cat_jax.train", *args],
+                        cwd=REPO,
+                        stdout=fo,
+                        stderr=fe,
+                        env=dict(env, CAT_JAX_PROCESS_ID=str(i)) if nprocs > 1 else env,
+                    )
+                )
         self.deadline = time.monotonic() + timeout
 
     def finish(self) -> list[Proc]:
@@ -97,7 +115,7 @@ class Job:
         while any(p.poll() is None for p in self.procs):
             now = time.monotonic()
             if first_failure is None and any(p.poll() not in (None, 0) for p in self.procs):
-                first_failure = now       # its peers may wait for it in a collective
+                first_failure = now  # its peers may wait for it in a collective
             if now > self.deadline or (first_failure is not None and now > first_failure + 60):
                 for p in self.procs:
                     if p.poll() is None:
@@ -106,15 +124,18 @@ class Job:
                     p.wait()
                 break
             time.sleep(0.2)
-        results = [Proc(i, p.returncode, out.read_text(), err.read_text())
-                   for i, (p, (out, err)) in enumerate(zip(self.procs, self.files))]
+        results = [
+            Proc(i, p.returncode, out.read_text(), err.read_text())
+            for i, (p, (out, err)) in enumerate(zip(self.procs, self.files))
+        ]
         if self.expect_rc is not None:
             for r in results:
                 if r.returncode != self.expect_rc:
                     raise AssertionError(
                         f"{self.name}: process {r.index}/{self.nprocs} exited {r.returncode} "
                         f"(expected {self.expect_rc})\nstdout:\n{r.stdout[-3000:]}\n"
-                        f"stderr:\n{r.stderr[-6000:]}")
+                        f"stderr:\n{r.stderr[-6000:]}"
+                    )
         return results
 
 
@@ -122,7 +143,7 @@ def _run_together(*jobs: Job) -> list[list[Proc]]:
     try:
         return [job.finish() for job in jobs]
     finally:
-        for job in jobs:          # after a failure: stop the other jobs' processes too
+        for job in jobs:  # after a failure: stop the other jobs' processes too
             for p in job.procs:
                 if p.poll() is None:
                     p.kill()
@@ -134,9 +155,9 @@ def _params(model_dir: Path, step: int | None = None) -> tuple[int, dict]:
     written on."""
     from cat_jax import partitioning
     from cat_jax.frozen_model import load_frozen_model
+
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
-    frozen = load_frozen_model(str(model_dir), mesh=mesh, rules=partitioning.logical_axis_rules(),
-                               step=step)
+    frozen = load_frozen_model(str(model_dir), mesh=mesh, rules=partitioning.logical_axis_rules(), step=step)
     return frozen.step, jax.tree_util.tree_map(np.asarray, frozen.params)
 
 
@@ -153,18 +174,20 @@ def _assert_params_close(a: Path, b: Path, step: int) -> None:
 
 def _train_rows(model_dir: Path) -> list[dict]:
     from cat_jax.metric_writers import read_jsonl
+
     return [r for r in read_jsonl(str(model_dir / "train_metrics.jsonl")) if "train/loss" in r]
 
 
 def _events(directory: Path) -> list[tuple[str, int]]:
     """(tag, step) of every scalar in the TensorBoard event files under `directory`."""
     from tensorboardX.proto import event_pb2
+
     out = []
     for path in sorted(directory.glob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
         while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
             out += [(v.tag, event.step) for v in event.summary.value]
             pos += 16 + length
     return out
@@ -196,16 +219,24 @@ def runs(tmp_path_factory):
     for n in (1, 2):
         # Only the 2-process run evaluates (greedy predictions fed and gathered by both hosts).
         eval_period = STEPS if n == 2 else 0
-        args = train_args("train_small_ce.gin", root / f"ce_{n}p", STEPS, *CE_ARGS,
-                          f"--gin.train.eval_period={eval_period}")
+        args = train_args(
+            "train_small_ce.gin", root / f"ce_{n}p", STEPS, *CE_ARGS, f"--gin.train.eval_period={eval_period}"
+        )
         jobs.append(Job(n, args, out["logs"], f"ce_{n}p"))
     # The same CE run reading its data streamed (ArrayRecord shards through grain), 1 and 2 processes.
-    from cat_jax.data.stream_export import export_streaming_one
     import tasks  # noqa: F401  (registers the task to export)
+    from cat_jax.data.stream_export import export_streaming_one
+
     export_streaming_one(TINY_TASK, "train", str(root / "stream"), max_examples=256, examples_per_shard=100)
     for n in (1, 2):
-        jobs.append(Job(n, train_args("train_small_ce.gin", root / f"stream_{n}p", STEPS, *CE_ARGS,
-                                      *_streaming_args(root)), out["logs"], f"stream_{n}p"))
+        jobs.append(
+            Job(
+                n,
+                train_args("train_small_ce.gin", root / f"stream_{n}p", STEPS, *CE_ARGS, *_streaming_args(root)),
+                out["logs"],
+                f"stream_{n}p",
+            )
+        )
     names = [1, 2, "stream_1p", "stream_2p"]
     for name, procs in zip(names, _run_together(*jobs)):
         out[name] = (root / (f"ce_{name}p" if isinstance(name, int) else name), procs)
@@ -213,8 +244,7 @@ def runs(tmp_path_factory):
 
 
 def _streaming_args(root: Path) -> tuple[str, ...]:
-    return ("--gin.DatasetConfig.max_examples=None",
-            f"--gin.data_source.streaming_dir='{root / 'stream'}'")
+    return ("--gin.DatasetConfig.max_examples=None", f"--gin.data_source.streaming_dir='{root / 'stream'}'")
 
 
 @pytest.fixture(scope="module")
@@ -230,21 +260,33 @@ def later_runs(runs):
         out[name] = model_dir
         jobs[name] = Job(reader, train_args("train_small_ce.gin", model_dir, STEPS, *CE_ARGS), logs, name)
     out["stream_2to1"] = _copy_at_step(runs["stream_2p"][0], root / "stream_2to1", 2)
-    jobs["stream_2to1"] = Job(1, train_args("train_small_ce.gin", out["stream_2to1"], STEPS, *CE_ARGS,
-                                            *_streaming_args(root)), logs, "stream_2to1")
-    out["locked"] = _copy_at_step(runs[1][0], root / "locked", 2)   # held by this (live) test process
+    jobs["stream_2to1"] = Job(
+        1,
+        train_args("train_small_ce.gin", out["stream_2to1"], STEPS, *CE_ARGS, *_streaming_args(root)),
+        logs,
+        "stream_2to1",
+    )
+    out["locked"] = _copy_at_step(runs[1][0], root / "locked", 2)  # held by this (live) test process
     (out["locked"] / "trainer.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    jobs["locked"] = Job(2, train_args("train_small_ce.gin", out["locked"], STEPS, *CE_ARGS), logs, "locked",
-                         expect_rc=None)
+    jobs["locked"] = Job(
+        2, train_args("train_small_ce.gin", out["locked"], STEPS, *CE_ARGS), logs, "locked", expect_rc=None
+    )
     out["mismatch"] = _copy_at_step(runs[1][0], root / "mismatch", 2)
-    jobs["mismatch"] = Job(2, train_args("train_small_ce.gin", out["mismatch"], STEPS, *CE_ARGS,
-                                         "--gin.T5Config.mlp_dim=48"),
-                           logs, "mismatch", expect_rc=None)
+    jobs["mismatch"] = Job(
+        2,
+        train_args("train_small_ce.gin", out["mismatch"], STEPS, *CE_ARGS, "--gin.T5Config.mlp_dim=48"),
+        logs,
+        "mismatch",
+        expect_rc=None,
+    )
     for n in (1, 2):
         out[f"cat_{n}p"] = root / f"cat_{n}p"
-        jobs[f"cat_{n}p"] = Job(n, train_args("train_small_cat.gin", out[f"cat_{n}p"], 3, *COMMON,
-                                              f"--gin.TEACHER_MODEL_DIR='{runs[1][0]}'"),
-                                logs, f"cat_{n}p")
+        jobs[f"cat_{n}p"] = Job(
+            n,
+            train_args("train_small_cat.gin", out[f"cat_{n}p"], 3, *COMMON, f"--gin.TEACHER_MODEL_DIR='{runs[1][0]}'"),
+            logs,
+            f"cat_{n}p",
+        )
     for name, procs in zip(jobs, _run_together(*jobs.values())):
         out[name] = (out[name], procs)
     return out
@@ -267,6 +309,7 @@ def test_only_process_zero_writes_logs_and_metrics(runs):
     model_dir, procs = runs[2]
     assert [r["step"] for r in _train_rows(model_dir)] == list(range(1, STEPS + 1))
     from cat_jax.metric_writers import read_jsonl
+
     eval_rows = [r for r in read_jsonl(str(model_dir / "train_metrics.jsonl")) if "train/loss" not in r]
     assert [r["step"] for r in eval_rows] == [STEPS]
     event_files = list((model_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))
@@ -277,7 +320,7 @@ def test_only_process_zero_writes_logs_and_metrics(runs):
     assert info["model_config"]["emb_dim"] == 32
     for name in ("config.gin", "operative_config.gin"):
         assert (model_dir / name).stat().st_size > 0
-    assert not [p.name for p in model_dir.iterdir() if p.name.startswith(".")]   # no probe left
+    assert not [p.name for p in model_dir.iterdir() if p.name.startswith(".")]  # no probe left
     assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["2", "4"]
     # Process 0 logs progress and prints the summary; process 1 only warnings, tagged with its id.
     assert "INFO step 4/4" in procs[0].stderr
@@ -310,10 +353,13 @@ def test_streamed_data_two_processes_like_one_and_resumed_on_one(runs, later_run
     """Streamed through grain, each of 2 processes reads its half of every global batch; a
     2-process checkpoint (each process's iterator state in it) resumes on 1 process on the same
     stream: all three end equal."""
-    (one, p1), (two, p2) = runs["stream_1p"], runs["stream_2p"]
+    (one, _), (two, p2) = runs["stream_1p"], runs["stream_2p"]
     resumed, pr = later_runs["stream_2to1"]
     assert "streamed by grain from ArrayRecord shards" in p2[0].stderr
-    assert sorted(p.name for p in (two / "2" / "data").glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert sorted(p.name for p in (two / "2" / "data").glob("process_*")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
     assert "resuming from this run's checkpoint at step 2" in pr[0].stderr
     _assert_params_close(one, two, STEPS)
     _assert_params_close(resumed, one, STEPS)
@@ -351,6 +397,7 @@ def test_restore_into_another_structure_names_the_mismatch(runs):
     from cat_jax.checkpoints import restore_params
     from cat_jax.errors import CheckpointError
     from cat_jax.models.t5 import T5Config, T5Model
+
     model_dir = runs[2][0]
     info = json.loads((model_dir / "run_info.json").read_text())
     config = T5Config.from_dict(info["model_config"])
@@ -359,9 +406,10 @@ def test_restore_into_another_structure_names_the_mismatch(runs):
         abstract, specs = T5Model(other).abstract_params()
         shardings = partitioning.tree_shardings(mesh, specs, partitioning.logical_axis_rules())
         template = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
         if other is config:
-            _, meta = restore_params(str(model_dir), template)   # another mesh is fine
+            _, meta = restore_params(str(model_dir), template)  # another mesh is fine
             assert meta["step"] == STEPS
         else:
             with pytest.raises(CheckpointError, match=r"shape mismatch at 'params/.*mlp"):

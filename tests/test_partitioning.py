@@ -32,8 +32,11 @@ def test_multi_slice_grid_keeps_each_slice_in_one_block(dcn_axis):
     split across slices (DCN) changes slice exactly once along it, every other axis stays within a
     slice, and each device appears once."""
     from types import SimpleNamespace
-    devices = [SimpleNamespace(id=i, slice_index=i // 4, process_index=i // 4, platform="cpu", device_kind="cpu")
-               for i in range(8)]
+
+    devices = [
+        SimpleNamespace(id=i, slice_index=i // 4, process_index=i // 4, platform="cpu", device_kind="cpu")
+        for i in range(8)
+    ]
     ici = [("data", 2), ("fsdp", 1), ("model", 2)] if dcn_axis == "data" else [("data", 4), ("fsdp", 1), ("model", 1)]
     grid = partitioning.device_grid(ici, devices, dcn_mesh_shape=[(dcn_axis, 2)])
     assert grid.shape == (4, 1, 2)

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 from tolerances import DEEP, assert_close
 
@@ -101,8 +100,9 @@ for name, shape in [("single", [("data", 1), ("fsdp", 1), ("model", 1)]),
                        out_shardings=(shardings, partitioning.replicated(mesh)))
         new_state, metrics = step(state, gb, None)
     flat = {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in jax.tree_util.tree_leaves_with_path(grads)}
-    new = {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in jax.tree_util.tree_leaves_with_path(new_state.params)}
-    specs = {jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+    leaves = jax.tree_util.tree_leaves_with_path
+    new = {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in leaves(new_state.params)}
+    specs = {jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in leaves(state.params)}
     out[name] = {"loss": float(loss), "grads": flat, "params_after": new,
                  "param_bytes": partitioning.per_device_bytes(state.params), "specs": specs,
                  "logits_spec": list(logits.sharding.spec), "teacher_logits_spec": list(teacher_logits.sharding.spec),
@@ -117,11 +117,12 @@ MEMORY = ("data2", "data2_model4")
 @pytest.fixture(scope="module")
 def results():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.mark.parametrize("mesh", ["data2_model4", "fsdp4_model2"])
@@ -137,8 +138,9 @@ def test_sharded_loss_and_grads_equal_single_device(results, mesh):
         # so the update, is noise. Compare the updated parameters where the gradient is resolved.
         resolved = (g_ref == 0) | (np.abs(g_ref) > 1e-4 * np.abs(g_ref).max())
         assert resolved.mean() > 0.9, k
-        assert_close(np.array(got["params_after"][k])[resolved], np.array(ref["params_after"][k])[resolved],
-                     DEEP, err_msg=k)
+        assert_close(
+            np.array(got["params_after"][k])[resolved], np.array(ref["params_after"][k])[resolved], DEEP, err_msg=k
+        )
 
 
 def test_parameters_are_split_as_the_mesh_says(results):
@@ -168,6 +170,7 @@ def test_activation_constraints_are_in_the_compiled_step_and_cut_memory(results)
 def test_unknown_logical_axis_names_are_an_error():
     from cat_jax import partitioning
     from cat_jax.errors import ConfigError
+
     with pytest.raises(ConfigError, match=r"unknown logical axes \['vocabulary'\] / mesh axes \['tensor'\]"):
         partitioning.logical_axis_rules((("batch", "data"), ("vocabulary", "model"), ("mlp", "tensor")))
 
@@ -183,8 +186,9 @@ def test_a_restored_models_logits_function_carries_its_rules():
     from cat_jax.frozen_model import FrozenModel
     from cat_jax.models.t5 import T5Config, T5Model
 
-    config = T5Config(vocab_size=128, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
-                      num_decoder_layers=1)
+    config = T5Config(
+        vocab_size=128, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1, num_decoder_layers=1
+    )
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     rules = partitioning.logical_axis_rules()
     params = nn.unbox(T5Model(config).init_params(jax.random.key(0)))
@@ -199,5 +203,7 @@ def test_a_restored_models_logits_function_carries_its_rules():
     with partitioning.activation_sharding(mesh, rules):
         inside = constraints(frozen.model.logits)
     assert len(inside) > 10 and outside == inside
-    np.testing.assert_array_equal(np.asarray(frozen.logits_fn(params, batch)),   # eager calls work too
-                                  np.asarray(jax.jit(frozen.model.logits)(params, batch)))
+    np.testing.assert_array_equal(
+        np.asarray(frozen.logits_fn(params, batch)),  # eager calls work too
+        np.asarray(jax.jit(frozen.model.logits)(params, batch)),
+    )

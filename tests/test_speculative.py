@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from scipy import stats
+from tolerances import SHALLOW, assert_close
 
-from cat_jax.cascade.speculative import ALPHA_EXTREMES, RULES, rule_id
-from cat_jax.cascade.speculative import cost
+from cat_jax.cascade.speculative import ALPHA_EXTREMES, RULES, cost, rule_id
 from cat_jax.cascade.speculative import rules as rules_lib
 from cat_jax.decoding import Sampler, greedy_decode
 from cat_jax.decoding.speculative import speculative_decode
 from cat_jax.models.t5 import T5Config, T5Model, Transformer, decoder_flops, encoder_flops
-from tolerances import SHALLOW, assert_close
 
 V = 12
 # A chi-square statistic above this has probability 1e-4 under the null hypothesis.
@@ -55,12 +54,18 @@ def reference_target(rule: str, q, p, q_s, p_s, alpha: float) -> np.ndarray:
         if rule == "lossless":
             out[i] = p_s[i]
         elif rule in ("chow", "diff", "opt"):
-            keep = {"chow": mq >= 1 - alpha, "diff": mq >= mp - alpha,
-                    "opt": mq >= mp - (alpha * tv if tv > 0 else 0.0)}[rule]
+            keep = {
+                "chow": mq >= 1 - alpha,
+                "diff": mq >= mp - alpha,
+                "opt": mq >= mp - (alpha * tv if tv > 0 else 0.0),
+            }[rule]
             out[i] = q_s[i] if keep else p_s[i]
         else:
-            in_set = {"token_v1": q[i] >= mp - alpha, "token_v2": p[i] >= mp - alpha,
-                      "token_v3": p[i] >= (1 - alpha) * mp}[rule]
+            in_set = {
+                "token_v1": q[i] >= mp - alpha,
+                "token_v2": p[i] >= mp - alpha,
+                "token_v3": p[i] >= (1 - alpha) * mp,
+            }[rule]
             out[i] = np.where(in_set, q_s[i], 0) + q_s[i][~in_set].sum() * p_s[i]
     return out
 
@@ -79,7 +84,7 @@ def dists():
     rng = np.random.default_rng(0)
     q, p = random_dists(rng, 200), random_dists(rng, 200)
     q[:20] = p[:20]  # identical rows: every rule keeps them alike
-    temper = lambda d: (d ** 2) / (d ** 2).sum(-1, keepdims=True)  # temperature 1/2
+    temper = lambda d: (d**2) / (d**2).sum(-1, keepdims=True)  # temperature 1/2
     return q, p, temper(q), temper(p)
 
 
@@ -136,10 +141,12 @@ def test_deferral_decisions_and_accepted_sets():
     greedy_q, greedy_p = jnp.eye(3)[jnp.argmax(q, -1)], jnp.eye(3)[jnp.argmax(p, -1)]
     np.testing.assert_array_equal(keep("opt", -1.5, greedy_q, greedy_p), [True, False])
     np.testing.assert_array_equal(keep("opt", jnp.inf, greedy_q, greedy_p), [True, False])
-    np.testing.assert_array_equal(rules_lib.accepted_set("token_v2", q, p, 0.15),
-                                  [[True, True, False], [True, False, False]])
-    np.testing.assert_array_equal(rules_lib.accepted_set("token_v3", q, p, 0.5),
-                                  [[True, True, False], [True, False, False]])
+    np.testing.assert_array_equal(
+        rules_lib.accepted_set("token_v2", q, p, 0.15), [[True, True, False], [True, False, False]]
+    )
+    np.testing.assert_array_equal(
+        rules_lib.accepted_set("token_v3", q, p, 0.5), [[True, True, False], [True, False, False]]
+    )
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
@@ -156,7 +163,7 @@ def test_opt_matches_the_official_formula(temperature):
         official = official_opt_keeps(q, p, q_s, p_s, alpha)
         got = np.asarray(keep(q, p, q_s, p_s, jnp.float32(alpha)))
         tv = np.maximum(0.0, q_s.astype(np.float64) - p_s).sum(-1)
-        clear = np.abs(q.max(-1) - p.max(-1) + alpha * tv) > 1e-5   # no float32 rounding at the boundary
+        clear = np.abs(q.max(-1) - p.max(-1) + alpha * tv) > 1e-5  # no float32 rounding at the boundary
         assert clear.mean() > 0.95
         np.testing.assert_array_equal(got[clear], official[clear])
         untempered_tv = 0.5 * np.abs(q.astype(np.float64) - p).sum(-1)
@@ -217,40 +224,57 @@ def test_verification_reproduces_the_target_and_a_wrong_residual_fails():
 
 # One layer each: every test compiles the loop once per gamma (tests/test_decoding.py checks the
 # per-row cache through two layers).
-CONFIG = T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                  num_encoder_layers=1, num_decoder_layers=1)
+CONFIG = T5Config(
+    vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1
+)
 ENC = jnp.array(np.random.default_rng(0).integers(2, 64, (6, 7)), jnp.int32).at[2, 4:].set(0)
 MAX_LEN = 10
 
-spec = jax.jit(speculative_decode, static_argnums=(0, 2),
-               static_argnames=("gamma", "max_decode_length", "eos_id", "sampler"))
+spec = jax.jit(
+    speculative_decode, static_argnums=(0, 2), static_argnames=("gamma", "max_decode_length", "eos_id", "sampler")
+)
 
 
 def init(config: T5Config, seed: int, enc=ENC):
     net = Transformer(config)
-    return T5Model(config), nn.unbox(net.init({"params": jax.random.key(seed)}, enc, jnp.zeros((enc.shape[0], 3), int)))["params"]
+    return T5Model(config), nn.unbox(
+        net.init({"params": jax.random.key(seed)}, enc, jnp.zeros((enc.shape[0], 3), int))
+    )["params"]
 
 
 @pytest.fixture(scope="module")
 def models():
     large, large_params = init(CONFIG, 1)
     # A drafter that agrees with the large model often but not always: its parameters plus noise.
-    noise = jax.tree_util.tree_map(lambda x: 0.1 * jnp.std(x) * jax.random.normal(jax.random.key(7), x.shape),
-                                   large_params)
+    noise = jax.tree_util.tree_map(
+        lambda x: 0.1 * jnp.std(x) * jax.random.normal(jax.random.key(7), x.shape), large_params
+    )
     near_params = jax.tree_util.tree_map(jnp.add, large_params, noise)
     greedy = jax.jit(functools.partial(greedy_decode, large, max_decode_length=MAX_LEN))
-    out = dict(large=(large, large_params), near=(large, near_params),
-               large_greedy=greedy(large_params, {"encoder_input_tokens": ENC}),
-               near_greedy=greedy(near_params, {"encoder_input_tokens": ENC}))
+    out = dict(
+        large=(large, large_params),
+        near=(large, near_params),
+        large_greedy=greedy(large_params, {"encoder_input_tokens": ENC}),
+        near_greedy=greedy(near_params, {"encoder_input_tokens": ENC}),
+    )
     assert not np.array_equal(out["large_greedy"].tokens, out["near_greedy"].tokens)
     return out
 
 
 def run(models, drafter: str, rule: str, alpha: float, gamma: int, seed: int = 0):
     (draft_model, draft_params), (large, large_params) = models[drafter], models["large"]
-    return spec(draft_model, draft_params, large, large_params, {"encoder_input_tokens": ENC}, jax.random.key(seed),
-                jnp.int32(rule_id(rule)),
-                jnp.float32(alpha), gamma=gamma, max_decode_length=MAX_LEN)
+    return spec(
+        draft_model,
+        draft_params,
+        large,
+        large_params,
+        {"encoder_input_tokens": ENC},
+        jax.random.key(seed),
+        jnp.int32(rule_id(rule)),
+        jnp.float32(alpha),
+        gamma=gamma,
+        max_decode_length=MAX_LEN,
+    )
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 5])
@@ -271,15 +295,17 @@ def test_greedy_speculative_decoding_is_the_large_models_greedy_output(models, g
 
 def test_alpha_extremes_give_each_model_alone_end_to_end(models):
     for rule, (large_alpha, small_alpha) in ALPHA_EXTREMES.items():
-        np.testing.assert_array_equal(run(models, "near", rule, large_alpha, 3).tokens,
-                                      models["large_greedy"].tokens, err_msg=rule)
+        np.testing.assert_array_equal(
+            run(models, "near", rule, large_alpha, 3).tokens, models["large_greedy"].tokens, err_msg=rule
+        )
         small = run(models, "near", rule, small_alpha, 3)
         np.testing.assert_array_equal(small.tokens, models["near_greedy"].tokens, err_msg=rule)
         np.testing.assert_array_equal(small.accepted, 3 * np.asarray(small.rounds), err_msg=rule)
 
 
-TINY_VOCAB = T5Config(vocab_size=6, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
-                      num_encoder_layers=1, num_decoder_layers=1)
+TINY_VOCAB = T5Config(
+    vocab_size=6, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1, num_decoder_layers=1
+)
 
 
 def exact_two_token_distribution(model, params, enc) -> dict[tuple[int, ...], float]:
@@ -305,9 +331,19 @@ def test_lossless_sampling_follows_the_large_models_distribution_and_speed_does_
     outcomes = list(exact)
 
     def counts(rule: str, alpha: float, seed: int) -> np.ndarray:
-        out = spec(small, small_params, large, large_params, {"encoder_input_tokens": enc}, jax.random.key(seed),
-                   jnp.int32(rule_id(rule)),
-                   jnp.float32(alpha), gamma=1, max_decode_length=2, sampler=Sampler(temperature=1.0))
+        out = spec(
+            small,
+            small_params,
+            large,
+            large_params,
+            {"encoder_input_tokens": enc},
+            jax.random.key(seed),
+            jnp.int32(rule_id(rule)),
+            jnp.float32(alpha),
+            gamma=1,
+            max_decode_length=2,
+            sampler=Sampler(temperature=1.0),
+        )
         tokens = np.asarray(out.tokens)
         keys = [(1,) if t[0] == 1 else (int(t[0]), int(t[1])) for t in tokens]
         return np.array([keys.count(o) for o in outcomes])
@@ -324,9 +360,14 @@ def test_speculative_flops_count_every_draft_step_and_block():
     large model's blocks of 2 at contexts 0 and 2; -1 marks rounds that did not happen."""
     small, li = CONFIG.replace(emb_dim=16, mlp_dim=32), 7
     got = cost.speculative_flops(T5Model(small), T5Model(CONFIG), li, np.array([0, 2, -1, -1]), gamma=1)
-    want = (encoder_flops(small, li) + encoder_flops(CONFIG, li)
-            + sum(decoder_flops(small, li, c, 1) for c in range(4))
-            + decoder_flops(CONFIG, li, 0, 2) + decoder_flops(CONFIG, li, 2, 2))
+    want = (
+        encoder_flops(small, li)
+        + encoder_flops(CONFIG, li)
+        + sum(decoder_flops(small, li, c, 1) for c in range(4))
+        + decoder_flops(CONFIG, li, 0, 2)
+        + decoder_flops(CONFIG, li, 2, 2)
+    )
     assert got == want
     assert cost.decode_flops(T5Model(CONFIG), li, 3) == encoder_flops(CONFIG, li) + sum(
-        decoder_flops(CONFIG, li, t, 1) for t in range(3))
+        decoder_flops(CONFIG, li, t, 1) for t in range(3)
+    )

@@ -8,12 +8,12 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import DATA_CACHE, run_module, train_args
 
 from cat_jax.cascade.speculative import report
-from cat_jax.jobs.speculative_eval import alpha_grid, run_speculative_eval
-from cat_jax.errors import ConfigError
 from cat_jax.data.config import DatasetConfig
-from conftest import DATA_CACHE, run_module, train_args
+from cat_jax.errors import ConfigError
+from cat_jax.jobs.speculative_eval import alpha_grid, run_speculative_eval
 
 MIXTURE = "offline_mix"
 GROUPS = ("cmudict_g2p", "cmudict_syllables", "num2words_fr", "num2words_de", MIXTURE)
@@ -28,18 +28,31 @@ def outputs(tmp_path_factory):
     large, small, out = root / "large", root / "ce", root / "out"
     tiny = "--gin_file=gin_configs/models/tiny.gin"
     with ThreadPoolExecutor(2) as pool:  # the two runs overlap their start-up and compilation
-        runs = [pool.submit(run_module, "cat_jax.train", train_args(run_file, model_dir, steps, tiny))
-                for run_file, model_dir, steps in (("train_large.gin", large, 3), ("train_small_ce.gin", small, 2))]
+        runs = [
+            pool.submit(run_module, "cat_jax.train", train_args(run_file, model_dir, steps, tiny))
+            for run_file, model_dir, steps in (("train_large.gin", large, 3), ("train_small_ce.gin", small, 2))
+        ]
         for run in runs:
             run.result()
-    proc = run_module("cat_jax.speculative_eval", [
-        "--gin_file=gin_configs/runs/speculative_eval.gin", "--gin_file=gin_configs/models/tiny.gin",
-        f"--gin.load_split.cache_dir='{DATA_CACHE}'", f"--gin.LARGE_MODEL_DIR='{large}'",
-        f"--gin.SMALL_MODEL_DIRS={{'ce': '{small}'}}", f"--gin.OUTPUT_DIR='{out}'",
-        f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'", "--gin.MAX_EXAMPLES=4",
-        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=8",
-        f"--gin.GAMMAS={list(GAMMAS)}", f"--gin.run_speculative_eval.rules={list(RULES)}",
-        "--gin.run_speculative_eval.num_alphas=2", "--gin.run_speculative_eval.timing_repeats=1"])
+    proc = run_module(
+        "cat_jax.speculative_eval",
+        [
+            "--gin_file=gin_configs/runs/speculative_eval.gin",
+            "--gin_file=gin_configs/models/tiny.gin",
+            f"--gin.load_split.cache_dir='{DATA_CACHE}'",
+            f"--gin.LARGE_MODEL_DIR='{large}'",
+            f"--gin.SMALL_MODEL_DIRS={{'ce': '{small}'}}",
+            f"--gin.OUTPUT_DIR='{out}'",
+            f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'",
+            "--gin.MAX_EXAMPLES=4",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+            "--gin.BATCH_SIZE=8",
+            f"--gin.GAMMAS={list(GAMMAS)}",
+            f"--gin.run_speculative_eval.rules={list(RULES)}",
+            "--gin.run_speculative_eval.num_alphas=2",
+            "--gin.run_speculative_eval.timing_repeats=1",
+        ],
+    )
     return out, proc
 
 
@@ -84,9 +97,15 @@ def test_lossless_is_the_large_model_and_the_small_extreme_the_drafter(outputs):
 
 def test_configuration_errors_before_decoding(tmp_path):
     dataset = DatasetConfig(MIXTURE, {"inputs": 32, "targets": 8})
-    run = lambda **kw: run_speculative_eval(**{"large_model_dir": str(tmp_path / "large"), "dataset": dataset,
-                                               "small_model_dirs": {"ce": str(tmp_path / "ce")},
-                                               "output_dir": str(tmp_path / "out"), **kw})
+    run = lambda **kw: run_speculative_eval(
+        **{
+            "large_model_dir": str(tmp_path / "large"),
+            "dataset": dataset,
+            "small_model_dirs": {"ce": str(tmp_path / "ce")},
+            "output_dir": str(tmp_path / "out"),
+            **kw,
+        }
+    )
     with pytest.raises(ConfigError, match="rules=.*lossless"):
         run(rules=["lossles"])
     with pytest.raises(ConfigError, match="gammas"):
@@ -106,11 +125,26 @@ def test_opt_sweeps_between_infinite_extremes_written_as_strings(tmp_path):
     assert alpha_grid("opt", 5, {}) == [-math.inf, -0.5, 0.0, 0.5, math.inf]
     assert alpha_grid("opt", 2, {}) == [-math.inf, math.inf]
     assert alpha_grid("chow", 3, {}) == pytest.approx([-0.1, 0.45, 1.0]) and alpha_grid("lossless", 5, {}) == [0.0]
-    points = [report.Point(group="g", drafter="ce", rule=rule, gamma=1, alpha=alpha, quality=0.5,
-                           relative_flops=1.0, relative_latency=1.0, ms_per_example=1.0)
-              for rule, alpha in (("opt", -math.inf), ("opt", 0.5), ("opt", math.inf), ("lossless", None))]
+    points = [
+        report.Point(
+            group="g",
+            drafter="ce",
+            rule=rule,
+            gamma=1,
+            alpha=alpha,
+            quality=0.5,
+            relative_flops=1.0,
+            relative_latency=1.0,
+            ms_per_example=1.0,
+        )
+        for rule, alpha in (("opt", -math.inf), ("opt", 0.5), ("opt", math.inf), ("lossless", None))
+    ]
     report.write_points(tmp_path / "curves.csv", tmp_path / "curves.json", points)
     assert [p["alpha"] for p in json.loads((tmp_path / "curves.json").read_text())] == ["-inf", 0.5, "inf", None]
     with open(tmp_path / "curves.csv") as f:
         assert [float(r["alpha"]) if r["alpha"] else None for r in csv.DictReader(f)] == [
-            -math.inf, 0.5, math.inf, None]
+            -math.inf,
+            0.5,
+            math.inf,
+            None,
+        ]

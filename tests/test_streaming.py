@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import seqio
+from conftest import run_module, train_args
 
 import tasks  # noqa: F401  (registers the tasks)
 from cat_jax import data as data_lib
 from cat_jax.data import stream_export, streaming
-from conftest import run_module, train_args
 
 MIXTURE = "streaming_test_mix"
 RATES = {"num2words_de": 1.0, "num2words_fr": 3.0}
@@ -84,17 +84,21 @@ def test_stream_is_a_seeded_shuffle_mixed_by_rate_and_split_by_process(exported)
     assert sorted(fr[:1945]) == list(range(1945)) and sorted(fr[1945:3890]) == list(range(1945))
     assert fr[:1945] != fr[1945:3890] and fr[:100] != list(range(100))
     other = batches(1, (0, 1))
-    assert not np.array_equal(other.local_batch(0)["decoder_target_tokens"], whole.local_batch(0)["decoder_target_tokens"])
+    assert not np.array_equal(
+        other.local_batch(0)["decoder_target_tokens"], whole.local_batch(0)["decoder_target_tokens"]
+    )
     # The iterator yields local_batch(step) in order, and its state is the next step.
     it = batches(0, (0, 1))
     for step in range(3):
-        np.testing.assert_array_equal(it.batch(step)["decoder_target_tokens"],
-                                      whole.local_batch(step)["decoder_target_tokens"])
+        np.testing.assert_array_equal(
+            it.batch(step)["decoder_target_tokens"], whole.local_batch(step)["decoder_target_tokens"]
+        )
     assert it.iterator.get_state()["next_index"] == 3
 
 
 def _record_id(source, task: str, index: int) -> str:
     from array_record.python.array_record_module import ArrayRecordReader
+
     paths = source.shard_paths(MIXTURE, SPLIT, task)
     reader = ArrayRecordReader(paths[index // SHARD])
     try:
@@ -113,6 +117,7 @@ def test_interrupted_export_resumes_to_the_same_files(exported, tmp_path, monkey
                 if k == n:
                     raise KeyboardInterrupt
                 yield ex
+
         return examples
 
     monkeypatch.setattr(stream_export, "examples_with_metadata", dies_after(700))
@@ -120,8 +125,11 @@ def test_interrupted_export_resumes_to_the_same_files(exported, tmp_path, monkey
         stream_export.export_streaming_one(MIXTURE, SPLIT, str(tmp_path), examples_per_shard=SHARD)
     task_dir = tmp_path / f"{MIXTURE}.{SPLIT}" / "num2words_de"
     progress = json.loads((task_dir / stream_export.PROGRESS).read_text())
-    assert progress == {"shards": ["shard-00000.array_record", "shard-00001.array_record"],
-                        "counts": [300, 300], "done": False}
+    assert progress == {
+        "shards": ["shard-00000.array_record", "shard-00001.array_record"],
+        "counts": [300, 300],
+        "done": False,
+    }
     assert not (tmp_path / f"{MIXTURE}.{SPLIT}" / streaming.MANIFEST).exists()
     monkeypatch.setattr(stream_export, "examples_with_metadata", real)
     caplog.set_level("INFO")
@@ -131,8 +139,9 @@ def test_interrupted_export_resumes_to_the_same_files(exported, tmp_path, monkey
     assert again["shards"] == manifest["shards"]
     for task, names in manifest["shards"].items():
         for name in names:
-            assert (tmp_path / f"{MIXTURE}.{SPLIT}" / task / name).read_bytes() == \
-                   (root / f"{MIXTURE}.{SPLIT}" / task / name).read_bytes(), (task, name)
+            assert (tmp_path / f"{MIXTURE}.{SPLIT}" / task / name).read_bytes() == (
+                root / f"{MIXTURE}.{SPLIT}" / task / name
+            ).read_bytes(), (task, name)
 
 
 def test_progress_line_has_rate_and_eta():
@@ -145,19 +154,27 @@ def test_progress_line_has_rate_and_eta():
 
 def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_path):
     root, _, _ = exported
-    args = ("--gin.DatasetConfig.max_examples=None", f"--gin.data_source.streaming_dir='{root}'",
-            f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'", f"--gin.DatasetConfig.split='{SPLIT}'",
-            "--gin.train.checkpoint_period=2")
+    args = (
+        "--gin.DatasetConfig.max_examples=None",
+        f"--gin.data_source.streaming_dir='{root}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'",
+        f"--gin.DatasetConfig.split='{SPLIT}'",
+        "--gin.train.checkpoint_period=2",
+    )
     whole = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "whole", 4, *args))
     assert "streamed by grain from ArrayRecord shards" in whole.stderr
     for _ in range(2):
-        run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "parts", 4, *args,
-                                               "--gin.train.max_steps_per_run=2"))
+        run_module(
+            "cat_jax.train",
+            train_args("train_small_ce.gin", tmp_path / "parts", 4, *args, "--gin.train.max_steps_per_run=2"),
+        )
     assert (tmp_path / "parts" / "2" / "data").is_dir()
     info = json.loads((tmp_path / "parts" / "run_info.json").read_text())
     assert info["data_order"] == "streamed" and info["data_source"] == f"streaming:{root}"
-    losses = [[json.loads(l)["train/loss"] for l in (tmp_path / d / "train_metrics.jsonl").read_text().splitlines()]
-              for d in ("whole", "parts")]
+    losses = [
+        [json.loads(l)["train/loss"] for l in (tmp_path / d / "train_metrics.jsonl").read_text().splitlines()]
+        for d in ("whole", "parts")
+    ]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert _state_bytes(tmp_path / "whole") == _state_bytes(tmp_path / "parts")
     # The same MODEL_DIR continued in memory instead is a changed data order: refused.
@@ -168,9 +185,12 @@ def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_pat
 def _state_bytes(model_dir) -> tuple[int, list[bytes]]:
     """(step, the bytes of every leaf of the newest saved train state)."""
     import os
+
     import jax
     import orbax.checkpoint as ocp
+
     from cat_jax.checkpoints import Checkpointer
+
     step = Checkpointer.latest_in(str(model_dir))
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.restore(os.path.join(model_dir, str(step), "state"))

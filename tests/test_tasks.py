@@ -5,8 +5,8 @@ import io
 import gin
 import numpy as np
 import pytest
-import seqio
 import sentencepiece
+import seqio
 import tensorflow as tf
 
 import tasks
@@ -60,8 +60,14 @@ def test_splits_disjoint_ids_unique_and_sized(rows):
 def test_split_of_is_a_fixed_hash():
     # SHA-256 of the key: these assignments must never change between runs, hosts or versions.
     got = {k: offline.split_of(k) for k in ("hello", "world", "1000000000", "f", "8", "19")}
-    assert got == {"hello": "train", "world": "train", "1000000000": "validation", "f": "validation",
-                   "8": "test", "19": "test"}
+    assert got == {
+        "hello": "train",
+        "world": "train",
+        "1000000000": "validation",
+        "f": "validation",
+        "8": "test",
+        "19": "test",
+    }
 
 
 def test_example_content(rows):
@@ -140,21 +146,37 @@ def test_vocabulary_is_byte_by_default_and_errors_are_clear():
 
 
 def test_gin_switches_the_tasks_vocabulary(tmp_path):
-    lines = ["phonemes: hello", "HH AH0 L OW1", "french: 21", "vingt et un", "syllables: world",
-             "abcdefghijklmnopqrstuvwxyz-0123456789"] * 20  # every character of the French numbers
+    lines = [
+        "phonemes: hello",
+        "HH AH0 L OW1",
+        "french: 21",
+        "vingt et un",
+        "syllables: world",
+        "abcdefghijklmnopqrstuvwxyz-0123456789",
+    ] * 20  # every character of the French numbers
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=60, pad_id=0, eos_id=1, unk_id=2,
-        bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=60,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     path = tmp_path / "tiny.model"
     path.write_bytes(model.getvalue())
     processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
     task = seqio.get_mixture_or_task("num2words_fr")
     try:
-        gin.parse_config([
-            "get_vocabulary.kind = 'sentencepiece'",
-            f"get_vocabulary.sentencepiece_model_path = '{path}'",
-        ])
+        gin.parse_config(
+            [
+                "get_vocabulary.kind = 'sentencepiece'",
+                f"get_vocabulary.sentencepiece_model_path = '{path}'",
+            ]
+        )
         assert isinstance(vocab.VOCABULARY.resolved, seqio.SentencePieceVocabulary)
         assert task.output_features["targets"].vocabulary.vocab_size == processor.get_piece_size()
         ex = next(task.get_dataset(None, split="validation", shuffle=False).as_numpy_iterator())

@@ -64,9 +64,11 @@ def _check_well_formed(name: str, split: str, examples: list[dict[str, object]])
 
 
 def test_every_task_is_registered_with_module_and_quality():
-    expected = {**dict.fromkeys(superglue.SUPERGLUE_TASKS, "tasks.superglue"),
-                **dict.fromkeys(wmt.WMT19_TASKS + wmt.WMT22_TASKS, "tasks.wmt"),
-                **dict.fromkeys(flan.FLAN_TASKS + (flan.MIXTURE_NAME,), "tasks.flan")}
+    expected = {
+        **dict.fromkeys(superglue.SUPERGLUE_TASKS, "tasks.superglue"),
+        **dict.fromkeys(wmt.WMT19_TASKS + wmt.WMT22_TASKS, "tasks.wmt"),
+        **dict.fromkeys(flan.FLAN_TASKS + (flan.MIXTURE_NAME,), "tasks.flan"),
+    }
     for name, module in expected.items():
         assert tasks.REGISTERED_BY[name] == module
         if name != flan.MIXTURE_NAME:
@@ -222,8 +224,7 @@ def test_wmt22_from_fixture_directory(wmt22_dir):
     examples = _examples("wmt22_de_en", "test")
     _check_well_formed("wmt22_de_en", "test", examples)
     assert [ex["id"] for ex in examples] == [f"wmt22_de_en:test:{i}" for i in range(len(sources))]
-    assert [ex["inputs_pretokenized"] for ex in examples] == [
-        f"translate German to English: {s}" for s in sources]
+    assert [ex["inputs_pretokenized"] for ex in examples] == [f"translate German to English: {s}" for s in sources]
     assert [ex["targets_pretokenized"] for ex in examples] == references
     assert seqio.get_mixture_or_task("wmt22_de_en").num_input_examples("validation") == 3
     # The same through cat_jax.data, the way train/eval read it.
@@ -267,8 +268,7 @@ def test_classification_and_qa_metrics():
     assert metrics.macro_f1(["a", "b", "c", "a"], ["a", "b", "c", "a"]) == {"macro_f1": 100.0}
     # a: P=1 R=0.5 F1=2/3; b: P=0.5 R=1 F1=2/3; c: absent everywhere.
     assert metrics.macro_f1(["a", "a", "b"], ["a", "b", "b"])["macro_f1"] == pytest.approx(200 / 3)
-    targets = [{"group": "q1", "value": "True"}, {"group": "q1", "value": "False"},
-               {"group": "q2", "value": "True"}]
+    targets = [{"group": "q1", "value": "True"}, {"group": "q1", "value": "False"}, {"group": "q2", "value": "True"}]
     scores = metrics.multirc(targets, ["True", "False", "False"])
     assert scores["exact_match"] == pytest.approx(50.0)
     assert scores["f1a"] == pytest.approx(100 * 2 / 3)
@@ -280,11 +280,13 @@ def test_classification_and_qa_metrics():
 
 # --- streaming --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["wmt19_translate_de_en", flan.FLAN_TASKS[0]])
 def test_tfds_tasks_stream_through_array_record(mocked, tmp_path, name):
     """A WMT and a FLAN-style task exported for streaming read back as the live pipeline's examples,
     and stream as training batches."""
     from cat_jax.data import stream_export, streaming
+
     lengths = {"inputs": 64, "targets": 16}
     manifest = stream_export.export_streaming_one(name, "train", str(tmp_path), examples_per_shard=4)
     source = streaming.StreamingSource(str(tmp_path))

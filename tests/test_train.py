@@ -12,14 +12,15 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, SUBPROCESS_ENV, run_module, train_args
 
 from cat_jax.metric_writers import read_jsonl
-from conftest import REPO, SUBPROCESS_ENV, run_module, train_args
 
 
 def _final_params(model_dir, step=None):
-    from cat_jax.frozen_model import load_frozen_model
     from cat_jax import partitioning
+    from cat_jax.frozen_model import load_frozen_model
+
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     frozen = load_frozen_model(str(model_dir), mesh=mesh, rules=partitioning.logical_axis_rules(), step=step)
     return frozen.step, jax.tree_util.tree_map(np.asarray, frozen.params)
@@ -29,7 +30,9 @@ def _final_state(model_dir) -> tuple[int, dict]:
     """(step, the whole saved train state: params, optimizer state, step, rng) of the newest
     checkpoint, as numpy, read without a template."""
     import orbax.checkpoint as ocp
+
     from cat_jax.checkpoints import Checkpointer
+
     step = Checkpointer.latest_in(str(model_dir))
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.restore(os.path.join(model_dir, str(step), "state"))
@@ -49,15 +52,17 @@ def _tensorboard_steps(model_dir, tag: str = "train/loss") -> list[int]:
     written, a SessionLog START at step s purging the events of steps >= s before it (as
     TensorBoard does); a record cut short by a kill ends its file."""
     import struct
+
     from tensorboardX.proto import event_pb2
+
     files = []
     for path in (model_dir / "tensorboard" / "train").glob("events.out.tfevents.*"):
         data, pos, events = path.read_bytes(), 0, []
         while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
             if pos + 16 + length > len(data):
                 break
-            events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length]))
             pos += 16 + length
         if events:
             files.append(events)
@@ -71,17 +76,21 @@ def _tensorboard_steps(model_dir, tag: str = "train/loss") -> list[int]:
 
 
 def _dir_snapshot(path) -> dict:
-    return {os.path.relpath(os.path.join(r, f), path): os.stat(os.path.join(r, f)).st_mtime_ns
-            for r, _, files in os.walk(path) for f in files}
+    return {
+        os.path.relpath(os.path.join(r, f), path): os.stat(os.path.join(r, f)).st_mtime_ns
+        for r, _, files in os.walk(path)
+        for f in files
+    }
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """A tiny run of 8 steps, never stopped (the reference for the resume tests)."""
     model_dir = tmp_path_factory.mktemp("ref") / "model"
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_ce.gin", model_dir, 8, "--gin.train.checkpoint_period=4",
-        "--gin.train.eval_period=8"))
+    proc = run_module(
+        "cat_jax.train",
+        train_args("train_small_ce.gin", model_dir, 8, "--gin.train.checkpoint_period=4", "--gin.train.eval_period=8"),
+    )
     return model_dir, proc
 
 
@@ -116,8 +125,10 @@ def test_relative_model_dir_trains_and_resumes(tmp_path):
 def test_finished_run_exits_zero_says_so_and_writes_nothing(uninterrupted):
     model_dir, _ = uninterrupted
     before = _dir_snapshot(model_dir)
-    proc = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 8, "--gin.train.checkpoint_period=4",
-                                                  "--gin.train.eval_period=8"))
+    proc = run_module(
+        "cat_jax.train",
+        train_args("train_small_ce.gin", model_dir, 8, "--gin.train.checkpoint_period=4", "--gin.train.eval_period=8"),
+    )
     assert "nothing to do" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["final_step"] == 8
     assert _dir_snapshot(model_dir) == before
@@ -126,8 +137,9 @@ def test_finished_run_exits_zero_says_so_and_writes_nothing(uninterrupted):
 def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
     ref_dir, _ = uninterrupted
     model_dir = tmp_path / "model"
-    args = train_args("train_small_ce.gin", model_dir, 8, "--gin.train.checkpoint_period=4",
-                      "--gin.train.eval_period=8")
+    args = train_args(
+        "train_small_ce.gin", model_dir, 8, "--gin.train.checkpoint_period=4", "--gin.train.eval_period=8"
+    )
     first = run_module("cat_jax.train", args + ["--gin.train.max_steps_per_run=3"])
     assert "max_steps_per_run reached: saved step 3" in first.stderr
     second = run_module("cat_jax.train", args)
@@ -142,9 +154,16 @@ def _kill_when(args, condition) -> None:
     """Start the tiny run, SIGKILL it as soon as `condition(lines so far)` holds (polled every
     millisecond, stderr read in a thread), and wait for it."""
     import threading
+
     env = dict(os.environ, **SUBPROCESS_ENV)
-    proc = subprocess.Popen([sys.executable, "-m", "cat_jax.train", *args], cwd=REPO, env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cat_jax.train", *args],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
@@ -157,9 +176,11 @@ def _kill_when(args, condition) -> None:
 
 def _saving(model_dir):
     """True once an orbax save of step >= 3 is in progress (its temporary directory exists)."""
+
     def check(_lines):
         names = os.listdir(model_dir) if os.path.isdir(model_dir) else []
         return any(".orbax-checkpoint-tmp" in n and int(n.split(".")[0]) >= 3 for n in names)
+
     return check
 
 
@@ -176,8 +197,9 @@ def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, reference_12
     exists), restart with the same command: the whole final state equals an uninterrupted run's,
     bit for bit, and the metrics hold each step once."""
     model_dir = tmp_path / "killed"
-    args = train_args("train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=1",
-                      "--gin.train.keep_checkpoints=2")
+    args = train_args(
+        "train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=1", "--gin.train.keep_checkpoints=2"
+    )
     if moment == "random":
         kill_step = int(np.random.default_rng().integers(3, 10))
         _kill_when(args, lambda lines: any(f" step {kill_step}/12 " in line for line in lines[-3:]))
@@ -190,7 +212,7 @@ def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, reference_12
     _assert_trees_equal(state, reference_12)
     steps = [r["step"] for r in read_jsonl(os.path.join(model_dir, "train_metrics.jsonl")) if "train/loss" in r]
     assert steps == list(range(1, 13))
-    assert _tensorboard_steps(model_dir) == list(range(1, 13))   # the killed run's steps were flushed
+    assert _tensorboard_steps(model_dir) == list(range(1, 13))  # the killed run's steps were flushed
     assert "Took over the stale lock" in resumed.stderr and "is no longer running" in resumed.stderr
     assert not (model_dir / "trainer.lock").exists()
 
@@ -199,15 +221,27 @@ def test_a_second_trainer_on_the_model_dir_is_refused_before_touching_anything(t
     """While one trainer runs, a second on its MODEL_DIR exits 2 naming the first's pid and host;
     the first is unharmed and releases the lock as it stops."""
     import socket
+
     model_dir = tmp_path / "m"
-    args = train_args("train_small_ce.gin", model_dir, 10**6, "--gin.train.checkpoint_period=1000000",
-                      "--gin.train.log_every_steps=1000000")
+    args = train_args(
+        "train_small_ce.gin",
+        model_dir,
+        10**6,
+        "--gin.train.checkpoint_period=1000000",
+        "--gin.train.log_every_steps=1000000",
+    )
     env = dict(os.environ, **SUBPROCESS_ENV)
-    first = subprocess.Popen([sys.executable, "-m", "cat_jax.train", *args], cwd=REPO, env=env,
-                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cat_jax.train", *args],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         for line in first.stderr:
-            if "Compiled the train step" in line:   # it trains until stopped
+            if "Compiled the train step" in line:  # it trains until stopped
                 break
         second = run_module("cat_jax.train", args, check=False, timeout=300)
     finally:
@@ -217,7 +251,7 @@ def test_a_second_trainer_on_the_model_dir_is_refused_before_touching_anything(t
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"is in use by another trainer: pid {first.pid} on host {socket.gethostname()}" in second.stderr
     assert "Traceback" not in second.stderr and "Restore:" not in second.stderr
-    assert len(list((model_dir / "tensorboard" / "train").iterdir())) == 1   # the second wrote no events
+    assert len(list((model_dir / "tensorboard" / "train").iterdir())) == 1  # the second wrote no events
     assert not (model_dir / "trainer.lock").exists()
 
 
@@ -240,15 +274,20 @@ runpy.run_module("cat_jax.train", run_name="__main__", alter_sys=True)
 """
 
 
-def test_a_full_disk_is_one_line_naming_the_disk_and_the_last_checkpoint_and_resume_is_exact(
-        tmp_path, reference_12):
+def test_a_full_disk_is_one_line_naming_the_disk_and_the_last_checkpoint_and_resume_is_exact(tmp_path, reference_12):
     """The third save (step 12) hits a full disk: exit 2 with one line (the disk, the last good
     checkpoint, step 8), no traceback; with space again the same command ends as if uninterrupted."""
     model_dir = tmp_path / "m"
     args = train_args("train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=4")
     env = dict(os.environ, **SUBPROCESS_ENV)
-    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_AT_SAVE, "3", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL_AT_SAVE, "3", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line or "Error" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -264,8 +303,14 @@ def test_a_full_disk_is_one_line_naming_the_disk_and_the_last_checkpoint_and_res
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     args = train_args("train_small_ce.gin", tmp_path / "m", 400, "--gin.train.checkpoint_period=1000")
     env = dict(os.environ, **SUBPROCESS_ENV)
-    proc = subprocess.Popen([sys.executable, "-m", "cat_jax.train", *args], cwd=REPO, env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cat_jax.train", *args],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     for line in proc.stderr:
         if " step 3/" in line:
             proc.send_signal(signal.SIGTERM)
@@ -280,19 +325,33 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_init_from_checkpoint_is_params_only_and_logged(uninterrupted, tmp_path):
     ref_dir, _ = uninterrupted
-    proc = run_module("cat_jax.train", train_args(
-        "train_small_ce.gin", tmp_path / "ft", 2, f"--gin.train.initial_checkpoint_dir='{ref_dir}'",
-        "--gin.LEARNING_RATE=0.0"))
+    proc = run_module(
+        "cat_jax.train",
+        train_args(
+            "train_small_ce.gin",
+            tmp_path / "ft",
+            2,
+            f"--gin.train.initial_checkpoint_dir='{ref_dir}'",
+            "--gin.LEARNING_RATE=0.0",
+        ),
+    )
     assert f"parameters from {ref_dir}" in proc.stderr
     _, init = _final_params(ref_dir)
     _, after = _final_params(tmp_path / "ft")
-    _assert_trees_equal(init, after)   # learning rate 0: the restored parameters, unchanged
+    _assert_trees_equal(init, after)  # learning rate 0: the restored parameters, unchanged
 
 
 def test_eval_defaults_to_the_task_and_lengths_the_model_was_trained_on(uninterrupted):
     model_dir, _ = uninterrupted
-    proc = run_module("cat_jax.eval", ["--gin_file=gin_configs/runs/eval.gin", f"--gin.CHECKPOINT_DIR={model_dir}",
-                                       "--gin.MAX_EXAMPLES=8", "--gin.BATCH_SIZE=8"])
+    proc = run_module(
+        "cat_jax.eval",
+        [
+            "--gin_file=gin_configs/runs/eval.gin",
+            f"--gin.CHECKPOINT_DIR={model_dir}",
+            "--gin.MAX_EXAMPLES=8",
+            "--gin.BATCH_SIZE=8",
+        ],
+    )
     assert "'mixture_or_task_name': 'cmudict_syllables'" in proc.stderr and "run_info.json" in proc.stderr
     result = json.loads(proc.stdout)
     assert list(result["metrics"]) == ["cmudict_syllables"] and result["num_examples"] == 8
@@ -317,7 +376,8 @@ def test_damaged_newest_checkpoint_falls_back_and_the_run_ends_as_if_uninterrupt
     for step in (4, 8, 12):
         if (model_dir / str(step)).exists():
             (model_dir / str(step) / "state" / "_METADATA").unlink()
-    stopped = run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 16,
-                                                     "--gin.train.checkpoint_period=4"), check=False)
+    stopped = run_module(
+        "cat_jax.train", train_args("train_small_ce.gin", model_dir, 16, "--gin.train.checkpoint_period=4"), check=False
+    )
     assert stopped.returncode == 2 and "No usable checkpoint is left" in stopped.stderr
     assert "starting from scratch" not in stopped.stderr

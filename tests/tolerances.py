@@ -65,7 +65,8 @@ def assert_close(got, want, rel: float, err_msg: str = "") -> None:
     error = float(np.max(np.abs(got64 - want64))) if got64.size else 0.0
     assert error <= rel * scale, (
         f"{err_msg} max |got - want| = {error:.3g} = {error / scale:.3g} of the reference's scale "
-        f"{scale:.4g}; allowed {rel:g} of it")
+        f"{scale:.4g}; allowed {rel:g} of it"
+    )
 
 
 def near_ties(logits, rel: float = DEEP) -> np.ndarray:

@@ -120,8 +120,9 @@ def central_vote(answers: Sequence[str], free_text: bool) -> tuple[float, int]:
     return float(support[winner]), winner
 
 
-def ensemble_vote(predictions: Sequence[Sequence[str]], free_text: np.ndarray | bool,
-                  statistic: str = ABC) -> tuple[np.ndarray, np.ndarray]:
+def ensemble_vote(
+    predictions: Sequence[Sequence[str]], free_text: np.ndarray | bool, statistic: str = ABC
+) -> tuple[np.ndarray, np.ndarray]:
     """(agreement [N], winner [N] int: the answering member) of an ensemble.
 
     predictions: [M][N] each member's answers, members in tier order. free_text: [N] bool (or one

@@ -18,9 +18,9 @@ import numpy as np
 from cat_jax.cascade import calibration, tiers
 from cat_jax.cascade import curves as curves_lib
 from cat_jax.cascade import rules as rules_lib
+from cat_jax.cascade.agreement import STATISTICS
 from cat_jax.cascade.calibration import Calibration
 from cat_jax.cascade.curves import CorpusMetric, CurveKey, CurvePoint, OperatingPoint
-from cat_jax.cascade.agreement import STATISTICS
 from cat_jax.cascade.plan import LARGE, AnalysisConfig, RuleSpec, TierPlan
 from cat_jax.cascade.records import SplitRecords
 from cat_jax.cascade.tiers import TierKey, TierPoint
@@ -56,7 +56,7 @@ class _Group:
     validation: SplitRecords | None
     metric: CorpusMetric | None
     thresholds: int | None
-    free_text: dict[str, np.ndarray]   # split name -> [N] bool: free-text examples (ABC's statistic)
+    free_text: dict[str, np.ndarray]  # split name -> [N] bool: free-text examples (ABC's statistic)
 
 
 def _free_text(split: SplitRecords, free_text: Mapping[str, bool]) -> np.ndarray:
@@ -64,12 +64,17 @@ def _free_text(split: SplitRecords, free_text: Mapping[str, bool]) -> np.ndarray
 
 
 def _take(split: SplitRecords, rows: np.ndarray) -> SplitRecords:
-    return SplitRecords(split.name, [split.tasks[i] for i in rows],
-                        {name: out.take(rows) for name, out in split.models.items()})
+    return SplitRecords(
+        split.name, [split.tasks[i] for i in rows], {name: out.take(rows) for name, out in split.models.items()}
+    )
 
 
-def _groups(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords | None,
-            metrics: Mapping[str, CorpusMetric | None]) -> dict[str, _Group]:
+def _groups(
+    config: AnalysisConfig,
+    test: SplitRecords,
+    validation: SplitRecords | None,
+    metrics: Mapping[str, CorpusMetric | None],
+) -> dict[str, _Group]:
     val_groups = None if validation is None else validation.groups(config.mixture_name)
     groups = {}
     for name, rows in test.groups(config.mixture_name).items():
@@ -78,13 +83,14 @@ def _groups(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
         val = None
         if val_groups is not None:
             if name not in val_groups:
-                raise ValueError(f"the {validation.name} split has no example of {name!r}; decode it with "
-                                 "every task of the test split.")
+                raise ValueError(
+                    f"the {validation.name} split has no example of {name!r}; decode it with "
+                    "every task of the test split."
+                )
             val = _take(validation, val_groups[name])
         group_test = _take(test, rows)
         free_text = {s.name: _free_text(s, config.free_text_tasks()) for s in (group_test, val) if s is not None}
-        groups[name] = _Group(group_test, val, metric, num if metric is None else (num or CORPUS_THRESHOLDS),
-                              free_text)
+        groups[name] = _Group(group_test, val, metric, num if metric is None else (num or CORPUS_THRESHOLDS), free_text)
     return groups
 
 
@@ -92,20 +98,29 @@ def _others(split: SplitRecords, small: str) -> tuple:
     return tuple(out for name, out in split.models.items() if name not in (small, LARGE))
 
 
-def _rule_scores(spec: RuleSpec, split: SplitRecords, small: str, fit_on: SplitRecords | None,
-                 config: AnalysisConfig) -> tuple[np.ndarray, np.ndarray | None]:
+def _rule_scores(
+    spec: RuleSpec, split: SplitRecords, small: str, fit_on: SplitRecords | None, config: AnalysisConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(scores [N], FLOPs [N] the rule spends besides the small model, or None) of a two-model rule;
     a learned rule is fitted on all of `fit_on`."""
     others = _others(split, small)
     validation = None if fit_on is None else (fit_on.models[small], fit_on.models[LARGE])
-    scores = rules_lib.compute_scores(spec.rule, split.models[small], split.models[LARGE],
-                                      quantile=spec.quantile, seed=config.options.seed, others=others,
-                                      validation=validation, posthoc_config=config.posthoc_config())
+    scores = rules_lib.compute_scores(
+        spec.rule,
+        split.models[small],
+        split.models[LARGE],
+        quantile=spec.quantile,
+        seed=config.options.seed,
+        others=others,
+        validation=validation,
+        posthoc_config=config.posthoc_config(),
+    )
     return scores, rules_lib.extra_small_flops(spec.rule, others, split.models[LARGE])
 
 
-def _validation_scores(spec: RuleSpec, val: SplitRecords, small: str,
-                       config: AnalysisConfig) -> tuple[np.ndarray, np.ndarray | None]:
+def _validation_scores(
+    spec: RuleSpec, val: SplitRecords, small: str, config: AnalysisConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
     """`_rule_scores` on validation; a learned rule's out of fold (cross-fitted on validation)."""
     if spec.rule not in rules_lib.LEARNED_RULES:
         return _rule_scores(spec, val, small, val, config)
@@ -113,38 +128,64 @@ def _validation_scores(spec: RuleSpec, val: SplitRecords, small: str,
     return scores, rules_lib.extra_small_flops(spec.rule, _others(val, small), val.models[LARGE])
 
 
-def _calibrate_rule(spec: RuleSpec, group: _Group, small: str, scores: np.ndarray, extra: np.ndarray | None,
-                    budgets: Sequence[calibration.Budget], config: AnalysisConfig) -> list[Calibration]:
+def _calibrate_rule(
+    spec: RuleSpec,
+    group: _Group,
+    small: str,
+    scores: np.ndarray,
+    extra: np.ndarray | None,
+    budgets: Sequence[calibration.Budget],
+    config: AnalysisConfig,
+) -> list[Calibration]:
     """The threshold spending each budget on validation (every distinct score a candidate; a learned
     rule's scores out of fold), on test."""
     val = group.validation
     val_scores, val_extra = _validation_scores(spec, val, small, config)
-    val_points = curves_lib.sweep(val_scores, val.models[small], val.models[LARGE], extra_small_flops=val_extra,
-                                  corpus_metric=group.metric)
+    val_points = curves_lib.sweep(
+        val_scores, val.models[small], val.models[LARGE], extra_small_flops=val_extra, corpus_metric=group.metric
+    )
     found = []
     for budget in budgets:
         chosen, met = calibration.spend(val_points, budget)
-        (on_test,) = curves_lib.points_at(scores, group.test.models[small], group.test.models[LARGE],
-                                          np.array([chosen.threshold]), extra_small_flops=extra,
-                                          corpus_metric=group.metric)
-        found.append(Calibration(budget, (chosen.threshold,), calibration.outcome(chosen),
-                                 calibration.outcome(on_test), met))
+        (on_test,) = curves_lib.points_at(
+            scores,
+            group.test.models[small],
+            group.test.models[LARGE],
+            np.array([chosen.threshold]),
+            extra_small_flops=extra,
+            corpus_metric=group.metric,
+        )
+        found.append(
+            Calibration(budget, (chosen.threshold,), calibration.outcome(chosen), calibration.outcome(on_test), met)
+        )
     return found
 
 
-def _tier_inputs(plan: TierPlan, split: SplitRecords, free_text: np.ndarray,
-                 seed: int) -> tuple[list[tiers.TierAnswer], np.ndarray]:
+def _tier_inputs(
+    plan: TierPlan, split: SplitRecords, free_text: np.ndarray, seed: int
+) -> tuple[list[tiers.TierAnswer], np.ndarray]:
     """(each tier's answer [K], boundary scores [K-1, N]); a random boundary b is seeded seed + b."""
-    answers = [tiers.tier_answer([split.models[m] for m in tier], free_text, plan.statistic(k))
-               for k, tier in enumerate(plan.tiers)]
-    scores = [answer.agreement if spec.rule in STATISTICS else
-              rules_lib.own_output_scores(spec.rule, answer.outputs, quantile=spec.quantile, seed=seed + b)
-              for b, (spec, answer) in enumerate(zip(plan.rules, answers))]
+    answers = [
+        tiers.tier_answer([split.models[m] for m in tier], free_text, plan.statistic(k))
+        for k, tier in enumerate(plan.tiers)
+    ]
+    scores = [
+        answer.agreement
+        if spec.rule in STATISTICS
+        else rules_lib.own_output_scores(spec.rule, answer.outputs, quantile=spec.quantile, seed=seed + b)
+        for b, (spec, answer) in enumerate(zip(plan.rules, answers))
+    ]
     return answers, np.array(scores, dtype=np.float64).reshape(len(plan.rules), len(split))
 
 
-def _calibrate_tiers(plan: TierPlan, group: _Group, answers: Sequence[tiers.TierAnswer], scores: np.ndarray,
-                     budgets: Sequence[calibration.Budget], config: AnalysisConfig) -> list[Calibration]:
+def _calibrate_tiers(
+    plan: TierPlan,
+    group: _Group,
+    answers: Sequence[tiers.TierAnswer],
+    scores: np.ndarray,
+    budgets: Sequence[calibration.Budget],
+    config: AnalysisConfig,
+) -> list[Calibration]:
     """The joint grid point of best validation quality within each budget, on test."""
     val = group.validation
     val_answers, val_scores = _tier_inputs(plan, val, group.free_text[val.name], config.options.seed)
@@ -154,13 +195,18 @@ def _calibrate_tiers(plan: TierPlan, group: _Group, answers: Sequence[tiers.Tier
     for budget in budgets:
         chosen, met = calibration.best_within(val_points, budget)
         (on_test,) = tiers.evaluate(answers, scores, np.array([chosen.thresholds]), corpus_metric=group.metric)
-        found.append(Calibration(budget, chosen.thresholds, calibration.outcome(chosen),
-                                 calibration.outcome(on_test), met))
+        found.append(
+            Calibration(budget, chosen.thresholds, calibration.outcome(chosen), calibration.outcome(on_test), met)
+        )
     return found
 
 
-def analyse(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords | None,
-            metrics: Mapping[str, CorpusMetric | None]) -> Analysis:
+def analyse(
+    config: AnalysisConfig,
+    test: SplitRecords,
+    validation: SplitRecords | None,
+    metrics: Mapping[str, CorpusMetric | None],
+) -> Analysis:
     """Sweeps every (group, small model, rule) and the k-tier cascade, and calibrates the budgets.
 
     test / validation: every model's records (LARGE included); validation may be None when
@@ -181,25 +227,39 @@ def analyse(config: AnalysisConfig, test: SplitRecords, validation: SplitRecords
         large = group.test.models[LARGE]
         for small in config.small_models:
             result.standalone[(name, small)] = curves_lib.standalone_points(
-                group.test.models[small], large, corpus_metric=group.metric)
+                group.test.models[small], large, corpus_metric=group.metric
+            )
             for spec in plan:
                 key = CurveKey(name, small, spec.label)
                 scores, extra = _rule_scores(spec, group.test, small, group.validation, config)
                 result.curves[key] = curves_lib.sweep(
-                    scores, group.test.models[small], large, extra_small_flops=extra,
-                    corpus_metric=group.metric, num_thresholds=group.thresholds)
+                    scores,
+                    group.test.models[small],
+                    large,
+                    extra_small_flops=extra,
+                    corpus_metric=group.metric,
+                    num_thresholds=group.thresholds,
+                )
                 if budgets:
                     result.calibrations[key] = _calibrate_rule(spec, group, small, scores, extra, budgets, config)
         if tier_plan is not None:
             key = TierKey(name, tier_plan.name, tier_plan.rules_label)
             answers, scores = _tier_inputs(tier_plan, group.test, group.free_text[test.name], seed)
-            result.tier_curves[key] = tiers.sweep_tiers(answers, scores, corpus_metric=group.metric,
-                                                        num_thresholds=config.options.tier_thresholds)
+            result.tier_curves[key] = tiers.sweep_tiers(
+                answers, scores, corpus_metric=group.metric, num_thresholds=config.options.tier_thresholds
+            )
             result.tiers_alone[key] = tiers.tiers_alone(answers, corpus_metric=group.metric)
             if budgets:
                 result.tier_calibrations[key] = _calibrate_tiers(tier_plan, group, answers, scores, budgets, config)
-        log.info("[%d/%d] swept %d rules x %d small models%s on %s (%d examples) in %.1f s", index, len(groups),
-                 len(plan), len(config.small_models), "" if tier_plan is None else " and the k-tier cascade",
-                 name, len(group.test), time.time() - started)
+        log.info(
+            "[%d/%d] swept %d rules x %d small models%s on %s (%d examples) in %.1f s",
+            index,
+            len(groups),
+            len(plan),
+            len(config.small_models),
+            "" if tier_plan is None else " and the k-tier cascade",
+            name,
+            len(group.test),
+            time.time() - started,
+        )
     return result
-

@@ -111,15 +111,19 @@ def plan_rules(rules: Sequence[str], quantiles: Sequence[float], num_small: int)
     if not rules:
         raise ConfigError(f"run_cascade_eval.rules is empty; name one or more of {', '.join(ALL_RULES)}.")
     if unknown:
-        raise ConfigError(f"unknown deferral rules {unknown} in run_cascade_eval.rules={list(rules)}; "
-                          f"choose from {', '.join(ALL_RULES)}.")
+        raise ConfigError(
+            f"unknown deferral rules {unknown} in run_cascade_eval.rules={list(rules)}; "
+            f"choose from {', '.join(ALL_RULES)}."
+        )
     specs = []
     for rule in dict.fromkeys(rules):
         if rule == "chow_quantile":
             bad = [q for q in quantiles if not 0.0 <= q <= 1.0]
             if bad or not quantiles:
-                raise ConfigError(f"run_cascade_eval.quantiles={list(quantiles)} must be a non-empty list "
-                                  "of numbers in [0, 1] for rule chow_quantile.")
+                raise ConfigError(
+                    f"run_cascade_eval.quantiles={list(quantiles)} must be a non-empty list "
+                    "of numbers in [0, 1] for rule chow_quantile."
+                )
             specs += [RuleSpec(f"chow_quantile_{q:g}", rule, float(q)) for q in dict.fromkeys(quantiles)]
         elif rule == "peer_agreement" and num_small < 2:
             log.info("Skipping rule peer_agreement: it needs two or more small models; got %d.", num_small)
@@ -137,20 +141,27 @@ def _tier_rule(label: str, tier: tuple[str, ...]) -> RuleSpec:
         except ValueError:
             quantile = -1.0
         if not 0.0 <= quantile <= 1.0:
-            raise ConfigError(f"tier rule {label!r}: the quantile after chow_quantile_ must be a number "
-                              "in [0, 1], e.g. chow_quantile_0.1.")
+            raise ConfigError(
+                f"tier rule {label!r}: the quantile after chow_quantile_ must be a number "
+                "in [0, 1], e.g. chow_quantile_0.1."
+            )
         return RuleSpec(label, "chow_quantile", quantile)
     if label not in TIER_RULES or label == "chow_quantile":
-        raise ConfigError(f"unknown tier rule {label!r}; a boundary takes one of "
-                          f"{', '.join(r for r in TIER_RULES if r != 'chow_quantile')} or chow_quantile_<q>.")
+        raise ConfigError(
+            f"unknown tier rule {label!r}; a boundary takes one of "
+            f"{', '.join(r for r in TIER_RULES if r != 'chow_quantile')} or chow_quantile_<q>."
+        )
     if label in STATISTICS and len(tier) < 2:
-        raise ConfigError(f"tier rule {label!r} after tier {list(tier)} needs an ensemble: ABC defers on "
-                          "disagreement between two or more models of one tier.")
+        raise ConfigError(
+            f"tier rule {label!r} after tier {list(tier)} needs an ensemble: ABC defers on "
+            "disagreement between two or more models of one tier."
+        )
     return RuleSpec(label, label)
 
 
-def plan_tiers(tiers: Sequence[Sequence[str]], tier_rules: Sequence[str] | None,
-               models: Sequence[str]) -> TierPlan | None:
+def plan_tiers(
+    tiers: Sequence[Sequence[str]], tier_rules: Sequence[str] | None, models: Sequence[str]
+) -> TierPlan | None:
     """The k-tier cascade of run_cascade_eval.tiers (None when there is none); ConfigError on tiers
     naming unknown or repeated models, fewer than two tiers, or a wrong number of rules.
 
@@ -158,8 +169,10 @@ def plan_tiers(tiers: Sequence[Sequence[str]], tier_rules: Sequence[str] | None,
     """
     if not tiers:
         if tier_rules:
-            raise ConfigError(f"run_cascade_eval.tier_rules={list(tier_rules)} is set but run_cascade_eval.tiers "
-                              "is not: give the tiers too, e.g. [['ce'], ['cat', 'distill'], ['large']].")
+            raise ConfigError(
+                f"run_cascade_eval.tier_rules={list(tier_rules)} is set but run_cascade_eval.tiers "
+                "is not: give the tiers too, e.g. [['ce'], ['cat', 'distill'], ['large']]."
+            )
         return None
     tiers = tuple(tuple(t) for t in tiers)
     names = [m for tier in tiers for m in tier]
@@ -169,12 +182,15 @@ def plan_tiers(tiers: Sequence[Sequence[str]], tier_rules: Sequence[str] | None,
         raise ConfigError(
             f"run_cascade_eval.tiers={[list(t) for t in tiers]} must list two or more non-empty tiers of "
             f"distinct models among {list(models)} (unknown: {unknown}, repeated: {repeated}), e.g. "
-            f"[['ce'], ['cat', 'distill'], ['{LARGE}']].")
+            f"[['ce'], ['cat', 'distill'], ['{LARGE}']]."
+        )
     if tier_rules is None:
         tier_rules = [ABC if len(t) > 1 else "chow_average" for t in tiers[:-1]]
     if len(tier_rules) != len(tiers) - 1:
-        raise ConfigError(f"run_cascade_eval.tier_rules={list(tier_rules)} needs one rule per tier boundary: "
-                          f"{len(tiers) - 1} for {len(tiers)} tiers.")
+        raise ConfigError(
+            f"run_cascade_eval.tier_rules={list(tier_rules)} needs one rule per tier boundary: "
+            f"{len(tiers) - 1} for {len(tiers)} tiers."
+        )
     return TierPlan(tiers, tuple(_tier_rule(label, t) for label, t in zip(tier_rules, tiers)))
 
 
@@ -238,28 +254,40 @@ class AnalysisConfig:
             return
         small = {group: n for group, n in validation_sizes.items() if n < self.options.posthoc_folds}
         if small:
-            raise ConfigError(f"the learned rules are cross-fitted in posthoc_folds={self.options.posthoc_folds} "
-                              f"folds, but the {self.validation_split} split has fewer examples in {small}: decode "
-                              "more (MAX_EXAMPLES) or lower run_cascade_eval.posthoc_folds.")
+            raise ConfigError(
+                f"the learned rules are cross-fitted in posthoc_folds={self.options.posthoc_folds} "
+                f"folds, but the {self.validation_split} split has fewer examples in {small}: decode "
+                "more (MAX_EXAMPLES) or lower run_cascade_eval.posthoc_folds."
+            )
 
     def check(self) -> None:
         """Every ConfigError the analysis would raise, raised now (before any decoding)."""
         labels = [spec.label for spec in self.rule_plan()]
         if self.options.plot_rule not in labels:
             raise ConfigError(f"plot_rule={self.options.plot_rule!r} must be one of the curves {labels}.")
-        for name, value in (("num_thresholds", self.options.num_thresholds),
-                            ("tier_thresholds", self.options.tier_thresholds)):
+        for name, value in (
+            ("num_thresholds", self.options.num_thresholds),
+            ("tier_thresholds", self.options.tier_thresholds),
+        ):
             if value is not None and value < 2:
-                raise ConfigError(f"run_cascade_eval.{name}={value} must be >= 2 (rate 0 and rate 1), "
-                                  "or None for every distinct score.")
-        if self.needs_validation() and not (isinstance(self.options.posthoc_folds, int)
-                                            and self.options.posthoc_folds >= 2):
-            raise ConfigError(f"run_cascade_eval.posthoc_folds={self.options.posthoc_folds!r} must be an int >= 2: "
-                              "the learned rules are cross-fitted on validation in that many folds.")
-        if self.options.embed_layer is not None and not (isinstance(self.options.embed_layer, int)
-                                                         and self.options.embed_layer >= 0):
-            raise ConfigError(f"run_cascade_eval.embed_layer={self.options.embed_layer!r} must be an int >= 0 "
-                              "(encoder layers run), or None for all of the large model's encoder.")
+                raise ConfigError(
+                    f"run_cascade_eval.{name}={value} must be >= 2 (rate 0 and rate 1), "
+                    "or None for every distinct score."
+                )
+        if self.needs_validation() and not (
+            isinstance(self.options.posthoc_folds, int) and self.options.posthoc_folds >= 2
+        ):
+            raise ConfigError(
+                f"run_cascade_eval.posthoc_folds={self.options.posthoc_folds!r} must be an int >= 2: "
+                "the learned rules are cross-fitted on validation in that many folds."
+            )
+        if self.options.embed_layer is not None and not (
+            isinstance(self.options.embed_layer, int) and self.options.embed_layer >= 0
+        ):
+            raise ConfigError(
+                f"run_cascade_eval.embed_layer={self.options.embed_layer!r} must be an int >= 0 "
+                "(encoder layers run), or None for all of the large model's encoder."
+            )
         self.tier_plan()
         self.budgets()
 
@@ -304,6 +332,7 @@ def corpus_metrics(recorded: Mapping[str, str | None]) -> dict[str, CorpusMetric
                 raise ConfigError(
                     f"task {task!r} was scored with corpus metric {ref}, which cannot be imported by name, "
                     f"and the task registry does not have it ({e}). Define the metric at module level in an "
-                    "importable module, or run where `import tasks` registers the task.") from e
+                    "importable module, or run where `import tasks` registers the task."
+                ) from e
         found[task] = fn
     return found

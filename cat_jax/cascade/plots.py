@@ -49,8 +49,16 @@ def _plot(
     for index, (label, points) in enumerate(lines.items()):
         ordered = sorted(points, key=lambda p: p.relative_flops)
         color, marker = line_style(index)
-        ax.plot([p.relative_flops for p in ordered], [p.quality for p in ordered], color=color, marker=marker,
-                markersize=5, markevery=max(1, len(ordered) // MARKS_PER_LINE), linewidth=1.2, label=label)
+        ax.plot(
+            [p.relative_flops for p in ordered],
+            [p.quality for p in ordered],
+            color=color,
+            marker=marker,
+            markersize=5,
+            markevery=max(1, len(ordered) // MARKS_PER_LINE),
+            linewidth=1.2,
+            label=label,
+        )
         colors[label] = color
     for index, (name, point) in enumerate(small_only.items(), start=len(lines)):
         color = colors[name] if name in colors else line_style(index)[0]

@@ -36,7 +36,7 @@ class PostHocConfig:
     learning_rate: float = 1e-2
     weight_decay: float = 1e-4
     seed: int = 0
-    folds: int = 5   # cross-fitting on validation (the fold assignment is seeded by `seed`)
+    folds: int = 5  # cross-fitting on validation (the fold assignment is seeded by `seed`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +136,10 @@ def fold_indices(y: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     others) holds the validation's share of each label to within one example."""
     n = len(y)
     if folds < 2 or n < folds:
-        raise ValueError(f"cross-fitting needs 2 <= folds <= examples; got folds={folds} for {n} validation "
-                         "examples. Decode more validation examples or set run_cascade_eval.posthoc_folds lower.")
+        raise ValueError(
+            f"cross-fitting needs 2 <= folds <= examples; got folds={folds} for {n} validation "
+            "examples. Decode more validation examples or set run_cascade_eval.posthoc_folds lower."
+        )
     order = np.random.default_rng(seed).permutation(n)
     order = order[np.argsort(y[order], kind="stable")]
     fold_of = np.empty(n, dtype=np.int64)
@@ -145,8 +147,9 @@ def fold_indices(y: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(fold_of == k) for k in range(folds)]
 
 
-def fitted_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray,
-                  config: PostHocConfig = PostHocConfig()) -> np.ndarray:
+def fitted_scores(
+    x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray, config: PostHocConfig = PostHocConfig()
+) -> np.ndarray:
     """Scores [M] = -P(large better) of features x_score [M, F], the MLP fitted on x_fit, y_fit."""
     return -predict(fit(x_fit, y_fit, config), x_score)
 
@@ -159,4 +162,3 @@ def cross_fitted_scores(x: np.ndarray, y: np.ndarray, config: PostHocConfig = Po
         kept = np.setdiff1d(np.arange(len(x)), held_out)
         scores[held_out] = fitted_scores(x[kept], y[kept], x[held_out], config)
     return scores
-

@@ -29,21 +29,40 @@ def write_plots(output_dir: str, analysis: Analysis, plot_rule: str) -> list[str
         large_only = next(pts[1] for (g, _), pts in analysis.standalone.items() if g == group)
         by_model = {k.small_model: v for k, v in keyed.items() if k.rule == plot_rule}
         path = os.path.join(output_dir, f"{_safe(group)}__by_model__{_safe(plot_rule)}.png")
-        plots.plot_by_model(by_model, path, task=group, rule=plot_rule, small_only=small_only,
-                            large_only=large_only, metric_name=metric_name)
+        plots.plot_by_model(
+            by_model,
+            path,
+            task=group,
+            rule=plot_rule,
+            small_only=small_only,
+            large_only=large_only,
+            metric_name=metric_name,
+        )
         paths.append(path)
         for small, point in small_only.items():
             by_rule = {k.rule: v for k, v in keyed.items() if k.small_model == small}
             path = os.path.join(output_dir, f"{_safe(group)}__by_rule__{_safe(small)}.png")
-            plots.plot_by_rule(by_rule, path, task=group, small_model=small, small_only=point,
-                               large_only=large_only, metric_name=metric_name)
+            plots.plot_by_rule(
+                by_rule,
+                path,
+                task=group,
+                small_model=small,
+                small_only=point,
+                large_only=large_only,
+                metric_name=metric_name,
+            )
             paths.append(path)
         tiered = {k: v for k, v in analysis.tier_curves.items() if k.task == group}
         for key, frontier in tiered.items():
             labels = ["+".join(tier) for tier in analysis.tier_plan.tiers]
             path = os.path.join(output_dir, f"{_safe(group)}__tiers.png")
-            plots.plot_tiers({f"{key.cascade}\n({key.rules})": frontier}, path, task=group,
-                             tiers_alone=dict(zip(labels, analysis.tiers_alone[key])), metric_name=metric_name)
+            plots.plot_tiers(
+                {f"{key.cascade}\n({key.rules})": frontier},
+                path,
+                task=group,
+                tiers_alone=dict(zip(labels, analysis.tiers_alone[key])),
+                metric_name=metric_name,
+            )
             paths.append(path)
     return paths
 
@@ -51,11 +70,13 @@ def write_plots(output_dir: str, analysis: Analysis, plot_rule: str) -> list[str
 def preamble(config: AnalysisConfig, num_examples: int) -> str:
     """summary.md's opening: the dataset, the models and how to read the numbers."""
     models = "".join(f"- {name}: `{d}`\n" for name, d in config.model_dirs.items())
-    return (f"# Cascade evaluation: {config.mixture_name} / {config.split} ({num_examples} examples)\n\n{models}\n"
-            "Quality is the mean per-example score (0-1), or BLEU (0-100) for tasks with a corpus "
-            "metric; relative FLOPs are the cascade's forward FLOPs over the large model's. AUC-DF is "
-            "the area under quality against deferral rate; random deferral's is the mean of the "
-            "small-only and large-only qualities, and the gain is the difference (and its percentage).\n\n")
+    return (
+        f"# Cascade evaluation: {config.mixture_name} / {config.split} ({num_examples} examples)\n\n{models}\n"
+        "Quality is the mean per-example score (0-1), or BLEU (0-100) for tasks with a corpus "
+        "metric; relative FLOPs are the cascade's forward FLOPs over the large model's. AUC-DF is "
+        "the area under quality against deferral rate; random deferral's is the mean of the "
+        "small-only and large-only qualities, and the gain is the difference (and its percentage).\n\n"
+    )
 
 
 def write_outputs(output_dir: str, config: AnalysisConfig, analysis: Analysis, num_examples: int) -> list[str]:
@@ -70,14 +91,16 @@ def write_outputs(output_dir: str, config: AnalysisConfig, analysis: Analysis, n
         small_only, large_only = analysis.standalone[(key.task, key.small_model)]
         summaries[key] = summary.summarize(points, small_only=small_only.quality, large_only=large_only.quality)
     plan = analysis.tier_plan
-    tier_summaries = {key: summary.summarize_tiers(points, plan.tiers, [spec.label for spec in plan.rules],
-                                                   analysis.tiers_alone[key])
-                      for key, points in analysis.tier_curves.items()}
+    tier_summaries = {
+        key: summary.summarize_tiers(points, plan.tiers, [spec.label for spec in plan.rules], analysis.tiers_alone[key])
+        for key, points in analysis.tier_curves.items()
+    }
     summary.write_curves_csv(path("curves.csv"), analysis.curves)
     summary.write_curves_json(path("curves.json"), analysis.curves)
     summary.write_summary_json(path("summary.json"), summaries, analysis.calibrations)
-    summary.write_summary_md(path("summary.md"), summaries, analysis.calibrations, tier_summaries,
-                             analysis.tier_calibrations)
+    summary.write_summary_md(
+        path("summary.md"), summaries, analysis.calibrations, tier_summaries, analysis.tier_calibrations
+    )
     md = pathlib.Path(path("summary.md"))
     md.write_text(preamble(config, num_examples) + md.read_text())
     files = [path(name) for name in ("curves.csv", "curves.json", "summary.json", "summary.md")]

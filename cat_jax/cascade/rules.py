@@ -16,9 +16,7 @@ from cat_jax.cascade.posthoc import PostHocConfig
 from cat_jax.cascade.records import ModelOutputs, check_aligned
 
 
-def _per_example(
-    seqs: Sequence[np.ndarray], reduce: Callable[[np.ndarray], float], empty: float
-) -> np.ndarray:
+def _per_example(seqs: Sequence[np.ndarray], reduce: Callable[[np.ndarray], float], empty: float) -> np.ndarray:
     """Applies `reduce` to each of N token arrays [T_i] -> [N]; `empty` where T_i = 0."""
     return np.array([reduce(s) if s.size else empty for s in seqs], dtype=np.float64)
 
@@ -76,9 +74,7 @@ def peer_agreement(primary: ModelOutputs, others: Sequence[ModelOutputs]) -> np.
     if not others:
         raise ValueError("rule 'peer_agreement' needs at least one other small model in `others`.")
     check_aligned(primary, *others)
-    agree = np.mean(
-        [[p == o for p, o in zip(primary.predictions, other.predictions)] for other in others], axis=0
-    )
+    agree = np.mean([[p == o for p, o in zip(primary.predictions, other.predictions)] for other in others], axis=0)
     return agree + np.exp(chow_average(primary.logprobs)) / (2 * len(others))
 
 
@@ -104,8 +100,9 @@ OWN_OUTPUT_RULES: dict[str, Callable[[ModelOutputs, float, int], np.ndarray]] = 
 def own_output_scores(rule: str, outputs: ModelOutputs, *, quantile: float = 0.0, seed: int = 0) -> np.ndarray:
     """Scores [N] of a rule in OWN_OUTPUT_RULES on one model's records; lower = defer first."""
     if rule not in OWN_OUTPUT_RULES:
-        raise ValueError(f"rule {rule!r} does not read only the model's own outputs; "
-                         f"those that do: {', '.join(OWN_OUTPUT_RULES)}.")
+        raise ValueError(
+            f"rule {rule!r} does not read only the model's own outputs; those that do: {', '.join(OWN_OUTPUT_RULES)}."
+        )
     return OWN_OUTPUT_RULES[rule](outputs, quantile, seed)
 
 
@@ -136,37 +133,49 @@ def _learned_features(rule: str, small: ModelOutputs, large: ModelOutputs) -> np
     if rule != "post_hoc_embed":
         return posthoc.features(small)
     if large.embedding is None:
-        raise ValueError("rule 'post_hoc_embed' needs the large model's input embeddings in its records; "
-                         "cascade_eval records them when post_hoc_embed is among run_cascade_eval.rules.")
+        raise ValueError(
+            "rule 'post_hoc_embed' needs the large model's input embeddings in its records; "
+            "cascade_eval records them when post_hoc_embed is among run_cascade_eval.rules."
+        )
     return posthoc.features(small, large.embedding)
 
 
 def _learned(rule: str) -> Callable[[RuleInputs], np.ndarray]:
     def scores(r: RuleInputs) -> np.ndarray:
         if r.validation is None:
-            raise ValueError(f"rule {rule!r} needs validation=(small_val, large_val) records to fit on; "
-                             "decode the validation split with both models.")
+            raise ValueError(
+                f"rule {rule!r} needs validation=(small_val, large_val) records to fit on; "
+                "decode the validation split with both models."
+            )
         small_val, large_val = r.validation
-        return posthoc.fitted_scores(_learned_features(rule, small_val, large_val),
-                                     posthoc.targets(small_val, large_val),
-                                     _learned_features(rule, r.small, r.large), r.posthoc_config)
+        return posthoc.fitted_scores(
+            _learned_features(rule, small_val, large_val),
+            posthoc.targets(small_val, large_val),
+            _learned_features(rule, r.small, r.large),
+            r.posthoc_config,
+        )
+
     return scores
 
 
-def cross_fitted_scores(rule: str, small: ModelOutputs, large: ModelOutputs,
-                        posthoc_config: PostHocConfig = PostHocConfig()) -> np.ndarray:
+def cross_fitted_scores(
+    rule: str, small: ModelOutputs, large: ModelOutputs, posthoc_config: PostHocConfig = PostHocConfig()
+) -> np.ndarray:
     """Scores [N] of a learned rule on the records it is fitted on, out of fold: each example's from
     a model fitted on the other posthoc_config.folds - 1 folds."""
     if rule not in LEARNED_RULES:
         raise ValueError(f"rule {rule!r} is not learned; the learned rules are {', '.join(LEARNED_RULES)}.")
     check_aligned(small, large)
-    return posthoc.cross_fitted_scores(_learned_features(rule, small, large), posthoc.targets(small, large),
-                                       posthoc_config)
+    return posthoc.cross_fitted_scores(
+        _learned_features(rule, small, large), posthoc.targets(small, large), posthoc_config
+    )
 
 
 RULES: dict[str, Callable[[RuleInputs], np.ndarray]] = {
-    **{rule: _own(rule) for rule in ("chow_sum", "chow_average", "chow_quantile", "entropy_mean",
-                                     "entropy_max", "margin_min")},
+    **{
+        rule: _own(rule)
+        for rule in ("chow_sum", "chow_average", "chow_quantile", "entropy_mean", "entropy_max", "margin_min")
+    },
     **{rule: _learned(rule) for rule in LEARNED_RULES},
     "peer_agreement": lambda r: peer_agreement(r.small, r.others),
     "oracle": lambda r: oracle(r.small.quality, r.large.quality),
@@ -181,8 +190,10 @@ RENAMED_RULES = {"agreement": "peer_agreement"}
 
 def _check_known(rule: str) -> None:
     if rule in RENAMED_RULES:
-        raise ValueError(f"deferral rule {rule!r} is now called {RENAMED_RULES[rule]!r} (it answers with the "
-                         "primary small model and compares raw strings); ABC is the tier rule 'abc'.")
+        raise ValueError(
+            f"deferral rule {rule!r} is now called {RENAMED_RULES[rule]!r} (it answers with the "
+            "primary small model and compares raw strings); ABC is the tier rule 'abc'."
+        )
     if rule not in RULES:
         raise ValueError(f"unknown deferral rule {rule!r}; known rules: {', '.join(sorted(RULES))}.")
 
@@ -210,16 +221,19 @@ def compute_scores(
     return RULES[rule](inputs)
 
 
-def extra_small_flops(rule: str, others: Sequence[ModelOutputs],
-                      large: ModelOutputs | None = None) -> np.ndarray | None:
+def extra_small_flops(
+    rule: str, others: Sequence[ModelOutputs], large: ModelOutputs | None = None
+) -> np.ndarray | None:
     """Per-example FLOPs [N] `rule` spends on every example besides the small model, or None: the
     other small models peer_agreement runs; for post_hoc_embed, computing the large model's input
     embedding (its records' embedding_flops: a partial forward of the large model)."""
     _check_known(rule)
     if rule == "post_hoc_embed":
         if large is None or large.embedding_flops is None:
-            raise ValueError("rule 'post_hoc_embed' pays for the large model's input embeddings: give the large "
-                             "model's records with embedding_flops.")
+            raise ValueError(
+                "rule 'post_hoc_embed' pays for the large model's input embeddings: give the large "
+                "model's records with embedding_flops."
+            )
         return large.embedding_flops
     if rule not in RUNS_OTHER_SMALL_MODELS or not others:
         return None

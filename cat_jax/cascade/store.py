@@ -56,17 +56,27 @@ def write_split(path: str, records: SplitRecords, texts: SplitTexts) -> list[str
     with open(path, "w") as f:
         for k, (name, out) in enumerate(records.models.items()):
             for i in range(len(records)):
-                f.write(json.dumps({
-                    "model": name, "id": str(texts.example_ids[i]), "task": records.tasks[i],
-                    "input": str(texts.inputs[i]), "target": str(texts.targets[i]),
-                    "prediction": texts.predictions[name][i],
-                    "scored_target": out.targets[i], "scored_prediction": out.predictions[i],
-                    "token_logprobs": _float32_list(out.logprobs[i]),
-                    "token_entropies": _float32_list(out.entropies[i]),
-                    "token_margins": None if out.margins is None else _float32_list(out.margins[i]),
-                    "quality": float(out.quality[i]), "flops": float(out.flops[i]),
-                    "embedding_flops": None if out.embedding_flops is None else float(out.embedding_flops[i]),
-                }) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "model": name,
+                            "id": str(texts.example_ids[i]),
+                            "task": records.tasks[i],
+                            "input": str(texts.inputs[i]),
+                            "target": str(texts.targets[i]),
+                            "prediction": texts.predictions[name][i],
+                            "scored_target": out.targets[i],
+                            "scored_prediction": out.predictions[i],
+                            "token_logprobs": _float32_list(out.logprobs[i]),
+                            "token_entropies": _float32_list(out.entropies[i]),
+                            "token_margins": None if out.margins is None else _float32_list(out.margins[i]),
+                            "quality": float(out.quality[i]),
+                            "flops": float(out.flops[i]),
+                            "embedding_flops": None if out.embedding_flops is None else float(out.embedding_flops[i]),
+                        }
+                    )
+                    + "\n"
+                )
             if out.hidden is not None:
                 hidden[f"model{k}"] = out.hidden.astype(np.float32)
             if out.embedding is not None:
@@ -101,10 +111,13 @@ def read_split(path: str, name: str) -> SplitRecords:
             ids=[f"{r['task']}/{r['id']}" for r in rows],
             predictions=[r["scored_prediction"] for r in rows],
             targets=[r["scored_target"] for r in rows],
-            logprobs=_tokens(rows, "token_logprobs"), entropies=_tokens(rows, "token_entropies"),
+            logprobs=_tokens(rows, "token_logprobs"),
+            entropies=_tokens(rows, "token_entropies"),
             margins=_tokens(rows, "token_margins"),
-            quality=[r["quality"] for r in rows], flops=[r["flops"] for r in rows],
+            quality=[r["quality"] for r in rows],
+            flops=[r["flops"] for r in rows],
             hidden=hidden[f"model{k}"].astype(np.float64) if f"model{k}" in hidden else None,
             embedding=None if embedding is None else embedding.astype(np.float64),
-            embedding_flops=None if embedding is None else [r["embedding_flops"] for r in rows])
+            embedding_flops=None if embedding is None else [r["embedding_flops"] for r in rows],
+        )
     return SplitRecords(name, [r["task"] for r in next(iter(by_model.values()))], models)

@@ -102,7 +102,9 @@ def summarize(points: Sequence[CurvePoint], *, small_only: float, large_only: fl
 
 
 def summarize_tiers(
-    frontier: Sequence[TierPoint], tiers: Sequence[Sequence[str]], tier_rules: Sequence[str],
+    frontier: Sequence[TierPoint],
+    tiers: Sequence[Sequence[str]],
+    tier_rules: Sequence[str],
     tiers_alone: Sequence[OperatingPoint],
 ) -> TierSummary:
     """The cost to match the last tier and the best point of a k-tier frontier."""
@@ -135,8 +137,9 @@ def _cell(value: float | tuple[float, ...]) -> str:
     return repr(float(value))
 
 
-def _write_points_csv(path: str | pathlib.Path, key_fields: Sequence[str], point_type: type,
-                      curves: Mapping[tuple, Sequence[Any]]) -> None:
+def _write_points_csv(
+    path: str | pathlib.Path, key_fields: Sequence[str], point_type: type, curves: Mapping[tuple, Sequence[Any]]
+) -> None:
     fields = [f.name for f in dataclasses.fields(point_type)]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -153,18 +156,24 @@ def write_curves_csv(path: str | pathlib.Path, curves: Mapping[CurveKey, Sequenc
 
 def write_curves_json(path: str | pathlib.Path, curves: Mapping[CurveKey, Sequence[CurvePoint]]) -> None:
     """[{task, small_model, rule, points: [{threshold, deferral_rate, relative_flops, quality}]}]."""
-    _write_json(path, [
-        {
-            **key._asdict(),
-            "points": [{**dataclasses.asdict(p), "threshold": _json_float(p.threshold)} for p in points],
-        }
-        for key, points in curves.items()
-    ])
+    _write_json(
+        path,
+        [
+            {
+                **key._asdict(),
+                "points": [{**dataclasses.asdict(p), "threshold": _json_float(p.threshold)} for p in points],
+            }
+            for key, points in curves.items()
+        ],
+    )
 
 
 def _tier_point_record(p: TierPoint) -> dict[str, Any]:
-    return {**dataclasses.asdict(p), "thresholds": [_json_float(t) for t in p.thresholds],
-            "exit_shares": list(p.exit_shares)}
+    return {
+        **dataclasses.asdict(p),
+        "thresholds": [_json_float(t) for t in p.thresholds],
+        "exit_shares": list(p.exit_shares),
+    }
 
 
 def write_tier_curves_csv(path: str | pathlib.Path, curves: Mapping[TierKey, Sequence[TierPoint]]) -> None:
@@ -174,32 +183,58 @@ def write_tier_curves_csv(path: str | pathlib.Path, curves: Mapping[TierKey, Seq
 
 def write_tier_curves_json(path: str | pathlib.Path, curves: Mapping[TierKey, Sequence[TierPoint]]) -> None:
     """[{task, cascade, rules, points: [{thresholds, exit_shares, deferral_rate, ...}]}]."""
-    _write_json(path, [{**key._asdict(), "points": [_tier_point_record(p) for p in points]}
-                       for key, points in curves.items()])
+    _write_json(
+        path, [{**key._asdict(), "points": [_tier_point_record(p) for p in points]} for key, points in curves.items()]
+    )
 
 
 def _calibration_record(c: Calibration) -> dict[str, Any]:
-    return {"budget": c.budget.metric, "target": c.budget.target,
-            "thresholds": [_json_float(t) for t in c.thresholds], "met_on_validation": c.met_on_validation,
-            "validation": dataclasses.asdict(c.validation), "test": dataclasses.asdict(c.test)}
+    return {
+        "budget": c.budget.metric,
+        "target": c.budget.target,
+        "thresholds": [_json_float(t) for t in c.thresholds],
+        "met_on_validation": c.met_on_validation,
+        "validation": dataclasses.asdict(c.validation),
+        "test": dataclasses.asdict(c.test),
+    }
 
 
-def write_summary_json(path: str | pathlib.Path, summaries: Mapping[CurveKey, Summary],
-                       calibrations: Mapping[CurveKey, Sequence[Calibration]]) -> None:
+def write_summary_json(
+    path: str | pathlib.Path,
+    summaries: Mapping[CurveKey, Summary],
+    calibrations: Mapping[CurveKey, Sequence[Calibration]],
+) -> None:
     """A list of {task, small_model, rule, small_only, large_only, auc, ..., calibration: [...]}."""
-    _write_json(path, [{**key._asdict(), **dataclasses.asdict(s),
-                        "calibration": [_calibration_record(c) for c in calibrations.get(key, ())]}
-                       for key, s in summaries.items()])
+    _write_json(
+        path,
+        [
+            {
+                **key._asdict(),
+                **dataclasses.asdict(s),
+                "calibration": [_calibration_record(c) for c in calibrations.get(key, ())],
+            }
+            for key, s in summaries.items()
+        ],
+    )
 
 
-def write_tier_summary_json(path: str | pathlib.Path, summaries: Mapping[TierKey, TierSummary],
-                            calibrations: Mapping[TierKey, Sequence[Calibration]]) -> None:
+def write_tier_summary_json(
+    path: str | pathlib.Path,
+    summaries: Mapping[TierKey, TierSummary],
+    calibrations: Mapping[TierKey, Sequence[Calibration]],
+) -> None:
     """A list of {task, cascade, rules, tiers, tier_rules, tiers_alone, ..., calibration: [...]}."""
     records = []
     for key, s in summaries.items():
         alone = [{"tier": "+".join(t), **p._asdict()} for t, p in zip(s.tiers, s.tiers_alone)]
-        records.append({**key._asdict(), **dataclasses.asdict(s), "tiers_alone": alone,
-                        "calibration": [_calibration_record(c) for c in calibrations.get(key, ())]})
+        records.append(
+            {
+                **key._asdict(),
+                **dataclasses.asdict(s),
+                "tiers_alone": alone,
+                "calibration": [_calibration_record(c) for c in calibrations.get(key, ())],
+            }
+        )
     _write_json(path, records)
 
 
@@ -216,21 +251,26 @@ def _outcome(o: Outcome) -> str:
 
 
 def _calibration_rows(name: str, rule: str, calibrations: Sequence[Calibration]) -> list[str]:
-    return [f"| {name} | {rule} | {c.budget.metric} <= {_fmt(c.budget.target)} | {_thresholds(c)} "
-            f"| {_outcome(c.validation)}{'' if c.met_on_validation else ' (over budget)'} | {_outcome(c.test)} |\n"
-            for c in calibrations]
+    return [
+        f"| {name} | {rule} | {c.budget.metric} <= {_fmt(c.budget.target)} | {_thresholds(c)} "
+        f"| {_outcome(c.validation)}{'' if c.met_on_validation else ' (over budget)'} | {_outcome(c.test)} |\n"
+        for c in calibrations
+    ]
 
 
 _MAIN_HEADER = (
     "| small model | rule | small-only | large-only | AUC-DF | random AUC-DF | gain vs random "
-    "| rel. FLOPs to match large | best quality @ rel. FLOPs |\n|---|---|---|---|---|---|---|---|---|\n")
+    "| rel. FLOPs to match large | best quality @ rel. FLOPs |\n|---|---|---|---|---|---|---|---|---|\n"
+)
 _CALIBRATION_HEADER = (
     "Budget calibration (thresholds picked on validation; rate / rel. FLOPs / quality):\n\n"
-    "| cascade | rule | budget | thresholds | validation | test |\n|---|---|---|---|---|---|\n")
+    "| cascade | rule | budget | thresholds | validation | test |\n|---|---|---|---|---|---|\n"
+)
 _TIER_HEADER = (
     "k-tier cascades (Pareto frontier over the joint threshold grid; each tier alone as quality @ rel. FLOPs):"
     "\n\n| cascade | rules | each tier alone | frontier points | rel. FLOPs to match last tier "
-    "| best quality @ rel. FLOPs (rel. latency) |\n|---|---|---|---|---|---|\n")
+    "| best quality @ rel. FLOPs (rel. latency) |\n|---|---|---|---|---|---|\n"
+)
 
 
 def _gain(s: Summary) -> str:
@@ -255,21 +295,32 @@ def write_summary_md(
             f"| {k.small_model} | {k.rule} | {_fmt(s.small_only)} | {_fmt(s.large_only)} | {_fmt(s.auc)} "
             f"| {_fmt(s.auc_df_random)} | {_gain(s)} | {_fmt(s.relative_flops_to_match_large)} "
             f"| {_fmt(s.best_quality)} @ {_fmt(s.best_relative_flops)} |\n"
-            for k, s in summaries.items() if k.task == task
+            for k, s in summaries.items()
+            if k.task == task
         ]
-        calibrated = [row for k, c in calibrations.items() if k.task == task
-                      for row in _calibration_rows(k.small_model, k.rule, c)]
-        calibrated += [row for k, c in tier_calibrations.items() if k.task == task
-                       for row in _calibration_rows(k.cascade, k.rules, c)]
+        calibrated = [
+            row
+            for k, c in calibrations.items()
+            if k.task == task
+            for row in _calibration_rows(k.small_model, k.rule, c)
+        ]
+        calibrated += [
+            row
+            for k, c in tier_calibrations.items()
+            if k.task == task
+            for row in _calibration_rows(k.cascade, k.rules, c)
+        ]
         if calibrated:
             parts += ["\n", _CALIBRATION_HEADER, *calibrated]
         tiered = [
             f"| {k.cascade} | {k.rules} | "
-            + ", ".join(f"{'+'.join(t)} {_fmt(p.quality)} @ {_fmt(p.relative_flops)}"
-                        for t, p in zip(s.tiers, s.tiers_alone))
+            + ", ".join(
+                f"{'+'.join(t)} {_fmt(p.quality)} @ {_fmt(p.relative_flops)}" for t, p in zip(s.tiers, s.tiers_alone)
+            )
             + f" | {s.frontier_points} | {_fmt(s.relative_flops_to_match_last)} "
             f"| {_fmt(s.best_quality)} @ {_fmt(s.best_relative_flops)} ({_fmt(s.best_relative_latency)}) |\n"
-            for k, s in tier_summaries.items() if k.task == task
+            for k, s in tier_summaries.items()
+            if k.task == task
         ]
         if tiered:
             parts += ["\n", _TIER_HEADER, *tiered]

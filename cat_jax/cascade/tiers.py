@@ -46,7 +46,7 @@ class TierKey(NamedTuple):
 
 
 def cascade_name(tiers: Sequence[Sequence[str]]) -> str:
-    """"ce > cat+distill > large": tiers in order, ensemble members joined by '+'."""
+    """ "ce > cat+distill > large": tiers in order, ensemble members joined by '+'."""
     return " > ".join("+".join(tier) for tier in tiers)
 
 
@@ -77,14 +77,21 @@ def _pick(members: Sequence[ModelOutputs], winner: np.ndarray) -> ModelOutputs:
     if all(m.hidden is not None and m.hidden.shape == members[0].hidden.shape for m in members):
         hidden = np.stack([m.hidden for m in members])[winner, np.arange(len(winner))]
     return ModelOutputs(
-        ids=members[0].ids, predictions=pick("predictions"), targets=members[0].targets,
-        logprobs=pick("logprobs"), entropies=pick("entropies"), quality=np.array(pick("quality")),
-        flops=np.array(pick("flops")), hidden=hidden,
-        margins=pick("margins") if all(m.margins is not None for m in members) else None)
+        ids=members[0].ids,
+        predictions=pick("predictions"),
+        targets=members[0].targets,
+        logprobs=pick("logprobs"),
+        entropies=pick("entropies"),
+        quality=np.array(pick("quality")),
+        flops=np.array(pick("flops")),
+        hidden=hidden,
+        margins=pick("margins") if all(m.margins is not None for m in members) else None,
+    )
 
 
-def tier_answer(members: Sequence[ModelOutputs], free_text: np.ndarray | bool = False,
-                statistic: str = ABC) -> TierAnswer:
+def tier_answer(
+    members: Sequence[ModelOutputs], free_text: np.ndarray | bool = False, statistic: str = ABC
+) -> TierAnswer:
     """The answer and cost of a tier of aligned members [M]; free_text: [N] bool and statistic
     (`abc` or `abc_central`) as `agreement.ensemble_vote` takes them."""
     if not members:
@@ -147,7 +154,7 @@ def evaluate(
     scores = _check(answers, scores)
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1, scores.shape[0])
     num_tiers, n = len(answers), scores.shape[1]
-    reached_flops = np.cumsum([a.flops for a in answers], axis=0)      # [K, N] cost when tier k answers
+    reached_flops = np.cumsum([a.flops for a in answers], axis=0)  # [K, N] cost when tier k answers
     reached_latency = np.cumsum([a.latency for a in answers], axis=0)
     flops_total, latency_total = answers[-1].flops.sum(), answers[-1].latency.sum()
     additive = additive_form(corpus_metric)
@@ -161,11 +168,11 @@ def evaluate(
     for start in range(0, len(thresholds), rows):
         chunk = thresholds[start : start + rows]
         answering = exit_tiers(scores, chunk)
-        masks = [(answering == k).astype(np.float64) for k in range(num_tiers)]     # K x [C, N]
+        masks = [(answering == k).astype(np.float64) for k in range(num_tiers)]  # K x [C, N]
         flops = sum(m @ f for m, f in zip(masks, reached_flops)) / flops_total
         latency = sum(m @ t for m, t in zip(masks, reached_latency)) / latency_total
-        summed = sum(m @ v for m, v in zip(masks, values))                     # [C] or [C, S]
-        shares = np.stack([m.mean(axis=1) for m in masks], axis=1)             # [C, K]
+        summed = sum(m @ v for m, v in zip(masks, values))  # [C] or [C, S]
+        shares = np.stack([m.mean(axis=1) for m in masks], axis=1)  # [C, K]
         for row in range(len(chunk)):
             if additive is not None:
                 quality = additive.from_statistics(summed[row])
@@ -174,10 +181,16 @@ def evaluate(
                 quality = float(corpus_metric(list(outs[0].targets), mixed))
             else:
                 quality = float(summed[row] / n)
-            points.append(TierPoint(
-                thresholds=tuple(float(t) for t in chunk[row]), exit_shares=tuple(float(x) for x in shares[row]),
-                deferral_rate=float(1.0 - shares[row, 0]), relative_flops=float(flops[row]),
-                relative_latency=float(latency[row]), quality=float(quality)))
+            points.append(
+                TierPoint(
+                    thresholds=tuple(float(t) for t in chunk[row]),
+                    exit_shares=tuple(float(x) for x in shares[row]),
+                    deferral_rate=float(1.0 - shares[row, 0]),
+                    relative_flops=float(flops[row]),
+                    relative_latency=float(latency[row]),
+                    quality=float(quality),
+                )
+            )
     return points
 
 

@@ -16,16 +16,35 @@ Imports flow down this list (the export job is `cat_jax.jobs.export_task`). Only
 touches seqio or TensorFlow, and only when asked for data.
 """
 
-from cat_jax.data.arrays import (LENGTH_FIELDS, MODEL_FEATURES, SAMPLE_SEED, TEXT_FIELDS, ExampleArrays,
-                                 sample_per_task)
+from cat_jax.data.arrays import LENGTH_FIELDS, MODEL_FEATURES, SAMPLE_SEED, TEXT_FIELDS, ExampleArrays, sample_per_task
 from cat_jax.data.batches import TrainBatches, eval_batches
 from cat_jax.data.config import DatasetConfig
-from cat_jax.data.loading import (data_source, get_task_or_mixture, get_vocabulary_of, live_source, load_split,
-                                  mixture_rates)
+from cat_jax.data.loading import (
+    data_source,
+    get_task_or_mixture,
+    get_vocabulary_of,
+    live_source,
+    load_split,
+    mixture_rates,
+)
 from cat_jax.data.source import DataSource, load_split_from
 
 __all__ = [
-    "DataSource", "DatasetConfig", "ExampleArrays", "LENGTH_FIELDS", "MODEL_FEATURES", "SAMPLE_SEED", "TEXT_FIELDS",
-    "TrainBatches", "data_source", "eval_batches", "get_task_or_mixture", "get_vocabulary_of",
-    "live_source", "load_split", "load_split_from", "mixture_rates", "sample_per_task",
+    "DataSource",
+    "DatasetConfig",
+    "ExampleArrays",
+    "LENGTH_FIELDS",
+    "MODEL_FEATURES",
+    "SAMPLE_SEED",
+    "TEXT_FIELDS",
+    "TrainBatches",
+    "data_source",
+    "eval_batches",
+    "get_task_or_mixture",
+    "get_vocabulary_of",
+    "live_source",
+    "load_split",
+    "load_split_from",
+    "mixture_rates",
+    "sample_per_task",
 ]

@@ -53,8 +53,12 @@ class ExampleArrays:
 
     def example(self, i: int) -> dict[str, str]:
         """Example i's string features, as a task's postprocess_fn expects them."""
-        return {"id": str(self.ids[i]), "inputs_pretokenized": str(self.inputs_text[i]),
-                "targets_pretokenized": str(self.targets_text[i]), **json.loads(str(self.extras[i]))}
+        return {
+            "id": str(self.ids[i]),
+            "inputs_pretokenized": str(self.inputs_text[i]),
+            "targets_pretokenized": str(self.targets_text[i]),
+            **json.loads(str(self.extras[i])),
+        }
 
     @property
     def num_truncated_inputs(self) -> int:
@@ -111,8 +115,13 @@ class ExampleArrays:
 
 def sample_keys(task_names: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarray:
     """A pseudo-random uint64 per example [N] from (seed, task, id): the order `sample_per_task` uses."""
-    return np.array([int.from_bytes(hashlib.sha256(f"{seed}\0{t}\0{i}".encode()).digest()[:8], "big")
-                     for t, i in zip(task_names.tolist(), ids.tolist())], dtype=np.uint64)
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}\0{t}\0{i}".encode()).digest()[:8], "big")
+            for t, i in zip(task_names.tolist(), ids.tolist())
+        ],
+        dtype=np.uint64,
+    )
 
 
 def sampled_ids(task: str, ids: Sequence[str], max_examples: int, seed: int = SAMPLE_SEED) -> set[str]:

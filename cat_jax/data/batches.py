@@ -28,8 +28,9 @@ class TrainBatches:
     repeat only after all of them were used), and shuffles the lot.
     """
 
-    def __init__(self, arrays: ExampleArrays, global_batch_size: int, seed: int,
-                 rates: Mapping[str, float] | None = None):
+    def __init__(
+        self, arrays: ExampleArrays, global_batch_size: int, seed: int, rates: Mapping[str, float] | None = None
+    ):
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive; got {global_batch_size}.")
         if len(arrays) == 0:
@@ -47,8 +48,10 @@ class TrainBatches:
     def _init_rates(self, rates: Mapping[str, float]) -> None:
         present = sorted(set(self.arrays.task_names.tolist()))
         if set(rates) != set(present):
-            raise ValueError(f"rates name the tasks {sorted(rates)} but the examples come from {present}; "
-                             "give one rate per task (0 to leave a task out).")
+            raise ValueError(
+                f"rates name the tasks {sorted(rates)} but the examples come from {present}; "
+                "give one rate per task (0 to leave a task out)."
+            )
         weights = np.array([float(rates[t]) for t in present])
         if np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"rates must be >= 0 with a positive sum; got {dict(rates)}.")
@@ -75,8 +78,7 @@ class TrainBatches:
             if not self._groups:
                 rows = rng.permutation(self.epoch_size)
             else:
-                parts = [self._task_rows(g, epoch * int(c), int(c))
-                         for g, c in enumerate(self._counts) if c > 0]
+                parts = [self._task_rows(g, epoch * int(c), int(c)) for g, c in enumerate(self._counts) if c > 0]
                 rows = rng.permutation(np.concatenate(parts))
             self._epoch_cache[epoch] = rows
         return self._epoch_cache[epoch]
@@ -96,12 +98,14 @@ class TrainBatches:
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
         """This host's rows of the global batch: global_batch_size // process_count consecutive rows."""
         if process_count <= 0 or self.global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by "
-                             f"process_count {process_count}; choose a multiple of the host count.")
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by "
+                f"process_count {process_count}; choose a multiple of the host count."
+            )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is outside [0, {process_count}).")
         per_host = self.global_batch_size // process_count
-        rows = self.global_rows(step)[process_index * per_host:(process_index + 1) * per_host]
+        rows = self.global_rows(step)[process_index * per_host : (process_index + 1) * per_host]
         return {k: v[rows] for k, v in self.arrays.features.items()}
 
 
@@ -111,8 +115,14 @@ class InMemoryBatches:
 
     iterator = None
 
-    def __init__(self, arrays: ExampleArrays, global_batch_size: int, seed: int,
-                 rates: Mapping[str, float] | None, rows: tuple[int, int]):
+    def __init__(
+        self,
+        arrays: ExampleArrays,
+        global_batch_size: int,
+        seed: int,
+        rates: Mapping[str, float] | None,
+        rows: tuple[int, int],
+    ):
         self.batches = TrainBatches(arrays, global_batch_size, seed=seed, rates=rates)
         self.rows = rows
         self.features = arrays.features

@@ -20,6 +20,7 @@ from cat_jax.errors import ConfigError, check_int
 class DatasetConfig:
     """A split of a task or mixture at TASK_FEATURE_LENGTHS, in batches of `batch_size`; `seed`
     orders a training run's batches; `max_examples` takes a uniform sample of each task."""
+
     mixture_or_task_name: str | None = None
     task_feature_lengths: dict | None = None
     batch_size: int = 64
@@ -31,8 +32,10 @@ class DatasetConfig:
         lengths = self.task_feature_lengths
         if lengths is not None:
             if not isinstance(lengths, dict) or set(lengths) != {"inputs", "targets"}:
-                raise ConfigError(f"TASK_FEATURE_LENGTHS (DatasetConfig.task_feature_lengths) needs exactly the keys "
-                                  f"'inputs' and 'targets'; got {lengths!r}.")
+                raise ConfigError(
+                    f"TASK_FEATURE_LENGTHS (DatasetConfig.task_feature_lengths) needs exactly the keys "
+                    f"'inputs' and 'targets'; got {lengths!r}."
+                )
             for key, value in lengths.items():
                 check_int(f"TASK_FEATURE_LENGTHS[{key!r}]", value, 1)
         check_int("BATCH_SIZE (DatasetConfig.batch_size)", self.batch_size, 1)
@@ -42,6 +45,8 @@ class DatasetConfig:
     def require_task(self) -> DatasetConfig:
         """Itself, or a ConfigError when the task or the lengths are unset (a training run needs both)."""
         if self.mixture_or_task_name is None or self.task_feature_lengths is None:
-            raise ConfigError("A training run needs its task and lengths: set MIXTURE_OR_TASK_NAME "
-                              "(DatasetConfig.mixture_or_task_name) and TASK_FEATURE_LENGTHS.")
+            raise ConfigError(
+                "A training run needs its task and lengths: set MIXTURE_OR_TASK_NAME "
+                "(DatasetConfig.mixture_or_task_name) and TASK_FEATURE_LENGTHS."
+            )
         return self

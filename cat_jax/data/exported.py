@@ -61,7 +61,7 @@ class ExportedSource(FileSource):
 
     def _load_all_targets(self) -> None:
         """Every export's postprocessed targets into its tasks (for examples not loaded yet)."""
-        for (name, split) in self.manifests:
+        for name, split in self.manifests:
             path = npz_path(self.directory, name, split)
             if not os.path.exists(path):
                 continue
@@ -71,8 +71,14 @@ class ExportedSource(FileSource):
                 post, ids, names = stored[POSTPROCESSED_TARGETS], stored["ids"], stored["task_names"]
             self._add_targets(ids, names, post)
 
-    def load_split(self, name: str, split: str, lengths: Mapping[str, int],
-                   max_examples: int | None = None, cache_dir: str | None = None) -> ExampleArrays:
+    def load_split(
+        self,
+        name: str,
+        split: str,
+        lengths: Mapping[str, int],
+        max_examples: int | None = None,
+        cache_dir: str | None = None,
+    ) -> ExampleArrays:
         """The stored examples (a capped export: checked to hold `max_examples` per task)."""
         del cache_dir
         lengths = {k: int(v) for k, v in dict(lengths).items()}
@@ -83,11 +89,13 @@ class ExportedSource(FileSource):
             missing = npz if not os.path.exists(npz) else manifest_path(self.directory, name, split)
             raise ExportedDataError(
                 f"No exported {name}/{split}: {missing} does not exist (data_source.exported_dir="
-                f"{self.directory}). Write it where seqio is installed with:\n  {command}")
+                f"{self.directory}). Write it where seqio is installed with:\n  {command}"
+            )
         if manifest["task_feature_lengths"] != lengths:
             raise ExportedDataError(
                 f"{npz} was exported with task_feature_lengths {manifest['task_feature_lengths']}, "
-                f"but this run asks for {lengths}. Export it again with these lengths:\n  {command}")
+                f"but this run asks for {lengths}. Export it again with these lengths:\n  {command}"
+            )
         cap = manifest["max_examples"]
         if cap is not None and (max_examples is None or max_examples > cap):
             cut = [t for t, n in manifest["num_examples_per_task"].items() if n >= cap]
@@ -95,15 +103,17 @@ class ExportedSource(FileSource):
                 raise ExportedDataError(
                     f"{npz} was exported with max_examples={cap} per task, but this run asks for "
                     f"{max_examples if max_examples is not None else 'every example'} (tasks {cut} "
-                    f"may have more). Export it again with that cap:\n  {command}")
+                    f"may have more). Export it again with that cap:\n  {command}"
+                )
         log.info("Loading %s/%s from exported %s", name, split, npz)
         arrays = ExampleArrays.load(npz)
         with np.load(npz, allow_pickle=False) as stored:
             post = stored[POSTPROCESSED_TARGETS] if POSTPROCESSED_TARGETS in stored.files else None
         shapes = (arrays.features["encoder_input_tokens"].shape[1], arrays.features["decoder_target_tokens"].shape[1])
         if len(arrays) != manifest["num_examples"] or shapes != (lengths["inputs"], lengths["targets"]):
-            raise ExportedDataError(f"{npz} does not match its manifest (examples or lengths); export "
-                                    f"it again:\n  {command}")
+            raise ExportedDataError(
+                f"{npz} does not match its manifest (examples or lengths); export it again:\n  {command}"
+            )
         if post is not None:
             self._add_targets(arrays.ids, arrays.task_names, post)
         return arrays

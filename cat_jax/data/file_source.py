@@ -76,13 +76,17 @@ class ExportedTask:
     def _postprocess(self) -> Callable[..., Any] | None:
         fn, why = _try_resolve(self.info.get("postprocess_fn"))
         if fn is None and self.info.get("has_postprocess_fn"):
-            self._warn("postprocess", "postprocess_fn %s cannot be used here (%s); targets are the "
-                       "postprocessed ones stored at export, predictions are whitespace-normalised "
-                       "(cat_jax.metrics.normalize).", self.info.get("postprocess_fn_repr"), why)
+            self._warn(
+                "postprocess",
+                "postprocess_fn %s cannot be used here (%s); targets are the "
+                "postprocessed ones stored at export, predictions are whitespace-normalised "
+                "(cat_jax.metrics.normalize).",
+                self.info.get("postprocess_fn_repr"),
+                why,
+            )
         return fn
 
-    def postprocess_fn(self, output: Any, example: Mapping[str, Any] | None = None,
-                       is_target: bool = False) -> Any:
+    def postprocess_fn(self, output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False) -> Any:
         """The task's postprocess_fn where importable; else the stored target / normalised text."""
         if not self.info.get("has_postprocess_fn"):
             return output
@@ -114,8 +118,9 @@ class ExportedTask:
         per_example, why = _try_resolve(spec.get("per_example"))
         corpus, corpus_why = _try_resolve(spec["corpus"]) if spec.get("corpus") else (None, None)
         if per_example is None or corpus_why:
-            self._warn("quality", "its cascade quality functions %s cannot be imported here (%s).",
-                       spec, why or corpus_why)
+            self._warn(
+                "quality", "its cascade quality functions %s cannot be imported here (%s).", spec, why or corpus_why
+            )
             return None
         metrics.register_quality(self.name, per_example, corpus)
         return metrics.get_quality(self.name)
@@ -134,12 +139,20 @@ class ExportedTask:
             quality = self.quality
             if quality is not None:
                 fns.append(lambda targets, predictions: {"quality": quality.score(targets, predictions)})
-                self._warn("metrics", "metric fns %s cannot be imported here; reporting 'quality' "
-                           "(the task's cascade quality) in their place.", missing)
+                self._warn(
+                    "metrics",
+                    "metric fns %s cannot be imported here; reporting 'quality' "
+                    "(the task's cascade quality) in their place.",
+                    missing,
+                )
             elif not fns:
                 fns.append(metrics.exact_match)
-                self._warn("metrics", "metric fns %s cannot be imported here and the task has no "
-                           "cascade quality; reporting exact_match in their place.", missing)
+                self._warn(
+                    "metrics",
+                    "metric fns %s cannot be imported here and the task has no "
+                    "cascade quality; reporting exact_match in their place.",
+                    missing,
+                )
         return fns
 
     @property
@@ -162,8 +175,9 @@ class ExportedMixture:
 
 def vocabularies_key(desc: Mapping[str, Any]) -> tuple:
     """What must agree between two manifests' vocabulary descriptions of one name."""
-    return tuple(desc.get(k) for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256",
-                                       "tokenizer_sha256"))
+    return tuple(
+        desc.get(k) for k in ("class", "size", "eos_id", "pad_id", "unk_id", "sentencepiece_sha256", "tokenizer_sha256")
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,7 +219,8 @@ class FileSource(DataSource):
         if not os.path.isdir(directory):
             raise ExportedDataError(
                 f"{cls.setting}={directory!r} is not a directory. Export there first, where seqio is installed: "
-                + export_command("...", "...", directory, "...", streaming=cls.streaming))
+                + export_command("...", "...", directory, "...", streaming=cls.streaming)
+            )
         signature = tuple((p, os.stat(p).st_mtime_ns) for p in cls._manifest_paths(directory))
         held = _OPEN.get((cls, directory))
         if held is None or held[0] != signature:
@@ -234,13 +249,15 @@ class FileSource(DataSource):
         self._vocab_desc: dict[str, dict[str, Any]] = {}
         for (name, _), manifest in sorted(self.manifests.items()):
             for task_name in manifest["task_order"]:
-                self.tasks.setdefault(task_name, ExportedTask(task_name, manifest["tasks"][task_name],
-                                                              self._load_all_targets))
+                self.tasks.setdefault(
+                    task_name, ExportedTask(task_name, manifest["tasks"][task_name], self._load_all_targets)
+                )
                 self._set_vocabulary(task_name, manifest)
             self._set_vocabulary(name, manifest)
             if manifest["rates"] is not None:
                 self.providers[name] = ExportedMixture(
-                    name, [self.tasks[t] for t in manifest["task_order"]], manifest["rates"])
+                    name, [self.tasks[t] for t in manifest["task_order"]], manifest["rates"]
+                )
         for task_name, task in self.tasks.items():
             self.providers.setdefault(task_name, task)
         for task in self.tasks.values():
@@ -263,26 +280,33 @@ class FileSource(DataSource):
         if vocabularies_key(old) != vocabularies_key(desc):
             raise ExportedDataError(
                 f"The exports of {name!r} in {self.directory} disagree on the vocabulary ({old} vs "
-                f"{desc}); export every split again with the same vocabulary.")
+                f"{desc}); export every split again with the same vocabulary."
+            )
 
     def describe(self) -> str:
         return f"{self.kind}:{self.directory}"
 
-    def export_command(self, name: str, split: str, lengths: Mapping[str, int] | str | None = None,
-                       max_examples: int | None = None) -> str:
+    def export_command(
+        self, name: str, split: str, lengths: Mapping[str, int] | str | None = None, max_examples: int | None = None
+    ) -> str:
         """The command that writes (name, split) into this directory."""
         return export_command(name, split, self.directory, lengths, max_examples, streaming=self.streaming)
 
     def _unknown(self, name: str, split: str | None = None) -> UnknownTaskError:
         what = f"{name}/{split}" if split else repr(name)
         held = sorted(f"{n}/{s}" for n, s in self.manifests)
-        outdated = (f" ({', '.join(self.outdated)} were written by an older cat_jax, format "
-                    f"{self.format} is needed: export them again.)" if self.outdated else "")
+        outdated = (
+            f" ({', '.join(self.outdated)} were written by an older cat_jax, format "
+            f"{self.format} is needed: export them again.)"
+            if self.outdated
+            else ""
+        )
         command = self.export_command(name, split or "<split(s)>", "<lengths>")
         return UnknownTaskError(
             f"{what} is not exported in {self.directory} ({self.setting}); it holds {held or 'no exports'}."
             f"{outdated} Export it where seqio is installed with: {command}, or drop {self.setting} to "
-            "use seqio.")
+            "use seqio."
+        )
 
     def provider(self, name: str) -> ExportedTask | ExportedMixture:
         if name not in self.providers:

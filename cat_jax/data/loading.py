@@ -43,9 +43,14 @@ def data_source(exported_dir: str | None = None, streaming_dir: str | None = Non
 _CONFIGURED = object()  # load_split(cache_dir=...) not given: gin's load_split.cache_dir applies
 
 
-def load_split(mixture_or_task_name: str, split: str, task_feature_lengths: Mapping[str, int],
-               max_examples: int | None = None, cache_dir: str | None | object = _CONFIGURED,
-               source: DataSource | None = None) -> ExampleArrays:
+def load_split(
+    mixture_or_task_name: str,
+    split: str,
+    task_feature_lengths: Mapping[str, int],
+    max_examples: int | None = None,
+    cache_dir: str | None | object = _CONFIGURED,
+    source: DataSource | None = None,
+) -> ExampleArrays:
     """The examples of a split in a fixed order (a mixture: each sub-task in turn), from `source`
     (default: the configured one); see `cat_jax.data.source.load_split_from`.
 
@@ -58,8 +63,9 @@ def load_split(mixture_or_task_name: str, split: str, task_feature_lengths: Mapp
     is refused with the export command that fixes it.
     """
     options = {} if cache_dir is _CONFIGURED else {"cache_dir": cache_dir}
-    return load_split_from(source or data_source(), mixture_or_task_name, split, task_feature_lengths,
-                           max_examples, **options)
+    return load_split_from(
+        source or data_source(), mixture_or_task_name, split, task_feature_lengths, max_examples, **options
+    )
 
 
 def get_task_or_mixture(name: str):

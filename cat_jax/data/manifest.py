@@ -34,16 +34,24 @@ from cat_jax.data.arrays import SAMPLE_SEED
 from cat_jax.data.source import DataSource
 
 
-def export_command(name: str, split: str, directory: str, lengths: Mapping[str, int] | str | None = None,
-                   max_examples: int | None = None, streaming: bool = False) -> str:
+def export_command(
+    name: str,
+    split: str,
+    directory: str,
+    lengths: Mapping[str, int] | str | None = None,
+    max_examples: int | None = None,
+    streaming: bool = False,
+) -> str:
     """The `python -m cat_jax.export_task` command that writes (name, split) into `directory`
     (`lengths` a mapping or a placeholder; a streaming export is untrimmed and takes none)."""
-    cmd = (f"python -m cat_jax.export_task --gin_file=gin_configs/runs/export_task.gin "
-           f"--gin.MIXTURE_OR_TASK_NAME={name} --gin.SPLIT={split} ")
+    cmd = (
+        f"python -m cat_jax.export_task --gin_file=gin_configs/runs/export_task.gin "
+        f"--gin.MIXTURE_OR_TASK_NAME={name} --gin.SPLIT={split} "
+    )
     if streaming:
         cmd += "--gin.export_split.format='array_record' "
     elif lengths is not None:
-        shown = lengths if isinstance(lengths, str) else f"\"{dict(lengths)}\""
+        shown = lengths if isinstance(lengths, str) else f'"{dict(lengths)}"'
         cmd += f"--gin.TASK_FEATURE_LENGTHS={shown} "
     cmd += f"--gin.EXPORT_DIR={directory}"
     if max_examples is not None:
@@ -53,6 +61,7 @@ def export_command(name: str, split: str, directory: str, lengths: Mapping[str, 
 
 # ---------------------------------------------------------------------------------------------
 # Importable names of functions.
+
 
 def qualified_name(fn: Any) -> str | None:
     """`module:qualname` of a module-level function that imports back as itself, else None."""
@@ -84,6 +93,7 @@ def describe_fn(fn: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Writing.
+
 
 def json_default(value: Any) -> Any:
     """JSON for numpy values, bytes and tuples / sets (json.dump's `default`)."""
@@ -138,14 +148,25 @@ def task_info(task: Any) -> dict[str, Any]:
     except ValueError:
         quality = None
     if quality is not None:
-        info["quality"] = {"per_example": qualified_name(quality.per_example),
-                           "corpus": qualified_name(quality.corpus) if quality.corpus else None}
+        info["quality"] = {
+            "per_example": qualified_name(quality.per_example),
+            "corpus": qualified_name(quality.corpus) if quality.corpus else None,
+        }
     return info
 
 
-def write_manifest(path: str, source: DataSource, name: str, split: str, *, file_format: str,
-                   max_examples: int | None, counts: Mapping[str, int], export_dir: str,
-                   **fields: Any) -> dict[str, Any]:
+def write_manifest(
+    path: str,
+    source: DataSource,
+    name: str,
+    split: str,
+    *,
+    file_format: str,
+    max_examples: int | None,
+    counts: Mapping[str, int],
+    export_dir: str,
+    **fields: Any,
+) -> dict[str, Any]:
     """Writes the manifest of (name, split) of `source` to `path` and returns it: the fields both
     exports share (see the module docstring; `file_format` is its "format"), `counts` {task:
     examples}, and the format's own `fields`."""

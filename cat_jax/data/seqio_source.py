@@ -60,7 +60,8 @@ def import_seqio() -> Any:
             "On a host without them, read exported files instead: export the splits where seqio is "
             "installed with `python -m cat_jax.export_task --gin_file=gin_configs/runs/export_task.gin "
             "--gin.MIXTURE_OR_TASK_NAME=... --gin.SPLIT=... --gin.TASK_FEATURE_LENGTHS=... "
-            "--gin.EXPORT_DIR=DIR`, then add --gin.data_source.exported_dir=DIR.") from e
+            "--gin.EXPORT_DIR=DIR`, then add --gin.data_source.exported_dir=DIR."
+        ) from e
     return seqio
 
 
@@ -108,6 +109,7 @@ class SeqioSource(DataSource):
     def default_vocabulary_from(self, model_dir: str) -> None:
         import_seqio()
         from tasks import vocab  # pylint: disable=import-outside-toplevel
+
         vocab.default_to_model_dir(model_dir)
 
     def names(self) -> list[str]:
@@ -122,19 +124,30 @@ class SeqioSource(DataSource):
             close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise UnknownTaskError(
-                f"Unknown task or mixture {name!r}.{hint} List every registered one with `python -m tasks`.")
+                f"Unknown task or mixture {name!r}.{hint} List every registered one with `python -m tasks`."
+            )
         return seqio.get_mixture_or_task(name)
 
     def vocabulary(self, name: str) -> Any:
-        vocabs = {id(t.output_features["targets"].vocabulary): t.output_features["targets"].vocabulary
-                  for t in self.leaf_tasks(name)}
+        vocabs = {
+            id(t.output_features["targets"].vocabulary): t.output_features["targets"].vocabulary
+            for t in self.leaf_tasks(name)
+        }
         if len(vocabs) != 1:
-            raise ConfigError(f"The tasks of {name!r} use {len(vocabs)} different vocabularies; cat_jax "
-                              f"needs one vocabulary per model.")
+            raise ConfigError(
+                f"The tasks of {name!r} use {len(vocabs)} different vocabularies; cat_jax "
+                f"needs one vocabulary per model."
+            )
         return vocabularies.resolve(next(iter(vocabs.values())))
 
-    def load_split(self, name: str, split: str, lengths: Mapping[str, int],
-                   max_examples: int | None = None, cache_dir: str | None = AUTO) -> ExampleArrays:
+    def load_split(
+        self,
+        name: str,
+        split: str,
+        lengths: Mapping[str, int],
+        max_examples: int | None = None,
+        cache_dir: str | None = AUTO,
+    ) -> ExampleArrays:
         """The split's examples; with `max_examples`, a task whose source gives ids is filtered to
         the sampled ids before preprocessing (the caller's `sample_per_task` then keeps exactly
         those), any other task is preprocessed whole."""
@@ -144,30 +157,49 @@ class SeqioSource(DataSource):
                 raise ConfigError(
                     f"Task {task.name!r} has no split {split!r}; it has {list(task.splits)}. Choose one "
                     f"of those (SPLIT / train.eval_split / run_cascade_eval.validation_split), or add the "
-                    f"split to the task's source.")
+                    f"split to the task's source."
+                )
         path = self._cache_path(cache_dir, name, split, lengths, tasks, max_examples)
         if path is not None and os.path.exists(path):
             try:
                 arrays = ExampleArrays.load(path)
             except Exception as e:  # pylint: disable=broad-except  # a damaged file: zip, npy or field errors
-                log.warning("The tokenized cache %s of %s/%s cannot be read (%s: %s); discarded it, "
-                            "tokenizing again.", path, name, split, type(e).__name__, e)
+                log.warning(
+                    "The tokenized cache %s of %s/%s cannot be read (%s: %s); discarded it, tokenizing again.",
+                    path,
+                    name,
+                    split,
+                    type(e).__name__,
+                    e,
+                )
                 with contextlib.suppress(FileNotFoundError):  # another process removed it first
                     os.remove(path)
             else:
-                log.info("Loaded %s/%s from the tokenized cache %s (set load_split.cache_dir=None to "
-                         "re-tokenize).", name, split, path)
+                log.info(
+                    "Loaded %s/%s from the tokenized cache %s (set load_split.cache_dir=None to re-tokenize).",
+                    name,
+                    split,
+                    path,
+                )
                 return arrays
-        log.info("Tokenizing %s/%s through seqio%s.", name, split,
-                 f" (cached in {os.path.dirname(path)})" if path else "")
+        log.info(
+            "Tokenizing %s/%s through seqio%s.", name, split, f" (cached in {os.path.dirname(path)})" if path else ""
+        )
         arrays = ExampleArrays.concatenate([_load_task(task, split, lengths, max_examples) for task in tasks])
         if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             arrays.save(path)
         return arrays
 
-    def _cache_path(self, cache_dir: str | None, name: str, split: str, lengths: Mapping[str, int],
-                    tasks: Sequence[Any], max_examples: int | None) -> str | None:
+    def _cache_path(
+        self,
+        cache_dir: str | None,
+        name: str,
+        split: str,
+        lengths: Mapping[str, int],
+        tasks: Sequence[Any],
+        max_examples: int | None,
+    ) -> str | None:
         if cache_dir is None:
             return None
         fingerprints = {t.name: task_fingerprint(t) for t in tasks}
@@ -175,14 +207,21 @@ class SeqioSource(DataSource):
             if any(f is None for f in fingerprints.values()):
                 return None
             cache_dir = default_cache_dir()
-        key = json.dumps({
-            "format": _CACHE_FORMAT, "name": name, "split": split, "lengths": dict(sorted(lengths.items())),
-            "max_examples": max_examples,
-            "tasks": fingerprints,
-            "sizes": {t.name: _size(t, split) for t in tasks},
-            "vocabularies": {t.name: {f: _vocabulary_key(v.vocabulary) for f, v in t.output_features.items()}
-                             for t in tasks},
-        }, sort_keys=True)
+        key = json.dumps(
+            {
+                "format": _CACHE_FORMAT,
+                "name": name,
+                "split": split,
+                "lengths": dict(sorted(lengths.items())),
+                "max_examples": max_examples,
+                "tasks": fingerprints,
+                "sizes": {t.name: _size(t, split) for t in tasks},
+                "vocabularies": {
+                    t.name: {f: _vocabulary_key(v.vocabulary) for f, v in t.output_features.items()} for t in tasks
+                },
+            },
+            sort_keys=True,
+        )
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         return os.path.join(os.path.expanduser(cache_dir), f"{name}.{split}.{digest}.npz")
 
@@ -199,8 +238,14 @@ def _examples(task: Any, split: str, max_examples: int | None) -> Any:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     source = task.source.get_dataset(split=split, shuffle=False)
-    whole = lambda: task.get_dataset(sequence_length=None, split=split, shuffle=False,  # noqa: E731
-                                     use_cached=False, num_epochs=1, trim_output_features=False)
+    whole = lambda: task.get_dataset(
+        sequence_length=None,
+        split=split,
+        shuffle=False,  # noqa: E731
+        use_cached=False,
+        num_epochs=1,
+        trim_output_features=False,
+    )
     if max_examples is None or "id" not in source.element_spec:
         return whole()
     try:
@@ -231,14 +276,18 @@ def _extra_keys(task: Any, ds: Any) -> list[str]:
 
     missing = [k for k in _META_FEATURES if k not in ds.element_spec]
     if missing:
-        raise ConfigError(f"Task {task.name!r} lacks the features {missing} that cat_jax needs "
-                          "(see docs/ARCHITECTURE.md, Data contract).")
-    return sorted(k for k, v in ds.element_spec.items()
-                  if v.dtype == tf.string and v.shape.rank == 0 and k not in _META_FEATURES)
+        raise ConfigError(
+            f"Task {task.name!r} lacks the features {missing} that cat_jax needs "
+            "(see docs/ARCHITECTURE.md, Data contract)."
+        )
+    return sorted(
+        k for k, v in ds.element_spec.items() if v.dtype == tf.string and v.shape.rank == 0 and k not in _META_FEATURES
+    )
 
 
-def examples_with_metadata(task: Any, split: str, max_examples: int | None = None,
-                           skip: int = 0) -> Iterator[dict[str, Any]]:
+def examples_with_metadata(
+    task: Any, split: str, max_examples: int | None = None, skip: int = 0
+) -> Iterator[dict[str, Any]]:
     """The task's preprocessed examples one by one, untrimmed, from example `skip` on: `id`,
     `inputs` / `targets` (int32 token ids, EOS included), `inputs_text` / `targets_text` and
     `extras` (the other string features, as JSON), streamed from tf.data (for streaming exports)."""
@@ -251,10 +300,14 @@ def examples_with_metadata(task: Any, split: str, max_examples: int | None = Non
         tokens = {k: [np.asarray(row, np.int32) for row in batch[k]] for k in ("inputs", "targets")}
         strings = {k: [v.decode("utf-8") for v in batch[k]] for k in keys}
         for i, ident in enumerate(strings["id"]):
-            yield {"id": ident, "inputs": tokens["inputs"][i], "targets": tokens["targets"][i],
-                   "inputs_text": strings["inputs_pretokenized"][i],
-                   "targets_text": strings["targets_pretokenized"][i],
-                   "extras": json.dumps({k: strings[k][i] for k in extra_keys})}
+            yield {
+                "id": ident,
+                "inputs": tokens["inputs"][i],
+                "targets": tokens["targets"][i],
+                "inputs_text": strings["inputs_pretokenized"][i],
+                "targets_text": strings["targets_pretokenized"][i],
+                "extras": json.dumps({k: strings[k][i] for k in extra_keys}),
+            }
 
 
 def _load_task(task: Any, split: str, lengths: Mapping[str, int], max_examples: int | None) -> ExampleArrays:
@@ -262,8 +315,10 @@ def _load_task(task: Any, split: str, lengths: Mapping[str, int], max_examples: 
     seqio = import_seqio()
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    eos = {k: task.output_features[k].vocabulary.eos_id if task.output_features[k].add_eos else None
-           for k in ("inputs", "targets")}
+    eos = {
+        k: task.output_features[k].vocabulary.eos_id if task.output_features[k].add_eos else None
+        for k in ("inputs", "targets")
+    }
     ds = _examples(task, split, max_examples)
     extra_keys = _extra_keys(task, ds)
 
@@ -271,8 +326,9 @@ def _load_task(task: Any, split: str, lengths: Mapping[str, int], max_examples: 
         # Like seqio's append_eos_after_trim: a truncated sequence still ends in EOS.
         if eos_id is None:
             return tokens[:length]
-        return tf.cond(tf.size(tokens) > length,
-                       lambda: tf.concat([tokens[: length - 1], [eos_id]], axis=0), lambda: tokens)
+        return tf.cond(
+            tf.size(tokens) > length, lambda: tf.concat([tokens[: length - 1], [eos_id]], axis=0), lambda: tokens
+        )
 
     def prepare(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         out = {k: trim(ex[k], lengths[k], eos[k]) for k in ("inputs", "targets")}
@@ -284,16 +340,18 @@ def _load_task(task: Any, split: str, lengths: Mapping[str, int], max_examples: 
     passthrough = {k: spec(dtype=tf.string, rank=1) for k in (*_META_FEATURES, *extra_keys)}
     passthrough.update({f"{k}_length": spec(dtype=tf.int32, rank=1) for k in ("inputs", "targets")})
     converter = seqio.EncDecFeatureConverter(pack=False, passthrough_features=passthrough)
-    ds = converter(ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE),
-                   {**lengths, **dict.fromkeys(passthrough, 1)})
+    ds = converter(ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE), {**lengths, **dict.fromkeys(passthrough, 1)})
     batches = list(ds.batch(_LOAD_BATCH).as_numpy_iterator())
     if not batches:
         raise ConfigError(f"Task {task.name!r} split {split!r} yielded no examples.")
     joined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    text = {field: np.array([s.decode("utf-8") for s in joined[k][:, 0]], dtype=str)
-            for k, field in _META_FEATURES.items()}
-    extras = np.array([json.dumps({k: joined[k][i, 0].decode("utf-8") for k in extra_keys})
-                       for i in range(len(text["ids"]))], dtype=str)
+    text = {
+        field: np.array([s.decode("utf-8") for s in joined[k][:, 0]], dtype=str) for k, field in _META_FEATURES.items()
+    }
+    extras = np.array(
+        [json.dumps({k: joined[k][i, 0].decode("utf-8") for k in extra_keys}) for i in range(len(text["ids"]))],
+        dtype=str,
+    )
     features = {k: joined[k].astype(np.int32) for k in MODEL_FEATURES}
     features["decoder_loss_weights"] = features["decoder_loss_weights"].astype(np.float32)
     return ExampleArrays(

@@ -54,8 +54,14 @@ class DataSource(abc.ABC):
         """The targets vocabulary of a task or mixture (its tasks must all share it)."""
 
     @abc.abstractmethod
-    def load_split(self, name: str, split: str, lengths: Mapping[str, int],
-                   max_examples: int | None = None, cache_dir: str | None = None) -> ExampleArrays:
+    def load_split(
+        self,
+        name: str,
+        split: str,
+        lengths: Mapping[str, int],
+        max_examples: int | None = None,
+        cache_dir: str | None = None,
+    ) -> ExampleArrays:
         """Every example of `split` this source holds, each sub-task of a mixture in turn.
 
         `max_examples` is applied by the caller (`load_split_from`, a uniform sample per task); a
@@ -66,8 +72,16 @@ class DataSource(abc.ABC):
         """Tokenize with the vocabulary `model_dir` stores unless the configuration names one (a
         source whose data is already tokenized ignores this)."""
 
-    def train_batches(self, name: str, split: str, lengths: Mapping[str, int], batch_size: int, seed: int,
-                      max_examples: int | None, rows: tuple[int, int]) -> Any:
+    def train_batches(
+        self,
+        name: str,
+        split: str,
+        lengths: Mapping[str, int],
+        batch_size: int,
+        seed: int,
+        max_examples: int | None,
+        rows: tuple[int, int],
+    ) -> Any:
         """The training batches: `.batch(step)` gives this process's rows (block `rows[0]` of
         `rows[1]`) of global batch `step`; `.iterator` is a data iterator whose state the checkpoint
         must hold, or None (in memory: the step is the position)."""
@@ -94,14 +108,26 @@ def _warn_truncation(name: str, split: str, arrays: ExampleArrays, lengths: Mapp
         log.warning(
             "%s/%s: %d of %d examples have inputs longer than %d tokens and %d targets longer than %d "
             "(EOS included); they were truncated. To keep them whole raise TASK_FEATURE_LENGTHS to %s.",
-            name, split, truncated["inputs"], len(arrays), lengths["inputs"], truncated["targets"],
-            lengths["targets"], longest,
+            name,
+            split,
+            truncated["inputs"],
+            len(arrays),
+            lengths["inputs"],
+            truncated["targets"],
+            lengths["targets"],
+            longest,
         )
 
 
 @gin.configurable("load_split", allowlist=["cache_dir"])
-def load_split_from(source: DataSource, name: str, split: str, lengths: Mapping[str, int],
-                    max_examples: int | None = None, cache_dir: str | None = AUTO) -> ExampleArrays:
+def load_split_from(
+    source: DataSource,
+    name: str,
+    split: str,
+    lengths: Mapping[str, int],
+    max_examples: int | None = None,
+    cache_dir: str | None = AUTO,
+) -> ExampleArrays:
     """The examples of a split of `source` in a fixed order (a mixture: each sub-task in turn).
 
     `lengths` is {"inputs": Li, "targets": Lt}; longer examples are counted (and logged) before
@@ -119,7 +145,14 @@ def load_split_from(source: DataSource, name: str, split: str, lengths: Mapping[
         full = len(arrays)
         arrays = sample_per_task(arrays, max_examples, SAMPLE_SEED)
         counts = {t: int(np.sum(arrays.task_names == t)) for t in arrays.task_order()}
-        log.info("%s/%s: MAX_EXAMPLES=%d per task: a uniform sample of %d of %d examples (%s).", name, split,
-                 max_examples, len(arrays), full, ", ".join(f"{t}: {n}" for t, n in counts.items()))
+        log.info(
+            "%s/%s: MAX_EXAMPLES=%d per task: a uniform sample of %d of %d examples (%s).",
+            name,
+            split,
+            max_examples,
+            len(arrays),
+            full,
+            ", ".join(f"{t}: {n}" for t, n in counts.items()),
+        )
     _warn_truncation(name, split, arrays, lengths)
     return arrays

@@ -69,8 +69,10 @@ class Progress:
         text = f"{self.what}: {self.done:,} examples, {rate:,.0f}/s"
         if self.total:
             left = max(self.total - self.done, 0)
-            text += (f" ({100 * self.done / self.total:.1f}% of {self.total:,}, ETA "
-                     f"{_hms(left / rate) if rate > 0 else '?'})")
+            text += (
+                f" ({100 * self.done / self.total:.1f}% of {self.total:,}, ETA "
+                f"{_hms(left / rate) if rate > 0 else '?'})"
+            )
         return text
 
 
@@ -82,8 +84,9 @@ def _read_progress(task_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def export_task_stream(task: Any, split: str, task_dir: str, examples_per_shard: int,
-                       max_examples: int | None) -> tuple[list[str], int]:
+def export_task_stream(
+    task: Any, split: str, task_dir: str, examples_per_shard: int, max_examples: int | None
+) -> tuple[list[str], int]:
     """Stream one task's split into shards under `task_dir` (resuming a partial export there);
     returns (the shard file names, the number of examples)."""
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
@@ -92,14 +95,18 @@ def export_task_stream(task: Any, split: str, task_dir: str, examples_per_shard:
     progress = _read_progress(task_dir)
     done = int(sum(progress["counts"]))
     if progress["done"]:
-        log.info("%s/%s: already exported (%d examples in %d shards).", task.name, split, done,
-                 len(progress["shards"]))
+        log.info("%s/%s: already exported (%d examples in %d shards).", task.name, split, done, len(progress["shards"]))
         return progress["shards"], done
     for stale in glob.glob(os.path.join(glob.escape(task_dir), "*.tmp")):
         os.remove(stale)  # a shard an interrupted export did not finish
     if done:
-        log.info("%s/%s: resuming the export after %d examples in %d complete shards.", task.name, split,
-                 done, len(progress["shards"]))
+        log.info(
+            "%s/%s: resuming the export after %d examples in %d complete shards.",
+            task.name,
+            split,
+            done,
+            len(progress["shards"]),
+        )
     total = max_examples if max_examples is not None else _num_input_examples(task, split)
     meter = Progress(f"Exporting {task.name}/{split}", total, done)
     writer, count, name = None, 0, ""
@@ -117,8 +124,12 @@ def export_task_stream(task: Any, split: str, task_dir: str, examples_per_shard:
         if writer is None:
             name = SHARD.format(len(progress["shards"]))
             writer = ArrayRecordWriter(os.path.join(task_dir, name + ".tmp"), "group_size:1")
-        meta = {"id": example["id"], "inputs_pretokenized": example["inputs_text"],
-                "targets_pretokenized": example["targets_text"], **json.loads(example["extras"])}
+        meta = {
+            "id": example["id"],
+            "inputs_pretokenized": example["inputs_text"],
+            "targets_pretokenized": example["targets_text"],
+            **json.loads(example["extras"]),
+        }
         writer.write(encode_record({**example, "post": postprocessed_target(task, example["targets_text"], meta)}))
         count += 1
         meter.update()
@@ -132,8 +143,9 @@ def export_task_stream(task: Any, split: str, task_dir: str, examples_per_shard:
     return progress["shards"], int(sum(progress["counts"]))
 
 
-def export_streaming_one(name: str, split: str, export_dir: str, max_examples: int | None = None,
-                         examples_per_shard: int = 100_000) -> dict[str, Any]:
+def export_streaming_one(
+    name: str, split: str, export_dir: str, max_examples: int | None = None, examples_per_shard: int = 100_000
+) -> dict[str, Any]:
     """Export one split of a task or mixture as ArrayRecord shards; returns the manifest."""
     if examples_per_shard < 1:
         raise ConfigError(f"export_split.examples_per_shard must be >= 1, not {examples_per_shard}.")
@@ -146,18 +158,45 @@ def export_streaming_one(name: str, split: str, export_dir: str, max_examples: i
         if split not in task.splits:
             raise ConfigError(f"Task {task.name!r} has no split {split!r}; it has {list(task.splits)}.")
         shards[task.name], counts[task.name] = export_task_stream(
-            task, split, os.path.join(base, task.name), examples_per_shard, max_examples)
-    eos = {t.name: {k: (t.output_features[k].vocabulary.eos_id if t.output_features[k].add_eos else None)
-                    for k in ("inputs", "targets")} for t in leaf}
-    manifest = write_manifest(os.path.join(base, MANIFEST), source, name, split, file_format=FORMAT,
-                              max_examples=max_examples, counts=counts, export_dir=export_dir, shards=shards, eos=eos)
-    log.info("Exported %s/%s for streaming: %d examples in %d shards under %s", name, split,
-             manifest["num_examples"], sum(len(s) for s in shards.values()), base)
+            task, split, os.path.join(base, task.name), examples_per_shard, max_examples
+        )
+    eos = {
+        t.name: {
+            k: (t.output_features[k].vocabulary.eos_id if t.output_features[k].add_eos else None)
+            for k in ("inputs", "targets")
+        }
+        for t in leaf
+    }
+    manifest = write_manifest(
+        os.path.join(base, MANIFEST),
+        source,
+        name,
+        split,
+        file_format=FORMAT,
+        max_examples=max_examples,
+        counts=counts,
+        export_dir=export_dir,
+        shards=shards,
+        eos=eos,
+    )
+    log.info(
+        "Exported %s/%s for streaming: %d examples in %d shards under %s",
+        name,
+        split,
+        manifest["num_examples"],
+        sum(len(s) for s in shards.values()),
+        base,
+    )
     return manifest
 
 
 def manifest_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """What `export_task` prints of a streaming manifest."""
-    return {"name": manifest["name"], "split": manifest["split"], "num_examples": manifest["num_examples"],
-            "format": "array_record", "shards": {t: len(s) for t, s in manifest["shards"].items()},
-            "max_examples": manifest["max_examples"]}
+    return {
+        "name": manifest["name"],
+        "split": manifest["split"],
+        "num_examples": manifest["num_examples"],
+        "format": "array_record",
+        "shards": {t: len(s) for t, s in manifest["shards"].items()},
+        "max_examples": manifest["max_examples"],
+    }

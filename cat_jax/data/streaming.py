@@ -59,11 +59,17 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
     """One example as the bytes of a record (msgpack; token ids as int32 little-endian)."""
     import msgpack  # pylint: disable=import-outside-toplevel
 
-    return msgpack.packb({
-        "id": example["id"], "inputs": np.asarray(example["inputs"], "<i4").tobytes(),
-        "targets": np.asarray(example["targets"], "<i4").tobytes(),
-        "inputs_text": example["inputs_text"], "targets_text": example["targets_text"],
-        "extras": example["extras"], "post": example["post"]})
+    return msgpack.packb(
+        {
+            "id": example["id"],
+            "inputs": np.asarray(example["inputs"], "<i4").tobytes(),
+            "targets": np.asarray(example["targets"], "<i4").tobytes(),
+            "inputs_text": example["inputs_text"],
+            "targets_text": example["targets_text"],
+            "extras": example["extras"],
+            "post": example["post"],
+        }
+    )
 
 
 def decode_record(raw: bytes) -> dict[str, Any]:
@@ -90,16 +96,21 @@ def _fit(tokens: np.ndarray, length: int, eos_id: int | None) -> tuple[np.ndarra
     return out, n
 
 
-def model_features(records: Sequence[Mapping[str, Any]], lengths: Mapping[str, int],
-                   eos: Sequence[Mapping[str, int | None]]) -> dict[str, np.ndarray]:
+def model_features(
+    records: Sequence[Mapping[str, Any]], lengths: Mapping[str, int], eos: Sequence[Mapping[str, int | None]]
+) -> dict[str, np.ndarray]:
     """MODEL_FEATURES [N, L] of decoded records (`eos[i]`: record i's task's EOS ids, None where the
     task adds none), as seqio's unpacked EncDecFeatureConverter builds them: padded inputs; targets;
     targets shifted right with a 0 (BOS); weights 1 on target tokens."""
     inputs = np.stack([_fit(r["inputs"], lengths["inputs"], e["inputs"])[0] for r, e in zip(records, eos)])
     targets = np.stack([_fit(r["targets"], lengths["targets"], e["targets"])[0] for r, e in zip(records, eos)])
     decoder_inputs = np.concatenate([np.zeros((len(records), 1), np.int32), targets[:, :-1]], axis=1)
-    return {"encoder_input_tokens": inputs, "decoder_input_tokens": decoder_inputs,
-            "decoder_target_tokens": targets, "decoder_loss_weights": (targets > 0).astype(np.float32)}
+    return {
+        "encoder_input_tokens": inputs,
+        "decoder_input_tokens": decoder_inputs,
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": (targets > 0).astype(np.float32),
+    }
 
 
 class StreamingSource(FileSource):
@@ -115,8 +126,14 @@ class StreamingSource(FileSource):
         base = split_dir(self.directory, name, split)
         return [os.path.join(base, task, f) for f in self.manifest(name, split)["shards"][task]]
 
-    def load_split(self, name: str, split: str, lengths: Mapping[str, int],
-                   max_examples: int | None = None, cache_dir: str | None = None) -> ExampleArrays:
+    def load_split(
+        self,
+        name: str,
+        split: str,
+        lengths: Mapping[str, int],
+        max_examples: int | None = None,
+        cache_dir: str | None = None,
+    ) -> ExampleArrays:
         """Every example of the split in memory (for evaluation splits; training streams)."""
         del max_examples, cache_dir  # the caller samples
         from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
@@ -131,31 +148,52 @@ class StreamingSource(FileSource):
                 reader.close()
             if not records:
                 continue
-            self.tasks[task].add_targets(np.array([r["id"] for r in records]),
-                                         np.array([r["post"] for r in records]))
+            self.tasks[task].add_targets(np.array([r["id"] for r in records]), np.array([r["post"] for r in records]))
             features = model_features(records, lengths, [manifest["eos"][task]] * len(records))
-            parts.append(ExampleArrays(
-                features=features, ids=np.array([r["id"] for r in records], dtype=str),
-                task_names=np.full(len(records), task), inputs_text=np.array([r["inputs_text"] for r in records], dtype=str),
-                targets_text=np.array([r["targets_text"] for r in records], dtype=str),
-                input_lengths=np.array([len(r["inputs"]) for r in records], np.int32),
-                target_lengths=np.array([len(r["targets"]) for r in records], np.int32),
-                extras=np.array([r["extras"] for r in records], dtype=str)))
+            parts.append(
+                ExampleArrays(
+                    features=features,
+                    ids=np.array([r["id"] for r in records], dtype=str),
+                    task_names=np.full(len(records), task),
+                    inputs_text=np.array([r["inputs_text"] for r in records], dtype=str),
+                    targets_text=np.array([r["targets_text"] for r in records], dtype=str),
+                    input_lengths=np.array([len(r["inputs"]) for r in records], np.int32),
+                    target_lengths=np.array([len(r["targets"]) for r in records], np.int32),
+                    extras=np.array([r["extras"] for r in records], dtype=str),
+                )
+            )
         if not parts:
             raise ExportedDataError(f"{split_dir(self.directory, name, split)} holds no examples.")
         return ExampleArrays.concatenate(parts)
 
-    def train_batches(self, name: str, split: str, lengths: Mapping[str, int], batch_size: int, seed: int,
-                      max_examples: int | None, rows: tuple[int, int]) -> StreamingBatches:
+    def train_batches(
+        self,
+        name: str,
+        split: str,
+        lengths: Mapping[str, int],
+        batch_size: int,
+        seed: int,
+        max_examples: int | None,
+        rows: tuple[int, int],
+    ) -> StreamingBatches:
         if max_examples is not None:
             raise ConfigError(
                 "DatasetConfig.max_examples cannot cap a streamed training split (the sample would need "
                 "every id); export the capped split instead (--gin.MAX_EXAMPLES=... of export_task) or "
-                "train in memory.")
+                "train in memory."
+            )
         manifest = self.manifest(name, split)
         paths = {task: self.shard_paths(name, split, task) for task in manifest["task_order"]}
-        return StreamingBatches(paths, manifest["num_examples_per_task"], manifest["rates"], lengths,
-                                manifest["eos"], batch_size, seed, rows)
+        return StreamingBatches(
+            paths,
+            manifest["num_examples_per_task"],
+            manifest["rates"],
+            lengths,
+            manifest["eos"],
+            batch_size,
+            seed,
+            rows,
+        )
 
 
 class StreamingBatches:
@@ -165,10 +203,17 @@ class StreamingBatches:
     threads; `iterator` is the grain iterator whose state the checkpoint holds.
     """
 
-    def __init__(self, paths: Mapping[str, Sequence[str]], counts: Mapping[str, int],
-                 rates: Mapping[str, float] | None, lengths: Mapping[str, int],
-                 eos: Mapping[str, Mapping[str, int | None]],
-                 global_batch_size: int, seed: int, rows: tuple[int, int]):
+    def __init__(
+        self,
+        paths: Mapping[str, Sequence[str]],
+        counts: Mapping[str, int],
+        rates: Mapping[str, float] | None,
+        lengths: Mapping[str, int],
+        eos: Mapping[str, Mapping[str, int | None]],
+        global_batch_size: int,
+        seed: int,
+        rows: tuple[int, int],
+    ):
         import grain  # pylint: disable=import-outside-toplevel
 
         index, count = rows
@@ -178,10 +223,17 @@ class StreamingBatches:
         self.sources = [grain.sources.ArrayRecordDataSource(list(paths[t])) for t in self.tasks]
         for task, source in zip(self.tasks, self.sources):
             if len(source) != counts[task]:
-                raise ExportedDataError(f"The shards of {task} hold {len(source)} records, the manifest says "
-                                        f"{counts[task]}: export the split again.")
-        streams = [grain.MapDataset.range(len(src)).shuffle(seed=_task_seed(seed, i)).repeat()
-                   .map(functools.partial(_tagged, i)) for i, src in enumerate(self.sources)]
+                raise ExportedDataError(
+                    f"The shards of {task} hold {len(source)} records, the manifest says "
+                    f"{counts[task]}: export the split again."
+                )
+        streams = [
+            grain.MapDataset.range(len(src))
+            .shuffle(seed=_task_seed(seed, i))
+            .repeat()
+            .map(functools.partial(_tagged, i))
+            for i, src in enumerate(self.sources)
+        ]
         if len(streams) == 1:
             self.order = streams[0]
         else:
@@ -191,8 +243,9 @@ class StreamingBatches:
         self.global_batch_size, self.rows = global_batch_size, (index, count)
         self.per_process = global_batch_size // count
         batches = grain.MapDataset.range(sys.maxsize).map(self.local_batch)
-        self.iterator = iter(batches.to_iter_dataset(
-            grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)))
+        self.iterator = iter(
+            batches.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES))
+        )
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step` (a pure function of the step)."""
@@ -212,8 +265,10 @@ class StreamingBatches:
         """The next batch of the stream, which must be batch `step` (the checkpoint restored it)."""
         at = self.iterator.get_state()["next_index"]
         if at != step:
-            raise CheckpointError(f"The data stream is at batch {at} but the train state at step {step}: the "
-                                  "checkpoint's data state does not match its step.")
+            raise CheckpointError(
+                f"The data stream is at batch {at} but the train state at step {step}: the "
+                "checkpoint's data state does not match its step."
+            )
         return next(self.iterator)
 
 

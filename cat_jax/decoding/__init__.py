@@ -15,6 +15,21 @@ from cat_jax.decoding.method import DecodingConfig, make_decoder
 from cat_jax.decoding.sampling import Sampler, sample_decode, sampling_probs
 from cat_jax.decoding.scoring import score_tokens, shift_right
 
-__all__ = ["BeamOutput", "DecodeOutput", "DecodingConfig", "Sampler", "beam_search", "decode_loop",
-           "greedy_decode", "greedy_token", "length_penalty", "make_decoder", "next_token_logp", "sample_decode",
-           "sampling_probs", "score_tokens", "shift_right", "suppress"]
+__all__ = [
+    "BeamOutput",
+    "DecodeOutput",
+    "DecodingConfig",
+    "Sampler",
+    "beam_search",
+    "decode_loop",
+    "greedy_decode",
+    "greedy_token",
+    "length_penalty",
+    "make_decoder",
+    "next_token_logp",
+    "sample_decode",
+    "sampling_probs",
+    "score_tokens",
+    "shift_right",
+    "suppress",
+]

@@ -45,9 +45,14 @@ class BeamOutput:
 
     def best(self) -> DecodeOutput:
         """The top hypothesis of every row as a DecodeOutput."""
-        return DecodeOutput(tokens=self.tokens[:, 0], logprobs=self.logprobs[:, 0],
-                            entropies=self.entropies[:, 0], lengths=self.lengths[:, 0],
-                            mean_hidden=self.mean_hidden[:, 0], margins=self.margins[:, 0])
+        return DecodeOutput(
+            tokens=self.tokens[:, 0],
+            logprobs=self.logprobs[:, 0],
+            entropies=self.entropies[:, 0],
+            lengths=self.lengths[:, 0],
+            mean_hidden=self.mean_hidden[:, 0],
+            margins=self.margins[:, 0],
+        )
 
 
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -55,28 +60,46 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def beam_search(model: Model, params: Any, inputs: Inputs, max_decode_length: int, beam_size: int = 4,
-                alpha: float = 0.6, eos_id: int = 1) -> BeamOutput:
+def beam_search(
+    model: Model,
+    params: Any,
+    inputs: Inputs,
+    max_decode_length: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    eos_id: int = 1,
+) -> BeamOutput:
     """Beam search over the batch `inputs`; jit-able with everything but params and the inputs
     static. beam_size 1 with alpha 0 is greedy decoding."""
     vocab, k, steps = model.vocab_size, beam_size, max_decode_length
     if beam_size < 1 or 2 * beam_size > vocab - 1:
-        raise ConfigError(f"beam_size must be in [1, {(vocab - 1) // 2}] for a vocabulary of {vocab}, "
-                          f"got {beam_size}.")
+        raise ConfigError(f"beam_size must be in [1, {(vocab - 1) // 2}] for a vocabulary of {vocab}, got {beam_size}.")
     if alpha < 0:
         raise ConfigError(f"The length penalty alpha must be >= 0 (0: no penalty), got {alpha}.")
     batch, emb = batch_size_of(inputs), model.hidden_size
-    state, first = model.start_decoding(params, {name: jnp.repeat(x, k, axis=0) for name, x in inputs.items()},
-                                        steps)  # [b * k] rows
+    state, first = model.start_decoding(
+        params, {name: jnp.repeat(x, k, axis=0) for name, x in inputs.items()}, steps
+    )  # [b * k] rows
     zeros = lambda dtype: jnp.zeros((batch, k, steps), dtype)
-    per_token = dict(tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32),
-                     entropies=zeros(jnp.float32), margins=zeros(jnp.float32))
+    per_token = dict(
+        tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32), entropies=zeros(jnp.float32), margins=zeros(jnp.float32)
+    )
     init = dict(
-        step=jnp.array(0, jnp.int32), cache=state,
-        alive=dict(per_token, hidden=jnp.zeros((batch, k, emb)), last=first.reshape(batch, k),
-                   logp=jnp.full((batch, k), -jnp.inf).at[:, 0].set(0.0)),
-        finished=dict(per_token, hidden=jnp.zeros((batch, k, emb)), score=jnp.full((batch, k), -jnp.inf),
-                      length=jnp.zeros((batch, k), jnp.int32)))
+        step=jnp.array(0, jnp.int32),
+        cache=state,
+        alive=dict(
+            per_token,
+            hidden=jnp.zeros((batch, k, emb)),
+            last=first.reshape(batch, k),
+            logp=jnp.full((batch, k), -jnp.inf).at[:, 0].set(0.0),
+        ),
+        finished=dict(
+            per_token,
+            hidden=jnp.zeros((batch, k, emb)),
+            score=jnp.full((batch, k), -jnp.inf),
+            length=jnp.zeros((batch, k), jnp.int32),
+        ),
+    )
     best_possible = lambda logp: logp / length_penalty(steps, alpha)
 
     def cond(state: dict[str, Any]) -> jax.Array:
@@ -93,12 +116,14 @@ def beam_search(model: Model, params: Any, inputs: Inputs, max_decode_length: in
         total = (alive["logp"][..., None] + suppress(logp, model.SUPPRESSED_TOKEN)).reshape(batch, k * vocab)
         cand_logp, index = jax.lax.top_k(total, 2 * k)  # [b, 2k]
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
-        new = {"tokens": token, "entropies": _take(entropy, parent),
-               "margins": _take(top2[..., 0] - top2[..., 1], parent),
-               "logprobs": jnp.take_along_axis(logp.reshape(batch, k * vocab), index, axis=1)}
+        new = {
+            "tokens": token,
+            "entropies": _take(entropy, parent),
+            "margins": _take(top2[..., 0] - top2[..., 1], parent),
+            "logprobs": jnp.take_along_axis(logp.reshape(batch, k * vocab), index, axis=1),
+        }
         cand = {name: _take(alive[name], parent).at[:, :, step].set(new[name]) for name in PER_TOKEN}
-        cand["hidden"] = _take(alive["hidden"] + hidden[:, 0].astype(jnp.float32).reshape(batch, k, emb),
-                               parent)
+        cand["hidden"] = _take(alive["hidden"] + hidden[:, 0].astype(jnp.float32).reshape(batch, k, emb), parent)
         is_eos = token == eos_id
         ends = is_eos | (step + 1 == steps)
         length = step + 1
@@ -113,12 +138,17 @@ def beam_search(model: Model, params: Any, inputs: Inputs, max_decode_length: in
         alive = {name: _take(cand[name], chosen) for name in (*PER_TOKEN, "hidden")}
         alive.update(logp=alive_logp, last=_take(token, chosen))
         rows = (jnp.arange(batch)[:, None] * k + _take(parent, chosen)).reshape(-1)
-        cache = jax.tree_util.tree_map(lambda x: x[rows] if x.ndim and x.shape[0] == batch * k else x,
-                                       decoded)
+        cache = jax.tree_util.tree_map(lambda x: x[rows] if x.ndim and x.shape[0] == batch * k else x, decoded)
         return dict(step=step + 1, cache=cache, alive=alive, finished=finished)
 
     final = jax.lax.while_loop(cond, body, init)["finished"]
     lengths = final["length"]
-    return BeamOutput(tokens=final["tokens"], logprobs=final["logprobs"], entropies=final["entropies"],
-                      margins=final["margins"], scores=final["score"], lengths=lengths,
-                      mean_hidden=final["hidden"] / jnp.maximum(lengths, 1)[..., None].astype(jnp.float32))
+    return BeamOutput(
+        tokens=final["tokens"],
+        logprobs=final["logprobs"],
+        entropies=final["entropies"],
+        margins=final["margins"],
+        scores=final["score"],
+        lengths=lengths,
+        mean_hidden=final["hidden"] / jnp.maximum(lengths, 1)[..., None].astype(jnp.float32),
+    )

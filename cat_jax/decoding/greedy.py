@@ -62,8 +62,9 @@ def batch_size_of(inputs: Inputs) -> int:
     return next(iter(inputs.values())).shape[0]
 
 
-def decode_loop(model: Model, params: Params, inputs: Inputs, max_decode_length: int, eos_id: int,
-                choose: Choose) -> DecodeOutput:
+def decode_loop(
+    model: Model, params: Params, inputs: Inputs, max_decode_length: int, eos_id: int, choose: Choose
+) -> DecodeOutput:
     """Decodes the batch `inputs` (the model's DECODING_INPUTS) for at most `max_decode_length`
     steps with `choose`.
 
@@ -73,11 +74,18 @@ def decode_loop(model: Model, params: Params, inputs: Inputs, max_decode_length:
     batch = batch_size_of(inputs)
     state, first = model.start_decoding(params, inputs, max_decode_length)
     zeros_f = jnp.zeros((batch, max_decode_length), jnp.float32)
-    init = dict(step=jnp.array(0, jnp.int32), cache=state,
-                last=first, done=jnp.zeros((batch,), bool),
-                tokens=jnp.zeros((batch, max_decode_length), jnp.int32),
-                logprobs=zeros_f, entropies=zeros_f, margins=zeros_f, lengths=jnp.zeros((batch,), jnp.int32),
-                hidden_sum=jnp.zeros((batch, model.hidden_size), jnp.float32))
+    init = dict(
+        step=jnp.array(0, jnp.int32),
+        cache=state,
+        last=first,
+        done=jnp.zeros((batch,), bool),
+        tokens=jnp.zeros((batch, max_decode_length), jnp.int32),
+        logprobs=zeros_f,
+        entropies=zeros_f,
+        margins=zeros_f,
+        lengths=jnp.zeros((batch,), jnp.int32),
+        hidden_sum=jnp.zeros((batch, model.hidden_size), jnp.float32),
+    )
 
     def cond(state: dict[str, Any]) -> jax.Array:
         return (state["step"] < max_decode_length) & ~jnp.all(state["done"])
@@ -95,29 +103,38 @@ def decode_loop(model: Model, params: Params, inputs: Inputs, max_decode_length:
         token = jnp.where(active, token, 0)
         write = lambda arr, val: arr.at[:, step].set(jnp.where(active, val, 0))
         return dict(
-            step=step + 1, cache=cache, last=token,
+            step=step + 1,
+            cache=cache,
+            last=token,
             done=state["done"] | (token == eos_id),
             tokens=write(state["tokens"], token),
             logprobs=write(state["logprobs"], token_logp),
             entropies=write(state["entropies"], entropy),
             margins=write(state["margins"], margin),
             lengths=state["lengths"] + active.astype(jnp.int32),
-            hidden_sum=state["hidden_sum"]
-            + jnp.where(active[:, None], hidden[:, 0].astype(jnp.float32), 0.0))
+            hidden_sum=state["hidden_sum"] + jnp.where(active[:, None], hidden[:, 0].astype(jnp.float32), 0.0),
+        )
 
     final = jax.lax.while_loop(cond, body, init)
     lengths = final["lengths"]
     mean_hidden = final["hidden_sum"] / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
-    return DecodeOutput(tokens=final["tokens"], logprobs=final["logprobs"],
-                        entropies=final["entropies"], lengths=lengths, mean_hidden=mean_hidden,
-                        margins=final["margins"])
+    return DecodeOutput(
+        tokens=final["tokens"],
+        logprobs=final["logprobs"],
+        entropies=final["entropies"],
+        lengths=lengths,
+        mean_hidden=mean_hidden,
+        margins=final["margins"],
+    )
 
 
-def greedy_decode(model: Model, params: Params, inputs: Inputs, max_decode_length: int,
-                  eos_id: int = 1) -> DecodeOutput:
+def greedy_decode(
+    model: Model, params: Params, inputs: Inputs, max_decode_length: int, eos_id: int = 1
+) -> DecodeOutput:
     """Greedy decoding of `inputs` for at most `max_decode_length` steps.
 
     jit-able with `model`, `max_decode_length` and `eos_id` static.
     """
-    return decode_loop(model, params, inputs, max_decode_length, eos_id,
-                       lambda logp, step: greedy_token(logp, model.SUPPRESSED_TOKEN))
+    return decode_loop(
+        model, params, inputs, max_decode_length, eos_id, lambda logp, step: greedy_token(logp, model.SUPPRESSED_TOKEN)
+    )

@@ -45,16 +45,17 @@ class DecodingConfig:
         return jax.random.fold_in(jax.random.key(self.seed), batch_index)
 
 
-def make_decoder(config: DecodingConfig, model: Model, max_decode_length: int,
-                 eos_id: int) -> DecodeFn:
+def make_decoder(config: DecodingConfig, model: Model, max_decode_length: int, eos_id: int) -> DecodeFn:
     """The jit-compiled decoder of `config` for `model`."""
     if config.method == "greedy":
         fn = lambda params, inputs, rng: greedy_decode(model, params, inputs, max_decode_length, eos_id)
     elif config.method == "sample":
         sampler = Sampler(config.temperature, config.top_k, config.top_p)
-        fn = functools.partial(sample_decode, model, max_decode_length=max_decode_length,
-                               eos_id=eos_id, sampler=sampler)
+        fn = functools.partial(
+            sample_decode, model, max_decode_length=max_decode_length, eos_id=eos_id, sampler=sampler
+        )
     else:
-        fn = lambda params, inputs, rng: beam_search(model, params, inputs, max_decode_length, config.beam_size,
-                                                  config.length_penalty, eos_id).best()
+        fn = lambda params, inputs, rng: beam_search(
+            model, params, inputs, max_decode_length, config.beam_size, config.length_penalty, eos_id
+        ).best()
     return jax.jit(fn)

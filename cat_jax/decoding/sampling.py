@@ -73,10 +73,23 @@ def sample_token(logp: jax.Array, rng: jax.Array, sampler: Sampler, suppressed: 
     return jax.random.categorical(rng, filtered_logits(logp, sampler, suppressed), axis=-1).astype(jnp.int32)
 
 
-def sample_decode(model: Model, params: Any, inputs: Inputs, rng: jax.Array, max_decode_length: int,
-                  eos_id: int = 1, sampler: Sampler = Sampler()) -> DecodeOutput:
+def sample_decode(
+    model: Model,
+    params: Any,
+    inputs: Inputs,
+    rng: jax.Array,
+    max_decode_length: int,
+    eos_id: int = 1,
+    sampler: Sampler = Sampler(),
+) -> DecodeOutput:
     """Sampled decoding of `inputs`; jit-able with model, lengths, ids and sampler static. The
     per-token scores are the untempered model's."""
     suppressed = model.SUPPRESSED_TOKEN
-    return decode_loop(model, params, inputs, max_decode_length, eos_id,
-                       lambda logp, step: sample_token(logp, jax.random.fold_in(rng, step), sampler, suppressed))
+    return decode_loop(
+        model,
+        params,
+        inputs,
+        max_decode_length,
+        eos_id,
+        lambda logp, step: sample_token(logp, jax.random.fold_in(rng, step), sampler, suppressed),
+    )

@@ -17,5 +17,18 @@
 A job imports library modules only (never another job, never a binary).
 """
 
-BINARIES = ("train", "eval", "infer", "cascade_eval", "cascade_analyse", "cascade_compare", "speculative_eval",
-            "salt_score", "salt_report", "export_task", "import_checkpoint", "export_checkpoint", "demo")
+BINARIES = (
+    "train",
+    "eval",
+    "infer",
+    "cascade_eval",
+    "cascade_analyse",
+    "cascade_compare",
+    "speculative_eval",
+    "salt_score",
+    "salt_report",
+    "export_task",
+    "import_checkpoint",
+    "export_checkpoint",
+    "demo",
+)

@@ -43,29 +43,37 @@ def _parser() -> argparse.ArgumentParser:
 
 def _existing(path: str) -> str:
     if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist: point at the OUTPUT_DIR of a cascade_eval run that wrote "
-                          f"{CONFIG} and {store.EXAMPLES}.")
+        raise ConfigError(
+            f"{path} does not exist: point at the OUTPUT_DIR of a cascade_eval run that wrote "
+            f"{CONFIG} and {store.EXAMPLES}."
+        )
     return path
 
 
 def _with_overrides(config: AnalysisConfig, args: argparse.Namespace) -> AnalysisConfig:
-    given = {name: getattr(args, name) for name in ("target_deferral_rate", "target_relative_flops",
-                                                     "num_thresholds", "tier_thresholds", "plot_rule")}
+    given = {
+        name: getattr(args, name)
+        for name in ("target_deferral_rate", "target_relative_flops", "num_thresholds", "tier_thresholds", "plot_rule")
+    }
     given = {name: value for name, value in given.items() if value is not None}
     if args.rules is not None:
         given["rules"] = tuple(r.strip() for r in args.rules.split(",") if r.strip())
     config = dataclasses.replace(config, options=dataclasses.replace(config.options, **given))
     if config.validation_split is None and config.needs_validation():
-        raise ConfigError("the learned rules and budget calibration need the validation split, which this run "
-                          "did not decode; run cascade_eval again with a budget (TARGET_DEFERRAL_RATE=...) or "
-                          "post_hoc.")
+        raise ConfigError(
+            "the learned rules and budget calibration need the validation split, which this run "
+            "did not decode; run cascade_eval again with a budget (TARGET_DEFERRAL_RATE=...) or "
+            "post_hoc."
+        )
     return config
 
 
 def _check_embeddings(config: AnalysisConfig, splits: list[SplitRecords]) -> None:
     if config.needs_embeddings() and any(s.models[LARGE].embedding is None for s in splits):
-        raise ConfigError("rule post_hoc_embed needs the large model's input embeddings, which this run did not "
-                          "record; run cascade_eval again with post_hoc_embed among run_cascade_eval.rules.")
+        raise ConfigError(
+            "rule post_hoc_embed needs the large model's input embeddings, which this run did not "
+            "record; run cascade_eval again with post_hoc_embed among run_cascade_eval.rules."
+        )
 
 
 def run(argv: list[str] | None = None) -> list[str]:
@@ -79,8 +87,9 @@ def run(argv: list[str] | None = None) -> list[str]:
     if config.validation_split == config.split:
         validation = test
     elif config.validation_split is not None:
-        validation = store.read_split(_existing(os.path.join(args.dir, store.VALIDATION_EXAMPLES)),
-                                      config.validation_split)
+        validation = store.read_split(
+            _existing(os.path.join(args.dir, store.VALIDATION_EXAMPLES)), config.validation_split
+        )
     _check_embeddings(config, [s for s in (test, validation) if s is not None])
     result = analysis.analyse(config, test, validation, corpus_metrics(config.corpus_metrics))
     output_dir = args.output_dir or args.dir

@@ -36,15 +36,22 @@ def _mean_std(values: list[float]) -> str:
 def table(rows: dict[tuple[str, str, str], list[dict]], rule: str | None = None) -> str:
     out = []
     for task in sorted({k[0] for k in rows}):
-        out += [f"## {task}", "", "| small model | rule | runs | AUC | rel. FLOPs to match large (runs reaching it) |",
-                "|---|---|---|---|---|"]
+        out += [
+            f"## {task}",
+            "",
+            "| small model | rule | runs | AUC | rel. FLOPs to match large (runs reaching it) |",
+            "|---|---|---|---|---|",
+        ]
         for (t, model, r), runs in sorted(rows.items()):
             if t != task or (rule and r != rule):
                 continue
-            matched = [x["relative_flops_to_match_large"] for x in runs
-                       if x["relative_flops_to_match_large"] is not None]
-            out.append(f"| {model} | {r} | {len(runs)} | {_mean_std([x['auc'] for x in runs])} | "
-                       f"{_mean_std(matched)} ({len(matched)}/{len(runs)}) |")
+            matched = [
+                x["relative_flops_to_match_large"] for x in runs if x["relative_flops_to_match_large"] is not None
+            ]
+            out.append(
+                f"| {model} | {r} | {len(runs)} | {_mean_std([x['auc'] for x in runs])} | "
+                f"{_mean_std(matched)} ({len(matched)}/{len(runs)}) |"
+            )
         out.append("")
     return "\n".join(out)
 

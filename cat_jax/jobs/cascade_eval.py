@@ -20,17 +20,15 @@ import jax
 import numpy as np
 
 from cat_jax import data as data_lib
-from cat_jax import evaluation, metrics, partitioning
+from cat_jax import evaluation, metrics, models, partitioning
 from cat_jax.cascade import analysis, report, store
 from cat_jax.cascade.agreement import is_free_text
 from cat_jax.cascade.plan import ALL_RULES, CONFIG, LARGE, AnalysisConfig, Options, metric_ref
 from cat_jax.cascade.records import ModelOutputs, SplitRecords
-from cat_jax.checkpoints import latest_finished_step
-from cat_jax.errors import ConfigError, TeacherMismatchError
+from cat_jax.data.config import DatasetConfig
+from cat_jax.errors import ConfigError
 from cat_jax.evaluation import Split, load_split, score_texts
 from cat_jax.frozen_model import check_cascade_models, check_vocabulary, load_frozen_model, read_model_info
-from cat_jax.data.config import DatasetConfig
-from cat_jax import models
 
 log = logging.getLogger("cat_jax")
 
@@ -57,8 +55,9 @@ class CascadeEvalResult:
 
 def example_flops(model: models.Model, arrays: data_lib.ExampleArrays, decoded_lengths: np.ndarray) -> np.ndarray:
     """Forward FLOPs [N] at each example's actual input length (capped at Li) and decoded length."""
-    return np.array([model.forward_flops(int(li), int(lt))
-                     for li, lt in zip(evaluation.input_lengths(arrays), decoded_lengths)])
+    return np.array(
+        [model.forward_flops(int(li), int(lt)) for li, lt in zip(evaluation.input_lengths(arrays), decoded_lengths)]
+    )
 
 
 def embedding_depth(options: Options, large_info: Mapping[str, Any]) -> int:
@@ -68,13 +67,23 @@ def embedding_depth(options: Options, large_info: Mapping[str, Any]) -> int:
     layers = models.from_run_info(large_info).input_layers
     depth = layers if options.embed_layer is None else options.embed_layer
     if depth > layers:
-        raise ConfigError(f"run_cascade_eval.embed_layer={depth}, but the large model's inputs pass {layers} layers: "
-                          f"pick one in [0, {layers}] (None: all).")
+        raise ConfigError(
+            f"run_cascade_eval.embed_layer={depth}, but the large model's inputs pass {layers} layers: "
+            f"pick one in [0, {layers}] (None: all)."
+        )
     return depth
 
 
-def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: DatasetConfig,
-                 vocab: Any, mesh: Any, rules: Any, embed_depth: int | None = None) -> dict[str, Decoded]:
+def decode_model(
+    name: str,
+    model_dir: str,
+    splits: Sequence[Split],
+    dataset: DatasetConfig,
+    vocab: Any,
+    mesh: Any,
+    rules: Any,
+    embed_depth: int | None = None,
+) -> dict[str, Decoded]:
     """Restores one model and greedy-decodes every split with it: split name -> Decoded; with
     embed_depth, also each input's mean hidden state after that many layers."""
     frozen = load_frozen_model(model_dir, mesh=mesh, rules=rules)
@@ -83,18 +92,36 @@ def decode_model(name: str, model_dir: str, splits: Sequence[Split], dataset: Da
     out = {}
     for split in splits:
         start = time.perf_counter()
-        preds = evaluation.predict(frozen.model, frozen.params, split.arrays, vocab, dataset.batch_size,
-                                   mesh, rules, dataset.task_feature_lengths["targets"])
-        log.info("Decoded %d %s examples with model %r (step %d of %s) in %.1f s", len(split.arrays),
-                 split.name, name, frozen.step, model_dir, time.perf_counter() - start)
+        preds = evaluation.predict(
+            frozen.model,
+            frozen.params,
+            split.arrays,
+            vocab,
+            dataset.batch_size,
+            mesh,
+            rules,
+            dataset.task_feature_lengths["targets"],
+        )
+        log.info(
+            "Decoded %d %s examples with model %r (step %d of %s) in %.1f s",
+            len(split.arrays),
+            split.name,
+            name,
+            frozen.step,
+            model_dir,
+            time.perf_counter() - start,
+        )
         embedding = embedding_flops = None
         if embed_depth is not None:
-            embedding = evaluation.mean_input_hidden(frozen.model, frozen.params, split.arrays, vocab,
-                                                     dataset.batch_size, mesh, rules, embed_depth)
-            embedding_flops = frozen.model.embedding_flops(evaluation.input_lengths(split.arrays).astype(np.float64),
-                                                           embed_depth)
-        out[split.name] = Decoded(preds, example_flops(frozen.model, split.arrays, preds.lengths),
-                                  embedding, embedding_flops)
+            embedding = evaluation.mean_input_hidden(
+                frozen.model, frozen.params, split.arrays, vocab, dataset.batch_size, mesh, rules, embed_depth
+            )
+            embedding_flops = frozen.model.embedding_flops(
+                evaluation.input_lengths(split.arrays).astype(np.float64), embed_depth
+            )
+        out[split.name] = Decoded(
+            preds, example_flops(frozen.model, split.arrays, preds.lengths), embedding, embedding_flops
+        )
     return out
 
 
@@ -105,21 +132,31 @@ def to_records(split: Split, decoded: Decoded) -> ModelOutputs:
     lengths = preds.lengths
     return ModelOutputs(
         ids=[f"{t}/{i}" for t, i in zip(arrays.task_names, arrays.ids)],
-        predictions=texts, targets=split.targets, quality=quality, flops=decoded.flops,
+        predictions=texts,
+        targets=split.targets,
+        quality=quality,
+        flops=decoded.flops,
         logprobs=[preds.logprobs[i, :n] for i, n in enumerate(lengths)],
         entropies=[preds.entropies[i, :n] for i, n in enumerate(lengths)],
         margins=[preds.margins[i, :n] for i, n in enumerate(lengths)],
-        hidden=preds.mean_hidden, embedding=decoded.embedding, embedding_flops=decoded.embedding_flops)
+        hidden=preds.mean_hidden,
+        embedding=decoded.embedding,
+        embedding_flops=decoded.embedding_flops,
+    )
 
 
 def split_records(split: Split, decoded: Mapping[str, Decoded]) -> tuple[SplitRecords, store.SplitTexts]:
     """Every model's records on a split (display name -> ModelOutputs), and the raw texts behind them."""
     arrays = split.arrays
-    records = SplitRecords(split.name, arrays.task_names.tolist(),
-                           {name: to_records(split, out) for name, out in decoded.items()})
-    texts = store.SplitTexts(example_ids=[str(i) for i in arrays.ids], inputs=[str(t) for t in arrays.inputs_text],
-                             targets=[str(t) for t in arrays.targets_text],
-                             predictions={name: out.predictions.texts for name, out in decoded.items()})
+    records = SplitRecords(
+        split.name, arrays.task_names.tolist(), {name: to_records(split, out) for name, out in decoded.items()}
+    )
+    texts = store.SplitTexts(
+        example_ids=[str(i) for i in arrays.ids],
+        inputs=[str(t) for t in arrays.inputs_text],
+        targets=[str(t) for t in arrays.targets_text],
+        predictions={name: out.predictions.texts for name, out in decoded.items()},
+    )
     return records, texts
 
 
@@ -159,13 +196,25 @@ def run_cascade_eval(
     """
     small_model_dirs = dict(small_model_dirs)
     if not small_model_dirs or LARGE in small_model_dirs:
-        raise ConfigError(f"run_cascade_eval.small_model_dirs={small_model_dirs} must name one or more "
-                          f"small models other than {LARGE!r}, e.g. {{'ce': '/tmp/cat_jax/small_ce'}}.")
+        raise ConfigError(
+            f"run_cascade_eval.small_model_dirs={small_model_dirs} must name one or more "
+            f"small models other than {LARGE!r}, e.g. {{'ce': '/tmp/cat_jax/small_ce'}}."
+        )
     model_dirs = {LARGE: large_model_dir, **small_model_dirs}
-    options = Options(rules=rules, quantiles=quantiles, num_thresholds=num_thresholds, seed=seed,
-                      plot_rule=plot_rule, tiers=tiers, tier_rules=tier_rules, tier_thresholds=tier_thresholds,
-                      target_deferral_rate=target_deferral_rate, target_relative_flops=target_relative_flops,
-                      posthoc_folds=posthoc_folds, embed_layer=embed_layer)
+    options = Options(
+        rules=rules,
+        quantiles=quantiles,
+        num_thresholds=num_thresholds,
+        seed=seed,
+        plot_rule=plot_rule,
+        tiers=tiers,
+        tier_rules=tier_rules,
+        tier_thresholds=tier_thresholds,
+        target_deferral_rate=target_deferral_rate,
+        target_relative_flops=target_relative_flops,
+        posthoc_folds=posthoc_folds,
+        embed_layer=embed_layer,
+    )
     config = plan_job(dataset, model_dirs, options, validation_split)
     check_cascade_models(model_dirs, LARGE)
     depth = None
@@ -180,15 +229,20 @@ def run_cascade_eval(
         splits.append(load_split(dataset, config.validation_split))
     if config.validation_split is not None:
         config.check_folds({task: len(rows) for task, rows in splits[-1].task_rows.items()})
-    decoded = {name: decode_model(name, d, splits, dataset, vocab, mesh, mesh_rules, depth if name == LARGE else None)
-               for name, d in model_dirs.items()}
+    decoded = {
+        name: decode_model(name, d, splits, dataset, vocab, mesh, mesh_rules, depth if name == LARGE else None)
+        for name, d in model_dirs.items()
+    }
     if jax.process_index() != 0:
         return CascadeEvalResult(output_dir, [])
 
     quality = {task: metrics.get_quality(task) for task in splits[0].task_rows}
     corpus = {task: q.corpus for task, q in quality.items()}
-    config = dataclasses.replace(config, corpus_metrics={task: metric_ref(fn) for task, fn in corpus.items()},
-                                 free_text={task: is_free_text(q) for task, q in quality.items()})
+    config = dataclasses.replace(
+        config,
+        corpus_metrics={task: metric_ref(fn) for task, fn in corpus.items()},
+        free_text={task: is_free_text(q) for task, q in quality.items()},
+    )
     files, by_split = write_records(output_dir, config, splits, decoded)
     test = by_split[dataset.split]
     result = analysis.analyse(config, test, by_split.get(config.validation_split), corpus)
@@ -196,23 +250,25 @@ def run_cascade_eval(
     return CascadeEvalResult(output_dir, files)
 
 
-def plan_job(dataset: DatasetConfig, model_dirs: Mapping[str, str], options: Options,
-             validation_split: str) -> AnalysisConfig:
+def plan_job(
+    dataset: DatasetConfig, model_dirs: Mapping[str, str], options: Options, validation_split: str
+) -> AnalysisConfig:
     """The analysis plan, checked (ConfigError before anything runs); its validation_split is None
     when neither a learned rule nor a budget needs the validation split."""
-    config = AnalysisConfig(dataset.mixture_or_task_name, dataset.split, validation_split, dict(model_dirs),
-                            options, {})
+    config = AnalysisConfig(
+        dataset.mixture_or_task_name, dataset.split, validation_split, dict(model_dirs), options, {}
+    )
     config.check()
     if not config.needs_validation():
         return dataclasses.replace(config, validation_split=None)
     if validation_split == dataset.split:
-        log.warning("The learned rules and budgets are fitted on the split %r they are evaluated on.",
-                    validation_split)
+        log.warning("The learned rules and budgets are fitted on the split %r they are evaluated on.", validation_split)
     return config
 
 
-def write_records(output_dir: str, config: AnalysisConfig, splits: Sequence[Split],
-                  decoded: Mapping[str, Mapping[str, Decoded]]) -> tuple[list[str], dict[str, SplitRecords]]:
+def write_records(
+    output_dir: str, config: AnalysisConfig, splits: Sequence[Split], decoded: Mapping[str, Mapping[str, Decoded]]
+) -> tuple[list[str], dict[str, SplitRecords]]:
     """Writes cascade_config.json, examples.jsonl (the first split) and validation_examples.jsonl
     (a second one); returns the files written and split name -> records."""
     os.makedirs(output_dir, exist_ok=True)

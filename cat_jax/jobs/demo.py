@@ -27,22 +27,24 @@ TASK = os.environ.get("CAT_JAX_DEMO_TASK", "cmudict_syllables")
 STEPS = int(os.environ.get("CAT_JAX_DEMO_STEPS", 400))
 LARGE_STEPS = 4 * STEPS  # train_large.gin's learning rate is a third of the students': more steps
 EVAL_EXAMPLES = int(os.environ.get("CAT_JAX_DEMO_EXAMPLES", 512))
-TASK_LENGTHS = {"cmudict_g2p": "{'inputs': 32, 'targets': 64}",
-                "cmudict_syllables": "{'inputs': 32, 'targets': 4}"}
+TASK_LENGTHS = {"cmudict_g2p": "{'inputs': 32, 'targets': 64}", "cmudict_syllables": "{'inputs': 32, 'targets': 4}"}
 LENGTHS = TASK_LENGTHS.get(TASK, "{'inputs': 32, 'targets': 128}")
 CACHE = os.path.join(DEMO_DIR, "data_cache")
-STUDENTS = (("ce", "train_small_ce.gin"), ("distill", "train_small_distill.gin"),
-            ("cat", "train_small_cat.gin"))
+STUDENTS = (("ce", "train_small_ce.gin"), ("distill", "train_small_distill.gin"), ("cat", "train_small_cat.gin"))
 BOUNDS = ("oracle", "random")  # upper and lower bounds: reported, never the winner
-REPORT_RULES = ("chow_average", "chow_quantile_0", "entropy_mean", "post_hoc", "post_hoc_embed", "oracle",
-                "random")
-TIERS = [["ce"], ["cat", "distill"], ["large"]]   # the 3-tier cascade: the middle tier defers by ABC
+REPORT_RULES = ("chow_average", "chow_quantile_0", "entropy_mean", "post_hoc", "post_hoc_embed", "oracle", "random")
+TIERS = [["ce"], ["cat", "distill"], ["large"]]  # the 3-tier cascade: the middle tier defers by ABC
 TARGET_DEFERRAL_RATE = 0.3
-CAT_ROW_NOTE = ("The CAT row is CAT-Xent trained from scratch for {steps} steps with one seed (SEED 0 in every run); "
-                "on the default task at 400 steps its gap to CE lies within the spread over 3 seeds, so read it as "
-                "one draw, not as CAT's effect (docs/RESULTS.md, \"CAT at small scale, explained\").")
-COMMON = [f"--gin.MIXTURE_OR_TASK_NAME={TASK}", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
-          f"--gin.load_split.cache_dir={CACHE}"]
+CAT_ROW_NOTE = (
+    "The CAT row is CAT-Xent trained from scratch for {steps} steps with one seed (SEED 0 in every run); "
+    "on the default task at 400 steps its gap to CE lies within the spread over 3 seeds, so read it as "
+    'one draw, not as CAT\'s effect (docs/RESULTS.md, "CAT at small scale, explained").'
+)
+COMMON = [
+    f"--gin.MIXTURE_OR_TASK_NAME={TASK}",
+    f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+    f"--gin.load_split.cache_dir={CACHE}",
+]
 
 
 def _quote(arg: str) -> str:
@@ -75,32 +77,60 @@ class Stages:
 
 def _train(stages: Stages, name: str, run_file: str, extra: list[str] = (), steps: int = STEPS) -> str:
     model_dir = os.path.join(DEMO_DIR, name)
-    stages.run(f"train {name}", ["cat_jax.train", f"--gin_file=gin_configs/runs/{run_file}",
-                                 f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}",
-                                 "--gin.BATCH_SIZE=32", "--gin.train.eval_period=0", *COMMON, *extra],
-               skip_if=os.path.join(model_dir, str(steps)))  # orbax's directory of the final step
+    stages.run(
+        f"train {name}",
+        [
+            "cat_jax.train",
+            f"--gin_file=gin_configs/runs/{run_file}",
+            f"--gin.MODEL_DIR={model_dir}",
+            f"--gin.TRAIN_STEPS={steps}",
+            "--gin.BATCH_SIZE=32",
+            "--gin.train.eval_period=0",
+            *COMMON,
+            *extra,
+        ],
+        skip_if=os.path.join(model_dir, str(steps)),
+    )  # orbax's directory of the final step
     return model_dir
 
 
 def _evaluate(stages: Stages, name: str, model_dir: str, steps: int = STEPS) -> dict:
     out = os.path.join(model_dir, "eval")
     result = os.path.join(out, f"metrics_test_step{steps}.json")
-    stages.run(f"evaluate {name}", [
-        "cat_jax.eval", "--gin_file=gin_configs/runs/eval.gin", f"--gin.CHECKPOINT_DIR={model_dir}",
-        "--gin.SPLIT=test", f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", f"--gin.OUTPUT_DIR={out}", *COMMON],
-        skip_if=result)
+    stages.run(
+        f"evaluate {name}",
+        [
+            "cat_jax.eval",
+            "--gin_file=gin_configs/runs/eval.gin",
+            f"--gin.CHECKPOINT_DIR={model_dir}",
+            "--gin.SPLIT=test",
+            f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}",
+            f"--gin.OUTPUT_DIR={out}",
+            *COMMON,
+        ],
+        skip_if=result,
+    )
     with open(result) as f:
         return json.load(f)
 
 
 def _cascade(stages: Stages, large: str, smalls: dict[str, str]) -> str:
     out = os.path.join(DEMO_DIR, "cascade")
-    stages.run("cascade evaluation (every deferral rule, a 3-tier cascade, a budget)", [
-        "cat_jax.cascade_eval", "--gin_file=gin_configs/runs/cascade_eval.gin",
-        f"--gin.LARGE_MODEL_DIR={large}", f"--gin.SMALL_MODEL_DIRS={smalls!r}", f"--gin.OUTPUT_DIR={out}",
-        f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", f"--gin.run_cascade_eval.tiers={TIERS!r}",
-        f"--gin.TARGET_DEFERRAL_RATE={TARGET_DEFERRAL_RATE}", *COMMON],
-        skip_if=os.path.join(out, "tier_summary.json"))
+    stages.run(
+        "cascade evaluation (every deferral rule, a 3-tier cascade, a budget)",
+        [
+            "cat_jax.cascade_eval",
+            "--gin_file=gin_configs/runs/cascade_eval.gin",
+            f"--gin.LARGE_MODEL_DIR={large}",
+            f"--gin.SMALL_MODEL_DIRS={smalls!r}",
+            f"--gin.OUTPUT_DIR={out}",
+            f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}",
+            f"--gin.run_cascade_eval.tiers={TIERS!r}",
+            f"--gin.TARGET_DEFERRAL_RATE={TARGET_DEFERRAL_RATE}",
+            *COMMON,
+        ],
+        skip_if=os.path.join(out, "tier_summary.json"),
+    )
     return out
 
 
@@ -120,30 +150,43 @@ def _task_rows(cascade_dir: str, name: str) -> list[dict]:
 
 def _tier_lines(tiered: list[dict]) -> list[str]:
     """The k-tier cascade's frontier in numbers."""
-    lines = ["", "## A 3-tier cascade", "",
-             "Each example goes to the next tier when its rule's score falls below that boundary's threshold; "
-             "an ensemble tier answers with its majority answer and defers when its members disagree (ABC). "
-             "The curve is the Pareto frontier over the joint threshold grid; latency counts the ensemble's "
-             "members once (they run in parallel).", "",
-             "| cascade | rules | each tier alone (quality @ rel. FLOPs) | rel. FLOPs to match large "
-             "| best quality @ rel. FLOPs (rel. latency) |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## A 3-tier cascade",
+        "",
+        "Each example goes to the next tier when its rule's score falls below that boundary's threshold; "
+        "an ensemble tier answers with its majority answer and defers when its members disagree (ABC). "
+        "The curve is the Pareto frontier over the joint threshold grid; latency counts the ensemble's "
+        "members once (they run in parallel).",
+        "",
+        "| cascade | rules | each tier alone (quality @ rel. FLOPs) | rel. FLOPs to match large "
+        "| best quality @ rel. FLOPs (rel. latency) |",
+        "|---|---|---|---|---|",
+    ]
     for r in tiered:
         alone = ", ".join(f"{a['tier']} {a['quality']:.3f} @ {a['relative_flops']:.3f}" for a in r["tiers_alone"])
-        lines.append(f"| {r['cascade']} | {r['rules']} | {alone} | {_fmt(r['relative_flops_to_match_last'])} | "
-                     f"{r['best_quality']:.3f} @ {r['best_relative_flops']:.3f} ({r['best_relative_latency']:.3f}) |")
+        lines.append(
+            f"| {r['cascade']} | {r['rules']} | {alone} | {_fmt(r['relative_flops_to_match_last'])} | "
+            f"{r['best_quality']:.3f} @ {r['best_relative_flops']:.3f} ({r['best_relative_latency']:.3f}) |"
+        )
     return lines
 
 
 def _calibration_lines(rows: list[dict], tiered: list[dict]) -> list[str]:
     """The budget's validation and test outcomes for the report's rules and the k-tier cascade."""
-    lines = ["", f"## Budget calibration: deferral rate {TARGET_DEFERRAL_RATE}", "",
-             "Thresholds picked on the validation split (the largest deferral rate within the budget; for the "
-             "3-tier cascade, the best validation quality within it), then applied to test: the gap is what "
-             "a budget set on one sample of traffic realises on another. The learned rules (post_hoc, "
-             "post_hoc_embed) are fitted on validation and score it out of fold (cross-fitted), so their "
-             "validation numbers are out of sample too.", "",
-             "| cascade | rule | validation: rate / rel. FLOPs / quality | test: rate / rel. FLOPs / quality |",
-             "|---|---|---|---|"]
+    lines = [
+        "",
+        f"## Budget calibration: deferral rate {TARGET_DEFERRAL_RATE}",
+        "",
+        "Thresholds picked on the validation split (the largest deferral rate within the budget; for the "
+        "3-tier cascade, the best validation quality within it), then applied to test: the gap is what "
+        "a budget set on one sample of traffic realises on another. The learned rules (post_hoc, "
+        "post_hoc_embed) are fitted on validation and score it out of fold (cross-fitted), so their "
+        "validation numbers are out of sample too.",
+        "",
+        "| cascade | rule | validation: rate / rel. FLOPs / quality | test: rate / rel. FLOPs / quality |",
+        "|---|---|---|---|",
+    ]
     named = [(r["small_model"], r["rule"], r) for r in rows if r["rule"] in REPORT_RULES]
     named += [(r["cascade"], r["rules"], r) for r in tiered]
     for name, rule, r in named:
@@ -159,33 +202,56 @@ def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands
     best = max(deployable, key=lambda r: (r["auc"], -(r["relative_flops_to_match_large"] or 9e9)))
     matching = [r for r in deployable if r["relative_flops_to_match_large"] is not None]
     cheapest = min(matching, key=lambda r: r["relative_flops_to_match_large"]) if matching else None
-    lines = [f"# cat_jax demo: {TASK}", "",
-             f"A large model ({LARGE_STEPS} steps) and three small ones (CE, distillation, CAT; {STEPS} "
-             f"steps each) trained on CPU, evaluated on {EVAL_EXAMPLES} test examples.", "", "## Models", "",
-             "| model | step | " + " | ".join(next(iter(results.values()))["metrics"][TASK]) + " |",
-             "|---|---|" + "---|" * len(next(iter(results.values()))["metrics"][TASK])]
+    lines = [
+        f"# cat_jax demo: {TASK}",
+        "",
+        f"A large model ({LARGE_STEPS} steps) and three small ones (CE, distillation, CAT; {STEPS} "
+        f"steps each) trained on CPU, evaluated on {EVAL_EXAMPLES} test examples.",
+        "",
+        "## Models",
+        "",
+        "| model | step | " + " | ".join(next(iter(results.values()))["metrics"][TASK]) + " |",
+        "|---|---|" + "---|" * len(next(iter(results.values()))["metrics"][TASK]),
+    ]
     for name, r in results.items():
         lines.append(f"| {name} | {r['step']} | " + " | ".join(f"{v:.4f}" for v in r["metrics"][TASK].values()) + " |")
     lines += ["", CAT_ROW_NOTE.format(steps=STEPS)]
-    lines += ["", "## Cascades", "",
-              "Quality is the task's per-example score (0-1); relative FLOPs are the cascade's over the large model's; "
-              "AUC-DF is the area under quality against deferral rate (higher is better), beside its gain over random "
-              "deferral's (the straight line from small-only to large-only).", "",
-              "| small model | rule | small-only | large-only | AUC-DF | gain vs random | rel. FLOPs to match large "
-              "| best quality @ rel. FLOPs |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Cascades",
+        "",
+        "Quality is the task's per-example score (0-1); relative FLOPs are the cascade's over the large model's; "
+        "AUC-DF is the area under quality against deferral rate (higher is better), beside its gain over random "
+        "deferral's (the straight line from small-only to large-only).",
+        "",
+        "| small model | rule | small-only | large-only | AUC-DF | gain vs random | rel. FLOPs to match large "
+        "| best quality @ rel. FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["rule"] in REPORT_RULES:
-            lines.append(f"| {r['small_model']} | {r['rule']} | {r['small_only']:.3f} | {r['large_only']:.3f} | "
-                         f"{r['auc']:.4f} | {r['auc_df_gain']:+.4f} | {_fmt(r['relative_flops_to_match_large'])} | "
-                         f"{r['best_quality']:.3f} @ {r['best_relative_flops']:.3f} |")
+            lines.append(
+                f"| {r['small_model']} | {r['rule']} | {r['small_only']:.3f} | {r['large_only']:.3f} | "
+                f"{r['auc']:.4f} | {r['auc_df_gain']:+.4f} | {_fmt(r['relative_flops_to_match_large'])} | "
+                f"{r['best_quality']:.3f} @ {r['best_relative_flops']:.3f} |"
+            )
     lines += _tier_lines(tiered) + _calibration_lines(rows, tiered)
-    lines += ["", "## Verdict", "",
-              f"- Highest AUC (oracle and random are bounds, not rules one can deploy): small model "
-              f"**{best['small_model']}** with rule **{best['rule']}** (AUC {best['auc']:.4f}).",
-              (f"- Cheapest cascade that matches the large model: **{cheapest['small_model']}** + "
-               f"**{cheapest['rule']}** at {cheapest['relative_flops_to_match_large']:.3f} x the large model's FLOPs."
-               if cheapest else "- No non-oracle cascade reaches the large model's quality on this run."),
-              "", "All rules and tasks: `cascade/summary.md`, `cascade/curves.csv`; plots:", ""]
+    lines += [
+        "",
+        "## Verdict",
+        "",
+        f"- Highest AUC (oracle and random are bounds, not rules one can deploy): small model "
+        f"**{best['small_model']}** with rule **{best['rule']}** (AUC {best['auc']:.4f}).",
+        (
+            f"- Cheapest cascade that matches the large model: **{cheapest['small_model']}** + "
+            f"**{cheapest['rule']}** at {cheapest['relative_flops_to_match_large']:.3f} x the large model's FLOPs."
+            if cheapest
+            else "- No non-oracle cascade reaches the large model's quality on this run."
+        ),
+        "",
+        "All rules and tasks: `cascade/summary.md`, `cascade/curves.csv`; plots:",
+        "",
+    ]
     lines += [f"![{p}](cascade/{p})" for p in sorted(os.listdir(cascade_dir)) if p.endswith(".png")]
     lines += ["", "## Commands", "", "```bash", *commands, "```", ""]
     with open(path, "w") as f:
@@ -197,9 +263,10 @@ def main() -> None:
     os.makedirs(DEMO_DIR, exist_ok=True)
     stages = Stages(total=2 + 2 * len(STUDENTS) + 1)
     large = _train(stages, "large", "train_large.gin", steps=LARGE_STEPS)
-    smalls = {name: _train(stages, f"small_{name}", run_file,
-                           [f"--gin.TEACHER_MODEL_DIR={large}"] if name != "ce" else [])
-              for name, run_file in STUDENTS}
+    smalls = {
+        name: _train(stages, f"small_{name}", run_file, [f"--gin.TEACHER_MODEL_DIR={large}"] if name != "ce" else [])
+        for name, run_file in STUDENTS
+    }
     results = {"large": _evaluate(stages, "large", large, steps=LARGE_STEPS)}
     results.update({f"small_{n}": _evaluate(stages, f"small_{n}", d) for n, d in smalls.items()})
     cascade = _cascade(stages, large, smalls)

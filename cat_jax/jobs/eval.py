@@ -13,16 +13,34 @@ from cat_jax.inference import setup
 
 
 @gin.configurable
-def run_eval(*, checkpoint_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRED,
-             step: int | None = None, output_dir: str | None = None) -> dict:
+def run_eval(
+    *,
+    checkpoint_dir: str = gin.REQUIRED,
+    dataset: DatasetConfig = gin.REQUIRED,
+    step: int | None = None,
+    output_dir: str | None = None,
+) -> dict:
     """{task: {metric: value}} of the checkpoint on the split; written as JSON too."""
     s, dataset = setup(checkpoint_dir, step, dataset)
-    metrics = evaluation.evaluate(s.model.model, s.model.params, s.arrays, s.vocab, dataset.batch_size,
-                                  s.mesh, s.rules, dataset.task_feature_lengths["targets"])
+    metrics = evaluation.evaluate(
+        s.model.model,
+        s.model.params,
+        s.arrays,
+        s.vocab,
+        dataset.batch_size,
+        s.mesh,
+        s.rules,
+        dataset.task_feature_lengths["targets"],
+    )
     output_dir = output_dir or os.path.join(checkpoint_dir, "eval")
     os.makedirs(output_dir, exist_ok=True)
-    result = {"checkpoint_dir": checkpoint_dir, "step": s.model.step, "split": dataset.split,
-              "num_examples": len(s.arrays), "metrics": metrics}
+    result = {
+        "checkpoint_dir": checkpoint_dir,
+        "step": s.model.step,
+        "split": dataset.split,
+        "num_examples": len(s.arrays),
+        "metrics": metrics,
+    }
     with open(os.path.join(output_dir, f"metrics_{dataset.split}_step{s.model.step}.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -21,14 +21,13 @@ import gin
 import jax
 import numpy as np
 
+import cat_jax.models.decoder.convert as decoder_hf
 from cat_jax import model_dir as model_dir_lib
-from cat_jax import vocabulary_store
-from cat_jax import models
+from cat_jax import models, vocabulary_store
 from cat_jax.checkpoints import restore_params
 from cat_jax.errors import ConversionError
 from cat_jax.models.convert import hub
 from cat_jax.models.convert.tree import flatten
-import cat_jax.models.decoder.convert as decoder_hf
 from cat_jax.models.t5.convert import hf
 
 log = logging.getLogger("cat_jax")
@@ -52,18 +51,20 @@ def read_params(model_dir: str, step: int | None = None) -> tuple[Any, dict[str,
 
 
 @gin.configurable
-def export_checkpoint(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
-                      step: int | None = None, dtype: str = "float32") -> str:
+def export_checkpoint(
+    *, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, step: int | None = None, dtype: str = "float32"
+) -> str:
     """Write MODEL_DIR's checkpoint (latest step unless given) as a Hugging Face directory."""
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     import ml_dtypes  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
     if dtype not in DTYPES:
         raise ConversionError(f"export_checkpoint.dtype={dtype!r}; choose one of {DTYPES}.")
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
     if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise ConversionError(f"OUTPUT_DIR {output_dir} is not empty; nothing was written. Export into a "
-                              "new directory.")
+        raise ConversionError(
+            f"OUTPUT_DIR {output_dir} is not empty; nothing was written. Export into a new directory."
+        )
     config, info, params, step = read_params(model_dir, step)
     if config.family == "decoder":
         return _export_decoder(model_dir, output_dir, config, info, params, step, dtype)
@@ -84,8 +85,9 @@ def export_checkpoint(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.RE
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump(hf.tokenizer_config(kind, int(record.get("extra_ids", 0))), f, indent=2, sort_keys=True)
         if vocab.vocab_size > config.vocab_size:
-            raise ConversionError(f"The vocabulary ({vocab.vocab_size} ids) exceeds the model's "
-                                  f"vocab_size {config.vocab_size}.")
+            raise ConversionError(
+                f"The vocabulary ({vocab.vocab_size} ids) exceeds the model's vocab_size {config.vocab_size}."
+            )
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)
         os.replace(tmp, output_dir)
@@ -96,14 +98,22 @@ def export_checkpoint(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.RE
     return output_dir
 
 
-def _export_decoder(model_dir: str, output_dir: str, config: Any, info: dict[str, Any],
-                    params: dict[str, np.ndarray], step: int, dtype: str) -> str:
+def _export_decoder(
+    model_dir: str,
+    output_dir: str,
+    config: Any,
+    info: dict[str, Any],
+    params: dict[str, np.ndarray],
+    step: int,
+    dtype: str,
+) -> str:
     """A decoder-only model as its model_type's Hub directory, with the tokenizer files its
     MODEL_DIR stores (built beside OUTPUT_DIR, then renamed into place)."""
     vocab = vocabulary_store.model_vocabulary(model_dir, info)
     if vocab.vocab_size > config.vocab_size:
-        raise ConversionError(f"The vocabulary ({vocab.vocab_size} ids) exceeds the model's vocab_size "
-                              f"{config.vocab_size}.")
+        raise ConversionError(
+            f"The vocabulary ({vocab.vocab_size} ids) exceeds the model's vocab_size {config.vocab_size}."
+        )
     ids = {name: getattr(vocab, attr, None) for name, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"))}
     tmp = f"{output_dir}.export-{uuid.uuid4().hex[:8]}"
     try:

@@ -32,14 +32,13 @@ from typing import Any
 import gin
 import numpy as np
 
-from cat_jax import hf_tokenizer, models, vocabularies
+import cat_jax.models.decoder.convert as decoder_hf
+from cat_jax import hf_tokenizer, models, vocabularies, vocabulary_store
 from cat_jax import model_dir as model_dir_lib
-from cat_jax import vocabulary_store
 from cat_jax.checkpoints import save_host_state
 from cat_jax.errors import ConfigError, ConversionError, ModelDirError
 from cat_jax.models.convert import hub
 from cat_jax.models.convert.tree import unflatten
-import cat_jax.models.decoder.convert as decoder_hf
 from cat_jax.models.t5.convert import hf, t5x
 
 log = logging.getLogger("cat_jax")
@@ -51,23 +50,28 @@ IMPORTED_STEP = 0
 def detect_format(source: str) -> str:
     """The format of a SOURCE directory, or a ConversionError naming what was looked for."""
     if not os.path.isdir(source):
-        raise ConversionError(f"SOURCE {source!r} is not a directory. Download or copy the checkpoint "
-                              "first (e.g. `huggingface-cli download google/flan-t5-small --local-dir DIR`, "
-                              "`gcloud storage cp -r gs://.../checkpoint_N DIR`).")
+        raise ConversionError(
+            f"SOURCE {source!r} is not a directory. Download or copy the checkpoint "
+            "first (e.g. `huggingface-cli download google/flan-t5-small --local-dir DIR`, "
+            "`gcloud storage cp -r gs://.../checkpoint_N DIR`)."
+        )
     if hub.is_hf_dir(source):
         return "hf"
     kind = t5x.detect(source)
     if kind is not None:
         return kind
     if os.path.isfile(os.path.join(source, hub.CONFIG)):
-        raise ConversionError(f"{source} has config.json but no {hub.SINGLE} or {hub.INDEX}: cat_jax reads "
-                              "safetensors only (a pytorch_model.bin checkpoint can be re-saved with "
-                              "`model.save_pretrained(dir, safe_serialization=True)`).")
+        raise ConversionError(
+            f"{source} has config.json but no {hub.SINGLE} or {hub.INDEX}: cat_jax reads "
+            "safetensors only (a pytorch_model.bin checkpoint can be re-saved with "
+            "`model.save_pretrained(dir, safe_serialization=True)`)."
+        )
     raise ConversionError(
         f"{source} is in no format cat_jax knows: expected a Hugging Face directory (config.json + "
         f"{hub.SINGLE} or {hub.INDEX}), a T5X checkpoint_<step> directory (a msgpack `checkpoint` file, "
         f"or an Orbax `state/`), or a T5X model directory holding checkpoint_<step> directories. It "
-        f"holds: {sorted(os.listdir(source))[:12]}.")
+        f"holds: {sorted(os.listdir(source))[:12]}."
+    )
 
 
 def hub_family(source: str) -> str:
@@ -81,7 +85,8 @@ def hub_family(source: str) -> str:
     raise ConversionError(
         f"{source}: config.json's model_type={model_type!r} is not supported. Supported: "
         f"{', '.join(hf.SUPPORTED_MODEL_TYPES)} (encoder-decoders) and {', '.join(decoder_hf.SUPPORTED_MODEL_TYPES)} "
-        "(decoder-only).")
+        "(decoder-only)."
+    )
 
 
 def _hub_tokenizer(source: str) -> Any:
@@ -89,8 +94,10 @@ def _hub_tokenizer(source: str) -> Any:
     try:
         return hf_tokenizer.HFTokenizerVocabulary(source)
     except ConfigError as e:
-        raise ConversionError(f"{source}: its tokenizer cannot be read ({e}). Copy the checkpoint's tokenizer "
-                              "files (tokenizer.json or tokenizer.model, tokenizer_config.json) beside it.") from e
+        raise ConversionError(
+            f"{source}: its tokenizer cannot be read ({e}). Copy the checkpoint's tokenizer "
+            "files (tokenizer.json or tokenizer.model, tokenizer_config.json) beside it."
+        ) from e
 
 
 def _vocabulary(kind: str, spiece: str | None, extra_ids: int) -> Any:
@@ -107,9 +114,11 @@ def _check_empty(model_dir: str) -> None:
     if os.path.exists(model_dir) and (not os.path.isdir(model_dir) or os.listdir(model_dir)):
         info = model_dir_lib.read_run_info(model_dir) if os.path.isdir(model_dir) else None
         what = ("a cat_jax run" if info else "files") + (
-            f" imported from {info['imported_from'].get('source')}" if info and info.get("imported_from") else "")
-        raise ModelDirError(f"MODEL_DIR {model_dir} already holds {what}; nothing was written. Import into a "
-                            "new (or empty) directory.")
+            f" imported from {info['imported_from'].get('source')}" if info and info.get("imported_from") else ""
+        )
+        raise ModelDirError(
+            f"MODEL_DIR {model_dir} already holds {what}; nothing was written. Import into a new (or empty) directory."
+        )
 
 
 def _write_scratch(tensors: Iterator[tuple[str, np.ndarray]], scratch: str, total: int) -> dict[str, np.ndarray]:
@@ -132,9 +141,16 @@ def _write_scratch(tensors: Iterator[tuple[str, np.ndarray]], scratch: str, tota
 
 
 @gin.configurable
-def import_checkpoint(*, source: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, format: str = "auto",  # pylint: disable=redefined-builtin
-                      sentencepiece_model: str | None = None, extra_ids: int | None = None,
-                      byte_vocabulary: bool = False, t5x_gin_file: str | None = None) -> dict[str, Any]:
+def import_checkpoint(
+    *,
+    source: str = gin.REQUIRED,
+    model_dir: str = gin.REQUIRED,
+    format: str = "auto",  # pylint: disable=redefined-builtin
+    sentencepiece_model: str | None = None,
+    extra_ids: int | None = None,
+    byte_vocabulary: bool = False,
+    t5x_gin_file: str | None = None,
+) -> dict[str, Any]:
     """Import SOURCE into a new MODEL_DIR; returns the run_info written.
 
     Vocabulary: a Hub directory's own tokenizer (`spiece.model`, `tokenizer_config.json`'s
@@ -156,32 +172,41 @@ def import_checkpoint(*, source: str = gin.REQUIRED, model_dir: str = gin.REQUIR
         return _import_decoder(source, model_dir)
     if detected == "hf":
         config, hf_config, tensors = hf.read(source)
-        provenance = {"format": "hf", "model_type": hf_config.get("model_type"),
-                      "architectures": hf_config.get("architectures")}
-        kind, spiece, extra = hf.tokenizer_of(source, hf_config) if not (sentencepiece_model or byte_vocabulary) \
-            else (None, None, 0)
+        provenance = {
+            "format": "hf",
+            "model_type": hf_config.get("model_type"),
+            "architectures": hf_config.get("architectures"),
+        }
+        kind, spiece, extra = (
+            hf.tokenizer_of(source, hf_config) if not (sentencepiece_model or byte_vocabulary) else (None, None, 0)
+        )
     else:
         config, provenance, tensors = t5x.read(source, t5x_gin_file)
         kind, spiece, extra = None, None, 0
     if byte_vocabulary:
         kind, spiece, extra = "byte", None, 0 if extra_ids is None else extra_ids
     elif sentencepiece_model:
-        kind, spiece, extra = "sentencepiece", os.path.abspath(sentencepiece_model), (
-            hf.DEFAULT_EXTRA_IDS if extra_ids is None else extra_ids)
+        kind, spiece, extra = (
+            "sentencepiece",
+            os.path.abspath(sentencepiece_model),
+            (hf.DEFAULT_EXTRA_IDS if extra_ids is None else extra_ids),
+        )
     elif kind is None:
         raise ConversionError(
             "A T5X checkpoint does not carry its vocabulary: add "
             "--gin.import_checkpoint.sentencepiece_model=/path/to/sentencepiece.model (T5 and Flan-T5: "
             "a local copy of gs://t5-data/vocabs/cc_all.32000/sentencepiece.model; mT5: "
             "gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model with extra_ids=0), or "
-            "--gin.import_checkpoint.byte_vocabulary=True for ByT5.")
+            "--gin.import_checkpoint.byte_vocabulary=True for ByT5."
+        )
     elif extra_ids is not None:
         extra = extra_ids
     vocab = _vocabulary(kind, spiece, extra)
     if vocab.vocab_size > config.vocab_size:
         raise ConversionError(
             f"The vocabulary has {vocab.vocab_size} ids (with {extra} extra ids) but the model only "
-            f"{config.vocab_size}: wrong tokenizer, or set import_checkpoint.extra_ids.")
+            f"{config.vocab_size}: wrong tokenizer, or set import_checkpoint.extra_ids."
+        )
     log.info("Model: %s; vocabulary: %s (%d ids, extra_ids=%d)", config, kind, vocab.vocab_size, extra)
     return _write_model_dir(source, model_dir, config, vocab, tensors, len(hf.name_map(config)), provenance)
 
@@ -191,17 +216,30 @@ def _import_decoder(source: str, model_dir: str) -> dict[str, Any]:
     config, hf_config, tensors = decoder_hf.read(source)
     vocab = _hub_tokenizer(source)
     if vocab.vocab_size > config.vocab_size:
-        raise ConversionError(f"{source}: the tokenizer has {vocab.vocab_size} ids but the model only "
-                              f"{config.vocab_size}: the tokenizer files belong to another checkpoint.")
-    log.info("Model: %s; vocabulary: the checkpoint's %s tokenizer (%d ids)", config, vocab.tokenizer_class,
-             vocab.vocab_size)
-    provenance = {"format": "hf", "model_type": hf_config.get("model_type"),
-                  "architectures": hf_config.get("architectures")}
+        raise ConversionError(
+            f"{source}: the tokenizer has {vocab.vocab_size} ids but the model only "
+            f"{config.vocab_size}: the tokenizer files belong to another checkpoint."
+        )
+    log.info(
+        "Model: %s; vocabulary: the checkpoint's %s tokenizer (%d ids)", config, vocab.tokenizer_class, vocab.vocab_size
+    )
+    provenance = {
+        "format": "hf",
+        "model_type": hf_config.get("model_type"),
+        "architectures": hf_config.get("architectures"),
+    }
     return _write_model_dir(source, model_dir, config, vocab, tensors, len(decoder_hf.name_map(config)), provenance)
 
 
-def _write_model_dir(source: str, model_dir: str, config: Any, vocab: Any, tensors: Iterator[tuple[str, np.ndarray]],
-                     total: int, provenance: dict[str, Any]) -> dict[str, Any]:
+def _write_model_dir(
+    source: str,
+    model_dir: str,
+    config: Any,
+    vocab: Any,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    total: int,
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
     """The MODEL_DIR of an imported model, built beside `model_dir` and renamed into place."""
     tmp = os.path.join(os.path.dirname(model_dir), f".{os.path.basename(model_dir)}.import-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
@@ -209,13 +247,16 @@ def _write_model_dir(source: str, model_dir: str, config: Any, vocab: Any, tenso
         started = time.perf_counter()
         params = _write_scratch(tensors, os.path.join(tmp, "scratch"), total)
         info = {
-            **models.build(config).describe(), "vocabulary": vocabularies.identity(vocab),
+            **models.build(config).describe(),
+            "vocabulary": vocabularies.identity(vocab),
             "vocabulary_files": vocabulary_store.write_vocabulary(tmp, vocab),
-            "imported_from": {"source": source, **provenance}, "dataset": None, "loss_options": None,
-            "teacher": None, "data_source": None,
+            "imported_from": {"source": source, **provenance},
+            "dataset": None,
+            "loss_options": None,
+            "teacher": None,
+            "data_source": None,
         }
-        save_host_state(tmp, IMPORTED_STEP, {"params": unflatten(params)},
-                        {"imported_from": info["imported_from"]})
+        save_host_state(tmp, IMPORTED_STEP, {"params": unflatten(params)}, {"imported_from": info["imported_from"]})
         del params
         shutil.rmtree(os.path.join(tmp, "scratch"))
         model_dir_lib.write_run_info(tmp, info)

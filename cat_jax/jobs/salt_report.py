@@ -35,7 +35,7 @@ EVAL_PREFIX = "eval/"
 
 def quality_of(row: Mapping[str, float], metric: str | None) -> float:
     """The quality of one eval row: `metric`, or the mean over tasks of each task's first metric."""
-    evals = {k[len(EVAL_PREFIX):]: v for k, v in row.items() if k.startswith(EVAL_PREFIX)}
+    evals = {k[len(EVAL_PREFIX) :]: v for k, v in row.items() if k.startswith(EVAL_PREFIX)}
     if metric is not None:
         if metric not in evals:
             raise ConfigError(f"No eval metric {metric!r}; the runs report {sorted(evals)}.")
@@ -51,15 +51,18 @@ def eval_curve(model_dir: str, metric: str | None) -> tuple[np.ndarray, np.ndarr
     path = os.path.join(model_dir, "train_metrics.jsonl")
     if not os.path.exists(path):
         raise ConfigError(f"{model_dir} has no train_metrics.jsonl: point at the MODEL_DIR of a cat_jax.train run.")
-    by_step = {int(r["step"]): quality_of(r, metric) for r in read_jsonl(path)
-               if any(k.startswith(EVAL_PREFIX) for k in r)}
+    by_step = {
+        int(r["step"]): quality_of(r, metric) for r in read_jsonl(path) if any(k.startswith(EVAL_PREFIX) for k in r)
+    }
     if not by_step:
         raise ConfigError(f"{path} holds no evaluations: train with --gin.train.eval_period=N (N > 0).")
     steps = np.array(sorted(by_step))
     return steps, np.array([by_step[s] for s in steps])
 
 
-def mean_curve(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def mean_curve(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(steps, mean, min, max) over seeds at the steps every curve has."""
     common = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves)))
     if not common:
@@ -85,28 +88,50 @@ def summarize(groups: Mapping[str, Sequence[str]], metric: str | None, baseline:
     methods = {}
     for m, (steps, mean, lo, hi) in means.items():
         reach = steps_to_reach(steps, mean, target)
-        methods[m] = {"runs": list(groups[m]), "final_step": int(steps[-1]), "final_quality": float(mean[-1]),
-                      "final_quality_min": float(lo[-1]), "final_quality_max": float(hi[-1]),
-                      "steps_to_baseline_final": reach,
-                      "fraction_of_baseline_steps": None if reach is None else reach / float(b_steps[-1])}
-    return {"metric": metric or "mean over tasks of each task's first metric", "baseline": baseline,
-            "baseline_final_quality": target, "methods": methods,
-            "curves": {m: {"steps": s.tolist(), "mean": q.tolist(), "min": lo.tolist(), "max": hi.tolist()}
-                       for m, (s, q, lo, hi) in means.items()},
-            "runs": {m: {d: {"steps": s.tolist(), "quality": q.tolist()} for d, (s, q) in curves.items()}
-                     for m, curves in runs.items()}}
+        methods[m] = {
+            "runs": list(groups[m]),
+            "final_step": int(steps[-1]),
+            "final_quality": float(mean[-1]),
+            "final_quality_min": float(lo[-1]),
+            "final_quality_max": float(hi[-1]),
+            "steps_to_baseline_final": reach,
+            "fraction_of_baseline_steps": None if reach is None else reach / float(b_steps[-1]),
+        }
+    return {
+        "metric": metric or "mean over tasks of each task's first metric",
+        "baseline": baseline,
+        "baseline_final_quality": target,
+        "methods": methods,
+        "curves": {
+            m: {"steps": s.tolist(), "mean": q.tolist(), "min": lo.tolist(), "max": hi.tolist()}
+            for m, (s, q, lo, hi) in means.items()
+        },
+        "runs": {
+            m: {d: {"steps": s.tolist(), "quality": q.tolist()} for d, (s, q) in curves.items()}
+            for m, curves in runs.items()
+        },
+    }
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"Quality: {summary['metric']}; baseline: {summary['baseline']} "
-             f"(final mean {summary['baseline_final_quality']:.4f}).", "",
-             "| method | seeds | final step | final quality (mean) | min-max over seeds | steps to the baseline's final quality |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Quality: {summary['metric']}; baseline: {summary['baseline']} "
+        f"(final mean {summary['baseline_final_quality']:.4f}).",
+        "",
+        "| method | seeds | final step | final quality (mean) | min-max over seeds "
+        "| steps to the baseline's final quality |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, r in summary["methods"].items():
-        reach = ("not reached" if r["steps_to_baseline_final"] is None else
-                 f"{r['steps_to_baseline_final']} ({r['fraction_of_baseline_steps']:.0%})")
-        lines.append(f"| {m} | {len(r['runs'])} | {r['final_step']} | {r['final_quality']:.4f} | "
-                     f"{r['final_quality_min']:.4f}-{r['final_quality_max']:.4f} | {reach} |")
+        reach = (
+            "not reached"
+            if r["steps_to_baseline_final"] is None
+            else f"{r['steps_to_baseline_final']} ({r['fraction_of_baseline_steps']:.0%})"
+        )
+        lines.append(
+            f"| {m} | {len(r['runs'])} | {r['final_step']} | {r['final_quality']:.4f} | "
+            f"{r['final_quality_min']:.4f}-{r['final_quality_max']:.4f} | {reach} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -129,8 +154,9 @@ def plot(summary: dict, path: str) -> Figure:
     return fig
 
 
-def write_report(groups: Mapping[str, Sequence[str]], output_dir: str, metric: str | None = None,
-                 baseline: str = "ce") -> dict:
+def write_report(
+    groups: Mapping[str, Sequence[str]], output_dir: str, metric: str | None = None, baseline: str = "ce"
+) -> dict:
     """summary.json/md, curves.csv and quality_vs_steps.png in output_dir; returns the summary."""
     summary = summarize(groups, metric, baseline)
     os.makedirs(output_dir, exist_ok=True)

@@ -45,6 +45,7 @@ def _write_npy(path: str, save, **arrays) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             save(f, **arrays)
+
     _write_atomic(path, write)
 
 
@@ -52,13 +53,22 @@ def _write_json(path: str, value) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(value, f, indent=2, sort_keys=True)
+
     _write_atomic(path, write)
 
 
-def _job_identity(model_dir: str, step: int, top_k: int, dataset: dict, num_examples: int,
-                  batch_size: int, chunk_batches: int) -> dict:
-    return {"model_dir": model_dir, "step": step, "top_k": top_k, "dataset": dataset,
-            "num_examples": num_examples, "batch_size": batch_size, "chunk_batches": chunk_batches}
+def _job_identity(
+    model_dir: str, step: int, top_k: int, dataset: dict, num_examples: int, batch_size: int, chunk_batches: int
+) -> dict:
+    return {
+        "model_dir": model_dir,
+        "step": step,
+        "top_k": top_k,
+        "dataset": dataset,
+        "num_examples": num_examples,
+        "batch_size": batch_size,
+        "chunk_batches": chunk_batches,
+    }
 
 
 def _check_progress(output_dir: str, identity: dict) -> list[int]:
@@ -69,8 +79,10 @@ def _check_progress(output_dir: str, identity: dict) -> list[int]:
     with open(path) as f:
         progress = json.load(f)
     if progress["job"] != identity:
-        raise ConfigError(f"{output_dir} holds the progress of another scoring job:\n  {progress['job']}\n"
-                          f"this one is\n  {identity}\nUse another OUTPUT_DIR, or remove that one.")
+        raise ConfigError(
+            f"{output_dir} holds the progress of another scoring job:\n  {progress['job']}\n"
+            f"this one is\n  {identity}\nUse another OUTPUT_DIR, or remove that one."
+        )
     return [c for c in progress["done"] if os.path.exists(_chunk_path(output_dir, c))]
 
 
@@ -102,11 +114,20 @@ def _scorer(model, mesh, rules, top_k: int):
 
 
 @gin.configurable
-def salt_score(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
-               mixture_or_task_name: str = gin.REQUIRED, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-               split: str = "train", max_examples: int | None = None, top_k: int = 10,
-               batch_size: int = 64, chunk_batches: int = 20, step: int | None = None,
-               max_chunks_per_run: int | None = None) -> dict:
+def salt_score(
+    *,
+    model_dir: str = gin.REQUIRED,
+    output_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    split: str = "train",
+    max_examples: int | None = None,
+    top_k: int = 10,
+    batch_size: int = 64,
+    chunk_batches: int = 20,
+    step: int | None = None,
+    max_chunks_per_run: int | None = None,
+) -> dict:
     """Score every sequence of the split with the model in `model_dir`; returns scores.json's content
     (or, when `max_chunks_per_run` stopped it first, {"chunks_done": n, "chunks": total}).
 
@@ -119,14 +140,18 @@ def salt_score(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     mesh, rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
-    dataset = {"mixture_or_task_name": mixture_or_task_name, "split": split,
-               "task_feature_lengths": {k: int(v) for k, v in dict(task_feature_lengths).items()},
-               "max_examples": max_examples}
+    dataset = {
+        "mixture_or_task_name": mixture_or_task_name,
+        "split": split,
+        "task_feature_lengths": {k: int(v) for k, v in dict(task_feature_lengths).items()},
+        "max_examples": max_examples,
+    }
     frozen = load_frozen_model(model_dir, mesh=mesh, rules=rules, step=step)
     vocab = data_lib.get_vocabulary_of(mixture_or_task_name)
     check_vocabulary(model_dir, frozen.info, frozen.config, vocab, role="scoring model")
-    arrays = data_lib.load_split(mixture_or_task_name, split, dataset["task_feature_lengths"],
-                                 max_examples=max_examples)
+    arrays = data_lib.load_split(
+        mixture_or_task_name, split, dataset["task_feature_lengths"], max_examples=max_examples
+    )
     identity = _job_identity(model_dir, frozen.step, top_k, dataset, len(arrays), batch_size, chunk_batches)
     finished = _finished(output_dir, identity)
     if finished is not None:
@@ -136,9 +161,18 @@ def salt_score(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
     done = _check_progress(output_dir, identity)
     rows_per_chunk = batch_size * chunk_batches
     num_chunks = -(-len(arrays) // rows_per_chunk)
-    log.info("SALT_DS scoring %s/%s (%d sequences) with step %d of %s, top-%d, in %d chunks of %d; %d done "
-             "already.", mixture_or_task_name, split, len(arrays), frozen.step, model_dir, top_k, num_chunks,
-             rows_per_chunk, len(done))
+    log.info(
+        "SALT_DS scoring %s/%s (%d sequences) with step %d of %s, top-%d, in %d chunks of %d; %d done already.",
+        mixture_or_task_name,
+        split,
+        len(arrays),
+        frozen.step,
+        model_dir,
+        top_k,
+        num_chunks,
+        rows_per_chunk,
+        len(done),
+    )
     rules = frozen.rules
     score, sharding = _scorer(frozen.model, mesh, rules, top_k)
     index, count = partitioning.process_batch_slice(sharding, batch_size)
@@ -147,8 +181,12 @@ def salt_score(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
         if chunk in done:
             continue
         if max_chunks_per_run is not None and this_run >= max_chunks_per_run:
-            log.info("max_chunks_per_run=%d reached: %d of %d chunks scored; the same command goes on.",
-                     max_chunks_per_run, len(done), num_chunks)
+            log.info(
+                "max_chunks_per_run=%d reached: %d of %d chunks scored; the same command goes on.",
+                max_chunks_per_run,
+                len(done),
+                num_chunks,
+            )
             return {"chunks_done": len(done), "chunks": num_chunks}
         this_run += 1
         part = arrays.take(np.arange(chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, len(arrays))))
@@ -170,16 +208,29 @@ def salt_score(*, model_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
     if not runtime.is_lead():
         return {}
     scores = np.concatenate([np.load(_chunk_path(output_dir, c)) for c in range(num_chunks)])
-    _write_npy(os.path.join(output_dir, SCORES_FILE), np.savez, task_names=arrays.task_names.astype(str),
-               ids=arrays.ids.astype(str), scores=scores)
+    _write_npy(
+        os.path.join(output_dir, SCORES_FILE),
+        np.savez,
+        task_names=arrays.task_names.astype(str),
+        ids=arrays.ids.astype(str),
+        scores=scores,
+    )
     finite = scores[np.isfinite(scores)]
     quantiles = np.quantile(finite, [0.0, 0.25, 0.5, 0.75, 1.0]).tolist() if len(finite) else []
-    meta = {**identity, "num_unlearnable": int(len(scores) - len(finite)),
-            "quantiles_0_25_50_75_100": [round(q, 6) for q in quantiles]}
+    meta = {
+        **identity,
+        "num_unlearnable": int(len(scores) - len(finite)),
+        "quantiles_0_25_50_75_100": [round(q, 6) for q in quantiles],
+    }
     _write_json(os.path.join(output_dir, META_FILE), meta)
     shutil.rmtree(os.path.join(output_dir, CHUNKS))
     os.remove(os.path.join(output_dir, PROGRESS))
-    log.info("Wrote %s: %d sequences, %d with no token in the top-%d (never selected); score quantiles %s.",
-             os.path.join(output_dir, SCORES_FILE), len(scores), meta["num_unlearnable"], top_k,
-             meta["quantiles_0_25_50_75_100"])
+    log.info(
+        "Wrote %s: %d sequences, %d with no token in the top-%d (never selected); score quantiles %s.",
+        os.path.join(output_dir, SCORES_FILE),
+        len(scores),
+        meta["num_unlearnable"],
+        top_k,
+        meta["quantiles_0_25_50_75_100"],
+    )
     return meta

@@ -22,18 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cat_jax import evaluation, metrics, partitioning
 from cat_jax import data as data_lib
+from cat_jax import evaluation, metrics, partitioning
+from cat_jax.cascade.plan import LARGE
 from cat_jax.cascade.speculative import cost, report
 from cat_jax.cascade.speculative.rules import ALPHA_EXTREMES, RULES, SWEEP_SPANS, rule_id
-from cat_jax.decoding.speculative import SpeculativeOutput, speculative_decode
-from cat_jax.models import Model
+from cat_jax.data.config import DatasetConfig
 from cat_jax.decoding import DecodingConfig, Sampler, make_decoder
+from cat_jax.decoding.speculative import SpeculativeOutput, speculative_decode
 from cat_jax.errors import ConfigError
 from cat_jax.evaluation import Split, load_split, score_texts
 from cat_jax.frozen_model import FrozenModel, check_cascade_models, check_vocabulary, load_frozen_model
-from cat_jax.cascade.plan import LARGE
-from cat_jax.data.config import DatasetConfig
+from cat_jax.models import Model
 
 log = logging.getLogger("cat_jax")
 
@@ -75,8 +75,14 @@ def alpha_grid(rule: str, num_alphas: int, alphas: Mapping[str, Sequence[float]]
     return [float(a) for a in np.linspace(low, high, num_alphas)]
 
 
-def check_plan(rules: Sequence[str], gammas: Sequence[int], num_alphas: int, alphas: Mapping[str, Sequence[float]],
-               small_model_dirs: Mapping[str, str], timing_repeats: int) -> None:
+def check_plan(
+    rules: Sequence[str],
+    gammas: Sequence[int],
+    num_alphas: int,
+    alphas: Mapping[str, Sequence[float]],
+    small_model_dirs: Mapping[str, str],
+    timing_repeats: int,
+) -> None:
     """ConfigError naming the binding to fix, before anything is restored or decoded."""
     unknown = [r for r in rules if r not in RULES]
     if not rules or unknown:
@@ -91,21 +97,27 @@ def check_plan(rules: Sequence[str], gammas: Sequence[int], num_alphas: int, alp
     if extra:
         raise ConfigError(f"run_speculative_eval.alphas names {extra}; rules with an alpha: {sorted(ALPHA_EXTREMES)}.")
     if not small_model_dirs or LARGE in small_model_dirs:
-        raise ConfigError(f"run_speculative_eval.small_model_dirs={dict(small_model_dirs)} must name one or more "
-                          f"drafters other than {LARGE!r}, e.g. {{'ce': '/tmp/cat_jax/small_ce'}}.")
+        raise ConfigError(
+            f"run_speculative_eval.small_model_dirs={dict(small_model_dirs)} must name one or more "
+            f"drafters other than {LARGE!r}, e.g. {{'ce': '/tmp/cat_jax/small_ce'}}."
+        )
     if jax.process_count() != 1:
         raise ConfigError(f"speculative_eval times decoding on one host; got {jax.process_count()} processes.")
 
 
-def make_batches(split: Split, model: Model, vocab: Any, batch_size: int, mesh: Any,
-                 rules: Any) -> Batches:
+def make_batches(split: Split, model: Model, vocab: Any, batch_size: int, mesh: Any, rules: Any) -> Batches:
     """Every batch of the split as the model's decoding inputs, placed on the mesh once."""
     sharding = partitioning.batch_sharding(mesh, rules)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
         raise ConfigError(f"BATCH_SIZE={batch_size} must be divisible by the {shards} data shards.")
-    return [({k: jax.device_put(v, sharding) for k, v in model.decoding_inputs(model.make_batch(batch, vocab)).items()},
-             real) for batch, real in data_lib.eval_batches(split.arrays, batch_size)]
+    return [
+        (
+            {k: jax.device_put(v, sharding) for k, v in model.decoding_inputs(model.make_batch(batch, vocab)).items()},
+            real,
+        )
+        for batch, real in data_lib.eval_batches(split.arrays, batch_size)
+    ]
 
 
 def timed(call: Callable[[Any, int], Any], batches: Batches, repeats: int) -> tuple[list[Any], float]:
@@ -118,8 +130,10 @@ def timed(call: Callable[[Any, int], Any], batches: Batches, repeats: int) -> tu
         for index, (inputs, _) in enumerate(batches):
             outputs.append(jax.block_until_ready(call(inputs, index)))
         best = min(best, time.perf_counter() - start)
-    host = [jax.tree_util.tree_map(lambda x, real=real: np.asarray(x)[real], jax.device_get(out))
-            for out, (_, real) in zip(outputs, batches)]
+    host = [
+        jax.tree_util.tree_map(lambda x, real=real: np.asarray(x)[real], jax.device_get(out))
+        for out, (_, real) in zip(outputs, batches)
+    ]
     return host, best
 
 
@@ -127,35 +141,56 @@ def _texts(vocab: Any, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     return [evaluation.detokenize(vocab, row, length) for row, length in zip(tokens, lengths)]
 
 
-def decode_alone(model: FrozenModel, split: Split, batches: Batches, vocab: Any,
-                 decoding: DecodingConfig, steps: int, repeats: int) -> Run:
+def decode_alone(
+    model: FrozenModel, split: Split, batches: Batches, vocab: Any, decoding: DecodingConfig, steps: int, repeats: int
+) -> Run:
     """One model decoding the split by itself (greedy, or sampling at the sweep's temperature)."""
     decoder = make_decoder(decoding, model.model, steps, vocab.eos_id)
     outs, seconds = timed(lambda enc, i: decoder(model.params, enc, decoding.rng(i)), batches, repeats)
     tokens = np.concatenate([o.tokens for o in outs])
     lengths = np.concatenate([o.lengths for o in outs])
-    flops = np.array([cost.decode_flops(model.model, int(li), int(lt))
-                      for li, lt in zip(evaluation.input_lengths(split.arrays), lengths)])
+    flops = np.array(
+        [
+            cost.decode_flops(model.model, int(li), int(lt))
+            for li, lt in zip(evaluation.input_lengths(split.arrays), lengths)
+        ]
+    )
     return Run(_texts(vocab, tokens, lengths), lengths, flops, seconds)
 
 
-def decode_speculative(spec: Callable[..., SpeculativeOutput], drafter: FrozenModel, large: FrozenModel,
-                       split: Split, batches: Batches, vocab: Any, *, rule: str, alpha: float,
-                       gamma: int, seed: int, repeats: int) -> Run:
+def decode_speculative(
+    spec: Callable[..., SpeculativeOutput],
+    drafter: FrozenModel,
+    large: FrozenModel,
+    split: Split,
+    batches: Batches,
+    vocab: Any,
+    *,
+    rule: str,
+    alpha: float,
+    gamma: int,
+    seed: int,
+    repeats: int,
+) -> Run:
     """The split decoded by `spec` (speculative_decode compiled for this drafter and gamma)."""
     key, index, a = jax.random.key(seed), jnp.int32(rule_id(rule)), jnp.float32(alpha)
     call = lambda inputs, i: spec(drafter.params, large.params, inputs, jax.random.fold_in(key, i), index, a)
     outs, seconds = timed(call, batches, repeats)
     cat = lambda name: np.concatenate([getattr(o, name) for o in outs])
     starts = cat("round_starts")
-    flops = np.array([cost.speculative_flops(drafter.model, large.model, int(li), row, gamma)
-                      for li, row in zip(evaluation.input_lengths(split.arrays), starts)])
+    flops = np.array(
+        [
+            cost.speculative_flops(drafter.model, large.model, int(li), row, gamma)
+            for li, row in zip(evaluation.input_lengths(split.arrays), starts)
+        ]
+    )
     lengths = cat("lengths")
     return Run(_texts(vocab, cat("tokens"), lengths), lengths, flops, seconds, cat("rounds"), cat("accepted"))
 
 
-def group_quality(split: Split, processed: Sequence[Any], per_example: np.ndarray, group: str,
-                  rows: np.ndarray) -> float:
+def group_quality(
+    split: Split, processed: Sequence[Any], per_example: np.ndarray, group: str, rows: np.ndarray
+) -> float:
     """The group's quality from postprocessed predictions [N] and their per-example scores [N]: its
     corpus metric (a task with one, e.g. BLEU) or the mean per-example score."""
     corpus = metrics.get_quality(group).corpus if group in split.task_rows else None
@@ -172,33 +207,52 @@ def curve_groups(split: Split, mixture_name: str) -> dict[str, np.ndarray]:
     return groups
 
 
-def points_of(run: Run, large: Run, split: Split, groups: Mapping[str, np.ndarray], *,
-              drafter: str, rule: str, gamma: int, alpha: float | None) -> list[report.Point]:
+def points_of(
+    run: Run,
+    large: Run,
+    split: Split,
+    groups: Mapping[str, np.ndarray],
+    *,
+    drafter: str,
+    rule: str,
+    gamma: int,
+    alpha: float | None,
+) -> list[report.Point]:
     """One Point per group for one run of the split (rule 'alone': a model by itself)."""
     processed, per_example = score_texts(split, run.texts)
     out = []
     for group, rows in groups.items():
         speculative = run.rounds is not None
         calls = run.rounds[rows].sum() if speculative else 0
-        out.append(report.Point(
-            group=group, drafter=drafter, rule=rule, gamma=gamma, alpha=alpha,
-            quality=group_quality(split, processed, per_example, group, rows),
-            relative_flops=float(run.flops[rows].sum() / large.flops[rows].sum()),
-            relative_latency=run.seconds / large.seconds, ms_per_example=1e3 * run.seconds / len(run.texts),
-            acceptance_rate=float(run.accepted[rows].sum() / (gamma * calls)) if speculative else None,
-            tokens_per_large_call=float(run.lengths[rows].sum() / calls) if speculative else None))
+        out.append(
+            report.Point(
+                group=group,
+                drafter=drafter,
+                rule=rule,
+                gamma=gamma,
+                alpha=alpha,
+                quality=group_quality(split, processed, per_example, group, rows),
+                relative_flops=float(run.flops[rows].sum() / large.flops[rows].sum()),
+                relative_latency=run.seconds / large.seconds,
+                ms_per_example=1e3 * run.seconds / len(run.texts),
+                acceptance_rate=float(run.accepted[rows].sum() / (gamma * calls)) if speculative else None,
+                tokens_per_large_call=float(run.lengths[rows].sum() / calls) if speculative else None,
+            )
+        )
     return out
 
 
 def _preamble(dataset: DatasetConfig, model_dirs: Mapping[str, str], num_examples: int, temperature: float) -> str:
     models = "".join(f"- {name}: `{d}`\n" for name, d in model_dirs.items())
     device = jax.devices()[0]
-    return (f"# Speculative cascades: {dataset.mixture_or_task_name} / {dataset.split} ({num_examples} examples)\n\n"
-            f"{models}\nTemperature {temperature:g} ({'greedy' if temperature == 0 else 'sampling'}), batch "
-            f"{dataset.batch_size}, {jax.device_count()} x {device.platform}:{getattr(device, 'device_kind', '')}. "
-            "Relative latency is wall-clock time over the split against the large model decoding it alone; "
-            "relative FLOPs come from the analytic model; acceptance is the fraction of drafted tokens kept. "
-            "\"alpha to match large\" is the fastest point whose quality reaches the large model's.\n")
+    return (
+        f"# Speculative cascades: {dataset.mixture_or_task_name} / {dataset.split} ({num_examples} examples)\n\n"
+        f"{models}\nTemperature {temperature:g} ({'greedy' if temperature == 0 else 'sampling'}), batch "
+        f"{dataset.batch_size}, {jax.device_count()} x {device.platform}:{getattr(device, 'device_kind', '')}. "
+        "Relative latency is wall-clock time over the split against the large model decoding it alone; "
+        "relative FLOPs come from the analytic model; acceptance is the fraction of drafted tokens kept. "
+        '"alpha to match large" is the fastest point whose quality reaches the large model\'s.\n'
+    )
 
 
 @gin.configurable
@@ -239,48 +293,112 @@ def run_speculative_eval(
         check_vocabulary(model_dir, models[name].info, models[name].config, vocab, role=f"model {name!r}")
     families = {name: m.model.family for name, m in models.items()}
     if len(set(families.values())) > 1:
-        raise ConfigError(f"speculative_eval drafts with one model and verifies with another on one batch: they must "
-                          f"be of one family (and share one vocabulary); got {families}.")
+        raise ConfigError(
+            f"speculative_eval drafts with one model and verifies with another on one batch: they must "
+            f"be of one family (and share one vocabulary); got {families}."
+        )
     batches = make_batches(split, models[LARGE].model, vocab, dataset.batch_size, mesh, mesh_rules)
-    alone_decoding = DecodingConfig(method="greedy" if sampler.greedy else "sample", temperature=temperature,
-                                    top_k=0, top_p=1.0, seed=seed)  # every field: none from gin's `decoding`
-    runs = {name: decode_alone(m, split, batches, vocab, alone_decoding, steps, timing_repeats)
-            for name, m in models.items()}
+    alone_decoding = DecodingConfig(
+        method="greedy" if sampler.greedy else "sample", temperature=temperature, top_k=0, top_p=1.0, seed=seed
+    )  # every field: none from gin's `decoding`
+    runs = {
+        name: decode_alone(m, split, batches, vocab, alone_decoding, steps, timing_repeats)
+        for name, m in models.items()
+    }
     large = runs[LARGE]
     log.info("Large model alone: %.3f s for %d examples", large.seconds, len(split.arrays))
-    points = [p for name, run in runs.items()
-              for p in points_of(run, large, split, groups, drafter=name, rule="alone", gamma=0, alpha=None)]
+    points = [
+        p
+        for name, run in runs.items()
+        for p in points_of(run, large, split, groups, drafter=name, rule="alone", gamma=0, alpha=None)
+    ]
     for name in small_model_dirs:
         drafter = models[name]
         for gamma in gammas:
-            spec = jax.jit(lambda sp, lp, inputs, rng, index, alpha, gamma=gamma: speculative_decode(
-                drafter.model, sp, models[LARGE].model, lp, inputs, rng, index, alpha, gamma=gamma,
-                max_decode_length=steps, eos_id=vocab.eos_id, sampler=sampler))
+            spec = jax.jit(
+                lambda sp, lp, inputs, rng, index, alpha, gamma=gamma: speculative_decode(
+                    drafter.model,
+                    sp,
+                    models[LARGE].model,
+                    lp,
+                    inputs,
+                    rng,
+                    index,
+                    alpha,
+                    gamma=gamma,
+                    max_decode_length=steps,
+                    eos_id=vocab.eos_id,
+                    sampler=sampler,
+                )
+            )
             for rule in dict.fromkeys(rules):
                 for alpha in alpha_grid(rule, num_alphas, alphas):
-                    run = decode_speculative(spec, drafter, models[LARGE], split, batches, vocab, rule=rule,
-                                             alpha=alpha, gamma=gamma, seed=seed, repeats=timing_repeats)
-                    new = points_of(run, large, split, groups, drafter=name, rule=rule, gamma=gamma,
-                                    alpha=None if rule == "lossless" else alpha)
+                    run = decode_speculative(
+                        spec,
+                        drafter,
+                        models[LARGE],
+                        split,
+                        batches,
+                        vocab,
+                        rule=rule,
+                        alpha=alpha,
+                        gamma=gamma,
+                        seed=seed,
+                        repeats=timing_repeats,
+                    )
+                    new = points_of(
+                        run,
+                        large,
+                        split,
+                        groups,
+                        drafter=name,
+                        rule=rule,
+                        gamma=gamma,
+                        alpha=None if rule == "lossless" else alpha,
+                    )
                     points += new
-                    log.info("%s gamma=%d %s alpha=%s: %.3f s (%.2fx the large model), acceptance %.3f",
-                             name, gamma, rule, new[0].alpha, run.seconds, new[0].relative_latency,
-                             new[0].acceptance_rate)
-    return SpeculativeEvalResult(output_dir, write_outputs(output_dir, points, split, dataset, model_dirs,
-                                                           temperature))
+                    log.info(
+                        "%s gamma=%d %s alpha=%s: %.3f s (%.2fx the large model), acceptance %.3f",
+                        name,
+                        gamma,
+                        rule,
+                        new[0].alpha,
+                        run.seconds,
+                        new[0].relative_latency,
+                        new[0].acceptance_rate,
+                    )
+    return SpeculativeEvalResult(output_dir, write_outputs(output_dir, points, split, dataset, model_dirs, temperature))
 
 
-def write_outputs(output_dir: str, points: Sequence[report.Point], split: Split,
-                  dataset: DatasetConfig, model_dirs: Mapping[str, str], temperature: float) -> list[str]:
+def write_outputs(
+    output_dir: str,
+    points: Sequence[report.Point],
+    split: Split,
+    dataset: DatasetConfig,
+    model_dirs: Mapping[str, str],
+    temperature: float,
+) -> list[str]:
     """curves.csv/json, summary.json/md and the PNGs; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
-    path = {name: os.path.join(output_dir, name)
-            for name in ("curves.csv", "curves.json", "summary.json", "summary.md")}
+    path = {
+        name: os.path.join(output_dir, name) for name in ("curves.csv", "curves.json", "summary.json", "summary.md")
+    }
     report.write_points(path["curves.csv"], path["curves.json"], points)
-    report.write_summaries(path["summary.json"], path["summary.md"], report.summarize(points), points,
-                           _preamble(dataset, model_dirs, len(split.arrays), temperature))
-    metric_names = {group: ("BLEU (sacrebleu)" if group in split.task_rows and metrics.get_quality(group).corpus
-                            else "mean per-example quality") for group in dict.fromkeys(p.group for p in points)}
+    report.write_summaries(
+        path["summary.json"],
+        path["summary.md"],
+        report.summarize(points),
+        points,
+        _preamble(dataset, model_dirs, len(split.arrays), temperature),
+    )
+    metric_names = {
+        group: (
+            "BLEU (sacrebleu)"
+            if group in split.task_rows and metrics.get_quality(group).corpus
+            else "mean per-example quality"
+        )
+        for group in dict.fromkeys(p.group for p in points)
+    }
     files = [*path.values(), *report.plot_all(points, output_dir, metric_names)]
     for file in files:
         log.info("Wrote %s", file)

@@ -36,19 +36,24 @@ import jax
 import numpy as np
 
 from cat_jax import data as data_lib
-from cat_jax import evaluation, gin_utils, models, optimizers, partitioning, runtime
+from cat_jax import evaluation, gin_utils, models, optimizers, partitioning, runtime, vocabulary_store
 from cat_jax import model_dir as model_dir_lib
-from cat_jax import vocabulary_store
 from cat_jax.checkpoints import Checkpointer, restore_params
 from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, TeacherMismatchError, check_int
-from cat_jax.frozen_model import (FrozenModel, check_config, check_vocabulary, load_frozen_model,
-                                  read_model_info)
+from cat_jax.frozen_model import FrozenModel, check_config, check_vocabulary, load_frozen_model, read_model_info
 from cat_jax.metric_writers import MetricWriter
 from cat_jax.objectives import Objective
 from cat_jax.train_state import abstract_with_shardings, init_train_state, state_shardings
-from cat_jax.train_step import (PreemptionWatcher, ProgressMeter, check_finite, compile_train_step,
-                             format_duration, make_train_step, scalar_metrics)
+from cat_jax.train_step import (
+    PreemptionWatcher,
+    ProgressMeter,
+    check_finite,
+    compile_train_step,
+    format_duration,
+    make_train_step,
+    scalar_metrics,
+)
 
 log = logging.getLogger("cat_jax")
 
@@ -65,6 +70,7 @@ class TrainResult:
 @dataclasses.dataclass
 class Run:
     """Everything resolved before anything is written."""
+
     model_dir: str
     model: models.Model
     objective: Objective
@@ -77,16 +83,32 @@ class Run:
 
 
 @gin.configurable(denylist=["mesh"])
-def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, model_config: Any = gin.REQUIRED,
-          train_dataset: DatasetConfig = gin.REQUIRED, objective: Objective = gin.REQUIRED,
-          compute_dtype: str | None = None, teacher_model_dir: str | None = None,
-          teacher_step: int | None = None, teacher_dtype: str = "bfloat16", teacher_model_config: Any = None,
-          initial_checkpoint_dir: str | None = None, eval_split: str | None = "validation",
-          eval_period: int = 0, eval_max_examples: int | None = 256, eval_batch_size: int = 64,
-          checkpoint_period: int = 100, keep_checkpoints: int = 3, log_every_steps: int = 10,
-          seed: int = 0, peak_flops_per_device: float | None = None,
-          max_steps_per_run: int | None = None, allow_config_change: bool = False,
-          mesh: Any = None) -> TrainResult:
+def train(
+    *,
+    model_dir: str = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    model_config: Any = gin.REQUIRED,
+    train_dataset: DatasetConfig = gin.REQUIRED,
+    objective: Objective = gin.REQUIRED,
+    compute_dtype: str | None = None,
+    teacher_model_dir: str | None = None,
+    teacher_step: int | None = None,
+    teacher_dtype: str = "bfloat16",
+    teacher_model_config: Any = None,
+    initial_checkpoint_dir: str | None = None,
+    eval_split: str | None = "validation",
+    eval_period: int = 0,
+    eval_max_examples: int | None = 256,
+    eval_batch_size: int = 64,
+    checkpoint_period: int = 100,
+    keep_checkpoints: int = 3,
+    log_every_steps: int = 10,
+    seed: int = 0,
+    peak_flops_per_device: float | None = None,
+    max_steps_per_run: int | None = None,
+    allow_config_change: bool = False,
+    mesh: Any = None,
+) -> TrainResult:
     """Train the model of `model_config` (any family's config; None: the architecture of
     `initial_checkpoint_dir`, logged) on `train_dataset` for `train_steps` steps into `model_dir`,
     minimising `objective` (e.g. `@TokenLoss()`: CE, distillation or CAT; `@Salt()`).
@@ -98,28 +120,56 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, mod
     run_info.json's history); without it such a resume is refused with the differences.
     """
     train_dataset = train_dataset.require_task()
-    _check_numbers(train_steps=train_steps, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
-                   log_every_steps=log_every_steps, eval_period=eval_period, eval_batch_size=eval_batch_size,
-                   eval_max_examples=eval_max_examples, seed=seed, max_steps_per_run=max_steps_per_run,
-                   teacher_step=teacher_step)
+    _check_numbers(
+        train_steps=train_steps,
+        checkpoint_period=checkpoint_period,
+        keep_checkpoints=keep_checkpoints,
+        log_every_steps=log_every_steps,
+        eval_period=eval_period,
+        eval_batch_size=eval_batch_size,
+        eval_max_examples=eval_max_examples,
+        seed=seed,
+        max_steps_per_run=max_steps_per_run,
+        teacher_step=teacher_step,
+    )
     with _claim(model_dir) as model_dir:
         with runtime.phase("checking the configuration"):
-            run = _prepare(model_dir, train_steps, model_config, compute_dtype, train_dataset, objective, seed,
-                           teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config,
-                           initial_checkpoint_dir, allow_config_change, mesh)
+            run = _prepare(
+                model_dir,
+                train_steps,
+                model_config,
+                compute_dtype,
+                train_dataset,
+                objective,
+                seed,
+                teacher_model_dir,
+                teacher_step,
+                teacher_dtype,
+                teacher_model_config,
+                initial_checkpoint_dir,
+                allow_config_change,
+                mesh,
+            )
         if run.latest is not None and run.latest >= train_steps:
-            log.info("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to do (nothing was "
-                     "written). Raise TRAIN_STEPS to train further, or use a new MODEL_DIR.",
-                     model_dir, run.latest, train_steps)
+            log.info(
+                "MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to do (nothing was "
+                "written). Raise TRAIN_STEPS to train further, or use a new MODEL_DIR.",
+                model_dir,
+                run.latest,
+                train_steps,
+            )
             return TrainResult(run.latest, model_dir, {}, {})
         runtime.set_on_disk(_on_disk(model_dir, run.latest))
         with runtime.phase("loading the data"):
             data = _train_data(train_dataset, run)
             eval_arrays = None
             if eval_split and eval_period:
-                eval_arrays = data_lib.load_split(train_dataset.mixture_or_task_name, eval_split,
-                                                  dict(train_dataset.task_feature_lengths),
-                                                  max_examples=eval_max_examples)
+                eval_arrays = data_lib.load_split(
+                    train_dataset.mixture_or_task_name,
+                    eval_split,
+                    dict(train_dataset.task_feature_lengths),
+                    max_examples=eval_max_examples,
+                )
         if runtime.is_lead():
             run.info["vocabulary_files"] = vocabulary_store.write_vocabulary(model_dir, run.vocab)
             model_dir_lib.write_run_info(model_dir, run.info)
@@ -128,29 +178,55 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, mod
 
         tx, schedule = optimizers.make_optimizer(train_steps)
         abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
-        ckpt = Checkpointer(model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints,
-                            data_iterator=data.iterator)
+        ckpt = Checkpointer(
+            model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints, data_iterator=data.iterator
+        )
         with runtime.phase("restoring the checkpoint"):
-            state, start_step = _restore_or_init(ckpt, run.model, tx, seed, abstract, shardings,
-                                                 initial_checkpoint_dir, model_dir)
+            state, start_step = _restore_or_init(
+                ckpt, run.model, tx, seed, abstract, shardings, initial_checkpoint_dir, model_dir
+            )
         runtime.set_on_disk(_on_disk(model_dir, start_step or ckpt.latest_step()))
         try:
             with runtime.phase("compiling the train step"):
                 _log_state_bytes(state, run.teacher)
-                loop = _Loop(run, tx, schedule, train_dataset, train_steps, state, start_step, ckpt, data,
-                             eval_arrays, eval_batch_size, abstract, shardings, peak_flops_per_device)
+                loop = _Loop(
+                    run,
+                    tx,
+                    schedule,
+                    train_dataset,
+                    train_steps,
+                    state,
+                    start_step,
+                    ckpt,
+                    data,
+                    eval_arrays,
+                    eval_batch_size,
+                    abstract,
+                    shardings,
+                    peak_flops_per_device,
+                )
             with runtime.phase("training"):
                 step, metrics, eval_metrics = loop.run(log_every_steps, eval_period, max_steps_per_run)
         finally:
             ckpt.close()
         if runtime.is_lead():
             gin_utils.write_operative_config(model_dir)
-        return TrainResult(step, model_dir, scalar_metrics(metrics) if metrics else {}, eval_metrics,
-                           loop.step_flops)
+        return TrainResult(step, model_dir, scalar_metrics(metrics) if metrics else {}, eval_metrics, loop.step_flops)
 
 
-def _check_numbers(*, train_steps, checkpoint_period, keep_checkpoints, log_every_steps, eval_period,
-                   eval_batch_size, eval_max_examples, seed, max_steps_per_run, teacher_step) -> None:
+def _check_numbers(
+    *,
+    train_steps,
+    checkpoint_period,
+    keep_checkpoints,
+    log_every_steps,
+    eval_period,
+    eval_batch_size,
+    eval_max_examples,
+    seed,
+    max_steps_per_run,
+    teacher_step,
+) -> None:
     """ConfigError naming the first run-defining number out of its range, before anything is
     written (the dataset's are checked as DatasetConfig is built, the model's as its config is, the
     objective's by its `check`, the optimizer's as it is built here)."""
@@ -196,18 +272,24 @@ def _lock(model_dir: str) -> model_dir_lib.ModelDirLock | None:
             error = e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
         taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
         if not taken and error is None:
-            error = ModelDirError(f"MODEL_DIR {model_dir} could not be locked by process 0 (its log says why: "
-                                  "another trainer holds it, or the lock file could not be written).")
+            error = ModelDirError(
+                f"MODEL_DIR {model_dir} could not be locked by process 0 (its log says why: "
+                "another trainer holds it, or the lock file could not be written)."
+            )
     if error is not None:
         raise error
     return held
 
 
 def _on_disk(model_dir: str, step: int | None) -> str:
-    return (f"The latest checkpoint in {model_dir} is step {step}; the same command resumes."
-            if step else f"No checkpoint of this run is in {model_dir} yet; the same command starts it.")
+    return (
+        f"The latest checkpoint in {model_dir} is step {step}; the same command resumes."
+        if step
+        else f"No checkpoint of this run is in {model_dir} yet; the same command starts it."
+    )
 
 
 def _train_data(dataset: DatasetConfig, run: Run) -> Any:
@@ -215,38 +297,83 @@ def _train_data(dataset: DatasetConfig, run: Run) -> Any:
     streamed), logged; the objective's own where it chooses them (SALT_DS's selection)."""
     source = data_lib.data_source()
     rows = partitioning.process_batch_slice(partitioning.batch_sharding(run.mesh, run.rules), dataset.batch_size)
-    log.info("Data: %s/%s from %s (%s).", dataset.mixture_or_task_name, dataset.split, source.describe(),
-             "streamed by grain from ArrayRecord shards" if source.kind == "streaming" else "held in memory")
+    log.info(
+        "Data: %s/%s from %s (%s).",
+        dataset.mixture_or_task_name,
+        dataset.split,
+        source.describe(),
+        "streamed by grain from ArrayRecord shards" if source.kind == "streaming" else "held in memory",
+    )
     chosen = run.objective.train_batches(source, dataclasses.asdict(dataset), rows)
     if chosen is not None:
         return chosen
-    return source.train_batches(dataset.mixture_or_task_name, dataset.split, dict(dataset.task_feature_lengths),
-                                dataset.batch_size, dataset.seed, dataset.max_examples, rows)
+    return source.train_batches(
+        dataset.mixture_or_task_name,
+        dataset.split,
+        dict(dataset.task_feature_lengths),
+        dataset.batch_size,
+        dataset.seed,
+        dataset.max_examples,
+        rows,
+    )
 
 
-def _prepare(model_dir, train_steps, model_config, compute_dtype, train_dataset, objective, seed,
-             teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config, initial_checkpoint_dir,
-             allow_config_change, mesh) -> Run:
+def _prepare(
+    model_dir,
+    train_steps,
+    model_config,
+    compute_dtype,
+    train_dataset,
+    objective,
+    seed,
+    teacher_model_dir,
+    teacher_step,
+    teacher_dtype,
+    teacher_model_config,
+    initial_checkpoint_dir,
+    allow_config_change,
+    mesh,
+) -> Run:
     if not isinstance(objective, Objective):
         raise ConfigError(f"train.objective must be an objective such as @TokenLoss() or @Salt(); got {objective!r}.")
     vocab = data_lib.get_vocabulary_of(train_dataset.mixture_or_task_name)
-    model = models.build(model_dir_lib.with_vocab_size(
-        _model_config(model_config, compute_dtype, initial_checkpoint_dir), vocab))
+    model = models.build(
+        model_dir_lib.with_vocab_size(_model_config(model_config, compute_dtype, initial_checkpoint_dir), vocab)
+    )
     mesh = mesh or partitioning.make_mesh()
     rules = model.fit_rules(mesh.shape, partitioning.logical_axis_rules())
     log.info("Mesh: %s", partitioning.describe_mesh(mesh))
     teacher = None
     if teacher_model_dir:
-        teacher = load_teacher(teacher_model_dir, teacher_step, teacher_dtype, teacher_model_config,
-                               model, vocab, mesh, partitioning.logical_axis_rules())
+        teacher = load_teacher(
+            teacher_model_dir,
+            teacher_step,
+            teacher_dtype,
+            teacher_model_config,
+            model,
+            vocab,
+            mesh,
+            partitioning.logical_axis_rules(),
+        )
         log.info("Teacher: step %d of %s, %s parameters", teacher.step, teacher_model_dir, teacher_dtype)
-    objective.check(has_teacher=teacher is not None, streaming=data_lib.data_source().kind == "streaming",
-                    dataset=dataclasses.asdict(train_dataset))
+    objective.check(
+        has_teacher=teacher is not None,
+        streaming=data_lib.data_source().kind == "streaming",
+        dataset=dataclasses.asdict(train_dataset),
+    )
     if initial_checkpoint_dir:
         check_initial_checkpoint(initial_checkpoint_dir, model.config, vocab)
-    info = model_dir_lib.run_info(model, vocab, objective.info(), train_dataset, teacher, seed=seed,
-                                  optimizer=optimizers.settings(), train_steps=train_steps,
-                                  data_source=data_lib.data_source().describe())
+    info = model_dir_lib.run_info(
+        model,
+        vocab,
+        objective.info(),
+        train_dataset,
+        teacher,
+        seed=seed,
+        optimizer=optimizers.settings(),
+        train_steps=train_steps,
+        data_source=data_lib.data_source().describe(),
+    )
     latest = Checkpointer.latest_in(model_dir)
     if latest is not None:
         info = model_dir_lib.check_resume(model_dir, info, allow_change=allow_config_change)
@@ -257,12 +384,17 @@ def _model_config(model_config: Any, compute_dtype: str | None, initial_checkpoi
     """The configured model config, or (None) the initial checkpoint's, with `compute_dtype`."""
     if model_config is None:
         if not initial_checkpoint_dir:
-            raise ConfigError("No model is configured (train.model_config is None) and there is no initial "
-                              "checkpoint to take one from: give a model file, e.g. "
-                              "--gin_file=gin_configs/models/small.gin, or --gin.INITIAL_CHECKPOINT_DIR.")
+            raise ConfigError(
+                "No model is configured (train.model_config is None) and there is no initial "
+                "checkpoint to take one from: give a model file, e.g. "
+                "--gin_file=gin_configs/models/small.gin, or --gin.INITIAL_CHECKPOINT_DIR."
+            )
         model_config = models.config_from_run_info(read_model_info(initial_checkpoint_dir))
-        log.info("Model: the architecture of the initial checkpoint %s (%s).", initial_checkpoint_dir,
-                 type(model_config).__name__)
+        log.info(
+            "Model: the architecture of the initial checkpoint %s (%s).",
+            initial_checkpoint_dir,
+            type(model_config).__name__,
+        )
     return model_config.replace(dtype=compute_dtype) if compute_dtype else model_config
 
 
@@ -270,9 +402,23 @@ class _Loop:
     """The data, the compiled step of the objective's current phase and the metric writer of one
     invocation, and its step loop."""
 
-    def __init__(self, run: Run, tx, schedule, dataset: DatasetConfig, train_steps: int, state, start_step: int,
-                 ckpt: Checkpointer, data, eval_arrays, eval_batch_size: int, abstract, shardings,
-                 peak_flops_per_device):
+    def __init__(
+        self,
+        run: Run,
+        tx,
+        schedule,
+        dataset: DatasetConfig,
+        train_steps: int,
+        state,
+        start_step: int,
+        ckpt: Checkpointer,
+        data,
+        eval_arrays,
+        eval_batch_size: int,
+        abstract,
+        shardings,
+        peak_flops_per_device,
+    ):
         self.run_, self.model, self.dataset, self.train_steps = run, run.model, dataset, train_steps
         self.state, self.start_step, self.ckpt, self.data = state, start_step, ckpt, data
         self.eval_batch_size, self.eval_arrays = eval_batch_size, eval_arrays
@@ -282,8 +428,11 @@ class _Loop:
         self.step_flops: dict[str, float | None] = {}
         self.phase = run.objective.phase_at(start_step)
         if run.teacher is not None and not self.teacher_runs:
-            log.info("Resuming at step %d in %s: the teacher is not run.", start_step,
-                     run.objective.describe_phase(self.phase))
+            log.info(
+                "Resuming at step %d in %s: the teacher is not run.",
+                start_step,
+                run.objective.describe_phase(self.phase),
+            )
             run.teacher.params = None
         self.compiled = self._compile()
         li, lt = lengths["inputs"], lengths["targets"]
@@ -299,16 +448,30 @@ class _Loop:
         phase) or without it (plain CE, SALT after the switch)."""
         run, (tx, schedule, abstract, shardings, shapes) = self.run_, self._compile_args
         teacher = run.teacher if self.teacher_runs else None
-        step_fn = make_train_step(run.objective.loss_fn(run.model, self.phase), tx, schedule,
-                                  teacher.logits_fn if teacher else None)
-        compiled = compile_train_step(step_fn, abstract, shardings, shapes, self.b_sharding,
-                                      teacher.abstract_params if teacher else None,
-                                      teacher.param_shardings if teacher else None, run.mesh, run.rules)
+        step_fn = make_train_step(
+            run.objective.loss_fn(run.model, self.phase), tx, schedule, teacher.logits_fn if teacher else None
+        )
+        compiled = compile_train_step(
+            step_fn,
+            abstract,
+            shardings,
+            shapes,
+            self.b_sharding,
+            teacher.abstract_params if teacher else None,
+            teacher.param_shardings if teacher else None,
+            run.mesh,
+            run.rules,
+        )
         phase = "with the teacher" if teacher else "without a teacher"
         self.step_flops[phase] = compiled.flops
-        log.info("Compiled the train step (%s, %s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
-                 run.objective.describe_phase(self.phase), phase, compiled.compile_seconds,
-                 compiled.flops or float("nan"), {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()})
+        log.info(
+            "Compiled the train step (%s, %s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
+            run.objective.describe_phase(self.phase),
+            phase,
+            compiled.compile_seconds,
+            compiled.flops or float("nan"),
+            {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()},
+        )
         return compiled
 
     def _model_flops(self) -> float:
@@ -323,8 +486,9 @@ class _Loop:
         """The objective's next phase from `step` on: its step compiled, the teacher's parameters
         released when it no longer runs."""
         objective = self.run_.objective
-        log.info("Step %d starts %s (was %s).", step, objective.describe_phase(phase),
-                 objective.describe_phase(self.phase))
+        log.info(
+            "Step %d starts %s (was %s).", step, objective.describe_phase(phase), objective.describe_phase(self.phase)
+        )
         ran = self.teacher_runs
         self.phase = phase
         if ran and not self.teacher_runs:
@@ -333,8 +497,9 @@ class _Loop:
         self.compiled = self._compile()
         self.meter.flops_per_step = self._model_flops()
 
-    def run(self, log_every: int, eval_period: int,
-            max_steps_per_run: int | None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    def run(
+        self, log_every: int, eval_period: int, max_steps_per_run: int | None
+    ) -> tuple[int, dict[str, Any], dict[str, Any]]:
         run, ckpt, dataset = self.run_, self.ckpt, self.dataset
         # Always the step it starts after: a start from scratch (0) in a MODEL_DIR whose run was
         # killed before its first checkpoint replays steps that run had logged.
@@ -368,17 +533,28 @@ class _Loop:
                         raise CheckpointError(
                             f"The final step {step} could not be saved: {run.model_dir} holds a damaged step "
                             f"{step} that could not be moved aside (logged above). Move it away and run the same "
-                            "command again; it resumes from the latest checkpoint.")
+                            "command again; it resumes from the latest checkpoint."
+                        )
                 if self.eval_arrays is not None and (step % eval_period == 0 or at_end):
-                    eval_metrics = evaluation.evaluate(self.model, state.params, self.eval_arrays, run.vocab,
-                                                       self.eval_batch_size, run.mesh, run.rules,
-                                                       dataset.task_feature_lengths["targets"])
+                    eval_metrics = evaluation.evaluate(
+                        self.model,
+                        state.params,
+                        self.eval_arrays,
+                        run.vocab,
+                        self.eval_batch_size,
+                        run.mesh,
+                        run.rules,
+                        dataset.task_feature_lengths["targets"],
+                    )
                     writer.write_scalars(step, evaluation.flatten(eval_metrics, prefix="eval/"))
                     log.info("eval @ %d: %s", step, json.dumps(evaluation.flatten(eval_metrics), sort_keys=True))
                 if stop:
-                    log.info("%s: saved step %d in %s; the same command resumes.",
-                             "Preemption signal" if preempted else "max_steps_per_run reached", step,
-                             run.model_dir)
+                    log.info(
+                        "%s: saved step %d in %s; the same command resumes.",
+                        "Preemption signal" if preempted else "max_steps_per_run reached",
+                        step,
+                        run.model_dir,
+                    )
                     break
         finally:
             watcher.close()
@@ -386,8 +562,9 @@ class _Loop:
         return step, metrics, eval_metrics
 
 
-def load_teacher(model_dir: str, step: int | None, dtype: str, expected_config: Any, student: models.Model,
-                 vocab, mesh, rules) -> FrozenModel:
+def load_teacher(
+    model_dir: str, step: int | None, dtype: str, expected_config: Any, student: models.Model, vocab, mesh, rules
+) -> FrozenModel:
     """The frozen teacher (larger or smaller than the student), checked against the student's
     family and vocabulary and the configured model before its parameters are restored. Student and
     teacher read one batch, so they are of one family."""
@@ -396,7 +573,8 @@ def load_teacher(model_dir: str, step: int | None, dtype: str, expected_config: 
     if family != student.family:
         raise TeacherMismatchError(
             f"The teacher in {model_dir} is a {family!r} model and the student a {student.family!r} one: a train "
-            f"step feeds both one batch, so they must be of one family (and share one vocabulary).")
+            f"step feeds both one batch, so they must be of one family (and share one vocabulary)."
+        )
     if expected_config is not None:
         check_config(model_dir, info, expected_config)
     check_vocabulary(model_dir, info, student.config, vocab)
@@ -410,10 +588,14 @@ def check_initial_checkpoint(directory: str, model_config: Any, vocab) -> None:
     """
     info = read_model_info(directory)
     written = models.config_from_run_info(info)
-    same_dropout = {"dropout_rate": written.dropout_rate} if hasattr(written, "dropout_rate") and hasattr(
-        model_config, "dropout_rate") else {}
-    check_config(directory, info, model_config.replace(**same_dropout),
-                 role="initial checkpoint (train.initial_checkpoint_dir)")
+    same_dropout = (
+        {"dropout_rate": written.dropout_rate}
+        if hasattr(written, "dropout_rate") and hasattr(model_config, "dropout_rate")
+        else {}
+    )
+    check_config(
+        directory, info, model_config.replace(**same_dropout), role="initial checkpoint (train.initial_checkpoint_dir)"
+    )
     check_vocabulary(directory, info, model_config, vocab, role="initial checkpoint")
 
 
@@ -426,26 +608,40 @@ def _restore_or_init(ckpt: Checkpointer, model, tx, seed, abstract, shardings, i
     if initial_checkpoint_dir:
         template = abstract_with_shardings(abstract.params, shardings.params)
         params, meta = restore_params(initial_checkpoint_dir, template)
-        log.info("Restore: parameters from %s (step %s), fresh optimizer state, step 0.",
-                 initial_checkpoint_dir, meta.get("step"))
+        log.info(
+            "Restore: parameters from %s (step %s), fresh optimizer state, step 0.",
+            initial_checkpoint_dir,
+            meta.get("step"),
+        )
         return init_train_state(model, tx, seed, shardings, params=params), 0
     log.info("Restore: no checkpoint in %s and no initial checkpoint; starting from scratch.", model_dir)
     return init_train_state(model, tx, seed, shardings), 0
 
 
 def _log_state_bytes(state, teacher: FrozenModel | None) -> None:
-    sizes = {"params": partitioning.per_device_bytes(state.params),
-             "optimizer": partitioning.per_device_bytes(state.opt_state)}
+    sizes = {
+        "params": partitioning.per_device_bytes(state.params),
+        "optimizer": partitioning.per_device_bytes(state.opt_state),
+    }
     if teacher is not None:
         sizes["teacher"] = teacher.bytes_per_device()
     log.info("Per-device bytes: %s", {k: f"{v / 2**20:.2f} MiB" for k, v in sizes.items()})
 
 
-def _log_progress(writer: MetricWriter, step: int, total: int, metrics: dict[str, float],
-                  speed: dict[str, float]) -> None:
+def _log_progress(
+    writer: MetricWriter, step: int, total: int, metrics: dict[str, float], speed: dict[str, float]
+) -> None:
     writer.write_scalars(step, {**{f"train/{k}": v for k, v in metrics.items()}, **speed})
     extra = "".join(f" {k}={metrics[k]:.3f}" for k in ("mask_fraction", "student_accuracy") if k in metrics)
     mfu = f" mfu={speed['mfu']:.1%}" if "mfu" in speed else ""
-    log.info("step %d/%d loss=%.4f%s %.2f steps/s %.0f tokens/s%s ETA %s", step, total,
-             metrics["loss"], extra, speed["steps_per_sec"], speed["tokens_per_sec"], mfu,
-             format_duration(speed["eta_seconds"]))
+    log.info(
+        "step %d/%d loss=%.4f%s %.2f steps/s %.0f tokens/s%s ETA %s",
+        step,
+        total,
+        metrics["loss"],
+        extra,
+        speed["steps_per_sec"],
+        speed["tokens_per_sec"],
+        mfu,
+        format_duration(speed["eta_seconds"]),
+    )

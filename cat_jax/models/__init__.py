@@ -9,8 +9,28 @@ MODEL_DIR's run_info, and everything else through the `Model` it returns.
 """
 
 from cat_jax.models import decoder, t5  # noqa: F401  (registers the families)
-from cat_jax.models.contract import (DEFAULT_FAMILY, FAMILIES, LOSS_WEIGHTS, TARGETS, Model, build,
-                                     config_from_run_info, family_class, family_of_run_info, from_run_info)
+from cat_jax.models.contract import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    LOSS_WEIGHTS,
+    TARGETS,
+    Model,
+    build,
+    config_from_run_info,
+    family_class,
+    family_of_run_info,
+    from_run_info,
+)
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "LOSS_WEIGHTS", "Model", "TARGETS", "build", "config_from_run_info",
-           "family_class", "family_of_run_info", "from_run_info"]
+__all__ = [
+    "DEFAULT_FAMILY",
+    "FAMILIES",
+    "LOSS_WEIGHTS",
+    "Model",
+    "TARGETS",
+    "build",
+    "config_from_run_info",
+    "family_class",
+    "family_of_run_info",
+    "from_run_info",
+]

@@ -75,8 +75,9 @@ class Model(abc.ABC):
 
     def __post_init__(self) -> None:
         if getattr(self.config, "vocab_size", None) is None:
-            raise ValueError(f"{type(self.config).__name__}.vocab_size is unset; the trainer sets it from the "
-                             "task's vocabulary.")
+            raise ValueError(
+                f"{type(self.config).__name__}.vocab_size is unset; the trainer sets it from the task's vocabulary."
+            )
 
     # ---- identity -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -138,8 +139,12 @@ class Model(abc.ABC):
             if sizes[name] % split:
                 replicated.append(name)
         for name in replicated:
-            log.info("Logical axis %r (size %d) is not divisible by its mesh axes %s: replicated.", name,
-                     sizes[name], dict(rules).get(name))
+            log.info(
+                "Logical axis %r (size %d) is not divisible by its mesh axes %s: replicated.",
+                name,
+                sizes[name],
+                dict(rules).get(name),
+            )
         return tuple((name, None) for name in replicated) + tuple(rules)
 
     # ---- teacher forcing ----------------------------------------------------------------------
@@ -150,8 +155,9 @@ class Model(abc.ABC):
 
     # ---- decoding -----------------------------------------------------------------------------
     @abc.abstractmethod
-    def start_decoding(self, params: Params, inputs: Mapping[str, jax.Array],
-                       max_decode_length: int) -> tuple[DecodeState, jax.Array]:
+    def start_decoding(
+        self, params: Params, inputs: Mapping[str, jax.Array], max_decode_length: int
+    ) -> tuple[DecodeState, jax.Array]:
         """(state, first tokens [b] int32) for decoding at most `max_decode_length` tokens per row.
 
         Every per-row leaf of the state has the batch as its leading axis (beam search reorders
@@ -159,8 +165,9 @@ class Model(abc.ABC):
         """
 
     @abc.abstractmethod
-    def decode_block(self, params: Params, state: DecodeState, tokens: jax.Array
-                     ) -> tuple[jax.Array, jax.Array, DecodeState]:
+    def decode_block(
+        self, params: Params, state: DecodeState, tokens: jax.Array
+    ) -> tuple[jax.Array, jax.Array, DecodeState]:
         """Feeds tokens [b, g] at each row's position: (logits [b, g, vocab], hidden [b, g, d], the
         state advanced by g). Row r's logits at j predict the token after tokens[r, :j + 1]."""
 
@@ -210,8 +217,9 @@ def build(config: Any) -> Model:
     """The Model of a family's config."""
     family = getattr(config, "family", None)
     if family is None:
-        raise TypeError(f"{type(config).__name__} is not a model config (no `family`); known families: "
-                        f"{sorted(FAMILIES)}.")
+        raise TypeError(
+            f"{type(config).__name__} is not a model config (no `family`); known families: {sorted(FAMILIES)}."
+        )
     return family_class(family)(config)
 
 

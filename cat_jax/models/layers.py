@@ -20,11 +20,11 @@ MASK_VALUE = -1e9
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-def logical_param(module: nn.Module, name: str, init_fn: Initializer,
-                  shape: Sequence[int], axes: tuple[str, ...]) -> jax.Array:
+def logical_param(
+    module: nn.Module, name: str, init_fn: Initializer, shape: Sequence[int], axes: tuple[str, ...]
+) -> jax.Array:
     """A float32 parameter of `shape` annotated with the logical axis names `axes`."""
-    return module.param(name, nn.with_logical_partitioning(init_fn, axes), tuple(shape),
-                        jnp.float32)
+    return module.param(name, nn.with_logical_partitioning(init_fn, axes), tuple(shape), jnp.float32)
 
 
 class Dense(nn.Module):
@@ -37,6 +37,5 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = logical_param(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
-                               self.axes)
+        kernel = logical_param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.axes)
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))

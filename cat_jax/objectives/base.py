@@ -19,8 +19,10 @@ import jax
 from cat_jax.models import Model
 
 # loss_fn(params, batch, rng, teacher_logits or None, step) -> (loss, metrics)
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array | None, jax.Array | None, jax.Array],
-                  tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[
+    [Any, Mapping[str, jax.Array], jax.Array | None, jax.Array | None, jax.Array],
+    tuple[jax.Array, dict[str, jax.Array]],
+]
 
 
 class Objective(abc.ABC):

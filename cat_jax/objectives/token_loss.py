@@ -28,6 +28,7 @@ MASKS_NEEDING_TEACHER = ("small_or_large", "large")
 class LossOptions:
     """How tokens are weighted and mixed: see `cascade_aware_loss` (defaults: plain CE).
     mask_start_step: the mask applies from this training step on; before it every token counts."""
+
     alpha: float = 1.0
     temperature: float = 1.0
     mask: str = "none"
@@ -54,11 +55,18 @@ def token_loss(model: Model, options: LossOptions, alpha: Any = None, temperatur
 
     def loss_fn(params, batch, rng, teacher_logits, step):
         logits = model.logits(params, batch, rng)
-        return cascade_aware_loss(logits, teacher_logits, batch[TARGETS], batch[LOSS_WEIGHTS],
-                                  alpha=options.alpha if alpha is None else alpha,
-                                  temperature=options.temperature if temperature is None else temperature,
-                                  mask=options.mask, normalizer=options.normalizer,
-                                  mask_start_step=options.mask_start_step, step=step)
+        return cascade_aware_loss(
+            logits,
+            teacher_logits,
+            batch[TARGETS],
+            batch[LOSS_WEIGHTS],
+            alpha=options.alpha if alpha is None else alpha,
+            temperature=options.temperature if temperature is None else temperature,
+            mask=options.mask,
+            normalizer=options.normalizer,
+            mask_start_step=options.mask_start_step,
+            step=step,
+        )
 
     return loss_fn
 
@@ -67,6 +75,7 @@ def token_loss(model: Model, options: LossOptions, alpha: Any = None, temperatur
 @dataclasses.dataclass(frozen=True)
 class TokenLoss(Objective):
     """CE, distillation or CAT, by its `options` (gin: `TokenLoss.options = @LossOptions()`)."""
+
     options: LossOptions = LossOptions()
 
     def info(self) -> dict[str, Any]:
@@ -80,7 +89,8 @@ class TokenLoss(Objective):
         if self.options.needs_teacher and not has_teacher:
             raise ConfigError(
                 f"The loss {self.options} needs a frozen large model, but no teacher is configured. "
-                f"Set --gin.TEACHER_MODEL_DIR=<the large model's MODEL_DIR>.")
+                f"Set --gin.TEACHER_MODEL_DIR=<the large model's MODEL_DIR>."
+            )
 
     def teacher_runs(self, phase: str) -> bool:
         """A configured teacher always runs (its accuracy is reported even where the loss does not

@@ -31,22 +31,31 @@ PLAIN_CE = LossOptions()
 @dataclasses.dataclass(frozen=True)
 class Salt(Objective):
     """SALT (`schedule`) or SALT_DS (`schedule` and `selection`)."""
+
     schedule: KDSchedule = gin.REQUIRED
     selection: DataSelection | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"loss_options": loss_options_info(PLAIN_CE),
-                "salt": {"kd_schedule": dataclasses.asdict(self.schedule),
-                         "kd_selection": dataclasses.asdict(self.selection) if self.selection else None}}
+        return {
+            "loss_options": loss_options_info(PLAIN_CE),
+            "salt": {
+                "kd_schedule": dataclasses.asdict(self.schedule),
+                "kd_selection": dataclasses.asdict(self.selection) if self.selection else None,
+            },
+        }
 
     def check(self, *, has_teacher: bool, streaming: bool, dataset: Mapping[str, Any]) -> None:
         if not has_teacher:
-            raise ConfigError(f"Salt.schedule {self.schedule} distils from a frozen teacher, but none is "
-                              "configured. Set --gin.TEACHER_MODEL_DIR=<the small model's MODEL_DIR>.")
+            raise ConfigError(
+                f"Salt.schedule {self.schedule} distils from a frozen teacher, but none is "
+                "configured. Set --gin.TEACHER_MODEL_DIR=<the small model's MODEL_DIR>."
+            )
         if self.selection is not None:
             if streaming:
-                raise ConfigError("Salt.selection (SALT_DS) needs the in-memory data path: its selected rows "
-                                  "are taken from the loaded split. Unset data_source.streaming_dir.")
+                raise ConfigError(
+                    "Salt.selection (SALT_DS) needs the in-memory data path: its selected rows "
+                    "are taken from the loaded split. Unset data_source.streaming_dir."
+                )
             selection_lib.check_scores_match(self.selection, dict(dataset))
 
     def phase_at(self, step: int) -> str:
@@ -56,8 +65,11 @@ class Salt(Objective):
         return phase == DISTILL
 
     def describe_phase(self, phase: str) -> str:
-        return ("SALT's distillation phase (KDSchedule.kd_steps)" if phase == DISTILL
-                else "plain cross-entropy after SALT's distillation phase")
+        return (
+            "SALT's distillation phase (KDSchedule.kd_steps)"
+            if phase == DISTILL
+            else "plain cross-entropy after SALT's distillation phase"
+        )
 
     def loss_fn(self, model: Model, phase: str) -> LossFn:
         if phase == CE:
@@ -67,7 +79,8 @@ class Salt(Objective):
         def loss_fn(params, batch, rng, teacher_logits, step):
             alpha = 1.0 - schedule.weight_at(step)
             loss, metrics = token_loss(model, PLAIN_CE, alpha=alpha, temperature=schedule.temperature)(
-                params, batch, rng, teacher_logits, step)
+                params, batch, rng, teacher_logits, step
+            )
             return loss, dict(metrics, kd_weight=1.0 - alpha)
 
         return loss_fn

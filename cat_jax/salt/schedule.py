@@ -27,6 +27,7 @@ class KDSchedule:
     """SALT's distillation phase: `weight` (w in the module docstring) for `kd_steps` steps, reached
     down to 0 by a linear ramp over the last `transition_steps` of them (0: a step switch), at
     distillation temperature `temperature`."""
+
     kd_steps: int
     weight: float = 0.5
     transition_steps: int = 0
@@ -38,8 +39,9 @@ class KDSchedule:
         if not 0.0 < self.weight <= 1.0:
             raise ConfigError(f"KDSchedule.weight must be in (0, 1]; got {self.weight}.")
         if not 0 <= self.transition_steps <= self.kd_steps:
-            raise ConfigError(f"KDSchedule.transition_steps must be in [0, kd_steps={self.kd_steps}]; "
-                              f"got {self.transition_steps}.")
+            raise ConfigError(
+                f"KDSchedule.transition_steps must be in [0, kd_steps={self.kd_steps}]; got {self.transition_steps}."
+            )
         if not self.temperature > 0.0:
             raise ConfigError(f"KDSchedule.temperature must be > 0; got {self.temperature}.")
 

@@ -52,8 +52,10 @@ def band_rows(scores: np.ndarray, min_quantile: float, max_quantile: float) -> n
     (both ends included)."""
     finite = np.isfinite(scores)
     if not finite.any():
-        raise ConfigError("No sequence has a finite SALT_DS score (no target token is in the small model's "
-                          "top-k anywhere): raise salt_score.top_k or check the scoring model.")
+        raise ConfigError(
+            "No sequence has a finite SALT_DS score (no target token is in the small model's "
+            "top-k anywhere): raise salt_score.top_k or check the scoring model."
+        )
     lo, hi = np.quantile(scores[finite], [min_quantile, max_quantile])
     return np.flatnonzero(finite & (scores >= lo) & (scores <= hi))
 
@@ -64,14 +66,17 @@ class DataSelection:
     """Train the distillation phase on the sequences of `scores_dir` (written by
     `python -m cat_jax.salt_score`) whose score lies in the quantile band [min_quantile,
     max_quantile] (see the module docstring for the default)."""
+
     scores_dir: str
     min_quantile: float = 0.5
     max_quantile: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.min_quantile < self.max_quantile <= 1.0:
-            raise ConfigError(f"DataSelection needs 0 <= min_quantile < max_quantile <= 1; got "
-                              f"{self.min_quantile}, {self.max_quantile}.")
+            raise ConfigError(
+                f"DataSelection needs 0 <= min_quantile < max_quantile <= 1; got "
+                f"{self.min_quantile}, {self.max_quantile}."
+            )
 
 
 def check_scores_match(selection: DataSelection, dataset: dict) -> dict:
@@ -79,20 +84,25 @@ def check_scores_match(selection: DataSelection, dataset: dict) -> dict:
     `dataset` (a DatasetConfig as a dict), or none."""
     meta_path = os.path.join(selection.scores_dir, META_FILE)
     if not os.path.exists(meta_path):
-        raise ConfigError(f"{selection.scores_dir} holds no finished SALT_DS scores ({META_FILE}); run python -m "
-                          "cat_jax.salt_score there first (it resumes if it was interrupted).")
+        raise ConfigError(
+            f"{selection.scores_dir} holds no finished SALT_DS scores ({META_FILE}); run python -m "
+            "cat_jax.salt_score there first (it resumes if it was interrupted)."
+        )
     with open(meta_path) as f:
         meta = json.load(f)
     for key in ("mixture_or_task_name", "split", "task_feature_lengths", "max_examples"):
         if meta["dataset"].get(key) != dataset.get(key):
-            raise ConfigError(f"The SALT_DS scores in {selection.scores_dir} were computed for {key}="
-                              f"{meta['dataset'].get(key)!r}, this run trains on {dataset.get(key)!r}. Score "
-                              "this run's data (python -m cat_jax.salt_score) into another directory.")
+            raise ConfigError(
+                f"The SALT_DS scores in {selection.scores_dir} were computed for {key}="
+                f"{meta['dataset'].get(key)!r}, this run trains on {dataset.get(key)!r}. Score "
+                "this run's data (python -m cat_jax.salt_score) into another directory."
+            )
     return meta
 
 
-def selected_rows(selection: DataSelection, task_names: np.ndarray, ids: np.ndarray,
-                  dataset: dict) -> tuple[np.ndarray, dict]:
+def selected_rows(
+    selection: DataSelection, task_names: np.ndarray, ids: np.ndarray, dataset: dict
+) -> tuple[np.ndarray, dict]:
     """The rows of a training split (its `task_names`, `ids`) that `selection` keeps, and a summary
     for the log; refuses scores of other data (`check_scores_match`)."""
     meta = check_scores_match(selection, dataset)
@@ -102,12 +112,20 @@ def selected_rows(selection: DataSelection, task_names: np.ndarray, ids: np.ndar
     try:
         order = np.array([position[(t, i)] for t, i in zip(task_names.tolist(), ids.tolist())], dtype=np.int64)
     except KeyError as missing:
-        raise ConfigError(f"The SALT_DS scores in {selection.scores_dir} have no score for example "
-                          f"{missing.args[0]}: the data changed since scoring; score it again.") from None
+        raise ConfigError(
+            f"The SALT_DS scores in {selection.scores_dir} have no score for example "
+            f"{missing.args[0]}: the data changed since scoring; score it again."
+        ) from None
     rows = band_rows(stored["scores"][order], selection.min_quantile, selection.max_quantile)
-    summary = {"scores_dir": selection.scores_dir, "band": [selection.min_quantile, selection.max_quantile],
-               "selected": int(len(rows)), "of": int(len(ids)), "scored_with": meta["model_dir"],
-               "scored_step": meta["step"], "top_k": meta["top_k"]}
+    summary = {
+        "scores_dir": selection.scores_dir,
+        "band": [selection.min_quantile, selection.max_quantile],
+        "selected": int(len(rows)),
+        "of": int(len(ids)),
+        "scored_with": meta["model_dir"],
+        "scored_step": meta["step"],
+        "top_k": meta["top_k"],
+    }
     return rows, summary
 
 
@@ -124,21 +142,38 @@ class PhasedBatches:
         return (self.distillation if step < self.kd_steps else self.full).batch(step)
 
 
-def phased_batches(source: DataSource, dataset: dict, rows: tuple[int, int], selection: DataSelection,
-                   kd_steps: int) -> PhasedBatches:
+def phased_batches(
+    source: DataSource, dataset: dict, rows: tuple[int, int], selection: DataSelection, kd_steps: int
+) -> PhasedBatches:
     """The split of `dataset` (a DatasetConfig as a dict) loaded once: its selected rows feed the
     distillation phase, all of it the rest."""
-    arrays = load_split(dataset["mixture_or_task_name"], dataset["split"], dict(dataset["task_feature_lengths"]),
-                        dataset["max_examples"], source=source)  # with load_split.cache_dir
+    arrays = load_split(
+        dataset["mixture_or_task_name"],
+        dataset["split"],
+        dict(dataset["task_feature_lengths"]),
+        dataset["max_examples"],
+        source=source,
+    )  # with load_split.cache_dir
     keep, summary = selected_rows(selection, arrays.task_names, arrays.ids, dataset)
     subset = arrays.take(keep)
     rates = source.mixture_rates(dataset["mixture_or_task_name"])
     if rates is not None:
         rates = {t: r for t, r in rates.items() if t in set(subset.task_names.tolist())}
-    log.info("SALT_DS: the first %d steps train on %d of %d sequences (score quantiles %s of %s, scored by "
-             "step %s of %s, top-%d); then on all of them.", kd_steps, summary["selected"], summary["of"],
-             summary["band"], selection.scores_dir, summary["scored_step"], summary["scored_with"], summary["top_k"])
+    log.info(
+        "SALT_DS: the first %d steps train on %d of %d sequences (score quantiles %s of %s, scored by "
+        "step %s of %s, top-%d); then on all of them.",
+        kd_steps,
+        summary["selected"],
+        summary["of"],
+        summary["band"],
+        selection.scores_dir,
+        summary["scored_step"],
+        summary["scored_with"],
+        summary["top_k"],
+    )
     args = (dataset["batch_size"], dataset["seed"])
-    return PhasedBatches(InMemoryBatches(subset, *args, rates, rows),
-                         InMemoryBatches(arrays, *args, source.mixture_rates(dataset["mixture_or_task_name"]), rows),
-                         kd_steps)
+    return PhasedBatches(
+        InMemoryBatches(subset, *args, rates, rows),
+        InMemoryBatches(arrays, *args, source.mixture_rates(dataset["mixture_or_task_name"]), rows),
+        kd_steps,
+    )

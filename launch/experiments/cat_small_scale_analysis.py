@@ -41,8 +41,15 @@ from cat_jax.metric_writers import read_jsonl
 # Test split: from the cascade summary, then (from examples.jsonl) the small model's accuracy on the
 # test examples the large model gets right and on those it gets wrong, and the share of its answers
 # that are the most frequent reference answer.
-METRICS = ("accuracy", "auc", "auc_df_gain", "accuracy_large_right", "accuracy_large_wrong",
-           "majority_prediction_share", "phoneme_error_rate")
+METRICS = (
+    "accuracy",
+    "auc",
+    "auc_df_gain",
+    "accuracy_large_right",
+    "accuracy_large_wrong",
+    "majority_prediction_share",
+    "phoneme_error_rate",
+)
 # A finer test metric where the task has one (NaN elsewhere): a student that gets ~1% of words
 # right still differs from another in how many phonemes it gets right.
 TASK_METRICS = {"cmudict_g2p": ("phoneme_error_rate", metrics.phoneme_error_rate)}
@@ -54,8 +61,10 @@ def training_curves(rows: Sequence[Mapping]) -> dict[str, list[tuple[int, float]
     """{curve: [(step, value)]} from train_metrics.jsonl rows; a step logged twice (a resumed run)
     keeps its last row."""
     by_step = {int(r["step"]): r for r in rows if "train/loss" in r}
-    return {name: [(s, float(by_step[s][f"train/{name}"])) for s in sorted(by_step) if f"train/{name}" in by_step[s]]
-            for name in CURVES}
+    return {
+        name: [(s, float(by_step[s][f"train/{name}"])) for s in sorted(by_step) if f"train/{name}" in by_step[s]]
+        for name in CURVES
+    }
 
 
 def tail_mean(curve: Sequence[tuple[int, float]], last: int = LAST_STEPS) -> float:
@@ -75,20 +84,26 @@ def accuracy_by_large(quality: Mapping[str, Mapping[str, float]], large: str = L
             continue
         on_right = [q for i, q in scores.items() if i in right]
         on_wrong = [q for i, q in scores.items() if i not in right]
-        out[model] = (float(np.mean(on_right)) if on_right else math.nan,
-                      float(np.mean(on_wrong)) if on_wrong else math.nan)
+        out[model] = (
+            float(np.mean(on_right)) if on_right else math.nan,
+            float(np.mean(on_wrong)) if on_wrong else math.nan,
+        )
     return out
 
 
-def majority_shares(targets: Sequence[str],
-                    predictions: Mapping[str, Sequence[str]]) -> tuple[str, float, dict[str, float]]:
+def majority_shares(
+    targets: Sequence[str], predictions: Mapping[str, Sequence[str]]
+) -> tuple[str, float, dict[str, float]]:
     """(the most frequent target, its share of the targets, {model: share of its predictions equal to
     it}); texts compared after stripping surrounding whitespace. A student that leans on the
     majority answer more than the references do shows a share above the targets'."""
     counts = Counter(t.strip() for t in targets)
     majority = counts.most_common(1)[0][0]
-    return majority, counts[majority] / len(targets), {
-        model: float(np.mean([p.strip() == majority for p in preds])) for model, preds in predictions.items()}
+    return (
+        majority,
+        counts[majority] / len(targets),
+        {model: float(np.mean([p.strip() == majority for p in preds])) for model, preds in predictions.items()},
+    )
 
 
 def _example_rows(path: str, task: str) -> dict[str, dict[str, dict]]:
@@ -114,7 +129,9 @@ def paired_differences(values: Mapping[tuple[str, int, str], float], baseline: s
         diffs = [values[(task, seed, student)] - values[(task, seed, baseline)] for seed in seeds]
         mean = float(np.mean(diffs)) if diffs else math.nan
         out[(task, student)] = {
-            "seeds": seeds, "differences": diffs, "mean": mean,
+            "seeds": seeds,
+            "differences": diffs,
+            "mean": mean,
             "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan,
             "same_sign": int(sum(np.sign(d) == np.sign(mean) for d in diffs)),
         }
@@ -132,33 +149,51 @@ def load_runs(runs_dir: str, rule: str) -> tuple[list[dict], dict[tuple[str, int
             summary_path = os.path.join(task_dir, seed_name, "cascade", "summary.json")
             if not os.path.exists(summary_path):
                 continue
-            seed = int(seed_name[len("seed"):])
+            seed = int(seed_name[len("seed") :])
             with open(summary_path) as f:
                 summary = [r for r in json.load(f) if r["task"] == task and r["rule"] == rule]
             if not summary:
-                raise ValueError(f"{summary_path} has no rows for task {task!r} and rule {rule!r}; "
-                                 f"pass a rule its cascade evaluation ran (--rule).")
+                raise ValueError(
+                    f"{summary_path} has no rows for task {task!r} and rule {rule!r}; "
+                    f"pass a rule its cascade evaluation ran (--rule)."
+                )
             examples = _example_rows(os.path.join(os.path.dirname(summary_path), EXAMPLES), task)
             by_large = accuracy_by_large({m: {i: r["quality"] for i, r in rs.items()} for m, rs in examples.items()})
             _, target_share, shares = majority_shares(
                 [r["target"] for r in examples[LARGE].values()],
-                {m: [r["prediction"] for r in rs.values()] for m, rs in examples.items()})
+                {m: [r["prediction"] for r in rs.values()] for m, rs in examples.items()},
+            )
             extra = {}
             if task in TASK_METRICS:
                 name, fn = TASK_METRICS[task]
-                extra = {m: fn([r["scored_target"] for r in rs.values()],
-                               [r["scored_prediction"] for r in rs.values()])[name] for m, rs in examples.items()}
+                extra = {
+                    m: fn([r["scored_target"] for r in rs.values()], [r["scored_prediction"] for r in rs.values()])[
+                        name
+                    ]
+                    for m, rs in examples.items()
+                }
             for r in summary:
                 student = r["small_model"]
                 metrics_path = os.path.join(task_dir, seed_name, student, "train_metrics.jsonl")
                 run_curves = training_curves(read_jsonl(metrics_path))
                 curves[(task, seed, student)] = run_curves
-                rows.append({"task": task, "seed": seed, "student": student, "accuracy": r["small_only"],
-                             "large_accuracy": r["large_only"], "auc": r["auc"], "auc_df_gain": r["auc_df_gain"],
-                             "accuracy_large_right": by_large[student][0], "accuracy_large_wrong": by_large[student][1],
-                             "majority_prediction_share": shares[student], "majority_target_share": target_share,
-                             "phoneme_error_rate": extra.get(student, math.nan),
-                             **{f"train_{name}": tail_mean(c) for name, c in run_curves.items()}})
+                rows.append(
+                    {
+                        "task": task,
+                        "seed": seed,
+                        "student": student,
+                        "accuracy": r["small_only"],
+                        "large_accuracy": r["large_only"],
+                        "auc": r["auc"],
+                        "auc_df_gain": r["auc_df_gain"],
+                        "accuracy_large_right": by_large[student][0],
+                        "accuracy_large_wrong": by_large[student][1],
+                        "majority_prediction_share": shares[student],
+                        "majority_target_share": target_share,
+                        "phoneme_error_rate": extra.get(student, math.nan),
+                        **{f"train_{name}": tail_mean(c) for name, c in run_curves.items()},
+                    }
+                )
     return rows, curves
 
 
@@ -168,10 +203,19 @@ def difference_rows(rows: Sequence[Mapping], baseline: str) -> list[dict]:
     for metric in METRICS + tuple(f"train_{c}" for c in CURVES[:2]):
         values = {(r["task"], r["seed"], r["student"]): r[metric] for r in rows if not math.isnan(r[metric])}
         for (task, student), d in paired_differences(values, baseline).items():
-            out.append({"task": task, "student": student, "metric": metric, "baseline": baseline,
-                        "seeds": " ".join(map(str, d["seeds"])),
-                        "differences": " ".join(f"{x:+.4f}" for x in d["differences"]),
-                        "mean": d["mean"], "std": d["std"], "same_sign": d["same_sign"]})
+            out.append(
+                {
+                    "task": task,
+                    "student": student,
+                    "metric": metric,
+                    "baseline": baseline,
+                    "seeds": " ".join(map(str, d["seeds"])),
+                    "differences": " ".join(f"{x:+.4f}" for x in d["differences"]),
+                    "mean": d["mean"],
+                    "std": d["std"],
+                    "same_sign": d["same_sign"],
+                }
+            )
     return out
 
 
@@ -184,8 +228,16 @@ def mean_rows(rows: Sequence[Mapping]) -> list[dict]:
             if not math.isnan(r[metric]):
                 groups[(r["task"], r["student"])].append(r[metric])
         for (task, student), v in groups.items():
-            out.append({"task": task, "student": student, "metric": metric, "seeds": len(v), "mean": float(np.mean(v)),
-                        "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan})
+            out.append(
+                {
+                    "task": task,
+                    "student": student,
+                    "metric": metric,
+                    "seeds": len(v),
+                    "mean": float(np.mean(v)),
+                    "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
+                }
+            )
     return out
 
 
@@ -203,8 +255,9 @@ def _students(rows: Sequence[Mapping], task: str, baseline: str) -> list[str]:
     return sorted(names, key=lambda s: (s != baseline, names.index(s)))
 
 
-def plot_mask_share(curves: Mapping[tuple[str, int, str], Mapping], task: str, students: Sequence[str],
-                    path: str) -> Figure:
+def plot_mask_share(
+    curves: Mapping[tuple[str, int, str], Mapping], task: str, students: Sequence[str], path: str
+) -> Figure:
     """Two panels over training steps: the mask's share of target tokens and the student's token
     accuracy (thin: each seed; thick: the mean over seeds), the teacher's token accuracy dashed."""
     fig = Figure(figsize=(11, 4.2), dpi=100)
@@ -223,8 +276,14 @@ def plot_mask_share(curves: Mapping[tuple[str, int, str], Mapping], task: str, s
         teacher += [c["teacher_accuracy"] for c in runs if c["teacher_accuracy"]]
     if teacher:
         steps = [s for s, _ in teacher[0]]
-        axes[1].plot(steps, np.mean([[v for _, v in c] for c in teacher], axis=0), color="black",
-                     linestyle="--", linewidth=1.2, label="large (teacher)")
+        axes[1].plot(
+            steps,
+            np.mean([[v for _, v in c] for c in teacher], axis=0),
+            color="black",
+            linestyle="--",
+            linewidth=1.2,
+            label="large (teacher)",
+        )
     axes[0].set(title=f"{task}: mask share (counted / target tokens)", xlabel="training step", ylabel="share")
     axes[1].set(title="token accuracy on the training batch", xlabel="training step", ylabel="accuracy")
     axes[1].legend(fontsize=8, loc="lower right")
@@ -239,8 +298,9 @@ def plot_quality(rows: Sequence[Mapping], task: str, students: Sequence[str], pa
     fig = Figure(figsize=(11, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
-    for ax, metric, label in zip(axes, ("accuracy", "auc_df_gain"), ("test accuracy (small alone)",
-                                                                      "AUC-DF gain over random deferral")):
+    for ax, metric, label in zip(
+        axes, ("accuracy", "auc_df_gain"), ("test accuracy (small alone)", "AUC-DF gain over random deferral")
+    ):
         for x, student in enumerate(students):
             color, _ = line_style(x)
             points = sorted((r["seed"], r[metric]) for r in rows if r["task"] == task and r["student"] == student)
@@ -256,14 +316,17 @@ def plot_quality(rows: Sequence[Mapping], task: str, students: Sequence[str], pa
     return fig
 
 
-def analyse(runs_dir: str, out_dir: str, rule: str = "chow_average",
-            baselines: Sequence[str] = ("ce", "cat", "distill")) -> dict:
+def analyse(
+    runs_dir: str, out_dir: str, rule: str = "chow_average", baselines: Sequence[str] = ("ce", "cat", "distill")
+) -> dict:
     """Writes per_seed.csv, differences.csv, means.csv and the PNGs into out_dir; returns
     {"rule", "baselines", "per_seed": rows, "differences": rows}."""
     rows, curves = load_runs(runs_dir, rule)
     if not rows:
-        raise ValueError(f"No <task>/seed<k>/cascade/summary.json under {runs_dir}; run "
-                         f"launch/experiments/cat_small_scale.sh --out {runs_dir} first.")
+        raise ValueError(
+            f"No <task>/seed<k>/cascade/summary.json under {runs_dir}; run "
+            f"launch/experiments/cat_small_scale.sh --out {runs_dir} first."
+        )
     os.makedirs(out_dir, exist_ok=True)
     differences = [d for b in baselines for d in difference_rows(rows, b)]
     _write_csv(os.path.join(out_dir, "per_seed.csv"), rows)
@@ -291,8 +354,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for (task, baseline), diffs in by_task.items():
         print(f"\n{task}: difference from {baseline} (mean ± sample std over seeds; seeds sharing the sign)")
         for d in diffs:
-            print(f"  {d['student']:12s} {d['metric']:24s} {d['mean']:+.4f} ± {d['std']:.4f}  "
-                  f"({d['same_sign']}/{len(d['seeds'].split())})  [{d['differences']}]")
+            print(
+                f"  {d['student']:12s} {d['metric']:24s} {d['mean']:+.4f} ± {d['std']:.4f}  "
+                f"({d['same_sign']}/{len(d['seeds'].split())})  [{d['differences']}]"
+            )
     print(f"\nWrote {args.out}/")
 
 

@@ -25,6 +25,9 @@ def speculative_flops(small: Model, large: Model, input_length: int, round_start
     starts = np.asarray(round_starts)
     starts = starts[starts >= 0]
     drafts = starts[:, None] + np.arange(gamma + 1)[None, :]
-    return float(small.prefill_flops(input_length) + large.prefill_flops(input_length)
-                 + np.sum(small.decode_flops(input_length, drafts, 1))
-                 + np.sum(large.decode_flops(input_length, starts, gamma + 1)))
+    return float(
+        small.prefill_flops(input_length)
+        + large.prefill_flops(input_length)
+        + np.sum(small.decode_flops(input_length, drafts, 1))
+        + np.sum(large.decode_flops(input_length, starts, gamma + 1))
+    )

@@ -72,14 +72,22 @@ def summarize(points: Sequence[Point]) -> list[Summary]:
         matching = [p for p in curve if p.quality >= floor]
         fastest = min(matching, key=lambda p: p.relative_latency) if matching else None
         best = min(curve, key=lambda p: (-p.quality, p.relative_latency))
-        out.append(Summary(
-            group=group, drafter=drafter, rule=rule, gamma=gamma, large_quality=large,
-            drafter_quality=alone[(group, drafter)].quality,
-            alpha_to_match_large=fastest.alpha if fastest else None,
-            relative_latency_to_match_large=fastest.relative_latency if fastest else None,
-            relative_flops_to_match_large=fastest.relative_flops if fastest else None,
-            acceptance_at_match=fastest.acceptance_rate if fastest else None,
-            best_quality=best.quality, best_relative_latency=best.relative_latency))
+        out.append(
+            Summary(
+                group=group,
+                drafter=drafter,
+                rule=rule,
+                gamma=gamma,
+                large_quality=large,
+                drafter_quality=alone[(group, drafter)].quality,
+                alpha_to_match_large=fastest.alpha if fastest else None,
+                relative_latency_to_match_large=fastest.relative_latency if fastest else None,
+                relative_flops_to_match_large=fastest.relative_flops if fastest else None,
+                acceptance_at_match=fastest.acceptance_rate if fastest else None,
+                best_quality=best.quality,
+                best_relative_latency=best.relative_latency,
+            )
+        )
     return out
 
 
@@ -118,30 +126,44 @@ def _alpha_at_match(s: Summary) -> str:
     return "(no alpha)" if s.alpha_to_match_large is None else _fmt(s.alpha_to_match_large, 3)
 
 
-def write_summaries(json_path: str | pathlib.Path, md_path: str | pathlib.Path, summaries: Sequence[Summary],
-                    points: Sequence[Point], preamble: str) -> None:
+def write_summaries(
+    json_path: str | pathlib.Path,
+    md_path: str | pathlib.Path,
+    summaries: Sequence[Summary],
+    points: Sequence[Point],
+    preamble: str,
+) -> None:
     """summary.json, and summary.md: per group the models alone, then one row per curve."""
     records = [_json_ready(dataclasses.asdict(s)) for s in summaries]
     pathlib.Path(json_path).write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
     sections = [preamble]
     for group in dict.fromkeys(s.group for s in summaries):
         alone = [p for p in points if p.group == group and p.rule == "alone"]
-        rows = [f"| {p.drafter} alone | {_fmt(p.quality)} | {_fmt(p.relative_latency, 3)} | "
-                f"{_fmt(p.relative_flops, 3)} | {p.ms_per_example:.3g} |\n" for p in alone]
-        curves = [f"| {s.drafter} | {s.rule} | {s.gamma} | {_alpha_at_match(s)} | "
-                  f"{_fmt(s.relative_latency_to_match_large, 3)} | {_fmt(s.relative_flops_to_match_large, 3)} | "
-                  f"{_fmt(s.acceptance_at_match, 3)} | {_fmt(s.best_quality)} @ {_fmt(s.best_relative_latency, 3)} |\n"
-                  for s in summaries if s.group == group]
+        rows = [
+            f"| {p.drafter} alone | {_fmt(p.quality)} | {_fmt(p.relative_latency, 3)} | "
+            f"{_fmt(p.relative_flops, 3)} | {p.ms_per_example:.3g} |\n"
+            for p in alone
+        ]
+        curves = [
+            f"| {s.drafter} | {s.rule} | {s.gamma} | {_alpha_at_match(s)} | "
+            f"{_fmt(s.relative_latency_to_match_large, 3)} | {_fmt(s.relative_flops_to_match_large, 3)} | "
+            f"{_fmt(s.acceptance_at_match, 3)} | {_fmt(s.best_quality)} @ {_fmt(s.best_relative_latency, 3)} |\n"
+            for s in summaries
+            if s.group == group
+        ]
         sections.append(
             f"## {group}\n\n| model | quality | rel. latency | rel. FLOPs | ms / example |\n|---|---|---|---|---|\n"
-            + "".join(rows) + "\n| drafter | rule | gamma | alpha to match large | rel. latency there "
+            + "".join(rows)
+            + "\n| drafter | rule | gamma | alpha to match large | rel. latency there "
             "| rel. FLOPs there | acceptance there | best quality @ rel. latency |\n|---|---|---|---|---|---|---|---|\n"
-            + "".join(curves))
+            + "".join(curves)
+        )
     pathlib.Path(md_path).write_text("\n".join(sections))
 
 
-def plot(points: Sequence[Point], path: str | pathlib.Path, *, group: str, drafter: str, gamma: int,
-         metric_name: str) -> pathlib.Path:
+def plot(
+    points: Sequence[Point], path: str | pathlib.Path, *, group: str, drafter: str, gamma: int, metric_name: str
+) -> pathlib.Path:
     """Two panels, quality against relative latency and against relative FLOPs: one line per rule
     (its alpha sweep), the drafter and the large model alone as points."""
     fig = Figure(figsize=(11, 4.4), dpi=100)
@@ -151,17 +173,39 @@ def plot(points: Sequence[Point], path: str | pathlib.Path, *, group: str, draft
         if p.group == group and p.drafter == drafter and p.gamma == gamma:
             curves.setdefault(p.rule, []).append(p)
     alone = {p.drafter: p for p in points if p.group == group and p.rule == "alone"}
-    for index, (field, label) in enumerate((("relative_latency", "relative latency (wall clock / large model alone)"),
-                                            ("relative_flops", "relative FLOPs (/ large model alone)"))):
+    for index, (field, label) in enumerate(
+        (
+            ("relative_latency", "relative latency (wall clock / large model alone)"),
+            ("relative_flops", "relative FLOPs (/ large model alone)"),
+        )
+    ):
         ax = fig.add_subplot(1, 2, index + 1)
         for rule, curve in curves.items():
             ordered = sorted(curve, key=lambda p: getattr(p, field))
-            ax.plot([getattr(p, field) for p in ordered], [p.quality for p in ordered],
-                    marker="x" if len(ordered) == 1 else ".", label=rule)
-        ax.scatter(getattr(alone[drafter], field), alone[drafter].quality, marker="s", s=60, color="gray",
-                   zorder=3, label=f"{drafter} alone")
-        ax.scatter(getattr(alone["large"], field), alone["large"].quality, marker="*", s=140, color="black",
-                   zorder=3, label="large alone")
+            ax.plot(
+                [getattr(p, field) for p in ordered],
+                [p.quality for p in ordered],
+                marker="x" if len(ordered) == 1 else ".",
+                label=rule,
+            )
+        ax.scatter(
+            getattr(alone[drafter], field),
+            alone[drafter].quality,
+            marker="s",
+            s=60,
+            color="gray",
+            zorder=3,
+            label=f"{drafter} alone",
+        )
+        ax.scatter(
+            getattr(alone["large"], field),
+            alone["large"].quality,
+            marker="*",
+            s=140,
+            color="black",
+            zorder=3,
+            label="large alone",
+        )
         ax.set_xlabel(label)
         ax.set_ylabel(metric_name)
         ax.grid(alpha=0.3)
@@ -177,5 +221,16 @@ def plot_all(points: Sequence[Point], output_dir: str | pathlib.Path, metric_nam
     """One PNG per (group, drafter, gamma): <group>__<drafter>__gamma<g>.png."""
     safe = lambda name: re.sub(r"[^A-Za-z0-9._-]+", "_", name)
     keys = dict.fromkeys((p.group, p.drafter, p.gamma) for p in points if p.rule != "alone")
-    return [str(plot(points, pathlib.Path(output_dir) / f"{safe(g)}__{safe(d)}__gamma{k}.png",
-                     group=g, drafter=d, gamma=k, metric_name=metric_names[g])) for g, d, k in keys]
+    return [
+        str(
+            plot(
+                points,
+                pathlib.Path(output_dir) / f"{safe(g)}__{safe(d)}__gamma{k}.png",
+                group=g,
+                drafter=d,
+                gamma=k,
+                metric_name=metric_names[g],
+            )
+        )
+        for g, d, k in keys
+    ]

@@ -43,8 +43,15 @@ RULES = ("lossless", "speed", "chow", "diff", "opt", "token_v1", "token_v2", "to
 DEFERRAL_RULES = ("chow", "diff", "opt")
 TOKEN_RULES = ("token_v1", "token_v2", "token_v3")
 # rule -> (alpha: the large model alone, alpha: the small model alone); lossless takes no alpha.
-ALPHA_EXTREMES = {"speed": (0.0, 1.0), "chow": (-0.1, 1.0), "diff": (-1.0, 1.0), "opt": (-jnp.inf, jnp.inf),
-                  "token_v1": (-1.0, 1.0), "token_v2": (-0.1, 1.0), "token_v3": (-0.1, 1.0)}
+ALPHA_EXTREMES = {
+    "speed": (0.0, 1.0),
+    "chow": (-0.1, 1.0),
+    "diff": (-1.0, 1.0),
+    "opt": (-jnp.inf, jnp.inf),
+    "token_v1": (-1.0, 1.0),
+    "token_v2": (-0.1, 1.0),
+    "token_v3": (-0.1, 1.0),
+}
 # Rules with infinite extremes -> the finite span of their inner alphas: at temperatures 0 and 1,
 # |max q - max p| <= TV(q_s, p_s) wherever TV > 0, so OPT's decisions all change within (-1, 1).
 SWEEP_SPANS = {"opt": (-1.0, 1.0)}
@@ -64,8 +71,7 @@ def total_variation(q: jax.Array, p: jax.Array) -> jax.Array:
     return jnp.sum(jnp.maximum(q - p, 0.0), axis=-1)
 
 
-def keep_small(rule: str, q: jax.Array, p: jax.Array, q_s: jax.Array, p_s: jax.Array,
-               alpha: jax.Array) -> jax.Array:
+def keep_small(rule: str, q: jax.Array, p: jax.Array, q_s: jax.Array, p_s: jax.Array, alpha: jax.Array) -> jax.Array:
     """Deferral rules: True [b] where the small model's distribution is kept (not deferred); the
     max terms read q, p, OPT's total variation q_s, p_s (see the module docstring)."""
     max_q, max_p = jnp.max(q, axis=-1), jnp.max(p, axis=-1)
@@ -91,8 +97,9 @@ def accepted_set(rule: str, q: jax.Array, p: jax.Array, alpha: jax.Array) -> jax
     raise ValueError(f"{rule!r} is not one of the token-level rules {TOKEN_RULES}.")
 
 
-def target_distribution(rule: str, q: jax.Array, p: jax.Array, q_s: jax.Array, p_s: jax.Array,
-                        alpha: jax.Array) -> jax.Array:
+def target_distribution(
+    rule: str, q: jax.Array, p: jax.Array, q_s: jax.Array, p_s: jax.Array, alpha: jax.Array
+) -> jax.Array:
     """pi [b, vocab] of the lossless, deferral and token-level rules (not speed)."""
     if rule == "lossless":
         return p_s
@@ -127,8 +134,9 @@ def speed_verification(q_s: jax.Array, p_s: jax.Array, alpha: jax.Array) -> Veri
     return Verification(accept, residual, kept + (1.0 - jnp.sum(kept, axis=-1, keepdims=True)) * residual)
 
 
-def verification(rule: str, q: jax.Array, p: jax.Array, q_s: jax.Array, p_s: jax.Array,
-                 alpha: jax.Array) -> Verification:
+def verification(
+    rule: str, q: jax.Array, p: jax.Array, q_s: jax.Array, p_s: jax.Array, alpha: jax.Array
+) -> Verification:
     """How drafts x ~ q_s are verified under `rule` (see the module docstring)."""
     if rule == "speed":
         return speed_verification(q_s, p_s, alpha)
@@ -142,9 +150,11 @@ def rule_id(rule: str) -> int:
     return RULES.index(rule)
 
 
-def verification_by_id(index: jax.Array, q: jax.Array, p: jax.Array, q_s: jax.Array, p_s: jax.Array,
-                       alpha: jax.Array) -> Verification:
+def verification_by_id(
+    index: jax.Array, q: jax.Array, p: jax.Array, q_s: jax.Array, p_s: jax.Array, alpha: jax.Array
+) -> Verification:
     """`verification` of RULES[index] with the index traced: one compiled program serves every rule."""
     branches: list[Callable[..., Verification]] = [
-        (lambda *args, rule=rule: verification(rule, *args)) for rule in RULES]
+        (lambda *args, rule=rule: verification(rule, *args)) for rule in RULES
+    ]
     return jax.lax.switch(index, branches, q, p, q_s, p_s, alpha)

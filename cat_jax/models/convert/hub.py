@@ -22,7 +22,8 @@ INDEX = "model.safetensors.index.json"
 def is_hf_dir(directory: str) -> bool:
     """Whether `directory` holds a Hub checkpoint (config.json and safetensors)."""
     return os.path.isfile(os.path.join(directory, CONFIG)) and (
-        os.path.isfile(os.path.join(directory, SINGLE)) or os.path.isfile(os.path.join(directory, INDEX)))
+        os.path.isfile(os.path.join(directory, SINGLE)) or os.path.isfile(os.path.join(directory, INDEX))
+    )
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -86,5 +87,7 @@ def _safe_open(path: str) -> Iterator[Any]:
 
 
 def _damaged(path: str, error: Exception) -> ConversionError:
-    return ConversionError(f"{path} cannot be read as safetensors ({type(error).__name__}: {error}); the file is "
-                           f"damaged or incomplete ({os.path.getsize(path)} bytes). Download it again.")
+    return ConversionError(
+        f"{path} cannot be read as safetensors ({type(error).__name__}: {error}); the file is "
+        f"damaged or incomplete ({os.path.getsize(path)} bytes). Download it again."
+    )

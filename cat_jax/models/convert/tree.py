@@ -14,8 +14,9 @@ from cat_jax.models import contract
 _SHOWN = 12
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "",
-            is_leaf: Callable[[Any], bool] = lambda _: False) -> dict[str, Any]:
+def flatten(
+    tree: Mapping[str, Any], prefix: str = "", is_leaf: Callable[[Any], bool] = lambda _: False
+) -> dict[str, Any]:
     """{"a/b/c": leaf} of a nested dict (a mapping for which `is_leaf` says True is a leaf)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -51,8 +52,12 @@ def _listing(names: Iterable[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def check_names_and_shapes(config: Any, shapes: Mapping[str, tuple[int, ...]], where: str,
-                           source_name: Callable[[str], str | None] | None = None) -> None:
+def check_names_and_shapes(
+    config: Any,
+    shapes: Mapping[str, tuple[int, ...]],
+    where: str,
+    source_name: Callable[[str], str | None] | None = None,
+) -> None:
     """Raise ConversionError listing the missing, unexpected and mis-shaped parameters.
 
     `shapes`: {our path: shape} the source provides; `source_name(path)` is the source's name of
@@ -66,8 +71,11 @@ def check_names_and_shapes(config: Any, shapes: Mapping[str, tuple[int, ...]], w
 
     missing = [name(p) for p in want if p not in shapes]
     extra = [name(p) for p in shapes if p not in want]
-    wrong = [f"{name(p)}: {tuple(shapes[p])} where the config needs {want[p]}"
-             for p in want if p in shapes and tuple(shapes[p]) != want[p]]
+    wrong = [
+        f"{name(p)}: {tuple(shapes[p])} where the config needs {want[p]}"
+        for p in want
+        if p in shapes and tuple(shapes[p]) != want[p]
+    ]
     problems = []
     if missing:
         problems.append(f"missing tensors: {_listing(missing)}")
@@ -79,7 +87,8 @@ def check_names_and_shapes(config: Any, shapes: Mapping[str, tuple[int, ...]], w
         raise ConversionError(
             f"{where} does not fit the model its config describes ({config}):\n  "
             + "\n  ".join(problems)
-            + "\nCheck that the checkpoint is complete and that its config matches its tensors.")
+            + "\nCheck that the checkpoint is complete and that its config matches its tensors."
+        )
 
 
 def as_float32(array: Any) -> np.ndarray:

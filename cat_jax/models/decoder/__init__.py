@@ -18,5 +18,18 @@ from cat_jax.models.decoder.flops import decode_flops, layers_flops, prefill_flo
 from cat_jax.models.decoder.model import Decoder, abstract_params, default_positions, init_params
 from cat_jax.models.decoder.sharding import fit_axis_rules
 
-__all__ = ["Decoder", "DecoderConfig", "DecoderModel", "abstract_params", "layers_flops", "decode_block", "decode_flops", "default_positions",
-           "fit_axis_rules", "init_cache", "init_params", "prefill_flops", "set_cache_index"]
+__all__ = [
+    "Decoder",
+    "DecoderConfig",
+    "DecoderModel",
+    "abstract_params",
+    "layers_flops",
+    "decode_block",
+    "decode_flops",
+    "default_positions",
+    "fit_axis_rules",
+    "init_cache",
+    "init_params",
+    "prefill_flops",
+    "set_cache_index",
+]

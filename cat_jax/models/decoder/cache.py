@@ -29,8 +29,14 @@ def init_cache(model: Decoder, params: Any, batch_size: int, max_length: int) ->
     return variables["cache"]
 
 
-def decode_block(model: Decoder, params: Any, cache: Cache, tokens: jax.Array, mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+def decode_block(
+    model: Decoder,
+    params: Any,
+    cache: Cache,
+    tokens: jax.Array,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+) -> tuple[jax.Array, Cache]:
     """Writes tokens [b, g] at each row's index in one call.
 
     Returns (logits [b, g, vocab], the cache with the block written and the index advanced by g).
@@ -38,8 +44,9 @@ def decode_block(model: Decoder, params: Any, cache: Cache, tokens: jax.Array, m
     `mask` [b, g] marks real tokens (default: all); `positions` [b, g] default to the count of the
     row's real tokens before each one.
     """
-    logits, variables = model.apply({"params": params, "cache": cache}, tokens, mask, positions, decode=True,
-                                    mutable=["cache"])
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, tokens, mask, positions, decode=True, mutable=["cache"]
+    )
     return logits, variables["cache"]
 
 

@@ -98,21 +98,39 @@ class DecoderConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("emb_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                     "max_position_embeddings", "rope_original_max_position"):
+        for name in (
+            "emb_dim",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "mlp_dim",
+            "max_position_embeddings",
+            "rope_original_max_position",
+        ):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"DecoderConfig.{name} must be a positive int, got {getattr(self, name)!r}.")
         if self.vocab_size is not None and not (_positive_int(self.vocab_size) and self.vocab_size > 1):
-            raise ValueError(f"DecoderConfig.vocab_size must be an int > 1 or None (filled in from the task's "
-                             f"vocabulary), got {self.vocab_size!r}.")
+            raise ValueError(
+                f"DecoderConfig.vocab_size must be an int > 1 or None (filled in from the task's "
+                f"vocabulary), got {self.vocab_size!r}."
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"DecoderConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                             f"({self.num_kv_heads}): each key/value head serves a group of query heads.")
+            raise ValueError(
+                f"DecoderConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}): each key/value head serves a group of query heads."
+            )
         if self.head_dim % 2:
-            raise ValueError(f"DecoderConfig.head_dim must be even (rotary embeddings rotate pairs), got "
-                             f"{self.head_dim}.")
-        choices = (("model_type", MODEL_TYPES), ("activation", ACTIVATIONS), ("rope_scaling", ROPE_SCALINGS),
-                   ("sliding_window_layers", SLIDING_WINDOW_LAYERS), ("dtype", COMPUTE_DTYPES))
+            raise ValueError(
+                f"DecoderConfig.head_dim must be even (rotary embeddings rotate pairs), got {self.head_dim}."
+            )
+        choices = (
+            ("model_type", MODEL_TYPES),
+            ("activation", ACTIVATIONS),
+            ("rope_scaling", ROPE_SCALINGS),
+            ("sliding_window_layers", SLIDING_WINDOW_LAYERS),
+            ("dtype", COMPUTE_DTYPES),
+        )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DecoderConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -120,12 +138,13 @@ class DecoderConfig:
             if not _positive_number(getattr(self, name)):
                 raise ValueError(f"DecoderConfig.{name} must be a positive number, got {getattr(self, name)!r}.")
         if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
-            raise ValueError(f"DecoderConfig.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
-                             f"rope_low_freq_factor ({self.rope_low_freq_factor}) for llama3 rope scaling.")
+            raise ValueError(
+                f"DecoderConfig.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
+                f"rope_low_freq_factor ({self.rope_low_freq_factor}) for llama3 rope scaling."
+            )
         if not (_positive_number(self.rms_norm_eps) and self.rms_norm_eps < 1):
             raise ValueError(f"DecoderConfig.rms_norm_eps must be a float in (0, 1), got {self.rms_norm_eps!r}.")
-        for name in ("norm_plus_one", "scale_embeddings", "qkv_bias", "qk_norm", "tie_embeddings",
-                     "sandwich_norms"):
+        for name in ("norm_plus_one", "scale_embeddings", "qkv_bias", "qk_norm", "tie_embeddings", "sandwich_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DecoderConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
@@ -133,8 +152,9 @@ class DecoderConfig:
             if value is not None and not _positive_number(value):
                 raise ValueError(f"DecoderConfig.{name} must be a positive number or None, got {value!r}.")
         if self.sliding_window is not None and not _positive_int(self.sliding_window):
-            raise ValueError(f"DecoderConfig.sliding_window must be a positive int or None, got "
-                             f"{self.sliding_window!r}.")
+            raise ValueError(
+                f"DecoderConfig.sliding_window must be a positive int or None, got {self.sliding_window!r}."
+            )
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -41,15 +41,32 @@ from cat_jax.models.decoder.config import MODEL_TYPES, DecoderConfig
 from cat_jax.models.decoder.model import abstract_params
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
 # transformers' activation names -> DecoderConfig.activation, and back.
-ACTIVATIONS_IN = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                  "gelu": "gelu"}
+ACTIVATIONS_IN = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+}
 ACTIVATIONS_OUT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 # The class defaults transformers 4.57 applies when config.json leaves a key out.
-_DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma": 8192,
-                          "gemma2": 8192}
+_DEFAULT_MAX_POSITIONS = {
+    "llama": 2048,
+    "mistral": 131072,
+    "qwen2": 32768,
+    "qwen3": 32768,
+    "gemma": 8192,
+    "gemma2": 8192,
+}
 _TIED_BY_DEFAULT = ("gemma", "gemma2")
 _GEMMA = ("gemma", "gemma2")
 _SHOWN = 12
@@ -75,8 +92,9 @@ def _sliding(hf: Mapping[str, Any], model_type: str, num_layers: int, where: str
     else:  # qwen2, qwen3: layers from max_window_layers on slide, when use_sliding_window
         window = window if hf.get("use_sliding_window", False) else None
         start = hf.get("max_window_layers", 28)
-        default = ["sliding_attention" if window is not None and i >= start else "full_attention"
-                   for i in range(num_layers)]
+        default = [
+            "sliding_attention" if window is not None and i >= start else "full_attention" for i in range(num_layers)
+        ]
     sliding = [t == "sliding_attention" for t in (hf.get("layer_types") or default)]
     if window is None or not any(sliding):
         return None, "all"
@@ -84,9 +102,11 @@ def _sliding(hf: Mapping[str, Any], model_type: str, num_layers: int, where: str
         return window, "all"
     if sliding == [i % 2 == 0 for i in range(num_layers)]:
         return window, "even"
-    raise ConversionError(f"{where}: config.json's layer_types {hf.get('layer_types') or default} mix sliding and "
-                          "global layers in a pattern cat_jax does not support (every layer, or layers 0, 2, 4, "
-                          "... as Gemma 2).")
+    raise ConversionError(
+        f"{where}: config.json's layer_types {hf.get('layer_types') or default} mix sliding and "
+        "global layers in a pattern cat_jax does not support (every layer, or layers 0, 2, 4, "
+        "... as Gemma 2)."
+    )
 
 
 def _rope(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -95,12 +115,16 @@ def _rope(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     if kind in (None, "default"):
         return {"rope_scaling": "none"}
     if kind != "llama3":
-        raise ConversionError(f"{where}: rope_scaling type {kind!r} is not supported; cat_jax knows 'default' and "
-                              "'llama3'.")
-    return {"rope_scaling": "llama3", "rope_scaling_factor": float(scaling["factor"]),
-            "rope_low_freq_factor": float(scaling["low_freq_factor"]),
-            "rope_high_freq_factor": float(scaling["high_freq_factor"]),
-            "rope_original_max_position": int(scaling["original_max_position_embeddings"])}
+        raise ConversionError(
+            f"{where}: rope_scaling type {kind!r} is not supported; cat_jax knows 'default' and 'llama3'."
+        )
+    return {
+        "rope_scaling": "llama3",
+        "rope_scaling_factor": float(scaling["factor"]),
+        "rope_low_freq_factor": float(scaling["low_freq_factor"]),
+        "rope_high_freq_factor": float(scaling["high_freq_factor"]),
+        "rope_original_max_position": int(scaling["original_max_position_embeddings"]),
+    }
 
 
 def config_from_hf(hf: Mapping[str, Any], where: str) -> DecoderConfig:
@@ -110,11 +134,14 @@ def config_from_hf(hf: Mapping[str, Any], where: str) -> DecoderConfig:
         raise ConversionError(
             f"{where}: config.json describes model_type={model_type!r} (architectures "
             f"{hf.get('architectures')}); cat_jax imports the decoder-only model types "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (and T5-family encoder-decoders: t5, mt5).")
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (and T5-family encoder-decoders: t5, mt5)."
+        )
     unsupported = [k for k in ("attention_bias", "mlp_bias") if hf.get(k)]
     if unsupported:
-        raise ConversionError(f"{where}: config.json sets {unsupported}; cat_jax's decoder has no such biases "
-                              f"(only Qwen2's q/k/v biases).")
+        raise ConversionError(
+            f"{where}: config.json sets {unsupported}; cat_jax's decoder has no such biases "
+            f"(only Qwen2's q/k/v biases)."
+        )
     act_key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
     act = hf.get(act_key) or ("gelu_pytorch_tanh" if model_type in _GEMMA else "silu")
     if act not in ACTIVATIONS_IN:
@@ -124,20 +151,31 @@ def config_from_hf(hf: Mapping[str, Any], where: str) -> DecoderConfig:
         window, pattern = _sliding(hf, model_type, num_layers, where)
         gemma2 = model_type == "gemma2"
         return DecoderConfig(
-            model_type=model_type, vocab_size=int(hf["vocab_size"]), emb_dim=int(hf["hidden_size"]),
-            num_layers=num_layers, num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            model_type=model_type,
+            vocab_size=int(hf["vocab_size"]),
+            emb_dim=int(hf["hidden_size"]),
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
-            mlp_dim=int(hf["intermediate_size"]), activation=ACTIVATIONS_IN[act],
-            rope_theta=float(hf.get("rope_theta", 10000.0)), **_rope(hf, where),
+            mlp_dim=int(hf["intermediate_size"]),
+            activation=ACTIVATIONS_IN[act],
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            **_rope(hf, where),
             max_position_embeddings=int(hf.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type]),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm_plus_one=model_type in _GEMMA,
-            scale_embeddings=model_type in _GEMMA, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            norm_plus_one=model_type in _GEMMA,
+            scale_embeddings=model_type in _GEMMA,
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
             tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT)),
             sandwich_norms=gemma2,
             attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0) if gemma2 else None,
             final_logit_softcap=hf.get("final_logit_softcapping", 30.0) if gemma2 else None,
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma2 else None,
-            sliding_window=window, sliding_window_layers=pattern)
+            sliding_window=window,
+            sliding_window_layers=pattern,
+        )
     except KeyError as e:
         raise ConversionError(f"{where}: config.json lacks {e.args[0]!r}, which a {model_type} config has.") from e
     except (TypeError, ValueError) as e:
@@ -146,34 +184,87 @@ def config_from_hf(hf: Mapping[str, Any], where: str) -> DecoderConfig:
 
 # What each model_type fixes (the rest of DecoderConfig is free).
 _FIXED = {
-    "llama": dict(norm_plus_one=False, scale_embeddings=False, qkv_bias=False, qk_norm=False, sandwich_norms=False,
-                  attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None, sliding_window=None),
-    "mistral": dict(norm_plus_one=False, scale_embeddings=False, qkv_bias=False, qk_norm=False,
-                    sandwich_norms=False, attn_logit_softcap=None, final_logit_softcap=None,
-                    query_pre_attn_scalar=None, sliding_window_layers="all"),
-    "qwen2": dict(norm_plus_one=False, scale_embeddings=False, qkv_bias=True, qk_norm=False, sandwich_norms=False,
-                  attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None,
-                  sliding_window_layers="all"),
-    "qwen3": dict(norm_plus_one=False, scale_embeddings=False, qkv_bias=False, qk_norm=True, sandwich_norms=False,
-                  attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None,
-                  sliding_window_layers="all"),
-    "gemma": dict(norm_plus_one=True, scale_embeddings=True, qkv_bias=False, qk_norm=False, sandwich_norms=False,
-                  attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None, sliding_window=None),
-    "gemma2": dict(norm_plus_one=True, scale_embeddings=True, qkv_bias=False, qk_norm=False, sandwich_norms=True,
-                   sliding_window_layers="even"),
+    "llama": dict(
+        norm_plus_one=False,
+        scale_embeddings=False,
+        qkv_bias=False,
+        qk_norm=False,
+        sandwich_norms=False,
+        attn_logit_softcap=None,
+        final_logit_softcap=None,
+        query_pre_attn_scalar=None,
+        sliding_window=None,
+    ),
+    "mistral": dict(
+        norm_plus_one=False,
+        scale_embeddings=False,
+        qkv_bias=False,
+        qk_norm=False,
+        sandwich_norms=False,
+        attn_logit_softcap=None,
+        final_logit_softcap=None,
+        query_pre_attn_scalar=None,
+        sliding_window_layers="all",
+    ),
+    "qwen2": dict(
+        norm_plus_one=False,
+        scale_embeddings=False,
+        qkv_bias=True,
+        qk_norm=False,
+        sandwich_norms=False,
+        attn_logit_softcap=None,
+        final_logit_softcap=None,
+        query_pre_attn_scalar=None,
+        sliding_window_layers="all",
+    ),
+    "qwen3": dict(
+        norm_plus_one=False,
+        scale_embeddings=False,
+        qkv_bias=False,
+        qk_norm=True,
+        sandwich_norms=False,
+        attn_logit_softcap=None,
+        final_logit_softcap=None,
+        query_pre_attn_scalar=None,
+        sliding_window_layers="all",
+    ),
+    "gemma": dict(
+        norm_plus_one=True,
+        scale_embeddings=True,
+        qkv_bias=False,
+        qk_norm=False,
+        sandwich_norms=False,
+        attn_logit_softcap=None,
+        final_logit_softcap=None,
+        query_pre_attn_scalar=None,
+        sliding_window=None,
+    ),
+    "gemma2": dict(
+        norm_plus_one=True,
+        scale_embeddings=True,
+        qkv_bias=False,
+        qk_norm=False,
+        sandwich_norms=True,
+        sliding_window_layers="even",
+    ),
 }
 
 
 def _rope_to_hf(config: DecoderConfig) -> dict[str, Any] | None:
     if config.rope_scaling == "none":
         return None
-    return {"rope_type": "llama3", "factor": config.rope_scaling_factor,
-            "low_freq_factor": config.rope_low_freq_factor, "high_freq_factor": config.rope_high_freq_factor,
-            "original_max_position_embeddings": config.rope_original_max_position}
+    return {
+        "rope_type": "llama3",
+        "factor": config.rope_scaling_factor,
+        "low_freq_factor": config.rope_low_freq_factor,
+        "high_freq_factor": config.rope_high_freq_factor,
+        "original_max_position_embeddings": config.rope_original_max_position,
+    }
 
 
-def config_to_hf(config: DecoderConfig, dtype: str = "float32",
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def config_to_hf(
+    config: DecoderConfig, dtype: str = "float32", extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """A Hub `config.json` for `config` as its `model_type` (the inverse of `config_from_hf`); `extra`
     adds keys such as bos_token_id / eos_token_id / pad_token_id. A config the model_type cannot
     express (e.g. q/k norms as llama) is a ConversionError."""
@@ -182,17 +273,30 @@ def config_to_hf(config: DecoderConfig, dtype: str = "float32",
     if model_type == "gemma2" and config.sliding_window is None:
         wrong["sliding_window"] = None
     if wrong:
-        raise ConversionError(f"A {model_type} checkpoint cannot express {wrong} (it needs "
-                              f"{ {k: _FIXED[model_type].get(k) for k in wrong} }); set DecoderConfig.model_type "
-                              "to the family these switches belong to.")
+        raise ConversionError(
+            f"A {model_type} checkpoint cannot express {wrong} (it needs "
+            f"{ {k: _FIXED[model_type].get(k) for k in wrong} }); set DecoderConfig.model_type "
+            "to the family these switches belong to."
+        )
     out: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": config.vocab_size,
-        "hidden_size": config.emb_dim, "intermediate_size": config.mlp_dim, "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
-        "rope_scaling": _rope_to_hf(config), "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_embeddings, "hidden_act": ACTIVATIONS_OUT[config.activation],
-        "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype,
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.emb_dim,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": _rope_to_hf(config),
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": ACTIVATIONS_OUT[config.activation],
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "torch_dtype": dtype,
     }
     if model_type in ("llama", "qwen3", "gemma", "gemma2"):
         out["attention_bias"] = False
@@ -201,15 +305,22 @@ def config_to_hf(config: DecoderConfig, dtype: str = "float32",
     if model_type == "mistral":
         out["sliding_window"] = config.sliding_window
     if model_type in ("qwen2", "qwen3"):
-        out.update(use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
-                   max_window_layers=0 if config.sliding_window is not None else config.num_layers)
+        out.update(
+            use_sliding_window=config.sliding_window is not None,
+            sliding_window=config.sliding_window,
+            max_window_layers=0 if config.sliding_window is not None else config.num_layers,
+        )
     if model_type == "gemma2":
-        out.update(hidden_activation=out["hidden_act"], sliding_window=config.sliding_window,
-                   query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
-                   attn_logit_softcapping=config.attn_logit_softcap,
-                   final_logit_softcapping=config.final_logit_softcap,
-                   layer_types=["sliding_attention" if config.layer_window(i) else "full_attention"
-                                for i in range(config.num_layers)])
+        out.update(
+            hidden_activation=out["hidden_act"],
+            sliding_window=config.sliding_window,
+            query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+            attn_logit_softcapping=config.attn_logit_softcap,
+            final_logit_softcapping=config.final_logit_softcap,
+            layer_types=[
+                "sliding_attention" if config.layer_window(i) else "full_attention" for i in range(config.num_layers)
+            ],
+        )
     out.update(extra or {})
     return out
 
@@ -289,8 +400,10 @@ def read(directory: str) -> tuple[DecoderConfig, dict[str, Any], Iterator[tuple[
     shape mismatches are a ConversionError listing them.
     """
     if not is_hf_dir(directory):
-        raise ConversionError(f"{directory} is not a Hugging Face checkpoint directory (config.json and "
-                              "model.safetensors or model.safetensors.index.json).")
+        raise ConversionError(
+            f"{directory} is not a Hugging Face checkpoint directory (config.json and "
+            "model.safetensors or model.safetensors.index.json)."
+        )
     hf = read_config(directory)
     config = config_from_hf(hf, directory)
     files = SafetensorsFiles(directory)
@@ -300,23 +413,37 @@ def read(directory: str) -> tuple[DecoderConfig, dict[str, Any], Iterator[tuple[
     optional = {"lm_head.weight": want["model.embed_tokens.weight"]} if config.tie_embeddings else {}
     missing = [hub for hub in want if hub not in files.shapes]
     extra = [hub for hub in files.shapes if hub not in want and hub not in optional]
-    wrong = [f"{hub}: {files.shapes[hub]} where the config needs {shape}"
-             for hub, shape in {**want, **optional}.items() if hub in files.shapes and files.shapes[hub] != shape]
-    problems = [f"{what}: {_listing(items)}" for what, items in (
-        ("missing tensors", missing), ("tensors the model has no place for", extra), ("shape mismatches", wrong))
-        if items]
+    wrong = [
+        f"{hub}: {files.shapes[hub]} where the config needs {shape}"
+        for hub, shape in {**want, **optional}.items()
+        if hub in files.shapes and files.shapes[hub] != shape
+    ]
+    problems = [
+        f"{what}: {_listing(items)}"
+        for what, items in (
+            ("missing tensors", missing),
+            ("tensors the model has no place for", extra),
+            ("shape mismatches", wrong),
+        )
+        if items
+    ]
     if problems:
-        raise ConversionError(f"Hugging Face checkpoint {directory} does not fit the {config.model_type} model its "
-                              "config.json describes:\n  " + "\n  ".join(problems)
-                              + "\nCheck that the checkpoint is complete and that its config matches its tensors.")
+        raise ConversionError(
+            f"Hugging Face checkpoint {directory} does not fit the {config.model_type} model its "
+            "config.json describes:\n  "
+            + "\n  ".join(problems)
+            + "\nCheck that the checkpoint is complete and that its config matches its tensors."
+        )
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for path, (hub, layout) in names.items():
             yield path, to_ours(as_float32(files.get(hub)), layout, ours_shapes[path])
         if "lm_head.weight" in optional and "lm_head.weight" in files.shapes:
             if not np.array_equal(files.get("lm_head.weight"), files.get("model.embed_tokens.weight")):
-                raise ConversionError(f"{directory}: lm_head.weight differs from model.embed_tokens.weight, but "
-                                      "tie_word_embeddings makes them one tensor; the checkpoint is inconsistent.")
+                raise ConversionError(
+                    f"{directory}: lm_head.weight differs from model.embed_tokens.weight, but "
+                    "tie_word_embeddings makes them one tensor; the checkpoint is inconsistent."
+                )
 
     return config, hf, tensors()
 
@@ -327,20 +454,28 @@ def import_hf(directory: str) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
     return config, dict(tensors)
 
 
-def tensors_for_export(config: DecoderConfig, params: Mapping[str, np.ndarray],
-                       cast: Callable[[np.ndarray], np.ndarray] = np.asarray) -> dict[str, np.ndarray]:
+def tensors_for_export(
+    config: DecoderConfig, params: Mapping[str, np.ndarray], cast: Callable[[np.ndarray], np.ndarray] = np.asarray
+) -> dict[str, np.ndarray]:
     """{Hub name: contiguous array} of a flat parameter dict, as save_pretrained writes it (a tied
     LM head is not stored)."""
-    return {hub: np.ascontiguousarray(cast(to_hub(np.asarray(params[path]), layout)))
-            for path, (hub, layout) in name_map(config).items()}
+    return {
+        hub: np.ascontiguousarray(cast(to_hub(np.asarray(params[path]), layout)))
+        for path, (hub, layout) in name_map(config).items()
+    }
 
 
-def export_hf(config: DecoderConfig, params: Mapping[str, np.ndarray], directory: str, dtype: str = "float32",
-              extra_config: Mapping[str, Any] | None = None) -> str:
+def export_hf(
+    config: DecoderConfig,
+    params: Mapping[str, np.ndarray],
+    directory: str,
+    dtype: str = "float32",
+    extra_config: Mapping[str, Any] | None = None,
+) -> str:
     """Writes `config.json` and `model.safetensors` (float32 or bfloat16) into a new or empty
     `directory`, which `transformers.AutoModelForCausalLM.from_pretrained` loads; returns it."""
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     import ml_dtypes  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
     casts = {"float32": lambda a: a.astype(np.float32), "bfloat16": lambda a: a.astype(ml_dtypes.bfloat16)}
     if dtype not in casts:

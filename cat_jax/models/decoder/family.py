@@ -56,8 +56,9 @@ def _first_index(rows: np.ndarray, value: int) -> np.ndarray:
     return np.where(hit.any(axis=1), np.argmax(hit, axis=1), -1)
 
 
-def prompt_rows(inputs: np.ndarray, eos_id: int, prefix: tuple[int, ...], suffix: tuple[int, ...],
-                length: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt_rows(
+    inputs: np.ndarray, eos_id: int, prefix: tuple[int, ...], suffix: tuple[int, ...], length: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_tokens, prompt_mask) [b, length]: each row's tokens before its last EOS (all its
     non-padding tokens when it has none), between `prefix` and `suffix`, left-padded; a prompt too
     long for `length` keeps its prefix, its first tokens and its suffix."""
@@ -65,14 +66,16 @@ def prompt_rows(inputs: np.ndarray, eos_id: int, prefix: tuple[int, ...], suffix
     counts = np.where(ends >= 0, ends, np.count_nonzero(inputs, axis=1))
     room = length - len(prefix) - len(suffix)
     if room < 0:
-        raise ValueError(f"The prompt's special tokens ({len(prefix) + len(suffix)}) do not fit "
-                         f"TASK_FEATURE_LENGTHS['inputs'] = {length}.")
+        raise ValueError(
+            f"The prompt's special tokens ({len(prefix) + len(suffix)}) do not fit "
+            f"TASK_FEATURE_LENGTHS['inputs'] = {length}."
+        )
     tokens = np.zeros((inputs.shape[0], length), np.int32)
     mask = np.zeros((inputs.shape[0], length), np.int32)
     for r, count in enumerate(counts):
-        row = [*prefix, *inputs[r, :min(int(count), room)].tolist(), *suffix]
-        tokens[r, length - len(row):] = row
-        mask[r, length - len(row):] = 1
+        row = [*prefix, *inputs[r, : min(int(count), room)].tolist(), *suffix]
+        tokens[r, length - len(row) :] = row
+        mask[r, length - len(row) :] = 1
     return tokens, mask
 
 
@@ -113,18 +116,31 @@ class DecoderModel(contract.Model):
     def batch_shapes(self, lengths: Mapping[str, int], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         li, lt = lengths["inputs"], lengths["targets"]
         ints = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
-        return {"prompt_tokens": ints(li), "prompt_mask": ints(li), "decoder_target_tokens": ints(lt),
-                "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, lt), np.float32)}
+        return {
+            "prompt_tokens": ints(li),
+            "prompt_mask": ints(li),
+            "decoder_target_tokens": ints(lt),
+            "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, lt), np.float32),
+        }
 
     def make_batch(self, examples: Mapping[str, np.ndarray], vocab: Any) -> dict[str, np.ndarray]:
         vocab = vocabularies.resolve(vocab)
         inputs = np.asarray(examples["encoder_input_tokens"])
         targets = np.asarray(examples["decoder_target_tokens"], np.int32)
-        prompt, mask = prompt_rows(inputs, vocab.eos_id, tuple(getattr(vocab, "prompt_prefix_ids", ())),
-                                   tuple(getattr(vocab, "prompt_suffix_ids", ())), inputs.shape[1])
+        prompt, mask = prompt_rows(
+            inputs,
+            vocab.eos_id,
+            tuple(getattr(vocab, "prompt_prefix_ids", ())),
+            tuple(getattr(vocab, "prompt_suffix_ids", ())),
+            inputs.shape[1],
+        )
         weights = completion_weights(targets, vocab.eos_id, np.asarray(examples["decoder_loss_weights"]))
-        return {"prompt_tokens": prompt, "prompt_mask": mask, "decoder_target_tokens": targets,
-                "decoder_loss_weights": weights}
+        return {
+            "prompt_tokens": prompt,
+            "prompt_mask": mask,
+            "decoder_target_tokens": targets,
+            "decoder_loss_weights": weights,
+        }
 
     # ---- parameters and teacher forcing -------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:
@@ -141,8 +157,9 @@ class DecoderModel(contract.Model):
         return self.network.apply({"params": params}, tokens, mask, logits_from=batch["prompt_tokens"].shape[1] - 1)
 
     # ---- decoding -----------------------------------------------------------------------------
-    def start_decoding(self, params: Any, inputs: Mapping[str, jax.Array],
-                       max_decode_length: int) -> tuple[dict[str, Any], jax.Array]:
+    def start_decoding(
+        self, params: Any, inputs: Mapping[str, jax.Array], max_decode_length: int
+    ) -> tuple[dict[str, Any], jax.Array]:
         prompt, mask = inputs["prompt_tokens"], inputs["prompt_mask"] > 0
         batch, length = prompt.shape
         net = self.network
@@ -150,28 +167,33 @@ class DecoderModel(contract.Model):
         _, variables = net.apply({"params": params}, dummy, decode=True, mutable=["cache"])
         cache = variables["cache"]
         if length > 1:
-            _, variables = net.apply({"params": params, "cache": cache}, prompt[:, :-1], mask[:, :-1], decode=True,
-                                     mutable=["cache"])
+            _, variables = net.apply(
+                {"params": params, "cache": cache}, prompt[:, :-1], mask[:, :-1], decode=True, mutable=["cache"]
+            )
             cache = variables["cache"]
         state = {"cache": cache, "offset": jnp.asarray(length - 1, jnp.int32)}
         return state, prompt[:, -1].astype(jnp.int32)
 
-    def decode_block(self, params: Any, state: dict[str, Any], tokens: jax.Array
-                     ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-        (logits, hidden), variables = self.network.apply({"params": params, "cache": state["cache"]}, tokens,
-                                                         decode=True, return_hidden=True, mutable=["cache"])
+    def decode_block(
+        self, params: Any, state: dict[str, Any], tokens: jax.Array
+    ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        (logits, hidden), variables = self.network.apply(
+            {"params": params, "cache": state["cache"]}, tokens, decode=True, return_hidden=True, mutable=["cache"]
+        )
         return logits, hidden, {**state, "cache": variables["cache"]}
 
     def set_positions(self, state: dict[str, Any], positions: jax.Array) -> dict[str, Any]:
         index = state["offset"] + jnp.asarray(positions, jnp.int32)
         cache = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: index if path[-1].key == CACHE_INDEX else leaf, state["cache"])
+            lambda path, leaf: index if path[-1].key == CACHE_INDEX else leaf, state["cache"]
+        )
         return {**state, "cache": cache}
 
     def input_embedding(self, params: Any, inputs: Mapping[str, jax.Array], depth: int) -> jax.Array:
         mask = inputs["prompt_mask"] > 0
-        hidden = self.network.apply({"params": params}, inputs["prompt_tokens"], mask, layer=depth,
-                                    method=Decoder.hidden_after)
+        hidden = self.network.apply(
+            {"params": params}, inputs["prompt_tokens"], mask, layer=depth, method=Decoder.hidden_after
+        )
         weights = mask[..., None].astype(jnp.float32)
         return jnp.sum(hidden.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 

@@ -95,8 +95,9 @@ class Embed(nn.Module):
 
     def setup(self) -> None:
         init = nn.initializers.normal(self.features**-0.5)
-        self.embedding = logical_param(self, "embedding", init, (self.num_embeddings, self.features),
-                                       ("vocab", "embed"))
+        self.embedding = logical_param(
+            self, "embedding", init, (self.num_embeddings, self.features), ("vocab", "embed")
+        )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens: [b, L] int -> [b, L, embed]."""
@@ -120,12 +121,14 @@ class HeadsProjection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
-        kernel = logical_param(self, "kernel", init, (x.shape[-1], self.num_heads, self.head_dim),
-                               ("embed", self.heads_axis, "kv"))
+        kernel = logical_param(
+            self, "kernel", init, (x.shape[-1], self.num_heads, self.head_dim), ("embed", self.heads_axis, "kv")
+        )
         y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            bias = logical_param(self, "bias", nn.initializers.zeros, (self.num_heads, self.head_dim),
-                                 (self.heads_axis, "kv"))
+            bias = logical_param(
+                self, "bias", nn.initializers.zeros, (self.num_heads, self.head_dim), (self.heads_axis, "kv")
+            )
             y = y + bias.astype(self.dtype)
         return y
 
@@ -139,8 +142,9 @@ class OutProjection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-        kernel = logical_param(self, "kernel", init, (x.shape[-2], x.shape[-1], self.features),
-                               ("heads", "kv", "embed"))
+        kernel = logical_param(
+            self, "kernel", init, (x.shape[-2], x.shape[-1], self.features), ("heads", "kv", "embed")
+        )
         return jnp.einsum("blhk,hkd->bld", x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -164,8 +168,16 @@ class Attention(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, query_slots: jax.Array, key_mask: jax.Array, *,
-                 decode: bool = False, index: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        query_slots: jax.Array,
+        key_mask: jax.Array,
+        *,
+        decode: bool = False,
+        index: jax.Array | None = None,
+    ) -> jax.Array:
         """x: [b, g, embed]; positions, query_slots: [b, g] int; key_mask: [b, K] bool over the key
         slots (K = g without a cache, max_len with one) -> [b, g, embed]."""
         cfg = self.config
@@ -199,8 +211,9 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return OutProjection(x.shape[-1], dt, name="out")(out)
 
-    def _cached(self, key: jax.Array, value: jax.Array, slots: jax.Array, key_mask: jax.Array,
-                index: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    def _cached(
+        self, key: jax.Array, value: jax.Array, slots: jax.Array, key_mask: jax.Array, index: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Writes the block's keys/values [b, g, kv_heads, d] at `index`; returns the keys, values,
         their slots [b, K] and mask [b, K] to attend to (the block itself on the creating call)."""
         primed = self.has_variable("cache", "cached_key")
@@ -219,8 +232,7 @@ class Attention(nn.Module):
         max_len = cached_key.value.shape[1]
         span = None if self.window is None else self.window + g - 1
         if span is None or span >= max_len:
-            return (cached_key.value, cached_value.value, jnp.broadcast_to(jnp.arange(max_len), (b, max_len)),
-                    key_mask)
+            return (cached_key.value, cached_value.value, jnp.broadcast_to(jnp.arange(max_len), (b, max_len)), key_mask)
         # The slots a sliding layer's queries can see: from window - 1 before the first query's slot
         # to the last query's slot (those below 0 are masked).
         window_slots = jnp.broadcast_to(jnp.reshape(index, (-1, 1)) - self.window + 1 + jnp.arange(span), (b, span))

@@ -62,13 +62,21 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, query_slots: jax.Array, key_mask: jax.Array,
-                 decode: bool, index: jax.Array | None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        query_slots: jax.Array,
+        key_mask: jax.Array,
+        decode: bool,
+        index: jax.Array | None,
+    ) -> jax.Array:
         """x: [b, g, embed] -> [b, g, embed]; see `Attention` for the other arguments."""
         cfg = self.config
         h = _norm(cfg, "input_norm")(x)
         h = Attention(cfg, cfg.layer_window(self.layer), name="attention")(
-            h, positions, query_slots, key_mask, decode=decode, index=index)
+            h, positions, query_slots, key_mask, decode=decode, index=index
+        )
         if cfg.sandwich_norms:
             h = _norm(cfg, "post_attention_norm")(h)
         x = x + h
@@ -113,8 +121,10 @@ class Decoder(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         if cfg.vocab_size is None:
-            raise ValueError("DecoderConfig.vocab_size is None: set it from the task's vocabulary with "
-                             "config.replace(vocab_size=vocabulary.vocab_size).")
+            raise ValueError(
+                "DecoderConfig.vocab_size is None: set it from the task's vocabulary with "
+                "config.replace(vocab_size=vocabulary.vocab_size)."
+            )
         self.embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.compute_dtype)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_layers)]
         self.final_norm = _norm(cfg, "final_norm")
@@ -122,8 +132,9 @@ class Decoder(nn.Module):
             self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype)
         self.cache_state = CacheState()
 
-    def _residual(self, tokens: jax.Array, mask: jax.Array | None, positions: jax.Array | None,
-                  decode: bool, num_layers: int) -> jax.Array:
+    def _residual(
+        self, tokens: jax.Array, mask: jax.Array | None, positions: jax.Array | None, decode: bool, num_layers: int
+    ) -> jax.Array:
         """The residual stream [b, g, embed] after the first `num_layers` layers."""
         cfg = self.config
         mask = jnp.ones(tokens.shape, jnp.bool_) if mask is None else mask.astype(jnp.bool_)
@@ -141,9 +152,16 @@ class Decoder(nn.Module):
             x = layer(x, positions, slots, key_mask, decode, index)
         return x
 
-    def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, positions: jax.Array | None = None, *,
-                 decode: bool = False, return_hidden: bool = False,
-                 logits_from: int = 0) -> jax.Array | tuple[jax.Array, jax.Array]:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        decode: bool = False,
+        return_hidden: bool = False,
+        logits_from: int = 0,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """tokens: [b, g] int -> logits [b, g - logits_from, vocab] in compute dtype of the positions from
         `logits_from` on (with `return_hidden`, also the final normed hidden states there [b, g -
         logits_from, embed]). mask, positions: [b, g] (see the module docstring)."""
@@ -153,8 +171,9 @@ class Decoder(nn.Module):
         logits = nn.with_logical_constraint(softcap(logits, cfg.final_logit_softcap), ("batch", "length", "vocab"))
         return (logits, hidden) if return_hidden else logits
 
-    def hidden_after(self, tokens: jax.Array, mask: jax.Array | None = None, positions: jax.Array | None = None,
-                     *, layer: int) -> jax.Array:
+    def hidden_after(
+        self, tokens: jax.Array, mask: jax.Array | None = None, positions: jax.Array | None = None, *, layer: int
+    ) -> jax.Array:
         """The residual stream [b, L, embed] after the first `layer` layers (0: the scaled token
         embeddings; num_layers: the last layer's output, before the final norm). Teacher-forced, no
         cache; only those layers are computed."""

@@ -19,8 +19,14 @@ from cat_jax.partitioning import LogicalRules
 
 def logical_sizes(config: DecoderConfig) -> dict[str, int]:
     """The size of each logical axis the decoder's parameters carry."""
-    return {"vocab": config.vocab_size, "embed": config.emb_dim, "mlp": config.mlp_dim, "heads": config.num_heads,
-            "kv_heads": config.num_kv_heads, "kv": config.head_dim}
+    return {
+        "vocab": config.vocab_size,
+        "embed": config.emb_dim,
+        "mlp": config.mlp_dim,
+        "heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "kv": config.head_dim,
+    }
 
 
 def fit_axis_rules(config: DecoderConfig, mesh_shape: Mapping[str, int], rules: LogicalRules) -> tuple:

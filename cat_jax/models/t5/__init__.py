@@ -14,5 +14,12 @@ from cat_jax.models.t5.flops import decoder_flops, encoder_flops, encoder_layers
 from cat_jax.models.t5.model import T5Model
 from cat_jax.models.t5.network import Transformer
 
-__all__ = ["T5Config", "T5Model", "Transformer", "decoder_flops", "encoder_flops", "encoder_layers_flops",
-           "forward_flops"]
+__all__ = [
+    "T5Config",
+    "T5Model",
+    "Transformer",
+    "decoder_flops",
+    "encoder_flops",
+    "encoder_layers_flops",
+    "forward_flops",
+]

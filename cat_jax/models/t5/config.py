@@ -51,38 +51,46 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
 
     def __post_init__(self) -> None:
-        positive = ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
-                    "num_decoder_layers", "relative_attention_max_distance")
+        positive = (
+            "emb_dim",
+            "num_heads",
+            "head_dim",
+            "mlp_dim",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "relative_attention_max_distance",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"T5Config.{name} must be a positive int, got {value!r}.")
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int)
-                                            or self.vocab_size <= 1):
-            raise ConfigError(f"T5Config.vocab_size must be an int > 1 or None (filled in from "
-                             f"the task's vocabulary), got {self.vocab_size!r}.")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 1):
+            raise ConfigError(
+                f"T5Config.vocab_size must be an int > 1 or None (filled in from "
+                f"the task's vocabulary), got {self.vocab_size!r}."
+            )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         buckets = self.relative_attention_num_buckets
         if not isinstance(buckets, int) or buckets < 4:
-            raise ConfigError(f"T5Config.relative_attention_num_buckets must be an int >= 4, "
-                             f"got {buckets!r}.")
+            raise ConfigError(f"T5Config.relative_attention_num_buckets must be an int >= 4, got {buckets!r}.")
         if self.relative_attention_max_distance <= buckets // 2:
             raise ConfigError(
                 f"T5Config.relative_attention_max_distance ({self.relative_attention_max_distance})"
-                f" must exceed relative_attention_num_buckets // 2 ({buckets // 2}).")
+                f" must exceed relative_attention_num_buckets // 2 ({buckets // 2})."
+            )
         if self.mlp_activation not in MLP_ACTIVATIONS:
-            raise ConfigError(f"T5Config.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
-                             f"{self.mlp_activation!r}.")
+            raise ConfigError(f"T5Config.mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}.")
         if not isinstance(self.logits_via_embedding, bool):
-            raise ConfigError(f"T5Config.logits_via_embedding must be True or False, got "
-                             f"{self.logits_via_embedding!r}.")
+            raise ConfigError(
+                f"T5Config.logits_via_embedding must be True or False, got {self.logits_via_embedding!r}."
+            )
         if not (isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1):
-            raise ConfigError(f"T5Config.layer_norm_epsilon must be a float in (0, 1), got "
-                             f"{self.layer_norm_epsilon!r}.")
+            raise ConfigError(
+                f"T5Config.layer_norm_epsilon must be a float in (0, 1), got {self.layer_norm_epsilon!r}."
+            )
         if self.dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"T5Config.dtype must be one of {COMPUTE_DTYPES}, got "
-                             f"{self.dtype!r}.")
+            raise ConfigError(f"T5Config.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}.")
 
     @property
     def gated_mlp(self) -> bool:

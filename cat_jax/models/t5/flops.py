@@ -39,8 +39,10 @@ def encoder_flops(config: T5Config, input_length: Any) -> Any:
     `forward_flops`. Plain arithmetic: input_length may be a number or a numpy array.
     """
     d, a = config.emb_dim, config.num_heads * config.head_dim
-    return (encoder_layers_flops(config, input_length, config.num_encoder_layers)
-            + config.num_decoder_layers * 4 * input_length * d * a)
+    return (
+        encoder_layers_flops(config, input_length, config.num_encoder_layers)
+        + config.num_decoder_layers * 4 * input_length * d * a
+    )
 
 
 def decoder_flops(config: T5Config, input_length: Any, context: Any, block: Any) -> Any:

@@ -40,8 +40,9 @@ class Embed(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        self.embedding = logical_param(self, "embedding", nn.initializers.normal(1.0),
-                                       (self.num_embeddings, self.features), ("vocab", "embed"))
+        self.embedding = logical_param(
+            self, "embedding", nn.initializers.normal(1.0), (self.num_embeddings, self.features), ("vocab", "embed")
+        )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens: [batch, length] int -> [batch, length, embed]."""
@@ -52,8 +53,7 @@ class Embed(nn.Module):
         return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
 
-_ACTIVATIONS = {"relu": jax.nn.relu, "gated-gelu": lambda x: nn.gelu(x, approximate=True),
-                "gated-silu": jax.nn.silu}
+_ACTIVATIONS = {"relu": jax.nn.relu, "gated-gelu": lambda x: nn.gelu(x, approximate=True), "gated-silu": jax.nn.silu}
 
 
 class MlpBlock(nn.Module):
@@ -80,8 +80,9 @@ class MlpBlock(nn.Module):
         return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="wo")(h)
 
 
-def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> jax.Array:
+def relative_position_bucket(
+    relative_position: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
     """T5's bucketing of `relative_position = key_pos - query_pos` (any shape) -> int32 buckets.
 
     Half the buckets (per direction) are exact offsets, the rest logarithmically wider up to
@@ -98,8 +99,7 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
         n = jnp.maximum(n, 0)
     max_exact = num_buckets // 2
     is_small = n < max_exact
-    log_ratio = (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
-                 / jnp.log(max_distance / max_exact))
+    log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / jnp.log(max_distance / max_exact)
     large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(n.dtype)
     large = jnp.minimum(large, num_buckets - 1)
     return (bucket + jnp.where(is_small, n, large)).astype(jnp.int32)
@@ -117,12 +117,16 @@ class RelativePositionBias(nn.Module):
     def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
         """query_positions: [q] or per row [b, q], key_positions: [k] int -> bias [1 or b, heads,
         q, k] float32."""
-        table = logical_param(self, "rel_embedding",
-                              nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
-                              (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
-        buckets = relative_position_bucket(key_positions - query_positions[..., None],
-                                           self.bidirectional, self.num_buckets,
-                                           self.max_distance)
+        table = logical_param(
+            self,
+            "rel_embedding",
+            nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+            (self.num_heads, self.num_buckets),
+            ("heads", "relpos_buckets"),
+        )
+        buckets = relative_position_bucket(
+            key_positions - query_positions[..., None], self.bidirectional, self.num_buckets, self.max_distance
+        )
         bias = jnp.take(table, buckets, axis=1)  # [heads, q, k] or [heads, b, q, k]
         return bias[None] if bias.ndim == 3 else jnp.moveaxis(bias, 0, 1)
 
@@ -151,16 +155,22 @@ class MultiHeadAttention(nn.Module):
 
     def _project(self, x: jax.Array, name: str, init: Initializer) -> jax.Array:
         """x: [batch, length, embed] -> [batch, length, heads, kv]."""
-        y = Dense(self.num_heads * self.head_dim, ("embed", "joined_kv"), self.dtype,
-                  kernel_init=init, name=name)(x)
+        y = Dense(self.num_heads * self.head_dim, ("embed", "joined_kv"), self.dtype, kernel_init=init, name=name)(x)
         y = y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
         return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     @nn.compact
-    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *,
-                 kv_mask: jax.Array | None = None, causal: bool = False,
-                 relpos: RelativePositionBias | None = None, enable_dropout: bool = False,
-                 decode: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array,
+        *,
+        kv_mask: jax.Array | None = None,
+        causal: bool = False,
+        relpos: RelativePositionBias | None = None,
+        enable_dropout: bool = False,
+        decode: bool = False,
+    ) -> jax.Array:
         """inputs_q: [b, q, embed], inputs_kv: [b, k, embed], kv_mask: [b, k] bool -> [b, q, embed].
 
         `causal` masks keys after each query; `relpos` adds its bias over (query, key) positions.
@@ -169,8 +179,7 @@ class MultiHeadAttention(nn.Module):
         q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, "fan_in", "normal")
         query = self._project(inputs_q, "query", q_init)
         query_positions = jnp.arange(query.shape[1])
-        project_kv = lambda: (self._project(inputs_kv, "key", kv_init),
-                              self._project(inputs_kv, "value", kv_init))
+        project_kv = lambda: (self._project(inputs_kv, "key", kv_init), self._project(inputs_kv, "value", kv_init))
         if decode and self.cross_attention:
             key, value = self._cached_cross_kv(project_kv)
         elif decode:
@@ -193,22 +202,20 @@ class MultiHeadAttention(nn.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
         out = nn.with_logical_constraint(out, ("batch", "length", "joined_kv"))
-        return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), self.dtype,
-                     kernel_init=kv_init, name="out")(out)
+        return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), self.dtype, kernel_init=kv_init, name="out")(out)
 
-    def _cached_cross_kv(self, project_kv: Callable[[], tuple[jax.Array, jax.Array]]
-                         ) -> tuple[jax.Array, jax.Array]:
+    def _cached_cross_kv(self, project_kv: Callable[[], tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
         """Encoder keys/values [b, k, heads, kv]: computed and stored once, then read back."""
         if self.has_variable("cache", "cached_key"):
-            return (self.get_variable("cache", "cached_key"),
-                    self.get_variable("cache", "cached_value"))
+            return (self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value"))
         key, value = project_kv()
         self.variable("cache", "cached_key", lambda: key)
         self.variable("cache", "cached_value", lambda: value)
         return key, value
 
-    def _cached_self_kv(self, key: jax.Array, value: jax.Array, query_positions: jax.Array
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _cached_self_kv(
+        self, key: jax.Array, value: jax.Array, query_positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Writes new keys/values [b, q, heads, kv] at the cache index and advances it by q.
 
         Returns the whole cache [b, max_len, heads, kv] twice and the query positions: [q] with a

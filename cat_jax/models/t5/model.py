@@ -49,21 +49,38 @@ class T5Model(contract.Model):
 
     def logical_sizes(self) -> dict[str, int]:
         c = self.config
-        return {"vocab": c.vocab_size, "embed": c.emb_dim, "mlp": c.mlp_dim, "heads": c.num_heads, "kv": c.head_dim,
-                "joined_kv": c.num_heads * c.head_dim, "relpos_buckets": c.relative_attention_num_buckets}
+        return {
+            "vocab": c.vocab_size,
+            "embed": c.emb_dim,
+            "mlp": c.mlp_dim,
+            "heads": c.num_heads,
+            "kv": c.head_dim,
+            "joined_kv": c.num_heads * c.head_dim,
+            "relpos_buckets": c.relative_attention_num_buckets,
+        }
 
     # ---- batches ------------------------------------------------------------------------------
     def batch_shapes(self, lengths: Mapping[str, int], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         li, lt = lengths["inputs"], lengths["targets"]
         ints = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
-        return {"encoder_input_tokens": ints(li), "decoder_input_tokens": ints(lt),
-                "decoder_target_tokens": ints(lt),
-                "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, lt), np.float32)}
+        return {
+            "encoder_input_tokens": ints(li),
+            "decoder_input_tokens": ints(lt),
+            "decoder_target_tokens": ints(lt),
+            "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, lt), np.float32),
+        }
 
     def make_batch(self, examples: Mapping[str, np.ndarray], vocab: Any = None) -> dict[str, np.ndarray]:
         """The examples' arrays are already T5's features."""
-        return {name: examples[name] for name in ("encoder_input_tokens", "decoder_input_tokens",
-                                                   "decoder_target_tokens", "decoder_loss_weights")}
+        return {
+            name: examples[name]
+            for name in (
+                "encoder_input_tokens",
+                "decoder_input_tokens",
+                "decoder_target_tokens",
+                "decoder_loss_weights",
+            )
+        }
 
     # ---- parameters and teacher forcing -------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:
@@ -72,31 +89,47 @@ class T5Model(contract.Model):
 
     def logits(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
         rngs = {"dropout": rng} if rng is not None else None
-        return self.network.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                                  enable_dropout=rng is not None, rngs=rngs)
+        return self.network.apply(
+            {"params": params},
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            enable_dropout=rng is not None,
+            rngs=rngs,
+        )
 
     # ---- decoding -----------------------------------------------------------------------------
-    def start_decoding(self, params: Any, inputs: Mapping[str, jax.Array],
-                       max_decode_length: int) -> tuple[dict[str, Any], jax.Array]:
+    def start_decoding(
+        self, params: Any, inputs: Mapping[str, jax.Array], max_decode_length: int
+    ) -> tuple[dict[str, Any], jax.Array]:
         net, enc = self.network, inputs["encoder_input_tokens"]
         encoded = net.apply({"params": params}, enc, method=Transformer.encode)
         dummy = jnp.zeros((enc.shape[0], max_decode_length), jnp.int32)
-        _, variables = net.apply({"params": params}, encoded, enc, dummy, decode=True, mutable=["cache"],
-                                 method=Transformer.decode)
+        _, variables = net.apply(
+            {"params": params}, encoded, enc, dummy, decode=True, mutable=["cache"], method=Transformer.decode
+        )
         state = {"encoded": encoded, "encoder_tokens": enc, "cache": variables["cache"]}
         return state, jnp.zeros((enc.shape[0],), jnp.int32)
 
-    def decode_block(self, params: Any, state: dict[str, Any], tokens: jax.Array
-                     ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+    def decode_block(
+        self, params: Any, state: dict[str, Any], tokens: jax.Array
+    ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         (logits, hidden), variables = self.network.apply(
-            {"params": params, "cache": state["cache"]}, state["encoded"], state["encoder_tokens"], tokens,
-            decode=True, return_hidden=True, mutable=["cache"], method=Transformer.decode)
+            {"params": params, "cache": state["cache"]},
+            state["encoded"],
+            state["encoder_tokens"],
+            tokens,
+            decode=True,
+            return_hidden=True,
+            mutable=["cache"],
+            method=Transformer.decode,
+        )
         return logits, hidden, {**state, "cache": variables["cache"]}
 
     def set_positions(self, state: dict[str, Any], positions: jax.Array) -> dict[str, Any]:
         positions = jnp.asarray(positions, jnp.int32)
         cache = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: positions if path[-1].key == CACHE_INDEX else leaf, state["cache"])
+            lambda path, leaf: positions if path[-1].key == CACHE_INDEX else leaf, state["cache"]
+        )
         return {**state, "cache": cache}
 
     def input_embedding(self, params: Any, inputs: Mapping[str, jax.Array], depth: int) -> jax.Array:

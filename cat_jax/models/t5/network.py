@@ -22,9 +22,13 @@ EMBED_AXES = ("batch", "length", "embed")
 
 
 def _relpos(config: T5Config, bidirectional: bool) -> RelativePositionBias:
-    return RelativePositionBias(config.num_heads, config.relative_attention_num_buckets,
-                                config.relative_attention_max_distance, bidirectional,
-                                name="relpos_bias")
+    return RelativePositionBias(
+        config.num_heads,
+        config.relative_attention_num_buckets,
+        config.relative_attention_max_distance,
+        bidirectional,
+        name="relpos_bias",
+    )
 
 
 def _norm(config: T5Config, name: str) -> RMSNorm:
@@ -32,14 +36,18 @@ def _norm(config: T5Config, name: str) -> RMSNorm:
 
 
 def _mlp(config: T5Config) -> MlpBlock:
-    return MlpBlock(config.mlp_dim, config.mlp_activation, config.dropout_rate, config.compute_dtype,
-                    name="mlp")
+    return MlpBlock(config.mlp_dim, config.mlp_activation, config.dropout_rate, config.compute_dtype, name="mlp")
 
 
 def _attention(config: T5Config, name: str, cross: bool = False) -> MultiHeadAttention:
-    return MultiHeadAttention(config.num_heads, config.head_dim, cross_attention=cross,
-                              dropout_rate=config.dropout_rate, dtype=config.compute_dtype,
-                              name=name)
+    return MultiHeadAttention(
+        config.num_heads,
+        config.head_dim,
+        cross_attention=cross,
+        dropout_rate=config.dropout_rate,
+        dtype=config.compute_dtype,
+        name=name,
+    )
 
 
 class EncoderLayer(nn.Module):
@@ -54,8 +62,7 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         h = _norm(cfg, name="pre_attention_norm")(x)
-        h = _attention(cfg, "attention")(h, h, kv_mask=mask, relpos=self.relpos,
-                                         enable_dropout=enable_dropout)
+        h = _attention(cfg, "attention")(h, h, kv_mask=mask, relpos=self.relpos, enable_dropout=enable_dropout)
         x = x + dropout(h, deterministic=not enable_dropout)
         h = _norm(cfg, name="pre_mlp_norm")(x)
         h = _mlp(cfg)(h, enable_dropout)
@@ -70,18 +77,21 @@ class DecoderLayer(nn.Module):
     relpos: RelativePositionBias
 
     @nn.compact
-    def __call__(self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array,
-                 enable_dropout: bool, decode: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array, enable_dropout: bool, decode: bool
+    ) -> jax.Array:
         """x: [b, Lt, embed], encoded: [b, Li, embed], encoder_mask: [b, Li] -> [b, Lt, embed]."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         h = _norm(cfg, name="pre_self_attention_norm")(x)
-        h = _attention(cfg, "self_attention")(h, h, causal=True, relpos=self.relpos,
-                                              enable_dropout=enable_dropout, decode=decode)
+        h = _attention(cfg, "self_attention")(
+            h, h, causal=True, relpos=self.relpos, enable_dropout=enable_dropout, decode=decode
+        )
         x = x + dropout(h, deterministic=not enable_dropout)
         h = _norm(cfg, name="pre_cross_attention_norm")(x)
         h = _attention(cfg, "encoder_decoder_attention", cross=True)(
-            h, encoded, kv_mask=encoder_mask, enable_dropout=enable_dropout, decode=decode)
+            h, encoded, kv_mask=encoder_mask, enable_dropout=enable_dropout, decode=decode
+        )
         x = x + dropout(h, deterministic=not enable_dropout)
         h = _norm(cfg, name="pre_mlp_norm")(x)
         h = _mlp(cfg)(h, enable_dropout)
@@ -123,8 +133,9 @@ class Decoder(nn.Module):
     embedder: Embed
 
     @nn.compact
-    def __call__(self, encoded: jax.Array, encoder_mask: jax.Array, tokens: jax.Array,
-                 enable_dropout: bool, decode: bool) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, encoded: jax.Array, encoder_mask: jax.Array, tokens: jax.Array, enable_dropout: bool, decode: bool
+    ) -> tuple[jax.Array, jax.Array]:
         """tokens: [b, Lt] -> (logits [b, Lt, vocab] in compute dtype, hidden [b, Lt, embed])."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
@@ -132,15 +143,13 @@ class Decoder(nn.Module):
         x = dropout(self.embedder(tokens), deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, EMBED_AXES)
         for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, relpos, name=f"layers_{i}")(x, encoded, encoder_mask,
-                                                              enable_dropout, decode)
+            x = DecoderLayer(cfg, relpos, name=f"layers_{i}")(x, encoded, encoder_mask, enable_dropout, decode)
         hidden = _norm(cfg, name="decoder_norm")(x)
         x = dropout(hidden, deterministic=not enable_dropout)
         if cfg.logits_via_embedding:
             logits = self.embedder.attend(x * cfg.emb_dim**-0.5)
         else:
-            logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype,
-                           name="logits_dense")(x)
+            logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype, name="logits_dense")(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), hidden
 
 
@@ -152,8 +161,10 @@ class Transformer(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         if cfg.vocab_size is None:
-            raise ValueError("T5Config.vocab_size is None: set it from the task's vocabulary "
-                             "with config.replace(vocab_size=vocabulary.vocab_size).")
+            raise ValueError(
+                "T5Config.vocab_size is None: set it from the task's vocabulary "
+                "with config.replace(vocab_size=vocabulary.vocab_size)."
+            )
         self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.compute_dtype)
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
@@ -166,25 +177,32 @@ class Transformer(nn.Module):
         """The encoder's hidden states after its first `depth` layers, 0 <= depth <= num_encoder_layers
         (depth num_encoder_layers: `encode`'s output): [b, Li] int -> [b, Li, embed]."""
         if not 0 <= depth <= self.config.num_encoder_layers:
-            raise ValueError(f"encoder depth {depth} must lie in [0, {self.config.num_encoder_layers}] "
-                             "(0: the token embeddings; num_encoder_layers: the encoder's output).")
+            raise ValueError(
+                f"encoder depth {depth} must lie in [0, {self.config.num_encoder_layers}] "
+                "(0: the token embeddings; num_encoder_layers: the encoder's output)."
+            )
         return self.encoder(encoder_input_tokens, False, depth)
 
-    def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
-               decoder_input_tokens: jax.Array, enable_dropout: bool = False,
-               decode: bool = False, return_hidden: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    def decode(
+        self,
+        encoded: jax.Array,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        enable_dropout: bool = False,
+        decode: bool = False,
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """decoder_input_tokens: [b, Lt] -> logits [b, Lt, vocab] (or (logits, hidden [b, Lt, embed])).
 
         With `decode=True` the "cache" collection must be mutable; the first such call (given the
         full-length decoder input) creates the cache, each later call consumes one token [b, 1].
         """
-        logits, hidden = self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens,
-                                      enable_dropout, decode)
+        logits, hidden = self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens, enable_dropout, decode)
         return (logits, hidden) if return_hidden else logits
 
-    def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
-                 enable_dropout: bool = False) -> jax.Array:
+    def __call__(
+        self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, enable_dropout: bool = False
+    ) -> jax.Array:
         """Teacher-forced logits [b, Lt, vocab] in compute dtype."""
         encoded = self.encode(encoder_input_tokens, enable_dropout)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout)

@@ -8,7 +8,8 @@ Names and layouts (PyTorch `nn.Linear` weights are [out, in]; ours are [in, out]
 
     shared.weight [V, d]                                     token_embedder/embedding
     encoder.block.{i}.layer.0.layer_norm.weight              encoder/layers_{i}/pre_attention_norm/scale
-    encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}.weight encoder/layers_{i}/attention/{query,key,value,out}/kernel (T)
+    encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}.weight
+                                            encoder/layers_{i}/attention/{query,key,value,out}/kernel (T)
     encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight [buckets, heads]
                                                              encoder/relpos_bias/rel_embedding [heads, buckets] (T)
     encoder.block.{i}.layer.1.layer_norm.weight              encoder/layers_{i}/pre_mlp_norm/scale
@@ -59,22 +60,29 @@ def config_from_hf(hf: Mapping[str, Any], where: str) -> T5Config:
         raise ConversionError(
             f"{where}: config.json describes model_type={model_type!r}, architectures={archs}; cat_jax "
             f"imports T5-family encoder-decoders ({', '.join(SUPPORTED_MODEL_TYPES)}, "
-            "T5ForConditionalGeneration / MT5ForConditionalGeneration), not this architecture.")
+            "T5ForConditionalGeneration / MT5ForConditionalGeneration), not this architecture."
+        )
     proj = hf.get("feed_forward_proj", "relu")
     if proj not in FEED_FORWARD:
-        raise ConversionError(f"{where}: feed_forward_proj={proj!r} is not supported; cat_jax knows "
-                              f"{', '.join(FEED_FORWARD)}.")
+        raise ConversionError(
+            f"{where}: feed_forward_proj={proj!r} is not supported; cat_jax knows {', '.join(FEED_FORWARD)}."
+        )
     try:
         return T5Config(
-            vocab_size=int(hf["vocab_size"]), emb_dim=int(hf["d_model"]), num_heads=int(hf["num_heads"]),
-            head_dim=int(hf["d_kv"]), mlp_dim=int(hf["d_ff"]), num_encoder_layers=int(hf["num_layers"]),
+            vocab_size=int(hf["vocab_size"]),
+            emb_dim=int(hf["d_model"]),
+            num_heads=int(hf["num_heads"]),
+            head_dim=int(hf["d_kv"]),
+            mlp_dim=int(hf["d_ff"]),
+            num_encoder_layers=int(hf["num_layers"]),
             num_decoder_layers=int(hf.get("num_decoder_layers") or hf["num_layers"]),
             dropout_rate=0.0,
             relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
             relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
             mlp_activation=FEED_FORWARD[proj],
             logits_via_embedding=bool(hf.get("tie_word_embeddings", True)),
-            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)))
+            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+        )
     except KeyError as e:
         raise ConversionError(f"{where}: config.json lacks {e.args[0]!r}, which a T5 config has.") from e
     except ValueError as e:
@@ -84,18 +92,29 @@ def config_from_hf(hf: Mapping[str, Any], where: str) -> T5Config:
 def config_to_hf(config: T5Config, model_type: str = "t5", dtype: str = "float32") -> dict[str, Any]:
     """A Hub `config.json` for `config` (the inverse of `config_from_hf`)."""
     return {
-        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
-        "d_model": config.emb_dim, "d_kv": config.head_dim, "d_ff": config.mlp_dim,
-        "num_heads": config.num_heads, "num_layers": config.num_encoder_layers,
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "d_model": config.emb_dim,
+        "d_kv": config.head_dim,
+        "d_ff": config.mlp_dim,
+        "num_heads": config.num_heads,
+        "num_layers": config.num_encoder_layers,
         "num_decoder_layers": config.num_decoder_layers,
         "relative_attention_num_buckets": config.relative_attention_num_buckets,
         "relative_attention_max_distance": config.relative_attention_max_distance,
-        "feed_forward_proj": config.mlp_activation, "dense_act_fn": {
-            "relu": "relu", "gated-gelu": "gelu_new", "gated-silu": "silu"}[config.mlp_activation],
-        "is_gated_act": config.gated_mlp, "tie_word_embeddings": config.logits_via_embedding,
-        "layer_norm_epsilon": config.layer_norm_epsilon, "vocab_size": config.vocab_size,
-        "dropout_rate": config.dropout_rate, "initializer_factor": 1.0, "is_encoder_decoder": True,
-        "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1, "use_cache": True,
+        "feed_forward_proj": config.mlp_activation,
+        "dense_act_fn": {"relu": "relu", "gated-gelu": "gelu_new", "gated-silu": "silu"}[config.mlp_activation],
+        "is_gated_act": config.gated_mlp,
+        "tie_word_embeddings": config.logits_via_embedding,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "vocab_size": config.vocab_size,
+        "dropout_rate": config.dropout_rate,
+        "initializer_factor": 1.0,
+        "is_encoder_decoder": True,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "use_cache": True,
         "torch_dtype": dtype,
     }
 
@@ -116,10 +135,14 @@ def name_map(config: T5Config) -> dict[str, tuple[str, bool]]:
         for name in _mlp_names(config):
             out[f"{ours}/{name}/kernel"] = (f"{theirs}.{name}.weight", True)
 
-    for stack, layers, final in (("encoder", config.num_encoder_layers, "encoder_norm"),
-                                 ("decoder", config.num_decoder_layers, "decoder_norm")):
+    for stack, layers, final in (
+        ("encoder", config.num_encoder_layers, "encoder_norm"),
+        ("decoder", config.num_decoder_layers, "decoder_norm"),
+    ):
         out[f"{stack}/relpos_bias/rel_embedding"] = (
-            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True)
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            True,
+        )
         out[f"{stack}/{final}/scale"] = (f"{stack}.final_layer_norm.weight", False)
         for i in range(layers):
             ours, theirs = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer"
@@ -166,12 +189,15 @@ def read(directory: str) -> tuple[T5Config, dict[str, Any], Iterator[tuple[str, 
             shapes[by_hub[hub]] = tuple(reversed(shape)) if transposed else tuple(shape)
         elif hub not in optional:
             shapes[hub] = tuple(shape)  # reported as having no place in the model
-    check_names_and_shapes(config, shapes, f"Hugging Face checkpoint {directory}",
-                           source_name=lambda p: names.get(p, (None,))[0])
+    check_names_and_shapes(
+        config, shapes, f"Hugging Face checkpoint {directory}", source_name=lambda p: names.get(p, (None,))[0]
+    )
     for name in optional & set(available):
         if available[name] != available["shared.weight"]:
-            raise ConversionError(f"{directory}: {name} has shape {available[name]} but shared.weight "
-                                  f"{available['shared.weight']}; with tie_word_embeddings they are one tensor.")
+            raise ConversionError(
+                f"{directory}: {name} has shape {available[name]} but shared.weight "
+                f"{available['shared.weight']}; with tie_word_embeddings they are one tensor."
+            )
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for ours, (hub, transposed) in names.items():
@@ -182,13 +208,15 @@ def read(directory: str) -> tuple[T5Config, dict[str, Any], Iterator[tuple[str, 
             if not np.array_equal(files.get(name), files.get("shared.weight")):
                 raise ConversionError(
                     f"{directory}: {name} differs from shared.weight, but they are one tensor (the "
-                    "token embedding, or a tied LM head); the checkpoint is inconsistent.")
+                    "token embedding, or a tied LM head); the checkpoint is inconsistent."
+                )
 
     return config, hf, tensors()
 
 
-def tensors_for_export(config: T5Config, params: Mapping[str, np.ndarray],
-                       dtype: Callable[[np.ndarray], np.ndarray] = np.asarray) -> dict[str, np.ndarray]:
+def tensors_for_export(
+    config: T5Config, params: Mapping[str, np.ndarray], dtype: Callable[[np.ndarray], np.ndarray] = np.asarray
+) -> dict[str, np.ndarray]:
     """{Hub name: contiguous array} of a flat cat_jax parameter dict, as save_pretrained writes it
     (tied embeddings once, as `shared.weight`)."""
     out = {}
@@ -200,8 +228,13 @@ def tensors_for_export(config: T5Config, params: Mapping[str, np.ndarray],
 
 def tokenizer_config(kind: str, extra_ids: int) -> dict[str, Any]:
     """`tokenizer_config.json` for T5Tokenizer (SentencePiece) or ByT5Tokenizer (bytes)."""
-    common = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "extra_ids": extra_ids,
-              "model_max_length": 512}
+    common = {
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "extra_ids": extra_ids,
+        "model_max_length": 512,
+    }
     cls = "T5Tokenizer" if kind == "sentencepiece" else "ByT5Tokenizer"
     return {"tokenizer_class": cls, **common}
 
@@ -214,11 +247,13 @@ def tokenizer_of(directory: str, hf: Mapping[str, Any]) -> tuple[str, str | None
         with open(path) as f:
             tok = json.load(f)
     spiece = os.path.join(directory, "spiece.model")
-    if tok.get("tokenizer_class") == "ByT5Tokenizer" or (not os.path.isfile(spiece) and "byt5" in
-                                                           str(hf.get("_name_or_path", "")).lower()):
+    if tok.get("tokenizer_class") == "ByT5Tokenizer" or (
+        not os.path.isfile(spiece) and "byt5" in str(hf.get("_name_or_path", "")).lower()
+    ):
         return "byte", None, int(tok.get("extra_ids", 125))
     if not os.path.isfile(spiece):
         raise ConversionError(
             f"{directory} has no spiece.model (the SentencePiece vocabulary the Hub ships beside a T5 "
-            "model). Copy it there, or give --gin.import_checkpoint.sentencepiece_model=PATH.")
+            "model). Copy it there, or give --gin.import_checkpoint.sentencepiece_model=PATH."
+        )
     return "sentencepiece", spiece, int(tok.get("extra_ids", DEFAULT_EXTRA_IDS))

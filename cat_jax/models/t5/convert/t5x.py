@@ -37,10 +37,12 @@ from cat_jax.models.t5.config import T5Config
 
 log = logging.getLogger("cat_jax")
 
-_NORMS = {"pre_attention_layer_norm": "pre_attention_norm",
-          "pre_self_attention_layer_norm": "pre_self_attention_norm",
-          "pre_cross_attention_layer_norm": "pre_cross_attention_norm",
-          "pre_mlp_layer_norm": "pre_mlp_norm"}
+_NORMS = {
+    "pre_attention_layer_norm": "pre_attention_norm",
+    "pre_self_attention_layer_norm": "pre_self_attention_norm",
+    "pre_cross_attention_layer_norm": "pre_cross_attention_norm",
+    "pre_mlp_layer_norm": "pre_mlp_norm",
+}
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
 
 
@@ -48,18 +50,23 @@ def _step_dir(directory: str) -> str:
     """The checkpoint_<step> directory: `directory` itself, or the newest one inside it."""
     if os.path.isfile(os.path.join(directory, "checkpoint")) or os.path.isdir(os.path.join(directory, "state")):
         return directory
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(directory)
-                   if (m := _STEP_DIR.match(name)) and os.path.isdir(os.path.join(directory, name)))
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name in os.listdir(directory)
+        if (m := _STEP_DIR.match(name)) and os.path.isdir(os.path.join(directory, name))
+    )
     if not steps:
-        raise ConversionError(f"{directory} is not a T5X checkpoint (no `checkpoint` file, no `state/`, "
-                              "no checkpoint_<step> directories).")
+        raise ConversionError(
+            f"{directory} is not a T5X checkpoint (no `checkpoint` file, no `state/`, "
+            "no checkpoint_<step> directories)."
+        )
     chosen = os.path.join(directory, steps[-1][1])
     log.info("T5X model directory %s: importing its newest checkpoint, %s.", directory, steps[-1][1])
     return chosen
 
 
 def detect(directory: str) -> str | None:
-    """"t5x_legacy", "t5x_orbax" or None for a directory (a checkpoint_<step> or its parent)."""
+    """ "t5x_legacy", "t5x_orbax" or None for a directory (a checkpoint_<step> or its parent)."""
     try:
         step = _step_dir(directory)
     except (ConversionError, OSError):
@@ -81,6 +88,7 @@ def ours(t5x_path: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Readers: {t5x path: shape} and a loader of one array.
+
 
 def _is_spec(value: Any) -> bool:
     return isinstance(value, Mapping) and "driver" in value and ("kvstore" in value or "path" in value)
@@ -118,8 +126,9 @@ class LegacyCheckpoint:
             contents = serialization.msgpack_restore(f.read())
         optimizer = contents.get("optimizer", contents) if isinstance(contents, Mapping) else None
         if not isinstance(optimizer, Mapping) or "target" not in optimizer:
-            raise ConversionError(f"{self.step_dir}/checkpoint is a msgpack without optimizer.target: "
-                                  "not a T5X checkpoint.")
+            raise ConversionError(
+                f"{self.step_dir}/checkpoint is a msgpack without optimizer.target: not a T5X checkpoint."
+            )
         self.leaves = flatten(optimizer["target"], is_leaf=_is_spec)
         self.step = _legacy_step(optimizer)
 
@@ -139,8 +148,7 @@ class LegacyCheckpoint:
         try:
             return np.asarray(ts.open(spec, open=True).result().read().result())
         except Exception as e:  # pylint: disable=broad-except  # tensorstore raises ValueError & co
-            raise ConversionError(f"Cannot read {path} of {self.step_dir} from {spec['kvstore']['path']}: "
-                                  f"{e}") from e
+            raise ConversionError(f"Cannot read {path} of {self.step_dir} from {spec['kvstore']['path']}: {e}") from e
 
 
 def _legacy_step(optimizer: Mapping[str, Any]) -> int | None:
@@ -163,8 +171,7 @@ class OrbaxCheckpoint:
         tree = getattr(metadata, "item_metadata", metadata)
         tree = getattr(tree, "tree", tree)
         if not isinstance(tree, Mapping) or "target" not in tree:
-            raise ConversionError(f"{self.path} is an Orbax checkpoint without a `target` tree: not a "
-                                  "T5X checkpoint.")
+            raise ConversionError(f"{self.path} is an Orbax checkpoint without a `target` tree: not a T5X checkpoint.")
         self.meta = flatten(tree["target"])
         self.step = None
         match = _STEP_DIR.match(os.path.basename(self.step_dir))
@@ -185,8 +192,8 @@ class OrbaxCheckpoint:
         cursor[parts[-1]] = np.zeros(tuple(meta.shape), dtype=getattr(meta, "dtype", np.float32))
         restore_args = {"target": _restore_args(node["target"], ocp)}
         restored = self._checkpointer.restore(
-            self.path, args=ocp.args.PyTreeRestore(item=node, restore_args=restore_args,
-                                                   partial_restore=True))
+            self.path, args=ocp.args.PyTreeRestore(item=node, restore_args=restore_args, partial_restore=True)
+        )
         value = restored
         for part in parts:
             value = value[part]
@@ -194,19 +201,31 @@ class OrbaxCheckpoint:
 
 
 def _restore_args(tree: Mapping[str, Any], ocp: Any) -> dict[str, Any]:
-    return {k: _restore_args(v, ocp) if isinstance(v, Mapping) else ocp.RestoreArgs(restore_type=np.ndarray)
-            for k, v in tree.items()}
+    return {
+        k: _restore_args(v, ocp) if isinstance(v, Mapping) else ocp.RestoreArgs(restore_type=np.ndarray)
+        for k, v in tree.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The model shape: from the tree, and from a T5X gin file.
 
-_GIN_FIELDS = {"emb_dim": "emb_dim", "num_heads": "num_heads", "head_dim": "head_dim",
-               "mlp_dim": "mlp_dim", "num_encoder_layers": "num_encoder_layers",
-               "num_decoder_layers": "num_decoder_layers", "vocab_size": "vocab_size",
-               "logits_via_embedding": "logits_via_embedding"}
-_GIN_ACTIVATIONS = {("relu",): "relu", ("gelu", "linear"): "gated-gelu", ("silu", "linear"): "gated-silu",
-                    ("swish", "linear"): "gated-silu"}
+_GIN_FIELDS = {
+    "emb_dim": "emb_dim",
+    "num_heads": "num_heads",
+    "head_dim": "head_dim",
+    "mlp_dim": "mlp_dim",
+    "num_encoder_layers": "num_encoder_layers",
+    "num_decoder_layers": "num_decoder_layers",
+    "vocab_size": "vocab_size",
+    "logits_via_embedding": "logits_via_embedding",
+}
+_GIN_ACTIVATIONS = {
+    ("relu",): "relu",
+    ("gelu", "linear"): "gated-gelu",
+    ("silu", "linear"): "gated-silu",
+    ("swish", "linear"): "gated-silu",
+}
 
 
 def gin_overrides(path: str) -> dict[str, Any]:
@@ -229,16 +248,20 @@ def gin_overrides(path: str) -> dict[str, Any]:
         elif field == "mlp_activations":
             activation = _GIN_ACTIVATIONS.get(tuple(value))
             if activation is None:
-                raise ConversionError(f"{path}: mlp_activations={value!r} is not one cat_jax supports "
-                                      f"({', '.join(str(k) for k in _GIN_ACTIVATIONS)}).")
+                raise ConversionError(
+                    f"{path}: mlp_activations={value!r} is not one cat_jax supports "
+                    f"({', '.join(str(k) for k in _GIN_ACTIVATIONS)})."
+                )
             out["mlp_activation"] = activation
     return out
 
 
-def config_from_tree(shapes: Mapping[str, tuple[int, ...]], where: str,
-                     overrides: Mapping[str, Any] | None = None) -> T5Config:
+def config_from_tree(
+    shapes: Mapping[str, tuple[int, ...]], where: str, overrides: Mapping[str, Any] | None = None
+) -> T5Config:
     """The T5Config a T5X `target` tree ({t5x path: shape}) describes; `overrides` (from a gin
     file) win over what the tree suggests."""
+
     def count(stack: str) -> int:
         found = {int(m.group(1)) for p in shapes if (m := re.match(rf"^{stack}/layers_(\d+)/", p))}
         return max(found) + 1 if found else 0
@@ -250,13 +273,22 @@ def config_from_tree(shapes: Mapping[str, tuple[int, ...]], where: str,
         gated = "encoder/layers_0/mlp/wi_0/kernel" in shapes
         mlp = shapes["encoder/layers_0/mlp/" + ("wi_0" if gated else "wi") + "/kernel"][1]
     except KeyError as e:
-        raise ConversionError(f"{where}: the T5X target tree lacks {e.args[0]!r}; it is not a T5 "
-                              f"encoder-decoder checkpoint (its entries start with {sorted(shapes)[:6]}).") from e
+        raise ConversionError(
+            f"{where}: the T5X target tree lacks {e.args[0]!r}; it is not a T5 "
+            f"encoder-decoder checkpoint (its entries start with {sorted(shapes)[:6]})."
+        ) from e
     values: dict[str, Any] = dict(
-        vocab_size=int(vocab), emb_dim=int(emb), num_heads=int(heads), head_dim=int(joined) // int(heads),
-        mlp_dim=int(mlp), num_encoder_layers=count("encoder"), num_decoder_layers=count("decoder"),
-        relative_attention_num_buckets=int(buckets), mlp_activation="gated-gelu" if gated else "relu",
-        logits_via_embedding="decoder/logits_dense/kernel" not in shapes)
+        vocab_size=int(vocab),
+        emb_dim=int(emb),
+        num_heads=int(heads),
+        head_dim=int(joined) // int(heads),
+        mlp_dim=int(mlp),
+        num_encoder_layers=count("encoder"),
+        num_decoder_layers=count("decoder"),
+        relative_attention_num_buckets=int(buckets),
+        mlp_activation="gated-gelu" if gated else "relu",
+        logits_via_embedding="decoder/logits_dense/kernel" not in shapes,
+    )
     values.update(overrides or {})
     try:
         return T5Config(**values)
@@ -264,8 +296,9 @@ def config_from_tree(shapes: Mapping[str, tuple[int, ...]], where: str,
         raise ConversionError(f"{where}: the tree and gin file give no valid T5Config ({values}): {e}") from e
 
 
-def read(directory: str, gin_file: str | None = None
-         ) -> tuple[T5Config, dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
+def read(
+    directory: str, gin_file: str | None = None
+) -> tuple[T5Config, dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
     """(config, provenance, iterator over (our path, float32 array)) of a T5X checkpoint."""
     kind = detect(directory)
     if kind is None:
