@@ -1,8 +1,10 @@
 """SALT: the small model helps train the large one (Rawat et al., "A Little Help Goes a Long Way").
 
-- `schedule`: the distillation weight over steps (SALT's two phases, step or linear switch).
+- `objective`: SALT as a training objective (`train.objective = @Salt()`): its two phases.
+- `schedule`: the distillation weight over steps (a step or a linear switch).
 - `selection`: SALT_DS's per-sequence score and the score band a run trains on during distillation.
-- `scoring`: the batched, resumable job that scores a train split with the small model.
-- `report`: validation quality against steps of CE / SALT / SALT_DS runs (plot, table, steps to
-  reach the CE baseline).
+- `report`: an alias of `python -m cat_jax.salt_report`, kept for one release.
+
+The jobs are `cat_jax.jobs.salt_score` (score a train split with the small model, resumable) and
+`cat_jax.jobs.salt_report` (validation quality against steps of CE / SALT / SALT_DS runs).
 """
