@@ -96,7 +96,7 @@ def ce_student(tmp_path_factory):
 
 
 def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
-    from test_train import _final_state
+    from conftest import final_state
 
     before = _checkpoint_files(teacher_dir)
     student = tmp_path / "cat"
@@ -124,8 +124,8 @@ def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
     assert info["loss_options"]["mask"] == "small_or_large"
     assert _checkpoint_files(teacher_dir) == before  # the teacher is never written back
     # The teacher mattered: the CAT student is not the CE student trained on the same batches.
-    cat_params = jax.tree_util.tree_leaves(_final_state(student)[1]["params"])
-    ce_params = jax.tree_util.tree_leaves(_final_state(ce_student)[1]["params"])
+    cat_params = jax.tree_util.tree_leaves(final_state(student)[1]["params"])
+    ce_params = jax.tree_util.tree_leaves(final_state(ce_student)[1]["params"])
     assert any(not np.array_equal(a, b) for a, b in zip(cat_params, ce_params))
 
 
