@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cat_jax.models.attention import dot_product_attention
 from cat_jax.models.decoder.config import DecoderConfig
 from cat_jax.models.layers import MASK_VALUE, Dense, logical_param
 
@@ -162,6 +163,9 @@ class Attention(nn.Module):
     per row [b]; a per-row write past the end is dropped) and attends to the cache. A sliding
     layer reads only the `window + block - 1` slots that its queries can see when the cache is
     longer than that.
+
+    `config.attention_impl` "dot_product" gives the same queries, keys, values and visibility to
+    `cat_jax.models.attention.dot_product_attention` (grouped heads included) instead of the einsums.
     """
 
     config: DecoderConfig
@@ -201,13 +205,16 @@ class Attention(nn.Module):
             visible &= key_slots[:, None, :] > query_slots[:, :, None] - self.window
 
         b, g = query.shape[:2]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        grouped = query.reshape(b, g, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key, preferred_element_type=jnp.float32)
-        scores = softcap(scores * cfg.attention_scale, cfg.attn_logit_softcap)
-        scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
-        weights = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value).reshape(b, g, cfg.num_heads, cfg.head_dim)
+        if cfg.attention_impl == "dot_product":
+            out = dot_product_attention(query, key, value, mask=visible[:, None], scale=cfg.attention_scale)
+        else:
+            groups = cfg.num_heads // cfg.num_kv_heads
+            grouped = query.reshape(b, g, cfg.num_kv_heads, groups, cfg.head_dim)
+            scores = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key, preferred_element_type=jnp.float32)
+            scores = softcap(scores * cfg.attention_scale, cfg.attn_logit_softcap)
+            scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+            weights = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value).reshape(b, g, cfg.num_heads, cfg.head_dim)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return OutProjection(x.shape[-1], dt, name="out")(out)
 

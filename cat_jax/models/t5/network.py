@@ -46,6 +46,7 @@ def _attention(config: T5Config, name: str, cross: bool = False) -> MultiHeadAtt
         cross_attention=cross,
         dropout_rate=config.dropout_rate,
         dtype=config.compute_dtype,
+        impl=config.attention_impl,
         name=name,
     )
 
