@@ -155,7 +155,8 @@ class Attention(nn.Module):
     Query head h reads key/value head h // (num_heads // num_kv_heads). Scores are float32,
     multiplied by `config.attention_scale`, soft-capped (Gemma 2), masked and soft-maxed in float32.
     A key is visible to a query when its slot holds a real token (`key_mask`), is not after the
-    query's slot and, with a sliding `window`, is fewer than `window` slots before it.
+    query's slot and, with a sliding `window`, is fewer than `window` slots before it, and (packed rows,
+    no cache) belongs to the query's segment (`segment_ids` [b, g]).
 
     Cache ("cache" collection, `decode=True`): the first call creates zero `cached_key` /
     `cached_value` [b, max_len, kv_heads, head_dim] from its full-length input and computes
@@ -181,6 +182,7 @@ class Attention(nn.Module):
         *,
         decode: bool = False,
         index: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """x: [b, g, embed]; positions, query_slots: [b, g] int; key_mask: [b, K] bool over the key
         slots (K = g without a cache, max_len with one) -> [b, g, embed]."""
@@ -203,6 +205,8 @@ class Attention(nn.Module):
         visible = key_mask[:, None, :] & (key_slots[:, None, :] <= query_slots[:, :, None])  # [b, g, K]
         if self.window is not None:
             visible &= key_slots[:, None, :] > query_slots[:, :, None] - self.window
+        if segment_ids is not None:
+            visible &= segment_ids[:, None, :] == segment_ids[:, :, None]
 
         b, g = query.shape[:2]
         if cfg.attention_impl == "dot_product":

@@ -116,8 +116,8 @@ class RelativePositionBias(nn.Module):
 
     @nn.compact
     def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
-        """query_positions: [q] or per row [b, q], key_positions: [k] int -> bias [1 or b, heads,
-        q, k] float32."""
+        """query_positions: [q] or per row [b, q], key_positions: [k] or per row [b, k] (packed rows:
+        positions within each segment) int -> bias [1 or b, heads, q, k] float32."""
         table = logical_param(
             self,
             "rel_embedding",
@@ -126,7 +126,10 @@ class RelativePositionBias(nn.Module):
             ("heads", "relpos_buckets"),
         )
         buckets = relative_position_bucket(
-            key_positions - query_positions[..., None], self.bidirectional, self.num_buckets, self.max_distance
+            key_positions[..., None, :] - query_positions[..., None],
+            self.bidirectional,
+            self.num_buckets,
+            self.max_distance,
         )
         bias = jnp.take(table, buckets, axis=1)  # [heads, q, k] or [heads, b, q, k]
         return bias[None] if bias.ndim == 3 else jnp.moveaxis(bias, 0, 1)
@@ -176,10 +179,14 @@ class MultiHeadAttention(nn.Module):
         relpos: RelativePositionBias | None = None,
         enable_dropout: bool = False,
         decode: bool = False,
+        segments: tuple[jax.Array, jax.Array] | None = None,
+        positions: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """inputs_q: [b, q, embed], inputs_kv: [b, k, embed], kv_mask: [b, k] bool -> [b, q, embed].
 
         `causal` masks keys after each query; `relpos` adds its bias over (query, key) positions.
+        Packed rows (no cache): `segments` = (query, key) segment ids [b, q], [b, k] hide keys of other
+        segments; `positions` = (query, key) positions [b, q], [b, k] within segments feed `relpos`.
         """
         kv_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
         q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, "fan_in", "normal")
@@ -200,6 +207,10 @@ class MultiHeadAttention(nn.Module):
             mask = mask & visible.reshape((-1, 1) + visible.shape[-2:])
         if kv_mask is not None:
             mask = mask & kv_mask[:, None, None, :]
+        if segments is not None:
+            mask = mask & (segments[0][:, None, :, None] == segments[1][:, None, None, :])
+        if positions is not None:
+            query_positions, key_positions = positions
         bias = None if relpos is None else relpos(query_positions, key_positions)
         if self.impl == "dot_product":
             out = dot_product_attention(query, key, value, mask=mask, scale=1.0, bias=bias)
