@@ -135,14 +135,15 @@ def _per_token(model, params, batch, teacher_params):
             logits, teacher, batch["decoder_target_tokens"], batch["decoder_loss_weights"], alpha=0.5
         )[0]
 
-    logits = model.logits(params, batch).astype(jnp.float32)
-    teacher = model.logits(teacher_params, batch).astype(jnp.float32)
+    forward = jax.jit(model.logits)
+    logits = forward(params, batch).astype(jnp.float32)
+    teacher = forward(teacher_params, batch).astype(jnp.float32)
     targets = batch["decoder_target_tokens"]
     ce = losses.token_cross_entropy(logits, targets) * batch["decoder_loss_weights"]
     correct = lambda x: jnp.argmax(x, -1) == targets
     mask = (correct(logits) | correct(teacher)) & (batch["decoder_loss_weights"] > 0)
     open_ = undecided(logits, targets) | undecided(teacher, targets)
-    return np.asarray(ce), np.asarray(mask), np.asarray(open_), jax.grad(cat_loss)(params)
+    return np.asarray(ce), np.asarray(mask), np.asarray(open_), jax.jit(jax.grad(cat_loss))(params)
 
 
 def _by_example(values, rows, segments, weights):

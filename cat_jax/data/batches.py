@@ -199,11 +199,20 @@ class InMemoryBatches:
         else:
             self.batches = TrainBatches(arrays, global_batch_size, seed=seed, rates=rates)
         self.packed = pack
+        self.pack_input_overhead = pack_input_overhead
         self.rows = rows
         self.features = arrays.features
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return self.batches.batch(step, *self.rows)
+
+
+def packing_requested() -> bool:
+    """Whether the gin configuration asks for packed training batches (`InMemoryBatches.pack = True`)."""
+    try:
+        return bool(gin.query_parameter("InMemoryBatches.pack"))
+    except ValueError:
+        return False
 
 
 def eval_batches(arrays: ExampleArrays, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:

@@ -100,12 +100,19 @@ class Model(abc.ABC):
 
     # ---- batches ------------------------------------------------------------------------------
     @abc.abstractmethod
-    def batch_shapes(self, lengths: Mapping[str, int], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """The abstract batch of `batch_size` examples at TASK_FEATURE_LENGTHS `lengths`."""
+    def batch_shapes(
+        self, lengths: Mapping[str, int], batch_size: int, packed: bool = False
+    ) -> dict[str, jax.ShapeDtypeStruct]:
+        """The abstract batch of `batch_size` examples (`packed`: rows of packed examples,
+        `cat_jax.data.packing`) at TASK_FEATURE_LENGTHS `lengths`."""
 
     @abc.abstractmethod
     def make_batch(self, examples: Mapping[str, np.ndarray], vocab: Any) -> dict[str, np.ndarray]:
         """The family's batch (numpy) from a batch of examples (see the module docstring)."""
+
+    def packing_input_overhead(self, vocab: Any) -> int:
+        """Tokens `make_batch` adds to each example's inputs in a packed row (`cat_jax.data.packing`)."""
+        return 0
 
     def decoding_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The features of `batch` that decoding reads."""
