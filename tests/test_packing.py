@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +201,26 @@ def test_decoder_packing_refuses_rows_its_prompts_overflow():
         model.make_batch(packing.pack_rows(arrays, rows), chat)
     rows = packing.first_fit(*packing.packing_costs(arrays, 3), LI, LT)
     assert model.make_batch(packing.pack_rows(arrays, rows), chat)["packed_tokens"].shape == (len(rows), LI + LT - 1)
+
+
+def test_train_job_refuses_packing_it_cannot_honour():
+    from cat_jax.jobs import train
+
+    arrays = synthetic(10, truncate=False)
+    decoder = types.SimpleNamespace(model=models.build(DECODER_TINY), vocab=DECODER_VOCAB)
+    chat = types.SimpleNamespace(
+        model=decoder.model, vocab=types.SimpleNamespace(eos_id=EOS, prompt_prefix_ids=(2, 3), prompt_suffix_ids=(4,))
+    )
+    train._check_packing(object(), decoder)  # not asked for: nothing to check
+    with gin.unlock_config():
+        gin.bind_parameter("InMemoryBatches.pack", True)
+    try:
+        with pytest.raises(ConfigError, match="not packed"):
+            train._check_packing(InMemoryBatches(arrays, 2, 0, None, (0, 1), pack=False), decoder)  # as streamed
+        packed = InMemoryBatches(arrays, 2, 0, None, (0, 1))
+        assert packed.packed  # the gin binding reaches the batches
+        train._check_packing(packed, decoder)
+        with pytest.raises(ConfigError, match="pack_input_overhead=2"):
+            train._check_packing(packed, chat)
+    finally:
+        gin.clear_config()
