@@ -5,6 +5,8 @@ the field existed."""
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from flax import linen as nn
 from tolerances import BFLOAT16, DEEP, assert_close
 
 from cat_jax import models
+from cat_jax.data import packing
+from cat_jax.data.arrays import ExampleArrays
 from cat_jax.errors import ConfigError
 from cat_jax.models import attention
 from cat_jax.models.decoder import DecoderConfig
@@ -115,6 +119,45 @@ def test_logits_and_gradients_equal_the_einsum_path(family, fused_calls):
     flat_want = dict(jax.tree_util.tree_leaves_with_path(grads_want))
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads_got):
         assert_close(leaf, flat_want[path], DEEP, jax.tree_util.keystr(path))
+
+
+def packed_rows() -> dict[str, np.ndarray]:
+    """Three examples packed into two rows ([0, 1] and [2]): `cat_jax.data.packing`'s arrays."""
+    rows_in = [[5, 9, 12, 7, 1], [3, 4, 1], [6, 7, 8, 1]]
+    rows_t = [[8, 9, 1], [20, 21, 22, 1], [30, 1]]
+    enc, targets = np.zeros((3, 10), np.int32), np.zeros((3, 8), np.int32)
+    for i, (a, b) in enumerate(zip(rows_in, rows_t)):
+        enc[i, : len(a)], targets[i, : len(b)] = a, b
+    arrays = ExampleArrays(
+        features={
+            "encoder_input_tokens": enc,
+            "decoder_input_tokens": np.zeros_like(targets),
+            "decoder_target_tokens": targets,
+            "decoder_loss_weights": (targets > 0).astype(np.float32),
+        },
+        ids=np.array(["a", "b", "c"]),
+        task_names=np.full(3, "t"),
+        inputs_text=np.full(3, ""),
+        targets_text=np.full(3, ""),
+        input_lengths=np.array([len(r) for r in rows_in], np.int32),
+        target_lengths=np.array([len(r) for r in rows_t], np.int32),
+        extras=np.full(3, "{}"),
+    )
+    return packing.pack_rows(arrays, [[0, 1], [2]])
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_packed_logits_equal_the_einsum_path(family, fused_calls):
+    """Segment masks and per-segment positions reach the fused path as they reach the einsums."""
+    config = CASES[family][0]
+    einsum, fused, params = _pair(config)
+    vocab = types.SimpleNamespace(eos_id=1, prompt_prefix_ids=(2,), prompt_suffix_ids=())
+    batch = einsum.make_batch(packed_rows(), vocab)
+    want = jax.jit(einsum.logits)(params, batch)
+    got = jax.jit(fused.logits)(params, batch)
+    assert fused_calls
+    real = batch["decoder_loss_weights"] > 0
+    assert_close(np.asarray(got)[real], np.asarray(want)[real], DEEP)
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
