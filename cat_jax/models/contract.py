@@ -16,7 +16,10 @@ one decoder). It provides:
   `DECODING_INPUTS` names the features decoding reads. Every family's batch carries `TARGETS` and
   `LOSS_WEIGHTS` [b, Lt], and `logits` returns [b, Lt, vocab] aligned with them, so every loss
   (cross-entropy, distillation, the CAT mask) is one function of (logits, teacher logits, targets,
-  weights) whatever the family;
+  weights) whatever the family. Packed training rows (`cat_jax.data.packing`: several examples per
+  row, with segment ids) give the family's packed batch (`batch_shapes(..., packed=True)`), whose
+  logits keep each example's attention to itself; `packing_input_overhead` is what a family adds to
+  each example's inputs there;
 - **abstract parameters** with logical axis names (`init_params`, `abstract_params`) and the
   logical-axis rules fitted to a mesh (`fit_rules`: an axis a mesh axis does not divide is
   replicated);
