@@ -224,3 +224,24 @@ def test_train_job_refuses_packing_it_cannot_honour():
             train._check_packing(packed, chat)
     finally:
         gin.clear_config()
+
+
+@pytest.mark.slow
+def test_train_binary_packs_its_batches(tmp_path):
+    """The train binary with InMemoryBatches.pack: the same tiny run, more examples' tokens per step."""
+    import json
+
+    from conftest import run_module, train_args
+
+    lengths = "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}"
+    tokens = {}
+    for pack in (False, True):
+        model_dir = tmp_path / f"pack_{pack}"
+        run_module(
+            "cat_jax.train", train_args("train_large.gin", model_dir, 2, lengths, f"--gin.InMemoryBatches.pack={pack}")
+        )
+        rows = [json.loads(line) for line in (model_dir / "train_metrics.jsonl").read_text().splitlines()]
+        tokens[pack] = [r["train/num_tokens"] for r in rows if "train/num_tokens" in r]
+    assert len(tokens[True]) == len(tokens[False]) == 2
+    # cmudict_syllables: inputs of about 20 tokens, targets of 2; 64 input slots hold about 3 examples.
+    assert min(tokens[True]) >= 2 * max(tokens[False]), tokens
