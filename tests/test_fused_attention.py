@@ -160,6 +160,7 @@ def test_packed_logits_equal_the_einsum_path(family, fused_calls):
     assert_close(np.asarray(got)[real], np.asarray(want)[real], DEEP)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_bfloat16_logits_close_to_the_einsum_path(family):
     config, make = CASES[family]
