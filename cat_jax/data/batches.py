@@ -1,13 +1,15 @@
-"""Batches from in-memory examples: training batches as a pure function of (seed, step), and
-evaluation batches over every example once (plain numpy)."""
+"""Batches from in-memory examples: training batches as a pure function of (seed, step), unpacked or
+packed (`cat_jax.data.packing`), and evaluation batches over every example once (plain numpy)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+import gin
 import numpy as np
 
 from cat_jax.data.arrays import ExampleArrays
+from cat_jax.data.packing import first_fit, pack_rows, packing_costs
 
 
 def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
@@ -109,9 +111,76 @@ class TrainBatches:
         return {k: v[rows] for k, v in self.arrays.features.items()}
 
 
+class PackedTrainBatches:
+    """Packed training batches as a pure function of (seed, step).
+
+    Epoch e's examples, in `TrainBatches`' order for (seed, e) (rates included), are packed first-fit
+    (`cat_jax.data.packing.first_fit`) into rows; the rows of epochs 0, 1, ... follow each other and
+    global batch k is rows [k * B, (k + 1) * B) of that sequence. Reaching step k packs every epoch up
+    to k's once (a few microseconds per example); the latest two epochs' rows are kept.
+    """
+
+    def __init__(
+        self,
+        arrays: ExampleArrays,
+        global_batch_size: int,
+        seed: int,
+        rates: Mapping[str, float] | None = None,
+        input_overhead: int = 0,
+    ):
+        self.order = TrainBatches(arrays, global_batch_size, seed=seed, rates=rates)
+        self.arrays = arrays
+        self.global_batch_size = global_batch_size
+        self.costs = packing_costs(arrays, input_overhead)
+        self._starts = [0]  # packed rows before epoch i, for every epoch packed so far (and the next)
+        self._packed: dict[int, list[list[int]]] = {}
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        """The packed rows of one epoch: lists of example indices."""
+        if epoch not in self._packed:
+            if len(self._packed) >= 2:
+                self._packed.pop(next(iter(self._packed)))
+            order = self.order.epoch_rows(epoch)
+            li = self.arrays.features["encoder_input_tokens"].shape[1]
+            lt = self.arrays.features["decoder_target_tokens"].shape[1]
+            rows = first_fit(self.costs[0][order], self.costs[1][order], li, lt)
+            self._packed[epoch] = [[int(order[i]) for i in row] for row in rows]
+        return self._packed[epoch]
+
+    def _epoch_of(self, position: int) -> int:
+        """The epoch holding packed row `position` (packing the epochs before it as needed)."""
+        while self._starts[-1] <= position:
+            self._starts.append(self._starts[-1] + len(self.epoch_rows(len(self._starts) - 1)))
+        return int(np.searchsorted(self._starts, position, side="right")) - 1
+
+    def global_rows(self, step: int) -> list[list[int]]:
+        """The packed rows of global batch `step`."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0; got {step}.")
+        out = []
+        for position in range(step * self.global_batch_size, (step + 1) * self.global_batch_size):
+            epoch = self._epoch_of(position)
+            out.append(self.epoch_rows(epoch)[position - self._starts[epoch]])
+        return out
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+        """This host's rows of the packed global batch (`cat_jax.data.packing.PACKED_FEATURES`)."""
+        if process_count <= 0 or self.global_batch_size % process_count:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by "
+                f"process_count {process_count}; choose a multiple of the host count."
+            )
+        per_host = self.global_batch_size // process_count
+        rows = self.global_rows(step)[process_index * per_host : (process_index + 1) * per_host]
+        return pack_rows(self.arrays, rows)
+
+
+@gin.configurable(denylist=["arrays", "global_batch_size", "seed", "rates", "rows"])
 class InMemoryBatches:
     """The training batches of an in-memory split: `batch(step)` is this process's block of rows of
-    the global batch of `step` (`TrainBatches`); no data iterator to checkpoint."""
+    the global batch of `step` (`TrainBatches`, or `PackedTrainBatches` with `pack`, the gin setting
+    `InMemoryBatches.pack = True`; `pack_input_overhead`: tokens a family adds to each example's
+    inputs, see `cat_jax.data.packing`); no data iterator to checkpoint."""
 
     iterator = None
 
@@ -122,13 +191,28 @@ class InMemoryBatches:
         seed: int,
         rates: Mapping[str, float] | None,
         rows: tuple[int, int],
+        pack: bool = False,
+        pack_input_overhead: int = 0,
     ):
-        self.batches = TrainBatches(arrays, global_batch_size, seed=seed, rates=rates)
+        if pack:
+            self.batches = PackedTrainBatches(arrays, global_batch_size, seed, rates, pack_input_overhead)
+        else:
+            self.batches = TrainBatches(arrays, global_batch_size, seed=seed, rates=rates)
+        self.packed = pack
+        self.pack_input_overhead = pack_input_overhead
         self.rows = rows
         self.features = arrays.features
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return self.batches.batch(step, *self.rows)
+
+
+def packing_requested() -> bool:
+    """Whether the gin configuration asks for packed training batches (`InMemoryBatches.pack = True`)."""
+    try:
+        return bool(gin.query_parameter("InMemoryBatches.pack"))
+    except ValueError:
+        return False
 
 
 def eval_batches(arrays: ExampleArrays, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:

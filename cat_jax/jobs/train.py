@@ -39,6 +39,7 @@ from cat_jax import data as data_lib
 from cat_jax import evaluation, gin_utils, models, optimizers, partitioning, runtime, vocabulary_store
 from cat_jax import model_dir as model_dir_lib
 from cat_jax.checkpoints import Checkpointer, restore_params
+from cat_jax.data.batches import packing_requested
 from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, TeacherMismatchError, check_int
 from cat_jax.frozen_model import FrozenModel, check_config, check_vocabulary, load_frozen_model, read_model_info
@@ -305,17 +306,37 @@ def _train_data(dataset: DatasetConfig, run: Run) -> Any:
         "streamed by grain from ArrayRecord shards" if source.kind == "streaming" else "held in memory",
     )
     chosen = run.objective.train_batches(source, dataclasses.asdict(dataset), rows)
-    if chosen is not None:
-        return chosen
-    return source.train_batches(
-        dataset.mixture_or_task_name,
-        dataset.split,
-        dict(dataset.task_feature_lengths),
-        dataset.batch_size,
-        dataset.seed,
-        dataset.max_examples,
-        rows,
-    )
+    if chosen is None:
+        chosen = source.train_batches(
+            dataset.mixture_or_task_name,
+            dataset.split,
+            dict(dataset.task_feature_lengths),
+            dataset.batch_size,
+            dataset.seed,
+            dataset.max_examples,
+            rows,
+        )
+    _check_packing(chosen, run)
+    return chosen
+
+
+def _check_packing(batches: Any, run: Run) -> None:
+    """Refuses `InMemoryBatches.pack = True` where the batches are not packed (streamed, or an
+    objective's own selection) or where the family's prompts need more room than it leaves."""
+    if not packing_requested():
+        return
+    if not getattr(batches, "packed", False):
+        raise ConfigError(
+            "InMemoryBatches.pack = True packs in-memory training data only; these training batches (streamed, "
+            "or chosen by the objective) are not packed. Drop the setting, or train from memory "
+            "(data_source exported_dir or seqio) with the default objective."
+        )
+    need = run.model.packing_input_overhead(run.vocab)
+    if need > batches.pack_input_overhead:
+        raise ConfigError(
+            f"The {run.model.family} family adds {need} tokens to each packed example's inputs (its prompt's "
+            f"special tokens); set --gin.InMemoryBatches.pack_input_overhead={need}."
+        )
 
 
 def _prepare(
@@ -424,7 +445,8 @@ class _Loop:
         self.eval_batch_size, self.eval_arrays = eval_batch_size, eval_arrays
         lengths = dict(dataset.task_feature_lengths)
         self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
-        self._compile_args = (tx, schedule, abstract, shardings, run.model.batch_shapes(lengths, dataset.batch_size))
+        shapes = run.model.batch_shapes(lengths, dataset.batch_size, packed=getattr(data, "packed", False))
+        self._compile_args = (tx, schedule, abstract, shardings, shapes)
         self.step_flops: dict[str, float | None] = {}
         self.phase = run.objective.phase_at(start_step)
         if run.teacher is not None and not self.teacher_runs:

@@ -16,7 +16,10 @@ one decoder). It provides:
   `DECODING_INPUTS` names the features decoding reads. Every family's batch carries `TARGETS` and
   `LOSS_WEIGHTS` [b, Lt], and `logits` returns [b, Lt, vocab] aligned with them, so every loss
   (cross-entropy, distillation, the CAT mask) is one function of (logits, teacher logits, targets,
-  weights) whatever the family;
+  weights) whatever the family. Packed training rows (`cat_jax.data.packing`: several examples per
+  row, with segment ids) give the family's packed batch (`batch_shapes(..., packed=True)`), whose
+  logits keep each example's attention to itself; `packing_input_overhead` is what a family adds to
+  each example's inputs there;
 - **abstract parameters** with logical axis names (`init_params`, `abstract_params`) and the
   logical-axis rules fitted to a mesh (`fit_rules`: an axis a mesh axis does not divide is
   replicated);
@@ -100,12 +103,19 @@ class Model(abc.ABC):
 
     # ---- batches ------------------------------------------------------------------------------
     @abc.abstractmethod
-    def batch_shapes(self, lengths: Mapping[str, int], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """The abstract batch of `batch_size` examples at TASK_FEATURE_LENGTHS `lengths`."""
+    def batch_shapes(
+        self, lengths: Mapping[str, int], batch_size: int, packed: bool = False
+    ) -> dict[str, jax.ShapeDtypeStruct]:
+        """The abstract batch of `batch_size` examples (`packed`: rows of packed examples,
+        `cat_jax.data.packing`) at TASK_FEATURE_LENGTHS `lengths`."""
 
     @abc.abstractmethod
     def make_batch(self, examples: Mapping[str, np.ndarray], vocab: Any) -> dict[str, np.ndarray]:
         """The family's batch (numpy) from a batch of examples (see the module docstring)."""
+
+    def packing_input_overhead(self, vocab: Any) -> int:
+        """Tokens `make_batch` adds to each example's inputs in a packed row (`cat_jax.data.packing`)."""
+        return 0
 
     def decoding_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The features of `batch` that decoding reads."""

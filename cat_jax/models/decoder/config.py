@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import gin
 import jax.numpy as jnp
 
+from cat_jax.models.attention import ATTENTION_IMPLS
+
 FAMILY = "decoder"
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -62,7 +64,9 @@ class DecoderConfig:
     layers `sliding_window_layers` says.
 
     `dtype` is the compute dtype; parameters are float32, softmax and norm statistics are computed
-    in float32.
+    in float32. `attention_impl` is one of ATTENTION_IMPLS (`cat_jax.models.attention`: "einsum", or
+    "dot_product" for `jax.nn.dot_product_attention`, which cannot soft-cap the scores, so it is
+    refused with `attn_logit_softcap`).
     """
 
     family: ClassVar[str] = FAMILY
@@ -96,6 +100,7 @@ class DecoderConfig:
     sliding_window: int | None = None
     sliding_window_layers: str = "all"
     dtype: str = "float32"
+    attention_impl: str = "einsum"
 
     def __post_init__(self) -> None:
         for name in (
@@ -130,6 +135,7 @@ class DecoderConfig:
             ("rope_scaling", ROPE_SCALINGS),
             ("sliding_window_layers", SLIDING_WINDOW_LAYERS),
             ("dtype", COMPUTE_DTYPES),
+            ("attention_impl", ATTENTION_IMPLS),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -151,6 +157,12 @@ class DecoderConfig:
             value = getattr(self, name)
             if value is not None and not _positive_number(value):
                 raise ValueError(f"DecoderConfig.{name} must be a positive number or None, got {value!r}.")
+        if self.attention_impl == "dot_product" and self.attn_logit_softcap is not None:
+            raise ValueError(
+                f"DecoderConfig.attention_impl='dot_product' cannot soft-cap attention scores, but "
+                f"attn_logit_softcap is {self.attn_logit_softcap} (Gemma 2): use attention_impl='einsum' "
+                "for this model."
+            )
         if self.sliding_window is not None and not _positive_int(self.sliding_window):
             raise ValueError(
                 f"DecoderConfig.sliding_window must be a positive int or None, got {self.sliding_window!r}."

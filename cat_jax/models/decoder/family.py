@@ -20,6 +20,19 @@ tokenizer's prompt prefix and suffix, and finds each row's end from its EOS, nev
 ids: id 0 is a real token of many decoder vocabularies (Llama 3's and Qwen's "!"). Masks and loss
 weights come from lengths, so such tokens count.
 
+Packed training batches (`cat_jax.data.packing`: several examples per row, with segment ids) become
+one sequence per row of length Li + Lt - 1 holding each example's prompt and completion but its last
+token, one after the other:
+
+    packed_tokens, packed_segment_ids, packed_positions  [b, L] int32  the fed tokens, 1, 2, ... per
+                                   example (0: padding) and each token's position within its example
+    decoder_target_tokens, decoder_loss_weights  [b, L]  the next token at every slot, weighted on
+                                   the completions only (as unpacked)
+
+and `logits` [b, L, vocab] keeps attention within each example, so the losses equal the unpacked ones.
+Each example's prompt adds `packing_input_overhead` tokens to its inputs (prefix and suffix, less the
+dropped EOS): the data layer's `InMemoryBatches.pack_input_overhead` must cover it.
+
 Decoding prefills every prompt but its last token into the cache; the first token fed is the
 prompt's last, so that decoding's position n is the cache slot Li - 1 + n.
 """
@@ -34,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax import vocabularies
+from cat_jax.errors import ConfigError
 from cat_jax.models import contract
 from cat_jax.models.decoder import flops
 from cat_jax.models.decoder.config import DecoderConfig
@@ -86,6 +100,48 @@ def completion_weights(targets: np.ndarray, eos_id: int, weights: np.ndarray) ->
     return np.where((ends >= 0)[:, None], by_eos, weights).astype(np.float32)
 
 
+PACKED_FEATURES = ("packed_tokens", "packed_segment_ids", "packed_positions")
+
+
+def packed_sequences(
+    examples: Mapping[str, np.ndarray], eos_id: int, prefix: tuple[int, ...], suffix: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """The decoder's packed batch (see the module docstring) from packed encoder-decoder rows
+    (`encoder_segment_ids`, `decoder_segment_ids`): each segment's prompt as `prompt_rows` makes it,
+    then its completion, its loss weights as `completion_weights` gives them."""
+    inputs, in_segments = np.asarray(examples["encoder_input_tokens"]), np.asarray(examples["encoder_segment_ids"])
+    targets = np.asarray(examples["decoder_target_tokens"], np.int32)
+    t_segments = np.asarray(examples["decoder_segment_ids"])
+    data_weights = np.asarray(examples["decoder_loss_weights"], np.float32)
+    rows, li = inputs.shape
+    length = li + targets.shape[1] - 1
+    out = {name: np.zeros((rows, length), np.int32) for name in (*PACKED_FEATURES, contract.TARGETS)}
+    out[contract.LOSS_WEIGHTS] = np.zeros((rows, length), np.float32)
+    for r in range(rows):
+        at = 0
+        for segment in np.unique(t_segments[r][t_segments[r] > 0]):
+            prompt_row = inputs[r][in_segments[r] == segment]
+            tokens, mask = prompt_rows(prompt_row[None], eos_id, prefix, suffix, li)
+            prompt = tokens[0][mask[0] > 0]
+            completion = targets[r][t_segments[r] == segment]
+            weights = completion_weights(completion[None], eos_id, data_weights[r][t_segments[r] == segment][None])[0]
+            sequence = np.concatenate([prompt, completion])
+            fed = len(sequence) - 1
+            if at + fed > length:
+                raise ConfigError(
+                    f"A packed row's prompts and completions need more than {length} tokens: each prompt adds "
+                    f"{len(prefix) + len(suffix) - 1} special tokens; pack with "
+                    f"--gin.InMemoryBatches.pack_input_overhead={len(prefix) + len(suffix) - 1}."
+                )
+            out["packed_tokens"][r, at : at + fed] = sequence[:-1]
+            out["packed_segment_ids"][r, at : at + fed] = segment
+            out["packed_positions"][r, at : at + fed] = np.arange(fed)
+            out[contract.TARGETS][r, at : at + fed] = sequence[1:]
+            out[contract.LOSS_WEIGHTS][r, at + len(prompt) - 1 : at + fed] = weights
+            at += fed
+    return out
+
+
 @contract.register
 class DecoderModel(contract.Model):
     """A decoder-only language model (`DecoderConfig`): Llama, Mistral, Qwen2/3, Gemma/Gemma 2."""
@@ -113,9 +169,17 @@ class DecoderModel(contract.Model):
         return logical_sizes(self.config)
 
     # ---- batches ------------------------------------------------------------------------------
-    def batch_shapes(self, lengths: Mapping[str, int], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    def batch_shapes(
+        self, lengths: Mapping[str, int], batch_size: int, packed: bool = False
+    ) -> dict[str, jax.ShapeDtypeStruct]:
         li, lt = lengths["inputs"], lengths["targets"]
         ints = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
+        if packed:
+            names = (*PACKED_FEATURES, contract.TARGETS)
+            return {
+                **{name: ints(li + lt - 1) for name in names},
+                contract.LOSS_WEIGHTS: jax.ShapeDtypeStruct((batch_size, li + lt - 1), np.float32),
+            }
         return {
             "prompt_tokens": ints(li),
             "prompt_mask": ints(li),
@@ -123,17 +187,21 @@ class DecoderModel(contract.Model):
             "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, lt), np.float32),
         }
 
+    def packing_input_overhead(self, vocab: Any) -> int:
+        """Tokens a prompt adds to its example's inputs (prefix and suffix, less the dropped EOS)."""
+        vocab = vocabularies.resolve(vocab)
+        specials = len(getattr(vocab, "prompt_prefix_ids", ())) + len(getattr(vocab, "prompt_suffix_ids", ()))
+        return max(specials - 1, 0)
+
     def make_batch(self, examples: Mapping[str, np.ndarray], vocab: Any) -> dict[str, np.ndarray]:
         vocab = vocabularies.resolve(vocab)
+        prefix = tuple(getattr(vocab, "prompt_prefix_ids", ()))
+        suffix = tuple(getattr(vocab, "prompt_suffix_ids", ()))
+        if "encoder_segment_ids" in examples:
+            return packed_sequences(examples, vocab.eos_id, prefix, suffix)
         inputs = np.asarray(examples["encoder_input_tokens"])
         targets = np.asarray(examples["decoder_target_tokens"], np.int32)
-        prompt, mask = prompt_rows(
-            inputs,
-            vocab.eos_id,
-            tuple(getattr(vocab, "prompt_prefix_ids", ())),
-            tuple(getattr(vocab, "prompt_suffix_ids", ())),
-            inputs.shape[1],
-        )
+        prompt, mask = prompt_rows(inputs, vocab.eos_id, prefix, suffix, inputs.shape[1])
         weights = completion_weights(targets, vocab.eos_id, np.asarray(examples["decoder_loss_weights"]))
         return {
             "prompt_tokens": prompt,
@@ -153,6 +221,15 @@ class DecoderModel(contract.Model):
         return tokens, mask
 
     def logits(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
+        if "packed_tokens" in batch:
+            segments = batch["packed_segment_ids"]
+            return self.network.apply(
+                {"params": params},
+                batch["packed_tokens"],
+                segments > 0,
+                batch["packed_positions"],
+                segment_ids=segments,
+            )
         tokens, mask = self._sequence(batch)
         return self.network.apply({"params": params}, tokens, mask, logits_from=batch["prompt_tokens"].shape[1] - 1)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cat_jax.models.attention import dot_product_attention
 from cat_jax.models.decoder.config import DecoderConfig
 from cat_jax.models.layers import MASK_VALUE, Dense, logical_param
 
@@ -154,7 +155,8 @@ class Attention(nn.Module):
     Query head h reads key/value head h // (num_heads // num_kv_heads). Scores are float32,
     multiplied by `config.attention_scale`, soft-capped (Gemma 2), masked and soft-maxed in float32.
     A key is visible to a query when its slot holds a real token (`key_mask`), is not after the
-    query's slot and, with a sliding `window`, is fewer than `window` slots before it.
+    query's slot and, with a sliding `window`, is fewer than `window` slots before it, and (packed rows,
+    no cache) belongs to the query's segment (`segment_ids` [b, g]).
 
     Cache ("cache" collection, `decode=True`): the first call creates zero `cached_key` /
     `cached_value` [b, max_len, kv_heads, head_dim] from its full-length input and computes
@@ -162,6 +164,9 @@ class Attention(nn.Module):
     per row [b]; a per-row write past the end is dropped) and attends to the cache. A sliding
     layer reads only the `window + block - 1` slots that its queries can see when the cache is
     longer than that.
+
+    `config.attention_impl` "dot_product" gives the same queries, keys, values and visibility to
+    `cat_jax.models.attention.dot_product_attention` (grouped heads included) instead of the einsums.
     """
 
     config: DecoderConfig
@@ -177,6 +182,7 @@ class Attention(nn.Module):
         *,
         decode: bool = False,
         index: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """x: [b, g, embed]; positions, query_slots: [b, g] int; key_mask: [b, K] bool over the key
         slots (K = g without a cache, max_len with one) -> [b, g, embed]."""
@@ -199,15 +205,20 @@ class Attention(nn.Module):
         visible = key_mask[:, None, :] & (key_slots[:, None, :] <= query_slots[:, :, None])  # [b, g, K]
         if self.window is not None:
             visible &= key_slots[:, None, :] > query_slots[:, :, None] - self.window
+        if segment_ids is not None:
+            visible &= segment_ids[:, None, :] == segment_ids[:, :, None]
 
         b, g = query.shape[:2]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        grouped = query.reshape(b, g, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key, preferred_element_type=jnp.float32)
-        scores = softcap(scores * cfg.attention_scale, cfg.attn_logit_softcap)
-        scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
-        weights = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value).reshape(b, g, cfg.num_heads, cfg.head_dim)
+        if cfg.attention_impl == "dot_product":
+            out = dot_product_attention(query, key, value, mask=visible[:, None], scale=cfg.attention_scale)
+        else:
+            groups = cfg.num_heads // cfg.num_kv_heads
+            grouped = query.reshape(b, g, cfg.num_kv_heads, groups, cfg.head_dim)
+            scores = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key, preferred_element_type=jnp.float32)
+            scores = softcap(scores * cfg.attention_scale, cfg.attn_logit_softcap)
+            scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+            weights = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value).reshape(b, g, cfg.num_heads, cfg.head_dim)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return OutProjection(x.shape[-1], dt, name="out")(out)
 

@@ -19,6 +19,9 @@ tokens; padding may sit on the left, as for batched prompts, or on the right) an
 `positions` [b, L] (default: cumsum(mask) - 1, so a left-padded row's first real token is at
 position 0). Padded keys are invisible; outputs at padded queries are finite but meaningless.
 
+Packed rows (training only) pass `segment_ids` [b, L] (1, 2, ... per example, 0 padding) and the
+positions within each segment: a key is visible only to queries of its own segment.
+
 Cached decoding (`decode=True`, "cache" collection mutable) keeps T5's semantics
 (cat_jax/models/layers.py `MultiHeadAttention`): the first call, given tokens [b, max_len],
 creates an empty cache; each later call writes a block of g >= 1 tokens per row at
@@ -70,12 +73,13 @@ class DecoderLayer(nn.Module):
         key_mask: jax.Array,
         decode: bool,
         index: jax.Array | None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """x: [b, g, embed] -> [b, g, embed]; see `Attention` for the other arguments."""
         cfg = self.config
         h = _norm(cfg, "input_norm")(x)
         h = Attention(cfg, cfg.layer_window(self.layer), name="attention")(
-            h, positions, query_slots, key_mask, decode=decode, index=index
+            h, positions, query_slots, key_mask, decode=decode, index=index, segment_ids=segment_ids
         )
         if cfg.sandwich_norms:
             h = _norm(cfg, "post_attention_norm")(h)
@@ -133,7 +137,13 @@ class Decoder(nn.Module):
         self.cache_state = CacheState()
 
     def _residual(
-        self, tokens: jax.Array, mask: jax.Array | None, positions: jax.Array | None, decode: bool, num_layers: int
+        self,
+        tokens: jax.Array,
+        mask: jax.Array | None,
+        positions: jax.Array | None,
+        decode: bool,
+        num_layers: int,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """The residual stream [b, g, embed] after the first `num_layers` layers."""
         cfg = self.config
@@ -149,7 +159,7 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(cfg.emb_dim**0.5, cfg.compute_dtype)
         x = nn.with_logical_constraint(x, EMBED_AXES)
         for layer in self.layers[:num_layers]:
-            x = layer(x, positions, slots, key_mask, decode, index)
+            x = layer(x, positions, slots, key_mask, decode, index, segment_ids)
         return x
 
     def __call__(
@@ -161,12 +171,14 @@ class Decoder(nn.Module):
         decode: bool = False,
         return_hidden: bool = False,
         logits_from: int = 0,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """tokens: [b, g] int -> logits [b, g - logits_from, vocab] in compute dtype of the positions from
         `logits_from` on (with `return_hidden`, also the final normed hidden states there [b, g -
         logits_from, embed]). mask, positions: [b, g] (see the module docstring)."""
         cfg = self.config
-        hidden = self.final_norm(self._residual(tokens, mask, positions, decode, cfg.num_layers)[:, logits_from:])
+        residual = self._residual(tokens, mask, positions, decode, cfg.num_layers, segment_ids)
+        hidden = self.final_norm(residual[:, logits_from:])
         logits = self.embedder.attend(hidden) if cfg.tie_embeddings else self.lm_head(hidden)
         logits = nn.with_logical_constraint(softcap(logits, cfg.final_logit_softcap), ("batch", "length", "vocab"))
         return (logits, hidden) if return_hidden else logits

@@ -13,6 +13,7 @@ import gin
 import jax.numpy as jnp
 
 from cat_jax.errors import ConfigError
+from cat_jax.models.attention import ATTENTION_IMPLS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # relu: wo(relu(wi x)) (T5 v1.0); gated-*: wo(act(wi_0 x) * wi_1 x) with GELU (tanh approximation,
@@ -30,7 +31,9 @@ class T5Config:
     `dtype` is the compute dtype; parameters are always float32. `mlp_activation` is one of
     MLP_ACTIVATIONS; `logits_via_embedding` ties the LM head to the token embedding (the logits
     are `(x * emb_dim**-0.5) @ embedding.T`, as in T5 v1.0); `layer_norm_epsilon` is the RMSNorm
-    epsilon. The encoder and decoder layer counts are independent.
+    epsilon. The encoder and decoder layer counts are independent. `attention_impl` is one of
+    ATTENTION_IMPLS (`cat_jax.models.attention`: "einsum", or "dot_product" for
+    `jax.nn.dot_product_attention`, which has no attention dropout, so it needs dropout_rate 0).
     """
 
     family: ClassVar[str] = "t5"
@@ -49,6 +52,7 @@ class T5Config:
     mlp_activation: str = "gated-gelu"
     logits_via_embedding: bool = False
     layer_norm_epsilon: float = 1e-6
+    attention_impl: str = "einsum"
 
     def __post_init__(self) -> None:
         positive = (
@@ -91,6 +95,13 @@ class T5Config:
             )
         if self.dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"T5Config.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"T5Config.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}.")
+        if self.attention_impl == "dot_product" and self.dropout_rate > 0:
+            raise ConfigError(
+                f"T5Config.attention_impl='dot_product' has no attention dropout, but dropout_rate is "
+                f"{self.dropout_rate}: set T5Config.dropout_rate=0.0 or attention_impl='einsum'."
+            )
 
     @property
     def gated_mlp(self) -> bool:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cat_jax.models.attention import dot_product_attention
 from cat_jax.models.layers import MASK_VALUE, Dense, Initializer, logical_param
 
 
@@ -115,8 +116,8 @@ class RelativePositionBias(nn.Module):
 
     @nn.compact
     def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
-        """query_positions: [q] or per row [b, q], key_positions: [k] int -> bias [1 or b, heads,
-        q, k] float32."""
+        """query_positions: [q] or per row [b, q], key_positions: [k] or per row [b, k] (packed rows:
+        positions within each segment) int -> bias [1 or b, heads, q, k] float32."""
         table = logical_param(
             self,
             "rel_embedding",
@@ -125,7 +126,10 @@ class RelativePositionBias(nn.Module):
             ("heads", "relpos_buckets"),
         )
         buckets = relative_position_bucket(
-            key_positions - query_positions[..., None], self.bidirectional, self.num_buckets, self.max_distance
+            key_positions[..., None, :] - query_positions[..., None],
+            self.bidirectional,
+            self.num_buckets,
+            self.max_distance,
         )
         bias = jnp.take(table, buckets, axis=1)  # [heads, q, k] or [heads, b, q, k]
         return bias[None] if bias.ndim == 3 else jnp.moveaxis(bias, 0, 1)
@@ -145,6 +149,10 @@ class MultiHeadAttention(nn.Module):
     more tokens. "cache_index" is a scalar (every row at one position) or, once replaced by an
     int32 [b] array, each row's own position; moving a row's index back rolls its cache back
     (keys after a query's position are masked, and overwritten by the next write).
+
+    `impl` (T5Config.attention_impl): "einsum" computes the scores and softmax here; "dot_product"
+    gives the same scores, mask and relative bias to `cat_jax.models.attention.dot_product_attention`
+    (no attention dropout there: T5Config refuses it with dropout_rate > 0).
     """
 
     num_heads: int
@@ -152,6 +160,7 @@ class MultiHeadAttention(nn.Module):
     cross_attention: bool = False
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    impl: str = "einsum"
 
     def _project(self, x: jax.Array, name: str, init: Initializer) -> jax.Array:
         """x: [batch, length, embed] -> [batch, length, heads, kv]."""
@@ -170,10 +179,14 @@ class MultiHeadAttention(nn.Module):
         relpos: RelativePositionBias | None = None,
         enable_dropout: bool = False,
         decode: bool = False,
+        segments: tuple[jax.Array, jax.Array] | None = None,
+        positions: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """inputs_q: [b, q, embed], inputs_kv: [b, k, embed], kv_mask: [b, k] bool -> [b, q, embed].
 
         `causal` masks keys after each query; `relpos` adds its bias over (query, key) positions.
+        Packed rows (no cache): `segments` = (query, key) segment ids [b, q], [b, k] hide keys of other
+        segments; `positions` = (query, key) positions [b, q], [b, k] within segments feed `relpos`.
         """
         kv_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
         q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, "fan_in", "normal")
@@ -194,12 +207,19 @@ class MultiHeadAttention(nn.Module):
             mask = mask & visible.reshape((-1, 1) + visible.shape[-2:])
         if kv_mask is not None:
             mask = mask & kv_mask[:, None, None, :]
-        bias = 0.0 if relpos is None else relpos(query_positions, key_positions)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores + bias, MASK_VALUE)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not enable_dropout)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        if segments is not None:
+            mask = mask & (segments[0][:, None, :, None] == segments[1][:, None, None, :])
+        if positions is not None:
+            query_positions, key_positions = positions
+        bias = None if relpos is None else relpos(query_positions, key_positions)
+        if self.impl == "dot_product":
+            out = dot_product_attention(query, key, value, mask=mask, scale=1.0, bias=bias)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+            scores = jnp.where(mask, scores + (0.0 if bias is None else bias), MASK_VALUE)
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not enable_dropout)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
         out = nn.with_logical_constraint(out, ("batch", "length", "joined_kv"))
         return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), self.dtype, kernel_init=kv_init, name="out")(out)

@@ -3,7 +3,9 @@
 Batches are seqio's encoder-decoder features: `encoder_input_tokens [b, Li]`,
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights [b, Lt]` (the targets
 shifted right behind the decoder's BOS, 0). Token 0 is padding and BOS: decoding never emits it.
-Decoding encodes once; the state holds the encoder's output, its input tokens and the decoder's
+Packed training batches (`cat_jax.data.packing`) add `encoder_segment_ids`, `encoder_positions`,
+`decoder_segment_ids`, `decoder_positions`; `logits` then keeps attention within each segment (decoding
+never sees packed rows). Decoding encodes once; the state holds the encoder's output, its input tokens and the decoder's
 key/value cache (cross-attention keys included), and the first token fed is BOS.
 """
 
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cat_jax.data.packing import SEGMENT_FEATURES
 from cat_jax.models import contract
 from cat_jax.models.t5 import flops
 from cat_jax.models.t5.config import T5Config
@@ -60,27 +63,27 @@ class T5Model(contract.Model):
         }
 
     # ---- batches ------------------------------------------------------------------------------
-    def batch_shapes(self, lengths: Mapping[str, int], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    def batch_shapes(
+        self, lengths: Mapping[str, int], batch_size: int, packed: bool = False
+    ) -> dict[str, jax.ShapeDtypeStruct]:
         li, lt = lengths["inputs"], lengths["targets"]
         ints = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
-        return {
+        shapes = {
             "encoder_input_tokens": ints(li),
             "decoder_input_tokens": ints(lt),
             "decoder_target_tokens": ints(lt),
             "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, lt), np.float32),
         }
+        if packed:
+            shapes.update({name: ints(li if name.startswith("encoder") else lt) for name in SEGMENT_FEATURES})
+        return shapes
 
     def make_batch(self, examples: Mapping[str, np.ndarray], vocab: Any = None) -> dict[str, np.ndarray]:
-        """The examples' arrays are already T5's features."""
-        return {
-            name: examples[name]
-            for name in (
-                "encoder_input_tokens",
-                "decoder_input_tokens",
-                "decoder_target_tokens",
-                "decoder_loss_weights",
-            )
-        }
+        """The examples' arrays are already T5's features (packed ones with their segments)."""
+        names = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+        if "encoder_segment_ids" in examples:
+            names += SEGMENT_FEATURES
+        return {name: examples[name] for name in names}
 
     # ---- parameters and teacher forcing -------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:
@@ -89,11 +92,13 @@ class T5Model(contract.Model):
 
     def logits(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
         rngs = {"dropout": rng} if rng is not None else None
+        packing = {name: batch[name] for name in SEGMENT_FEATURES} if "encoder_segment_ids" in batch else None
         return self.network.apply(
             {"params": params},
             batch["encoder_input_tokens"],
             batch["decoder_input_tokens"],
             enable_dropout=rng is not None,
+            packing=packing,
             rngs=rngs,
         )
 

@@ -7,9 +7,15 @@ decoder_norm, logits_dense}` (no `logits_dense` with `logits_via_embedding`). La
 encoder holds `pre_attention_norm, attention/{query,key,value,out}, pre_mlp_norm, mlp`; of the
 decoder `pre_self_attention_norm, self_attention, pre_cross_attention_norm,
 encoder_decoder_attention, pre_mlp_norm, mlp`; `mlp` holds `wi_0, wi_1, wo` (gated) or `wi, wo`.
+
+Packed rows (`cat_jax.data.packing`; teacher forcing only) pass `packing`, a dict of
+`encoder_segment_ids`, `encoder_positions`, `decoder_segment_ids`, `decoder_positions`: attention stays
+within a segment and the relative-position buckets come from the positions within segments.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 from flax import linen as nn
@@ -46,6 +52,7 @@ def _attention(config: T5Config, name: str, cross: bool = False) -> MultiHeadAtt
         cross_attention=cross,
         dropout_rate=config.dropout_rate,
         dtype=config.compute_dtype,
+        impl=config.attention_impl,
         name=name,
     )
 
@@ -57,12 +64,20 @@ class EncoderLayer(nn.Module):
     relpos: RelativePositionBias
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, enable_dropout: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, enable_dropout: bool, packing: Mapping[str, jax.Array] | None = None
+    ) -> jax.Array:
         """x: [batch, length, embed], mask: [batch, length] bool -> [batch, length, embed]."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         h = _norm(cfg, name="pre_attention_norm")(x)
-        h = _attention(cfg, "attention")(h, h, kv_mask=mask, relpos=self.relpos, enable_dropout=enable_dropout)
+        packed = {}
+        if packing is not None:
+            seg, pos = packing["encoder_segment_ids"], packing["encoder_positions"]
+            packed = {"segments": (seg, seg), "positions": (pos, pos)}
+        h = _attention(cfg, "attention")(
+            h, h, kv_mask=mask, relpos=self.relpos, enable_dropout=enable_dropout, **packed
+        )
         x = x + dropout(h, deterministic=not enable_dropout)
         h = _norm(cfg, name="pre_mlp_norm")(x)
         h = _mlp(cfg)(h, enable_dropout)
@@ -78,19 +93,30 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array, enable_dropout: bool, decode: bool
+        self,
+        x: jax.Array,
+        encoded: jax.Array,
+        encoder_mask: jax.Array,
+        enable_dropout: bool,
+        decode: bool,
+        packing: Mapping[str, jax.Array] | None = None,
     ) -> jax.Array:
         """x: [b, Lt, embed], encoded: [b, Li, embed], encoder_mask: [b, Li] -> [b, Lt, embed]."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         h = _norm(cfg, name="pre_self_attention_norm")(x)
+        packed_self, packed_cross = {}, {}
+        if packing is not None:
+            seg, pos = packing["decoder_segment_ids"], packing["decoder_positions"]
+            packed_self = {"segments": (seg, seg), "positions": (pos, pos)}
+            packed_cross = {"segments": (seg, packing["encoder_segment_ids"])}
         h = _attention(cfg, "self_attention")(
-            h, h, causal=True, relpos=self.relpos, enable_dropout=enable_dropout, decode=decode
+            h, h, causal=True, relpos=self.relpos, enable_dropout=enable_dropout, decode=decode, **packed_self
         )
         x = x + dropout(h, deterministic=not enable_dropout)
         h = _norm(cfg, name="pre_cross_attention_norm")(x)
         h = _attention(cfg, "encoder_decoder_attention", cross=True)(
-            h, encoded, kv_mask=encoder_mask, enable_dropout=enable_dropout, decode=decode
+            h, encoded, kv_mask=encoder_mask, enable_dropout=enable_dropout, decode=decode, **packed_cross
         )
         x = x + dropout(h, deterministic=not enable_dropout)
         h = _norm(cfg, name="pre_mlp_norm")(x)
@@ -106,7 +132,13 @@ class Encoder(nn.Module):
     embedder: Embed
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, enable_dropout: bool, depth: int | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        enable_dropout: bool,
+        depth: int | None = None,
+        packing: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array:
         """tokens: [batch, Li] int (0 = padding) -> [batch, Li, embed]. depth: run only the first
         `depth` layers and return their residual stream, without the final norm (Hugging Face's
         hidden_states[depth]); None or num_encoder_layers: the encoder's output."""
@@ -118,7 +150,7 @@ class Encoder(nn.Module):
         x = nn.with_logical_constraint(x, EMBED_AXES)
         layers = cfg.num_encoder_layers if depth is None else depth
         for i in range(layers):
-            x = EncoderLayer(cfg, relpos, name=f"layers_{i}")(x, mask, enable_dropout)
+            x = EncoderLayer(cfg, relpos, name=f"layers_{i}")(x, mask, enable_dropout, packing)
         if layers < cfg.num_encoder_layers:
             return x
         x = _norm(cfg, name="encoder_norm")(x)
@@ -134,7 +166,13 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, encoded: jax.Array, encoder_mask: jax.Array, tokens: jax.Array, enable_dropout: bool, decode: bool
+        self,
+        encoded: jax.Array,
+        encoder_mask: jax.Array,
+        tokens: jax.Array,
+        enable_dropout: bool,
+        decode: bool,
+        packing: Mapping[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """tokens: [b, Lt] -> (logits [b, Lt, vocab] in compute dtype, hidden [b, Lt, embed])."""
         cfg = self.config
@@ -143,7 +181,7 @@ class Decoder(nn.Module):
         x = dropout(self.embedder(tokens), deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, EMBED_AXES)
         for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, relpos, name=f"layers_{i}")(x, encoded, encoder_mask, enable_dropout, decode)
+            x = DecoderLayer(cfg, relpos, name=f"layers_{i}")(x, encoded, encoder_mask, enable_dropout, decode, packing)
         hidden = _norm(cfg, name="decoder_norm")(x)
         x = dropout(hidden, deterministic=not enable_dropout)
         if cfg.logits_via_embedding:
@@ -169,9 +207,14 @@ class Transformer(nn.Module):
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 
-    def encode(self, encoder_input_tokens: jax.Array, enable_dropout: bool = False) -> jax.Array:
+    def encode(
+        self,
+        encoder_input_tokens: jax.Array,
+        enable_dropout: bool = False,
+        packing: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array:
         """encoder_input_tokens: [b, Li] int -> encoded [b, Li, embed] in compute dtype."""
-        return self.encoder(encoder_input_tokens, enable_dropout)
+        return self.encoder(encoder_input_tokens, enable_dropout, packing=packing)
 
     def encoder_hidden(self, encoder_input_tokens: jax.Array, depth: int) -> jax.Array:
         """The encoder's hidden states after its first `depth` layers, 0 <= depth <= num_encoder_layers
@@ -191,18 +234,25 @@ class Transformer(nn.Module):
         enable_dropout: bool = False,
         decode: bool = False,
         return_hidden: bool = False,
+        packing: Mapping[str, jax.Array] | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """decoder_input_tokens: [b, Lt] -> logits [b, Lt, vocab] (or (logits, hidden [b, Lt, embed])).
 
         With `decode=True` the "cache" collection must be mutable; the first such call (given the
         full-length decoder input) creates the cache, each later call consumes one token [b, 1].
         """
-        logits, hidden = self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens, enable_dropout, decode)
+        logits, hidden = self.decoder(
+            encoded, encoder_input_tokens > 0, decoder_input_tokens, enable_dropout, decode, packing
+        )
         return (logits, hidden) if return_hidden else logits
 
     def __call__(
-        self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, enable_dropout: bool = False
+        self,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        enable_dropout: bool = False,
+        packing: Mapping[str, jax.Array] | None = None,
     ) -> jax.Array:
-        """Teacher-forced logits [b, Lt, vocab] in compute dtype."""
-        encoded = self.encode(encoder_input_tokens, enable_dropout)
-        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout)
+        """Teacher-forced logits [b, Lt, vocab] in compute dtype (of packed rows with `packing`)."""
+        encoded = self.encode(encoder_input_tokens, enable_dropout, packing)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout, packing=packing)
