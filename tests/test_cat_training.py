@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import run_module, train_args
+from helpers import final_state
 from tolerances import DEEP, assert_close, undecided
 
 from cat_jax.metric_writers import read_jsonl
@@ -96,8 +97,6 @@ def ce_student(tmp_path_factory):
 
 
 def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
-    from test_train import _final_state
-
     before = _checkpoint_files(teacher_dir)
     student = tmp_path / "cat"
     proc = run_module(
@@ -124,8 +123,8 @@ def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
     assert info["loss_options"]["mask"] == "small_or_large"
     assert _checkpoint_files(teacher_dir) == before  # the teacher is never written back
     # The teacher mattered: the CAT student is not the CE student trained on the same batches.
-    cat_params = jax.tree_util.tree_leaves(_final_state(student)[1]["params"])
-    ce_params = jax.tree_util.tree_leaves(_final_state(ce_student)[1]["params"])
+    cat_params = jax.tree_util.tree_leaves(final_state(student)[1]["params"])
+    ce_params = jax.tree_util.tree_leaves(final_state(ce_student)[1]["params"])
     assert any(not np.array_equal(a, b) for a, b in zip(cat_params, ce_params))
 
 

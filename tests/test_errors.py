@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import REPO, TINY_TASK, run_module, train_args
+from helpers import final_state
 
 
 def test_unknown_task_lists_close_matches_and_leaves_no_model_dir(tmp_path):
@@ -106,7 +107,6 @@ def test_overflowing_update_stops_with_exit_3_and_the_newest_checkpoint_stays_fi
     the state check inside the step stops the run before that state is saved."""
     import jax
     import numpy as np
-    from test_train import _final_state
 
     model_dir = tmp_path / "m"
     run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 2, "--gin.train.checkpoint_period=2"))
@@ -127,7 +127,7 @@ def test_overflowing_update_stops_with_exit_3_and_the_newest_checkpoint_stays_fi
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "Non-finite update (parameters or optimizer state) at step 3" in proc.stderr
     assert "the last good checkpoint is step 2" in proc.stderr
-    step, state = _final_state(model_dir)
+    step, state = final_state(model_dir)
     assert step == 2
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state) if x.dtype.kind == "f")
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import DATA_CACHE, TINY_TASK, run_module, train_args
+from helpers import assert_trees_equal, final_state
 from tolerances import SHALLOW, assert_close
 
 from cat_jax.errors import ConfigError
@@ -305,8 +306,6 @@ def test_salt_distils_then_stops_running_the_teacher(salt_uninterrupted, tmp_pat
 
 
 def test_salt_resumes_bitwise_across_the_switch(salt_uninterrupted, small_teacher, scores, tmp_path):
-    from test_train import _assert_trees_equal, _final_state
-
     ref_dir, _ = salt_uninterrupted
     model_dir = tmp_path / "large"
     args = _salt_args(model_dir, small_teacher, scores[0], 7)
@@ -316,9 +315,9 @@ def test_salt_resumes_bitwise_across_the_switch(salt_uninterrupted, small_teache
     after = run_module("cat_jax.train", args)  # 5 -> 7, teacher never run
     assert "after SALT's distillation phase: the teacher is not run" in after.stderr
     assert list(_printed(after)["step_flops"]) == ["without a teacher"]
-    step, resumed = _final_state(model_dir)
+    step, resumed = final_state(model_dir)
     assert step == 7
-    _assert_trees_equal(_final_state(ref_dir)[1], resumed)
+    assert_trees_equal(final_state(ref_dir)[1], resumed)
 
 
 def test_salt_settings_that_cannot_work_are_refused(small_teacher, scores, tmp_path):

@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from conftest import REPO, SUBPROCESS_ENV, run_module, train_args
+from helpers import assert_trees_equal, final_state, kill_when
 
 from cat_jax.metric_writers import read_jsonl
 
@@ -24,27 +24,6 @@ def _final_params(model_dir, step=None):
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     frozen = load_frozen_model(str(model_dir), mesh=mesh, rules=partitioning.logical_axis_rules(), step=step)
     return frozen.step, jax.tree_util.tree_map(np.asarray, frozen.params)
-
-
-def _final_state(model_dir) -> tuple[int, dict]:
-    """(step, the whole saved train state: params, optimizer state, step, rng) of the newest
-    checkpoint, as numpy, read without a template."""
-    import orbax.checkpoint as ocp
-
-    from cat_jax.checkpoints import Checkpointer
-
-    step = Checkpointer.latest_in(str(model_dir))
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.restore(os.path.join(model_dir, str(step), "state"))
-    return step, jax.tree_util.tree_map(np.asarray, tree)
-
-
-def _assert_trees_equal(a, b):
-    """Bitwise: same structure, dtypes and bytes."""
-    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in la] == [p for p, _ in lb]
-    for (path, x), (_, y) in zip(la, lb):
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), path
 
 
 def _tensorboard_steps(model_dir, tag: str = "train/loss") -> list[int]:
@@ -144,34 +123,10 @@ def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert "max_steps_per_run reached: saved step 3" in first.stderr
     second = run_module("cat_jax.train", args)
     assert "resuming from this run's checkpoint at step 3" in second.stderr
-    _, ref = _final_state(ref_dir)
-    step, resumed = _final_state(model_dir)
+    _, ref = final_state(ref_dir)
+    step, resumed = final_state(model_dir)
     assert step == 8
-    _assert_trees_equal(ref, resumed)
-
-
-def _kill_when(args, condition) -> None:
-    """Start the tiny run, SIGKILL it as soon as `condition(lines so far)` holds (polled every
-    millisecond, stderr read in a thread), and wait for it."""
-    import threading
-
-    env = dict(os.environ, **SUBPROCESS_ENV)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cat_jax.train", *args],
-        cwd=REPO,
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
-    while proc.poll() is None and not condition(lines):
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=600)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert_trees_equal(ref, resumed)
 
 
 def _saving(model_dir):
@@ -188,7 +143,7 @@ def _saving(model_dir):
 def reference_12(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("ref12") / "model"
     run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=100"))
-    return _final_state(model_dir)[1]
+    return final_state(model_dir)[1]
 
 
 @pytest.mark.parametrize("moment", ["random", "during_a_save"])
@@ -202,14 +157,14 @@ def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, reference_12
     )
     if moment == "random":
         kill_step = int(np.random.default_rng().integers(3, 10))
-        _kill_when(args, lambda lines: any(f" step {kill_step}/12 " in line for line in lines[-3:]))
+        kill_when(args, lambda lines: any(f" step {kill_step}/12 " in line for line in lines[-3:]))
     else:
-        _kill_when(args, _saving(str(model_dir)))
+        kill_when(args, _saving(str(model_dir)))
     resumed = run_module("cat_jax.train", args)
     assert "resuming from this run's checkpoint at step" in resumed.stderr
-    step, state = _final_state(model_dir)
+    step, state = final_state(model_dir)
     assert step == 12
-    _assert_trees_equal(state, reference_12)
+    assert_trees_equal(state, reference_12)
     steps = [r["step"] for r in read_jsonl(os.path.join(model_dir, "train_metrics.jsonl")) if "train/loss" in r]
     assert steps == list(range(1, 13))
     assert _tensorboard_steps(model_dir) == list(range(1, 13))  # the killed run's steps were flushed
@@ -295,7 +250,7 @@ def test_a_full_disk_is_one_line_naming_the_disk_and_the_last_checkpoint_and_res
     assert f"The latest checkpoint in {model_dir} is step 8; the same command resumes." in errors[0]
     resumed = run_module("cat_jax.train", args)
     assert "resuming from this run's checkpoint at step 8" in resumed.stderr
-    _assert_trees_equal(_final_state(model_dir)[1], reference_12)
+    assert_trees_equal(final_state(model_dir)[1], reference_12)
     steps = [r["step"] for r in read_jsonl(os.path.join(model_dir, "train_metrics.jsonl")) if "train/loss" in r]
     assert steps == list(range(1, 13))
 
@@ -338,7 +293,7 @@ def test_init_from_checkpoint_is_params_only_and_logged(uninterrupted, tmp_path)
     assert f"parameters from {ref_dir}" in proc.stderr
     _, init = _final_params(ref_dir)
     _, after = _final_params(tmp_path / "ft")
-    _assert_trees_equal(init, after)  # learning rate 0: the restored parameters, unchanged
+    assert_trees_equal(init, after)  # learning rate 0: the restored parameters, unchanged
 
 
 def test_eval_defaults_to_the_task_and_lengths_the_model_was_trained_on(uninterrupted):
@@ -372,7 +327,7 @@ def test_damaged_newest_checkpoint_falls_back_and_the_run_ends_as_if_uninterrupt
     assert "CHECKPOINT DAMAGED: step 8" in proc.stderr and "does not match its checksum" in proc.stderr
     assert "resuming from this run's checkpoint at step 4" in proc.stderr
     assert [p.name.split(".")[0] for p in (model_dir / "damaged_checkpoints").iterdir()] == ["8"]
-    _assert_trees_equal(_final_state(model_dir)[1], reference_12)
+    assert_trees_equal(final_state(model_dir)[1], reference_12)
     for step in (4, 8, 12):
         if (model_dir / str(step)).exists():
             (model_dir / str(step) / "state" / "_METADATA").unlink()
