@@ -142,3 +142,4 @@ def test_an_input_file_without_targets_has_no_metrics_and_long_prompts_are_repor
     assert "No metrics for input_file:prompts: its examples have no targets" in evaluation.stderr
     for proc in (infer, evaluation):
         assert "1 of 2 examples have inputs longer than 16 tokens" in proc.stderr
+    assert result["num_truncated"] == {"inputs": 1, "targets": 0}

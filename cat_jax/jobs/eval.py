@@ -43,6 +43,8 @@ def run_eval(
         "step": s.model.step,
         "split": dataset.split,
         "num_examples": len(s.arrays),
+        # examples cut to TASK_FEATURE_LENGTHS (also logged when the split is loaded)
+        "num_truncated": {"inputs": s.arrays.num_truncated_inputs, "targets": s.arrays.num_truncated_targets},
         "metrics": metrics,
     }
     unscored = sorted(task for task, values in metrics.items() if not values)
