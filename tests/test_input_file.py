@@ -11,7 +11,7 @@ from conftest import REPO, run_module, train_args
 from helpers import make_hub_checkpoint
 
 SMALL = dict(emb_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
-LLAMA3 = json.loads((REPO / "tests" / "fixtures" / "hf_tokenizers" / "expected.json").read_text())["llama3"]
+EXPECTED = json.loads((REPO / "tests" / "fixtures" / "hf_tokenizers" / "expected.json").read_text())
 
 
 def write_jsonl(path, rows) -> str:
@@ -30,27 +30,36 @@ def decoder_dir(tmp_path_factory):
     return root / "model"
 
 
-def test_prompts_reach_a_decoder_as_transformers_tokenizer_gives_them(decoder_dir, tmp_path):
-    """The JSONL split's prompt rows (the decoder's batch) equal transformers' `tokenizer(prompt)`
-    input_ids recorded in tests/fixtures/hf_tokenizers/expected.json; a missing target is empty."""
+@pytest.mark.parametrize("name", sorted(k for k in EXPECTED if not k.startswith("_")))
+def test_prompts_reach_a_decoder_as_transformers_tokenizer_gives_them(name, tmp_path):
+    """The JSONL split's prompt rows (the decoder family's batch) equal transformers'
+    `tokenizer(prompt)` input_ids recorded in tests/fixtures/hf_tokenizers/expected.json, for every
+    recorded tokenizer (BOS or none, tokenizer.json or SentencePiece); a missing target is empty."""
     from cat_jax import models, vocabulary_store
     from cat_jax.data.jsonl_source import JsonlSource
     from cat_jax.data.source import load_split_from
-    from cat_jax.model_dir import read_run_info
+    from cat_jax.hf_tokenizer import HFTokenizerVocabulary
+    from cat_jax.models.decoder.config import DecoderConfig
 
-    prompts = [case["prompt"] for case in LLAMA3["prompts"]]
-    path = write_jsonl(tmp_path / "prompts.jsonl", [{"inputs": p} for p in prompts])
-    source = JsonlSource.open(path)
+    model_dir = tmp_path / "model"  # a MODEL_DIR's vocabulary record and files, as an import writes them
+    model_dir.mkdir()
+    tokenizer = HFTokenizerVocabulary(str(REPO / "tests" / "fixtures" / "hf_tokenizers" / name))
+    record = vocabulary_store.write_vocabulary(str(model_dir), tokenizer)
+    (model_dir / "run_info.json").write_text(json.dumps({"vocabulary_files": record}))
+    cases = EXPECTED[name]["prompts"]
+    source = JsonlSource.open(write_jsonl(tmp_path / "prompts.jsonl", [{"inputs": c["prompt"]} for c in cases]))
     assert source.task_name == "input_file:prompts" and not source.has_targets
-    source.default_vocabulary_from(str(decoder_dir))
-    length = max(len(case["input_ids"]) for case in LLAMA3["prompts"])
+    source.default_vocabulary_from(str(model_dir))
+    # The data layer's inputs end in EOS (dropped by make_batch), so a room of the longest prompt + 1
+    # holds every prompt whole, with or without a BOS.
+    length = max(len(c["input_ids"]) for c in cases) + 1
     arrays = load_split_from(source, source.task_name, "test", {"inputs": length, "targets": 4})
-    assert arrays.num_truncated_inputs == 0 and list(arrays.targets_text) == [""] * len(prompts)
-    model = models.from_run_info(read_run_info(str(decoder_dir)))
-    batch = model.make_batch(arrays.features, vocabulary_store.model_vocabulary(str(decoder_dir)))
-    for r, case in enumerate(LLAMA3["prompts"]):
-        row = batch["prompt_tokens"][r][batch["prompt_mask"][r] > 0]
-        assert row.tolist() == case["input_ids"], case["prompt"]
+    assert arrays.num_truncated_inputs == 0 and list(arrays.targets_text) == [""] * len(cases)
+    vocab = vocabulary_store.model_vocabulary(str(model_dir))
+    shape = dict(emb_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, mlp_dim=8)
+    batch = models.build(DecoderConfig(vocab_size=vocab.vocab_size, **shape)).make_batch(arrays.features, vocab)
+    for r, case in enumerate(cases):
+        assert batch["prompt_tokens"][r][batch["prompt_mask"][r] > 0].tolist() == case["input_ids"], case["prompt"]
 
 
 @pytest.mark.parametrize(
