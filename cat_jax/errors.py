@@ -16,6 +16,10 @@ class ExportedDataError(ConfigError):
     """An exported split that is missing or does not match the run; the message has the command."""
 
 
+class InputFileError(ConfigError):
+    """An INPUT_FILE (JSONL prompts) that cannot be read: missing, empty, not JSON, no `inputs`."""
+
+
 class UnknownTaskError(ValueError):
     """A task or mixture name that is not registered."""
 

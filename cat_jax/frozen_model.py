@@ -102,8 +102,12 @@ def load_frozen_model(
     return FrozenModel(model_dir, step, model, params, shardings, info, mesh, rules)
 
 
-def check_vocabulary(model_dir: str, info: dict[str, Any], config: Any, vocab, role: str = "teacher") -> None:
-    """Refuse a checkpoint (by its run_info) whose vocabulary differs from `vocab` / `config`."""
+def check_vocabulary(
+    model_dir: str, info: dict[str, Any], config: Any, vocab, role: str = "teacher", same_size: bool = True
+) -> None:
+    """Refuse a checkpoint (by its run_info) whose vocabulary differs from `vocab` / `config`
+    (with `same_size=False`, its tokenizer only: a teacher's logits may have more or fewer padding
+    rows past the tokenizer's ids than the student's, e.g. Qwen2.5 7B's 152064 and 0.5B's 151936)."""
     theirs = info["vocabulary"]
     ours = model_dir_lib.vocab_info(vocab)
     if theirs != ours:
@@ -118,7 +122,12 @@ def check_vocabulary(model_dir: str, info: dict[str, Any], config: Any, vocab, r
             f"(--gin.get_vocabulary.from_model_dir={model_dir}), or train the models on tasks with "
             f"the same vocabulary."
         )
-    if info["model_config"]["vocab_size"] != config.vocab_size:
+    if not same_size and info["model_config"]["vocab_size"] < vocabularies.resolve(vocab).vocab_size:
+        raise TeacherMismatchError(
+            f"The {role}'s vocab_size {info['model_config']['vocab_size']} is smaller than its tokenizer's "
+            f"{vocabularies.resolve(vocab).vocab_size} ids: {model_dir}'s run_info.json does not describe its model."
+        )
+    if same_size and info["model_config"]["vocab_size"] != config.vocab_size:
         raise TeacherMismatchError(
             f"The {role}'s vocab_size {info['model_config']['vocab_size']} differs from "
             f"{config.vocab_size}. Use the same {type(config).__name__}.vocab_size in both runs: unset (the "

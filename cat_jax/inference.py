@@ -26,10 +26,16 @@ class InferenceSetup:
 
 
 def with_run_defaults(dataset: DatasetConfig, model_dir: str, info: dict[str, Any]) -> DatasetConfig:
-    """`dataset` with the task, lengths (and, for the live seqio tasks, the vocabulary) the model in
-    `model_dir` was trained with wherever the configuration leaves them unset; logged."""
+    """`dataset` with the task, lengths (and, for the live seqio tasks and an INPUT_FILE, the
+    vocabulary) the model in `model_dir` was trained with wherever the configuration leaves them
+    unset; logged. With an INPUT_FILE, the task is the file's."""
     trained = info.get("dataset") or {}
     changes = {}
+    source = data_lib.data_source()
+    if source.task_name is not None:  # an INPUT_FILE: its one task
+        if dataset.mixture_or_task_name not in (None, source.task_name):
+            log.info("INPUT_FILE is set: its examples are read, not %s's.", dataset.mixture_or_task_name)
+        dataset = dataclasses.replace(dataset, mixture_or_task_name=source.task_name)
     for field, key in (
         ("mixture_or_task_name", "mixture_or_task_name"),
         ("task_feature_lengths", "task_feature_lengths"),
@@ -49,7 +55,7 @@ def with_run_defaults(dataset: DatasetConfig, model_dir: str, info: dict[str, An
             changes,
         )
         dataset = dataclasses.replace(dataset, **changes)
-    data_lib.data_source().default_vocabulary_from(model_dir)
+    source.default_vocabulary_from(model_dir)
     return dataset
 
 

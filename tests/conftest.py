@@ -1,4 +1,4 @@
-"""Shared helpers: tiny, fast command lines for the real entry points; a saved train state read and compared bitwise."""
+"""Shared helpers: tiny, fast command lines for the real entry points."""
 
 from __future__ import annotations
 
@@ -69,31 +69,6 @@ def run_module(
             f"{module} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
         )
     return proc
-
-
-def final_state(model_dir) -> tuple[int, dict]:
-    """(step, the whole saved train state: params, optimizer state, step, rng) of the newest
-    checkpoint, as numpy, read without a template."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    from cat_jax.checkpoints import Checkpointer
-
-    step = Checkpointer.latest_in(str(model_dir))
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.restore(os.path.join(model_dir, str(step), "state"))
-    return step, jax.tree_util.tree_map(np.asarray, tree)
-
-
-def assert_trees_equal(a, b):
-    """Bitwise: same structure, dtypes and bytes."""
-    import jax
-
-    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in la] == [p for p, _ in lb]
-    for (path, x), (_, y) in zip(la, lb):
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), path
 
 
 @pytest.fixture

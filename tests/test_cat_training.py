@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import run_module, train_args
+from helpers import final_state
 from tolerances import DEEP, assert_close, undecided
 
 from cat_jax.metric_writers import read_jsonl
@@ -96,8 +97,6 @@ def ce_student(tmp_path_factory):
 
 
 def test_cat_student_end_to_end(teacher_dir, ce_student, tmp_path):
-    from conftest import final_state
-
     before = _checkpoint_files(teacher_dir)
     student = tmp_path / "cat"
     proc = run_module(
@@ -273,8 +272,10 @@ def test_teacher_with_a_different_vocabulary_is_refused(teacher_dir, tmp_path):
     assert "must share one vocabulary" in proc.stderr and "SentencePieceVocabulary" in proc.stderr
 
 
-def test_teacher_vocab_size_mismatch_is_refused(teacher_dir, tmp_path):
-    other = _copy_teacher(teacher_dir, tmp_path / "big_vocab", lambda i: i["model_config"].update(vocab_size=512))
+def test_teacher_vocab_size_below_the_tokenizer_is_refused(teacher_dir, tmp_path):
+    """A teacher's vocab_size may differ from the student's (tests/test_decoder_e2e.py trains with
+    one), but not fall short of the tokenizer's 259 byte ids."""
+    other = _copy_teacher(teacher_dir, tmp_path / "small_vocab", lambda i: i["model_config"].update(vocab_size=256))
     proc = run_module(
         "cat_jax.train",
         train_args(
@@ -287,7 +288,7 @@ def test_teacher_vocab_size_mismatch_is_refused(teacher_dir, tmp_path):
         check=False,
     )
     assert proc.returncode == 2
-    assert "vocab_size 512 differs" in proc.stderr
+    assert "vocab_size 256 is smaller than its tokenizer's 259 ids" in proc.stderr
 
 
 def test_teacher_written_for_another_config_is_refused(teacher_dir, tmp_path):

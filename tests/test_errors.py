@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import REPO, TINY_TASK, run_module, train_args
+from helpers import final_state
 
 
 def test_unknown_task_lists_close_matches_and_leaves_no_model_dir(tmp_path):
@@ -106,7 +107,6 @@ def test_overflowing_update_stops_with_exit_3_and_the_newest_checkpoint_stays_fi
     the state check inside the step stops the run before that state is saved."""
     import jax
     import numpy as np
-    from conftest import final_state
 
     model_dir = tmp_path / "m"
     run_module("cat_jax.train", train_args("train_small_ce.gin", model_dir, 2, "--gin.train.checkpoint_period=2"))

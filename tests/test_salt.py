@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import DATA_CACHE, TINY_TASK, run_module, train_args
+from helpers import assert_trees_equal, final_state
 from tolerances import SHALLOW, assert_close
 
 from cat_jax.errors import ConfigError
@@ -305,8 +306,6 @@ def test_salt_distils_then_stops_running_the_teacher(salt_uninterrupted, tmp_pat
 
 
 def test_salt_resumes_bitwise_across_the_switch(salt_uninterrupted, small_teacher, scores, tmp_path):
-    from conftest import assert_trees_equal, final_state
-
     ref_dir, _ = salt_uninterrupted
     model_dir = tmp_path / "large"
     args = _salt_args(model_dir, small_teacher, scores[0], 7)

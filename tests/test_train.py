@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, assert_trees_equal, final_state, run_module, train_args
+from conftest import REPO, SUBPROCESS_ENV, run_module, train_args
+from helpers import assert_trees_equal, final_state, kill_when
 
 from cat_jax.metric_writers import read_jsonl
 
@@ -129,30 +129,6 @@ def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert_trees_equal(ref, resumed)
 
 
-def _kill_when(args, condition) -> None:
-    """Start the tiny run, SIGKILL it as soon as `condition(lines so far)` holds (polled every
-    millisecond, stderr read in a thread), and wait for it."""
-    import threading
-
-    env = dict(os.environ, **SUBPROCESS_ENV)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cat_jax.train", *args],
-        cwd=REPO,
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
-    while proc.poll() is None and not condition(lines):
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=600)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-
-
 def _saving(model_dir):
     """True once an orbax save of step >= 3 is in progress (its temporary directory exists)."""
 
@@ -181,9 +157,9 @@ def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, reference_12
     )
     if moment == "random":
         kill_step = int(np.random.default_rng().integers(3, 10))
-        _kill_when(args, lambda lines: any(f" step {kill_step}/12 " in line for line in lines[-3:]))
+        kill_when(args, lambda lines: any(f" step {kill_step}/12 " in line for line in lines[-3:]))
     else:
-        _kill_when(args, _saving(str(model_dir)))
+        kill_when(args, _saving(str(model_dir)))
     resumed = run_module("cat_jax.train", args)
     assert "resuming from this run's checkpoint at step" in resumed.stderr
     step, state = final_state(model_dir)

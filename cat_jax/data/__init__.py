@@ -9,6 +9,7 @@
     file_source.py   the base of the two file sources: manifests -> tasks, mixtures, vocabularies
     exported.py      the .npz files `python -m cat_jax.export_task` writes, read without TensorFlow
     streaming.py     its ArrayRecord shards, streamed by grain (and the stream's checkpointed state)
+    jsonl_source.py  INPUT_FILE: a JSONL file of prompts as a one-off task (eval, infer)
     loading.py       the gin switch `data_source`, load_split and the other look-ups through it
     stream_export.py the streaming export: ArrayRecord shards, resumable, never whole in memory
 

@@ -10,6 +10,7 @@ import gin
 
 from cat_jax.data.arrays import ExampleArrays
 from cat_jax.data.exported import ExportedSource
+from cat_jax.data.jsonl_source import JsonlSource
 from cat_jax.data.seqio_source import SeqioSource
 from cat_jax.data.source import DataSource, load_split_from
 from cat_jax.data.streaming import StreamingSource
@@ -23,16 +24,22 @@ def live_source() -> DataSource:
 
 
 @gin.configurable
-def data_source(exported_dir: str | None = None, streaming_dir: str | None = None) -> DataSource:
+def data_source(
+    exported_dir: str | None = None, streaming_dir: str | None = None, input_file: str | None = None
+) -> DataSource:
     """The source of every task look-up of this run: the live seqio pipeline (default), with
     `--gin.data_source.exported_dir=/path` the .npz files `python -m cat_jax.export_task` wrote
-    there, or with `--gin.data_source.streaming_dir=/path` its ArrayRecord shards, streamed.
+    there, with `--gin.data_source.streaming_dir=/path` its ArrayRecord shards, streamed, or with
+    `input_file` (the run files' INPUT_FILE) a JSONL file of prompts as a one-off task
+    (`cat_jax.data.jsonl_source`).
 
     It switches every look-up together (arrays, vocabulary, mixture rates, metrics), which is why it
     is its own configurable rather than a parameter of `load_split`.
     """
-    if exported_dir and streaming_dir:
-        raise ConfigError("data_source: give exported_dir or streaming_dir, not both.")
+    if sum(bool(x) for x in (exported_dir, streaming_dir, input_file)) > 1:
+        raise ConfigError("data_source: give one of exported_dir, streaming_dir and input_file (INPUT_FILE).")
+    if input_file:
+        return JsonlSource.open(input_file)
     if exported_dir:
         return ExportedSource.open(exported_dir)
     if streaming_dir:

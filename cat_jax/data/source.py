@@ -40,6 +40,8 @@ class DataSource(abc.ABC):
     """Where a run's tasks, vocabularies and examples come from."""
 
     kind: str = ""
+    # The one task a source serves whatever the configuration names (an INPUT_FILE's), else None.
+    task_name: str | None = None
 
     @abc.abstractmethod
     def describe(self) -> str:

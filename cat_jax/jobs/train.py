@@ -33,6 +33,7 @@ from typing import Any
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cat_jax import data as data_lib
@@ -470,9 +471,12 @@ class _Loop:
         phase) or without it (plain CE, SALT after the switch)."""
         run, (tx, schedule, abstract, shardings, shapes) = self.run_, self._compile_args
         teacher = run.teacher if self.teacher_runs else None
-        step_fn = make_train_step(
-            run.objective.loss_fn(run.model, self.phase), tx, schedule, teacher.logits_fn if teacher else None
-        )
+        teacher_logits = None
+        if teacher is not None:
+            teacher_logits = teacher.logits_fn
+            if teacher.model.vocab_size != run.model.vocab_size:
+                teacher_logits = fit_vocab(teacher_logits, run.model.vocab_size)
+        step_fn = make_train_step(run.objective.loss_fn(run.model, self.phase), tx, schedule, teacher_logits)
         compiled = compile_train_step(
             step_fn,
             abstract,
@@ -599,8 +603,33 @@ def load_teacher(
         )
     if expected_config is not None:
         check_config(model_dir, info, expected_config)
-    check_vocabulary(model_dir, info, student.config, vocab)
+    check_vocabulary(model_dir, info, student.config, vocab, same_size=False)
+    if info["model_config"]["vocab_size"] != student.vocab_size:
+        log.info(
+            "Teacher vocab_size %d, student %d (one tokenizer of %d ids): the teacher's logits are cut to, or padded "
+            "with impossible ids up to, the student's.",
+            info["model_config"]["vocab_size"],
+            student.vocab_size,
+            vocab.vocab_size,
+        )
     return load_frozen_model(model_dir, mesh=mesh, rules=rules, step=step, dtype=dtype)
+
+
+def fit_vocab(logits_fn: Any, size: int) -> Any:
+    """`logits_fn` with its logits' last axis made `size` long: the teacher's rows past the
+    student's vocab_size dropped (ids no tokenizer of theirs produces: the distillation target is
+    renormalised over the student's ids), or rows of -1e9 appended (ids the teacher never predicts:
+    probability 0, so they add nothing to KL(teacher || student) and never win its argmax)."""
+
+    def fitted(params: Any, batch: Any) -> jax.Array:
+        logits = logits_fn(params, batch)
+        extra = size - logits.shape[-1]
+        if extra <= 0:
+            return logits[..., :size]
+        pad = jnp.full((*logits.shape[:-1], extra), -1e9, logits.dtype)
+        return jnp.concatenate([logits, pad], axis=-1)
+
+    return fitted
 
 
 def check_initial_checkpoint(directory: str, model_config: Any, vocab) -> None:
