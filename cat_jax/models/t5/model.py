@@ -4,7 +4,9 @@ Batches are seqio's encoder-decoder features: `encoder_input_tokens [b, Li]`,
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights [b, Lt]` (the targets
 shifted right behind the decoder's BOS, 0). Token 0 is padding and BOS: decoding never emits it.
 Decoding encodes once; the state holds the encoder's output, its input tokens and the decoder's
-key/value cache (cross-attention keys included), and the first token fed is BOS.
+key/value cache (cross-attention keys included), and the first token fed is BOS. A scanned
+model's cache leaves are stacked [layers, b, ...]; the state holds them batch first [b, layers, ...]
+(`stack.batch_first`), every layer's index per row.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cat_jax.models import contract
+from cat_jax.models import contract, stack
 from cat_jax.models.t5 import flops
 from cat_jax.models.t5.config import T5Config
 from cat_jax.models.t5.network import Transformer
@@ -108,13 +110,23 @@ class T5Model(contract.Model):
             {"params": params}, encoded, enc, dummy, decode=True, mutable=["cache"], method=Transformer.decode
         )
         state = {"encoded": encoded, "encoder_tokens": enc, "cache": variables["cache"]}
-        return state, jnp.zeros((enc.shape[0],), jnp.int32)
+        first = jnp.zeros((enc.shape[0],), jnp.int32)
+        if self.config.scan_layers:
+            cache = jax.tree_util.tree_map_with_path(
+                lambda path, leaf: (
+                    jnp.zeros(leaf.shape + first.shape, jnp.int32) if path[-1].key == CACHE_INDEX else leaf
+                ),
+                state["cache"],
+            )
+            state["cache"] = stack.batch_first(cache)
+        return state, first
 
     def decode_block(
         self, params: Any, state: dict[str, Any], tokens: jax.Array
     ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        scanned = self.config.scan_layers
         (logits, hidden), variables = self.network.apply(
-            {"params": params, "cache": state["cache"]},
+            {"params": params, "cache": stack.layers_first(state["cache"]) if scanned else state["cache"]},
             state["encoded"],
             state["encoder_tokens"],
             tokens,
@@ -123,12 +135,17 @@ class T5Model(contract.Model):
             mutable=["cache"],
             method=Transformer.decode,
         )
-        return logits, hidden, {**state, "cache": variables["cache"]}
+        cache = stack.batch_first(variables["cache"]) if scanned else variables["cache"]
+        return logits, hidden, {**state, "cache": cache}
 
     def set_positions(self, state: dict[str, Any], positions: jax.Array) -> dict[str, Any]:
         positions = jnp.asarray(positions, jnp.int32)
+        if self.config.scan_layers:  # every layer's index [b, layers]
+            index = lambda leaf: jnp.broadcast_to(positions[:, None], leaf.shape)
+        else:
+            index = lambda leaf: positions
         cache = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: positions if path[-1].key == CACHE_INDEX else leaf, state["cache"]
+            lambda path, leaf: index(leaf) if path[-1].key == CACHE_INDEX else leaf, state["cache"]
         )
         return {**state, "cache": cache}
 

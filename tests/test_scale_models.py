@@ -1,0 +1,283 @@
+"""Rematerialisation policies and scanned layers, both families: the same losses, gradients,
+logits, decoding and input embeddings as the plain per-layer model; the two parameter layouts
+convert both ways; a scanned checkpoint exports to the Hub's layout and imports back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from tolerances import DEEP, SHALLOW, assert_close
+
+from cat_jax import models, partitioning
+from cat_jax.checkpoints import save_host_state
+from cat_jax.decoding import greedy_decode
+from cat_jax.errors import ConfigError
+from cat_jax.jobs import export_checkpoint as exporter
+from cat_jax.jobs import import_checkpoint as importer
+from cat_jax.models.convert import tree
+from cat_jax.models.decoder.config import DecoderConfig
+from cat_jax.models.t5.config import T5Config
+from cat_jax.objectives.token_loss import LossOptions, token_loss
+
+T5_TINY = T5Config(
+    vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_encoder_layers=3, num_decoder_layers=2
+)
+# Qwen3-style switches (biases, q/k norms) and a sliding window on every layer (Mistral).
+DECODER_TINY = DecoderConfig(
+    model_type="qwen3",
+    vocab_size=64,
+    emb_dim=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    qkv_bias=True,
+    qk_norm=True,
+    sliding_window=4,
+)
+CONFIGS = {"t5": T5_TINY, "decoder": DECODER_TINY}
+EXAMPLES = {
+    "encoder_input_tokens": np.array([[5, 9, 12, 7, 1, 0, 0, 0], [3, 4, 1, 0, 0, 0, 0, 0]], np.int32),
+    "decoder_input_tokens": np.array([[0, 8, 9, 10, 11, 1], [0, 20, 21, 1, 0, 0]], np.int32),
+    "decoder_target_tokens": np.array([[8, 9, 10, 11, 1, 0], [20, 21, 1, 0, 0, 0]], np.int32),
+    "decoder_loss_weights": np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], np.float32),
+}
+
+
+class _Vocab:
+    """What the decoder family's make_batch reads of a vocabulary."""
+
+    eos_id = 1
+    prompt_prefix_ids = (2,)
+    prompt_suffix_ids = ()
+
+
+def _batch(model: models.Model) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v) for k, v in model.make_batch(EXAMPLES, _Vocab()).items()}
+
+
+def _params(config) -> dict:
+    """Initial parameters (per-layer layout) with every leaf moved by N(0, 0.3), so that no layer
+    is near the identity and a mixed-up layer order shows."""
+    params = nn.meta.unbox(models.build(config).init_params(jax.random.key(0)))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
+
+
+def _loss_and_grads(model: models.Model, params, batch, rng=None):
+    """The CAT loss (the small-or-large mask against fixed teacher logits, right on the even
+    positions) and its gradients."""
+    targets = batch["decoder_target_tokens"]
+    right = jax.nn.one_hot(targets, model.vocab_size) * 10.0 * (jnp.arange(targets.shape[1]) % 2 == 0)[:, None]
+    teacher = jax.random.normal(jax.random.key(7), targets.shape + (model.vocab_size,)) + right
+    loss_fn = token_loss(model, LossOptions(mask="small_or_large", alpha=0.5))
+
+    def loss(p):
+        return loss_fn(p, batch, rng, teacher, 0)[0]
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+# ---- rematerialisation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dot"])
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_remat_loss_and_gradients_equal_no_remat(family, policy):
+    config = CONFIGS[family]
+    params = _params(config)
+    plain = models.build(config)
+    batch = _batch(plain)
+    want_loss, want_grads = _loss_and_grads(plain, params, batch)
+    got_loss, got_grads = _loss_and_grads(models.build(config.replace(remat_policy=policy)), params, batch)
+    assert_close(got_loss, want_loss, SHALLOW)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree_util.tree_leaves(want_grads)):
+        assert_close(got, want, DEEP, jax.tree_util.keystr(path))
+    assert float(jnp.max(jnp.abs(want_grads["token_embedder" if family == "t5" else "embedder"]["embedding"]))) > 0
+
+
+def test_remat_with_dropout_recomputes_the_same_masks():
+    """Dropout inside a rematerialised layer draws the same masks when it is recomputed."""
+    config = T5_TINY.replace(dropout_rate=0.2)
+    params = _params(config)
+    plain = models.build(config)
+    batch, rng = _batch(plain), jax.random.key(3)
+    want_loss, want_grads = _loss_and_grads(plain, params, batch, rng)
+    got_loss, got_grads = _loss_and_grads(models.build(config.replace(remat_policy="full")), params, batch, rng)
+    assert_close(got_loss, want_loss, SHALLOW)
+    assert_close(
+        got_grads["encoder"]["layers_0"]["mlp"]["wo"]["kernel"],
+        want_grads["encoder"]["layers_0"]["mlp"]["wo"]["kernel"],
+        DEEP,
+    )
+    no_dropout, _ = _loss_and_grads(plain, params, batch)
+    assert abs(float(no_dropout) - float(want_loss)) > 1e-3  # dropout was on
+
+
+def test_remat_saves_less_in_the_compiled_step():
+    """XLA's temporary bytes of the gradient step: full < save_dot < none on a model whose
+    activations dominate (the numbers benchmarks/scale_memory.py reports at scale)."""
+    config = DECODER_TINY.replace(num_layers=4, emb_dim=64, mlp_dim=512)
+    examples = {k: np.repeat(v, 8, axis=0) for k, v in EXAMPLES.items()}
+    temp = {}
+    for policy in ("none", "save_dot", "full"):
+        model = models.build(config.replace(remat_policy=policy))
+        batch = {k: jnp.asarray(v) for k, v in model.make_batch(examples, _Vocab()).items()}
+        params = jax.eval_shape(lambda: _params(config))
+        grad = jax.jit(jax.grad(lambda p, b, m=model: m.logits(p, b).astype(jnp.float32).sum()))
+        temp[policy] = grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+    assert temp["full"] < temp["save_dot"] < temp["none"], temp
+
+
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_remat_policy_is_a_run_setting_not_recorded_in_run_info(family):
+    config = CONFIGS[family].replace(remat_policy="full")
+    recorded = models.build(config).describe()
+    assert "remat_policy" not in recorded["model_config"]
+    assert recorded["model_config"]["scan_layers"] is False
+    # A teacher or eval job rebuilds the model from run_info: no remat, the same values.
+    again = models.from_run_info(recorded)
+    assert again.config == CONFIGS[family]
+    # run_infos written before the fields existed describe the plain model.
+    old = {k: v for k, v in recorded["model_config"].items() if k != "scan_layers"}
+    assert models.config_from_run_info({**recorded, "model_config": old}) == CONFIGS[family]
+
+
+def test_remat_and_scan_are_gin_settings_and_are_checked():
+    gin.clear_config()
+    try:
+        gin.parse_config(["T5Config.remat_policy = 'save_dot'", "DecoderConfig.scan_layers = True"])
+        t5 = T5Config(emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16, num_encoder_layers=1, num_decoder_layers=1)
+        decoder = DecoderConfig(emb_dim=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, mlp_dim=16)
+    finally:
+        gin.clear_config()
+    assert t5.remat_policy == "save_dot" and decoder.scan_layers is True
+    with pytest.raises(ConfigError, match="remat_policy must be one of"):
+        T5_TINY.replace(remat_policy="dots")
+    with pytest.raises(ValueError, match="remat_policy must be one of"):  # DecoderConfig's checks raise ValueError
+        DECODER_TINY.replace(remat_policy="minimal")
+    with pytest.raises(ConfigError, match="scan_layers=False"):  # Gemma 2: windows on the even layers only
+        DECODER_TINY.replace(sliding_window_layers="even", scan_layers=True)
+
+
+# ---- scanned layers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_stack_then_unstack_is_the_identity_and_fits_the_scanned_model(family):
+    config = CONFIGS[family]
+    params = _params(config)
+    stacked = tree.stack_layers(params)
+    layers = config.num_layers if family == "decoder" else config.num_encoder_layers
+    scanned_model = models.build(config.replace(scan_layers=True))
+    abstract, specs = scanned_model.abstract_params()
+    assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(abstract)
+    for got, want in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(abstract)):
+        assert got.shape == want.shape
+    stack_specs = specs["layers"] if family == "decoder" else specs["encoder"]["layers"]
+    for spec in jax.tree_util.tree_leaves(stack_specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)):
+        assert spec[0] == "layers" and set(spec) <= set(partitioning.LOGICAL_AXES), spec
+    assert dict(partitioning.DEFAULT_LOGICAL_AXIS_RULES)["layers"] is None  # replicated
+    first = stacked["layers"] if family == "decoder" else stacked["encoder"]["layers"]
+    assert jax.tree_util.tree_leaves(first)[0].shape[0] == layers
+    back = tree.unstack_layers(stacked)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    for got, want in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(got, want)
+    # numpy trees (the converters') stay numpy
+    host = tree.stack_layers(jax.tree_util.tree_map(np.asarray, params))
+    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree_util.tree_leaves(host))
+
+
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_scanned_model_equals_the_per_layer_model(family):
+    """Logits, CAT loss and gradients, greedy decoding, a rollback, input embeddings at every
+    depth and FLOPs: the scanned model with stacked parameters against the per-layer one."""
+    config = CONFIGS[family]
+    params = _params(config)
+    plain, scanned = models.build(config), models.build(config.replace(scan_layers=True, remat_policy="full"))
+    stacked = tree.stack_layers(params)
+    batch = _batch(plain)
+
+    assert_close(scanned.logits(stacked, batch), plain.logits(params, batch), DEEP)
+    want_loss, want_grads = _loss_and_grads(plain, params, batch)
+    got_loss, got_grads = _loss_and_grads(scanned, stacked, batch)
+    assert_close(got_loss, want_loss, SHALLOW)
+    unstacked = tree.unstack_layers(got_grads)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(unstacked), jax.tree_util.tree_leaves(want_grads)):
+        assert_close(got, want, DEEP, jax.tree_util.keystr(path))
+
+    inputs = plain.decoding_inputs(batch)
+    want = greedy_decode(plain, params, inputs, 6, eos_id=1)
+    got = greedy_decode(scanned, stacked, scanned.decoding_inputs(batch), 6, eos_id=1)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert_close(got.logprobs, want.logprobs, DEEP)
+    assert len(set(np.asarray(want.tokens).ravel().tolist())) > 2  # not a constant output
+
+    # Two tokens, a rollback of row 0 by one, and the same token again: the same logits as fed once.
+    plain_state, first = plain.start_decoding(params, inputs, 4)
+    state, _ = scanned.start_decoding(stacked, inputs, 4)
+    tokens = jnp.stack([first, jnp.full_like(first, 5)], axis=1)
+    _, _, plain_state = plain.decode_block(params, plain_state, tokens)
+    _, _, state = scanned.decode_block(stacked, state, tokens)
+    back = jnp.array([1, 2], jnp.int32)
+    plain_logits, plain_hidden, _ = plain.decode_block(params, plain.set_positions(plain_state, back), tokens[:, 1:])
+    logits, hidden, _ = scanned.decode_block(stacked, scanned.set_positions(state, back), tokens[:, 1:])
+    assert_close(logits, plain_logits, DEEP)
+    assert_close(hidden, plain_hidden, DEEP)
+
+    for depth in range(plain.input_layers + 1):
+        assert_close(
+            scanned.input_embedding(stacked, inputs, depth),
+            plain.input_embedding(params, inputs, depth),
+            DEEP,
+            str(depth),
+        )
+    assert scanned.forward_flops(8, 6) == plain.forward_flops(8, 6)
+    assert scanned.embedding_flops(8, 1) == plain.embedding_flops(8, 1)
+
+
+def test_scanned_t5_exports_to_the_hub_and_imports_back_equal(tmp_path):
+    """A scanned MODEL_DIR (the fixture's parameters stacked) exports the Hub's tensors bitwise and
+    imports back (per layer) to the same parameters."""
+    fixture = tmp_path / "imported"
+    importer.import_checkpoint(source=str(_hf_fixture()), model_dir=str(fixture))
+    config, info, flat, _ = exporter.read_params(str(fixture))
+    scanned_dir = tmp_path / "scanned"
+    scanned_dir.mkdir()
+    stacked = tree.stack_layers(tree.unflatten(flat))
+    save_host_state(str(scanned_dir), 0, {"params": stacked}, {})
+    info["model_config"]["scan_layers"] = True
+    (scanned_dir / "run_info.json").write_text(json.dumps(info))
+    for name in ("spiece.model",):
+        shutil.copyfile(fixture / name, scanned_dir / name)
+    out = exporter.export_checkpoint(model_dir=str(scanned_dir), output_dir=str(tmp_path / "hf"))
+    want = exporter.export_checkpoint(model_dir=str(fixture), output_dir=str(tmp_path / "hf_plain"))
+    from safetensors.numpy import load_file
+
+    got_tensors, want_tensors = load_file(f"{out}/model.safetensors"), load_file(f"{want}/model.safetensors")
+    assert sorted(got_tensors) == sorted(want_tensors)
+    for key, value in want_tensors.items():
+        np.testing.assert_array_equal(got_tensors[key], value, key)
+    importer.import_checkpoint(source=out, model_dir=str(tmp_path / "again"))
+    again_config, _, again, _ = exporter.read_params(str(tmp_path / "again"))
+    assert again_config == config and sorted(again) == sorted(flat)
+    for key, value in flat.items():
+        np.testing.assert_array_equal(again[key], value, key)
+
+
+def _hf_fixture():
+    from conftest import REPO
+
+    return REPO / "tests" / "fixtures" / "hf_t5" / "t5_v1_1"
