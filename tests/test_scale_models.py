@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 from flax import linen as nn
+from safetensors.numpy import load_file
 from tolerances import DEEP, SHALLOW, assert_close
 
 from cat_jax import models, partitioning
@@ -21,6 +23,7 @@ from cat_jax.decoding import greedy_decode
 from cat_jax.errors import ConfigError
 from cat_jax.jobs import export_checkpoint as exporter
 from cat_jax.jobs import import_checkpoint as importer
+from cat_jax.jobs import train as train_job
 from cat_jax.models.convert import tree
 from cat_jax.models.decoder.config import DecoderConfig
 from cat_jax.models.t5.config import T5Config
@@ -248,24 +251,29 @@ def test_scanned_model_equals_the_per_layer_model(family):
     assert scanned.embedding_flops(8, 1) == plain.embedding_flops(8, 1)
 
 
-def test_scanned_t5_exports_to_the_hub_and_imports_back_equal(tmp_path):
-    """A scanned MODEL_DIR (the fixture's parameters stacked) exports the Hub's tensors bitwise and
-    imports back (per layer) to the same parameters."""
-    fixture = tmp_path / "imported"
-    importer.import_checkpoint(source=str(_hf_fixture()), model_dir=str(fixture))
-    config, info, flat, _ = exporter.read_params(str(fixture))
-    scanned_dir = tmp_path / "scanned"
-    scanned_dir.mkdir()
-    stacked = tree.stack_layers(tree.unflatten(flat))
-    save_host_state(str(scanned_dir), 0, {"params": stacked}, {})
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The tiny T5 v1.1 Hub fixture imported (per layer), and the same parameters written as a
+    scanned MODEL_DIR: (per-layer dir, scanned dir, config, flat params)."""
+    base = tmp_path_factory.mktemp("scale")
+    plain = base / "imported"
+    importer.import_checkpoint(source=str(REPO / "tests" / "fixtures" / "hf_t5" / "t5_v1_1"), model_dir=str(plain))
+    config, info, flat, _ = exporter.read_params(str(plain))
+    scanned = base / "scanned"
+    scanned.mkdir()
+    save_host_state(str(scanned), 0, {"params": tree.stack_layers(tree.unflatten(flat))}, {})
     info["model_config"]["scan_layers"] = True
-    (scanned_dir / "run_info.json").write_text(json.dumps(info))
-    for name in ("spiece.model",):
-        shutil.copyfile(fixture / name, scanned_dir / name)
-    out = exporter.export_checkpoint(model_dir=str(scanned_dir), output_dir=str(tmp_path / "hf"))
-    want = exporter.export_checkpoint(model_dir=str(fixture), output_dir=str(tmp_path / "hf_plain"))
-    from safetensors.numpy import load_file
+    (scanned / "run_info.json").write_text(json.dumps(info))
+    shutil.copyfile(plain / "spiece.model", scanned / "spiece.model")
+    return plain, scanned, config, flat
 
+
+def test_scanned_checkpoint_exports_to_the_hub_and_imports_back_equal(checkpoints, tmp_path):
+    """A scanned MODEL_DIR exports the Hub's tensors bitwise (as its per-layer twin does) and
+    imports back (per layer) to the same parameters."""
+    plain, scanned, config, flat = checkpoints
+    out = exporter.export_checkpoint(model_dir=str(scanned), output_dir=str(tmp_path / "hf"))
+    want = exporter.export_checkpoint(model_dir=str(plain), output_dir=str(tmp_path / "hf_plain"))
     got_tensors, want_tensors = load_file(f"{out}/model.safetensors"), load_file(f"{want}/model.safetensors")
     assert sorted(got_tensors) == sorted(want_tensors)
     for key, value in want_tensors.items():
@@ -277,7 +285,20 @@ def test_scanned_t5_exports_to_the_hub_and_imports_back_equal(tmp_path):
         np.testing.assert_array_equal(again[key], value, key)
 
 
-def _hf_fixture():
-    from conftest import REPO
-
-    return REPO / "tests" / "fixtures" / "hf_t5" / "t5_v1_1"
+@pytest.mark.parametrize("scan", [True, False])
+def test_initial_checkpoint_restores_into_either_layout(checkpoints, scan):
+    """Fine-tuning (train.initial_checkpoint_dir) a checkpoint of either layout with a model of
+    either layout gets the same parameters, restacked where the layouts differ."""
+    plain, scanned, config, flat = checkpoints
+    model = models.build(config.replace(scan_layers=scan))
+    mesh = partitioning.make_mesh([("data", 1)], devices=jax.devices()[:1])
+    abstract, specs = model.abstract_params()
+    shardings = partitioning.tree_shardings(mesh, specs, partitioning.logical_axis_rules())
+    want = tree.unflatten(flat)
+    want = tree.stack_layers(want) if scan else want
+    for directory in (plain, scanned):
+        params, _ = train_job.initial_params(str(directory), model, abstract, shardings)
+        assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want)
+        for got, value in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_array_equal(np.asarray(got), value)
+        assert jax.tree_util.tree_leaves(params)[0].sharding == jax.tree_util.tree_leaves(shardings)[0]
