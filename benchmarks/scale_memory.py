@@ -12,8 +12,8 @@ an xl teacher (bfloat16), `decoder` = Llama 3.2 1B student with a Llama 3.1 8B t
 device on fsdp). The student's layers are scanned unless `--scan_student=0` (a per-layer stack of
 24 + 24 layers compiles for more than ten minutes on a 2-core CPU). The teacher runs scanned (its
 forward pass keeps no activations for a backward pass, so its layout changes its compile time, not
-the step's memory). `peak_bytes` = arguments +
-outputs + temporaries - aliased outputs, per device.
+the step's memory). `peak_bytes` = arguments + outputs + temporaries - aliased outputs, per
+device. `--student=FILE --teacher=FILE` (T5 gin model files) measure that pair instead.
 
 Compile rows (`"kind": "compile"`): seconds to compile the CE train step of `--compile_model`'s
 widths with 4, 12 and 24 layers (encoder and decoder each for T5; a path to a decoder gin file
@@ -88,7 +88,7 @@ def _with_layers(config, layers: int):
 def compile_rows(size: str, layer_counts: list[int], batch: int, li: int, lt: int, mesh: list) -> list[dict]:
     base = model_config(size, "bfloat16")  # (a decoder file's vocabulary replaced by T5's: compile time barely sees it)
     rows = []
-    for scanned in (False, True):
+    for scanned in (True, False):
         for layers in layer_counts:
             config = _with_layers(base, layers).replace(scan_layers=scanned)
             row = measure(config, None, STEPS["ce"], batch, li, lt, mesh)
@@ -109,6 +109,8 @@ def compile_rows(size: str, layer_counts: list[int], batch: int, li: int, lt: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", default="t5,decoder", help=f"a comma-separated subset of {list(PAIRS)}")
+    p.add_argument("--student", default="", help="with --teacher: measure this pair (gin model files) instead")
+    p.add_argument("--teacher", default="")
     p.add_argument("--remat", default="none,full,save_dot")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--inputs", type=int, default=512)
@@ -123,8 +125,11 @@ def main() -> None:
     a = p.parse_args()
     (mesh,) = parse_meshes(a.mesh)
     print(json.dumps({"kind": "setup", "backend": jax.default_backend(), "devices": jax.device_count()}), flush=True)
+    pairs = csv_list(a.pairs)
+    if a.student:
+        PAIRS["custom"], pairs = (a.student, a.teacher, None), ["custom"]
     if a.skip != "memory":
-        memory_rows(csv_list(a.pairs), csv_list(a.remat), a.batch, a.inputs, a.targets, mesh, bool(a.scan_student))
+        memory_rows(pairs, csv_list(a.remat), a.batch, a.inputs, a.targets, mesh, bool(a.scan_student))
     if a.skip != "compile":
         li, lt = csv_ints(a.compile_lengths)
         compile_rows(a.compile_model, csv_ints(a.compile_layers), a.compile_batch, li, lt, mesh)

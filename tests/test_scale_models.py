@@ -4,6 +4,7 @@ convert both ways; a scanned checkpoint exports to the Hub's layout and imports 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -67,15 +68,20 @@ def _batch(model: models.Model) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in model.make_batch(EXAMPLES, _Vocab()).items()}
 
 
+@functools.lru_cache(maxsize=None)
 def _params(config) -> dict:
     """Initial parameters (per-layer layout) with every leaf moved by N(0, 0.3), so that no layer
     is near the identity and a mixed-up layer order shows."""
-    params = nn.meta.unbox(models.build(config).init_params(jax.random.key(0)))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    )
+
+    def make():
+        params = nn.meta.unbox(models.build(config).init_params(jax.random.key(0)))
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        return jax.tree_util.tree_unflatten(
+            treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        )
+
+    return jax.jit(make)()
 
 
 def _loss_and_grads(model: models.Model, params, batch, rng=None):
@@ -213,7 +219,7 @@ def test_scanned_model_equals_the_per_layer_model(family):
     stacked = tree.stack_layers(params)
     batch = _batch(plain)
 
-    assert_close(scanned.logits(stacked, batch), plain.logits(params, batch), DEEP)
+    assert_close(jax.jit(scanned.logits)(stacked, batch), jax.jit(plain.logits)(params, batch), DEEP)
     want_loss, want_grads = _loss_and_grads(plain, params, batch)
     got_loss, got_grads = _loss_and_grads(scanned, stacked, batch)
     assert_close(got_loss, want_loss, SHALLOW)
@@ -222,31 +228,29 @@ def test_scanned_model_equals_the_per_layer_model(family):
         assert_close(got, want, DEEP, jax.tree_util.keystr(path))
 
     inputs = plain.decoding_inputs(batch)
-    want = greedy_decode(plain, params, inputs, 6, eos_id=1)
-    got = greedy_decode(scanned, stacked, scanned.decoding_inputs(batch), 6, eos_id=1)
+    greedy = jax.jit(greedy_decode, static_argnums=(0, 3, 4))
+    want = greedy(plain, params, inputs, 6, 1)
+    got = greedy(scanned, stacked, inputs, 6, 1)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert_close(got.logprobs, want.logprobs, DEEP)
     assert len(set(np.asarray(want.tokens).ravel().tolist())) > 2  # not a constant output
 
     # Two tokens, a rollback of row 0 by one, and the same token again: the same logits as fed once.
-    plain_state, first = plain.start_decoding(params, inputs, 4)
-    state, _ = scanned.start_decoding(stacked, inputs, 4)
-    tokens = jnp.stack([first, jnp.full_like(first, 5)], axis=1)
-    _, _, plain_state = plain.decode_block(params, plain_state, tokens)
-    _, _, state = scanned.decode_block(stacked, state, tokens)
-    back = jnp.array([1, 2], jnp.int32)
-    plain_logits, plain_hidden, _ = plain.decode_block(params, plain.set_positions(plain_state, back), tokens[:, 1:])
-    logits, hidden, _ = scanned.decode_block(stacked, scanned.set_positions(state, back), tokens[:, 1:])
+    def fed_twice(model, params):
+        state, first = model.start_decoding(params, inputs, 4)
+        tokens = jnp.stack([first, jnp.full_like(first, 5)], axis=1)
+        _, _, state = model.decode_block(params, state, tokens)
+        state = model.set_positions(state, jnp.array([1, 2], jnp.int32))
+        return model.decode_block(params, state, tokens[:, 1:])[:2]
+
+    logits, hidden = jax.jit(fed_twice, static_argnums=0)(scanned, stacked)
+    plain_logits, plain_hidden = jax.jit(fed_twice, static_argnums=0)(plain, params)
     assert_close(logits, plain_logits, DEEP)
     assert_close(hidden, plain_hidden, DEEP)
 
+    embed = jax.jit(lambda model, params, depth: model.input_embedding(params, inputs, depth), static_argnums=(0, 2))
     for depth in range(plain.input_layers + 1):
-        assert_close(
-            scanned.input_embedding(stacked, inputs, depth),
-            plain.input_embedding(params, inputs, depth),
-            DEEP,
-            str(depth),
-        )
+        assert_close(embed(scanned, stacked, depth), embed(plain, params, depth), DEEP, str(depth))
     assert scanned.forward_flops(8, 6) == plain.forward_flops(8, 6)
     assert scanned.embedding_flops(8, 1) == plain.embedding_flops(8, 1)
 
