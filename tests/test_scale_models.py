@@ -101,7 +101,8 @@ def _loss_and_grads(model: models.Model, params, batch, rng=None):
 # ---- rematerialisation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dot"])
+# Slow tier: what runs for more than a minute on the shared 2-core machine (its compiles).
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "save_dot"])
 @pytest.mark.parametrize("family", ["t5", "decoder"])
 def test_remat_loss_and_gradients_equal_no_remat(family, policy):
     config = CONFIGS[family]
@@ -116,6 +117,7 @@ def test_remat_loss_and_gradients_equal_no_remat(family, policy):
     assert float(jnp.max(jnp.abs(want_grads["token_embedder" if family == "t5" else "embedder"]["embedding"]))) > 0
 
 
+@pytest.mark.slow
 def test_remat_with_dropout_recomputes_the_same_masks():
     """Dropout inside a rematerialised layer draws the same masks when it is recomputed."""
     config = T5_TINY.replace(dropout_rate=0.2)
@@ -134,6 +136,7 @@ def test_remat_with_dropout_recomputes_the_same_masks():
     assert abs(float(no_dropout) - float(want_loss)) > 1e-3  # dropout was on
 
 
+@pytest.mark.slow
 def test_remat_saves_less_in_the_compiled_step():
     """XLA's temporary bytes of the gradient step: full < save_dot < none on a model whose
     activations dominate (the numbers benchmarks/scale_memory.py reports at scale)."""
@@ -209,6 +212,17 @@ def test_stack_then_unstack_is_the_identity_and_fits_the_scanned_model(family):
     assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree_util.tree_leaves(host))
 
 
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_scanned_logits_equal_the_per_layer_logits(family):
+    """The fast tier's check of the scanned stack (the slow test below covers the rest)."""
+    config = CONFIGS[family]
+    params = _params(config)
+    plain, scanned = models.build(config), models.build(config.replace(scan_layers=True))
+    batch = _batch(plain)
+    assert_close(jax.jit(scanned.logits)(tree.stack_layers(params), batch), jax.jit(plain.logits)(params, batch), DEEP)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "decoder"])
 def test_scanned_model_equals_the_per_layer_model(family):
     """Logits, CAT loss and gradients, greedy decoding, a rollback, input embeddings at every

@@ -111,7 +111,7 @@ class T5Model(contract.Model):
         )
         state = {"encoded": encoded, "encoder_tokens": enc, "cache": variables["cache"]}
         first = jnp.zeros((enc.shape[0],), jnp.int32)
-        if self.config.scan_layers:
+        if self.config.scan_layers:  # each layer's shared index [layers] -> per row [layers, b], then batch first
             cache = jax.tree_util.tree_map_with_path(
                 lambda path, leaf: (
                     jnp.zeros(leaf.shape + first.shape, jnp.int32) if path[-1].key == CACHE_INDEX else leaf
