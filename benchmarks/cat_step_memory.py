@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -61,26 +60,24 @@ def parse_meshes(text: str) -> list[list[tuple[str, int]]]:
 def measure(
     student: Any, teacher: Any, loss: LossOptions, batch: int, li: int, lt: int, mesh_shape: list[tuple[str, int]]
 ) -> dict:
+    """The compiled train step of `student` (with `teacher`'s logits for a CAT step, None for CE)
+    on a mesh of `mesh_shape`: compile seconds and XLA's per-device memory analysis (any family:
+    the batch is the student's `batch_shapes` at inputs `li`, targets `lt`)."""
     sizes = [size for _, size in mesh_shape]
     # A mesh with every size given takes the first devices it needs (data=2: two of eight).
     devices = jax.devices()[: math.prod(sizes)] if min(sizes) > 0 else None
     mesh = partitioning.make_mesh(mesh_shape, devices=devices)
-    rules = partitioning.logical_axis_rules()
     model = models.build(student)
+    rules = model.fit_rules(mesh.shape, partitioning.logical_axis_rules())
     tx, schedule = make_optimizer(1000)
     abstract, shardings = state_shardings(model, tx, mesh, rules)
-    shapes = {
-        "encoder_input_tokens": jax.ShapeDtypeStruct((batch, li), jnp.int32),
-        "decoder_input_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
-        "decoder_target_tokens": jax.ShapeDtypeStruct((batch, lt), jnp.int32),
-        "decoder_loss_weights": jax.ShapeDtypeStruct((batch, lt), jnp.float32),
-    }
+    shapes = model.batch_shapes({"inputs": li, "targets": lt}, batch)
     teacher_fn = t_abstract = t_shardings = None
     if teacher is not None:
         t_model = models.build(teacher)
         t_params, t_specs = t_model.abstract_params()
         t_abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher.compute_dtype), t_params)
-        t_shardings = partitioning.tree_shardings(mesh, t_specs, rules)
+        t_shardings = partitioning.tree_shardings(mesh, t_specs, t_model.fit_rules(mesh.shape, rules))
         teacher_fn = t_model.logits
     step = make_train_step(token_loss(model, loss), tx, schedule, teacher_fn)
     start = time.perf_counter()

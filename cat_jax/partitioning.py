@@ -31,7 +31,19 @@ from cat_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "model")
 # Every logical axis name the models' parameters and activations use.
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "kv", "joined_kv", "vocab", "relpos_buckets")
+LOGICAL_AXES = (
+    "batch",
+    "length",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "kv",
+    "joined_kv",
+    "vocab",
+    "relpos_buckets",
+    "layers",
+)
 
 LogicalRules = Sequence[tuple[str, Any]]
 
@@ -49,6 +61,9 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("length", None),
     ("relpos_buckets", None),
+    # The leading axis of a scanned stack's parameters (`scan_layers`): each device holds every
+    # layer's slice (split by the rules of the other axes), as nn.scan reads one layer at a time.
+    ("layers", None),
 )
 
 

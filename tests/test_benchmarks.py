@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO, SUBPROCESS_ENV
 
 MODEL_GIN = """import cat_jax.models
@@ -195,3 +196,44 @@ def test_speculative_benchmark_smoke(tmp_path):
         assert row["tokens_per_s"] > 0 and row["speedup_over_large_greedy"] > 0
         assert 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_large_call"] >= 1
     assert all(r["per_row_positions_ms"] > 0 and r["shared_position_ms"] > 0 for r in by_impl["cache_block_write"])
+
+
+@pytest.mark.slow
+def test_scale_memory_smoke(tmp_path):
+    """benchmarks/scale_memory.py on a 1+1-layer pair over 2 forced devices: a memory row (the
+    numbers mean nothing at this size and optimisation level) and a compile row per layout. Three
+    CAT/CE steps compiled: about a minute on two idle cores, several on busy ones (slow tier)."""
+    student, teacher = tmp_path / "student.gin", tmp_path / "teacher.gin"
+    student.write_text(MODEL_GIN.format(emb=16, mlp=32))
+    teacher.write_text(MODEL_GIN.format(emb=32, mlp=64))
+    env = dict(
+        os.environ,
+        **SUBPROCESS_ENV,
+        XLA_FLAGS="--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=2",
+    )
+    args = [f"--student={student}", f"--teacher={teacher}", "--remat=full", "--batch=4", "--inputs=8"]
+    args += ["--targets=4", f"--compile_model={student}", "--compile_layers=1", "--compile_lengths=8,4"]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/scale_memory.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    memory = [r for r in rows if r["kind"] == "memory"]
+    assert [r["remat"] for r in memory] == ["full"]
+    for row in memory:
+        assert row["mesh"] == {"data": 1, "fsdp": 2, "model": 1} and row["batch"] == 4
+        assert row["peak_bytes"] == (
+            row["argument_size_in_bytes"]
+            + row["output_size_in_bytes"]
+            + row["temp_size_in_bytes"]
+            - row["alias_size_in_bytes"]
+        )
+        assert row["peak_bytes"] > 0 and row["scan_student"] is True
+    compiled = [(r["layers"], r["scan_layers"]) for r in rows if r["kind"] == "compile"]
+    assert compiled == [(1, True), (1, False)]
+    assert all(r["compile_seconds"] > 0 for r in rows if r["kind"] == "compile")

@@ -27,7 +27,7 @@ from cat_jax import models, vocabulary_store
 from cat_jax.checkpoints import restore_params
 from cat_jax.errors import ConversionError
 from cat_jax.models.convert import hub
-from cat_jax.models.convert.tree import flatten
+from cat_jax.models.convert.tree import flatten, unstack_layers
 from cat_jax.models.t5.convert import hf
 
 log = logging.getLogger("cat_jax")
@@ -37,7 +37,8 @@ DTYPES = ("float32", "bfloat16")
 
 def read_params(model_dir: str, step: int | None = None) -> tuple[Any, dict[str, Any], dict[str, np.ndarray], int]:
     """(model config, run_info, {path: float32 numpy array}, step) of a MODEL_DIR's checkpoint, on
-    the host."""
+    the host, in the per-layer layout the Hub's names follow (a scanned checkpoint is unstacked:
+    the config returned then says scan_layers=False)."""
     info = model_dir_lib.read_run_info(model_dir)
     if info is None:
         raise ConversionError(f"{model_dir} has no {model_dir_lib.RUN_INFO}: not a cat_jax MODEL_DIR.")
@@ -47,6 +48,8 @@ def read_params(model_dir: str, step: int | None = None) -> tuple[Any, dict[str,
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
     params, meta = restore_params(model_dir, template, step=step)
+    if getattr(config, "scan_layers", False):
+        params, config = unstack_layers(params), config.replace(scan_layers=False)
     return config, info, {k: np.asarray(v) for k, v in flatten(params).items()}, int(meta["step"])
 
 

@@ -45,6 +45,7 @@ from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, TeacherMismatchError, check_int
 from cat_jax.frozen_model import FrozenModel, check_config, check_vocabulary, load_frozen_model, read_model_info
 from cat_jax.metric_writers import MetricWriter
+from cat_jax.models.convert import tree
 from cat_jax.objectives import Objective
 from cat_jax.train_state import abstract_with_shardings, init_train_state, state_shardings
 from cat_jax.train_step import (
@@ -635,19 +636,40 @@ def fit_vocab(logits_fn: Any, size: int) -> Any:
 def check_initial_checkpoint(directory: str, model_config: Any, vocab) -> None:
     """Refuse an init-from checkpoint of another architecture or vocabulary, before any compute.
 
-    The compute dtype and dropout rate may differ (fine-tuning often changes them).
+    The compute dtype and dropout rate may differ (fine-tuning often changes them), and the layer
+    layout (`scan_layers`).
     """
     info = read_model_info(directory)
     written = models.config_from_run_info(info)
-    same_dropout = (
-        {"dropout_rate": written.dropout_rate}
-        if hasattr(written, "dropout_rate") and hasattr(model_config, "dropout_rate")
-        else {}
-    )
+    # The layer layout may differ too: `initial_params` restacks the parameters.
+    same = {
+        name: getattr(written, name)
+        for name in ("dropout_rate", "scan_layers")
+        if hasattr(written, name) and hasattr(model_config, name)
+    }
     check_config(
-        directory, info, model_config.replace(**same_dropout), role="initial checkpoint (train.initial_checkpoint_dir)"
+        directory, info, model_config.replace(**same), role="initial checkpoint (train.initial_checkpoint_dir)"
     )
     check_vocabulary(directory, info, model_config, vocab, role="initial checkpoint")
+
+
+def initial_params(directory: str, model, abstract: Any, shardings: Any) -> tuple[Any, dict]:
+    """(parameters, metadata) of an initial checkpoint in `model`'s layout and `shardings`: restored
+    in place when its layer layout (run_info's `scan_layers`) is the model's; otherwise restored
+    on the host in its own layout, stacked or unstacked (`models.convert.tree`), then placed (an
+    imported checkpoint, always per layer, fine-tunes scanned this way)."""
+    written = models.config_from_run_info(read_model_info(directory))
+    scanned = bool(getattr(model.config, "scan_layers", False))
+    if bool(getattr(written, "scan_layers", False)) == scanned:
+        return restore_params(directory, abstract_with_shardings(abstract, shardings))
+    theirs, _ = models.build(written).abstract_params()
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), theirs)
+    params, meta = restore_params(directory, template)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    params = tree.stack_layers(params) if scanned else tree.unstack_layers(params)
+    log.info("Restore: %s holds the %s layout; converted.", directory, "per-layer" if scanned else "scanned")
+    return jax.device_put(params, shardings), meta
 
 
 def _restore_or_init(ckpt: Checkpointer, model, tx, seed, abstract, shardings, initial_checkpoint_dir, model_dir):
@@ -657,8 +679,7 @@ def _restore_or_init(ckpt: Checkpointer, model, tx, seed, abstract, shardings, i
         log.info("Restore: resuming from this run's checkpoint at step %d in %s.", step, model_dir)
         return state, step
     if initial_checkpoint_dir:
-        template = abstract_with_shardings(abstract.params, shardings.params)
-        params, meta = restore_params(initial_checkpoint_dir, template)
+        params, meta = initial_params(initial_checkpoint_dir, model, abstract.params, shardings.params)
         log.info(
             "Restore: parameters from %s (step %s), fresh optimizer state, step 0.",
             initial_checkpoint_dir,

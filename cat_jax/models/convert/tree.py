@@ -1,11 +1,16 @@
-"""Parameter trees as flat `{"encoder/layers_0/mlp/wo/kernel": array}` dicts, and the check that a
-converted tree is exactly the one a model config needs (names and shapes), for every family."""
+"""Parameter trees as flat `{"encoder/layers_0/mlp/wo/kernel": array}` dicts, the check that a
+converted tree is exactly the one a model config needs (names and shapes), for every family, and
+the two layouts of a stack of layers: per layer (`layers_{i}/...`, the converters' and the Hub's)
+and scanned (`layers/...` with a leading layers axis; `stack_layers` / `unstack_layers`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cat_jax.errors import ConversionError
@@ -95,3 +100,47 @@ def as_float32(array: Any) -> np.ndarray:
     """A float32 numpy array of any array-like (bfloat16 and float16 included); no copy when it
     already is one."""
     return np.asarray(array, dtype=np.float32)
+
+
+_LAYER = re.compile(r"layers_(\d+)")
+
+
+def _stack(xs: list[Any]) -> Any:
+    return jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack([np.asarray(x) for x in xs])
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested parameter tree in the scanned layout (`scan_layers=True`): every dict's
+    `layers_0 ... layers_{n-1}` become one `layers` whose leaves are the layers' leaves stacked on a
+    new leading axis (numpy arrays stay numpy, jax arrays stay jax). The inverse of `unstack_layers`."""
+    out: dict[str, Any] = {}
+    numbered = sorted((int(m.group(1)), k) for k in params if (m := _LAYER.fullmatch(k)))
+    if numbered:
+        if [i for i, _ in numbered] != list(range(len(numbered))) or "layers" in params:
+            raise ConversionError(
+                f"Cannot stack layers {[k for _, k in numbered]}: expected layers_0 ... layers_{len(numbered) - 1} "
+                "and no `layers` beside them."
+            )
+        out["layers"] = jax.tree_util.tree_map(lambda *xs: _stack(list(xs)), *[params[k] for _, k in numbered])
+    for key, value in params.items():
+        if key in out or _LAYER.fullmatch(key):
+            continue
+        out[key] = stack_layers(value) if isinstance(value, Mapping) else value
+    return out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested parameter tree in the per-layer layout (`scan_layers=False`, the Hub's and T5X's):
+    every dict's `layers` (leaves with a leading layers axis) become `layers_0 ... layers_{n-1}`.
+    The inverse of `stack_layers`."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "layers" and isinstance(value, Mapping):
+            count = {np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(value)}
+            if len(count) != 1:
+                raise ConversionError(f"Cannot unstack `layers`: its leaves have different leading sizes {count}.")
+            for i in range(count.pop()):
+                out[f"layers_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], value)
+        else:
+            out[key] = unstack_layers(value) if isinstance(value, Mapping) else value
+    return out

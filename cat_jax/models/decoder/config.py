@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 import gin
 import jax.numpy as jnp
 
+from cat_jax.errors import ConfigError
 from cat_jax.models.attention import ATTENTION_IMPLS
+from cat_jax.models.stack import REMAT_POLICIES
 
 FAMILY = "decoder"
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
@@ -64,9 +66,23 @@ class DecoderConfig:
     layers `sliding_window_layers` says.
 
     `dtype` is the compute dtype; parameters are float32, softmax and norm statistics are computed
-    in float32. `attention_impl` is one of ATTENTION_IMPLS (`cat_jax.models.attention`: "einsum", or
+    in float32.
+
+    Execution: `attention_impl` is one of ATTENTION_IMPLS (`cat_jax.models.attention`: "einsum", or
     "dot_product" for `jax.nn.dot_product_attention`, which cannot soft-cap the scores, so it is
-    refused with `attn_logit_softcap`).
+    refused with `attn_logit_softcap`); (`cat_jax.models.stack`) `remat_policy` is one of
+    REMAT_POLICIES ("none", "full", "save_dot"), applied to each layer; `scan_layers` runs the
+    layers as one `nn.scan` over
+    parameters stacked on a leading "layers" axis (`layers/...` instead of `layers_{i}/...`). A
+    scanned stack runs one layer body, so every layer must attend alike: sliding windows on the
+    even layers only (Gemma 2) cannot be scanned (a ConfigError).
+
+    run_info.json: `to_dict` leaves `remat_policy` out. It changes neither the parameters nor any
+    value, only what the backward pass keeps, so it is a setting of a training run (its
+    operative_config.gin records it), not of the model: a checkpoint trained with remat restores as
+    a teacher, for eval or for fine-tuning with any policy, resuming may change it, and run_infos
+    written before the field existed read the same. `scan_layers` is recorded: it is the
+    checkpoint's parameter layout (absent in older run_infos: False, their layout).
     """
 
     family: ClassVar[str] = FAMILY
@@ -101,6 +117,8 @@ class DecoderConfig:
     sliding_window_layers: str = "all"
     dtype: str = "float32"
     attention_impl: str = "einsum"
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -136,6 +154,7 @@ class DecoderConfig:
             ("sliding_window_layers", SLIDING_WINDOW_LAYERS),
             ("dtype", COMPUTE_DTYPES),
             ("attention_impl", ATTENTION_IMPLS),
+            ("remat_policy", REMAT_POLICIES),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -150,7 +169,15 @@ class DecoderConfig:
             )
         if not (_positive_number(self.rms_norm_eps) and self.rms_norm_eps < 1):
             raise ValueError(f"DecoderConfig.rms_norm_eps must be a float in (0, 1), got {self.rms_norm_eps!r}.")
-        for name in ("norm_plus_one", "scale_embeddings", "qkv_bias", "qk_norm", "tie_embeddings", "sandwich_norms"):
+        for name in (
+            "norm_plus_one",
+            "scale_embeddings",
+            "qkv_bias",
+            "qk_norm",
+            "tie_embeddings",
+            "sandwich_norms",
+            "scan_layers",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DecoderConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
@@ -166,6 +193,13 @@ class DecoderConfig:
         if self.sliding_window is not None and not _positive_int(self.sliding_window):
             raise ValueError(
                 f"DecoderConfig.sliding_window must be a positive int or None, got {self.sliding_window!r}."
+            )
+
+        if self.scan_layers and self.sliding_window is not None and self.sliding_window_layers != "all":
+            raise ConfigError(
+                f"DecoderConfig.scan_layers: the layers of this model attend differently (a sliding window of "
+                f"{self.sliding_window} on the {self.sliding_window_layers} layers only), and a scanned stack runs "
+                "one layer body for all of them. Set scan_layers=False for this model."
             )
 
     @property
@@ -189,8 +223,11 @@ class DecoderConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field, with `family` ("decoder")."""
-        return {"family": self.family, **dataclasses.asdict(self)}
+        """JSON-able dict of every field but `remat_policy`, with `family` ("decoder") (run_info's
+        model_config; see the class docstring)."""
+        values = dataclasses.asdict(self)
+        del values["remat_policy"]
+        return {"family": self.family, **values}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DecoderConfig:

@@ -34,7 +34,8 @@ Each example's prompt adds `packing_input_overhead` tokens to its inputs (prefix
 dropped EOS): the data layer's `InMemoryBatches.pack_input_overhead` must cover it.
 
 Decoding prefills every prompt but its last token into the cache; the first token fed is the
-prompt's last, so that decoding's position n is the cache slot Li - 1 + n.
+prompt's last, so that decoding's position n is the cache slot Li - 1 + n. A scanned model's
+stacked cache leaves [layers, b, ...] are held batch first in the state (`stack.batch_first`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import numpy as np
 
 from cat_jax import vocabularies
 from cat_jax.errors import ConfigError
-from cat_jax.models import contract
+from cat_jax.models import contract, stack
 from cat_jax.models.decoder import flops
 from cat_jax.models.decoder.config import DecoderConfig
 from cat_jax.models.decoder.model import Decoder, init_params
@@ -248,16 +249,21 @@ class DecoderModel(contract.Model):
                 {"params": params, "cache": cache}, prompt[:, :-1], mask[:, :-1], decode=True, mutable=["cache"]
             )
             cache = variables["cache"]
+        if self.config.scan_layers:
+            cache = stack.batch_first(cache)
         state = {"cache": cache, "offset": jnp.asarray(length - 1, jnp.int32)}
         return state, prompt[:, -1].astype(jnp.int32)
 
     def decode_block(
         self, params: Any, state: dict[str, Any], tokens: jax.Array
     ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        scanned = self.config.scan_layers
+        cache = stack.layers_first(state["cache"]) if scanned else state["cache"]
         (logits, hidden), variables = self.network.apply(
-            {"params": params, "cache": state["cache"]}, tokens, decode=True, return_hidden=True, mutable=["cache"]
+            {"params": params, "cache": cache}, tokens, decode=True, return_hidden=True, mutable=["cache"]
         )
-        return logits, hidden, {**state, "cache": variables["cache"]}
+        cache = stack.batch_first(variables["cache"]) if scanned else variables["cache"]
+        return logits, hidden, {**state, "cache": cache}
 
     def set_positions(self, state: dict[str, Any], positions: jax.Array) -> dict[str, Any]:
         index = state["offset"] + jnp.asarray(positions, jnp.int32)

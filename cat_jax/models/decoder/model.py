@@ -30,6 +30,10 @@ block's logits. Moving a row's index back rolls that row back (keys after a quer
 invisible, and the next write overwrites them). The cache also keeps "cached_mask" [b, max_len],
 which slots hold real tokens (a left-padded prompt written as the first block keeps its padding
 invisible), and the default positions of a block continue that row's real tokens.
+
+With `scan_layers` the `layers_{i}` are one module `layers` whose parameters and cache carry a
+leading axis of num_layers (`cat_jax.models.stack`); with a `remat_policy` each layer is
+rematerialised.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cat_jax.models import stack
 from cat_jax.models.decoder.config import DecoderConfig
 from cat_jax.models.decoder.layers import Attention, Embed, Mlp, RMSNorm, softcap
 from cat_jax.models.layers import Dense
@@ -63,6 +68,7 @@ class DecoderLayer(nn.Module):
 
     config: DecoderConfig
     layer: int
+    scanned: bool = False
 
     @nn.compact
     def __call__(
@@ -74,8 +80,9 @@ class DecoderLayer(nn.Module):
         decode: bool,
         index: jax.Array | None,
         segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """x: [b, g, embed] -> [b, g, embed]; see `Attention` for the other arguments."""
+    ) -> jax.Array | tuple[jax.Array, None]:
+        """x: [b, g, embed] -> [b, g, embed] (in a scanned stack: (that, None), scan's carry and
+        output); see `Attention` for the other arguments."""
         cfg = self.config
         h = _norm(cfg, "input_norm")(x)
         h = Attention(cfg, cfg.layer_window(self.layer), name="attention")(
@@ -87,7 +94,8 @@ class DecoderLayer(nn.Module):
         h = Mlp(cfg.mlp_dim, cfg.activation, cfg.compute_dtype, name="mlp")(_norm(cfg, "pre_mlp_norm")(x))
         if cfg.sandwich_norms:
             h = _norm(cfg, "post_mlp_norm")(h)
-        return nn.with_logical_constraint(x + h, EMBED_AXES)
+        x = nn.with_logical_constraint(x + h, EMBED_AXES)
+        return (x, None) if self.scanned else x
 
 
 class CacheState(nn.Module):
@@ -130,7 +138,11 @@ class Decoder(nn.Module):
                 "config.replace(vocab_size=vocabulary.vocab_size)."
             )
         self.embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.compute_dtype)
-        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_layers)]
+        block = stack.remat(DecoderLayer, cfg.remat_policy, (5,), cfg.scan_layers)
+        if cfg.scan_layers:  # every layer attends alike (DecoderConfig refuses otherwise): layer 0's window
+            self.layers = stack.scan(block, cfg.num_layers, 6)(cfg, 0, scanned=True)
+        else:
+            self.layers = [block(cfg, i) for i in range(cfg.num_layers)]
         self.final_norm = _norm(cfg, "final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype)
@@ -158,8 +170,25 @@ class Decoder(nn.Module):
         if cfg.scale_embeddings:
             x = x * jnp.asarray(cfg.emb_dim**0.5, cfg.compute_dtype)
         x = nn.with_logical_constraint(x, EMBED_AXES)
-        for layer in self.layers[:num_layers]:
-            x = layer(x, positions, slots, key_mask, decode, index, segment_ids)
+        if not cfg.scan_layers:
+            for layer in self.layers[:num_layers]:
+                x = layer(x, positions, slots, key_mask, decode, index, segment_ids)
+        elif num_layers == cfg.num_layers:
+            x, _ = self.layers(x, positions, slots, key_mask, decode, index, segment_ids)
+        else:  # a partial depth: the first slices of the stacked parameters
+            unbound = DecoderLayer(cfg, 0, scanned=True, parent=None)
+            x = stack.run_prefix(
+                unbound,
+                self.variables["params"][stack.SCANNED],
+                num_layers,
+                x,
+                positions,
+                slots,
+                key_mask,
+                decode,
+                index,
+                segment_ids,
+            )
         return x
 
     def __call__(

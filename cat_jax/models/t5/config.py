@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from cat_jax.errors import ConfigError
 from cat_jax.models.attention import ATTENTION_IMPLS
+from cat_jax.models.stack import REMAT_POLICIES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # relu: wo(relu(wi x)) (T5 v1.0); gated-*: wo(act(wi_0 x) * wi_1 x) with GELU (tanh approximation,
@@ -31,9 +32,21 @@ class T5Config:
     `dtype` is the compute dtype; parameters are always float32. `mlp_activation` is one of
     MLP_ACTIVATIONS; `logits_via_embedding` ties the LM head to the token embedding (the logits
     are `(x * emb_dim**-0.5) @ embedding.T`, as in T5 v1.0); `layer_norm_epsilon` is the RMSNorm
-    epsilon. The encoder and decoder layer counts are independent. `attention_impl` is one of
-    ATTENTION_IMPLS (`cat_jax.models.attention`: "einsum", or "dot_product" for
-    `jax.nn.dot_product_attention`, which has no attention dropout, so it needs dropout_rate 0).
+    epsilon. The encoder and decoder layer counts are independent.
+
+    Execution: `attention_impl` is one of ATTENTION_IMPLS (`cat_jax.models.attention`: "einsum", or
+    "dot_product" for `jax.nn.dot_product_attention`, which has no attention dropout, so it needs
+    dropout_rate 0); (`cat_jax.models.stack`) `remat_policy` is one of REMAT_POLICIES ("none", "full",
+    "save_dot"), applied to each layer; `scan_layers` runs each stack as one `nn.scan` over
+    parameters stacked on a leading "layers" axis (`encoder/layers/...` instead of
+    `encoder/layers_{i}/...`).
+
+    run_info.json: `to_dict` leaves `remat_policy` out. It changes neither the parameters nor any
+    value, only what the backward pass keeps, so it is a setting of a training run (its
+    operative_config.gin records it), not of the model: a checkpoint trained with remat restores as
+    a teacher, for eval or for fine-tuning with any policy, resuming may change it, and run_infos
+    written before the field existed read the same. `scan_layers` is recorded: it is the
+    checkpoint's parameter layout (absent in older run_infos: False, their layout).
     """
 
     family: ClassVar[str] = "t5"
@@ -53,6 +66,8 @@ class T5Config:
     logits_via_embedding: bool = False
     layer_norm_epsilon: float = 1e-6
     attention_impl: str = "einsum"
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         positive = (
@@ -93,6 +108,10 @@ class T5Config:
             raise ConfigError(
                 f"T5Config.layer_norm_epsilon must be a float in (0, 1), got {self.layer_norm_epsilon!r}."
             )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"T5Config.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}.")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}.")
         if self.dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"T5Config.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}.")
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -118,8 +137,11 @@ class T5Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field."""
-        return dataclasses.asdict(self)
+        """JSON-able dict of every field but `remat_policy` (run_info's model_config; see the class
+        docstring)."""
+        values = dataclasses.asdict(self)
+        del values["remat_policy"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> T5Config:

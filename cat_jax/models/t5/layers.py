@@ -7,6 +7,7 @@ head_dim, the attention output is `[joined_kv, embed]`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -107,31 +108,42 @@ def relative_position_bucket(
 
 
 class RelativePositionBias(nn.Module):
-    """Learned per-head bias for each relative-position bucket; one table per stack."""
+    """The learned per-head bias of each relative-position bucket: one table [heads, buckets] per
+    stack, shared by its layers (a scanned stack passes it to every layer as an argument)."""
 
     num_heads: int
     num_buckets: int
-    max_distance: int
-    bidirectional: bool
 
     @nn.compact
-    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
-        """query_positions: [q] or per row [b, q], key_positions: [k] or per row [b, k] (packed rows:
-        positions within each segment) int -> bias [1 or b, heads, q, k] float32."""
-        table = logical_param(
+    def __call__(self) -> jax.Array:
+        """The table [heads, buckets] (float32)."""
+        return logical_param(
             self,
             "rel_embedding",
             nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
             (self.num_heads, self.num_buckets),
             ("heads", "relpos_buckets"),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionBias:
+    """The attention bias of a relative-position table: what `MultiHeadAttention` calls as `relpos`."""
+
+    table: jax.Array
+    bidirectional: bool
+    max_distance: int
+
+    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+        """query_positions: [q] or per row [b, q], key_positions: [k] or per row [b, k] (packed rows:
+        positions within each segment) int -> bias [1 or b, heads, q, k] float32."""
         buckets = relative_position_bucket(
             key_positions[..., None, :] - query_positions[..., None],
             self.bidirectional,
-            self.num_buckets,
+            self.table.shape[1],
             self.max_distance,
         )
-        bias = jnp.take(table, buckets, axis=1)  # [heads, q, k] or [heads, b, q, k]
+        bias = jnp.take(self.table, buckets, axis=1)  # [heads, q, k] or [heads, b, q, k]
         return bias[None] if bias.ndim == 3 else jnp.moveaxis(bias, 0, 1)
 
 
@@ -176,7 +188,7 @@ class MultiHeadAttention(nn.Module):
         *,
         kv_mask: jax.Array | None = None,
         causal: bool = False,
-        relpos: RelativePositionBias | None = None,
+        relpos: PositionBias | None = None,
         enable_dropout: bool = False,
         decode: bool = False,
         segments: tuple[jax.Array, jax.Array] | None = None,

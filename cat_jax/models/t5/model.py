@@ -6,7 +6,9 @@ shifted right behind the decoder's BOS, 0). Token 0 is padding and BOS: decoding
 Packed training batches (`cat_jax.data.packing`) add `encoder_segment_ids`, `encoder_positions`,
 `decoder_segment_ids`, `decoder_positions`; `logits` then keeps attention within each segment (decoding
 never sees packed rows). Decoding encodes once; the state holds the encoder's output, its input tokens and the decoder's
-key/value cache (cross-attention keys included), and the first token fed is BOS.
+key/value cache (cross-attention keys included), and the first token fed is BOS. A scanned
+model's cache leaves are stacked [layers, b, ...]; the state holds them batch first [b, layers, ...]
+(`stack.batch_first`), every layer's index per row.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax.data.packing import SEGMENT_FEATURES
-from cat_jax.models import contract
+from cat_jax.models import contract, stack
 from cat_jax.models.t5 import flops
 from cat_jax.models.t5.config import T5Config
 from cat_jax.models.t5.network import Transformer
@@ -113,13 +115,23 @@ class T5Model(contract.Model):
             {"params": params}, encoded, enc, dummy, decode=True, mutable=["cache"], method=Transformer.decode
         )
         state = {"encoded": encoded, "encoder_tokens": enc, "cache": variables["cache"]}
-        return state, jnp.zeros((enc.shape[0],), jnp.int32)
+        first = jnp.zeros((enc.shape[0],), jnp.int32)
+        if self.config.scan_layers:  # each layer's shared index [layers] -> per row [layers, b], then batch first
+            cache = jax.tree_util.tree_map_with_path(
+                lambda path, leaf: (
+                    jnp.zeros(leaf.shape + first.shape, jnp.int32) if path[-1].key == CACHE_INDEX else leaf
+                ),
+                state["cache"],
+            )
+            state["cache"] = stack.batch_first(cache)
+        return state, first
 
     def decode_block(
         self, params: Any, state: dict[str, Any], tokens: jax.Array
     ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        scanned = self.config.scan_layers
         (logits, hidden), variables = self.network.apply(
-            {"params": params, "cache": state["cache"]},
+            {"params": params, "cache": stack.layers_first(state["cache"]) if scanned else state["cache"]},
             state["encoded"],
             state["encoder_tokens"],
             tokens,
@@ -128,12 +140,17 @@ class T5Model(contract.Model):
             mutable=["cache"],
             method=Transformer.decode,
         )
-        return logits, hidden, {**state, "cache": variables["cache"]}
+        cache = stack.batch_first(variables["cache"]) if scanned else variables["cache"]
+        return logits, hidden, {**state, "cache": cache}
 
     def set_positions(self, state: dict[str, Any], positions: jax.Array) -> dict[str, Any]:
         positions = jnp.asarray(positions, jnp.int32)
+        if self.config.scan_layers:  # every layer's index [b, layers]
+            index = lambda leaf: jnp.broadcast_to(positions[:, None], leaf.shape)
+        else:
+            index = lambda leaf: positions
         cache = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: positions if path[-1].key == CACHE_INDEX else leaf, state["cache"]
+            lambda path, leaf: index(leaf) if path[-1].key == CACHE_INDEX else leaf, state["cache"]
         )
         return {**state, "cache": cache}
 

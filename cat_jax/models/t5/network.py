@@ -11,30 +11,29 @@ encoder_decoder_attention, pre_mlp_norm, mlp`; `mlp` holds `wi_0, wi_1, wo` (gat
 Packed rows (`cat_jax.data.packing`; teacher forcing only) pass `packing`, a dict of
 `encoder_segment_ids`, `encoder_positions`, `decoder_segment_ids`, `decoder_positions`: attention stays
 within a segment and the relative-position buckets come from the positions within segments.
+
+With `scan_layers` each stack's `layers_0 ... layers_{n-1}` are one module `layers` whose
+parameters (and decoding cache) carry a leading axis of n (`cat_jax.models.stack`); with a
+`remat_policy` each layer is rematerialised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 from flax import linen as nn
 
+from cat_jax.models import stack
 from cat_jax.models.layers import Dense
 from cat_jax.models.t5.config import T5Config
-from cat_jax.models.t5.layers import Embed, MlpBlock, MultiHeadAttention, RelativePositionBias, RMSNorm
+from cat_jax.models.t5.layers import Embed, MlpBlock, MultiHeadAttention, PositionBias, RelativePositionBias, RMSNorm
 
 EMBED_AXES = ("batch", "length", "embed")
 
 
-def _relpos(config: T5Config, bidirectional: bool) -> RelativePositionBias:
-    return RelativePositionBias(
-        config.num_heads,
-        config.relative_attention_num_buckets,
-        config.relative_attention_max_distance,
-        bidirectional,
-        name="relpos_bias",
-    )
+def _relpos(config: T5Config) -> RelativePositionBias:
+    return RelativePositionBias(config.num_heads, config.relative_attention_num_buckets, name="relpos_bias")
 
 
 def _norm(config: T5Config, name: str) -> RMSNorm:
@@ -57,39 +56,51 @@ def _attention(config: T5Config, name: str, cross: bool = False) -> MultiHeadAtt
     )
 
 
+def _bias(config: T5Config, table: jax.Array, bidirectional: bool) -> PositionBias:
+    return PositionBias(table, bidirectional, config.relative_attention_max_distance)
+
+
 class EncoderLayer(nn.Module):
-    """Pre-norm self-attention (bidirectional relative bias) and gated MLP, each residual."""
+    """Pre-norm self-attention (bidirectional relative bias) and gated MLP, each residual. In a
+    scanned stack (`scanned`) it returns (x, None), scan's (carry, output)."""
 
     config: T5Config
-    relpos: RelativePositionBias
+    scanned: bool = False
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, mask: jax.Array, enable_dropout: bool, packing: Mapping[str, jax.Array] | None = None
-    ) -> jax.Array:
-        """x: [batch, length, embed], mask: [batch, length] bool -> [batch, length, embed]."""
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        relpos_table: jax.Array,
+        enable_dropout: bool,
+        packing: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array | tuple[jax.Array, None]:
+        """x: [batch, length, embed], mask: [batch, length] bool, relpos_table: [heads, buckets] ->
+        [batch, length, embed]; `packing`: see the module docstring."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
+        relpos = _bias(cfg, relpos_table, bidirectional=True)
         h = _norm(cfg, name="pre_attention_norm")(x)
         packed = {}
         if packing is not None:
             seg, pos = packing["encoder_segment_ids"], packing["encoder_positions"]
             packed = {"segments": (seg, seg), "positions": (pos, pos)}
-        h = _attention(cfg, "attention")(
-            h, h, kv_mask=mask, relpos=self.relpos, enable_dropout=enable_dropout, **packed
-        )
+        h = _attention(cfg, "attention")(h, h, kv_mask=mask, relpos=relpos, enable_dropout=enable_dropout, **packed)
         x = x + dropout(h, deterministic=not enable_dropout)
         h = _norm(cfg, name="pre_mlp_norm")(x)
         h = _mlp(cfg)(h, enable_dropout)
         x = x + dropout(h, deterministic=not enable_dropout)
-        return nn.with_logical_constraint(x, EMBED_AXES)
+        x = nn.with_logical_constraint(x, EMBED_AXES)
+        return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm causal self-attention, cross-attention over the encoder, gated MLP."""
+    """Pre-norm causal self-attention, cross-attention over the encoder, gated MLP. In a scanned
+    stack (`scanned`) it returns (x, None)."""
 
     config: T5Config
-    relpos: RelativePositionBias
+    scanned: bool = False
 
     @nn.compact
     def __call__(
@@ -97,10 +108,11 @@ class DecoderLayer(nn.Module):
         x: jax.Array,
         encoded: jax.Array,
         encoder_mask: jax.Array,
+        relpos_table: jax.Array,
         enable_dropout: bool,
         decode: bool,
         packing: Mapping[str, jax.Array] | None = None,
-    ) -> jax.Array:
+    ) -> jax.Array | tuple[jax.Array, None]:
         """x: [b, Lt, embed], encoded: [b, Li, embed], encoder_mask: [b, Li] -> [b, Lt, embed]."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
@@ -111,7 +123,13 @@ class DecoderLayer(nn.Module):
             packed_self = {"segments": (seg, seg), "positions": (pos, pos)}
             packed_cross = {"segments": (seg, packing["encoder_segment_ids"])}
         h = _attention(cfg, "self_attention")(
-            h, h, causal=True, relpos=self.relpos, enable_dropout=enable_dropout, decode=decode, **packed_self
+            h,
+            h,
+            causal=True,
+            relpos=_bias(cfg, relpos_table, bidirectional=False),
+            enable_dropout=enable_dropout,
+            decode=decode,
+            **packed_self,
         )
         x = x + dropout(h, deterministic=not enable_dropout)
         h = _norm(cfg, name="pre_cross_attention_norm")(x)
@@ -122,7 +140,20 @@ class DecoderLayer(nn.Module):
         h = _norm(cfg, name="pre_mlp_norm")(x)
         h = _mlp(cfg)(h, enable_dropout)
         x = x + dropout(h, deterministic=not enable_dropout)
-        return nn.with_logical_constraint(x, EMBED_AXES)
+        x = nn.with_logical_constraint(x, EMBED_AXES)
+        return (x, None) if self.scanned else x
+
+
+def _stack(
+    config: T5Config, layer: type[nn.Module], count: int, static_argnums: tuple[int, ...], broadcast: int
+) -> Callable[[int], nn.Module]:
+    """index -> the layer module to call: `layers_{index}` (each under remat), or the one scanned
+    module `layers` (index 0) over `count` stacked layers."""
+    block = stack.remat(layer, config.remat_policy, static_argnums, config.scan_layers)
+    if config.scan_layers:
+        scanned = stack.scan(block, count, broadcast)
+        return lambda _: scanned(config, scanned=True, name=stack.SCANNED)
+    return lambda i: block(config, name=f"layers_{i}")
 
 
 class Encoder(nn.Module):
@@ -141,16 +172,25 @@ class Encoder(nn.Module):
     ) -> jax.Array:
         """tokens: [batch, Li] int (0 = padding) -> [batch, Li, embed]. depth: run only the first
         `depth` layers and return their residual stream, without the final norm (Hugging Face's
-        hidden_states[depth]); None or num_encoder_layers: the encoder's output."""
+        hidden_states[depth]); None or num_encoder_layers: the encoder's output. A scanned stack
+        runs a partial depth on the first `depth` slices of its stacked parameters."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
-        relpos = _relpos(cfg, bidirectional=True)
+        table = _relpos(cfg)()
         mask = tokens > 0
         x = dropout(self.embedder(tokens), deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, EMBED_AXES)
         layers = cfg.num_encoder_layers if depth is None else depth
-        for i in range(layers):
-            x = EncoderLayer(cfg, relpos, name=f"layers_{i}")(x, mask, enable_dropout, packing)
+        layer = _stack(cfg, EncoderLayer, cfg.num_encoder_layers, static_argnums=(4,), broadcast=4)
+        if cfg.scan_layers and layers < cfg.num_encoder_layers:
+            unbound = EncoderLayer(cfg, scanned=True, parent=None)
+            stacked = self.variables["params"][stack.SCANNED]
+            return stack.run_prefix(unbound, stacked, layers, x, mask, table, False, packing)
+        if cfg.scan_layers:
+            x, _ = layer(0)(x, mask, table, enable_dropout, packing)
+        else:
+            for i in range(layers):
+                x = layer(i)(x, mask, table, enable_dropout, packing)
         if layers < cfg.num_encoder_layers:
             return x
         x = _norm(cfg, name="encoder_norm")(x)
@@ -177,11 +217,15 @@ class Decoder(nn.Module):
         """tokens: [b, Lt] -> (logits [b, Lt, vocab] in compute dtype, hidden [b, Lt, embed])."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
-        relpos = _relpos(cfg, bidirectional=False)
+        table = _relpos(cfg)()
         x = dropout(self.embedder(tokens), deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, EMBED_AXES)
-        for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, relpos, name=f"layers_{i}")(x, encoded, encoder_mask, enable_dropout, decode, packing)
+        layer = _stack(cfg, DecoderLayer, cfg.num_decoder_layers, static_argnums=(5, 6), broadcast=6)
+        if cfg.scan_layers:
+            x, _ = layer(0)(x, encoded, encoder_mask, table, enable_dropout, decode, packing)
+        else:
+            for i in range(cfg.num_decoder_layers):
+                x = layer(i)(x, encoded, encoder_mask, table, enable_dropout, decode, packing)
         hidden = _norm(cfg, name="decoder_norm")(x)
         x = dropout(hidden, deterministic=not enable_dropout)
         if cfg.logits_via_embedding:
