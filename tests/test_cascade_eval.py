@@ -179,7 +179,7 @@ def test_large_embedding_is_its_mean_encoder_output(outputs, model_dirs):
     split = load_split(DatasetConfig(MIXTURE, {"inputs": 32, "targets": 8}, max_examples=PER_TASK), "test")
     tokens = split.arrays.features["encoder_input_tokens"]
     hidden = np.asarray(
-        frozen.model.module.apply(
+        frozen.model.network.apply(
             {"params": frozen.params}, tokens, frozen.config.num_encoder_layers, method=Transformer.encoder_hidden
         ),
         np.float64,
@@ -316,7 +316,7 @@ def test_reanalysis_reproduces_the_live_run_byte_for_byte(outputs, tmp_path):
     out, _ = outputs
     again = tmp_path / "again"
     check = (
-        "import sys; from cat_jax.cascade import analyse; rc = analyse.main(sys.argv[1:]); "
+        "import sys; from cat_jax.jobs import cascade_analyse; rc = cascade_analyse.main(sys.argv[1:]); "
         "heavy = sorted(m for m in ('tensorflow', 'seqio', 'tasks') if m in sys.modules); "
         "print('imported', heavy); sys.exit(rc)"
     )

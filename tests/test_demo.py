@@ -3,7 +3,7 @@ rules, the 3-tier cascade, the budget-calibrated rows, the commands."""
 
 import json
 
-from cat_jax import demo
+from cat_jax.jobs import demo
 
 
 def _calibration(val_rate: float, test_rate: float) -> list[dict]:
