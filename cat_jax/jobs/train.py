@@ -49,6 +49,7 @@ from cat_jax.train_step import (
     PreemptionWatcher,
     ProgressMeter,
     check_finite,
+    check_microbatches,
     compile_train_step,
     format_duration,
     make_train_step,
@@ -107,6 +108,7 @@ def train(
     peak_flops_per_device: float | None = None,
     max_steps_per_run: int | None = None,
     allow_config_change: bool = False,
+    num_microbatches: int | None = None,
     mesh: Any = None,
 ) -> TrainResult:
     """Train the model of `model_config` (any family's config; None: the architecture of
@@ -118,6 +120,8 @@ def train(
     that run in fixed time slots); the same command continues the run. `allow_config_change`
     lets a resume change the data, seed, loss, optimizer or teacher (logged, recorded in
     run_info.json's history); without it such a resume is refused with the differences.
+    `num_microbatches` = N accumulates each step's gradient over N microbatches of BATCH_SIZE / N
+    rows (`train_step.microbatched_grads`: the same update, one microbatch's activations in memory).
     """
     train_dataset = train_dataset.require_task()
     _check_numbers(
@@ -132,6 +136,7 @@ def train(
         max_steps_per_run=max_steps_per_run,
         teacher_step=teacher_step,
     )
+    check_microbatches(num_microbatches, train_dataset.batch_size)
     with _claim(model_dir) as model_dir:
         with runtime.phase("checking the configuration"):
             run = _prepare(
@@ -204,6 +209,7 @@ def train(
                     abstract,
                     shardings,
                     peak_flops_per_device,
+                    num_microbatches,
                 )
             with runtime.phase("training"):
                 step, metrics, eval_metrics = loop.run(log_every_steps, eval_period, max_steps_per_run)
@@ -418,7 +424,9 @@ class _Loop:
         abstract,
         shardings,
         peak_flops_per_device,
+        num_microbatches: int | None = None,
     ):
+        self.num_microbatches = num_microbatches
         self.run_, self.model, self.dataset, self.train_steps = run, run.model, dataset, train_steps
         self.state, self.start_step, self.ckpt, self.data = state, start_step, ckpt, data
         self.eval_batch_size, self.eval_arrays = eval_batch_size, eval_arrays
@@ -449,7 +457,11 @@ class _Loop:
         run, (tx, schedule, abstract, shardings, shapes) = self.run_, self._compile_args
         teacher = run.teacher if self.teacher_runs else None
         step_fn = make_train_step(
-            run.objective.loss_fn(run.model, self.phase), tx, schedule, teacher.logits_fn if teacher else None
+            run.objective.loss_fn(run.model, self.phase),
+            tx,
+            schedule,
+            teacher.logits_fn if teacher else None,
+            num_microbatches=self.num_microbatches,
         )
         compiled = compile_train_step(
             step_fn,
@@ -465,9 +477,10 @@ class _Loop:
         phase = "with the teacher" if teacher else "without a teacher"
         self.step_flops[phase] = compiled.flops
         log.info(
-            "Compiled the train step (%s, %s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
+            "Compiled the train step (%s, %s%s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
             run.objective.describe_phase(self.phase),
             phase,
+            f", {self.num_microbatches} microbatches" if self.num_microbatches else "",
             compiled.compile_seconds,
             compiled.flops or float("nan"),
             {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()},

@@ -19,6 +19,10 @@ import jax
 from cat_jax.models import Model
 
 # loss_fn(params, batch, rng, teacher_logits or None, step) -> (loss, metrics)
+# The metrics are scalars: "num_tokens" (the batch's loss weight), means over those tokens, and
+# LOSS_DENOMINATOR (what the loss was divided by: microbatched steps weight each microbatch's loss
+# and gradient by it, `cat_jax.train_step`; the step removes it from what it reports).
+LOSS_DENOMINATOR = "loss_denominator"
 LossFn = Callable[
     [Any, Mapping[str, jax.Array], jax.Array | None, jax.Array | None, jax.Array],
     tuple[jax.Array, dict[str, jax.Array]],
