@@ -367,6 +367,14 @@ def _prepare(
         streaming=data_lib.data_source().kind == "streaming",
         dataset=dataclasses.asdict(train_dataset),
     )
+    objective.check_run(
+        model=model,
+        vocab=vocab,
+        teacher=teacher,
+        dataset=dataclasses.asdict(train_dataset),
+        data_order="streamed" if data_lib.data_source().kind == "streaming" else "in_memory",  # as run_info's
+        train_steps=train_steps,
+    )
     if initial_checkpoint_dir:
         check_initial_checkpoint(initial_checkpoint_dir, model.config, vocab)
     info = model_dir_lib.run_info(
@@ -432,7 +440,12 @@ class _Loop:
         self.eval_batch_size, self.eval_arrays = eval_batch_size, eval_arrays
         lengths = dict(dataset.task_feature_lengths)
         self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
-        self._compile_args = (tx, schedule, abstract, shardings, run.model.batch_shapes(lengths, dataset.batch_size))
+        self.rows = partitioning.process_batch_slice(self.b_sharding, dataset.batch_size)
+        shapes = {
+            **run.model.batch_shapes(lengths, dataset.batch_size),
+            **run.objective.feature_shapes(dataset.batch_size),
+        }
+        self._compile_args = (tx, schedule, abstract, shardings, shapes)
         self.step_flops: dict[str, float | None] = {}
         self.phase = run.objective.phase_at(start_step)
         if run.teacher is not None and not self.teacher_runs:
@@ -527,7 +540,10 @@ class _Loop:
                 phase = run.objective.phase_at(step)
                 if phase != self.phase:
                     self._enter_phase(step, phase)
-                local = self.model.make_batch(self.data.batch(step), run.vocab)
+                local = {
+                    **self.model.make_batch(self.data.batch(step), run.vocab),
+                    **run.objective.batch_features(step, self.rows),
+                }
                 batch = partitioning.global_batch(local, self.b_sharding, dataset.batch_size)
                 state, metrics = self.compiled.fn(state, batch, run.teacher.params if self.teacher_runs else None)
                 step += 1

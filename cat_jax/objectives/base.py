@@ -53,6 +53,21 @@ class Objective(abc.ABC):
     def loss_fn(self, model: Model, phase: str) -> LossFn:
         """The loss of `phase` (teacher_logits are None when the teacher does not run)."""
 
+    def check_run(
+        self, *, model: Model, vocab: Any, teacher: Any, dataset: Mapping[str, Any], data_order: str, train_steps: int
+    ) -> None:
+        """Checks that need the run's model, vocabulary, teacher (a FrozenModel or None) and data
+        (a teacher cache's: `cached_teacher`); raise a named error, before anything is written."""
+
+    def batch_features(self, step: int, rows: tuple[int, int]) -> dict[str, Any]:
+        """Features the objective adds to this process's rows of batch `step` (a teacher cache's
+        entries); they travel with the batch (sharded, split into microbatches) to its loss."""
+        return {}
+
+    def feature_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes of `batch_features` for a global batch of `batch_size` rows."""
+        return {}
+
     def train_batches(self, source: Any, dataset: Mapping[str, Any], rows: Any) -> Any | None:
         """The training batches when the objective chooses them (None: the dataset's own)."""
         return None
