@@ -95,7 +95,8 @@ def test_run_file_parses_and_builds(path: Path):
     }.get(fn, {})
     if path.stem.startswith(("train", "finetune", "eval", "infer", "cascade_eval", "cache_teacher")):
         assert {k: type(v).__name__ for k, v in built.items()} == expected
-    if type(built.get("objective")).__name__ in ("TokenLoss", "CachedTeacher"):  # the loss the file (or the last it includes) sets
+    # the loss the file (or the last it includes) sets
+    if type(built.get("objective")).__name__ in ("TokenLoss", "CachedTeacher"):
         import re
 
         full = _with_includes(path)

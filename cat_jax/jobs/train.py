@@ -109,6 +109,7 @@ def train(
     max_steps_per_run: int | None = None,
     allow_config_change: bool = False,
     num_microbatches: int | None = None,
+    async_checkpoints: bool = False,
     mesh: Any = None,
 ) -> TrainResult:
     """Train the model of `model_config` (any family's config; None: the architecture of
@@ -122,6 +123,8 @@ def train(
     run_info.json's history); without it such a resume is refused with the differences.
     `num_microbatches` = N accumulates each step's gradient over N microbatches of BATCH_SIZE / N
     rows (`train_step.microbatched_grads`: the same update, one microbatch's activations in memory).
+    `async_checkpoints` writes checkpoints in the background while training goes on
+    (`checkpoints.Checkpointer`: the same guarantees; the final or preempted save is awaited).
     """
     train_dataset = train_dataset.require_task()
     _check_numbers(
@@ -184,7 +187,11 @@ def train(
         tx, schedule = optimizers.make_optimizer(train_steps)
         abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
         ckpt = Checkpointer(
-            model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints, data_iterator=data.iterator
+            model_dir,
+            save_interval_steps=checkpoint_period,
+            max_to_keep=keep_checkpoints,
+            data_iterator=data.iterator,
+            async_save=async_checkpoints,
         )
         with runtime.phase("restoring the checkpoint"):
             state, start_step = _restore_or_init(
@@ -555,7 +562,7 @@ class _Loop:
                     _log_progress(writer, step, self.train_steps, scalar_metrics(metrics), self.meter.update(step))
                 if ckpt.should_save(step) or at_end or stop:
                     check_finite(metrics, step, last_saved, run.model_dir)
-                    if ckpt.save(step, state, run.info, force=True):
+                    if ckpt.save(step, state, run.info, force=True, wait=at_end or stop):
                         last_saved = step
                         runtime.set_on_disk(_on_disk(run.model_dir, step))
                     elif at_end:
