@@ -2,13 +2,14 @@
 disk per million target positions.
 
     python benchmarks/teacher_cache.py --student=demo_small --teacher=demo_large --batch=32 \
-        --inputs=32 --targets=128 [--dtype=float32] [--steps=10] [--warmup=2] [--top-k=8]
+        --inputs=32 --targets=128 [--dtype=float32] [--steps=5] [--rounds=4] [--warmup=2] [--top-k=8]
 
 One JSON line per step kind on stdout: `ce` (no teacher), `cat_online` (CAT-Xent, the teacher's
 forward pass inside the step, as `cat_jax.train` runs it), `cat_cached` (CAT-Xent from the cache's
 bit: `objectives.CachedTeacher`), `cat_distill_online` / `cat_distill_cached` (alpha 0.5, the cached
 one from the top k); each with `step_ms` (median, steps timed to completion, warmup excluded) and
-its ratio to the CE step (target: cat_cached <= 1.1 x ce). Then one `disk` line per top_k in
+its ratio to the CE step (target: cat_cached <= 1.1 x ce); the kinds are timed in turn, `--steps`
+steps each per round, so that a drifting load (a shared machine) hits them alike. Then one `disk` line per top_k in
 {0, --top-k}: the bytes a shard of 100 steps of these batches takes on disk as `cache_teacher` writes it
 (`teacher_cache.write_shard`), per million target positions. Random weights and tokens: the cost
 does not depend on them.
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,18 +59,21 @@ def _batch(model, batch: int, li: int, lt: int, top_k: int, rng: np.random.Gener
     return out
 
 
-def _time(fn, state, batch, teacher_params, steps: int, warmup: int) -> tuple[float, float]:
+def _compiled(fn, state, batch, teacher_params):
     start = time.perf_counter()
     compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, batch, teacher_params).compile()
-    compile_s = time.perf_counter() - start
+    return compiled, time.perf_counter() - start
+
+
+def _run(compiled, state, batch, teacher_params, steps: int) -> tuple[Any, list[float]]:
+    """`steps` steps, each timed to completion; the state carried on (donated)."""
     times = []
-    for i in range(warmup + steps):
+    for _ in range(steps):
         start = time.perf_counter()
         state, metrics = compiled(state, batch, teacher_params)
         jax.block_until_ready((state, metrics))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times), compile_s
+        times.append(time.perf_counter() - start)
+    return state, times
 
 
 def main() -> None:
@@ -80,7 +85,8 @@ def main() -> None:
     p.add_argument("--targets", type=int, default=128)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--teacher-dtype", default="bfloat16")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5, help="steps of each kind per round")
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top-k", type=int, default=8)
     a = p.parse_args()
@@ -113,7 +119,7 @@ def main() -> None:
         "top_k": a.top_k,
         "device": jax.devices()[0].device_kind,
     }
-    ce_ms = None
+    runs = {}
     for name, (loss, teacher_fn, feed) in kinds.items():
         state = TrainState(
             step=jnp.int32(0),
@@ -121,16 +127,34 @@ def main() -> None:
             opt_state=tx.init(params),
             rng=jax.random.key_data(jax.random.key(2)),
         )
-        step = make_train_step(loss, tx, schedule, teacher_fn)
-        ms, compile_s = _time(step, state, feed, t_params if teacher_fn else None, a.steps, a.warmup)
-        ce_ms = ms if name == "ce" else ce_ms
+        t = t_params if teacher_fn else None
+        compiled, compile_s = _compiled(make_train_step(loss, tx, schedule, teacher_fn), state, feed, t)
+        state, _ = _run(compiled, state, feed, t, a.warmup)
+        runs[name] = {
+            "compiled": compiled,
+            "state": state,
+            "feed": feed,
+            "teacher": t,
+            "times": [],
+            "compile_s": compile_s,
+        }
+    # Rounds of `steps` steps of every kind in turn: a load that drifts (a shared machine) hits all alike.
+    for _ in range(a.rounds):
+        for run in runs.values():
+            run["state"], times = _run(run["compiled"], run["state"], run["feed"], run["teacher"], a.steps)
+            run["times"] += times
+    ce_ms = 1000 * statistics.median(runs["ce"]["times"])
+    for name, run in runs.items():
+        ms = 1000 * statistics.median(run["times"])
         row = {**common, "step": name, "step_ms": round(ms, 2), "ratio_to_ce": round(ms / ce_ms, 3)}
-        print(json.dumps({**row, "compile_s": round(compile_s, 1)}), flush=True)
+        print(
+            json.dumps({**row, "steps_timed": len(run["times"]), "compile_s": round(run["compile_s"], 1)}), flush=True
+        )
     shard_steps = 100  # cache_teacher's default steps_per_shard
     positions = shard_steps * a.batch * batch[models.TARGETS].shape[1]
     for k in sorted({0, a.top_k}):
         entries = {
-            n: batch[n][None]
+            n: np.repeat(batch[n][None], shard_steps, 0)
             for n in (teacher_cache.TEACHER_CORRECT,)
             + ((teacher_cache.TOP_K_IDS, teacher_cache.TOP_K_LOGPROBS) if k else ())
         }

@@ -56,6 +56,8 @@ def top_k_kl_divergence(
     log_q = top_k_logprobs.astype(jnp.float32)
     log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     head = jnp.sum(jnp.exp(log_q) * (log_q - jnp.take_along_axis(log_p, top_k_ids, axis=-1)), axis=-1)
+    if top_k_ids.shape[-1] >= log_p.shape[-1]:
+        return head  # every token is in the top k: no rest (its float residue is rounding)
     in_top = jnp.sum(jax.nn.one_hot(top_k_ids, log_p.shape[-1], dtype=jnp.bool_), axis=-2) > 0
     log_p_rest = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, log_p), axis=-1)
     q_rest = jnp.clip(1.0 - jnp.sum(jnp.exp(log_q), axis=-1), 0.0, 1.0)

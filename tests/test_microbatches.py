@@ -118,14 +118,8 @@ def test_microbatches_must_divide_the_batch():
         check_microbatches(0, 8)
 
 
-def test_train_binary_takes_microbatches(tmp_path):
-    """The train binary: N = 2 trains (its log says so); N = 3 of BATCH_SIZE 8 exits 2, naming the
-    setting, before MODEL_DIR is created."""
-    trained = run_module(
-        "cat_jax.train", train_args("train_small_ce.gin", tmp_path / "n2", 1, "--gin.train.num_microbatches=2")
-    )
-    assert "2 microbatches" in trained.stderr
-    assert (tmp_path / "n2" / "1").is_dir()
+def test_train_binary_refuses_microbatches_that_do_not_divide(tmp_path):
+    """N = 3 of BATCH_SIZE 8: exit 2, naming the setting, before MODEL_DIR is created."""
     refused = run_module(
         "cat_jax.train",
         train_args("train_small_ce.gin", tmp_path / "n3", 1, "--gin.train.num_microbatches=3"),
@@ -134,3 +128,13 @@ def test_train_binary_takes_microbatches(tmp_path):
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "train.num_microbatches=3 does not divide BATCH_SIZE=8" in refused.stderr
     assert not (tmp_path / "n3").exists()
+
+
+@pytest.mark.slow  # a train run: about a minute on 2 shared CPU cores
+def test_train_binary_takes_microbatches(tmp_path):
+    """The train binary with N = 2 trains (its log says so) and saves its step."""
+    trained = run_module(
+        "cat_jax.train", train_args("train_small_ce.gin", tmp_path / "n2", 1, "--gin.train.num_microbatches=2")
+    )
+    assert "2 microbatches" in trained.stderr
+    assert (tmp_path / "n2" / "1").is_dir()

@@ -12,17 +12,18 @@ import shutil
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import DATA_CACHE, TINY_TASK, run_module, train_args
-from tolerances import DEEP, assert_close, undecided
+from tolerances import DEEP, SHALLOW, assert_close, undecided
 
 from cat_jax import data, partitioning
 from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import ConfigError, TeacherMismatchError
 from cat_jax.frozen_model import load_frozen_model
 from cat_jax.jobs.cache_teacher import cache_teacher, teacher_entries
-from cat_jax.losses import cascade_aware_loss
+from cat_jax.losses import cascade_aware_loss, token_kl_divergence, top_k_kl_divergence
 from cat_jax.models.t5 import T5Config, T5Model
 from cat_jax.objectives import teacher_cache
 from cat_jax.objectives.teacher_cache import TEACHER_CORRECT, TOP_K_IDS, TOP_K_LOGPROBS, TeacherCache
@@ -95,6 +96,7 @@ def built(teacher_dir, tmp_path_factory):
     return cache_dir, summary
 
 
+@pytest.mark.slow  # trains the teacher (30 steps), then 3 cache steps: 2-4 minutes on 2 shared CPU cores
 def test_cache_equals_the_online_teacher(teacher_dir, built, gin_data):
     """Per step: the stored bit is the online teacher's c_L (float32, no near-tie: asserted); the
     CAT-Xent loss and metrics from the cache equal, bit for bit, those from the teacher's logits;
@@ -163,6 +165,7 @@ def test_cache_equals_the_online_teacher(teacher_dir, built, gin_data):
     assert 0.05 < min(kept) and max(kept) < 0.95  # the teacher is right on some tokens, wrong on others
 
 
+@pytest.mark.slow  # the teacher fixture
 def test_resumed_pass_writes_the_same_bytes(teacher_dir, built, tmp_path, gin_data):
     """A pass cut short (its last shard a half-written temporary directory, as a kill leaves it)
     and run again ends with the files of the uninterrupted pass."""
@@ -179,6 +182,7 @@ def test_resumed_pass_writes_the_same_bytes(teacher_dir, built, tmp_path, gin_da
     assert _files(cut) == _files(cache_dir)
 
 
+@pytest.mark.slow  # the teacher fixture
 def test_a_different_pass_is_refused(teacher_dir, built, tmp_path, gin_data):
     """Extending a cache with other settings is refused by name, nothing written."""
     cache_dir, _ = built
@@ -226,3 +230,65 @@ def test_student_trains_from_the_cache_and_refuses_another(teacher_dir, built, t
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert message in proc.stderr
         assert not refused_dir.exists()
+
+
+def test_shards_round_trip_by_step_and_process_rows(tmp_path):
+    """Fast: shards written as cache_teacher writes them read back by step, bits unpacked to the
+    target length, each process's block of rows the block of the global batch."""
+    rng = np.random.default_rng(0)
+    manifest = {"format": teacher_cache.FORMAT, "steps": 5, "steps_per_shard": 2, "top_k": 3, "target_length": 11}
+    correct = rng.random((5, 4, 11)) < 0.5
+    ids = rng.integers(0, 50, (5, 4, 11, 3)).astype(np.int32)
+    logprobs = rng.normal(size=(5, 4, 11, 3)).astype(np.float32)
+    teacher_cache.write_manifest(str(tmp_path), manifest)
+    for index in range(teacher_cache.num_shards(manifest)):
+        steps = list(teacher_cache.shard_steps(manifest, index))
+        teacher_cache.write_shard(
+            str(tmp_path),
+            index,
+            {TEACHER_CORRECT: correct[steps], TOP_K_IDS: ids[steps], TOP_K_LOGPROBS: logprobs[steps]},
+        )
+    cache = TeacherCache(str(tmp_path))
+    assert cache.shapes(4)[TOP_K_IDS] == ((4, 11, 3), np.dtype(np.int32))
+    for step in (4, 0, 3):
+        got = cache.entries(step)
+        np.testing.assert_array_equal(got[TEACHER_CORRECT], correct[step])
+        np.testing.assert_array_equal(got[TOP_K_IDS], ids[step])
+        np.testing.assert_array_equal(got[TOP_K_LOGPROBS], logprobs[step])
+        np.testing.assert_array_equal(cache.entries(step, (1, 2))[TEACHER_CORRECT], correct[step, 2:])
+    with pytest.raises(ConfigError, match=r"holds steps \[0, 5\); step 5"):
+        cache.entries(5)
+    shutil.rmtree(teacher_cache.shard_dir(str(tmp_path), 1))
+    with pytest.raises(ConfigError, match="incomplete: 1 shards"):
+        TeacherCache(str(tmp_path))
+    with pytest.raises(TeacherMismatchError, match="another teacher"):
+        teacher_cache.compare({**manifest, "teacher": {"step": 1}}, {**manifest, "teacher": {"step": 2}}, "c")
+    with pytest.raises(ConfigError, match="other training batches"):
+        teacher_cache.compare({**manifest, "dataset": {"seed": 0}}, {**manifest, "dataset": {"seed": 1}}, "c")
+
+
+def test_cached_losses_against_the_teacher_logits():
+    """Fast, on random logits: the CAT-Xent loss and metrics from the teacher's stored bit are the
+    ones from its logits, bit for bit; the KL over the top k and the rest is the full KL when k is
+    the vocabulary, and below it (grouping outcomes cannot raise a KL) for a smaller k."""
+    rng = np.random.default_rng(1)
+    student = jnp.asarray(rng.normal(size=(3, 6, 20)), jnp.float32)
+    teacher = jnp.asarray(3 * rng.normal(size=(3, 6, 20)), jnp.float32)
+    targets = jnp.asarray(np.where(rng.random((3, 6)) < 0.5, np.argmax(teacher, -1), rng.integers(0, 20, (3, 6))))
+    weights = jnp.asarray(rng.random((3, 6)) < 0.8, jnp.float32)
+    entries = teacher_entries(teacher, {"decoder_target_tokens": targets}, 20, 2.0)
+    online = cascade_aware_loss(student, teacher, targets, weights, mask="small_or_large")
+    cached = cascade_aware_loss(
+        student, None, targets, weights, mask="small_or_large", teacher_correct=entries[TEACHER_CORRECT]
+    )
+    assert jax.device_get(online) == jax.device_get(cached)
+    full = token_kl_divergence(teacher, student, 2.0)
+    assert_close(top_k_kl_divergence(entries[TOP_K_IDS], entries[TOP_K_LOGPROBS], student, 2.0), full, SHALLOW)
+    few = teacher_entries(teacher, {"decoder_target_tokens": targets}, 4, 2.0)
+    assert np.all(np.asarray(top_k_kl_divergence(few[TOP_K_IDS], few[TOP_K_LOGPROBS], student, 2.0)) <= full + 1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        cascade_aware_loss(student, teacher, targets, weights, teacher_correct=entries[TEACHER_CORRECT])
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        cascade_aware_loss(
+            student, None, targets, weights, mask="small_or_large", alpha=0.5, teacher_correct=entries[TEACHER_CORRECT]
+        )
