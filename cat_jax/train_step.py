@@ -85,7 +85,7 @@ def check_microbatches(num_microbatches: int | None, batch_size: int) -> None:
 
 def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int) -> dict[str, jax.Array]:
     """[b, ...] -> [N, b / N, ...]; microbatch i holds rows i, i + N, i + 2N, ... so that, with the
-    rows sharded in contiguous blocks, each device keeps its own rows (no transfer)."""
+    rows sharded in contiguous blocks and N dividing each block, every device keeps its own rows."""
 
     def split(x):
         x = x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:])
@@ -144,17 +144,18 @@ def microbatched_grads(
             k: v if k in ("num_tokens", LOSS_DENOMINATOR) else v * (denominator if k == "loss" else tokens)
             for k, v in metrics.items()
         }
-        return (jax.tree_util.tree_map(jnp.add, grad_sum, grads), {k: sums[k] + v for k, v in scaled.items()}), None
+        grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        return (grad_sum, {k: sums[k] + v for k, v in scaled.items()}), None
 
     first = jax.tree_util.tree_map(lambda x: x[0], micro)
     _, shapes = jax.eval_shape(one, jnp.int32(0), first)
     start = (
-        jax.tree_util.tree_map(jnp.zeros_like, params),
+        jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params),  # accumulated in float32
         {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()},
     )
     (grad_sum, sums), _ = jax.lax.scan(body, start, (jnp.arange(num_microbatches, dtype=jnp.int32), micro))
     denominator, tokens = sums.pop(LOSS_DENOMINATOR), sums["num_tokens"]
-    grads = jax.tree_util.tree_map(lambda g: _safe_divide(g, denominator).astype(g.dtype), grad_sum)
+    grads = jax.tree_util.tree_map(lambda g, p: _safe_divide(g, denominator).astype(p.dtype), grad_sum, params)
     metrics = {
         k: v if k == "num_tokens" else _safe_divide(v, denominator if k == "loss" else tokens) for k, v in sums.items()
     }

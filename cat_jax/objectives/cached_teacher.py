@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +40,7 @@ def teacher_identity(model_dir: str, step: int, dtype: str | None) -> dict[str, 
     """What a cache records of its teacher: the checkpoint's directory, step and checksum
     (`integrity.step_checksum`), and the compute dtype its logits were taken in."""
     return {
-        "model_dir": model_dir,
+        "model_dir": os.path.abspath(model_dir),
         "step": int(step),
         "checksum": integrity.step_checksum(model_dir, step),
         "dtype": dtype,
@@ -106,6 +107,12 @@ class CachedTeacher(Objective):
 
     def check(self, *, has_teacher: bool, streaming: bool, dataset: Mapping[str, Any]) -> None:
         TokenLoss(self.options).check(has_teacher=True, streaming=streaming, dataset=dataset)
+        if streaming and jax.process_count() > 1:
+            raise ConfigError(
+                "A teacher cache holds the global batches of one stream (cache_teacher runs on one process); a "
+                "streamed run on several processes reads other rows per process. Train on one process, or from "
+                "the exported (in-memory) data, whose global batches are the cache's on any number of processes."
+            )
         if self.options.alpha < 1.0 and not self.cache.top_k:
             raise ConfigError(
                 f"LossOptions.alpha={self.options.alpha} distils from the teacher's top-k, but the cache "
