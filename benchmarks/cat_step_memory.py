@@ -2,7 +2,7 @@
 
     python benchmarks/cat_step_memory.py --student=small --teacher=base --batch=32 \
         --inputs=512 --targets=128 [--dtype=bfloat16] [--steps=ce,cat,cat_distill] \
-        [--meshes='data=-1;fsdp=-1;data=-1,model=2;data=-1,model=4']
+        [--meshes='data=-1;fsdp=-1;data=-1,model=2;data=-1,model=4'] [--microbatches=1,4,8]
 
 Nothing is allocated: the steps are lowered and compiled from abstract shapes on the local
 backend (CPU here, GPU/TPU where available), and XLA's per-device argument / output / temporary
@@ -11,7 +11,8 @@ bytes are printed as one JSON line per step and mesh. `--meshes` lists mesh shap
 takes the devices left, otherwise the mesh uses the first devices it needs); the default is one
 mesh, every device on `data`. On CPU, force devices for the mesh shapes:
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`. The activation sharding rules are the
-trainer's (`partitioning.logical_axis_rules()`).
+trainer's (`partitioning.logical_axis_rules()`). `--microbatches` lists the step's
+`train.num_microbatches` values to compile (1: one pass, the default).
 """
 
 from __future__ import annotations
@@ -58,7 +59,14 @@ def parse_meshes(text: str) -> list[list[tuple[str, int]]]:
 
 
 def measure(
-    student: Any, teacher: Any, loss: LossOptions, batch: int, li: int, lt: int, mesh_shape: list[tuple[str, int]]
+    student: Any,
+    teacher: Any,
+    loss: LossOptions,
+    batch: int,
+    li: int,
+    lt: int,
+    mesh_shape: list[tuple[str, int]],
+    microbatches: int = 1,
 ) -> dict:
     """The compiled train step of `student` (with `teacher`'s logits for a CAT step, None for CE)
     on a mesh of `mesh_shape`: compile seconds and XLA's per-device memory analysis (any family:
@@ -79,7 +87,9 @@ def measure(
         t_abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher.compute_dtype), t_params)
         t_shardings = partitioning.tree_shardings(mesh, t_specs, t_model.fit_rules(mesh.shape, rules))
         teacher_fn = t_model.logits
-    step = make_train_step(token_loss(model, loss), tx, schedule, teacher_fn)
+    step = make_train_step(
+        token_loss(model, loss), tx, schedule, teacher_fn, num_microbatches=microbatches if microbatches > 1 else None
+    )
     start = time.perf_counter()
     compiled = compile_train_step(
         step,
@@ -92,7 +102,12 @@ def measure(
         mesh,
         rules,
     )
-    return {"mesh": dict(mesh.shape), "compile_seconds": round(time.perf_counter() - start, 1), **compiled.memory}
+    return {
+        "mesh": dict(mesh.shape),
+        "microbatches": microbatches,
+        "compile_seconds": round(time.perf_counter() - start, 1),
+        **compiled.memory,
+    }
 
 
 def main() -> None:
@@ -105,6 +120,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--steps", default="ce,cat,cat_distill", help=f"a comma-separated subset of {list(STEPS)}")
     p.add_argument("--meshes", default="data=-1", help="mesh shapes separated by ';', e.g. 'data=-1;data=-1,model=2'")
+    p.add_argument("--microbatches", default="1", help="train.num_microbatches values, e.g. '1,4,8' (1: one pass)")
     a = p.parse_args()
     names = a.steps.split(",")
     if set(names) - set(STEPS):
@@ -121,10 +137,11 @@ def main() -> None:
     }
     for mesh_shape in parse_meshes(a.meshes):
         for name in names:
-            t = None if name == "ce" else teacher
-            row = measure(student, t, STEPS[name], a.batch, a.inputs, a.targets, mesh_shape)
-            row["peak_bytes"] = compiled_peak_bytes(row)
-            print(json.dumps({"step": name, "teacher": a.teacher if t else None, **common, **row}), flush=True)
+            for n in (int(x) for x in a.microbatches.split(",")):
+                t = None if name == "ce" else teacher
+                row = measure(student, t, STEPS[name], a.batch, a.inputs, a.targets, mesh_shape, n)
+                row["peak_bytes"] = compiled_peak_bytes(row)
+                print(json.dumps({"step": name, "teacher": a.teacher if t else None, **common, **row}), flush=True)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,15 @@ class _RecordedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
 
 class Checkpointer:
     """Saves and restores `(state, metadata)` every `save_interval_steps`, keeping the last
-    `max_to_keep` verified steps (None keeps all). Saves are synchronous.
+    `max_to_keep` verified steps (None keeps all). Saves are synchronous unless `async_save`.
+
+    With `async_save` (orbax's asynchronous checkpointing) `save` returns once the state is copied
+    off the devices (so the next step may overwrite its buffers) and the files are written by a
+    background thread; every guarantee below holds as for a synchronous save: the checksums are
+    recorded by that thread after the last file is written and before the rename (`_RecordedRename`),
+    so a kill during the write leaves only a temporary directory; at most one save is in flight
+    (the next `save`, `wait` or `close` waits for it); old steps are deleted only after the new step
+    is finished; `close` waits for the last save.
 
     Every save is recorded by its checksums as it finishes (`cat_jax.integrity`);
     `restore_latest_good` verifies steps newest first, moves damaged or unrecorded ones aside (or,
@@ -172,17 +180,26 @@ class Checkpointer:
     the iterator's state (item "data"), saved and restored with the train state.
     """
 
-    def __init__(self, directory: str, save_interval_steps: int, max_to_keep: int | None, data_iterator: Any = None):
+    def __init__(
+        self,
+        directory: str,
+        save_interval_steps: int,
+        max_to_keep: int | None,
+        data_iterator: Any = None,
+        async_save: bool = False,
+    ):
         self.directory = os.path.abspath(directory)  # orbax needs absolute paths
         _ensure_writable(self.directory)
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep
         self.data_iterator = data_iterator
         self._unusable: set[int] = set()  # damaged steps that could not be moved aside
+        self.async_save = async_save
+        self._in_flight: int | None = None  # the step an asynchronous save is writing
         self._options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             max_to_keep=None,  # rotation is ours: after the new step is verified
-            enable_async_checkpointing=False,
+            enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
             multiprocessing_options=_multiprocessing_options(),
             temporary_path_class=_RecordedRename,
@@ -224,8 +241,9 @@ class Checkpointer:
             return False
         return self._manager.should_save(step)
 
-    def save(self, step: int, state: PyTree, metadata: dict, force: bool = False) -> bool:
-        """Save `state` and `metadata` at `step` if due (always if `force`); True if saved.
+    def save(self, step: int, state: PyTree, metadata: dict, force: bool = False, wait: bool = False) -> bool:
+        """Save `state` and `metadata` at `step` if due (always if `force`); True if saved (with
+        `async_save`: started, finished in the background unless `wait`).
 
         The saved metadata gets `"step": step` added, so every reader learns the step it got.
         A step that is already saved is left as it is (returns False; logged when it is a damaged
@@ -240,6 +258,7 @@ class Checkpointer:
                 f"Checkpoint metadata for {self.directory} step {step} is not JSON: {e}. "
                 "Convert its values to str/int/float/list/dict."
             ) from e
+        self.wait()
         if step in self._manager.all_steps():
             if step in self._unusable:
                 log.warning(
@@ -256,10 +275,19 @@ class Checkpointer:
 
             items[_DATA] = iterator_save(self.data_iterator)
         saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
-        self._manager.wait_until_finished()
-        if saved and runtime.is_lead():
-            self._rotate(keep_step=step)
+        if saved:
+            self._in_flight = step
+        if not self.async_save or wait:
+            self.wait()
         return saved
+
+    def wait(self) -> None:
+        """Wait for the save in flight (if any) to finish, then delete the steps beyond
+        `max_to_keep` (the lead process); an error of the background write is raised here."""
+        self._manager.wait_until_finished()
+        step, self._in_flight = self._in_flight, None
+        if step is not None and runtime.is_lead():
+            self._rotate(keep_step=step)
 
     def _rotate(self, keep_step: int) -> None:
         if self.max_to_keep is None:
@@ -349,8 +377,11 @@ class Checkpointer:
             self._unusable.add(step)
 
     def close(self) -> None:
-        """Release the manager."""
-        self._manager.close()
+        """Wait for the last save, then release the manager."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def _agreed_problems(directory: str, step: int) -> list[str] | None:

@@ -127,3 +127,14 @@ def quarantined(directory: str) -> list[str]:
     """The damaged steps moved aside so far (their directory names)."""
     path = os.path.join(directory, DAMAGED_DIR)
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def step_checksum(directory: str, step: int) -> str | None:
+    """One SHA-256 over a step's recorded file sizes and digests (what identifies its parameters:
+    a teacher cache records it), or None when the step has no record."""
+    path = record_path(directory, step)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        files = json.load(f)["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

@@ -40,6 +40,32 @@ def token_kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array, te
     return jnp.sum(terms, axis=-1)
 
 
+def top_k_kl_divergence(
+    top_k_ids: jax.Array, top_k_logprobs: jax.Array, student_logits: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+    """Per-token KL(teacher || softmax(student / T)) over k + 1 outcomes: the teacher's k most
+    probable tokens and "any other token" (the rest of its mass), in float32.
+
+    top_k_ids [batch, length, k] int and top_k_logprobs [batch, length, k]: the teacher's log
+    softmax at temperature T at those ids (a teacher cache's entries, taken at this T). The
+    student's probabilities are grouped the same way (its rest: a log-sum-exp over the other ids).
+    Equals `token_kl_divergence` when the k tokens hold all of the teacher's mass and never exceeds
+    it (grouping outcomes cannot raise a KL); what it leaves out is the KL inside the rest.
+    student_logits [batch, length, vocab] -> [batch, length] float32.
+    """
+    log_q = top_k_logprobs.astype(jnp.float32)
+    log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    head = jnp.sum(jnp.exp(log_q) * (log_q - jnp.take_along_axis(log_p, top_k_ids, axis=-1)), axis=-1)
+    if top_k_ids.shape[-1] >= log_p.shape[-1]:
+        return head  # every token is in the top k: no rest (its float residue is rounding)
+    in_top = jnp.sum(jax.nn.one_hot(top_k_ids, log_p.shape[-1], dtype=jnp.bool_), axis=-2) > 0
+    log_p_rest = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, log_p), axis=-1)
+    q_rest = jnp.clip(1.0 - jnp.sum(jnp.exp(log_q), axis=-1), 0.0, 1.0)
+    safe_rest = jnp.where(q_rest > 0, q_rest, 1.0)
+    tail = jnp.where(q_rest > 0, q_rest * (jnp.log(safe_rest) - log_p_rest), 0.0)
+    return head + tail
+
+
 def _validate(
     student_logits: jax.Array,
     teacher_logits: jax.Array | None,
@@ -51,8 +77,10 @@ def _validate(
     normalizer: str,
     mask_start_step: int = 0,
     step: jax.Array | int | None = None,
+    cached: tuple[bool, bool] = (False, False),
 ) -> None:
-    """Raises ValueError naming the bad option or shape and the allowed values."""
+    """Raises ValueError naming the bad option or shape and the allowed values. `cached`: whether
+    a teacher cache gives (the teacher's correctness, its top-k) in place of teacher_logits."""
     if mask not in MASKS:
         raise ValueError(f"Unknown mask {mask!r}; allowed values: {', '.join(MASKS)}.")
     if mask_start_step < 0:
@@ -70,13 +98,15 @@ def _validate(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if teacher_logits is not None and any(cached):
+        raise ValueError("Give teacher_logits or a teacher cache's entries (teacher_correct, teacher_top_k), not both.")
     if teacher_logits is None:
-        if mask not in _MASKS_WITHOUT_TEACHER:
+        if mask not in _MASKS_WITHOUT_TEACHER and not cached[0]:
             raise ValueError(
                 f"mask={mask!r} needs teacher_logits (it uses the large model's argmax); "
                 f"pass teacher_logits or use mask='none' or 'small'."
             )
-        if alpha != 1.0:
+        if alpha != 1.0 and not cached[1]:
             raise ValueError(
                 f"alpha={'(a traced array)' if alpha is None else alpha} < 1 needs teacher_logits "
                 "(the distillation term); "
@@ -120,6 +150,8 @@ def cascade_aware_loss(
     normalizer: str = "weights",
     mask_start_step: int = 0,
     step: jax.Array | int | None = None,
+    teacher_correct: jax.Array | None = None,
+    teacher_top_k: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cascade-aware loss (CAT) of a small student against a frozen large teacher.
 
@@ -146,6 +178,12 @@ def cascade_aware_loss(
     mask_fraction (sum m / sum w), student_accuracy, ce (weighted mean CE, unmasked), num_tokens
     (sum w), plus teacher_accuracy when a teacher is given and kd (weighted mean KL, unmasked)
     when alpha < 1.
+
+    From a teacher cache (`cat_jax.objectives.teacher_cache`), with teacher_logits None:
+    `teacher_correct` [batch, length] (c_L as stored: bool or 0/1) gives the mask and
+    teacher_accuracy, and `teacher_top_k` (ids, log-probabilities [batch, length, k]) the
+    distillation term, the KL over its top k and the rest (`top_k_kl_divergence`; the
+    log-probabilities taken at `temperature`).
     """
     traced = isinstance(alpha, jax.Array)
     alpha = jnp.asarray(alpha, jnp.float32) if traced else float(alpha)
@@ -161,6 +199,7 @@ def cascade_aware_loss(
         normalizer,
         mask_start_step,
         step,
+        (teacher_correct is not None, teacher_top_k is not None),
     )
     weights = weights.astype(jnp.float32)
     num_tokens = jnp.sum(weights)
@@ -173,6 +212,9 @@ def cascade_aware_loss(
     if teacher_logits is not None:
         teacher_logits = jax.lax.stop_gradient(teacher_logits)
         teacher_correct = (jnp.argmax(teacher_logits, axis=-1) == targets).astype(jnp.float32)
+    elif teacher_correct is not None:
+        teacher_correct = jax.lax.stop_gradient(teacher_correct.astype(jnp.float32))
+    if teacher_correct is not None:
         metrics["teacher_accuracy"] = _safe_divide(jnp.sum(weights * teacher_correct), num_tokens)
 
     if mask == "small_or_large":
@@ -193,7 +235,11 @@ def cascade_aware_loss(
     if not traced and alpha == 1.0:
         per_token = ce
     else:
-        kd = token_kl_divergence(teacher_logits, student_logits, temperature)
+        if teacher_logits is not None:
+            kd = token_kl_divergence(teacher_logits, student_logits, temperature)
+        else:
+            ids, logprobs = jax.lax.stop_gradient(teacher_top_k)
+            kd = top_k_kl_divergence(ids, logprobs, student_logits, temperature)
         metrics["kd"] = _safe_divide(jnp.sum(weights * kd), num_tokens)
         per_token = (1.0 - alpha) * temperature**2 * kd
         if traced or alpha > 0.0:

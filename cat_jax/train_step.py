@@ -25,8 +25,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from cat_jax import partitioning
-from cat_jax.errors import NonFiniteLossError
-from cat_jax.objectives import LossFn
+from cat_jax.errors import ConfigError, NonFiniteLossError, check_int
+from cat_jax.objectives import LOSS_DENOMINATOR, LossFn
 from cat_jax.train_state import TrainState
 
 log = logging.getLogger("cat_jax")
@@ -39,18 +39,26 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     teacher_logits_fn: TeacherFn | None = None,
+    num_microbatches: int | None = None,
 ):
     """The pure step function minimising `loss_fn` (an objective's, `cat_jax.objectives`); the
-    teacher (if any) runs outside the differentiated function."""
+    teacher (if any) runs outside the differentiated function. With `num_microbatches` = N the
+    batch's gradient is accumulated over N microbatches (`microbatched_grads`); None: one pass."""
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        teacher_logits = None
-        if teacher_logits_fn is not None:
-            teacher_logits = jax.lax.stop_gradient(teacher_logits_fn(teacher_params, batch))
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, rng, teacher_logits, state.step
-        )
+        if num_microbatches is None:
+            teacher_logits = None
+            if teacher_logits_fn is not None:
+                teacher_logits = jax.lax.stop_gradient(teacher_logits_fn(teacher_params, batch))
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, batch, rng, teacher_logits, state.step
+            )
+            metrics = {k: v for k, v in metrics.items() if k != LOSS_DENOMINATOR}
+        else:
+            loss, metrics, grads = microbatched_grads(
+                loss_fn, teacher_logits_fn, num_microbatches, state.params, batch, rng, teacher_params, state.step
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(
@@ -63,6 +71,100 @@ def make_train_step(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step_fn
+
+
+def check_microbatches(num_microbatches: int | None, batch_size: int) -> None:
+    """ConfigError unless `num_microbatches` is None or a positive divisor of the batch size."""
+    check_int("train.num_microbatches", num_microbatches, 1, allow_none=True)
+    if num_microbatches is not None and batch_size % num_microbatches:
+        raise ConfigError(
+            f"train.num_microbatches={num_microbatches} does not divide BATCH_SIZE={batch_size}: each "
+            f"microbatch must hold the same number of rows. Choose a divisor of {batch_size} (or None for one pass)."
+        )
+
+
+def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int) -> dict[str, jax.Array]:
+    """[b, ...] -> [N, b / N, ...]; microbatch i holds rows i, i + N, i + 2N, ... so that, with the
+    rows sharded in contiguous blocks and N dividing each block, every device keeps its own rows."""
+
+    def split(x):
+        x = x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def microbatched_grads(
+    loss_fn: LossFn,
+    teacher_logits_fn: TeacherFn | None,
+    num_microbatches: int,
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    teacher_params: Any,
+    step: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """The loss, metrics and gradient of the whole batch, accumulated over `num_microbatches`
+    microbatches by `jax.lax.scan` (the teacher's logits computed per microbatch), so that only one
+    microbatch's activations are live at a time.
+
+    Each microbatch's loss is its token sum over its denominator d_i (`LOSS_DENOMINATOR`: its loss
+    weights, or its CAT mask); the batch's is sum_i d_i loss_i / sum_i d_i and its gradient
+    sum_i grad(d_i loss_i) / sum_i d_i (d_i a constant), which is the full batch's (the same sums in
+    another order). `num_tokens` is summed, every other metric (a mean over tokens) weighted by the
+    microbatch's tokens. Dropout draws microbatch i's noise from fold_in(rng, i). Follows T5X's
+    `trainer.accumulate_grads_microbatched` (there a fori_loop of mean losses), written anew.
+    """
+    micro = split_microbatches(batch, num_microbatches)
+
+    def weighted(p, mb, mb_rng, teacher_logits):
+        loss, metrics = loss_fn(p, mb, mb_rng, teacher_logits, step)
+        if LOSS_DENOMINATOR not in metrics or "num_tokens" not in metrics:
+            raise ConfigError(
+                f"train.num_microbatches needs the objective's metrics {LOSS_DENOMINATOR!r} and 'num_tokens' "
+                "(cat_jax.objectives.base); this objective's loss gives neither: set train.num_microbatches=None."
+            )
+        denominator = jax.lax.stop_gradient(metrics[LOSS_DENOMINATOR])
+        return loss * denominator, metrics
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def one(index, mb):
+        teacher_logits = None
+        if teacher_logits_fn is not None:
+            teacher_logits = jax.lax.stop_gradient(teacher_logits_fn(teacher_params, mb))
+        (_, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, index), teacher_logits)
+        return grads, metrics
+
+    def body(carry, xs):
+        grads, metrics = one(*xs)
+        grad_sum, sums = carry
+        tokens, denominator = metrics["num_tokens"], metrics[LOSS_DENOMINATOR]
+        scaled = {
+            k: v if k in ("num_tokens", LOSS_DENOMINATOR) else v * (denominator if k == "loss" else tokens)
+            for k, v in metrics.items()
+        }
+        grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        return (grad_sum, {k: sums[k] + v for k, v in scaled.items()}), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    _, shapes = jax.eval_shape(one, jnp.int32(0), first)
+    start = (
+        jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params),  # accumulated in float32
+        {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()},
+    )
+    (grad_sum, sums), _ = jax.lax.scan(body, start, (jnp.arange(num_microbatches, dtype=jnp.int32), micro))
+    denominator, tokens = sums.pop(LOSS_DENOMINATOR), sums["num_tokens"]
+    grads = jax.tree_util.tree_map(lambda g, p: _safe_divide(g, denominator).astype(p.dtype), grad_sum, params)
+    metrics = {
+        k: v if k == "num_tokens" else _safe_divide(v, denominator if k == "loss" else tokens) for k, v in sums.items()
+    }
+    return metrics["loss"], metrics, grads
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator, or 0 where the denominator is 0 (a batch without tokens)."""
+    return numerator / jnp.where(denominator > 0, denominator, 1.0)
 
 
 def all_finite(tree: Any) -> jax.Array:

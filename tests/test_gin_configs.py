@@ -28,6 +28,8 @@ REQUIRED = {
     "KD_STEPS": "4",
     "SMALL_MODEL_DIR": "'/tmp/s'",
     "SCORES_DIR": "'/tmp/scores'",
+    "CACHE_DIR": "'/tmp/cache'",
+    "TEACHER_CACHE_DIR": "'/tmp/cache'",
 }
 
 
@@ -54,6 +56,7 @@ def test_run_file_parses_and_builds(path: Path):
         "cascade_eval": "run_cascade_eval",
         "speculative_eval": "run_speculative_eval",
         "salt_score": "salt_score",
+        "cache_teacher": "cache_teacher",
     }.get(path.stem, "train")
     files = [str(path)]
     if fn == "train" and "include 'models/" not in text:  # a run file that takes the model file after it
@@ -75,7 +78,7 @@ def test_run_file_parses_and_builds(path: Path):
     train_expected = {
         "train_dataset": "DatasetConfig",
         "model_config": "T5Config",
-        "objective": "Salt" if salt else "TokenLoss",
+        "objective": "Salt" if salt else "CachedTeacher" if "cached" in path.stem else "TokenLoss",
     }
     if salt:
         salt = built["objective"]
@@ -88,10 +91,12 @@ def test_run_file_parses_and_builds(path: Path):
         "run_eval": {"dataset": "DatasetConfig"},
         "run_infer": {"dataset": "DatasetConfig"},
         "run_cascade_eval": {"dataset": "DatasetConfig"},
+        "cache_teacher": {"train_dataset": "DatasetConfig"},
     }.get(fn, {})
-    if path.stem.startswith(("train", "finetune", "eval", "infer", "cascade_eval")):
+    if path.stem.startswith(("train", "finetune", "eval", "infer", "cascade_eval", "cache_teacher")):
         assert {k: type(v).__name__ for k, v in built.items()} == expected
-    if type(built.get("objective")).__name__ == "TokenLoss":  # the loss the file (or the last it includes) sets
+    # the loss the file (or the last it includes) sets
+    if type(built.get("objective")).__name__ in ("TokenLoss", "CachedTeacher"):
         import re
 
         full = _with_includes(path)

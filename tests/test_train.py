@@ -146,15 +146,18 @@ def reference_12(tmp_path_factory):
     return final_state(model_dir)[1]
 
 
-@pytest.mark.parametrize("moment", ["random", "during_a_save"])
+@pytest.mark.parametrize("moment", ["random", "during_a_save", "during_an_async_save"])
 def test_sigkill_then_resume_equals_uninterrupted_bitwise(tmp_path, reference_12, moment):
     """kill -9 at a random step boundary, or aimed at a save in progress (its temporary directory
-    exists), restart with the same command: the whole final state equals an uninterrupted run's,
-    bit for bit, and the metrics hold each step once."""
+    exists; with train.async_checkpoints, written in the background while the steps go on),
+    restart with the same command: the whole final state equals an uninterrupted run's, bit for
+    bit, and the metrics hold each step once."""
     model_dir = tmp_path / "killed"
     args = train_args(
         "train_small_ce.gin", model_dir, 12, "--gin.train.checkpoint_period=1", "--gin.train.keep_checkpoints=2"
     )
+    if moment == "during_an_async_save":
+        args.append("--gin.train.async_checkpoints=True")
     if moment == "random":
         kill_step = int(np.random.default_rng().integers(3, 10))
         kill_when(args, lambda lines: any(f" step {kill_step}/12 " in line for line in lines[-3:]))

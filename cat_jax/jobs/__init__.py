@@ -9,6 +9,7 @@
     speculative_eval.py   run_speculative_eval (gin): speculative cascades against the large model
     salt_score.py         salt_score (gin): SALT_DS's per-sequence scores, resumable
     salt_report.py        quality against steps of CE / SALT / SALT_DS runs (argparse)
+    cache_teacher.py      cache_teacher (gin): a teacher's verdicts on a run's batches, stored once
     export_task.py        export_split (gin): a task's splits as files for TensorFlow-free hosts
     import_checkpoint.py  import_checkpoint (gin): Hugging Face / T5X checkpoints into a MODEL_DIR
     export_checkpoint.py  export_checkpoint (gin): a MODEL_DIR as a Hugging Face directory
@@ -27,6 +28,7 @@ BINARIES = (
     "speculative_eval",
     "salt_score",
     "salt_report",
+    "cache_teacher",
     "export_task",
     "import_checkpoint",
     "export_checkpoint",

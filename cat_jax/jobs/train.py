@@ -52,6 +52,7 @@ from cat_jax.train_step import (
     PreemptionWatcher,
     ProgressMeter,
     check_finite,
+    check_microbatches,
     compile_train_step,
     format_duration,
     make_train_step,
@@ -110,6 +111,8 @@ def train(
     peak_flops_per_device: float | None = None,
     max_steps_per_run: int | None = None,
     allow_config_change: bool = False,
+    num_microbatches: int | None = None,
+    async_checkpoints: bool = False,
     mesh: Any = None,
 ) -> TrainResult:
     """Train the model of `model_config` (any family's config; None: the architecture of
@@ -121,6 +124,10 @@ def train(
     that run in fixed time slots); the same command continues the run. `allow_config_change`
     lets a resume change the data, seed, loss, optimizer or teacher (logged, recorded in
     run_info.json's history); without it such a resume is refused with the differences.
+    `num_microbatches` = N accumulates each step's gradient over N microbatches of BATCH_SIZE / N
+    rows (`train_step.microbatched_grads`: the same update, one microbatch's activations in memory).
+    `async_checkpoints` writes checkpoints in the background while training goes on
+    (`checkpoints.Checkpointer`: the same guarantees; the final or preempted save is awaited).
     """
     train_dataset = train_dataset.require_task()
     _check_numbers(
@@ -135,6 +142,7 @@ def train(
         max_steps_per_run=max_steps_per_run,
         teacher_step=teacher_step,
     )
+    check_microbatches(num_microbatches, train_dataset.batch_size)
     with _claim(model_dir) as model_dir:
         with runtime.phase("checking the configuration"):
             run = _prepare(
@@ -182,7 +190,11 @@ def train(
         tx, schedule = optimizers.make_optimizer(train_steps)
         abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
         ckpt = Checkpointer(
-            model_dir, save_interval_steps=checkpoint_period, max_to_keep=keep_checkpoints, data_iterator=data.iterator
+            model_dir,
+            save_interval_steps=checkpoint_period,
+            max_to_keep=keep_checkpoints,
+            data_iterator=data.iterator,
+            async_save=async_checkpoints,
         )
         with runtime.phase("restoring the checkpoint"):
             state, start_step = _restore_or_init(
@@ -207,6 +219,7 @@ def train(
                     abstract,
                     shardings,
                     peak_flops_per_device,
+                    num_microbatches,
                 )
             with runtime.phase("training"):
                 step, metrics, eval_metrics = loop.run(log_every_steps, eval_period, max_steps_per_run)
@@ -384,6 +397,14 @@ def _prepare(
         streaming=data_lib.data_source().kind == "streaming",
         dataset=dataclasses.asdict(train_dataset),
     )
+    objective.check_run(
+        model=model,
+        vocab=vocab,
+        teacher=teacher,
+        dataset=dataclasses.asdict(train_dataset),
+        data_order="streamed" if data_lib.data_source().kind == "streaming" else "in_memory",  # as run_info's
+        train_steps=train_steps,
+    )
     if initial_checkpoint_dir:
         check_initial_checkpoint(initial_checkpoint_dir, model.config, vocab)
     info = model_dir_lib.run_info(
@@ -441,13 +462,19 @@ class _Loop:
         abstract,
         shardings,
         peak_flops_per_device,
+        num_microbatches: int | None = None,
     ):
+        self.num_microbatches = num_microbatches
         self.run_, self.model, self.dataset, self.train_steps = run, run.model, dataset, train_steps
         self.state, self.start_step, self.ckpt, self.data = state, start_step, ckpt, data
         self.eval_batch_size, self.eval_arrays = eval_batch_size, eval_arrays
         lengths = dict(dataset.task_feature_lengths)
         self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
-        shapes = run.model.batch_shapes(lengths, dataset.batch_size, packed=getattr(data, "packed", False))
+        self.rows = partitioning.process_batch_slice(self.b_sharding, dataset.batch_size)
+        shapes = {
+            **run.model.batch_shapes(lengths, dataset.batch_size, packed=getattr(data, "packed", False)),
+            **run.objective.feature_shapes(dataset.batch_size),
+        }
         self._compile_args = (tx, schedule, abstract, shardings, shapes)
         self.step_flops: dict[str, float | None] = {}
         self.phase = run.objective.phase_at(start_step)
@@ -477,7 +504,13 @@ class _Loop:
             teacher_logits = teacher.logits_fn
             if teacher.model.vocab_size != run.model.vocab_size:
                 teacher_logits = fit_vocab(teacher_logits, run.model.vocab_size)
-        step_fn = make_train_step(run.objective.loss_fn(run.model, self.phase), tx, schedule, teacher_logits)
+        step_fn = make_train_step(
+            run.objective.loss_fn(run.model, self.phase),
+            tx,
+            schedule,
+            teacher_logits,
+            num_microbatches=self.num_microbatches,
+        )
         compiled = compile_train_step(
             step_fn,
             abstract,
@@ -492,9 +525,10 @@ class _Loop:
         phase = "with the teacher" if teacher else "without a teacher"
         self.step_flops[phase] = compiled.flops
         log.info(
-            "Compiled the train step (%s, %s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
+            "Compiled the train step (%s, %s%s) in %.1fs; XLA counts %.4g FLOPs per step; memory per device: %s",
             run.objective.describe_phase(self.phase),
             phase,
+            f", {self.num_microbatches} microbatches" if self.num_microbatches else "",
             compiled.compile_seconds,
             compiled.flops or float("nan"),
             {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()},
@@ -541,7 +575,10 @@ class _Loop:
                 phase = run.objective.phase_at(step)
                 if phase != self.phase:
                     self._enter_phase(step, phase)
-                local = self.model.make_batch(self.data.batch(step), run.vocab)
+                local = {
+                    **self.model.make_batch(self.data.batch(step), run.vocab),
+                    **run.objective.batch_features(step, self.rows),
+                }
                 batch = partitioning.global_batch(local, self.b_sharding, dataset.batch_size)
                 state, metrics = self.compiled.fn(state, batch, run.teacher.params if self.teacher_runs else None)
                 step += 1
@@ -553,7 +590,7 @@ class _Loop:
                     _log_progress(writer, step, self.train_steps, scalar_metrics(metrics), self.meter.update(step))
                 if ckpt.should_save(step) or at_end or stop:
                     check_finite(metrics, step, last_saved, run.model_dir)
-                    if ckpt.save(step, state, run.info, force=True):
+                    if ckpt.save(step, state, run.info, force=True, wait=at_end or stop):
                         last_saved = step
                         runtime.set_on_disk(_on_disk(run.model_dir, step))
                     elif at_end:

@@ -9,7 +9,7 @@ The training loop asks the objective for the phase of each step and compiles one
 it knows no method.
 """
 
-from cat_jax.objectives.base import LossFn, Objective
+from cat_jax.objectives.base import LOSS_DENOMINATOR, LossFn, Objective
 from cat_jax.objectives.token_loss import LossOptions, TokenLoss
 
-__all__ = ["LossFn", "LossOptions", "Objective", "TokenLoss"]
+__all__ = ["LOSS_DENOMINATOR", "LossFn", "LossOptions", "Objective", "TokenLoss"]

@@ -19,6 +19,10 @@ import jax
 from cat_jax.models import Model
 
 # loss_fn(params, batch, rng, teacher_logits or None, step) -> (loss, metrics)
+# The metrics are scalars: "num_tokens" (the batch's loss weight), means over those tokens, and
+# LOSS_DENOMINATOR (what the loss was divided by: microbatched steps weight each microbatch's loss
+# and gradient by it, `cat_jax.train_step`; the step removes it from what it reports).
+LOSS_DENOMINATOR = "loss_denominator"
 LossFn = Callable[
     [Any, Mapping[str, jax.Array], jax.Array | None, jax.Array | None, jax.Array],
     tuple[jax.Array, dict[str, jax.Array]],
@@ -48,6 +52,21 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def loss_fn(self, model: Model, phase: str) -> LossFn:
         """The loss of `phase` (teacher_logits are None when the teacher does not run)."""
+
+    def check_run(
+        self, *, model: Model, vocab: Any, teacher: Any, dataset: Mapping[str, Any], data_order: str, train_steps: int
+    ) -> None:
+        """Checks that need the run's model, vocabulary, teacher (a FrozenModel or None) and data
+        (a teacher cache's: `cached_teacher`); raise a named error, before anything is written."""
+
+    def batch_features(self, step: int, rows: tuple[int, int]) -> dict[str, Any]:
+        """Features the objective adds to this process's rows of batch `step` (a teacher cache's
+        entries); they travel with the batch (sharded, split into microbatches) to its loss."""
+        return {}
+
+    def feature_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes of `batch_features` for a global batch of `batch_size` rows."""
+        return {}
 
     def train_batches(self, source: Any, dataset: Mapping[str, Any], rows: Any) -> Any | None:
         """The training batches when the objective chooses them (None: the dataset's own)."""

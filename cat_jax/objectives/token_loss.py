@@ -14,11 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import gin
+import jax
 
 from cat_jax.errors import ConfigError, check_number
 from cat_jax.losses import cascade_aware_loss
 from cat_jax.models import LOSS_WEIGHTS, TARGETS, Model
-from cat_jax.objectives.base import LossFn, Objective
+from cat_jax.objectives.base import LOSS_DENOMINATOR, LossFn, Objective
 
 MASKS_NEEDING_TEACHER = ("small_or_large", "large")
 
@@ -55,7 +56,7 @@ def token_loss(model: Model, options: LossOptions, alpha: Any = None, temperatur
 
     def loss_fn(params, batch, rng, teacher_logits, step):
         logits = model.logits(params, batch, rng)
-        return cascade_aware_loss(
+        loss, metrics = cascade_aware_loss(
             logits,
             teacher_logits,
             batch[TARGETS],
@@ -67,8 +68,16 @@ def token_loss(model: Model, options: LossOptions, alpha: Any = None, temperatur
             mask_start_step=options.mask_start_step,
             step=step,
         )
+        return loss, dict(metrics, **{LOSS_DENOMINATOR: loss_denominator(options, metrics)})
 
     return loss_fn
+
+
+def loss_denominator(options: LossOptions, metrics: Mapping[str, jax.Array]) -> jax.Array:
+    """What `cascade_aware_loss` divided its token sum by: the loss weights, or the mask's."""
+    if options.normalizer == "mask":
+        return metrics["num_tokens"] * metrics["mask_fraction"]
+    return metrics["num_tokens"]
 
 
 @gin.configurable
