@@ -3,16 +3,21 @@ drafter and a verifier both prefilled on left-padded prompts of different length
 decoding is exactly the verifier's greedy decoding for gamma 1, 3 and 5 (rows accepting different
 numbers of drafts, caches rolled back per row); sampled lossless decoding follows the verifier's
 distribution (chi-square) and a lossy rule does not; the cost model counts each prefill, drafted
-token and verified block at the decoder's own contexts."""
+token and verified block at the decoder's own contexts; benchmarks/speculative.py runs a decoder pair."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, SUBPROCESS_ENV
 from flax import linen as nn
 from stats_helpers import bound, chi_square, passes
 
@@ -174,3 +179,43 @@ def test_speculative_flops_count_prefills_drafts_and_blocks_at_the_prompts_conte
     assert cost.decode_flops(DecoderModel(CONFIG), li, 3) == decode_flops(CONFIG, 0, 6) + sum(
         decode_flops(CONFIG, 6 + t, 1) for t in range(3)
     )
+
+
+def test_benchmark_smoke_on_a_decoder_pair():
+    """benchmarks/speculative.py in random mode on two decoder_tiny models: the verifier's greedy
+    decoding and two rules through one compiled loop, fixed-length (EOS disabled)."""
+    tiny = "gin_configs/models/decoder/decoder_tiny.gin"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/speculative.py",
+            f"--large={tiny}",
+            f"--small={tiny}",
+            "--batches=2",
+            "--gammas=2",
+            "--rules=lossless,chow",
+            "--inputs=8",
+            "--max-decode-length=3",
+            "--vocab=64",
+            "--repeats=1",
+            "--warmup=0",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, **SUBPROCESS_ENV),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert all("error" not in r for r in rows), rows
+    by_impl = {}
+    for row in rows:
+        by_impl.setdefault(row["impl"], []).append(row)
+    assert by_impl["large_greedy"][0]["large"]["family"] == "decoder"
+    assert by_impl["large_greedy"][0]["generated_tokens"] == 3 * 2
+    assert [r["rule"] for r in by_impl["speculative"]] == ["lossless", "chow"]
+    for row in by_impl["speculative"]:
+        assert row["generated_tokens"] == 3 * 2 and row["tokens_per_s"] > 0
+        assert 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_large_call"] >= 1
+    assert by_impl["cache_block_write"][0]["per_row_positions_ms"] > 0
