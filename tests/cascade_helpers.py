@@ -60,10 +60,10 @@ def expected_endpoints(rows, group, small, mixture, bleu_tasks, others=(), embed
 
 
 def reanalyse(out: Path, again: Path) -> subprocess.CompletedProcess:
-    """`cat_jax.cascade_analyse out --output_dir again` in a fresh interpreter that prints which of
+    """`cat_jax.cascade_analyse out --output_dir again` (its job) in a fresh interpreter that prints which of
     TensorFlow, seqio and the tasks it imported."""
     check = (
-        "import sys; from cat_jax.cascade import analyse; rc = analyse.main(sys.argv[1:]); "
+        "import sys; from cat_jax.jobs import cascade_analyse; rc = cascade_analyse.main(sys.argv[1:]); "
         "heavy = sorted(m for m in ('tensorflow', 'seqio', 'tasks') if m in sys.modules); "
         "print('imported', heavy); sys.exit(rc)"
     )

@@ -9,8 +9,9 @@ Stages (each skipped when its output already exists, so a re-run reuses finished
      deferral-rate budget calibrated on validation: curves of quality against relative FLOPs,
      summary tables and PNG plots in `runs/demo/cascade/`,
   5. write `runs/demo/report.md`: the summary tables, which small model and rule win, the commands.
-CAT_JAX_DEMO_DIR (default runs/demo, runs/demo_decoder for decoders), CAT_JAX_DEMO_TASK (cmudict_syllables), CAT_JAX_DEMO_STEPS (400)
-and CAT_JAX_DEMO_EXAMPLES (512 test examples) change where, on what and how long it runs;
+CAT_JAX_DEMO_DIR (default runs/demo, runs/demo_decoder for decoders), CAT_JAX_DEMO_TASK
+(cmudict_syllables), CAT_JAX_DEMO_STEPS (400) and CAT_JAX_DEMO_EXAMPLES (512 test examples) change
+where, on what and how long it runs;
 CAT_JAX_DEMO_FAMILY picks the models: t5 (default: the encoder-decoder demo_large / demo_small) or
 decoder (Llama-shaped decoder-only models of about the same cost, decoder_demo_large / _small), the
 same stages and commands but for the model file each training adds.
