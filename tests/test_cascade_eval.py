@@ -168,7 +168,7 @@ def test_large_embedding_is_its_mean_encoder_output(outputs, model_dirs):
     split = load_split(DatasetConfig(MIXTURE, {"inputs": 32, "targets": 8}, max_examples=PER_TASK), "test")
     tokens = split.arrays.features["encoder_input_tokens"]
     hidden = np.asarray(
-        frozen.model.module.apply(
+        frozen.model.network.apply(
             {"params": frozen.params}, tokens, frozen.config.num_encoder_layers, method=Transformer.encoder_hidden
         ),
         np.float64,
