@@ -4,8 +4,12 @@
         [--rules=lossless,chow --alpha=0.5] [--inputs=64 --max-decode-length=64 --dtype=float32]
     python benchmarks/speculative.py --large-model-dir=runs/demo/large --small-model-dir=runs/demo/small_ce \
         --task=cmudict_g2p --batches=1,8,32 --inputs=32 --max-decode-length=64
+    python benchmarks/speculative.py --large=gin_configs/models/decoder/decoder_demo_large.gin \
+        --small=gin_configs/models/decoder/decoder_demo_small.gin --batches=1,8,32 --gammas=1,3,5
 
-Random mode (`--large` / `--small`: gin model files) decodes random inputs with random weights and
+Any family of the model contract: a T5 pair (encoder inputs) or a decoder-only pair (the inputs are
+the prompts, prefilled by both models); drafter and verifier are of one family. Random mode
+(`--large` / `--small`: gin model files) decodes random inputs with random weights and
 EOS disabled, so every row makes exactly --max-decode-length tokens; the drafter then agrees with
 the large model almost never: the worst case, one token per large-model call plus the drafts.
 Checkpoint mode (`--large-model-dir` / `--small-model-dir`, trained models sharing a vocabulary)
@@ -52,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gammas", default="1,3,5")
     p.add_argument("--rules", default="lossless", help="comma-separated rules of cat_jax.cascade.speculative")
     p.add_argument("--alpha", type=float, default=0.5, help="alpha of every rule but lossless")
-    p.add_argument("--inputs", type=int, default=64, help="encoder input length")
+    p.add_argument("--inputs", type=int, default=64, help="input length: the encoder's, or the prompt's")
     p.add_argument("--max-decode-length", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=("bfloat16", "float32"), help="random mode only")
     p.add_argument("--vocab", type=int, default=common.T5_VOCAB, help="random mode only")
@@ -71,14 +75,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def shape(model, config) -> dict:
+    """The model's family and shape fields for the JSON lines."""
+    if model.family == "t5":
+        return {"family": "t5", **common.shape_fields(config)}
+    fields = ("model_type", "emb_dim", "mlp_dim", "num_heads", "num_kv_heads", "head_dim", "num_layers", "vocab_size")
+    return {"family": model.family, **{k: getattr(config, k) for k in fields}}
+
+
+def decoding_inputs(model, tokens, vocab) -> dict:
+    """The model's decoding inputs for input token rows [b, Li] (the data layer's encoder inputs; a
+    decoder's prompt drops their EOS and gets the vocabulary's prompt tokens)."""
+    import numpy as np
+
+    zeros = np.zeros((tokens.shape[0], 1), np.int32)
+    examples = {
+        "encoder_input_tokens": tokens,
+        "decoder_input_tokens": zeros,
+        "decoder_target_tokens": zeros,
+        "decoder_loss_weights": zeros.astype(np.float32),
+    }
+    return model.decoding_inputs(model.make_batch(examples, vocab))
+
+
 def random_models(a: argparse.Namespace, mesh, rules):
-    """{'large'|'small': (model, params, config)}, random inputs [max batch, Li] and eos -1."""
+    """{'large'|'small': (model, params, config)}, random inputs [max batch, Li], eos -1 and the
+    vocabulary that lays out a decoder's prompts (bytes: no prompt tokens)."""
     import jax
     import numpy as np
     from flax import linen as nn
 
     from cat_jax import models as models_lib
-    from cat_jax import partitioning
+    from cat_jax import partitioning, vocabularies
 
     models = {}
     for role, size, seed in (("large", a.large, 0), ("small", a.small, 1)):
@@ -93,11 +121,12 @@ def random_models(a: argparse.Namespace, mesh, rules):
         )(jax.random.key(seed))
         models[role] = (model, params, config)
     inputs = np.random.default_rng(0).integers(2, a.vocab, (max(a.batch_list), a.inputs), dtype=np.int32)
-    return models, inputs, -1  # eos_id -1 never matches: fixed-length decoding
+    return models, inputs, -1, vocabularies.ByteVocabulary()  # eos_id -1 never matches: fixed-length decoding
 
 
 def restored_models(a: argparse.Namespace, mesh, rules):
-    """The two checkpoints, the task split's first encoder inputs [max batch, Li] and its EOS id."""
+    """The two checkpoints, the task split's first inputs [max batch, Li] (as the data layer gives
+    them: ending in EOS, which a decoder's prompt drops), its EOS id and vocabulary."""
     import numpy as np
 
     import tasks  # noqa: F401  (registers the tasks)
@@ -111,9 +140,10 @@ def restored_models(a: argparse.Namespace, mesh, rules):
     arrays = data_lib.load_split(
         a.task, a.split, {"inputs": a.inputs, "targets": a.max_decode_length}, max_examples=max(a.batch_list)
     )
+    vocab = data_lib.get_vocabulary_of(a.task)
     enc = arrays.features["encoder_input_tokens"]
     reps = -(-max(a.batch_list) // len(enc))
-    return models, np.tile(enc, (reps, 1))[: max(a.batch_list)], data_lib.get_vocabulary_of(a.task).eos_id
+    return models, np.tile(enc, (reps, 1))[: max(a.batch_list)], vocab.eos_id, vocab
 
 
 def timed_ms(compiled, args: tuple, a: argparse.Namespace) -> tuple[float, object]:
@@ -138,7 +168,7 @@ def run(a: argparse.Namespace) -> None:
 
     mesh, rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
     sharding = partitioning.batch_sharding(mesh, rules)
-    models, inputs, eos_id = (restored_models if a.large_model_dir else random_models)(a, mesh, rules)
+    models, inputs, eos_id, vocab = (restored_models if a.large_model_dir else random_models)(a, mesh, rules)
     (large, large_params, large_config), (small, small_params, small_config) = models["large"], models["small"]
     device, steps = common.jax_device_name(), a.max_decode_length
     base = {
@@ -146,14 +176,14 @@ def run(a: argparse.Namespace) -> None:
         "device": device,
         "inputs": a.inputs,
         "max_decode_length": steps,
-        "large": common.shape_fields(large_config),
-        "small": common.shape_fields(small_config),
+        "large": shape(large, large_config),
+        "small": shape(small, small_config),
         "mode": "checkpoints" if a.large_model_dir else "random",
         **common.versions(),
     }
     greedy = jax.jit(functools.partial(greedy_decode, large, max_decode_length=steps, eos_id=eos_id))
     for batch in a.batch_list:
-        enc = {"encoder_input_tokens": jax.device_put(inputs[:batch], sharding)}
+        enc = {k: jax.device_put(v, sharding) for k, v in decoding_inputs(large, inputs[:batch], vocab).items()}
         with common.guarded({**base, "impl": "large_greedy", "batch": batch}):
             start = time.perf_counter()
             compiled = greedy.lower(large_params, enc).compile()

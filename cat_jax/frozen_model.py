@@ -159,20 +159,23 @@ def check_config(model_dir: str, info: dict[str, Any], expected: Any, role: str 
         )
 
 
-def check_cascade_models(model_dirs: Mapping[str, str], large: str) -> None:
+def check_cascade_models(model_dirs: Mapping[str, str], large: str, *, shared_vocabulary: bool = True) -> None:
     """Refuses, before anything is decoded (model_dirs[large] is the large model), a model directory
-    without run_info.json (CheckpointError),
-    small models whose vocabulary differs from the large one's (TeacherMismatchError), and a model
-    directory without a finished checkpoint (CheckpointError)."""
+    without run_info.json (CheckpointError), with shared_vocabulary (speculative decoding: the
+    drafter's tokens are the verifier's) a model whose vocabulary differs from the large one's
+    (TeacherMismatchError), and a model directory without a finished checkpoint (CheckpointError).
+    cascade_eval's models may have different vocabularies: each reads the split's text in its own."""
     info = {name: read_model_info(d) for name, d in model_dirs.items()}
     want = (info[large]["vocabulary"], info[large]["model_config"]["vocab_size"])
     for name, model_dir in model_dirs.items():
         have = (info[name]["vocabulary"], info[name]["model_config"]["vocab_size"])
-        if have != want:
+        if shared_vocabulary and have != want:
             raise TeacherMismatchError(
                 f"small model {name!r} ({model_dir}) has vocabulary {have[0]} with vocab_size {have[1]}, "
-                f"but the large model ({model_dirs[large]}) has {want[0]} with vocab_size {want[1]}. All "
-                "models of a cascade must share one vocabulary: train them on tasks with the same one."
+                f"but the large model ({model_dirs[large]}) has {want[0]} with vocab_size {want[1]}. "
+                "Speculative decoding verifies the drafter's tokens with the large model, so both must share "
+                "one vocabulary: pair models trained with the same tokenizer (cascade_eval takes models with "
+                "different tokenizers)."
             )
     for model_dir in model_dirs.values():
         latest_finished_step(model_dir)

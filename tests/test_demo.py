@@ -3,7 +3,11 @@ rules, the 3-tier cascade, the budget-calibrated rows, the commands."""
 
 import json
 
+import gin
+import pytest
+
 from cat_jax.jobs import demo
+from cat_jax.models.decoder import DecoderConfig
 
 
 def _calibration(val_rate: float, test_rate: float) -> list[dict]:
@@ -88,3 +92,40 @@ def test_report_names_the_best_deployable_rule_and_the_cheapest_match(tmp_path):
     assert "| cat | chow_average | 0.300 / 0.400 / 0.700 | 0.320 / 0.450 / 0.680 |" in text
     assert "| ce > cat+distill > large | chow_average > abc | 0.250 / 0.400 / 0.700 | 0.270 / 0.450 / 0.680 |" in text
     assert "![curve.png](cascade/curve.png)" in text and "python -m cat_jax.train --x" in text
+
+
+def test_family_switch_picks_the_decoder_demo_models(monkeypatch, tmp_path):
+    """CAT_JAX_DEMO_FAMILY=decoder: every training adds the decoder demo model of its size (the
+    large run file the large one), eval and cascade_eval need none (run_info says); t5 adds none;
+    the report names the family; an unknown family is refused naming the choices."""
+    monkeypatch.setenv("CAT_JAX_DEMO_FAMILY", "decoder")
+    assert demo.family_from_env() == "decoder"
+    recorded = []
+    stages = demo.Stages(total=2)
+    monkeypatch.setattr(stages, "run", lambda name, args, skip_if=None: recorded.append(args))
+    demo._train(stages, "large", "train_large.gin", steps=4, family="decoder")
+    demo._train(stages, "small_ce", "train_small_ce.gin", family="decoder")
+    demo._train(stages, "small_t5", "train_small_ce.gin", family="t5")
+    model_files = [[a for a in args if a.startswith("--gin_file=gin_configs/models/")] for args in recorded]
+    assert model_files == [
+        ["--gin_file=gin_configs/models/decoder/decoder_demo_large.gin"],
+        ["--gin_file=gin_configs/models/decoder/decoder_demo_small.gin"],
+        [],
+    ]
+    for args, files, width in zip(recorded, model_files, (128, 64)):
+        assert args.index(files[0]) == 2  # right after the run file: its model is replaced
+        gin.clear_config()
+        try:
+            gin.parse_config_file(files[0].split("=", 1)[1])
+            assert "DecoderConfig" in str(gin.query_parameter("%MODEL_CONFIG"))
+            assert DecoderConfig().emb_dim == width
+        finally:
+            gin.clear_config()
+    (tmp_path / "summary.json").write_text(json.dumps([_row("ce", "chow_average", 0.7, None)]))
+    (tmp_path / "tier_summary.json").write_text("[]")
+    results = {"large": {"step": 8, "metrics": {demo.TASK: {"accuracy": 80.0}}}}
+    demo.write_report(str(tmp_path / "report.md"), str(tmp_path), results, [], family="decoder")
+    assert "decoder-only (Llama-shaped) models" in (tmp_path / "report.md").read_text()
+    monkeypatch.setenv("CAT_JAX_DEMO_FAMILY", "mamba")
+    with pytest.raises(SystemExit, match="CAT_JAX_DEMO_FAMILY='mamba': choose one of"):
+        demo.family_from_env()

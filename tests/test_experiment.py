@@ -68,3 +68,21 @@ def test_bad_arguments_print_the_usage_and_exit_2(tmp_path):
     for args in (["--scale", "tpu", "--out", str(tmp_path)], ["--scale", "cpu"]):
         result = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True)
         assert result.returncode == 2 and "--scale gpu" in result.stderr
+
+
+def test_decoder_family_swaps_the_model_files_and_dtype_binding(tmp_path):
+    commands = _commands("--scale", "cpu", "--family", "decoder", "--out", str(tmp_path), "--seeds", "0")
+    assert [c["module"] for c in commands] == ["cat_jax.train"] * 5 + ["cat_jax.cascade_eval"]
+    assert commands[0]["--gin_file"].split(",")[1] == "gin_configs/models/decoder/decoder_demo_large.gin"
+    for student in commands[1:5]:
+        assert student["--gin_file"].split(",")[1] == "gin_configs/models/decoder/decoder_demo_small.gin"
+    for command in commands:
+        assert command["--gin.DecoderConfig.dtype"] == "'float32'" and "--gin.T5Config.dtype" not in command
+        for gin_file in command.get("--gin_file", "").split(","):
+            assert not gin_file or (REPO / gin_file).is_file(), gin_file
+    refused = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--scale", "gpu", "--family", "decoder", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "--family t5 (default) or decoder" in refused.stderr

@@ -72,7 +72,7 @@ def test_writes_every_point_summary_and_plot(outputs):
         assert f"## {group}" in md
         for gamma in GAMMAS:
             assert (out / f"{group}__ce__gamma{gamma}.png").read_bytes().startswith(PNG)
-    assert f"wrote {4 + len(GROUPS) * len(GAMMAS)} files to {out}" in proc.stdout
+    assert f"wrote {4 + len(GROUPS) * len(GAMMAS) + 1} files to {out}" in proc.stdout  # examples.jsonl too
 
 
 def test_lossless_is_the_large_model_and_the_small_extreme_the_drafter(outputs):
@@ -148,3 +148,18 @@ def test_opt_sweeps_between_infinite_extremes_written_as_strings(tmp_path):
             math.inf,
             None,
         ]
+
+
+def test_records_hold_every_run_and_example(outputs):
+    """examples.jsonl: one record per (drafter, gamma, rule, alpha) and example; greedy lossless
+    emits the large model's very token ids."""
+    records = report.read_examples(outputs[0] / report.EXAMPLES)
+    per_run = 4 * (len(GROUPS) - 1)  # MAX_EXAMPLES=4 of each task
+    assert len(records) == per_run * (2 + len(GAMMAS) * (1 + 2 + 2))
+    large = [r for r in records if r["drafter"] == "large"]
+    assert len(large) == per_run and all(r["rule"] == "alone" and r["accepted"] is None for r in large)
+    for gamma in GAMMAS:
+        lossless = [r for r in records if r["rule"] == "lossless" and r["gamma"] == gamma]
+        assert [r["prediction_ids"] for r in lossless] == [r["prediction_ids"] for r in large]
+        assert [r["id"] for r in lossless] == [r["id"] for r in large]
+        assert all(r["drafted"] == gamma * r["large_calls"] and r["accepted"] <= r["drafted"] for r in lossless)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from cat_jax import data as data_lib
-from cat_jax import evaluation, metrics, models, partitioning
+from cat_jax import evaluation, metrics, model_tokens, models, partitioning
 from cat_jax.cascade import analysis, report, store
 from cat_jax.cascade.agreement import is_free_text
 from cat_jax.cascade.plan import ALL_RULES, CONFIG, LARGE, AnalysisConfig, Options, metric_ref
@@ -28,7 +28,7 @@ from cat_jax.cascade.records import ModelOutputs, SplitRecords
 from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import ConfigError
 from cat_jax.evaluation import Split, load_split, score_texts
-from cat_jax.frozen_model import check_cascade_models, check_vocabulary, load_frozen_model, read_model_info
+from cat_jax.frozen_model import check_cascade_models, load_frozen_model, read_model_info
 
 log = logging.getLogger("cat_jax")
 
@@ -53,11 +53,9 @@ class CascadeEvalResult:
     files: list[str]
 
 
-def example_flops(model: models.Model, arrays: data_lib.ExampleArrays, decoded_lengths: np.ndarray) -> np.ndarray:
-    """Forward FLOPs [N] at each example's actual input length (capped at Li) and decoded length."""
-    return np.array(
-        [model.forward_flops(int(li), int(lt)) for li, lt in zip(evaluation.input_lengths(arrays), decoded_lengths)]
-    )
+def example_flops(model: models.Model, input_lengths: np.ndarray, decoded_lengths: np.ndarray) -> np.ndarray:
+    """Forward FLOPs [N] at each example's input length in the model's own batch and its decoded length."""
+    return np.array([model.forward_flops(int(li), int(lt)) for li, lt in zip(input_lengths, decoded_lengths)])
 
 
 def embedding_depth(options: Options, large_info: Mapping[str, Any]) -> int:
@@ -79,23 +77,26 @@ def decode_model(
     model_dir: str,
     splits: Sequence[Split],
     dataset: DatasetConfig,
-    vocab: Any,
+    task_vocab: Any,
     mesh: Any,
     rules: Any,
     embed_depth: int | None = None,
 ) -> dict[str, Decoded]:
-    """Restores one model and greedy-decodes every split with it: split name -> Decoded; with
-    embed_depth, also each input's mean hidden state after that many layers."""
+    """Restores one model and greedy-decodes every split with it, in its own tokens (the task's
+    arrays when it was trained with the task's vocabulary, else the split's text tokenized by its
+    MODEL_DIR's vocabulary; `cat_jax.model_tokens`): split name -> Decoded; with embed_depth, also
+    each input's mean hidden state after that many layers. FLOPs count the model's own tokens."""
     frozen = load_frozen_model(model_dir, mesh=mesh, rules=rules)
     rules = frozen.rules
-    check_vocabulary(model_dir, frozen.info, frozen.config, vocab, role=f"model {name!r}")
+    vocab, same = model_tokens.model_vocabulary(model_dir, frozen.info, task_vocab)
     out = {}
     for split in splits:
+        arrays = split.arrays if same else model_tokens.tokenize_split(split.arrays, vocab)
         start = time.perf_counter()
         preds = evaluation.predict(
             frozen.model,
             frozen.params,
-            split.arrays,
+            arrays,
             vocab,
             dataset.batch_size,
             mesh,
@@ -104,23 +105,22 @@ def decode_model(
         )
         log.info(
             "Decoded %d %s examples with model %r (step %d of %s) in %.1f s",
-            len(split.arrays),
+            len(arrays),
             split.name,
             name,
             frozen.step,
             model_dir,
             time.perf_counter() - start,
         )
+        input_lengths = frozen.model.input_lengths(frozen.model.make_batch(arrays.features, vocab))
         embedding = embedding_flops = None
         if embed_depth is not None:
             embedding = evaluation.mean_input_hidden(
-                frozen.model, frozen.params, split.arrays, vocab, dataset.batch_size, mesh, rules, embed_depth
+                frozen.model, frozen.params, arrays, vocab, dataset.batch_size, mesh, rules, embed_depth
             )
-            embedding_flops = frozen.model.embedding_flops(
-                evaluation.input_lengths(split.arrays).astype(np.float64), embed_depth
-            )
+            embedding_flops = frozen.model.embedding_flops(input_lengths.astype(np.float64), embed_depth)
         out[split.name] = Decoded(
-            preds, example_flops(frozen.model, split.arrays, preds.lengths), embedding, embedding_flops
+            preds, example_flops(frozen.model, input_lengths, preds.lengths), embedding, embedding_flops
         )
     return out
 
@@ -216,7 +216,7 @@ def run_cascade_eval(
         embed_layer=embed_layer,
     )
     config = plan_job(dataset, model_dirs, options, validation_split)
-    check_cascade_models(model_dirs, LARGE)
+    check_cascade_models(model_dirs, LARGE, shared_vocabulary=False)
     depth = None
     if config.needs_embeddings():
         depth = embedding_depth(config.options, read_model_info(large_model_dir))

@@ -9,8 +9,12 @@ Stages (each skipped when its output already exists, so a re-run reuses finished
      deferral-rate budget calibrated on validation: curves of quality against relative FLOPs,
      summary tables and PNG plots in `runs/demo/cascade/`,
   5. write `runs/demo/report.md`: the summary tables, which small model and rule win, the commands.
-CAT_JAX_DEMO_DIR (default runs/demo), CAT_JAX_DEMO_TASK (cmudict_syllables), CAT_JAX_DEMO_STEPS (400)
-and CAT_JAX_DEMO_EXAMPLES (512 test examples) change where, on what and how long it runs.
+CAT_JAX_DEMO_DIR (default runs/demo, runs/demo_decoder for decoders), CAT_JAX_DEMO_TASK
+(cmudict_syllables), CAT_JAX_DEMO_STEPS (400) and CAT_JAX_DEMO_EXAMPLES (512 test examples) change
+where, on what and how long it runs;
+CAT_JAX_DEMO_FAMILY picks the models: t5 (default: the encoder-decoder demo_large / demo_small) or
+decoder (Llama-shaped decoder-only models of about the same cost, decoder_demo_large / _small), the
+same stages and commands but for the model file each training adds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,36 @@ import subprocess
 import sys
 import time
 
-DEMO_DIR = os.environ.get("CAT_JAX_DEMO_DIR", os.path.join("runs", "demo"))
+# family -> (its name in the report, {size: the gin model file training adds, None: the run file's own})
+FAMILIES = {
+    "t5": ("T5 (encoder-decoder)", {"large": None, "small": None}),
+    "decoder": (
+        "decoder-only (Llama-shaped)",
+        {
+            "large": "gin_configs/models/decoder/decoder_demo_large.gin",
+            "small": "gin_configs/models/decoder/decoder_demo_small.gin",
+        },
+    ),
+}
+
+
+def family_from_env() -> str:
+    """CAT_JAX_DEMO_FAMILY (default t5); SystemExit naming the choices for any other value."""
+    family = os.environ.get("CAT_JAX_DEMO_FAMILY", "t5")
+    if family not in FAMILIES:
+        raise SystemExit(f"CAT_JAX_DEMO_FAMILY={family!r}: choose one of {sorted(FAMILIES)}.")
+    return family
+
+
+def model_args(family: str, size: str) -> list[str]:
+    """The training flags that pick the family's `size` ('large' or 'small') model."""
+    path = FAMILIES[family][1][size]
+    return [] if path is None else [f"--gin_file={path}"]
+
+
+FAMILY = family_from_env()
+# Each family its own directory: the stages skip what a directory already holds.
+DEMO_DIR = os.environ.get("CAT_JAX_DEMO_DIR", os.path.join("runs", "demo" if FAMILY == "t5" else f"demo_{FAMILY}"))
 TASK = os.environ.get("CAT_JAX_DEMO_TASK", "cmudict_syllables")
 STEPS = int(os.environ.get("CAT_JAX_DEMO_STEPS", 400))
 LARGE_STEPS = 4 * STEPS  # train_large.gin's learning rate is a third of the students': more steps
@@ -75,13 +108,16 @@ class Stages:
         print(f"=== {head}: done in {time.time() - started:.0f}s ===", flush=True)
 
 
-def _train(stages: Stages, name: str, run_file: str, extra: list[str] = (), steps: int = STEPS) -> str:
+def _train(
+    stages: Stages, name: str, run_file: str, extra: list[str] = (), steps: int = STEPS, family: str = FAMILY
+) -> str:
     model_dir = os.path.join(DEMO_DIR, name)
     stages.run(
         f"train {name}",
         [
             "cat_jax.train",
             f"--gin_file=gin_configs/runs/{run_file}",
+            *model_args(family, "large" if run_file.startswith("train_large") else "small"),
             f"--gin.MODEL_DIR={model_dir}",
             f"--gin.TRAIN_STEPS={steps}",
             "--gin.BATCH_SIZE=32",
@@ -195,7 +231,9 @@ def _calibration_lines(rows: list[dict], tiered: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands: list[str]) -> str:
+def write_report(
+    path: str, cascade_dir: str, results: dict[str, dict], commands: list[str], family: str = FAMILY
+) -> str:
     """report.md: model metrics, the cascade table for a few rules, the winners, the commands."""
     rows, tiered = _task_rows(cascade_dir, "summary.json"), _task_rows(cascade_dir, "tier_summary.json")
     deployable = [r for r in rows if r["rule"] not in BOUNDS]
@@ -203,10 +241,11 @@ def write_report(path: str, cascade_dir: str, results: dict[str, dict], commands
     matching = [r for r in deployable if r["relative_flops_to_match_large"] is not None]
     cheapest = min(matching, key=lambda r: r["relative_flops_to_match_large"]) if matching else None
     lines = [
-        f"# cat_jax demo: {TASK}",
+        f"# cat_jax demo: {TASK}, {FAMILIES[family][0]} models",
         "",
-        f"A large model ({LARGE_STEPS} steps) and three small ones (CE, distillation, CAT; {STEPS} "
-        f"steps each) trained on CPU, evaluated on {EVAL_EXAMPLES} test examples.",
+        f"A large {FAMILIES[family][0]} model ({LARGE_STEPS} steps) and three small ones (CE, distillation, "
+        f"CAT; {STEPS} steps each) trained on CPU, evaluated on {EVAL_EXAMPLES} test examples "
+        f"(CAT_JAX_DEMO_FAMILY={family}).",
         "",
         "## Models",
         "",
@@ -278,6 +317,7 @@ def main() -> None:
     for name, r in results.items():
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in r["metrics"][TASK].items())
         print(f"  {name:14s} step {r['step']:5d}  {metrics}")
+    print(f"\nModels: {FAMILIES[FAMILY][0]} (CAT_JAX_DEMO_FAMILY={FAMILY}).")
     print(f"\nBest cascade by AUC (bounds excluded): {winner}. Done in {time.time() - stages.start:.0f}s.")
     print(f"Report:      {os.path.abspath(report)}")
     print(f"Plots/data:  {os.path.abspath(cascade)}/ (summary.md, curves.csv, *.png)")

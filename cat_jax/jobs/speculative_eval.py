@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax import data as data_lib
-from cat_jax import evaluation, metrics, partitioning
+from cat_jax import evaluation, metrics, model_tokens, partitioning
 from cat_jax.cascade.plan import LARGE
 from cat_jax.cascade.speculative import cost, report
 from cat_jax.cascade.speculative.rules import ALPHA_EXTREMES, RULES, SWEEP_SPANS, rule_id
@@ -32,7 +32,7 @@ from cat_jax.decoding import DecodingConfig, Sampler, make_decoder
 from cat_jax.decoding.speculative import SpeculativeOutput, speculative_decode
 from cat_jax.errors import ConfigError
 from cat_jax.evaluation import Split, load_split, score_texts
-from cat_jax.frozen_model import FrozenModel, check_cascade_models, check_vocabulary, load_frozen_model
+from cat_jax.frozen_model import FrozenModel, check_cascade_models, load_frozen_model
 from cat_jax.models import Model
 
 log = logging.getLogger("cat_jax")
@@ -42,10 +42,12 @@ Batches = list[tuple[dict[str, jax.Array], np.ndarray]]  # (decoding inputs on t
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One decoding of the split: texts [N], lengths [N], FLOPs [N], seconds for all batches, and
-    for speculative runs the large-model calls (rounds) [N] and accepted drafts [N]."""
+    """One decoding of the split: texts [N], token ids [N] (EOS included), lengths [N], FLOPs [N],
+    seconds for all batches, and for speculative runs the large-model calls (rounds) [N] and
+    accepted drafts [N]."""
 
     texts: list[str]
+    token_ids: list[list[int]]
     lengths: np.ndarray
     flops: np.ndarray
     seconds: float
@@ -105,8 +107,10 @@ def check_plan(
         raise ConfigError(f"speculative_eval times decoding on one host; got {jax.process_count()} processes.")
 
 
-def make_batches(split: Split, model: Model, vocab: Any, batch_size: int, mesh: Any, rules: Any) -> Batches:
-    """Every batch of the split as the model's decoding inputs, placed on the mesh once."""
+def make_batches(
+    arrays: data_lib.ExampleArrays, model: Model, vocab: Any, batch_size: int, mesh: Any, rules: Any
+) -> Batches:
+    """Every batch of the split's arrays as the model's decoding inputs, placed on the mesh once."""
     sharding = partitioning.batch_sharding(mesh, rules)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
@@ -116,7 +120,7 @@ def make_batches(split: Split, model: Model, vocab: Any, batch_size: int, mesh: 
             {k: jax.device_put(v, sharding) for k, v in model.decoding_inputs(model.make_batch(batch, vocab)).items()},
             real,
         )
-        for batch, real in data_lib.eval_batches(split.arrays, batch_size)
+        for batch, real in data_lib.eval_batches(arrays, batch_size)
     ]
 
 
@@ -141,28 +145,34 @@ def _texts(vocab: Any, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     return [evaluation.detokenize(vocab, row, length) for row, length in zip(tokens, lengths)]
 
 
+def _ids(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    return [[int(t) for t in row[:length]] for row, length in zip(tokens, lengths)]
+
+
 def decode_alone(
-    model: FrozenModel, split: Split, batches: Batches, vocab: Any, decoding: DecodingConfig, steps: int, repeats: int
+    model: FrozenModel,
+    input_lengths: np.ndarray,
+    batches: Batches,
+    vocab: Any,
+    decoding: DecodingConfig,
+    steps: int,
+    repeats: int,
 ) -> Run:
-    """One model decoding the split by itself (greedy, or sampling at the sweep's temperature)."""
+    """One model decoding the split by itself (greedy, or sampling at the sweep's temperature);
+    input_lengths [N]: the inputs' tokens in the model's batch (its FLOPs)."""
     decoder = make_decoder(decoding, model.model, steps, vocab.eos_id)
     outs, seconds = timed(lambda enc, i: decoder(model.params, enc, decoding.rng(i)), batches, repeats)
     tokens = np.concatenate([o.tokens for o in outs])
     lengths = np.concatenate([o.lengths for o in outs])
-    flops = np.array(
-        [
-            cost.decode_flops(model.model, int(li), int(lt))
-            for li, lt in zip(evaluation.input_lengths(split.arrays), lengths)
-        ]
-    )
-    return Run(_texts(vocab, tokens, lengths), lengths, flops, seconds)
+    flops = np.array([cost.decode_flops(model.model, int(li), int(lt)) for li, lt in zip(input_lengths, lengths)])
+    return Run(_texts(vocab, tokens, lengths), _ids(tokens, lengths), lengths, flops, seconds)
 
 
 def decode_speculative(
     spec: Callable[..., SpeculativeOutput],
     drafter: FrozenModel,
     large: FrozenModel,
-    split: Split,
+    input_lengths: np.ndarray,
     batches: Batches,
     vocab: Any,
     *,
@@ -181,11 +191,13 @@ def decode_speculative(
     flops = np.array(
         [
             cost.speculative_flops(drafter.model, large.model, int(li), row, gamma)
-            for li, row in zip(evaluation.input_lengths(split.arrays), starts)
+            for li, row in zip(input_lengths, starts)
         ]
     )
-    lengths = cat("lengths")
-    return Run(_texts(vocab, cat("tokens"), lengths), lengths, flops, seconds, cat("rounds"), cat("accepted"))
+    tokens, lengths = cat("tokens"), cat("lengths")
+    return Run(
+        _texts(vocab, tokens, lengths), _ids(tokens, lengths), lengths, flops, seconds, cat("rounds"), cat("accepted")
+    )
 
 
 def group_quality(
@@ -242,6 +254,32 @@ def points_of(
     return out
 
 
+def example_records(
+    run: Run, split: Split, *, drafter: str, rule: str, gamma: int, alpha: float | None
+) -> list[report.ExampleRecord]:
+    """One record per example of one run of the split (rule 'alone': a model by itself)."""
+    _, quality = score_texts(split, run.texts)
+    arrays, speculative = split.arrays, run.rounds is not None
+    return [
+        report.ExampleRecord(
+            drafter=drafter,
+            rule=rule,
+            gamma=gamma,
+            alpha=alpha,
+            id=str(arrays.ids[i]),
+            task=str(arrays.task_names[i]),
+            prediction=run.texts[i],
+            prediction_ids=run.token_ids[i],
+            quality=float(quality[i]),
+            flops=float(run.flops[i]),
+            drafted=int(gamma * run.rounds[i]) if speculative else None,
+            accepted=int(run.accepted[i]) if speculative else None,
+            large_calls=int(run.rounds[i]) if speculative else None,
+        )
+        for i in range(len(arrays))
+    ]
+
+
 def _preamble(dataset: DatasetConfig, model_dirs: Mapping[str, str], num_examples: int, temperature: float) -> str:
     models = "".join(f"- {name}: `{d}`\n" for name, d in model_dirs.items())
     device = jax.devices()[0]
@@ -282,27 +320,29 @@ def run_speculative_eval(
     sampler = Sampler(temperature=temperature)
     check_cascade_models({LARGE: large_model_dir, **small_model_dirs}, LARGE)
     mesh, mesh_rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
-    vocab = data_lib.get_vocabulary_of(dataset.mixture_or_task_name)
     split = load_split(dataset, dataset.split)
     groups = curve_groups(split, dataset.mixture_or_task_name)
     steps = dataset.task_feature_lengths["targets"]
     model_dirs = {LARGE: large_model_dir, **small_model_dirs}
-    models = {}
-    for name, model_dir in model_dirs.items():
-        models[name] = load_frozen_model(model_dir, mesh=mesh, rules=mesh_rules)
-        check_vocabulary(model_dir, models[name].info, models[name].config, vocab, role=f"model {name!r}")
+    models = {name: load_frozen_model(d, mesh=mesh, rules=mesh_rules) for name, d in model_dirs.items()}
     families = {name: m.model.family for name, m in models.items()}
     if len(set(families.values())) > 1:
         raise ConfigError(
             f"speculative_eval drafts with one model and verifies with another on one batch: they must "
             f"be of one family (and share one vocabulary); got {families}."
         )
-    batches = make_batches(split, models[LARGE].model, vocab, dataset.batch_size, mesh, mesh_rules)
+    # Every model shares the large one's vocabulary (check_cascade_models): the split in its tokens.
+    task_vocab = data_lib.get_vocabulary_of(dataset.mixture_or_task_name)
+    vocab, same = model_tokens.model_vocabulary(large_model_dir, models[LARGE].info, task_vocab)
+    arrays = split.arrays if same else model_tokens.tokenize_split(split.arrays, vocab)
+    large_model = models[LARGE].model
+    input_lengths = large_model.input_lengths(large_model.make_batch(arrays.features, vocab))
+    batches = make_batches(arrays, large_model, vocab, dataset.batch_size, mesh, mesh_rules)
     alone_decoding = DecodingConfig(
         method="greedy" if sampler.greedy else "sample", temperature=temperature, top_k=0, top_p=1.0, seed=seed
     )  # every field: none from gin's `decoding`
     runs = {
-        name: decode_alone(m, split, batches, vocab, alone_decoding, steps, timing_repeats)
+        name: decode_alone(m, input_lengths, batches, vocab, alone_decoding, steps, timing_repeats)
         for name, m in models.items()
     }
     large = runs[LARGE]
@@ -311,6 +351,11 @@ def run_speculative_eval(
         p
         for name, run in runs.items()
         for p in points_of(run, large, split, groups, drafter=name, rule="alone", gamma=0, alpha=None)
+    ]
+    records = [
+        r
+        for name, run in runs.items()
+        for r in example_records(run, split, drafter=name, rule="alone", gamma=0, alpha=None)
     ]
     for name in small_model_dirs:
         drafter = models[name]
@@ -337,7 +382,7 @@ def run_speculative_eval(
                         spec,
                         drafter,
                         models[LARGE],
-                        split,
+                        input_lengths,
                         batches,
                         vocab,
                         rule=rule,
@@ -346,17 +391,10 @@ def run_speculative_eval(
                         seed=seed,
                         repeats=timing_repeats,
                     )
-                    new = points_of(
-                        run,
-                        large,
-                        split,
-                        groups,
-                        drafter=name,
-                        rule=rule,
-                        gamma=gamma,
-                        alpha=None if rule == "lossless" else alpha,
-                    )
+                    labels = dict(drafter=name, rule=rule, gamma=gamma, alpha=None if rule == "lossless" else alpha)
+                    new = points_of(run, large, split, groups, **labels)
                     points += new
+                    records += example_records(run, split, **labels)
                     log.info(
                         "%s gamma=%d %s alpha=%s: %.3f s (%.2fx the large model), acceptance %.3f",
                         name,
@@ -367,7 +405,10 @@ def run_speculative_eval(
                         new[0].relative_latency,
                         new[0].acceptance_rate,
                     )
-    return SpeculativeEvalResult(output_dir, write_outputs(output_dir, points, split, dataset, model_dirs, temperature))
+    files = write_outputs(output_dir, points, split, dataset, model_dirs, temperature)
+    report.write_examples(os.path.join(output_dir, report.EXAMPLES), records)
+    log.info("Wrote %s", os.path.join(output_dir, report.EXAMPLES))
+    return SpeculativeEvalResult(output_dir, [*files, os.path.join(output_dir, report.EXAMPLES)])
 
 
 def write_outputs(

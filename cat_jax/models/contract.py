@@ -30,8 +30,9 @@ one decoder). It provides:
   since `start_decoding`, the first token included, in every family;
 - `input_embedding`, the mean hidden state of the inputs after `depth` layers (post_hoc_embed's
   features), and `SUPPRESSED_TOKEN`, the id decoding never emits (T5's padding/BOS 0) or None;
-- **FLOPs** per example (`forward_flops`), of the prompt's or encoder's pass (`prefill_flops`), of
-  a decoded block (`decode_flops`) and of `input_embedding` (`embedding_flops`);
+- **FLOPs** per example at the input lengths of its own batch (`input_lengths`): `forward_flops`,
+  the prompt's or encoder's pass (`prefill_flops`), a decoded block (`decode_flops`) and
+  `input_embedding` (`embedding_flops`);
 - its **checkpoint converters**, in the family's `convert` module, reached through
   `cat_jax.models.convert`.
 
@@ -120,6 +121,11 @@ class Model(abc.ABC):
     def decoding_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The features of `batch` that decoding reads."""
         return {name: batch[name] for name in self.DECODING_INPUTS}
+
+    @abc.abstractmethod
+    def input_lengths(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """[b] int: the tokens of each row's inputs in the family's batch (the encoder's, or the
+        prompt's with its special tokens): the `input_length` of the FLOPs methods."""
 
     # ---- parameters ---------------------------------------------------------------------------
     @abc.abstractmethod

@@ -6,7 +6,10 @@
 #
 #   launch/experiments/offline_cascade.sh --scale gpu --out /tmp/cat_jax/offline_cascade   # one H100/H200
 #   launch/experiments/offline_cascade.sh --scale cpu --out runs/offline_cascade           # 2 CPU cores
+#   launch/experiments/offline_cascade.sh --scale cpu --family decoder --out runs/offline_cascade_decoder
 #   add --dry-run to print the commands without running them.
+# --family t5 (default) or decoder: decoder-only models (Llama-shaped decoder_demo_large /
+#   decoder_demo_small, about the T5 demo shapes' cost), at cpu scale.
 #
 # gpu: base-shaped large model (4000 steps), small-shaped students (2000 steps), bfloat16, batch 128,
 #      2000 test examples per task: sized for 30 minutes on one H100 from a FLOP estimate, not yet
@@ -24,10 +27,14 @@
 #   then give every train / eval / cascade_eval command --gin.data_source.streaming_dir=/mnt/bucket/stream.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-usage() { sed -n '2,18p' "$0" >&2; exit 2; }
+usage() { sed -n '2,21p' "$0" >&2; exit 2; }
 # shellcheck source=launch/experiments/common.sh
 source "$root/launch/experiments/common.sh"
-parse_experiment_args "$@"
+family=t5; rest=()
+while [[ $# -gt 0 ]]; do
+  if [[ $1 == --family && $# -gt 1 ]]; then family="$2"; shift 2; else rest+=("$1"); shift; fi
+done
+parse_experiment_args ${rest[@]+"${rest[@]}"}
 case "$scale" in
   gpu) large=base; small=small; steps_large=4000; steps_small=2000; batch=128; dtype=bfloat16
        lengths="{'inputs': 32, 'targets': 128}"; examples=2000;;
@@ -35,12 +42,17 @@ case "$scale" in
        lengths="{'inputs': 32, 'targets': 128}"; examples=128;;
   *) usage;;
 esac
+case "$family/$scale" in
+  t5/*) models=gin_configs/models; config=T5Config;;
+  decoder/cpu) models=gin_configs/models/decoder; config=DecoderConfig; large=decoder_$large; small=decoder_$small;;
+  *) usage;;
+esac
 py="${PYTHON:-$root/.venv/bin/python}"
 common=(--gin.MIXTURE_OR_TASK_NAME=offline_mix "--gin.TASK_FEATURE_LENGTHS=$lengths"
-        "--gin.T5Config.dtype='$dtype'" --gin.load_split.cache_dir="$out/data_cache")
+        "--gin.$config.dtype='$dtype'" --gin.load_split.cache_dir="$out/data_cache")
 # One large model (seed = the first seed); the students and their cascades once per seed, so the
 # spread over seeds is the students' (initialisation and data order) against a fixed large model.
-run "$py" -m cat_jax.train --gin_file=gin_configs/runs/train_large.gin --gin_file="gin_configs/models/$large.gin" \
+run "$py" -m cat_jax.train --gin_file=gin_configs/runs/train_large.gin --gin_file="$models/$large.gin" \
   --gin.MODEL_DIR="$out/large" --gin.TRAIN_STEPS=$steps_large --gin.BATCH_SIZE=$batch --gin.SEED="${seed_list[0]}" \
   "${common[@]}"
 for seed in "${seed_list[@]}"; do
@@ -49,7 +61,7 @@ for seed in "${seed_list[@]}"; do
   for student in ce distill cat cat_distill; do
     teacher=(); [[ $student == ce ]] || teacher=(--gin.TEACHER_MODEL_DIR="$out/large")
     run "$py" -m cat_jax.train --gin_file="gin_configs/runs/train_small_$student.gin" \
-      --gin_file="gin_configs/models/$small.gin" --gin.MODEL_DIR="$dir/small_$student" \
+      --gin_file="$models/$small.gin" --gin.MODEL_DIR="$dir/small_$student" \
       --gin.TRAIN_STEPS=$steps_small --gin.BATCH_SIZE=$batch --gin.SEED=$seed "${teacher[@]}" "${common[@]}"
     smalls+="'$student': '$dir/small_$student', "
   done

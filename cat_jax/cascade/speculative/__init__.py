@@ -3,10 +3,9 @@ decides token by token which distribution the output follows.
 
     rules.py     the rules as pure functions on next-token distributions
     cost.py      FLOPs of decoding alone and of speculative decoding (analytic)
-    report.py    points, summaries and plots of speculative_eval
-    pipeline.py  the speculative_eval job
+    report.py    points, summaries, plots and per-example records of speculative_eval
 
-The batched decoding loop (gamma drafts per round, per-row acceptance) is
+The job is `cat_jax.jobs.speculative_eval`; the batched decoding loop (gamma drafts per round, per-row acceptance) is
 `cat_jax.decoding.speculative`.
 """
 

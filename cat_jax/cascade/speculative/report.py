@@ -1,5 +1,6 @@
 """What speculative_eval writes: every operating point (curves.csv/json), a summary per curve
-(summary.json/md) and PNG plots of quality against relative latency and relative FLOPs."""
+(summary.json/md), PNG plots of quality against relative latency and relative FLOPs, and every
+run's per-example records (examples.jsonl)."""
 
 from __future__ import annotations
 
@@ -113,6 +114,46 @@ def write_points(csv_path: str | pathlib.Path, json_path: str | pathlib.Path, po
             writer.writerow(["" if getattr(p, n) is None else getattr(p, n) for n in fields])
     records = [_json_ready(dataclasses.asdict(p)) for p in points]
     pathlib.Path(json_path).write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleRecord:
+    """One example of one run of the split (a model alone: rule 'alone', gamma 0, alpha None, no
+    drafts): the raw prediction and its token ids (EOS included), its quality, FLOPs, and for a
+    speculative run the drafted tokens (gamma per large-model call), those accepted and the calls."""
+
+    drafter: str
+    rule: str
+    gamma: int
+    alpha: float | None
+    id: str
+    task: str
+    prediction: str
+    prediction_ids: list[int]
+    quality: float
+    flops: float
+    drafted: int | None = None
+    accepted: int | None = None
+    large_calls: int | None = None
+
+
+EXAMPLES = "examples.jsonl"
+
+
+def write_examples(path: str | pathlib.Path, records: Sequence[ExampleRecord]) -> None:
+    """One JSON line per record, in order (infinite alphas as "inf" / "-inf")."""
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(_json_ready(dataclasses.asdict(r)), allow_nan=False) + "\n")
+
+
+def read_examples(path: str | pathlib.Path) -> list[dict]:
+    """The records `write_examples` wrote, as dicts (alphas "inf" / "-inf" back to floats)."""
+    rows = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+    for row in rows:
+        if isinstance(row["alpha"], str):
+            row["alpha"] = float(row["alpha"])
+    return rows
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:

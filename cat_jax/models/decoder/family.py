@@ -211,6 +211,10 @@ class DecoderModel(contract.Model):
             "decoder_loss_weights": weights,
         }
 
+    def input_lengths(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The prompt's tokens, its special tokens included."""
+        return np.sum(np.asarray(batch["prompt_mask"]) > 0, axis=1)
+
     # ---- parameters and teacher forcing -------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:
         return init_params(self.config, rng)

@@ -87,6 +87,10 @@ class T5Model(contract.Model):
             names += SEGMENT_FEATURES
         return {name: examples[name] for name in names}
 
+    def input_lengths(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The encoder's tokens (EOS included; 0 is padding)."""
+        return np.count_nonzero(np.asarray(batch["encoder_input_tokens"]), axis=1)
+
     # ---- parameters and teacher forcing -------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:
         ones = jnp.ones((1, 8), jnp.int32)
