@@ -59,6 +59,20 @@ def with_run_defaults(dataset: DatasetConfig, model_dir: str, info: dict[str, An
     return dataset
 
 
+def cascade_dataset(dataset: DatasetConfig, large_model_dir: str, job: str) -> DatasetConfig:
+    """`with_run_defaults` for a job of several models (cascade_eval, speculative_eval): the large
+    model's run_info completes `dataset` and, with an INPUT_FILE, its vocabulary reads the file. A
+    cascade is scored against targets, so an INPUT_FILE without them is a ConfigError."""
+    dataset = with_run_defaults(dataset, large_model_dir, read_model_info(large_model_dir))
+    source = data_lib.data_source()
+    if source.task_name is not None and not getattr(source, "has_targets", True):
+        raise ConfigError(
+            f"{job} scores each model against the targets, and INPUT_FILE={source.describe()} has none: "
+            "give every line a 'targets' field, or use cat_jax.infer for predictions alone."
+        )
+    return dataset
+
+
 def setup(
     checkpoint_dir: str, step: int | None, dataset: DatasetConfig, dtype: str | None = None
 ) -> tuple[InferenceSetup, DatasetConfig]:

@@ -152,3 +152,63 @@ def test_an_input_file_without_targets_has_no_metrics_and_long_prompts_are_repor
     for proc in (infer, evaluation):
         assert "1 of 2 examples have inputs longer than 16 tokens" in proc.stderr
     assert result["num_truncated"] == {"inputs": 1, "targets": 0}
+
+
+@pytest.mark.slow
+def test_cascade_eval_and_speculative_eval_read_an_input_file(t5_dir, tmp_path):
+    """The cascade jobs take INPUT_FILE as eval and infer do: the file's examples, each model's
+    prediction equal to infer's (one model as large and small: greedy decoding is deterministic); a
+    file without targets cannot be scored and is refused with exit 2 before anything is decoded."""
+    rows = ROWS[:2]
+    _, _, preds, _ = _infer_and_eval(t5_dir, tmp_path, rows)
+    path = str(tmp_path / "prompts.jsonl")
+    common = [
+        f"--gin.LARGE_MODEL_DIR='{t5_dir}'",
+        f"--gin.SMALL_MODEL_DIRS={{'ce': '{t5_dir}'}}",
+        f"--gin.INPUT_FILE='{path}'",
+        "--gin.TASK_FEATURE_LENGTHS=None",  # the large model's, as for infer
+        "--gin.BATCH_SIZE=4",
+    ]
+    run_module(
+        "cat_jax.cascade_eval",
+        [
+            "--gin_file=gin_configs/runs/cascade_eval.gin",
+            *common,
+            "--gin.run_cascade_eval.rules=['chow_average', 'entropy_mean', 'oracle']",  # no rule learned on a split
+            f"--gin.OUTPUT_DIR='{tmp_path / 'cascade'}'",
+        ],
+    )
+    records = [json.loads(line) for line in (tmp_path / "cascade" / "examples.jsonl").read_text().splitlines()]
+    assert sorted(r["model"] for r in records) == ["ce", "ce", "large", "large"]
+    for r in records:
+        assert r["task"] == "input_file:prompts"
+        assert r["prediction"] == preds[[p["input"] for p in preds].index(r["input"])]["prediction"]
+    run_module(
+        "cat_jax.speculative_eval",
+        [
+            "--gin_file=gin_configs/runs/speculative_eval.gin",
+            *common,
+            "--gin.GAMMAS=[2]",
+            f"--gin.OUTPUT_DIR='{tmp_path / 'speculative'}'",
+        ],
+    )
+    spec = [json.loads(line) for line in (tmp_path / "speculative" / "examples.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in spec} == {"input_file:prompts"}
+    by_input = {p["id"]: p["prediction"] for p in preds}
+    for r in spec:
+        if r["rule"] == "alone":
+            assert r["prediction"] == by_input[r["id"]]
+
+    write_jsonl(tmp_path / "no_targets.jsonl", [{"inputs": "hello"}])
+    proc = run_module(
+        "cat_jax.cascade_eval",
+        [
+            "--gin_file=gin_configs/runs/cascade_eval.gin",
+            *common[:2],
+            f"--gin.INPUT_FILE='{tmp_path / 'no_targets.jsonl'}'",
+            f"--gin.OUTPUT_DIR='{tmp_path / 'refused'}'",
+        ],
+        check=False,
+    )
+    assert proc.returncode == 2 and "has none" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()

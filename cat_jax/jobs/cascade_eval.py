@@ -29,6 +29,7 @@ from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import ConfigError
 from cat_jax.evaluation import Split, load_split, score_texts
 from cat_jax.frozen_model import check_cascade_models, load_frozen_model, read_model_info
+from cat_jax.inference import cascade_dataset
 
 log = logging.getLogger("cat_jax")
 
@@ -201,6 +202,7 @@ def run_cascade_eval(
             f"small models other than {LARGE!r}, e.g. {{'ce': '/tmp/cat_jax/small_ce'}}."
         )
     model_dirs = {LARGE: large_model_dir, **small_model_dirs}
+    dataset = cascade_dataset(dataset, large_model_dir, "cascade_eval")
     options = Options(
         rules=rules,
         quantiles=quantiles,

@@ -33,6 +33,7 @@ from cat_jax.decoding.speculative import SpeculativeOutput, speculative_decode
 from cat_jax.errors import ConfigError
 from cat_jax.evaluation import Split, load_split, score_texts
 from cat_jax.frozen_model import FrozenModel, check_cascade_models, load_frozen_model
+from cat_jax.inference import cascade_dataset
 from cat_jax.models import Model
 
 log = logging.getLogger("cat_jax")
@@ -317,6 +318,7 @@ def run_speculative_eval(
     """
     small_model_dirs, alphas = dict(small_model_dirs), dict(alphas or {})
     check_plan(rules, gammas, num_alphas, alphas, small_model_dirs, timing_repeats)
+    dataset = cascade_dataset(dataset, large_model_dir, "speculative_eval")
     sampler = Sampler(temperature=temperature)
     check_cascade_models({LARGE: large_model_dir, **small_model_dirs}, LARGE)
     mesh, mesh_rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
