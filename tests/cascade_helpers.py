@@ -16,6 +16,23 @@ from cat_jax import metrics
 
 # The files a re-analysis must reproduce byte for byte (tier files only where the run drew tiers).
 CURVE_FILES = ("curves.csv", "curves.json", "summary.json", "summary.md")
+# Every curve label cascade_eval draws with its default rules (chow_quantile at its four quantiles).
+LABELS = {
+    "chow_sum",
+    "chow_average",
+    "chow_quantile_0",
+    "chow_quantile_0.1",
+    "chow_quantile_0.25",
+    "chow_quantile_0.5",
+    "entropy_mean",
+    "entropy_max",
+    "margin_min",
+    "post_hoc",
+    "post_hoc_embed",
+    "peer_agreement",
+    "oracle",
+    "random",
+}
 TIER_FILES = ("tier_curves.csv", "tier_curves.json", "tier_summary.json")
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from cascade_helpers import CURVE_FILES, TIER_FILES, expected_endpoints, read_curves, read_examples, reanalyse
+from cascade_helpers import CURVE_FILES, LABELS, TIER_FILES, expected_endpoints, read_curves, read_examples, reanalyse
 from conftest import DATA_CACHE, REPO, run_module, train_args
 
 from cat_jax import hf_tokenizer, models, vocabularies
@@ -30,22 +30,6 @@ PER_TASK = 8
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"
 SMALL = ("gemma", "tiny", "t5")  # tiny: a decoder trained on gemma's tokenizer; t5: on bytes
 DECODERS = ("large", "gemma", "tiny")
-LABELS = {
-    "chow_sum",
-    "chow_average",
-    "chow_quantile_0",
-    "chow_quantile_0.1",
-    "chow_quantile_0.25",
-    "chow_quantile_0.5",
-    "entropy_mean",
-    "entropy_max",
-    "margin_min",
-    "post_hoc",
-    "post_hoc_embed",
-    "peer_agreement",
-    "oracle",
-    "random",
-}
 
 
 def _import(source: str, model_dir) -> None:

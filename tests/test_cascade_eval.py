@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cascade_helpers import expected_endpoints, read_curves, read_examples, reanalyse, total
+from cascade_helpers import LABELS, expected_endpoints, read_curves, read_examples, reanalyse, total
 from conftest import DATA_CACHE, run_module, train_args
 from tolerances import DEEP, assert_close
 
@@ -29,22 +29,6 @@ BLEU_TASKS = ("num2words_fr", "num2words_de")
 PER_TASK = 8
 SMALL = ("ce", "ce2")
 PNG = b"\x89PNG\r\n\x1a\n"
-LABELS = {
-    "chow_sum",
-    "chow_average",
-    "chow_quantile_0",
-    "chow_quantile_0.1",
-    "chow_quantile_0.25",
-    "chow_quantile_0.5",
-    "entropy_mean",
-    "entropy_max",
-    "margin_min",
-    "post_hoc",
-    "post_hoc_embed",
-    "peer_agreement",
-    "oracle",
-    "random",
-}
 
 
 @pytest.fixture(scope="module")
