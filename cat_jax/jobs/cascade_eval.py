@@ -202,7 +202,6 @@ def run_cascade_eval(
             f"small models other than {LARGE!r}, e.g. {{'ce': '/tmp/cat_jax/small_ce'}}."
         )
     model_dirs = {LARGE: large_model_dir, **small_model_dirs}
-    dataset = cascade_dataset(dataset, large_model_dir, "cascade_eval")
     options = Options(
         rules=rules,
         quantiles=quantiles,
@@ -219,6 +218,8 @@ def run_cascade_eval(
     )
     config = plan_job(dataset, model_dirs, options, validation_split)
     check_cascade_models(model_dirs, LARGE, shared_vocabulary=False)
+    dataset = cascade_dataset(dataset, large_model_dir, "cascade_eval")
+    config = dataclasses.replace(config, mixture_name=dataset.mixture_or_task_name)
     depth = None
     if config.needs_embeddings():
         depth = embedding_depth(config.options, read_model_info(large_model_dir))

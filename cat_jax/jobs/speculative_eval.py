@@ -318,9 +318,9 @@ def run_speculative_eval(
     """
     small_model_dirs, alphas = dict(small_model_dirs), dict(alphas or {})
     check_plan(rules, gammas, num_alphas, alphas, small_model_dirs, timing_repeats)
-    dataset = cascade_dataset(dataset, large_model_dir, "speculative_eval")
     sampler = Sampler(temperature=temperature)
     check_cascade_models({LARGE: large_model_dir, **small_model_dirs}, LARGE)
+    dataset = cascade_dataset(dataset, large_model_dir, "speculative_eval")
     mesh, mesh_rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
     split = load_split(dataset, dataset.split)
     groups = curve_groups(split, dataset.mixture_or_task_name)
