@@ -17,6 +17,10 @@ import time
 import pytest
 from conftest import REPO, SUBPROCESS_ENV
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 MODEL_GIN = """import cat_jax.models
 MODEL_CONFIG = @T5Config()
 T5Config.emb_dim = {emb}

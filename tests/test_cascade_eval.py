@@ -23,6 +23,10 @@ from cat_jax.jobs import cascade_analyse as analyse
 from cat_jax.jobs.cascade_eval import Decoded, run_cascade_eval, split_records
 from cat_jax.models.t5 import T5Config, Transformer, encoder_flops, encoder_layers_flops, forward_flops
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 MIXTURE = "offline_mix"
 TASKS = ("cmudict_g2p", "cmudict_syllables", "num2words_fr", "num2words_de")
 BLEU_TASKS = ("num2words_fr", "num2words_de")

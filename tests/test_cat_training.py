@@ -14,6 +14,10 @@ from tolerances import DEEP, assert_close, undecided
 
 from cat_jax.metric_writers import read_jsonl
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):

@@ -370,6 +370,7 @@ def _model_gin(path, config) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # 20-60 s of compiles and decoding on 2 cores: the full suite runs it
 def test_imported_models_fine_tune_cat_train_and_cascade(tmp_path):
     from conftest import DATA_CACHE, TINY_TASK, train_args
 

@@ -6,6 +6,10 @@ import pytest
 from conftest import REPO, TINY_TASK, run_module, train_args
 from helpers import final_state
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 
 def test_unknown_task_lists_close_matches_and_leaves_no_model_dir(tmp_path):
     proc = run_module(

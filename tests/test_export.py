@@ -22,6 +22,10 @@ from cat_jax import data, evaluation, model_dir, vocabularies
 from cat_jax.errors import ExportedDataError, UnknownTaskError
 from cat_jax.jobs import export_task as data_export
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 LENGTHS = {"inputs": 32, "targets": 8}  # TINY_ARGS' lengths
 TRAIN_CAP = 256  # TINY_ARGS' DatasetConfig.max_examples
 MIX_LENGTHS = {"inputs": 16, "targets": 12}

@@ -38,6 +38,10 @@ import numpy as np
 import pytest
 from conftest import REPO, SUBPROCESS_ENV, TINY_TASK, train_args
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 DEVICES = 8
 MESH = "--gin.make_mesh.mesh_shape=[('data', 4), ('fsdp', 1), ('model', 2)]"
 STEPS = 4

@@ -20,6 +20,10 @@ from cat_jax.metric_writers import read_jsonl
 from cat_jax.salt.schedule import KDSchedule
 from cat_jax.salt.selection import band_rows, sequence_scores
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 # The large model is tiny.gin; its teacher is smaller still (one layer each side).
 SMALL = ["--gin.T5Config.num_encoder_layers=1", "--gin.T5Config.num_decoder_layers=1"]
 TINY_MODEL = "--gin_file=gin_configs/models/tiny.gin"

@@ -14,6 +14,11 @@ import pytest
 from conftest import REPO
 from tolerances import DEEP, assert_close
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
+
 SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np

@@ -305,6 +305,7 @@ def exact_two_token_distribution(model, params, enc) -> dict[tuple[int, ...], fl
     return dist
 
 
+@pytest.mark.slow  # 20-60 s of compiles and decoding on 2 cores: the full suite runs it
 def test_lossless_sampling_follows_the_large_models_distribution_and_speed_does_not():
     rows = 6000
     enc = jnp.tile(jnp.array([[3, 4, 5, 1]], jnp.int32), (rows, 1))

@@ -129,6 +129,7 @@ def exact_two_token_distribution(model: DecoderModel, params, prompt: np.ndarray
     return dist
 
 
+@pytest.mark.slow  # 20-60 s of compiles and decoding on 2 cores: the full suite runs it
 def test_lossless_sampling_follows_the_verifiers_distribution_and_speed_does_not():
     rows, prompt = 6000, np.array([[3, 4, 5, 2]], np.int32)
     large, large_params = init(TINY_VOCAB, 3)
@@ -181,6 +182,7 @@ def test_speculative_flops_count_prefills_drafts_and_blocks_at_the_prompts_conte
     )
 
 
+@pytest.mark.slow  # 20-60 s of compiles and decoding on 2 cores: the full suite runs it
 def test_benchmark_smoke_on_a_decoder_pair():
     """benchmarks/speculative.py in random mode on two decoder_tiny models: the verifier's greedy
     decoding and two rules through one compiled loop, fixed-length (EOS disabled)."""

@@ -15,6 +15,10 @@ from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import ConfigError
 from cat_jax.jobs.speculative_eval import alpha_grid, run_speculative_eval
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 MIXTURE = "offline_mix"
 GROUPS = ("cmudict_g2p", "cmudict_syllables", "num2words_fr", "num2words_de", MIXTURE)
 RULES = ("lossless", "chow", "token_v2")

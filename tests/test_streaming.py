@@ -15,6 +15,10 @@ import tasks  # noqa: F401  (registers the tasks)
 from cat_jax import data as data_lib
 from cat_jax.data import stream_export, streaming
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 MIXTURE = "streaming_test_mix"
 RATES = {"num2words_de": 1.0, "num2words_fr": 3.0}
 SPLIT = "validation"

@@ -16,6 +16,10 @@ from helpers import assert_trees_equal, final_state, kill_when
 
 from cat_jax.metric_writers import read_jsonl
 
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
+
 
 def _final_params(model_dir, step=None):
     from cat_jax import partitioning

@@ -6,7 +6,12 @@ import json
 import os
 import re
 
+import pytest
 from conftest import REPO, run_module
+
+# Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
+# tier (`pytest -m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
 
 
 def test_readme_task_trains_and_evaluates_on_its_own_task(tmp_path, monkeypatch):
