@@ -104,6 +104,7 @@ def _loss(model, params, batch):
     return -jnp.sum(picked * batch["decoder_loss_weights"]) / jnp.sum(batch["decoder_loss_weights"])
 
 
+@pytest.mark.slow  # 15 s a family on 2 cores; the fast tier keeps the cached and packed comparisons
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_logits_and_gradients_equal_the_einsum_path(family, fused_calls):
     config, make = CASES[family]
