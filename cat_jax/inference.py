@@ -65,7 +65,7 @@ def cascade_dataset(dataset: DatasetConfig, large_model_dir: str, job: str) -> D
     cascade is scored against targets, so an INPUT_FILE without them is a ConfigError."""
     dataset = with_run_defaults(dataset, large_model_dir, read_model_info(large_model_dir))
     source = data_lib.data_source()
-    if source.task_name is not None and not getattr(source, "has_targets", True):
+    if not source.has_targets:
         raise ConfigError(
             f"{job} scores each model against the targets, and INPUT_FILE={source.describe()} has none: "
             "give every line a 'targets' field, or use cat_jax.infer for predictions alone."

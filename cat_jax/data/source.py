@@ -42,6 +42,8 @@ class DataSource(abc.ABC):
     kind: str = ""
     # The one task a source serves whatever the configuration names (an INPUT_FILE's), else None.
     task_name: str | None = None
+    # Whether its examples carry targets to score (an INPUT_FILE's lines may have none).
+    has_targets: bool = True
 
     @abc.abstractmethod
     def describe(self) -> str:
