@@ -19,7 +19,6 @@ or an evaluated model is rebuilt from its own MODEL_DIR's `run_info.json`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -254,7 +253,7 @@ def run_info(
         **model.describe(),
         "vocabulary": vocab_info(vocab),
         **objective,
-        "dataset": dataclasses.asdict(dataset),
+        "dataset": dataset.record(),
         "seed": int(seed),
         "optimizer": optimizer,
         "teacher": teacher.describe() if teacher is not None else None,

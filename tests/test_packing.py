@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import types
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,7 +115,7 @@ def test_packed_train_batches_are_a_pure_function_of_seed_and_step():
 
 def test_in_memory_batches_pack_only_the_training_batches():
     arrays = synthetic(20)
-    packed = InMemoryBatches(arrays, 4, 0, None, (0, 1), pack=True)
+    packed = InMemoryBatches(arrays, 4, 0, None, (0, 1), pack_input_overhead=0)
     assert packed.packed and set(packed.batch(0)) == set(packing.PACKED_FEATURES)
     unpacked = InMemoryBatches(arrays, 4, 0, None, (0, 1))
     assert not unpacked.packed and set(unpacked.batch(0)) == set(arrays.features)
@@ -197,38 +196,53 @@ def test_decoder_packing_refuses_rows_its_prompts_overflow():
     assert model.packing_input_overhead(chat) == 3
     arrays = synthetic(10, truncate=False)
     rows = packing.first_fit(*packing.packing_costs(arrays, 0), LI, LT)
-    with pytest.raises(ConfigError, match="pack_input_overhead=3"):
+    with pytest.raises(ConfigError, match="each prompt adds 3 special tokens"):
         model.make_batch(packing.pack_rows(arrays, rows), chat)
     rows = packing.first_fit(*packing.packing_costs(arrays, 3), LI, LT)
     assert model.make_batch(packing.pack_rows(arrays, rows), chat)["packed_tokens"].shape == (len(rows), LI + LT - 1)
 
 
-def test_train_job_refuses_packing_it_cannot_honour():
+def test_train_job_packs_with_the_family_overhead_and_refuses_unpacked_batches(monkeypatch):
+    """DatasetConfig.pack: the job asks the source for rows with the model's prompt room, and refuses
+    an objective's own (unpacked) batches."""
+    from cat_jax.data.config import DatasetConfig
     from cat_jax.jobs import train
 
     arrays = synthetic(10, truncate=False)
-    decoder = types.SimpleNamespace(model=models.build(DECODER_TINY), vocab=DECODER_VOCAB)
-    chat = types.SimpleNamespace(
-        model=decoder.model, vocab=types.SimpleNamespace(eos_id=EOS, prompt_prefix_ids=(2, 3), prompt_suffix_ids=(4,))
-    )
-    train._check_packing(object(), decoder)  # not asked for: nothing to check
-    with gin.unlock_config():
-        gin.bind_parameter("InMemoryBatches.pack", True)
-    try:
-        with pytest.raises(ConfigError, match="not packed"):
-            train._check_packing(InMemoryBatches(arrays, 2, 0, None, (0, 1), pack=False), decoder)  # as streamed
-        packed = InMemoryBatches(arrays, 2, 0, None, (0, 1))
-        assert packed.packed  # the gin binding reaches the batches
-        train._check_packing(packed, decoder)
-        with pytest.raises(ConfigError, match="pack_input_overhead=2"):
-            train._check_packing(packed, chat)
-    finally:
-        gin.clear_config()
+    asked = {}
+
+    class Source:
+        kind = "exported"
+
+        def describe(self):
+            return "test"
+
+        def train_batches(self, *args):
+            asked["overhead"] = args[-1]
+            return InMemoryBatches(arrays, 2, 0, None, (0, 1), args[-1])
+
+    monkeypatch.setattr(train.data_lib, "data_source", Source)
+    monkeypatch.setattr(train.partitioning, "process_batch_slice", lambda *a: (0, 1))
+    monkeypatch.setattr(train.partitioning, "batch_sharding", lambda *a: None)
+    chat = types.SimpleNamespace(eos_id=EOS, prompt_prefix_ids=(2, 3), prompt_suffix_ids=(4,))
+    own = types.SimpleNamespace(train_batches=lambda *a: None)
+    run = types.SimpleNamespace(model=models.build(DECODER_TINY), vocab=chat, objective=own, mesh=None, rules=None)
+    dataset = DatasetConfig("t", {"inputs": LI, "targets": LT}, batch_size=2, pack=True)
+    assert train._train_data(dataset, run).packed and asked["overhead"] == 2
+    assert not train._train_data(dataset.__class__("t", {"inputs": LI, "targets": LT}, 2), run).packed
+    assert asked["overhead"] is None
+    # SALT_DS's selection: batches of its own, unpacked.
+    run.objective = types.SimpleNamespace(train_batches=lambda *a: InMemoryBatches(arrays, 2, 0, None, (0, 1)))
+    with pytest.raises(ConfigError, match="not packed"):
+        train._train_data(dataset, run)
+    # Recorded in run_info only when on: a run directory from before packing resumes unpacked.
+    assert "pack" not in DatasetConfig("t", {"inputs": 4, "targets": 4}).record()
+    assert dataset.record()["pack"] is True
 
 
 @pytest.mark.slow
 def test_train_binary_packs_its_batches(tmp_path):
-    """The train binary with InMemoryBatches.pack: the same tiny run, more examples' tokens per step."""
+    """The train binary with DatasetConfig.pack: the same tiny run, more examples' tokens per step."""
     import json
 
     from conftest import run_module, train_args
@@ -238,7 +252,7 @@ def test_train_binary_packs_its_batches(tmp_path):
     for pack in (False, True):
         model_dir = tmp_path / f"pack_{pack}"
         run_module(
-            "cat_jax.train", train_args("train_large.gin", model_dir, 2, lengths, f"--gin.InMemoryBatches.pack={pack}")
+            "cat_jax.train", train_args("train_large.gin", model_dir, 2, lengths, f"--gin.DatasetConfig.pack={pack}")
         )
         rows = [json.loads(line) for line in (model_dir / "train_metrics.jsonl").read_text().splitlines()]
         tokens[pack] = [r["train/num_tokens"] for r in rows if "train/num_tokens" in r]

@@ -100,6 +100,102 @@ def test_stream_is_a_seeded_shuffle_mixed_by_rate_and_split_by_process(exported)
     assert it.iterator.get_state()["next_index"] == 3
 
 
+def _segments(batch: dict, row: int) -> list[tuple[tuple, tuple]]:
+    """(inputs, targets) of each example of a packed row, in segment order."""
+    out = []
+    for seg in range(1, int(batch["decoder_segment_ids"][row].max()) + 1):
+        inputs = batch["encoder_input_tokens"][row][batch["encoder_segment_ids"][row] == seg]
+        targets = batch["decoder_target_tokens"][row][batch["decoder_segment_ids"][row] == seg]
+        out.append((tuple(inputs.tolist()), tuple(targets.tolist())))
+    return out
+
+
+def _stream_arrays(batches, picks) -> data_lib.ExampleArrays:
+    """The stream's examples `picks` as unpacked in-memory arrays (what `pack_rows` packs)."""
+    records = [batches.example(p) for p in picks]
+    eos = [batches.eos[t] for t, _ in picks]
+    n = len(picks)
+    return data_lib.ExampleArrays(
+        features=streaming.model_features(records, batches.lengths, eos),
+        ids=np.arange(n).astype(str),
+        task_names=np.full(n, "t"),
+        inputs_text=np.full(n, ""),
+        targets_text=np.full(n, ""),
+        input_lengths=np.array([len(r["inputs"]) for r in records], np.int32),
+        target_lengths=np.array([len(r["targets"]) for r in records], np.int32),
+        extras=np.full(n, "{}"),
+    )
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_packed_stream_packs_each_process_share_in_turn_and_resumes(exported, processes):
+    """Each packed batch holds the next examples of this process's share of the stream (positions p,
+    p + P, ...), laid out as in-memory packing lays them out; a saved state resumes on the same batches,
+    and on another number of processes is refused."""
+    from cat_jax.data import packing
+    from cat_jax.errors import CheckpointError
+
+    root, _, _ = exported
+    source = streaming.StreamingSource(str(root))
+    lengths = {"inputs": 48, "targets": 160}  # untruncated (inputs <= 19, targets <= 112): two or three to a row
+
+    def batches(rows_of, overhead=0):
+        return source.train_batches(MIXTURE, SPLIT, lengths, 8, 0, None, rows_of, overhead)
+
+    for p in range(processes):
+        stream = batches((p, processes))
+        assert stream.packed
+        at = 0  # the next position of this process's share
+        for step in range(4):
+            b = stream.batch(step)
+            assert set(b) == set(packing.PACKED_FEATURES) and b["encoder_input_tokens"].shape == (8 // processes, 48)
+            rows = [_segments(b, r) for r in range(len(b["encoder_input_tokens"]))]
+            count = sum(len(r) for r in rows)
+            assert count > len(rows)  # more examples than rows
+            picks = [stream.order[p + processes * (at + j)] for j in range(count)]
+            arrays = _stream_arrays(stream, picks)
+            unplaced = {
+                j: (
+                    tuple(arrays.features["encoder_input_tokens"][j][: arrays.input_lengths[j]].tolist()),
+                    tuple(arrays.features["decoder_target_tokens"][j][: arrays.target_lengths[j]].tolist()),
+                )
+                for j in range(count)
+            }
+            placed = []
+            for row in rows:
+                placed.append([])
+                for example in row:
+                    j = next(j for j, e in unplaced.items() if e == example)  # the stream's next examples
+                    placed[-1].append(j)
+                    del unplaced[j]
+            assert not unplaced
+            want = packing.pack_rows(arrays, placed)
+            for k in packing.PACKED_FEATURES:
+                np.testing.assert_array_equal(b[k], want[k], err_msg=f"{k} of step {step}")
+            at += count
+    # A family's prompt room: every example claims its inputs plus 3 slots of a row's 48.
+    roomy = batches((0, 1), overhead=3).batch(0)
+    for r in range(8):
+        segments = roomy["encoder_segment_ids"][r]
+        claimed = sum(min(int(np.sum(segments == s)) + 3, 48) for s in range(1, segments.max() + 1))
+        assert claimed <= 48
+    # Resuming from a saved state gives the batches an uninterrupted stream gives.
+    whole, parts = batches((0, processes)), batches((0, processes))
+    want = [whole.batch(step) for step in range(6)]
+    for step in range(3):
+        parts.batch(step)
+    state = parts.iterator.get_state()
+    resumed = batches((0, processes))
+    resumed.iterator.set_state(state)
+    for step in range(3, 6):
+        got = resumed.batch(step)
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[step][k], err_msg=f"{k} of resumed step {step}")
+    other = batches((0, 3 - processes))
+    with pytest.raises(CheckpointError, match="resumes on the number of processes"):
+        other.iterator.set_state(state)
+
+
 def _record_id(source, task: str, index: int) -> str:
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -156,7 +252,8 @@ def test_progress_line_has_rate_and_eta():
     assert line.startswith("Exporting t/train: 300 examples, 20/s (30.0% of 1,000, ETA 0:00:35)"), line
 
 
-def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_path, pack):
     root, _, _ = exported
     args = (
         "--gin.DatasetConfig.max_examples=None",
@@ -164,9 +261,11 @@ def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_pat
         f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'",
         f"--gin.DatasetConfig.split='{SPLIT}'",
         "--gin.train.checkpoint_period=2",
+        f"--gin.DatasetConfig.pack={pack}",
+        *(["--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 160}"] if pack else []),
     )
     whole = run_module("cat_jax.train", train_args("train_small_ce.gin", tmp_path / "whole", 4, *args))
-    assert "streamed by grain from ArrayRecord shards" in whole.stderr
+    assert "streamed by grain from ArrayRecord shards" + (", packed" if pack else ")") in whole.stderr
     for _ in range(2):
         run_module(
             "cat_jax.train",
@@ -175,6 +274,7 @@ def test_streamed_training_resumes_on_the_uninterrupted_stream(exported, tmp_pat
     assert (tmp_path / "parts" / "2" / "data").is_dir()
     info = json.loads((tmp_path / "parts" / "run_info.json").read_text())
     assert info["data_order"] == "streamed" and info["data_source"] == f"streaming:{root}"
+    assert info["dataset"].get("pack", False) is pack
     losses = [
         [json.loads(l)["train/loss"] for l in (tmp_path / d / "train_metrics.jsonl").read_text().splitlines()]
         for d in ("whole", "parts")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-import gin
 import numpy as np
 
 from cat_jax.data.arrays import ExampleArrays
@@ -175,12 +174,11 @@ class PackedTrainBatches:
         return pack_rows(self.arrays, rows)
 
 
-@gin.configurable(denylist=["arrays", "global_batch_size", "seed", "rates", "rows"])
 class InMemoryBatches:
     """The training batches of an in-memory split: `batch(step)` is this process's block of rows of
-    the global batch of `step` (`TrainBatches`, or `PackedTrainBatches` with `pack`, the gin setting
-    `InMemoryBatches.pack = True`; `pack_input_overhead`: tokens a family adds to each example's
-    inputs, see `cat_jax.data.packing`); no data iterator to checkpoint."""
+    the global batch of `step` (`TrainBatches`; with `pack_input_overhead` set, `PackedTrainBatches`
+    leaving that many tokens for a family's prompt beside each example's inputs, see
+    `cat_jax.data.packing`); no data iterator to checkpoint."""
 
     iterator = None
 
@@ -191,28 +189,18 @@ class InMemoryBatches:
         seed: int,
         rates: Mapping[str, float] | None,
         rows: tuple[int, int],
-        pack: bool = False,
-        pack_input_overhead: int = 0,
+        pack_input_overhead: int | None = None,
     ):
-        if pack:
+        if pack_input_overhead is not None:
             self.batches = PackedTrainBatches(arrays, global_batch_size, seed, rates, pack_input_overhead)
         else:
             self.batches = TrainBatches(arrays, global_batch_size, seed=seed, rates=rates)
-        self.packed = pack
-        self.pack_input_overhead = pack_input_overhead
+        self.packed = pack_input_overhead is not None
         self.rows = rows
         self.features = arrays.features
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return self.batches.batch(step, *self.rows)
-
-
-def packing_requested() -> bool:
-    """Whether the gin configuration asks for packed training batches (`InMemoryBatches.pack = True`)."""
-    try:
-        return bool(gin.query_parameter("InMemoryBatches.pack"))
-    except ValueError:
-        return False
 
 
 def eval_batches(arrays: ExampleArrays, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:

@@ -85,12 +85,15 @@ class DataSource(abc.ABC):
         seed: int,
         max_examples: int | None,
         rows: tuple[int, int],
+        pack_input_overhead: int | None = None,
     ) -> Any:
         """The training batches: `.batch(step)` gives this process's rows (block `rows[0]` of
         `rows[1]`) of global batch `step`; `.iterator` is a data iterator whose state the checkpoint
-        must hold, or None (in memory: the step is the position)."""
+        must hold, or None (in memory: the step is the position); `.packed` whether its rows are
+        packed, as they are when `pack_input_overhead` (the tokens a family adds to each example's
+        inputs, `Model.packing_input_overhead`) is not None."""
         arrays = load_split_from(self, name, split, lengths, max_examples)  # load_split.cache_dir applies
-        return InMemoryBatches(arrays, batch_size, seed, self.mixture_rates(name), rows)
+        return InMemoryBatches(arrays, batch_size, seed, self.mixture_rates(name), rows, pack_input_overhead)
 
     def leaf_tasks(self, name: str) -> list[Any]:
         """The tasks of a mixture, or [the task]."""

@@ -24,6 +24,14 @@ The iterator's state, saved in the orbax checkpoint by grain's checkpoint handle
 the next global batch: the same number on every process, so a run resumes on exactly the stream
 an uninterrupted one sees, on the same or on a different number of processes (each process then
 reads its rows of that batch). `IteratorHandler` adds that cross-count restore to grain's handler.
+
+Packed (`DatasetConfig.pack`), a batch holds a varying number of examples, so the stream is read
+per process, as seqio, MaxText and grain pack: process p takes positions p, p + P, p + 2P, ... of
+the sequence above, trims each example as the unpacked rows do, and grain's first-fit packer
+(`grain.experimental.FirstFitPackIterDataset`, B/P bins, the layout of `cat_jax.data.packing`) fills
+this process's B/P rows of every batch in turn. Its state (where the packer's current round began in
+the stream, and the batches given) is per process: a packed stream resumes bit-exactly on the same
+number of processes, and a resume on another number is refused.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ MANIFEST = "manifest.json"
 SHARD = "shard-{:05d}.array_record"
 READ_THREADS = 8
 PREFETCH_BATCHES = 16
+PACKED_PREFETCH_BATCHES = 4
 
 
 def split_dir(directory: str, name: str, split: str) -> str:
@@ -175,6 +184,7 @@ class StreamingSource(FileSource):
         seed: int,
         max_examples: int | None,
         rows: tuple[int, int],
+        pack_input_overhead: int | None = None,
     ) -> StreamingBatches:
         if max_examples is not None:
             raise ConfigError(
@@ -193,6 +203,7 @@ class StreamingSource(FileSource):
             batch_size,
             seed,
             rows,
+            pack_input_overhead,
         )
 
 
@@ -200,7 +211,9 @@ class StreamingBatches:
     """Training batches streamed from ArrayRecord shards (see the module docstring).
 
     `batch(step)` returns this process's rows of global batch `step`, read ahead by grain's
-    threads; `iterator` is the grain iterator whose state the checkpoint holds.
+    threads; `iterator` is the grain iterator whose state the checkpoint holds; `packed` whether
+    rows hold several examples (`pack_input_overhead` not None: the tokens a family adds to each
+    example's inputs, left free beside them).
     """
 
     def __init__(
@@ -213,6 +226,7 @@ class StreamingBatches:
         global_batch_size: int,
         seed: int,
         rows: tuple[int, int],
+        pack_input_overhead: int | None = None,
     ):
         import grain  # pylint: disable=import-outside-toplevel
 
@@ -242,13 +256,19 @@ class StreamingBatches:
         self.lengths, self.eos = dict(lengths), [eos[t] for t in self.tasks]
         self.global_batch_size, self.rows = global_batch_size, (index, count)
         self.per_process = global_batch_size // count
-        batches = grain.MapDataset.range(sys.maxsize).map(self.local_batch)
-        self.iterator = iter(
-            batches.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES))
-        )
+        self.packed = pack_input_overhead is not None
+        if self.packed:
+            self.iterator = PackedIterator(self._packed_stream(int(pack_input_overhead)), count)
+        else:
+            batches = grain.MapDataset.range(sys.maxsize).map(self.local_batch)
+            self.iterator = iter(
+                batches.to_iter_dataset(
+                    grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
+                )
+            )
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of global batch `step` (a pure function of the step)."""
+        """This process's rows of global batch `step` (a pure function of the step), unpacked."""
         index, _ = self.rows
         start = step * self.global_batch_size + index * self.per_process
         picks = [self.order[p] for p in range(start, start + self.per_process)]
@@ -261,15 +281,103 @@ class StreamingBatches:
                     records[j] = decode_record(raw)
         return model_features(records, self.lengths, [self.eos[t] for t, _ in picks])
 
+    def example(self, pick: tuple[int, int], input_overhead: int = 0) -> dict[str, np.ndarray]:
+        """The stream's example `pick` (task, record) as the packer takes it: its inputs and targets
+        trimmed as the unpacked rows are, and `room`, the input slots it claims (its inputs plus
+        `input_overhead`, at most the row's)."""
+        task, record = pick
+        decoded = decode_record(self.sources[task][int(record)])
+        out = {}
+        for feature in ("inputs", "targets"):
+            tokens, n = _fit(decoded[feature], self.lengths[feature], self.eos[task][feature])
+            out[feature] = tokens[: min(n, self.lengths[feature])]
+        out["room"] = np.zeros(min(len(out["inputs"]) + input_overhead, self.lengths["inputs"]), np.int32)
+        return out
+
+    def _packed_stream(self, input_overhead: int) -> Any:
+        """This process's packed batches: its share of the stream (every P-th example), packed
+        first-fit by grain into B/P rows a batch, as `cat_jax.data.packing.PACKED_FEATURES`."""
+        import grain  # pylint: disable=import-outside-toplevel
+
+        index, count = self.rows
+        examples = self.order[index::count].map(functools.partial(self.example, input_overhead=input_overhead))
+        rows = grain.experimental.FirstFitPackIterDataset(
+            examples.to_iter_dataset(
+                grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES * self.per_process)
+            ),
+            length_struct={
+                "inputs": self.lengths["inputs"],
+                "targets": self.lengths["targets"],
+                "room": self.lengths["inputs"],
+            },
+            num_packing_bins=self.per_process,
+            shuffle_bins=False,
+        )
+        batches = rows.batch(self.per_process).map(packed_features)
+        return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=PACKED_PREFETCH_BATCHES))
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The next batch of the stream, which must be batch `step` (the checkpoint restored it)."""
-        at = self.iterator.get_state()["next_index"]
+        at = self.iterator.next_index if self.packed else self.iterator.get_state()["next_index"]
         if at != step:
             raise CheckpointError(
                 f"The data stream is at batch {at} but the train state at step {step}: the "
                 "checkpoint's data state does not match its step."
             )
         return next(self.iterator)
+
+
+def packed_features(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`cat_jax.data.packing.PACKED_FEATURES` of grain's packed rows (`inputs`, `targets` and their
+    `_segment_ids` / `_positions`): the decoder's inputs are each example's targets shifted right
+    behind a 0, as `cat_jax.data.packing.pack_rows` lays them out."""
+    targets = np.asarray(rows["targets"], np.int32)
+    segments = np.asarray(rows["targets_segment_ids"], np.int32)
+    positions = np.asarray(rows["targets_positions"], np.int32)
+    shifted = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+    return {
+        "encoder_input_tokens": np.asarray(rows["inputs"], np.int32),
+        "decoder_input_tokens": np.where((positions > 0) & (segments > 0), shifted, 0).astype(np.int32),
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": ((targets > 0) & (segments > 0)).astype(np.float32),
+        "encoder_segment_ids": np.asarray(rows["inputs_segment_ids"], np.int32),
+        "encoder_positions": np.asarray(rows["inputs_positions"], np.int32),
+        "decoder_segment_ids": segments,
+        "decoder_positions": positions,
+    }
+
+
+class PackedIterator:
+    """A packed stream's iterator with the count of batches it gave (`next_index`). Its state, in
+    the checkpoint, is JSON bytes: {"next_index", "processes", "stream": grain's state}."""
+
+    def __init__(self, inner: Any, processes: int):
+        self.inner, self.processes, self.next_index = inner, processes, 0
+
+    def __iter__(self) -> PackedIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.inner)
+        self.next_index += 1
+        return batch
+
+    def get_state(self) -> bytes:
+        state = {"next_index": self.next_index, "processes": self.processes, "stream": self.inner.get_state()}
+        return json.dumps(state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        state = json.loads(state)
+        if state.get("processes") != self.processes:
+            raise CheckpointError(
+                f"The checkpoint's packed data stream was read by {state.get('processes')} processes, this run "
+                f"has {self.processes}: a packed stream resumes on the number of processes that wrote it."
+            )
+        self.inner.set_state(state["stream"])
+        self.next_index = int(state["next_index"])
+
+    def start_prefetch(self) -> None:
+        """As grain's iterators (its handler calls it after a restore): reading starts on demand."""
 
 
 def _task_seed(seed: int, task: int) -> int:
@@ -290,8 +398,9 @@ def _checkpoint_types() -> tuple[type, type, type]:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
     class IteratorHandler(grain.checkpoint.CheckpointHandler):
-        """As grain's handler; a state written by another number of processes is restored from any
-        process's file (the state, the next global batch, is the same on all of them)."""
+        """As grain's handler; an unpacked stream's state written by another number of processes is
+        restored from any process's file (the state, the next global batch, is the same on all of
+        them); a packed stream's is refused (`PackedIterator.set_state`)."""
 
         def restore(self, directory, item=None, args=None):
             import jax  # pylint: disable=import-outside-toplevel
@@ -303,7 +412,9 @@ def _checkpoint_types() -> tuple[type, type, type]:
             if not files:
                 raise CheckpointError(f"{directory} holds no data-iterator state.")
             item = item or args.item
-            item.set_state(json.loads(files[0].read_text()))
+            text = files[0].read_text()
+            # a packed stream's state is per process: PackedIterator refuses another count
+            item.set_state(text.encode() if isinstance(item, PackedIterator) else json.loads(text))
             return item
 
     @ocp.args.register_with_handler(IteratorHandler, for_save=True)

@@ -12,7 +12,6 @@ short, so the cache ends byte for byte as an uninterrupted pass writes it. One p
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -80,7 +79,7 @@ def cache_teacher(
         )
     manifest = {
         "format": teacher_cache.FORMAT,
-        "dataset": dataclasses.asdict(dataset),
+        "dataset": dataset.record(),
         "data_order": "streamed" if source.kind == "streaming" else "in_memory",
         "data_source": source.describe(),
         "vocabulary": vocabularies.identity(vocab),
@@ -101,6 +100,8 @@ def cache_teacher(
         dataset.seed,
         dataset.max_examples,
         (0, 1),
+        # packed as the students' rows are (same family and tokenizer: the cache's checks compare them)
+        model.packing_input_overhead(vocab) if dataset.pack else None,
     )
     sharding = partitioning.batch_sharding(mesh, teacher.rules)
     entries_fn = jax.jit(

@@ -40,7 +40,6 @@ from cat_jax import data as data_lib
 from cat_jax import evaluation, gin_utils, models, optimizers, partitioning, runtime, vocabulary_store
 from cat_jax import model_dir as model_dir_lib
 from cat_jax.checkpoints import Checkpointer, restore_params
-from cat_jax.data.batches import packing_requested
 from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import CheckpointError, ConfigError, ModelDirError, TeacherMismatchError, check_int
 from cat_jax.frozen_model import FrozenModel, check_config, check_vocabulary, load_frozen_model, read_model_info
@@ -318,9 +317,10 @@ def _train_data(dataset: DatasetConfig, run: Run) -> Any:
         dataset.mixture_or_task_name,
         dataset.split,
         source.describe(),
-        "streamed by grain from ArrayRecord shards" if source.kind == "streaming" else "held in memory",
+        ("streamed by grain from ArrayRecord shards" if source.kind == "streaming" else "held in memory")
+        + (", packed several examples to a row" if dataset.pack else ""),
     )
-    chosen = run.objective.train_batches(source, dataclasses.asdict(dataset), rows)
+    chosen = run.objective.train_batches(source, dataset.record(), rows)
     if chosen is None:
         chosen = source.train_batches(
             dataset.mixture_or_task_name,
@@ -330,28 +330,15 @@ def _train_data(dataset: DatasetConfig, run: Run) -> Any:
             dataset.seed,
             dataset.max_examples,
             rows,
+            run.model.packing_input_overhead(run.vocab) if dataset.pack else None,
         )
-    _check_packing(chosen, run)
+    if dataset.pack and not chosen.packed:
+        raise ConfigError(
+            f"DatasetConfig.pack = True, but the objective ({type(run.objective).__name__}) chooses its own "
+            "training batches (SALT_DS's selection), which are not packed: drop the setting, or train without "
+            "the selection."
+        )
     return chosen
-
-
-def _check_packing(batches: Any, run: Run) -> None:
-    """Refuses `InMemoryBatches.pack = True` where the batches are not packed (streamed, or an
-    objective's own selection) or where the family's prompts need more room than it leaves."""
-    if not packing_requested():
-        return
-    if not getattr(batches, "packed", False):
-        raise ConfigError(
-            "InMemoryBatches.pack = True packs in-memory training data only; these training batches (streamed, "
-            "or chosen by the objective) are not packed. Drop the setting, or train from memory "
-            "(data_source exported_dir or seqio) with the default objective."
-        )
-    need = run.model.packing_input_overhead(run.vocab)
-    if need > batches.pack_input_overhead:
-        raise ConfigError(
-            f"The {run.model.family} family adds {need} tokens to each packed example's inputs (its prompt's "
-            f"special tokens); set --gin.InMemoryBatches.pack_input_overhead={need}."
-        )
 
 
 def _prepare(
@@ -395,13 +382,13 @@ def _prepare(
     objective.check(
         has_teacher=teacher is not None,
         streaming=data_lib.data_source().kind == "streaming",
-        dataset=dataclasses.asdict(train_dataset),
+        dataset=train_dataset.record(),
     )
     objective.check_run(
         model=model,
         vocab=vocab,
         teacher=teacher,
-        dataset=dataclasses.asdict(train_dataset),
+        dataset=train_dataset.record(),
         data_order="streamed" if data_lib.data_source().kind == "streaming" else "in_memory",  # as run_info's
         train_steps=train_steps,
     )
@@ -472,7 +459,7 @@ class _Loop:
         self.b_sharding = partitioning.batch_sharding(run.mesh, run.rules)
         self.rows = partitioning.process_batch_slice(self.b_sharding, dataset.batch_size)
         shapes = {
-            **run.model.batch_shapes(lengths, dataset.batch_size, packed=getattr(data, "packed", False)),
+            **run.model.batch_shapes(lengths, dataset.batch_size, packed=data.packed),
             **run.objective.feature_shapes(dataset.batch_size),
         }
         self._compile_args = (tx, schedule, abstract, shardings, shapes)

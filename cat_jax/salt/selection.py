@@ -134,6 +134,7 @@ class PhasedBatches:
     split's; each a pure function of (seed, step) like every in-memory stream (nothing to checkpoint)."""
 
     iterator = None
+    packed = False
 
     def __init__(self, distillation: InMemoryBatches, full: InMemoryBatches, kd_steps: int):
         self.distillation, self.full, self.kd_steps = distillation, full, kd_steps

@@ -31,7 +31,7 @@ token, one after the other:
 
 and `logits` [b, L, vocab] keeps attention within each example, so the losses equal the unpacked ones.
 Each example's prompt adds `packing_input_overhead` tokens to its inputs (prefix and suffix, less the
-dropped EOS): the data layer's `InMemoryBatches.pack_input_overhead` must cover it.
+dropped EOS): the training job has the data layer leave that room beside each example's inputs.
 
 Decoding prefills every prompt but its last token into the cache; the first token fed is the
 prompt's last, so that decoding's position n is the cache slot Li - 1 + n. A scanned model's
@@ -131,8 +131,8 @@ def packed_sequences(
             if at + fed > length:
                 raise ConfigError(
                     f"A packed row's prompts and completions need more than {length} tokens: each prompt adds "
-                    f"{len(prefix) + len(suffix) - 1} special tokens; pack with "
-                    f"--gin.InMemoryBatches.pack_input_overhead={len(prefix) + len(suffix) - 1}."
+                    f"{len(prefix) + len(suffix) - 1} special tokens, but the rows were packed leaving less room "
+                    "(pack with this model's packing_input_overhead)."
                 )
             out["packed_tokens"][r, at : at + fed] = sequence[:-1]
             out["packed_segment_ids"][r, at : at + fed] = segment
