@@ -19,6 +19,7 @@ from conftest import DATA_CACHE, TINY_TASK, run_module, train_args
 from tolerances import DEEP, SHALLOW, assert_close, undecided
 
 from cat_jax import data, partitioning
+from cat_jax.data.batches import PackedTrainBatches
 from cat_jax.data.config import DatasetConfig
 from cat_jax.errors import ConfigError, TeacherMismatchError
 from cat_jax.frozen_model import load_frozen_model
@@ -189,8 +190,9 @@ def test_a_different_pass_is_refused(teacher_dir, built, tmp_path, gin_data):
     other = tmp_path / "other"
     shutil.copytree(cache_dir, other)
     before = _files(other)
-    with pytest.raises(ConfigError, match="other training batches"):
-        _build(other, teacher_dir, train_dataset=DatasetConfig(**{**DATASET.__dict__, "seed": 1}))
+    for change in ({"seed": 1}, {"pack": True}):
+        with pytest.raises(ConfigError, match="other training batches"):
+            _build(other, teacher_dir, train_dataset=DatasetConfig(**{**DATASET.__dict__, **change}))
     with pytest.raises(TeacherMismatchError, match="another teacher"):
         _build(other, teacher_dir, teacher_dtype="bfloat16")
     with pytest.raises(ConfigError, match="top_k=16, not 4"):
@@ -199,6 +201,28 @@ def test_a_different_pass_is_refused(teacher_dir, built, tmp_path, gin_data):
     with pytest.raises(TeacherMismatchError, match="another tokenizer"):
         teacher_cache.compare(manifest, {**manifest, "vocabulary": {"kind": "sentencepiece"}}, str(other))
     assert _files(other) == before
+
+
+@pytest.mark.slow  # the teacher fixture
+def test_packed_cache_holds_the_teacher_on_packed_rows(teacher_dir, tmp_path, gin_data):
+    """DatasetConfig.pack: the pass caches the teacher on the packed rows the students will train on."""
+    lengths = {"inputs": 64, "targets": 8}  # cmudict_syllables: about three examples to a row
+    packed = DatasetConfig(**{**DATASET.__dict__, "pack": True, "task_feature_lengths": lengths})
+    _build(tmp_path / "packed", teacher_dir, train_dataset=packed, train_steps=2, top_k=0)
+    cache = TeacherCache(str(tmp_path / "packed"))
+    assert cache.manifest["dataset"]["pack"] is True
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    teacher = load_frozen_model(str(teacher_dir), mesh=mesh, rules=partitioning.logical_axis_rules(), dtype="float32")
+    arrays = data.load_split(TINY_TASK, "train", lengths, max_examples=256, cache_dir=DATA_CACHE)
+    batches = PackedTrainBatches(arrays, 8, seed=0)
+    for step in range(2):
+        batch = batches.batch(step)
+        assert batch["decoder_segment_ids"].max(axis=1).sum() > 2 * 8  # packed: more examples than rows
+        logits = np.asarray(teacher.logits_fn(teacher.params, batch), np.float64)
+        assert not undecided(logits, batch["decoder_target_tokens"], DEEP).any()
+        np.testing.assert_array_equal(
+            cache.entries(step)[TEACHER_CORRECT], logits.argmax(-1) == batch["decoder_target_tokens"]
+        )
 
 
 @pytest.mark.slow  # four train runs: about 2 minutes on 2 CPU cores
