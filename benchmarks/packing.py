@@ -1,19 +1,24 @@
 """Packing's gain: the share of real tokens per step and real tokens/s, packed against unpacked.
 
     python benchmarks/packing.py [--task=offline_mix] [--split=train] [--inputs=32] [--targets=128]
-        [--max-examples=2000] [--batch=16] [--size=tiny] [--steps=10] [--warmup=2] [--mock-tfds=0]
+        [--packed-inputs=N] [--packed-targets=N] [--max-examples=2000] [--batch=16] [--size=tiny]
+        [--steps=10] [--warmup=2] [--mock-tfds=0]
 
 For one task or mixture (its in-memory split, at the run files' TASK_FEATURE_LENGTHS by default) it
-builds the training batches of `--steps` steps unpacked (`TrainBatches`) and packed
-(`PackedTrainBatches`, first-fit) and times a jitted cross-entropy train step (forward, backward, SGD)
-of the `--size` T5 model on both. Real tokens are the non-padding input and target tokens of the
-examples a batch holds; the share is real tokens / (batch x (inputs + targets)). Real tokens/s =
-real tokens per step / the median step time (the packed and unpacked steps alternate, so that both
-see the same load); `with_host` adds the median time the host spends
-building the batch (packing included), which the train loop does between steps. `--mock-tfds=N`
-loads a TFDS-backed task (e.g. flan_boolq_t0) from `tfds.testing.mock_data` (N examples, no download).
+builds the training batches of `--steps` steps three ways: unpacked (`TrainBatches`), packed in
+memory (`PackedTrainBatches`: first fit, 64 rows open), and packed as a stream is
+(`cat_jax.data.streaming.packed_batches`: grain's first fit, one batch's rows at a time, over the same
+example order), and times a jitted cross-entropy train step (forward, backward, SGD) of the `--size`
+T5 model on each. `--packed-inputs` / `--packed-targets` pack at other lengths than the unpacked rows
+(packing makes long rows cheap: compare a run file's unpacked lengths with packing at longer ones).
+Real tokens are the non-padding input and target tokens of the examples a batch holds; the share is
+real tokens / (batch x (inputs + targets)). Real tokens/s = real tokens per step / the median step time
+(the variants' steps alternate, so that all see the same load); `with_host` adds the median time the
+host spends building the batch (packing included), which the train loop does between steps.
+`--mock-tfds=N` loads a TFDS-backed task (e.g. flan_boolq_t0) from `tfds.testing.mock_data` (N
+examples, no download).
 
-Prints one JSON line per (task, packed) on stdout; progress goes to stderr.
+Prints one JSON line per (task, variant) on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -54,15 +59,21 @@ def measure(args: argparse.Namespace) -> None:
     from cat_jax.data.batches import PackedTrainBatches, TrainBatches
 
     lengths = {"inputs": args.inputs, "targets": args.targets}
+    packed_lengths = {"inputs": args.packed_inputs or args.inputs, "targets": args.packed_targets or args.targets}
     mocked = contextlib.nullcontext()
     if args.mock_tfds:
         import tensorflow_datasets as tfds
 
         mocked = tfds.testing.mock_data(num_examples=args.mock_tfds)
     with mocked:
-        arrays = data.load_split(args.task, args.split, lengths, max_examples=args.max_examples)
-    common.note(f"{args.task}/{args.split}: {len(arrays)} examples")
-    vocab_size = int(max(arrays.features[k].max() for k in ("encoder_input_tokens", "decoder_target_tokens"))) + 1
+        arrays = {
+            name: data.load_split(args.task, args.split, at, max_examples=args.max_examples)
+            for name, at in (("unpacked", lengths), ("packed", packed_lengths))
+        }
+    common.note(f"{args.task}/{args.split}: {len(arrays['unpacked'])} examples")
+    vocab_size = max(
+        int(a.features[k].max()) + 1 for a in arrays.values() for k in ("encoder_input_tokens", "decoder_target_tokens")
+    )
     model = models.build(common.model_config(args.size, "float32", max(vocab_size, 384)))
     params = nn.meta.unbox(model.init_params(jax.random.key(0)))
 
@@ -78,47 +89,51 @@ def measure(args: argparse.Namespace) -> None:
         loss, grads = jax.value_and_grad(loss_fn)(params)
         return jax.tree_util.tree_map(lambda p, g: p - 1e-3 * g, params, grads), loss
 
-    capacity = args.batch * (args.inputs + args.targets)
+    total = args.warmup + args.steps
     sources = {
-        False: TrainBatches(arrays, args.batch, seed=0, rates=None),
-        True: PackedTrainBatches(arrays, args.batch, seed=0, rates=None),
+        "unpacked": (lengths, TrainBatches(arrays["unpacked"], args.batch, seed=0, rates=None).batch),
+        "packed": (packed_lengths, PackedTrainBatches(arrays["packed"], args.batch, seed=0, rates=None).batch),
+        "packed_streamed": (packed_lengths, streamed_batches(arrays["packed"], args.batch)),
     }
     prepared = {}
-    for packed, source in sources.items():
+    for variant, (_, make) in sources.items():
         host, batches = [], []
-        for k in range(args.warmup + args.steps):
+        for k in range(total):
             begin = time.perf_counter()
-            batches.append(model.make_batch(source.batch(k)))
+            batches.append(model.make_batch(make(k)))
             host.append(time.perf_counter() - begin)
         device_batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
         state = params
         for b in device_batches[: args.warmup]:  # compiles
             state, loss = step(state, b)
         jax.block_until_ready(loss)
-        prepared[packed] = (batches[args.warmup :], device_batches[args.warmup :], host[args.warmup :], state)
-    # Steps of the two alternate, so that both see the same load on a shared machine.
-    times = {False: [], True: []}
-    states = {packed: prepared[packed][3] for packed in prepared}
+        prepared[variant] = (batches[args.warmup :], device_batches[args.warmup :], host[args.warmup :], state)
+    # The variants' steps alternate, so that all see the same load on a shared machine.
+    times = {variant: [] for variant in prepared}
+    states = {variant: prepared[variant][3] for variant in prepared}
     for i in range(args.steps):
-        for packed in (False, True):
+        for variant in prepared:
             begin = time.perf_counter()
-            states[packed], loss = step(states[packed], prepared[packed][1][i])
+            states[variant], loss = step(states[variant], prepared[variant][1][i])
             jax.block_until_ready(loss)
-            times[packed].append(time.perf_counter() - begin)
-    for packed, (batches, _, host, _) in prepared.items():
+            times[variant].append(time.perf_counter() - begin)
+    for variant, (batches, _, host, _) in prepared.items():
+        at = sources[variant][0]
+        packed = variant != "unpacked"
         reals = [real_tokens(b) for b in batches]
         examples = [int(b["decoder_segment_ids"].max(axis=1).sum()) for b in batches] if packed else [args.batch]
-        step_s, host_s, real = statistics.median(times[packed]), statistics.median(host), statistics.mean(reals)
+        step_s, host_s, real = statistics.median(times[variant]), statistics.median(host), statistics.mean(reals)
         row = {
             "benchmark": BENCHMARK,
             "task": args.task + (" (tfds mock data)" if args.mock_tfds else ""),
+            "variant": variant,
             "packed": packed,
             "size": args.size,
             "batch": args.batch,
-            "lengths": lengths,
+            "lengths": at,
             "examples_per_step": statistics.mean(examples),
             "real_tokens_per_step": real,
-            "real_token_share": round(real / capacity, 4),
+            "real_token_share": round(real / (args.batch * (at["inputs"] + at["targets"])), 4),
             "step_ms": round(1e3 * step_s, 2),
             "host_batch_ms": round(1e3 * host_s, 2),
             "real_tokens_per_s": round(real / step_s, 1),
@@ -126,7 +141,34 @@ def measure(args: argparse.Namespace) -> None:
             "device": common.jax_device_name(),
         }
         common.emit(row)
-        common.note(f"packed={packed}: {row['real_token_share']:.1%} real tokens, {row['real_tokens_per_s']} tokens/s")
+        common.note(f"{variant}: {row['real_token_share']:.1%} real tokens, {row['real_tokens_per_s']} tokens/s")
+
+
+def streamed_batches(arrays, batch: int):
+    """batch(step), for step = 0, 1, ... in turn, of the examples in `TrainBatches`' order for seed 0,
+    packed as a stream packs them (`cat_jax.data.streaming.packed_batches`)."""
+    import grain
+    import numpy as np
+
+    from cat_jax.data.batches import TrainBatches
+    from cat_jax.data.packing import example_lengths
+    from cat_jax.data.streaming import packed_batches
+
+    order = TrainBatches(arrays, batch, seed=0).epoch_rows(0)
+    n_in, n_t = example_lengths(arrays)
+    examples = [
+        {
+            "inputs": arrays.features["encoder_input_tokens"][i, : n_in[i]],
+            "targets": arrays.features["decoder_target_tokens"][i, : n_t[i]],
+            "room": np.zeros(n_in[i], np.int32),
+        }
+        for i in order
+    ]
+    lengths = {"inputs": arrays.features["encoder_input_tokens"].shape[1]}
+    lengths["targets"] = arrays.features["decoder_target_tokens"].shape[1]
+    unread = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # in memory: the host time is the packer's
+    stream = iter(packed_batches(grain.MapDataset.source(examples).repeat().to_iter_dataset(unread), lengths, batch))
+    return lambda step: next(stream)  # the steps are asked for in order
 
 
 def main() -> None:
@@ -135,6 +177,8 @@ def main() -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--inputs", type=int, default=32)
     parser.add_argument("--targets", type=int, default=128)
+    parser.add_argument("--packed-inputs", type=int, default=0, help="the packed rows' input length (0: --inputs)")
+    parser.add_argument("--packed-targets", type=int, default=0, help="the packed rows' target length (0: --targets)")
     parser.add_argument("--max-examples", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", default="tiny")

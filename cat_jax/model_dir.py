@@ -8,13 +8,15 @@ holder on another host stopped refreshing it `LOCK_STALE_S` seconds ago is taken
 Readers of a MODEL_DIR (eval, infer, a teacher, cascades) take no lock.
 
 `run_info.json` records what defines a run's trajectory: the model config and vocabulary (which a
-checkpoint cannot change), the data (task or mixture, lengths, batch size, split, data seed, cap),
-the data order (in memory or streamed), the run's seed, the loss and its options, the optimizer and
-schedule, the teacher's identity (directory, step, config, dtype) and SALT's distillation schedule and
-data selection. Resuming with a different model or vocabulary is refused;
-resuming with any other difference is refused with the list of differences and the fix, unless
-`train.allow_config_change=True`, which is logged and appended to run_info's `history`. A teacher
-or an evaluated model is rebuilt from its own MODEL_DIR's `run_info.json`.
+checkpoint cannot change), the data (task or mixture, lengths, batch size, split, data seed, cap,
+packing), the data order (in memory or streamed), the run's seed, the loss and its options, the
+optimizer and schedule, the teacher's identity (directory, step, config, dtype) and SALT's
+distillation schedule and data selection. Resuming with a different model or vocabulary is refused,
+but for the model config's EXECUTION_FIELDS (how, not what, the model computes: `attention_impl`),
+whose change is logged, recorded as the run's value and appended to run_info's `history`. Resuming
+with any other difference is refused with the list of differences and the fix, unless
+`train.allow_config_change=True`, which is logged and appended to `history`. A teacher or an
+evaluated model is rebuilt from its own MODEL_DIR's `run_info.json`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ log = logging.getLogger("cat_jax")
 
 # run_info fields that decide a run's future besides the model and vocabulary.
 TRAJECTORY = ("dataset", "data_order", "seed", "loss_options", "optimizer", "teacher", "salt")
+# model config fields that change how the model computes, not its parameters or its maths
+# (`remat_policy` is one too, but not recorded at all: see the configs' docstrings).
+EXECUTION_FIELDS = ("attention_impl",)
 VOCAB_MULTIPLE = 128
 LOCK_FILE = "trainer.lock"
 LOCK_HEARTBEAT_S = 30.0
@@ -298,10 +303,13 @@ def check_resume(model_dir: str, info: dict[str, Any], *, allow_change: bool) ->
             f"MODEL_DIR {model_dir} holds a model imported from {old['imported_from'].get('source')}, not a "
             f"training run. Fine-tune it into a new MODEL_DIR with --gin.train.initial_checkpoint_dir={model_dir}."
         )
-    fixed = config_differences(
+    configs = [
         {"model_family": models.family_of_run_info(old), **models.config_from_run_info(old).to_dict()},
         {"model_family": models.family_of_run_info(info), **info["model_config"]},
-    )
+    ]
+    execution = [{k: c.pop(k, None) for k in EXECUTION_FIELDS} for c in configs]
+    switched = [f"model_config.{d}" for d in config_differences(*execution)]
+    fixed = config_differences(*configs)
     fixed += [f"vocabulary: {d}" for d in config_differences(old["vocabulary"], info["vocabulary"])]
     if fixed:
         raise ModelDirError(
@@ -328,6 +336,9 @@ def check_resume(model_dir: str, info: dict[str, Any], *, allow_change: bool) ->
             "to continue with the new settings (recorded in run_info.json's history)."
         )
     history = list(old.get("history", []))
+    if switched:
+        log.info("Resuming %s with a changed execution setting:\n  %s", model_dir, "\n  ".join(switched))
+        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "execution_changes": switched})
     if old.get("train_steps") not in (None, info["train_steps"]):
         log.info(
             "TRAIN_STEPS is %d (the run was started with %s): the learning-rate schedule now spans the new count.",

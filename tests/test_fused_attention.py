@@ -223,6 +223,40 @@ def test_run_info_without_the_field_reads_as_einsum(family):
     assert fused.config.attention_impl == "dot_product"
 
 
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_a_resumed_run_may_switch_attention_impl_but_not_the_model(family, tmp_path):
+    """attention_impl is an execution setting: resuming with the other one is logged into run_info's
+    history and recorded as the run's; another model field is still refused."""
+    from cat_jax import model_dir
+    from cat_jax.errors import ModelDirError
+
+    config = CASES[family][0]
+
+    def info(cfg):
+        return {
+            "model_family": family,
+            "model_config": cfg.to_dict(),
+            "vocabulary": {"vocab_size": 48},
+            "train_steps": 10,
+        }
+
+    model_dir.write_run_info(str(tmp_path), info(config))
+    resumed = model_dir.check_resume(
+        str(tmp_path), info(config.replace(attention_impl="dot_product")), allow_change=False
+    )
+    assert resumed["model_config"]["attention_impl"] == "dot_product"
+    assert resumed["history"][-1]["execution_changes"] == [
+        "model_config.attention_impl: 'einsum' (in MODEL_DIR) vs 'dot_product' (now)"
+    ]
+    assert "history" not in model_dir.check_resume(str(tmp_path), info(config), allow_change=False)
+    with pytest.raises(ModelDirError, match="different model:\n  mlp_dim"):
+        model_dir.check_resume(
+            str(tmp_path),
+            info(config.replace(attention_impl="dot_product", mlp_dim=2 * config.mlp_dim)),
+            allow_change=True,
+        )
+
+
 def test_implementation_is_xla_here_and_cudnn_only_on_gpu_with_half_precision(monkeypatch):
     assert jax.default_backend() == "cpu"
     assert attention.fused_implementation(jnp.bfloat16) is None

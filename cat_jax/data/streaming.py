@@ -301,19 +301,8 @@ class StreamingBatches:
 
         index, count = self.rows
         examples = self.order[index::count].map(functools.partial(self.example, input_overhead=input_overhead))
-        rows = grain.experimental.FirstFitPackIterDataset(
-            examples.to_iter_dataset(
-                grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES * self.per_process)
-            ),
-            length_struct={
-                "inputs": self.lengths["inputs"],
-                "targets": self.lengths["targets"],
-                "room": self.lengths["inputs"],
-            },
-            num_packing_bins=self.per_process,
-            shuffle_bins=False,
-        )
-        batches = rows.batch(self.per_process).map(packed_features)
+        read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES * self.per_process)
+        batches = packed_batches(examples.to_iter_dataset(read), self.lengths, self.per_process)
         return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=PACKED_PREFETCH_BATCHES))
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -325,6 +314,21 @@ class StreamingBatches:
                 "checkpoint's data state does not match its step."
             )
         return next(self.iterator)
+
+
+def packed_batches(examples: Any, lengths: Mapping[str, int], rows: int) -> Any:
+    """Batches of `rows` packed rows (`cat_jax.data.packing.PACKED_FEATURES`) of a grain IterDataset
+    of examples (`StreamingBatches.example`'s dicts), packed by grain's first fit into `rows` bins
+    at a time, each bin's examples in stream order."""
+    import grain  # pylint: disable=import-outside-toplevel
+
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples,
+        length_struct={"inputs": lengths["inputs"], "targets": lengths["targets"], "room": lengths["inputs"]},
+        num_packing_bins=rows,
+        shuffle_bins=False,
+    )
+    return packed.batch(rows).map(packed_features)
 
 
 def packed_features(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
