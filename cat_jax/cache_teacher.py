@@ -18,8 +18,10 @@ from cat_jax.jobs.cache_teacher import cache_teacher
 
 def main(rest: list[str]) -> int:
     gin_utils.parse_args(rest)
-    runtime.setup_logging()
-    print(json.dumps(cache_teacher()))
+    runtime.initialize()
+    result = cache_teacher()
+    if runtime.is_lead():
+        print(json.dumps(result))
     return 0
 
 

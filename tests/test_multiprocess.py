@@ -16,8 +16,8 @@ step moves parameters by ~1e-3, one learning-rate step).
 The runs are shared through module fixtures to keep the whole module at a few minutes on 2 cores:
 a 1-process and a 2-process CE run of 4 steps (checkpoints at 2 and 4), each one's step-2
 checkpoint resumed by the other process count, the same with streamed data (1 and 2 processes,
-the 2-process step 2 resumed on 1), and a CAT student (1 and 2 processes) against the
-1-process CE run as its tiny teacher.
+the 2-process step 2 resumed on 1), a CAT student (1 and 2 processes) against the 1-process CE
+run as its tiny teacher, and that teacher's cache pass (1 and 2 processes).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, TINY_TASK, train_args
+from conftest import DATA_CACHE, REPO, SUBPROCESS_ENV, TINY_TASK, train_args
 
 # Trains, compiles or decodes whole models (minutes on 2 CPU cores): `make test` runs it, the fast
 # tier (`pytest -m "not slow"`) leaves it out.
@@ -79,12 +79,20 @@ def _free_port() -> int:
 
 
 class Job:
-    """`python -m cat_jax.train args` as `nprocs` cooperating processes over 8 CPU devices,
+    """`python -m cat_jax.train args` (or another binary `module`) as `nprocs` cooperating processes over 8 CPU devices,
     started at once; `finish()` waits for it. Jobs run side by side to overlap their start-up and
     the waits in collectives (the processes of one job idle while a peer catches up)."""
 
     def __init__(
-        self, nprocs: int, args: list[str], logs: Path, name: str, *, expect_rc: int | None = 0, timeout: float = 420
+        self,
+        nprocs: int,
+        args: list[str],
+        logs: Path,
+        name: str,
+        *,
+        expect_rc: int | None = 0,
+        timeout: float = 420,
+        module: str = "cat_jax.train",
     ):
         self.nprocs, self.name, self.expect_rc = nprocs, name, expect_rc
         logs.mkdir(parents=True, exist_ok=True)
@@ -105,7 +113,7 @@ class Job:
             with open(out, "w") as fo, open(err, "w") as fe:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "cat_jax.train", *args],
+                        [sys.executable, "-m", module, *args],
                         cwd=REPO,
                         stdout=fo,
                         stderr=fe,
@@ -291,9 +299,52 @@ def later_runs(runs):
             logs,
             f"cat_{n}p",
         )
+    for n in (1, 2):
+        out[f"cache_{n}p"] = root / f"cache_{n}p"
+        jobs[f"cache_{n}p"] = Job(n, _cache_args(out[f"cache_{n}p"], runs[1][0]), logs, f"cache_{n}p", module=CACHE)
     for name, procs in zip(jobs, _run_together(*jobs.values())):
         out[name] = (out[name], procs)
     return out
+
+
+CACHE = "cat_jax.cache_teacher"
+
+
+def _cache_args(cache_dir: Path, teacher_dir: Path) -> list[str]:
+    """A teacher-cache pass of 3 steps (shards of 2) over the CE runs' batches, its top 4 kept."""
+    return [
+        "--gin_file=gin_configs/runs/cache_teacher.gin",
+        MESH,
+        f"--gin.load_split.cache_dir='{DATA_CACHE}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{TINY_TASK}'",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+        "--gin.BATCH_SIZE=8",
+        "--gin.DatasetConfig.max_examples=256",
+        f"--gin.CACHE_DIR='{cache_dir}'",
+        f"--gin.TEACHER_MODEL_DIR='{teacher_dir}'",
+        "--gin.TRAIN_STEPS=3",
+        "--gin.TEACHER_DTYPE='float32'",
+        "--gin.cache_teacher.top_k=4",
+        "--gin.cache_teacher.steps_per_shard=2",
+    ]
+
+
+def test_teacher_cache_of_two_processes_like_one(later_runs):
+    """Each process feeds its rows, process 0 writes: the 2-process cache holds the 1-process bits
+    (and the top-k ids; the log-probabilities within float rounding of the gathered shards)."""
+    from cat_jax.objectives.teacher_cache import TEACHER_CORRECT, TOP_K_IDS, TOP_K_LOGPROBS, TeacherCache
+
+    (one, _), (two, procs) = later_runs["cache_1p"], later_runs["cache_2p"]
+    reports = [[line for line in p.stdout.splitlines() if line.startswith("{")] for p in procs]  # gloo logs too
+    assert json.loads(reports[0][-1])["steps"] == 3 and reports[1] == []  # only process 0 reports
+    a, b = TeacherCache(str(one)), TeacherCache(str(two))
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one)) == ["manifest.json", "shard_00000", "shard_00001"]
+    for step in range(3):
+        x, y = a.entries(step), b.entries(step)
+        np.testing.assert_array_equal(x[TEACHER_CORRECT], y[TEACHER_CORRECT])
+        np.testing.assert_array_equal(x[TOP_K_IDS], y[TOP_K_IDS])
+        np.testing.assert_allclose(x[TOP_K_LOGPROBS], y[TOP_K_LOGPROBS], atol=ATOL)
+    assert 0 < np.mean(a.entries(0)[TEACHER_CORRECT]) < 1
 
 
 def test_two_processes_train_like_one(runs):

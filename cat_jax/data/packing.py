@@ -16,6 +16,9 @@ Placement is greedy first-fit (each example goes to the first open row with room
 targets, else opens a row; at most `max_open_rows` rows stay open, the oldest closing first, as MaxText's
 and grain's first-fit packers bound their bins). `input_overhead` adds the tokens a family adds to each
 example's inputs (the decoder family's prompt prefix and suffix) so that its rows fit too.
+
+This is the in-memory packer (`PackedTrainBatches`: a batch is a pure function of (seed, step)). A
+streamed split is packed by grain's first fit in the same layout (`cat_jax.data.streaming`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,13 @@ those a training run with the same DatasetConfig sees at each step; the teacher 
 sharded as the trainer's (`frozen_model.load_frozen_model`, its own fitted rules on the run's mesh)
 in the same dtype (TEACHER_DTYPE). The pass writes shards of `steps_per_shard` steps; run again,
 the same command checks the manifest, skips the finished shards and redoes the one a kill cut
-short, so the cache ends byte for byte as an uninterrupted pass writes it. One process.
+short, so the cache ends byte for byte as an uninterrupted pass writes it.
+
+On several processes (`jax.distributed`, as the trainer runs; in-memory data only, whose batches do
+not depend on the process count: a streamed pass runs on one process) each process feeds its block
+of rows of every batch (`partitioning.process_batch_slice`, as the students' processes will), the
+teacher runs sharded over all devices, the entries are gathered to every process and process 0
+writes the manifest and the shards (CACHE_DIR on a file system every process sees, as MODEL_DIR is).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cat_jax import data as data_lib
 from cat_jax import models, partitioning, runtime, vocabularies
@@ -59,9 +66,13 @@ def cache_teacher(
     if temperature == 0:
         raise ConfigError("cache_teacher.temperature must be > 0; got 0.")
     check_int("TEACHER_STEP (cache_teacher.teacher_step)", teacher_step, 0, allow_none=True)
-    if jax.process_count() > 1:
-        raise ConfigError("cache_teacher runs on one process: start it without jax.distributed (one host).")
     source = data_lib.data_source()
+    if source.kind == "streaming" and jax.process_count() > 1:
+        raise ConfigError(
+            "A streamed cache pass runs on one process (the students that read it train on one process from "
+            "a stream: CachedTeacher); start it without jax.distributed, or cache the exported (in-memory) data, "
+            "whose batches are the same on any number of processes."
+        )
     vocab = source.vocabulary(dataset.mixture_or_task_name)
     info = read_model_info(teacher_model_dir)
     model = models.from_run_info(info, dtype=teacher_dtype)
@@ -92,6 +103,7 @@ def cache_teacher(
         "steps_per_shard": steps_per_shard,
     }
     manifest = _claim(cache_dir, manifest)
+    sharding = partitioning.batch_sharding(mesh, teacher.rules)
     data = source.train_batches(
         dataset.mixture_or_task_name,
         dataset.split,
@@ -99,11 +111,10 @@ def cache_teacher(
         dataset.batch_size,
         dataset.seed,
         dataset.max_examples,
-        (0, 1),
+        partitioning.process_batch_slice(sharding, dataset.batch_size),
         # packed as the students' rows are (same family and tokenizer: the cache's checks compare them)
         model.packing_input_overhead(vocab) if dataset.pack else None,
     )
-    sharding = partitioning.batch_sharding(mesh, teacher.rules)
     entries_fn = jax.jit(
         lambda params, batch: teacher_entries(teacher.logits_fn(params, batch), batch, top_k, temperature)
     )
@@ -123,8 +134,11 @@ def cache_teacher(
                 batch = partitioning.global_batch(
                     model.make_batch(data.batch(step), vocab), sharding, dataset.batch_size
                 )
-                rows.append(jax.device_get(entries_fn(teacher.params, batch)))
-            teacher_cache.write_shard(cache_dir, index, {name: np.stack([r[name] for r in rows]) for name in rows[0]})
+                rows.append(multihost_utils.process_allgather(entries_fn(teacher.params, batch), tiled=True))
+            if runtime.is_lead():
+                teacher_cache.write_shard(
+                    cache_dir, index, {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+                )
             computed += len(steps)
             rate = computed / max(time.perf_counter() - started, 1e-9)
             log.info(
@@ -135,6 +149,7 @@ def cache_teacher(
                 steps[-1],
                 rate,
             )
+    runtime.sync("teacher cache written")
     return summary(cache_dir, manifest)
 
 
@@ -153,11 +168,13 @@ def teacher_entries(
 
 
 def _claim(cache_dir: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of `cache_dir`: written when new; an existing one must be this pass's (a
-    resumed pass), else refused by name."""
+    """The manifest of `cache_dir`: written (by process 0) when new; an existing one must be this
+    pass's (a resumed pass), else refused by name on every process."""
     existing = teacher_cache.read_manifest(cache_dir)
+    runtime.sync("teacher cache manifest read")  # before process 0 may write one
     if existing is None:
-        teacher_cache.write_manifest(cache_dir, manifest)
+        if runtime.is_lead():
+            teacher_cache.write_manifest(cache_dir, manifest)
         log.info("Teacher cache: new in %s, %d steps, top_k=%d.", cache_dir, manifest["steps"], manifest["top_k"])
         return manifest
     teacher_cache.compare(existing, manifest, cache_dir)

@@ -109,7 +109,7 @@ class CachedTeacher(Objective):
         TokenLoss(self.options).check(has_teacher=True, streaming=streaming, dataset=dataset)
         if streaming and jax.process_count() > 1:
             raise ConfigError(
-                "A teacher cache holds the global batches of one stream (cache_teacher runs on one process); a "
+                "A teacher cache holds the global batches of one stream (a streamed cache pass runs on one process); a "
                 "streamed run on several processes reads other rows per process. Train on one process, or from "
                 "the exported (in-memory) data, whose global batches are the cache's on any number of processes."
             )
