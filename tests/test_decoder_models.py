@@ -113,6 +113,7 @@ def test_parameter_tree_and_logical_axes():
     assert "['lm_head']['kernel']" in untied and "['layers_0']['post_mlp_norm']['scale']" not in untied
 
 
+@pytest.mark.slow  # 10-30 s on 2 CPU cores: the fast tier leaves it to `make test`
 def test_left_padding_leaves_real_tokens_logits_unchanged(everything):
     model, params = everything
     full = model.apply({"params": params}, jnp.asarray(TOKENS), jnp.asarray(MASK))
@@ -127,6 +128,7 @@ def test_left_padding_leaves_real_tokens_logits_unchanged(everything):
     assert np.abs(np.asarray(unmasked - full))[MASK].max() > 1e-2
 
 
+@pytest.mark.slow  # 10-30 s on 2 CPU cores: the fast tier leaves it to `make test`
 def test_cached_blocks_rollback_and_per_row_positions_equal_teacher_forcing(everything):
     model, params = everything
     full = np.asarray(model.apply({"params": params}, jnp.asarray(TOKENS), jnp.asarray(MASK)))

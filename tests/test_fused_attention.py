@@ -148,6 +148,7 @@ def packed_rows() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
+@pytest.mark.slow  # 10-30 s on 2 CPU cores: the fast tier leaves it to `make test`
 def test_packed_logits_equal_the_einsum_path(family, fused_calls):
     """Segment masks and per-segment positions reach the fused path as they reach the einsums."""
     config = CASES[family][0]

@@ -80,6 +80,7 @@ def _step(options: LossOptions, num_microbatches):
     ],
     ids=["ce", "cat_xent", "cat_distill_mask_normalizer"],
 )
+@pytest.mark.slow  # 10-30 s on 2 CPU cores: the fast tier leaves it to `make test`
 def test_microbatched_update_equals_full_batch(options, num_microbatches):
     """SGD (the update is the gradient itself, so a difference in it is not hidden or amplified by
         an optimizer's normalisation): the parameters after one step and every metric, N = 2 and 4

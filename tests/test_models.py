@@ -125,6 +125,7 @@ def test_bfloat16_compute_close_to_float32(tiny_params):
     assert not np.array_equal(np.asarray(logits16, np.float32), np.asarray(logits32))
 
 
+@pytest.mark.slow  # 10-30 s on 2 CPU cores: the fast tier leaves it to `make test`
 def test_dropout_is_off_by_default_and_random_when_enabled(tiny_params):
     model = Transformer(TINY.replace(dropout_rate=0.3))
     variables = {"params": tiny_params}
@@ -136,6 +137,7 @@ def test_dropout_is_off_by_default_and_random_when_enabled(tiny_params):
     assert np.abs(np.asarray(a - b)).max() > 1e-3
 
 
+@pytest.mark.slow  # 10-30 s on 2 CPU cores: the fast tier leaves it to `make test`
 def test_tiny_model_memorises_one_batch():
     enc = jnp.array([[5, 9, 12, 7, 1, 0], [3, 4, 1, 0, 0, 0], [30, 31, 32, 33, 34, 1], [40, 2, 41, 1, 0, 0]], jnp.int32)
     targets = jnp.array([[8, 9, 10, 11, 1], [20, 21, 1, 0, 0], [50, 51, 52, 1, 0], [60, 61, 62, 63, 1]], jnp.int32)

@@ -156,6 +156,7 @@ def _by_example(values, rows, segments, weights):
 
 
 @pytest.mark.parametrize("family", ["t5", "decoder"])
+@pytest.mark.slow  # 10-30 s on 2 CPU cores: the fast tier leaves it to `make test`
 def test_packed_batch_gives_each_example_its_unpacked_loss_gradient_and_cat_mask(family):
     config, vocab = (T5_TINY, None) if family == "t5" else (DECODER_TINY, DECODER_VOCAB)
     model = models.build(config)

@@ -189,6 +189,7 @@ def test_remat_and_scan_are_gin_settings_and_are_checked():
 
 
 @pytest.mark.parametrize("family", ["t5", "decoder"])
+@pytest.mark.slow  # 10-30 s on 2 CPU cores: the fast tier leaves it to `make test`
 def test_stack_then_unstack_is_the_identity_and_fits_the_scanned_model(family):
     config = CONFIGS[family]
     params = _params(config)
