@@ -250,10 +250,12 @@ def run_info(
     optimizer: dict[str, Any],
     train_steps: int,
     data_source: str,
+    data_order: str,
 ) -> dict[str, Any]:
     """The run's identity (see the module docstring); JSON-normalised. `objective` is the training
     objective's own entries (`loss_options`, `salt`); `data_source` the source's provenance
-    (`cat_jax.data.DataSource.describe()`: recorded, not compared on resume)."""
+    (`cat_jax.data.DataSource.describe()`: recorded, not compared on resume) and `data_order` its
+    `DataSource.data_order` (compared)."""
     info = {
         **model.describe(),
         "vocabulary": vocab_info(vocab),
@@ -264,8 +266,7 @@ def run_info(
         "teacher": teacher.describe() if teacher is not None else None,
         "train_steps": int(train_steps),
         "data_source": data_source,
-        # batches in memory (seqio or exported: the same) or streamed: two different orders
-        "data_order": "streamed" if data_source.startswith("streaming:") else "in_memory",
+        "data_order": data_order,  # DataSource.data_order: in memory or streamed, two different orders
     }
     return json.loads(json.dumps(info, default=str))
 

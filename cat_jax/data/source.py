@@ -45,6 +45,12 @@ class DataSource(abc.ABC):
     # Whether its examples carry targets to score (an INPUT_FILE's lines may have none).
     has_targets: bool = True
 
+    @property
+    def data_order(self) -> str:
+        """How a run reads its training batches, as run_info.json and a teacher cache record it:
+        "streamed" (grain, from ArrayRecord shards) or "in_memory" (every other source: the same order)."""
+        return "streamed" if self.kind == "streaming" else "in_memory"
+
     @abc.abstractmethod
     def describe(self) -> str:
         """Provenance for run_info.json: "seqio", "exported:<dir>" or "streaming:<dir>"."""

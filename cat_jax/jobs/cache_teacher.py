@@ -91,7 +91,7 @@ def cache_teacher(
     manifest = {
         "format": teacher_cache.FORMAT,
         "dataset": dataset.record(),
-        "data_order": "streamed" if source.kind == "streaming" else "in_memory",
+        "data_order": source.data_order,
         "data_source": source.describe(),
         "vocabulary": vocabularies.identity(vocab),
         "teacher": teacher_identity(teacher.model_dir, teacher.step, teacher_dtype),

@@ -379,17 +379,16 @@ def _prepare(
             partitioning.logical_axis_rules(),
         )
         log.info("Teacher: step %d of %s, %s parameters", teacher.step, teacher_model_dir, teacher_dtype)
+    source = data_lib.data_source()
     objective.check(
-        has_teacher=teacher is not None,
-        streaming=data_lib.data_source().kind == "streaming",
-        dataset=train_dataset.record(),
+        has_teacher=teacher is not None, streaming=source.kind == "streaming", dataset=train_dataset.record()
     )
     objective.check_run(
         model=model,
         vocab=vocab,
         teacher=teacher,
         dataset=train_dataset.record(),
-        data_order="streamed" if data_lib.data_source().kind == "streaming" else "in_memory",  # as run_info's
+        data_order=source.data_order,
         train_steps=train_steps,
     )
     if initial_checkpoint_dir:
@@ -403,7 +402,8 @@ def _prepare(
         seed=seed,
         optimizer=optimizers.settings(),
         train_steps=train_steps,
-        data_source=data_lib.data_source().describe(),
+        data_source=source.describe(),
+        data_order=source.data_order,
     )
     latest = Checkpointer.latest_in(model_dir)
     if latest is not None:
