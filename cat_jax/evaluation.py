@@ -208,11 +208,6 @@ def load_split(dataset: Any, split: str) -> Split:
     return Split(split, arrays, targets, rows)
 
 
-def input_lengths(arrays: data_lib.ExampleArrays) -> np.ndarray:
-    """Each example's encoder tokens [N], capped at the configured input length."""
-    return np.minimum(arrays.input_lengths, arrays.features["encoder_input_tokens"].shape[1])
-
-
 def score_texts(split: Split, texts: Sequence[str]) -> tuple[list[Any], np.ndarray]:
     """Predictions [N] postprocessed by each example's task, and their per-example quality [N]."""
     arrays = split.arrays
