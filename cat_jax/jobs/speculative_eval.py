@@ -224,6 +224,7 @@ def points_of(
     run: Run,
     large: Run,
     split: Split,
+    scored: tuple[list[Any], np.ndarray],
     groups: Mapping[str, np.ndarray],
     *,
     drafter: str,
@@ -231,8 +232,9 @@ def points_of(
     gamma: int,
     alpha: float | None,
 ) -> list[report.Point]:
-    """One Point per group for one run of the split (rule 'alone': a model by itself)."""
-    processed, per_example = score_texts(split, run.texts)
+    """One Point per group for one run of the split (rule 'alone': a model by itself); `scored`:
+    `score_texts` of the run's texts."""
+    processed, per_example = scored
     out = []
     for group, rows in groups.items():
         speculative = run.rounds is not None
@@ -256,10 +258,18 @@ def points_of(
 
 
 def example_records(
-    run: Run, split: Split, *, drafter: str, rule: str, gamma: int, alpha: float | None
+    run: Run,
+    split: Split,
+    scored: tuple[list[Any], np.ndarray],
+    *,
+    drafter: str,
+    rule: str,
+    gamma: int,
+    alpha: float | None,
 ) -> list[report.ExampleRecord]:
-    """One record per example of one run of the split (rule 'alone': a model by itself)."""
-    _, quality = score_texts(split, run.texts)
+    """One record per example of one run of the split (rule 'alone': a model by itself); `scored`:
+    `score_texts` of the run's texts."""
+    _, quality = scored
     arrays, speculative = split.arrays, run.rounds is not None
     return [
         report.ExampleRecord(
@@ -349,16 +359,12 @@ def run_speculative_eval(
     }
     large = runs[LARGE]
     log.info("Large model alone: %.3f s for %d examples", large.seconds, len(split.arrays))
-    points = [
-        p
-        for name, run in runs.items()
-        for p in points_of(run, large, split, groups, drafter=name, rule="alone", gamma=0, alpha=None)
-    ]
-    records = [
-        r
-        for name, run in runs.items()
-        for r in example_records(run, split, drafter=name, rule="alone", gamma=0, alpha=None)
-    ]
+    points, records = [], []
+    for name, run in runs.items():
+        scored = score_texts(split, run.texts)
+        labels = dict(drafter=name, rule="alone", gamma=0, alpha=None)
+        points += points_of(run, large, split, scored, groups, **labels)
+        records += example_records(run, split, scored, **labels)
     for name in small_model_dirs:
         drafter = models[name]
         for gamma in gammas:
@@ -394,9 +400,10 @@ def run_speculative_eval(
                         repeats=timing_repeats,
                     )
                     labels = dict(drafter=name, rule=rule, gamma=gamma, alpha=None if rule == "lossless" else alpha)
-                    new = points_of(run, large, split, groups, **labels)
+                    scored = score_texts(split, run.texts)
+                    new = points_of(run, large, split, scored, groups, **labels)
                     points += new
-                    records += example_records(run, split, **labels)
+                    records += example_records(run, split, scored, **labels)
                     log.info(
                         "%s gamma=%d %s alpha=%s: %.3f s (%.2fx the large model), acceptance %.3f",
                         name,
